@@ -1,0 +1,227 @@
+"""API keys, versions and the body schemas of every request and response.
+
+Bodies are msgpack maps. Where a request carries record batches (Produce) or a response
+does (Fetch), the batches travel as the frame's raw tail and the body says, per partition,
+how many tail bytes belong to it (`size`), in the order the partitions are listed.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from .errors import ProtocolError
+from .schema import BOOL, INT, STR, ListOf, MapOf, Optional, Struct
+
+
+class ApiKey(enum.IntEnum):
+    PRODUCE = 0
+    FETCH = 1
+    LIST_OFFSETS = 2
+    METADATA = 3
+    API_VERSIONS = 18
+    CREATE_TOPICS = 19
+    DELETE_TOPICS = 20
+    ALTER_CONFIGS = 33
+    DESCRIBE_TOPICS = 75
+
+
+# Special timestamps of ListOffsets, as in Kafka.
+LATEST_TIMESTAMP = -1
+EARLIEST_TIMESTAMP = -2
+
+ACKS_NONE = 0
+ACKS_LEADER = 1
+ACKS_ALL = -1
+
+_TOPIC_ERROR = Struct(
+    topic=STR,
+    error_code=INT,
+    error_message=(Optional(STR), None),
+)
+
+REQUESTS: dict[ApiKey, Struct] = {
+    ApiKey.API_VERSIONS: Struct(),
+    ApiKey.METADATA: Struct(topics=(Optional(ListOf(STR)), None)),
+    ApiKey.CREATE_TOPICS: Struct(
+        topics=ListOf(
+            Struct(
+                topic=STR,
+                partitions=(INT, 1),
+                replication_factor=(INT, 1),
+                configs=(MapOf(STR), {}),
+            ),
+            length_max=1000,
+        ),
+        validate_only=(BOOL, False),
+    ),
+    ApiKey.DELETE_TOPICS: Struct(topics=ListOf(STR, length_max=1000)),
+    ApiKey.DESCRIBE_TOPICS: Struct(topics=(Optional(ListOf(STR)), None)),
+    ApiKey.ALTER_CONFIGS: Struct(
+        topic=STR,
+        set=(MapOf(STR), {}),
+        delete=(ListOf(STR), []),
+        validate_only=(BOOL, False),
+    ),
+    ApiKey.PRODUCE: Struct(
+        acks=(INT, ACKS_LEADER),
+        timeout_ms=(INT, 30_000),
+        topics=ListOf(
+            Struct(topic=STR, partitions=ListOf(Struct(partition=INT, size=INT))),
+            length_max=10_000,
+        ),
+    ),
+    ApiKey.FETCH: Struct(
+        max_wait_ms=(INT, 500),
+        min_bytes=(INT, 1),
+        max_bytes=(INT, 50 * 1024 * 1024),
+        topics=ListOf(
+            Struct(
+                topic=STR,
+                partitions=ListOf(
+                    Struct(partition=INT, fetch_offset=INT, max_bytes=(INT, 1024 * 1024))
+                ),
+            ),
+            length_max=10_000,
+        ),
+    ),
+    ApiKey.LIST_OFFSETS: Struct(
+        topics=ListOf(
+            Struct(topic=STR, partitions=ListOf(Struct(partition=INT, timestamp=INT))),
+        ),
+    ),
+}
+
+_PARTITION_META = Struct(
+    partition=INT,
+    error_code=(INT, 0),
+    leader=INT,
+    leader_epoch=(INT, 0),
+    replicas=(ListOf(INT), []),
+    isr=(ListOf(INT), []),
+)
+
+RESPONSES: dict[ApiKey, Struct] = {
+    ApiKey.API_VERSIONS: Struct(api_versions=ListOf(ListOf(INT))),
+    ApiKey.METADATA: Struct(
+        brokers=ListOf(Struct(node_id=INT, host=STR, port=INT)),
+        controller_id=(INT, -1),
+        topics=ListOf(
+            Struct(
+                topic=STR,
+                error_code=(INT, 0),
+                error_message=(Optional(STR), None),
+                partitions=(ListOf(_PARTITION_META), []),
+            )
+        ),
+    ),
+    ApiKey.CREATE_TOPICS: Struct(topics=ListOf(_TOPIC_ERROR)),
+    ApiKey.DELETE_TOPICS: Struct(topics=ListOf(_TOPIC_ERROR)),
+    ApiKey.DESCRIBE_TOPICS: Struct(
+        topics=ListOf(
+            Struct(
+                topic=STR,
+                error_code=(INT, 0),
+                error_message=(Optional(STR), None),
+                configs=(MapOf(STR), {}),
+                partitions=(
+                    ListOf(
+                        Struct(
+                            partition=INT,
+                            leader=INT,
+                            leader_epoch=(INT, 0),
+                            log_start_offset=INT,
+                            high_watermark=INT,
+                            log_end_offset=INT,
+                            size_bytes=INT,
+                            segments=(INT, 0),
+                        )
+                    ),
+                    [],
+                ),
+            )
+        )
+    ),
+    ApiKey.ALTER_CONFIGS: Struct(configs=(MapOf(STR), {})),
+    ApiKey.PRODUCE: Struct(
+        topics=ListOf(
+            Struct(
+                topic=STR,
+                partitions=ListOf(
+                    Struct(
+                        partition=INT,
+                        error_code=INT,
+                        error_message=(Optional(STR), None),
+                        base_offset=(INT, -1),
+                        log_append_time=(INT, -1),
+                        log_start_offset=(INT, -1),
+                    )
+                ),
+            )
+        )
+    ),
+    ApiKey.FETCH: Struct(
+        topics=ListOf(
+            Struct(
+                topic=STR,
+                partitions=ListOf(
+                    Struct(
+                        partition=INT,
+                        error_code=INT,
+                        error_message=(Optional(STR), None),
+                        high_watermark=(INT, -1),
+                        log_start_offset=(INT, -1),
+                        size=(INT, 0),
+                    )
+                ),
+            )
+        )
+    ),
+    ApiKey.LIST_OFFSETS: Struct(
+        topics=ListOf(
+            Struct(
+                topic=STR,
+                partitions=ListOf(
+                    Struct(
+                        partition=INT,
+                        error_code=INT,
+                        error_message=(Optional(STR), None),
+                        offset=(INT, -1),
+                        timestamp=(INT, -1),
+                    )
+                ),
+            )
+        )
+    ),
+}
+
+# Supported version range per api key: (min, max).
+API_VERSIONS: dict[ApiKey, tuple[int, int]] = {key: (0, 0) for key in REQUESTS}
+
+
+def api_key_of(value: int) -> ApiKey | None:
+    try:
+        return ApiKey(value)
+    except ValueError:
+        return None
+
+
+def check_request(api_key: ApiKey, body: Any) -> dict[str, Any]:
+    """Check a request body against its schema; raises ProtocolError."""
+    return REQUESTS[api_key].check(body, api_key.name.lower())
+
+
+def check_response(api_key: ApiKey, body: Any) -> dict[str, Any]:
+    """Check a response body against its schema; raises ProtocolError."""
+    return RESPONSES[api_key].check(body, api_key.name.lower())
+
+
+def check_tail_sizes(sizes: list[int], tail_bytes: int) -> None:
+    """Check that per-partition `size` fields tile the tail exactly."""
+    total = 0
+    for size in sizes:
+        if size < 0:
+            raise ProtocolError("a partition's size must not be negative")
+        total += size
+    if total != tail_bytes:
+        raise ProtocolError(f"partition sizes add up to {total}, but the tail has {tail_bytes} bytes")

@@ -1,0 +1,101 @@
+"""Wire error codes and the protocol's exception types.
+
+Error code numbers never change once released: clients of any version must read them the
+same way. Where Kafka has the same condition we reuse Kafka's number, so operators who know
+Kafka's codes can read ours.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(enum.IntEnum):
+    UNKNOWN_SERVER_ERROR = -1
+    NONE = 0
+    OFFSET_OUT_OF_RANGE = 1
+    CORRUPT_MESSAGE = 2
+    UNKNOWN_TOPIC_OR_PARTITION = 3
+    INVALID_FETCH_SIZE = 4
+    LEADER_NOT_AVAILABLE = 5
+    NOT_LEADER_OR_FOLLOWER = 6
+    REQUEST_TIMED_OUT = 7
+    MESSAGE_TOO_LARGE = 10
+    NETWORK_EXCEPTION = 13
+    COORDINATOR_LOAD_IN_PROGRESS = 14
+    COORDINATOR_NOT_AVAILABLE = 15
+    NOT_COORDINATOR = 16
+    INVALID_TOPIC = 17
+    RECORD_LIST_TOO_LARGE = 18
+    NOT_ENOUGH_REPLICAS = 19
+    NOT_ENOUGH_REPLICAS_AFTER_APPEND = 20
+    INVALID_REQUIRED_ACKS = 21
+    UNKNOWN_MEMBER_ID = 25
+    INVALID_TIMESTAMP = 32
+    UNSUPPORTED_VERSION = 35
+    TOPIC_ALREADY_EXISTS = 36
+    INVALID_PARTITIONS = 37
+    INVALID_REPLICATION_FACTOR = 38
+    INVALID_CONFIG = 40
+    INVALID_REQUEST = 42
+    KAFKA_STORAGE_ERROR = 56
+    UNSUPPORTED_COMPRESSION_TYPE = 76
+    INVALID_RECORD = 87
+    UNKNOWN_API_KEY = 1001
+    POLICY_VIOLATION = 44
+
+    @property
+    def retriable(self) -> bool:
+        """True when the same request may succeed if sent again later."""
+        return self in _RETRIABLE
+
+
+_RETRIABLE = frozenset(
+    {
+        ErrorCode.CORRUPT_MESSAGE,  # the batch was damaged in transit: send it again
+        ErrorCode.LEADER_NOT_AVAILABLE,
+        ErrorCode.NOT_LEADER_OR_FOLLOWER,
+        ErrorCode.REQUEST_TIMED_OUT,
+        ErrorCode.NETWORK_EXCEPTION,
+        ErrorCode.COORDINATOR_LOAD_IN_PROGRESS,
+        ErrorCode.COORDINATOR_NOT_AVAILABLE,
+        ErrorCode.NOT_COORDINATOR,
+        ErrorCode.NOT_ENOUGH_REPLICAS,
+        ErrorCode.NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+        ErrorCode.KAFKA_STORAGE_ERROR,
+    }
+)
+
+
+def error_code_from_wire(value: object) -> ErrorCode:
+    """Map a wire integer to an ErrorCode; unknown numbers become UNKNOWN_SERVER_ERROR."""
+    if type(value) is not int:
+        raise ProtocolError(f"error code must be an integer, got {type(value).__name__}")
+    try:
+        return ErrorCode(value)
+    except ValueError:
+        return ErrorCode.UNKNOWN_SERVER_ERROR
+
+
+class ProtocolError(Exception):
+    """The peer sent bytes that break the protocol (bad frame, bad batch, wrong types).
+
+    Every decoder in `protocol` raises only this type on bad input.
+    """
+
+
+class ProtocolUsageError(Exception):
+    """Local misuse of the protocol API (for example encoding a value out of range)."""
+
+
+class DwalError(Exception):
+    """An error answered by a broker: carries the wire error code and its message."""
+
+    def __init__(self, code: ErrorCode, message: str | None = None) -> None:
+        self.code = ErrorCode(code)
+        self.message = message or self.code.name.lower().replace("_", " ")
+        super().__init__(f"{self.code.name}: {self.message}")
+
+    @property
+    def retriable(self) -> bool:
+        return self.code.retriable

@@ -1,0 +1,213 @@
+"""Frames of the native protocol: ``u32 frame_length | u32 header_length | header | tail``.
+
+`frame_length` counts every byte after itself; the header is msgpack; the tail is raw bytes
+(record batches) that never pass through msgpack, so a broker can send it with sendfile and a
+client can hand it to the batch codec untouched.
+
+Requests:  header = [api_key, api_version, correlation_id, client_id, body]
+Responses: header = [correlation_id, error_code, error_message, body]
+
+`FrameDecoder` is sans-I/O: bytes in, frames out. Sizes are checked before any allocation.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from .errors import ErrorCode, ProtocolError, ProtocolUsageError, error_code_from_wire
+
+PREFIX = struct.Struct(">II")
+PREFIX_BYTES = PREFIX.size
+FRAME_BYTES_MAX_DEFAULT = 64 * 1024 * 1024
+HEADER_BYTES_MAX_DEFAULT = 1024 * 1024
+CLIENT_ID_CHARS_MAX = 255
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Request:
+    api_key: int
+    api_version: int
+    correlation_id: int
+    client_id: str | None
+    body: dict[str, Any]
+    tail: bytes = b""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Response:
+    correlation_id: int
+    error_code: ErrorCode
+    error_message: str | None
+    body: dict[str, Any]
+    tail: bytes = b""
+
+
+def _pack(obj: Any) -> bytes:
+    try:
+        return msgpack.packb(obj, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as error:
+        raise ProtocolUsageError(f"cannot encode frame header: {error}") from None
+
+
+def frame_prefix(header: Any, tail_bytes: int) -> bytes:
+    """Return length prefix plus packed header; the caller sends `tail_bytes` raw bytes after."""
+    packed = _pack(header)
+    return PREFIX.pack(4 + len(packed) + tail_bytes, len(packed)) + packed
+
+
+def encode_request(request: Request) -> bytes:
+    header = [
+        request.api_key,
+        request.api_version,
+        request.correlation_id,
+        request.client_id,
+        request.body,
+    ]
+    return frame_prefix(header, len(request.tail)) + request.tail
+
+
+def response_prefix(
+    correlation_id: int,
+    error_code: int,
+    error_message: str | None,
+    body: dict[str, Any],
+    tail_bytes: int = 0,
+) -> bytes:
+    return frame_prefix([correlation_id, int(error_code), error_message, body], tail_bytes)
+
+
+def encode_response(response: Response) -> bytes:
+    prefix = response_prefix(
+        response.correlation_id,
+        response.error_code,
+        response.error_message,
+        response.body,
+        len(response.tail),
+    )
+    return prefix + response.tail
+
+
+class FrameDecoder:
+    """Split a byte stream into (header, tail) pairs.
+
+    `feed()` adds bytes; `next_frame()` returns the next complete frame or None. A frame
+    larger than `frame_bytes_max` raises ProtocolError as soon as its prefix arrives.
+    """
+
+    def __init__(
+        self,
+        *,
+        frame_bytes_max: int = FRAME_BYTES_MAX_DEFAULT,
+        header_bytes_max: int = HEADER_BYTES_MAX_DEFAULT,
+    ) -> None:
+        assert frame_bytes_max > PREFIX_BYTES
+        self._buffer = bytearray()
+        self._frame_bytes_max = frame_bytes_max
+        self._header_bytes_max = header_bytes_max
+
+    @property
+    def buffered_bytes(self) -> int:
+        return len(self._buffer)
+
+    def bytes_wanted(self) -> int:
+        """How many more bytes complete the current frame (at least 1)."""
+        buffered = len(self._buffer)
+        if buffered < 4:
+            return 4 - buffered
+        (length,) = struct.unpack_from(">I", self._buffer)
+        return max(1, 4 + length - buffered)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self._buffer += data
+
+    def next_frame(self) -> tuple[Any, bytes] | None:
+        buffer = self._buffer
+        if len(buffer) < PREFIX_BYTES:
+            if len(buffer) >= 4:
+                self._check_length(struct.unpack_from(">I", buffer)[0])
+            return None
+        frame_length, header_length = PREFIX.unpack_from(buffer)
+        self._check_length(frame_length)
+        if header_length > frame_length - 4 or header_length > self._header_bytes_max:
+            raise ProtocolError(f"frame header length {header_length} is invalid")
+        total = 4 + frame_length
+        if len(buffer) < total:
+            return None
+        header = decode_header(memoryview(buffer)[PREFIX_BYTES : PREFIX_BYTES + header_length])
+        tail = bytes(buffer[PREFIX_BYTES + header_length : total])
+        del buffer[:total]
+        return header, tail
+
+    def _check_length(self, frame_length: int) -> None:
+        if frame_length > self._frame_bytes_max:
+            raise ProtocolError(
+                f"frame of {frame_length} bytes exceeds the limit of {self._frame_bytes_max}"
+            )
+        if frame_length < 4:
+            raise ProtocolError(f"frame length {frame_length} is too small")
+
+
+def decode_header(data: bytes | memoryview) -> Any:
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_str_len=len(data),
+            max_bin_len=len(data),
+            max_array_len=len(data),
+            max_map_len=len(data),
+            max_ext_len=0,
+        )
+    except Exception as error:  # msgpack raises several unrelated types on bad input
+        raise ProtocolError(f"frame header is not valid msgpack: {error}") from None
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int
+
+
+def parse_request(header: Any, tail: bytes) -> Request:
+    """Turn a decoded frame header into a Request; raises ProtocolError when malformed."""
+    if type(header) is not list or len(header) != 5:
+        raise ProtocolError("request header must be a 5-element array")
+    api_key, api_version, correlation_id, client_id, body = header
+    if not (_is_int(api_key) and _is_int(api_version) and _is_int(correlation_id)):
+        raise ProtocolError("api_key, api_version and correlation_id must be integers")
+    if client_id is not None and (type(client_id) is not str or len(client_id) > CLIENT_ID_CHARS_MAX):
+        raise ProtocolError("client_id must be a string of at most 255 characters")
+    if type(body) is not dict:
+        raise ProtocolError("request body must be a map")
+    return Request(
+        api_key=api_key,
+        api_version=api_version,
+        correlation_id=correlation_id,
+        client_id=client_id,
+        body=body,
+        tail=tail,
+    )
+
+
+def parse_response(header: Any, tail: bytes) -> Response:
+    """Turn a decoded frame header into a Response; raises ProtocolError when malformed."""
+    if type(header) is not list or len(header) != 4:
+        raise ProtocolError("response header must be a 4-element array")
+    correlation_id, error_code, error_message, body = header
+    if not _is_int(correlation_id):
+        raise ProtocolError("correlation_id must be an integer")
+    if error_message is not None and type(error_message) is not str:
+        raise ProtocolError("error_message must be a string or nil")
+    if type(body) is not dict:
+        raise ProtocolError("response body must be a map")
+    return Response(
+        correlation_id=correlation_id,
+        error_code=error_code_from_wire(error_code),
+        error_message=error_message,
+        body=body,
+        tail=tail,
+    )

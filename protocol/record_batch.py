@@ -1,0 +1,349 @@
+"""Record batches: the unit that producers send, brokers store and consumers read.
+
+Theory of operation. A batch is a fixed 61-byte header, field for field Kafka's v2 record
+batch header, followed by a body. DWAL bodies (attribute bit 7 set) are one msgpack array of
+records ``[timestamp_delta, key, value, headers]``, optionally compressed as a whole. The CRC
+(CRC-32C) covers everything from ``attributes`` to the end of the batch, so a broker may
+patch ``base_offset`` and ``partition_leader_epoch`` without recomputing it. Brokers only
+ever look at headers (`scan_batches`); only clients decode bodies (`decode_records`).
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any, Iterator, NamedTuple, Sequence
+
+import crc32c as _crc32c
+import lz4.frame
+import msgpack
+import zstandard
+
+from .errors import ProtocolError, ProtocolUsageError
+
+HEADER = struct.Struct(">qiibIhiqqqhii")
+HEADER_BYTES = HEADER.size  # 61
+assert HEADER_BYTES == 61
+LOG_OVERHEAD_BYTES = 12  # base_offset (8) + batch_length (4): what batch_length does not count
+LENGTH_PREFIX = struct.Struct(">qi")
+BATCH_LENGTH_MIN = HEADER_BYTES - LOG_OVERHEAD_BYTES
+CRC_START = 21  # attributes start here: the CRC covers [21, end)
+MAGIC = 2
+BASE_OFFSET_AND_LENGTH = struct.Struct(">qi")
+BASE_OFFSET_AND_EPOCH = struct.Struct(">q")
+PARTITION_LEADER_EPOCH = struct.Struct(">i")
+PARTITION_LEADER_EPOCH_POSITION = 12
+
+ATTRIBUTE_COMPRESSION_MASK = 0x07
+ATTRIBUTE_LOG_APPEND_TIME = 0x08
+ATTRIBUTE_TRANSACTIONAL = 0x10
+ATTRIBUTE_CONTROL = 0x20
+ATTRIBUTE_MSGPACK_BODY = 0x80
+
+# Limits on what a batch body may expand to; a compressed batch may not bomb a client.
+RECORDS_PER_BATCH_MAX = 1_000_000
+DECOMPRESSED_BYTES_MAX = 256 * 1024 * 1024
+
+
+class Compression(enum.IntEnum):
+    NONE = 0
+    GZIP = 1
+    SNAPPY = 2
+    LZ4 = 3
+    ZSTD = 4
+
+    @classmethod
+    def from_name(cls, name: str) -> "Compression":
+        try:
+            return cls[name.upper()]
+        except KeyError:
+            raise ValueError(f"unknown compression {name!r}") from None
+
+
+SUPPORTED_COMPRESSION = frozenset(
+    {Compression.NONE, Compression.GZIP, Compression.LZ4, Compression.ZSTD}
+)
+
+
+class BatchHeader(NamedTuple):
+    base_offset: int
+    batch_length: int
+    partition_leader_epoch: int
+    magic: int
+    crc: int
+    attributes: int
+    last_offset_delta: int
+    base_timestamp: int
+    max_timestamp: int
+    producer_id: int
+    producer_epoch: int
+    base_sequence: int
+    record_count: int
+
+    @property
+    def size_bytes(self) -> int:
+        return self.batch_length + LOG_OVERHEAD_BYTES
+
+    @property
+    def last_offset(self) -> int:
+        return self.base_offset + self.last_offset_delta
+
+    @property
+    def next_offset(self) -> int:
+        return self.base_offset + self.last_offset_delta + 1
+
+    @property
+    def compression(self) -> int:
+        return self.attributes & ATTRIBUTE_COMPRESSION_MASK
+
+
+class Record(NamedTuple):
+    """One record as a consumer sees it."""
+
+    offset: int
+    timestamp: int
+    key: bytes | None
+    value: bytes | None
+    headers: Sequence[tuple[str, bytes]] = ()
+
+
+def crc_of(batch: bytes | bytearray | memoryview) -> int:
+    return _crc32c.crc32c(memoryview(batch)[CRC_START:])
+
+
+def _compress(codec: Compression, body: bytes) -> bytes:
+    if codec == Compression.NONE:
+        return body
+    if codec == Compression.ZSTD:
+        return zstandard.ZstdCompressor(level=1).compress(body)
+    if codec == Compression.LZ4:
+        return lz4.frame.compress(body)
+    if codec == Compression.GZIP:
+        return zlib.compress(body, 1)
+    raise ProtocolUsageError(f"compression {codec!r} is not supported")
+
+
+def _decompress(codec: int, body: memoryview, limit: int) -> bytes:
+    """Decompress at most `limit` bytes; a larger result is a protocol error."""
+    try:
+        if codec == Compression.ZSTD:
+            reader = zstandard.ZstdDecompressor().stream_reader(bytes(body))
+            out = reader.read(limit + 1)
+        elif codec == Compression.LZ4:
+            out = lz4.frame.LZ4FrameDecompressor().decompress(bytes(body), max_length=limit + 1)
+        elif codec == Compression.GZIP:
+            out = zlib.decompressobj().decompress(bytes(body), limit + 1)
+        else:
+            raise ProtocolError(f"unsupported compression codec {codec}")
+    except ProtocolError:
+        raise
+    except Exception as error:  # each codec library has its own error types
+        raise ProtocolError(f"cannot decompress batch body: {error}") from None
+    if len(out) > limit:
+        raise ProtocolError(f"decompressed batch body exceeds {limit} bytes")
+    return out
+
+
+def encode_batch(
+    records: Sequence[Sequence[Any]],
+    *,
+    base_timestamp: int,
+    max_timestamp: int | None = None,
+    compression: Compression = Compression.NONE,
+    base_offset: int = 0,
+    partition_leader_epoch: int = -1,
+    producer_id: int = -1,
+    producer_epoch: int = -1,
+    base_sequence: int = -1,
+) -> bytes:
+    """Encode records already shaped as ``[timestamp_delta, key, value, headers]``.
+
+    This is the producer's hot path: the caller builds the inner lists as records arrive,
+    and one msgpack call packs them all. Returns the batch bytes.
+    """
+    count = len(records)
+    if count == 0 or count > RECORDS_PER_BATCH_MAX:
+        raise ProtocolUsageError(f"a batch holds 1..{RECORDS_PER_BATCH_MAX} records, not {count}")
+    body = _compress(compression, msgpack.packb(records, use_bin_type=True))
+    attributes = ATTRIBUTE_MSGPACK_BODY | int(compression)
+    if max_timestamp is None:
+        max_timestamp = base_timestamp + max(r[0] for r in records)
+    header = bytearray(
+        HEADER.pack(
+            base_offset,
+            HEADER_BYTES - LOG_OVERHEAD_BYTES + len(body),
+            partition_leader_epoch,
+            MAGIC,
+            0,
+            attributes,
+            count - 1,
+            base_timestamp,
+            max_timestamp,
+            producer_id,
+            producer_epoch,
+            base_sequence,
+            count,
+        )
+    )
+    crc = _crc32c.crc32c(body, _crc32c.crc32c(memoryview(header)[CRC_START:]))
+    struct.pack_into(">I", header, 17, crc)
+    return bytes(header) + body
+
+
+def build_batch(
+    records: Sequence[tuple[int, bytes | None, bytes | None]]
+    | Sequence[tuple[int, bytes | None, bytes | None, Sequence[tuple[str, bytes]]]],
+    *,
+    compression: Compression = Compression.NONE,
+) -> bytes:
+    """Convenience encoder from ``(timestamp_ms, key, value[, headers])`` tuples."""
+    if not records:
+        raise ProtocolUsageError("a batch needs at least one record")
+    base = min(r[0] for r in records)
+    shaped = [[r[0] - base, r[1], r[2], list(r[3]) if len(r) > 3 else []] for r in records]
+    return encode_batch(
+        shaped,
+        base_timestamp=base,
+        max_timestamp=max(r[0] for r in records),
+        compression=compression,
+    )
+
+
+def parse_header(data: bytes | bytearray | memoryview, position: int = 0) -> BatchHeader:
+    """Parse the 61-byte header at `position`; raises ProtocolError if it is cut short."""
+    if len(data) - position < HEADER_BYTES:
+        raise ProtocolError("record batch header is truncated")
+    return BatchHeader._make(HEADER.unpack_from(data, position))
+
+
+@dataclass(frozen=True, slots=True)
+class ScannedBatch:
+    position: int
+    header: BatchHeader
+
+
+def check_header(header: BatchHeader) -> None:
+    """Check header fields that do not need the body; raises ProtocolError."""
+    if header.batch_length < BATCH_LENGTH_MIN:
+        raise ProtocolError(f"batch length {header.batch_length} is below {BATCH_LENGTH_MIN}")
+    if header.magic != MAGIC:
+        raise ProtocolError(f"batch magic {header.magic} is not {MAGIC}")
+    if header.record_count < 1 or header.record_count > RECORDS_PER_BATCH_MAX:
+        raise ProtocolError(f"batch record count {header.record_count} is out of range")
+    if header.last_offset_delta != header.record_count - 1:
+        raise ProtocolError("batch last_offset_delta does not match its record count")
+
+
+def scan_batches(
+    data: bytes | bytearray | memoryview, *, verify_crc: bool = True
+) -> Iterator[ScannedBatch]:
+    """Yield each batch of a buffer of back-to-back batches, checking length and CRC.
+
+    Raises ProtocolError at the first batch that is cut short or damaged. Used by the
+    broker on produce (every batch is checked before it is written) and by recovery.
+    """
+    view = memoryview(data)
+    position = 0
+    end = len(view)
+    while position < end:
+        header = parse_header(view, position)
+        check_header(header)
+        batch_end = position + header.size_bytes
+        if batch_end > end:
+            raise ProtocolError("record batch is truncated")
+        if verify_crc and _crc32c.crc32c(view[position + CRC_START : batch_end]) != header.crc:
+            raise ProtocolError(f"record batch at byte {position} fails its CRC check")
+        yield ScannedBatch(position, header)
+        position = batch_end
+
+
+_unpack_limits = dict(
+    raw=False,
+    use_list=True,
+    strict_map_key=True,
+    max_str_len=DECOMPRESSED_BYTES_MAX,
+    max_bin_len=DECOMPRESSED_BYTES_MAX,
+    max_array_len=RECORDS_PER_BATCH_MAX,
+    max_map_len=1024,
+    max_ext_len=0,
+)
+
+
+def decode_body(header: BatchHeader, body: memoryview | bytes) -> list[list[Any]]:
+    """Decode a batch body into its raw ``[timestamp_delta, key, value, headers]`` lists."""
+    if not header.attributes & ATTRIBUTE_MSGPACK_BODY:
+        raise ProtocolError("batch does not carry a DWAL msgpack body")
+    if header.attributes & ATTRIBUTE_CONTROL:
+        return []
+    codec = header.attributes & ATTRIBUTE_COMPRESSION_MASK
+    if codec:
+        body = _decompress(codec, memoryview(body), DECOMPRESSED_BYTES_MAX)
+    try:
+        records = msgpack.unpackb(body, **_unpack_limits)
+    except Exception as error:  # msgpack raises several unrelated types on bad input
+        raise ProtocolError(f"batch body is not valid msgpack: {error}") from None
+    if type(records) is not list or len(records) != header.record_count:
+        raise ProtocolError("batch body does not hold record_count records")
+    for record in records:
+        if (
+            type(record) is not list
+            or len(record) != 4
+            or type(record[0]) is not int
+            or not (record[1] is None or type(record[1]) is bytes)
+            or not (record[2] is None or type(record[2]) is bytes)
+            or type(record[3]) is not list
+        ):
+            raise ProtocolError("batch body holds a malformed record")
+    return records
+
+
+def decode_records(
+    data: bytes | bytearray | memoryview, *, verify_crc: bool = True, allow_partial_tail: bool = False
+) -> list[Record]:
+    """Decode every record of a buffer of back-to-back batches.
+
+    With `allow_partial_tail`, a batch cut short at the end of the buffer (as a fetch may
+    return when it stops at max_bytes) is ignored instead of raising ProtocolError.
+    """
+    view = memoryview(data)
+    out: list[Record] = []
+    append = out.append
+    new_record = tuple.__new__
+    for batch in _scan_allowing_tail(view, verify_crc, allow_partial_tail):
+        header = batch.header
+        body = view[batch.position + HEADER_BYTES : batch.position + header.size_bytes]
+        base_offset = header.base_offset
+        base_timestamp = header.base_timestamp
+        for index, (delta, key, value, headers) in enumerate(decode_body(header, body)):
+            append(
+                new_record(
+                    Record,
+                    (base_offset + index, base_timestamp + delta, key, value, headers),
+                )
+            )
+    return out
+
+
+def _scan_allowing_tail(
+    view: memoryview, verify_crc: bool, allow_partial_tail: bool
+) -> Iterator[ScannedBatch]:
+    if not allow_partial_tail:
+        yield from scan_batches(view, verify_crc=verify_crc)
+        return
+    yield from scan_batches(view[: complete_prefix_bytes(view)], verify_crc=verify_crc)
+
+
+def complete_prefix_bytes(data: bytes | bytearray | memoryview) -> int:
+    """Length of the prefix of `data` made of whole batches (by their length fields)."""
+    position = 0
+    end = len(data)
+    while end - position >= LOG_OVERHEAD_BYTES:
+        _, length = BASE_OFFSET_AND_LENGTH.unpack_from(data, position)
+        if length < BATCH_LENGTH_MIN:
+            raise ProtocolError(f"batch length {length} is below {BATCH_LENGTH_MIN}")
+        if position + LOG_OVERHEAD_BYTES + length > end:
+            break
+        position += LOG_OVERHEAD_BYTES + length
+    return position
