@@ -38,6 +38,7 @@ from .record_batch import (
     parse_header,
     scan_batches,
 )
+from .partitioning import partition_for_key
 from .topic_name import validate_topic_name
 
 __all__ = [
@@ -47,5 +48,5 @@ __all__ = [
     "Request", "Response", "encode_request", "encode_response", "parse_request",
     "parse_response", "response_prefix", "HEADER_BYTES", "BatchHeader", "Compression",
     "Record", "build_batch", "complete_prefix_bytes", "decode_records", "encode_batch",
-    "parse_header", "scan_batches", "validate_topic_name",
+    "parse_header", "scan_batches", "validate_topic_name", "partition_for_key",
 ]

@@ -42,7 +42,10 @@ _TOPIC_ERROR = Struct(
 
 REQUESTS: dict[ApiKey, Struct] = {
     ApiKey.API_VERSIONS: Struct(),
-    ApiKey.METADATA: Struct(topics=(Optional(ListOf(STR)), None)),
+    ApiKey.METADATA: Struct(
+        topics=(Optional(ListOf(STR)), None),
+        allow_auto_topic_creation=(BOOL, False),
+    ),
     ApiKey.CREATE_TOPICS: Struct(
         topics=ListOf(
             Struct(

@@ -294,9 +294,21 @@ def decode_body(header: BatchHeader, body: memoryview | bytes) -> list[list[Any]
             or not (record[1] is None or type(record[1]) is bytes)
             or not (record[2] is None or type(record[2]) is bytes)
             or type(record[3]) is not list
+            or (record[3] and not _headers_are_well_formed(record[3]))
         ):
             raise ProtocolError("batch body holds a malformed record")
     return records
+
+
+def _headers_are_well_formed(headers: list[Any]) -> bool:
+    """True when every record header is a ``[str, bytes]`` pair."""
+    return all(
+        type(header) is list
+        and len(header) == 2
+        and type(header[0]) is str
+        and type(header[1]) is bytes
+        for header in headers
+    )
 
 
 def decode_records(

@@ -8,6 +8,7 @@ lets newer peers add optional fields without breaking older ones.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from .errors import ProtocolError
@@ -103,5 +104,6 @@ class Struct(Schema):
             elif default is _REQUIRED:
                 raise ProtocolError(f"{path}: missing field {name!r}")
             else:
-                out[name] = default
+                # A fresh copy: a handler that mutates its body must not change the default.
+                out[name] = copy.deepcopy(default) if isinstance(default, (list, dict)) else default
         return out

@@ -1,0 +1,149 @@
+"""Broker configuration: defaults, a TOML file, then command-line flags, in that order.
+
+A TOML file holds the same names as the flags (with underscores) at top level, topic
+defaults in a ``[topic_defaults]`` table using topic config names (``"segment.bytes"``), and
+limits in a ``[limits]`` table (see `broker.limits.Limits`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker.limits import Limits
+from broker.storage import LogConfig
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message says which setting and why."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BrokerConfig:
+    node_id: int = 0
+    host: str = "127.0.0.1"
+    port: int = 9092
+    http_host: str | None = None  # None: same as host
+    http_port: int = 8080  # 0 picks a free port; -1 disables the HTTP gateway
+    data_dir: pathlib.Path = pathlib.Path("./data")
+    log_level: str = "info"
+    auto_create_topics: bool = False
+    default_partitions: int = 1
+    retention_check_interval_ms: int = 60_000
+    log_defaults: LogConfig = field(default_factory=LogConfig)
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def http_bind_host(self) -> str:
+        return self.http_host or self.host
+
+
+_SIMPLE_KEYS = {
+    "node_id": int,
+    "host": str,
+    "port": int,
+    "http_host": str,
+    "http_port": int,
+    "data_dir": str,
+    "log_level": str,
+    "auto_create_topics": bool,
+    "default_partitions": int,
+    "retention_check_interval_ms": int,
+}
+
+
+def _check_type(key: str, value: Any, kind: type) -> Any:
+    if kind is int and (type(value) is not int):
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if kind is bool and type(value) is not bool:
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if kind is str and type(value) is not str:
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+def load_toml(path: pathlib.Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as file:
+            return tomllib.load(file)
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
+
+
+def build_config(file_values: dict[str, Any], overrides: dict[str, Any]) -> BrokerConfig:
+    """Merge a TOML file's values with flag overrides (None means "not given")."""
+    values: dict[str, Any] = {}
+    topic_defaults: dict[str, str] = {}
+    limits: dict[str, Any] = {}
+    for key, value in file_values.items():
+        if key == "topic_defaults":
+            if not isinstance(value, dict):
+                raise ConfigError("[topic_defaults] must be a table")
+            topic_defaults.update({k: _config_string(v) for k, v in value.items()})
+        elif key == "limits":
+            if not isinstance(value, dict):
+                raise ConfigError("[limits] must be a table")
+            limits.update(value)
+        elif key in _SIMPLE_KEYS:
+            values[key] = _check_type(key, value, _SIMPLE_KEYS[key])
+        elif key == "fsync":
+            topic_defaults["fsync.policy"] = _check_type(key, value, str)
+        else:
+            raise ConfigError(f"unknown setting {key!r} in config file")
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key == "fsync":
+            topic_defaults["fsync.policy"] = value
+        else:
+            values[key] = value
+    return _assemble(values, topic_defaults, limits)
+
+
+def _config_string(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _assemble(values: dict[str, Any], topic_defaults: dict[str, str], limits: dict) -> BrokerConfig:
+    try:
+        log_defaults = LogConfig.from_topic_configs(topic_defaults, LogConfig())
+    except ValueError as error:
+        raise ConfigError(f"topic_defaults: {error}") from None
+    known_limits = {f.name for f in dataclasses.fields(Limits)}
+    for key, value in limits.items():
+        if key not in known_limits:
+            raise ConfigError(f"unknown limit {key!r}")
+        _check_type(f"limits.{key}", value, int)
+        if value < 1:
+            raise ConfigError(f"limits.{key} must be positive")
+    if "data_dir" in values:
+        values["data_dir"] = pathlib.Path(values["data_dir"])
+    config = BrokerConfig(log_defaults=log_defaults, limits=Limits(**limits), **values)
+    _validate(config)
+    return config
+
+
+def _validate(config: BrokerConfig) -> None:
+    for name in ("port",):
+        port = getattr(config, name)
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"{name} must be between 0 and 65535, got {port}")
+    if not -1 <= config.http_port <= 65535:
+        raise ConfigError(f"http_port must be between -1 (disabled) and 65535, got {config.http_port}")
+    if config.log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError("log_level must be one of debug, info, warning, error")
+    if not 1 <= config.default_partitions <= config.limits.partitions_per_topic_max:
+        raise ConfigError("default_partitions is out of range")
+    if config.retention_check_interval_ms < 10:
+        raise ConfigError("retention_check_interval_ms must be at least 10")
+    if config.node_id < 0:
+        raise ConfigError("node_id must not be negative")
+    if config.limits.frame_header_bytes_max >= config.limits.frame_bytes_max:
+        raise ConfigError("limits.frame_header_bytes_max must be below limits.frame_bytes_max")

@@ -1,0 +1,85 @@
+"""One broker process: opens the logs, serves the native protocol and the HTTP gateway,
+and runs background maintenance (retention, interval flushes), all under one nursery.
+
+`run_broker` is cancellation-safe: cancelling it stops the listeners, lets the root nursery
+unwind, then closes every log (final fsync and recovery-point checkpoint) shielded from the
+cancellation.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import trio
+
+from broker.config import BrokerConfig
+from broker.event_log import log_event
+from broker.request_handlers import RequestHandlers
+from broker.server import NativeServer
+from broker.topic_registry import TopicRegistry
+
+logger = logging.getLogger("dwal.broker")
+
+FLUSH_CHECK_INTERVAL_S = 0.05
+
+
+@dataclass(frozen=True)
+class BrokerAddresses:
+    host: str
+    port: int
+    http_port: int | None
+
+
+async def run_broker(config: BrokerConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Run a broker until cancelled; `task_status.started(BrokerAddresses)` once listening."""
+    config.limits.validate()
+    registry = await trio.to_thread.run_sync(
+        TopicRegistry.open, config.data_dir, config.log_defaults, config.limits
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            addresses = await _start_listeners(config, registry, nursery)
+            nursery.start_soon(_retention_loop, registry, config.retention_check_interval_ms)
+            nursery.start_soon(_interval_flush_loop, registry)
+            log_event(logger, logging.INFO, "broker_started", node_id=config.node_id,
+                      host=addresses.host, port=addresses.port, http_port=addresses.http_port,
+                      data_dir=str(config.data_dir))
+            task_status.started(addresses)
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(registry.close)
+        log_event(logger, logging.INFO, "broker_stopped", node_id=config.node_id)
+
+
+async def _start_listeners(config: BrokerConfig, registry: TopicRegistry, nursery) -> BrokerAddresses:
+    listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+    port = listeners[0].socket.getsockname()[1]
+    handlers = RequestHandlers(config, registry, advertised_port=port)
+    await nursery.start(NativeServer(handlers).serve, listeners)
+    http_port = None
+    if config.http_port >= 0:
+        from broker.gateway.http_gateway import serve_http
+
+        http_listeners = await trio.open_tcp_listeners(config.http_port, host=config.http_bind_host)
+        http_port = http_listeners[0].socket.getsockname()[1]
+        await nursery.start(serve_http, handlers, http_listeners)
+    return BrokerAddresses(config.host, port, http_port)
+
+
+async def _retention_loop(registry: TopicRegistry, interval_ms: int) -> None:
+    while True:
+        await trio.sleep(interval_ms / 1000)
+        try:
+            await registry.apply_retention()
+        except OSError as error:
+            log_event(logger, logging.ERROR, "retention_failed", error=str(error))
+
+
+async def _interval_flush_loop(registry: TopicRegistry) -> None:
+    while True:
+        await trio.sleep(FLUSH_CHECK_INTERVAL_S)
+        try:
+            await registry.flush_interval_logs()
+        except OSError as error:
+            log_event(logger, logging.ERROR, "interval_flush_failed", error=str(error))

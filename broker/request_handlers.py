@@ -1,0 +1,397 @@
+"""The broker's answer to each API: checked request body in, `Reply` out.
+
+Handlers never decode records: produce hands whole batches to the partition log, fetch hands
+back file slices that the connection sends with sendfile. Every failure that concerns one
+partition is reported in that partition's entry; only a malformed request fails as a whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import trio
+
+from broker.config import BrokerConfig
+from broker.event_log import log_event
+from broker.storage import (
+    CorruptRecordError,
+    FetchSlice,
+    OffsetOutOfRangeError,
+    PartitionLog,
+    RecordTooLargeError,
+    StorageError,
+)
+from broker.topic_registry import TopicRegistry
+from protocol import (
+    ACKS_ALL,
+    ACKS_LEADER,
+    ACKS_NONE,
+    API_VERSIONS,
+    EARLIEST_TIMESTAMP,
+    LATEST_TIMESTAMP,
+    ApiKey,
+    DwalError,
+    ErrorCode,
+    ProtocolError,
+    check_tail_sizes,
+)
+
+logger = logging.getLogger("dwal.requests")
+
+
+@dataclass
+class Reply:
+    """A response body plus the raw tail parts (bytes or file slices) that follow it."""
+
+    body: dict[str, Any]
+    parts: list[bytes | FetchSlice] = field(default_factory=list)
+    error_code: ErrorCode = ErrorCode.NONE
+    error_message: str | None = None
+    send: bool = True  # False for acks=0 produce: the client expects no response
+
+    @property
+    def tail_bytes(self) -> int:
+        return sum(len(p) if isinstance(p, bytes) else p.length for p in self.parts)
+
+    def close(self) -> None:
+        for part in self.parts:
+            if isinstance(part, FetchSlice):
+                part.close()
+
+
+def _error_of(error: BaseException) -> tuple[ErrorCode, str]:
+    if isinstance(error, DwalError):
+        return error.code, error.message
+    if isinstance(error, CorruptRecordError):
+        return ErrorCode.CORRUPT_MESSAGE, str(error)
+    if isinstance(error, RecordTooLargeError):
+        return ErrorCode.MESSAGE_TOO_LARGE, str(error)
+    if isinstance(error, OffsetOutOfRangeError):
+        return ErrorCode.OFFSET_OUT_OF_RANGE, str(error)
+    if isinstance(error, (StorageError, OSError)):
+        return ErrorCode.KAFKA_STORAGE_ERROR, f"storage error: {error}"
+    raise error
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class RequestHandlers:
+    def __init__(self, config: BrokerConfig, registry: TopicRegistry, advertised_port: int) -> None:
+        self.config = config
+        self.registry = registry
+        self.advertised_port = advertised_port
+        self.table: dict[ApiKey, Callable[[dict, bytes], Awaitable[Reply]]] = {
+            ApiKey.API_VERSIONS: self.api_versions,
+            ApiKey.METADATA: self.metadata,
+            ApiKey.CREATE_TOPICS: self.create_topics,
+            ApiKey.DELETE_TOPICS: self.delete_topics,
+            ApiKey.DESCRIBE_TOPICS: self.describe_topics,
+            ApiKey.ALTER_CONFIGS: self.alter_configs,
+            ApiKey.PRODUCE: self.produce,
+            ApiKey.FETCH: self.fetch,
+            ApiKey.LIST_OFFSETS: self.list_offsets,
+        }
+
+    # -- admin ------------------------------------------------------------------------
+
+    async def api_versions(self, body: dict, tail: bytes) -> Reply:
+        versions = [[int(key), low, high] for key, (low, high) in API_VERSIONS.items()]
+        return Reply({"api_versions": versions})
+
+    async def metadata(self, body: dict, tail: bytes) -> Reply:
+        names = body["topics"]
+        if names is None:
+            names = sorted(self.registry.topics)
+        elif body["allow_auto_topic_creation"] and self.config.auto_create_topics:
+            for name in names:
+                await self._auto_create(name)
+        node = self.config.node_id
+        topics = []
+        for name in names:
+            topic = self.registry.topics.get(name)
+            if topic is None:
+                topics.append({"topic": name, "error_code": int(ErrorCode.UNKNOWN_TOPIC_OR_PARTITION),
+                               "error_message": f"unknown topic {name!r}", "partitions": []})
+                continue
+            partitions = [
+                {"partition": p, "error_code": 0, "leader": node, "leader_epoch": 0,
+                 "replicas": [node], "isr": [node]}
+                for p in range(topic.partitions)
+            ]
+            topics.append({"topic": name, "error_code": 0, "partitions": partitions})
+        brokers = [{"node_id": node, "host": self.config.host, "port": self.advertised_port}]
+        return Reply({"brokers": brokers, "controller_id": node, "topics": topics})
+
+    async def _auto_create(self, name: str) -> None:
+        if name in self.registry.topics:
+            return
+        try:
+            await self.registry.create_topic(name, self.config.default_partitions)
+        except DwalError as error:
+            if error.code != ErrorCode.TOPIC_ALREADY_EXISTS:
+                raise
+
+    async def create_topics(self, body: dict, tail: bytes) -> Reply:
+        results = []
+        for entry in body["topics"]:
+            name = entry["topic"]
+            try:
+                if body["validate_only"]:
+                    self.registry.check_new_topic(name, entry["partitions"],
+                                                  entry["replication_factor"], entry["configs"])
+                else:
+                    await self.registry.create_topic(name, entry["partitions"],
+                                                     entry["replication_factor"], entry["configs"])
+                results.append({"topic": name, "error_code": 0})
+            except DwalError as error:
+                results.append({"topic": name, "error_code": int(error.code),
+                                "error_message": error.message})
+        return Reply({"topics": results})
+
+    async def delete_topics(self, body: dict, tail: bytes) -> Reply:
+        results = []
+        for name in body["topics"]:
+            try:
+                await self.registry.delete_topic(name)
+                results.append({"topic": name, "error_code": 0})
+            except DwalError as error:
+                results.append({"topic": name, "error_code": int(error.code),
+                                "error_message": error.message})
+        return Reply({"topics": results})
+
+    async def describe_topics(self, body: dict, tail: bytes) -> Reply:
+        names = body["topics"] if body["topics"] is not None else sorted(self.registry.topics)
+        return Reply({"topics": [self._describe_topic(name) for name in names]})
+
+    def _describe_topic(self, name: str) -> dict[str, Any]:
+        topic = self.registry.topics.get(name)
+        if topic is None:
+            return {"topic": name, "error_code": int(ErrorCode.UNKNOWN_TOPIC_OR_PARTITION),
+                    "error_message": f"unknown topic {name!r}"}
+        partitions = []
+        for partition in range(topic.partitions):
+            log = self.registry.logs[(name, partition)]
+            partitions.append({
+                "partition": partition,
+                "leader": self.config.node_id,
+                "leader_epoch": 0,
+                "log_start_offset": log.log_start_offset,
+                "high_watermark": log.high_watermark,
+                "log_end_offset": log.log_end_offset,
+                "size_bytes": log.size_bytes,
+                "segments": log.segment_count,
+            })
+        configs = self.registry.log_config(topic).to_topic_configs()
+        return {"topic": name, "error_code": 0, "configs": configs, "partitions": partitions}
+
+    async def alter_configs(self, body: dict, tail: bytes) -> Reply:
+        configs = await self.registry.alter_configs(
+            body["topic"], body["set"], body["delete"], body["validate_only"]
+        )
+        return Reply({"configs": configs})
+
+    # -- produce ----------------------------------------------------------------------
+
+    async def produce(self, body: dict, tail: bytes) -> Reply:
+        acks = body["acks"]
+        if acks not in (ACKS_NONE, ACKS_LEADER, ACKS_ALL):
+            raise DwalError(ErrorCode.INVALID_REQUIRED_ACKS, f"acks must be 0, 1 or -1 (all), not {acks}")
+        check_tail_sizes([p["size"] for t in body["topics"] for p in t["partitions"]], len(tail))
+        view = memoryview(tail)
+        position = 0
+        topics: list[dict[str, Any]] = []
+        waits: list[tuple[PartitionLog, int, dict[str, Any]]] = []
+        for entry in body["topics"]:
+            results: list[dict[str, Any]] = []
+            topics.append({"topic": entry["topic"], "partitions": results})
+            if self.config.auto_create_topics:
+                await self._auto_create(entry["topic"])
+            for part in entry["partitions"]:
+                chunk = view[position : position + part["size"]]
+                position += part["size"]
+                result, wait = self._append(entry["topic"], part["partition"], chunk, acks)
+                results.append(result)
+                if wait is not None:
+                    waits.append(wait)
+        if waits:
+            await self._wait_durable(waits, body["timeout_ms"])
+        return Reply({"topics": topics}, send=acks != ACKS_NONE)
+
+    def _append(self, topic: str, partition: int, chunk: memoryview, acks: int):
+        try:
+            log = self.registry.log(topic, partition)
+            if len(chunk) == 0:
+                raise DwalError(ErrorCode.INVALID_RECORD, "a partition's record data is empty")
+            info = log.append(bytearray(chunk), now_ms=now_ms())
+        except Exception as error:
+            code, message = _error_of(error)
+            if code == ErrorCode.KAFKA_STORAGE_ERROR:
+                log_event(logger, logging.ERROR, "append_failed", topic=topic,
+                          partition=partition, error=message)
+            return {"partition": partition, "error_code": int(code), "error_message": message}, None
+        result = {"partition": partition, "error_code": 0, "base_offset": info.base_offset,
+                  "log_append_time": -1, "log_start_offset": info.log_start_offset}
+        # fsync=always: nothing is visible or acknowledged before it is durable, so even acks=0
+        # waits (in this handler, off the connection's read path) for the group commit.
+        needs_sync = log.config.fsync == "always" or acks == ACKS_ALL
+        return result, ((log, info.last_offset + 1, result) if needs_sync else None)
+
+    async def _wait_durable(self, waits, timeout_ms: int) -> None:
+        pending = {id(result): result for _, _, result in waits}
+
+        async def wait_one(log: PartitionLog, offset: int, result: dict) -> None:
+            try:
+                await log.wait_durable(offset)
+            except (StorageError, OSError) as error:
+                code, message = _error_of(error)
+                result.update(error_code=int(code), error_message=message, base_offset=-1)
+            pending.pop(id(result), None)
+
+        with trio.move_on_after(max(timeout_ms, 0) / 1000):
+            async with trio.open_nursery() as nursery:
+                for log, offset, result in waits:
+                    nursery.start_soon(wait_one, log, offset, result)
+        for result in pending.values():
+            result.update(error_code=int(ErrorCode.REQUEST_TIMED_OUT),
+                          error_message="timed out waiting for fsync", base_offset=-1)
+
+    # -- fetch ------------------------------------------------------------------------
+
+    async def fetch(self, body: dict, tail: bytes) -> Reply:
+        limits = self.config.limits
+        max_wait_ms = min(max(body["max_wait_ms"], 0), limits.fetch_wait_ms_max)
+        max_bytes = min(max(body["max_bytes"], 1), limits.fetch_bytes_max)
+        deadline = trio.current_time() + max_wait_ms / 1000
+        while True:
+            events = self._events_of(body)
+            reply, total, failed = self._read_partitions(body, max_bytes)
+            if total >= body["min_bytes"] or failed or trio.current_time() >= deadline:
+                return reply
+            reply.close()
+            with trio.move_on_at(deadline):
+                await _wait_any(events)
+
+    def _events_of(self, body: dict) -> list[trio.Event]:
+        events = []
+        for entry in body["topics"]:
+            for part in entry["partitions"]:
+                log = self.registry.logs.get((entry["topic"], part["partition"]))
+                if log is not None:
+                    events.append(log.new_data_event)
+        return events
+
+    def _read_partitions(self, body: dict, max_bytes: int) -> tuple[Reply, int, bool]:
+        reply = Reply({"topics": []})
+        total = 0
+        failed = False
+        for entry in body["topics"]:
+            results: list[dict[str, Any]] = []
+            reply.body["topics"].append({"topic": entry["topic"], "partitions": results})
+            for part in entry["partitions"]:
+                result = {"partition": part["partition"], "error_code": 0, "size": 0}
+                results.append(result)
+                try:
+                    log = self.registry.log(entry["topic"], part["partition"])
+                    result["high_watermark"] = log.high_watermark
+                    result["log_start_offset"] = log.log_start_offset
+                    budget = min(part["max_bytes"], max_bytes - total)
+                    if budget <= 0 and total > 0:
+                        continue
+                    if part["max_bytes"] <= 0:
+                        raise DwalError(ErrorCode.INVALID_FETCH_SIZE, "max_bytes must be positive")
+                    piece = log.read(part["fetch_offset"], max(budget, 1))
+                except Exception as error:
+                    code, message = _error_of(error)
+                    result.update(error_code=int(code), error_message=message)
+                    failed = True
+                    continue
+                if piece.length:
+                    reply.parts.append(piece)
+                    result["size"] = piece.length
+                    total += piece.length
+                else:
+                    piece.close()
+        return reply, total, failed
+
+    # -- in-process access, for gateways --------------------------------------------------
+
+    async def append_batch(self, topic: str, partition: int, batch: bytes, *,
+                           acks: int = ACKS_LEADER, timeout_ms: int = 30_000) -> int:
+        """Append one encoded batch, honouring acks and fsync policy; returns its base offset.
+
+        Raises DwalError (unknown topic, too large, corrupt, timed out, storage error).
+        """
+        if self.config.auto_create_topics:
+            await self._auto_create(topic)
+        result, wait = self._append(topic, partition, memoryview(batch), acks)
+        if wait is not None:
+            await self._wait_durable([wait], timeout_ms)
+        if result["error_code"]:
+            raise DwalError(ErrorCode(result["error_code"]), result.get("error_message"))
+        return result["base_offset"]
+
+    def read_batches(self, topic: str, partition: int, offset: int, max_bytes: int) -> bytes:
+        """Return whole batches from `offset` (the first may start before it), at most about
+        `max_bytes` (the first batch is always whole). Raises DwalError."""
+        try:
+            piece = self.registry.log(topic, partition).read(offset, max_bytes)
+        except Exception as error:
+            code, message = _error_of(error)
+            raise DwalError(code, message) from None
+        try:
+            return piece.read_bytes() if piece.length else b""
+        finally:
+            piece.close()
+
+    # -- offsets ----------------------------------------------------------------------
+
+    async def list_offsets(self, body: dict, tail: bytes) -> Reply:
+        topics = []
+        for entry in body["topics"]:
+            results = []
+            topics.append({"topic": entry["topic"], "partitions": results})
+            for part in entry["partitions"]:
+                result = {"partition": part["partition"], "error_code": 0}
+                try:
+                    log = self.registry.log(entry["topic"], part["partition"])
+                    result.update(self._offset_for(log, part["timestamp"]))
+                except DwalError as error:
+                    result.update(error_code=int(error.code), error_message=error.message)
+                results.append(result)
+        return Reply({"topics": topics})
+
+    def _offset_for(self, log: PartitionLog, timestamp: int) -> dict[str, int]:
+        if timestamp == LATEST_TIMESTAMP:
+            return {"offset": log.high_watermark, "timestamp": -1}
+        if timestamp == EARLIEST_TIMESTAMP:
+            return {"offset": log.log_start_offset, "timestamp": -1}
+        if timestamp < 0:
+            raise DwalError(ErrorCode.INVALID_REQUEST, f"invalid timestamp {timestamp}")
+        found = log.offset_for_timestamp(timestamp)
+        if found is None or found[0] >= log.high_watermark:
+            return {"offset": -1, "timestamp": -1}
+        return {"offset": found[0], "timestamp": found[1]}
+
+
+async def _wait_any(events: list[trio.Event]) -> None:
+    """Return when any of `events` is set (immediately when there are none... never)."""
+    if not events:
+        await trio.sleep_forever()
+    if len(events) == 1:
+        await events[0].wait()
+        return
+    async with trio.open_nursery() as nursery:
+        async def wait_one(event: trio.Event) -> None:
+            await event.wait()
+            nursery.cancel_scope.cancel()
+
+        for event in set(events):
+            nursery.start_soon(wait_one, event)
+
+
+__all__ = ["RequestHandlers", "Reply", "ProtocolError"]

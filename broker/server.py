@@ -1,0 +1,226 @@
+"""The native protocol listener: connections, pipelining, dispatch, sendfile.
+
+Theory of operation. Each connection runs two tasks in its own nursery. The reader decodes
+frames and, for each request, puts a `PendingReply` into a bounded channel (in request
+order) and starts a handler task that fills it in. The writer takes pending replies from the
+channel in order, waits for each to be filled, and writes it: the header with `send_all`,
+record data from segment files with `os.sendfile`. Requests are thus handled concurrently
+but answered in order, and at most `inflight_requests_max` requests per connection are in
+flight: when the channel is full the reader stops reading, and TCP pushes back on the client.
+A fetch reply holds file slices, not bytes, so a slow consumer costs file descriptors that
+are bounded by the same limit, never unbounded memory.
+
+A frame that cannot be decoded ends the connection (the byte stream cannot be resynchronised);
+a frame that decodes but carries a bad request gets an error reply and the connection goes on.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+from dataclasses import dataclass, field
+
+import trio
+
+from broker.event_log import log_event
+from broker.request_handlers import Reply, RequestHandlers
+from broker.storage import FetchSlice
+from protocol import (
+    API_VERSIONS,
+    ApiKey,
+    DwalError,
+    ErrorCode,
+    FrameDecoder,
+    ProtocolError,
+    check_request,
+    parse_request,
+    response_prefix,
+)
+
+logger = logging.getLogger("dwal.server")
+
+_connection_ids = itertools.count(1)
+
+
+@dataclass
+class PendingReply:
+    correlation_id: int
+    done: trio.Event = field(default_factory=trio.Event)
+    reply: Reply | None = None
+
+
+@dataclass(frozen=True)
+class ServerStatistics:
+    connections: int
+    requests_handled: int
+    protocol_errors: int
+
+
+class NativeServer:
+    def __init__(self, handlers: RequestHandlers) -> None:
+        self.handlers = handlers
+        self.limits = handlers.config.limits
+        self.connections = 0
+        self.requests_handled = 0
+        self.protocol_errors = 0
+
+    def statistics(self) -> ServerStatistics:
+        return ServerStatistics(self.connections, self.requests_handled, self.protocol_errors)
+
+    async def serve(self, listeners: list[trio.SocketListener], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        await trio.serve_listeners(self.handle_connection, listeners, task_status=task_status)
+
+    async def handle_connection(self, stream: trio.SocketStream) -> None:
+        connection_id = next(_connection_ids)
+        if self.connections >= self.limits.connections_max:
+            log_event(logger, logging.WARNING, "connection_refused", reason="connections_max")
+            await stream.aclose()
+            return
+        self.connections += 1
+        try:
+            await self._run_connection(stream, connection_id)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+            pass
+        finally:
+            self.connections -= 1
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _run_connection(self, stream: trio.SocketStream, connection_id: int) -> None:
+        send, receive = trio.open_memory_channel[PendingReply](self.limits.inflight_requests_max)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._write_replies, stream, receive, nursery.cancel_scope)
+            async with send:
+                await self._read_requests(stream, send, nursery, connection_id)
+
+    async def _read_requests(self, stream, send, nursery, connection_id: int) -> None:
+        decoder = FrameDecoder(
+            frame_bytes_max=self.limits.frame_bytes_max,
+            header_bytes_max=self.limits.frame_header_bytes_max,
+        )
+        while True:
+            try:
+                while (frame := decoder.next_frame()) is not None:
+                    await self._dispatch(frame, send, nursery)
+            except ProtocolError as error:
+                self.protocol_errors += 1
+                log_event(logger, logging.WARNING, "connection_protocol_error",
+                          connection=connection_id, error=str(error))
+                return
+            wanted = min(max(decoder.bytes_wanted(), 65536), self.limits.socket_receive_bytes)
+            data = await stream.receive_some(wanted)
+            if not data:
+                return
+            decoder.feed(data)
+
+    async def _dispatch(self, frame, send, nursery) -> None:
+        header, tail = frame
+        try:
+            request = parse_request(header, tail)
+        except ProtocolError:
+            correlation_id = header[2] if isinstance(header, list) and len(header) > 2 else None
+            if type(correlation_id) is not int:
+                raise
+            pending = PendingReply(correlation_id)
+            await send.send(pending)
+            _finish(pending, _error_reply(ErrorCode.INVALID_REQUEST, "malformed request header"))
+            return
+        pending = PendingReply(request.correlation_id)
+        await send.send(pending)
+        nursery.start_soon(self._handle, request, pending)
+
+    async def _handle(self, request, pending: PendingReply) -> None:
+        reply: Reply
+        try:
+            reply = await self._call(request)
+        except DwalError as error:
+            reply = _error_reply(error.code, error.message)
+        except ProtocolError as error:
+            reply = _error_reply(ErrorCode.INVALID_REQUEST, str(error))
+        except Exception as error:  # a bug must not take the broker down: report and go on
+            log_event(logger, logging.ERROR, "request_failed", api_key=request.api_key,
+                      error=repr(error))
+            logger.debug("request failure", exc_info=True)
+            reply = _error_reply(ErrorCode.UNKNOWN_SERVER_ERROR, f"internal error: {error!r}")
+        self.requests_handled += 1
+        _finish(pending, reply)
+
+    async def _call(self, request) -> Reply:
+        try:
+            api_key = ApiKey(request.api_key)
+        except ValueError:
+            raise DwalError(ErrorCode.UNKNOWN_API_KEY, f"unknown api key {request.api_key}") from None
+        low, high = API_VERSIONS[api_key]
+        if not low <= request.api_version <= high:
+            raise DwalError(
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"{api_key.name} supports versions {low}..{high}, not {request.api_version}",
+            )
+        body = check_request(api_key, request.body)
+        return await self.handlers.table[api_key](body, request.tail)
+
+    async def _write_replies(self, stream: trio.SocketStream, receive, connection_scope) -> None:
+        async with receive:
+            async for pending in receive:
+                await pending.done.wait()
+                reply = pending.reply
+                assert reply is not None
+                try:
+                    if reply.send:
+                        await _send_reply(stream, pending.correlation_id, reply)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    connection_scope.cancel()
+                    return
+                finally:
+                    reply.close()
+        # The reader is done and every reply is written: the connection is over.
+        connection_scope.cancel()
+
+
+def _finish(pending: PendingReply, reply: Reply) -> None:
+    pending.reply = reply
+    pending.done.set()
+
+
+def _error_reply(code: ErrorCode, message: str) -> Reply:
+    return Reply({}, error_code=code, error_message=message)
+
+
+async def _send_reply(stream: trio.SocketStream, correlation_id: int, reply: Reply) -> None:
+    prefix = response_prefix(
+        correlation_id, reply.error_code, reply.error_message, reply.body, reply.tail_bytes
+    )
+    if not reply.parts:
+        await stream.send_all(prefix)
+        return
+    await stream.send_all(prefix)
+    for part in reply.parts:
+        if isinstance(part, FetchSlice):
+            await _send_file_slice(stream, part)
+        else:
+            await stream.send_all(part)
+
+
+async def _send_file_slice(stream: trio.SocketStream, piece: FetchSlice) -> None:
+    """Send `piece` straight from the segment file with sendfile, falling back to reads."""
+    socket_fd = stream.socket.fileno()
+    position = piece.position
+    remaining = piece.length
+    while remaining > 0:
+        try:
+            sent = os.sendfile(socket_fd, piece.fd, position, remaining)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(stream.socket)
+            continue
+        except OSError as error:
+            if error.errno in (errno.EINVAL, errno.ENOSYS):
+                await stream.send_all(os.pread(piece.fd, remaining, position))
+                return
+            raise
+        if sent == 0:
+            raise trio.BrokenResourceError("segment file ended before the slice did")
+        position += sent
+        remaining -= sent
+        await trio.lowlevel.checkpoint()

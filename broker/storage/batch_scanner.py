@@ -1,0 +1,144 @@
+"""Reading record batches back from a segment file.
+
+Lookups read one header per batch with `os.pread` (`iterate_headers`): they start from a
+sparse index entry, so they touch a bounded number of batches. Recovery reads the file in
+bounded chunks and checks every batch in full (`ValidatingScanner`): length, magic, CRC and
+that base offsets follow each other without gap or overlap. A batch larger than a chunk is
+checked with an incremental CRC, so memory stays bounded whatever the file holds.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import crc32c
+
+from protocol.errors import ProtocolError
+from protocol.record_batch import (
+    CRC_START,
+    HEADER_BYTES,
+    BatchHeader,
+    ScannedBatch,
+    check_header,
+    parse_header,
+    scan_batches,
+)
+
+from .errors import StorageError
+
+CHUNK_BYTES = 8 * 1024 * 1024
+
+
+def read_header(fd: int, position: int) -> BatchHeader:
+    """Return the header of the batch at `position`. Raises StorageError if it is cut short."""
+    data = os.pread(fd, HEADER_BYTES, position)
+    if len(data) < HEADER_BYTES:
+        raise StorageError(f"batch header at byte {position} is cut short")
+    return parse_header(data)
+
+
+def iterate_headers(fd: int, start: int, end: int) -> Iterator[tuple[int, BatchHeader]]:
+    """Yield (position, header) of each batch in [start, end), trusting the file's lengths.
+
+    Raises StorageError on a header that is cut short or inconsistent.
+    """
+    position = start
+    while position < end:
+        header = read_header(fd, position)
+        try:
+            check_header(header)
+        except ProtocolError as error:
+            raise StorageError(f"batch at byte {position}: {error}") from None
+        yield position, header
+        position += header.size_bytes
+
+
+class ValidatingScanner:
+    """Checks the batches of [start, end) of a file, stopping at the first bad byte.
+
+    Iterate `batches()`; afterwards `valid_end` is the position after the last good batch
+    and `stop_reason` says why the scan stopped early (None when it reached `end`).
+    """
+
+    def __init__(
+        self, fd: int, *, start: int, end: int, first_offset: int, chunk_bytes: int = CHUNK_BYTES
+    ) -> None:
+        assert 0 <= start <= end and chunk_bytes >= HEADER_BYTES
+        self._fd = fd
+        self._end = end
+        self._chunk_bytes = chunk_bytes
+        self.valid_end = start
+        self.next_offset = first_offset
+        self.stop_reason: str | None = None
+
+    def batches(self) -> Iterator[ScannedBatch]:
+        """Yield each good batch with its absolute file position, in order."""
+        while self.valid_end < self._end and self.stop_reason is None:
+            length = min(self._chunk_bytes, self._end - self.valid_end)
+            chunk = os.pread(self._fd, length, self.valid_end)
+            if len(chunk) < length:
+                self._end = self.valid_end + len(chunk)  # the file is shorter than expected
+            yield from self._scan_chunk(chunk)
+
+    def _scan_chunk(self, chunk: bytes) -> Iterator[ScannedBatch]:
+        """Yield the good batches that lie wholly in `chunk`, then settle what stopped the
+        scan: the end of the chunk (the caller reads on), or a bad or oversize batch."""
+        chunk_start = self.valid_end
+        try:
+            for batch in scan_batches(chunk):
+                if batch.header.base_offset != self.next_offset:
+                    self.stop_reason = self._gap_reason(batch.header)
+                    return
+                yield self._accept(ScannedBatch(chunk_start + batch.position, batch.header))
+        except ProtocolError as error:
+            yield from self._settle(chunk, self.valid_end - chunk_start, str(error))
+
+    def _settle(self, chunk: bytes, position: int, error: str) -> Iterator[ScannedBatch]:
+        """Decide about the batch at `position` of `chunk` that failed `scan_batches`."""
+        absolute = self.valid_end
+        if len(chunk) - position < HEADER_BYTES:
+            if absolute + HEADER_BYTES > self._end:
+                self.stop_reason = "batch header cut short at end of file"
+            return  # otherwise the next chunk starts at this batch
+        header = parse_header(chunk, position)
+        try:
+            check_header(header)
+        except ProtocolError as bad_header:
+            self.stop_reason = str(bad_header)
+            return
+        if position + header.size_bytes <= len(chunk):
+            self.stop_reason = error  # the batch is whole, so it is damaged
+        elif absolute + header.size_bytes > self._end:
+            self.stop_reason = "batch cut short at end of file"
+        elif header.size_bytes > self._chunk_bytes:
+            yield from self._check_large_batch(header)
+        # else: the batch continues in the next chunk, which starts at it
+
+    def _check_large_batch(self, header: BatchHeader) -> Iterator[ScannedBatch]:
+        """Check a batch larger than a chunk by an incremental CRC over bounded reads."""
+        if header.base_offset != self.next_offset:
+            self.stop_reason = self._gap_reason(header)
+            return
+        position = self.valid_end + CRC_START
+        batch_end = self.valid_end + header.size_bytes
+        crc = 0
+        while position < batch_end:
+            data = os.pread(self._fd, min(self._chunk_bytes, batch_end - position), position)
+            if not data:
+                self.stop_reason = "batch cut short at end of file"
+                return
+            crc = crc32c.crc32c(data, crc)
+            position += len(data)
+        if crc != header.crc:
+            self.stop_reason = f"record batch at byte {self.valid_end} fails its CRC check"
+            return
+        yield self._accept(ScannedBatch(self.valid_end, header))
+
+    def _gap_reason(self, header: BatchHeader) -> str:
+        return f"base offset {header.base_offset} where {self.next_offset} was expected"
+
+    def _accept(self, batch: ScannedBatch) -> ScannedBatch:
+        self.valid_end = batch.position + batch.header.size_bytes
+        self.next_offset = batch.header.next_offset
+        return batch

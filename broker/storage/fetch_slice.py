@@ -1,0 +1,53 @@
+"""A byte range of one segment file handed to a fetch, ready for `os.sendfile`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, kw_only=True)
+class FetchSlice:
+    """`length` bytes at `position` of the file open as `fd`.
+
+    `fd` is a duplicate of the segment's descriptor, so deleting the segment meanwhile cannot
+    close it under a reader; the receiver must call `close()` (or use `with`). An empty slice
+    has fd -1 and length 0. The slice starts at a batch boundary; its last batch may be cut
+    short (readers ignore a partial trailing batch).
+    """
+
+    fd: int
+    position: int
+    length: int
+    _open: list[bool] = field(default_factory=lambda: [True], repr=False, compare=False)
+
+    @classmethod
+    def empty(cls) -> FetchSlice:
+        return cls(fd=-1, position=0, length=0)
+
+    def read_bytes(self) -> bytes:
+        """Return the slice's bytes (fewer if the file is shorter). Raises OSError."""
+        assert self._open[0]
+        parts = []
+        position, remaining = self.position, self.length
+        while remaining > 0:
+            data = os.pread(self.fd, remaining, position)
+            if not data:
+                break
+            parts.append(data)
+            position += len(data)
+            remaining -= len(data)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        """Release the descriptor; later calls do nothing."""
+        if self._open[0]:
+            self._open[0] = False
+            if self.fd >= 0:
+                os.close(self.fd)
+
+    def __enter__(self) -> FetchSlice:
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        self.close()

@@ -1,0 +1,171 @@
+"""Loading a partition log from its directory, recovering it after a crash.
+
+Theory of operation. Loading runs explicit passes over the directory:
+
+1. remove leftovers of interrupted work: `*.deleted` (segments retention already gave up)
+   and `*.tmp` (checkpoints never renamed into place), and index files without a log;
+2. read the clean-shutdown marker, and remove it durably so that a crash from now on is
+   never mistaken for a clean shutdown;
+3. open the segments in offset order. After a clean shutdown a segment is trusted once its
+   indexes pass a consistency check (otherwise it is recovered, which rebuilds them). After a
+   crash, every segment whose end lies beyond the recovery point (the offset below which data
+   was known durable), and at least the last one, is recovered: each batch is checked and the
+   file is truncated at the first bad byte. Data after a bad byte is not trusted, so every
+   later segment is deleted;
+4. make what recovery kept durable (fdatasync, directory fsync) and record the new recovery
+   point, so that the whole log is durable when loading returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import re
+
+from .checkpoint import TEMPORARY_SUFFIX, fsync_directory, read_offset_checkpoint
+from .checkpoint import write_offset_checkpoint
+from .errors import StorageError
+from .log_config import LogConfig
+from .segment import (
+    DELETED_SUFFIX,
+    LOG_SUFFIX,
+    SEGMENT_SUFFIXES,
+    Segment,
+    segment_file_name,
+)
+
+CLEAN_SHUTDOWN_FILE = ".clean-shutdown"
+RECOVERY_POINT_FILE = "recovery-point"
+_SEGMENT_FILE_PATTERN = re.compile(r"([0-9]{20})(\.log|\.index|\.timeindex)")
+
+logger = logging.getLogger("dwal.storage")
+
+
+def load_segments(directory: pathlib.Path, config: LogConfig, *, now_ms: int) -> list[Segment]:
+    """Load (creating if needed) the log in `directory`; return its segments in offset order,
+    the last one active, everything durable. Raises StorageError. Blocking."""
+    try:
+        _ensure_directory(directory)
+        _remove_leftovers(directory)
+        bases = _list_segment_bases(directory)
+        clean = _consume_clean_shutdown_marker(directory)
+    except OSError as error:
+        raise StorageError(f"cannot load {directory}: {error}") from error
+    segments: list[Segment] = []
+    try:
+        recovered = _open_segments(directory, bases, config, clean, segments)
+        if not segments:
+            segments.append(Segment.create(directory, 0, index_interval_bytes=_interval(config)))
+            recovered.append(segments[0])
+        else:
+            segments[-1].activate()
+        if recovered:
+            _make_durable(directory, recovered, segments[-1].next_offset)
+        _set_rolling_baseline(segments[-1], now_ms)
+    except (OSError, StorageError) as error:
+        for segment in segments:
+            segment.close()
+        raise StorageError(f"cannot load {directory}: {error}") from error
+    return segments
+
+
+def _interval(config: LogConfig) -> int:
+    return config.index_interval_bytes
+
+
+def _ensure_directory(directory: pathlib.Path) -> None:
+    if not directory.is_dir():
+        directory.mkdir(parents=True, exist_ok=True)
+        fsync_directory(directory.parent)
+
+
+def _remove_leftovers(directory: pathlib.Path) -> None:
+    for entry in os.scandir(directory):
+        if entry.name.endswith((DELETED_SUFFIX, TEMPORARY_SUFFIX)):
+            os.unlink(entry.path)
+
+
+def _list_segment_bases(directory: pathlib.Path) -> list[int]:
+    """Return the base offsets of the segments' log files, removing orphan index files."""
+    bases: set[int] = set()
+    index_files: list[tuple[int, str]] = []
+    for entry in os.scandir(directory):
+        match = _SEGMENT_FILE_PATTERN.fullmatch(entry.name)
+        if match is None:
+            continue
+        if match.group(2) == LOG_SUFFIX:
+            bases.add(int(match.group(1)))
+        else:
+            index_files.append((int(match.group(1)), entry.path))
+    for base, path in index_files:
+        if base not in bases:
+            os.unlink(path)
+    return sorted(bases)
+
+
+def _consume_clean_shutdown_marker(directory: pathlib.Path) -> bool:
+    marker = directory / CLEAN_SHUTDOWN_FILE
+    if not marker.exists():
+        return False
+    marker.unlink()
+    fsync_directory(directory)
+    return True
+
+
+def _open_segments(
+    directory: pathlib.Path,
+    bases: list[int],
+    config: LogConfig,
+    clean: bool,
+    segments: list[Segment],
+) -> list[Segment]:
+    """Open, check or recover each segment into `segments`; return the recovered ones."""
+    recovery_point = None if clean else read_offset_checkpoint(directory / RECOVERY_POINT_FILE)
+    recovered: list[Segment] = []
+    for number, base in enumerate(bases):
+        next_base = bases[number + 1] if number + 1 < len(bases) else None
+        segment = Segment.open_existing(directory, base, index_interval_bytes=_interval(config))
+        segments.append(segment)
+        must_recover = not clean and (
+            next_base is None or recovery_point is None or next_base > recovery_point
+        )
+        if not must_recover and segment.load_indexes(next_base):
+            continue
+        segment.recover()
+        recovered.append(segment)
+        if next_base is not None and segment.next_offset != next_base:
+            _delete_segments_after(directory, segment, bases[number + 1 :])
+            break
+    return recovered
+
+
+def _delete_segments_after(directory: pathlib.Path, segment: Segment, bases: list[int]) -> None:
+    """Delete the segments at `bases`: they follow a segment that ends early or is damaged."""
+    for base in bases:
+        logger.warning(
+            "%s: deleting segment %s: segment %s ends at offset %d, before it",
+            directory,
+            segment_file_name(base, LOG_SUFFIX),
+            segment.log_path.name,
+            segment.next_offset,
+        )
+        for suffix in SEGMENT_SUFFIXES:
+            (directory / segment_file_name(base, suffix)).unlink(missing_ok=True)
+
+
+def _make_durable(directory: pathlib.Path, recovered: list[Segment], end_offset: int) -> None:
+    """fsync what recovery kept, then record that the whole log is durable."""
+    for segment in recovered:
+        os.fdatasync(segment.log_fd)
+        segment.sync_index_files()
+    fsync_directory(directory)
+    write_offset_checkpoint(directory / RECOVERY_POINT_FILE, end_offset)
+
+
+def _set_rolling_baseline(active: Segment, now_ms: int) -> None:
+    """Age a reopened active segment from its first batch's timestamp (never from the
+    future), so that restarts do not keep postponing its roll."""
+    first_timestamp = active.first_batch_timestamp()
+    if first_timestamp is not None:
+        active.rolling_baseline_ms = min(first_timestamp, now_ms)

@@ -1,0 +1,381 @@
+"""The `dwal` command line: run a broker, manage topics, produce and consume.
+
+User errors (unknown topic, broker unreachable, bad flags) print one ``error:`` line to
+stderr and exit with status 1 (2 for usage errors), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import signal
+import sys
+import time
+from typing import Any, Sequence
+
+import trio
+
+from client.admin import Admin
+from client.cluster import connect
+from client.consumer import Consumer, TopicPartition
+from client.exception_groups import single_error
+from client.producer import Producer
+from protocol import DwalError
+
+DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
+STDIN_CHUNK_BYTES = 1024 * 1024
+PROGRESS_INTERVAL_S = 2.0
+
+
+class UsageError(Exception):
+    pass
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dwal", description="DWAL, a distributed write-ahead log")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    broker = commands.add_parser("broker", help="run a broker in the foreground")
+    broker.add_argument("--config", type=pathlib.Path, help="TOML configuration file")
+    broker.add_argument("--host", help="listen address (default 127.0.0.1)")
+    broker.add_argument("--port", type=int, help="native protocol port (default 9092)")
+    broker.add_argument("--http-port", type=int, help="JSON/HTTP port (default 8080, -1 disables)")
+    broker.add_argument("--http-host", help="JSON/HTTP listen address (default: --host)")
+    broker.add_argument("--data-dir", help="data directory (default ./data)")
+    broker.add_argument("--fsync", choices=["always", "interval", "never"],
+                        help="durability policy default for topics (default always)")
+    broker.add_argument("--node-id", type=int, help="this broker's id (default 0)")
+    broker.add_argument("--auto-create-topics", action=argparse.BooleanOptionalAction, default=None,
+                        help="create unknown topics on first produce (default off)")
+    broker.add_argument("--default-partitions", type=int, help="partitions of auto-created topics")
+    broker.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    def client_command(name: str, help_text: str, parent=commands) -> argparse.ArgumentParser:
+        sub = parent.add_parser(name, help=help_text)
+        sub.add_argument("--bootstrap", default=DEFAULT_BOOTSTRAP,
+                         help=f"broker address host:port (default {DEFAULT_BOOTSTRAP})")
+        return sub
+
+    topic = commands.add_parser("topic", help="manage topics")
+    topic_commands = topic.add_subparsers(dest="topic_command", required=True)
+    create = client_command("create", "create a topic", topic_commands)
+    create.add_argument("name")
+    create.add_argument("--partitions", "-p", type=int, default=1)
+    create.add_argument("--replication-factor", "-r", type=int, default=1)
+    create.add_argument("--config", "-c", type=_key_value, action="append", default=[],
+                        metavar="KEY=VALUE", help="topic config override (repeatable)")
+    client_command("list", "list topics", topic_commands)
+    describe = client_command("describe", "describe a topic", topic_commands)
+    describe.add_argument("name")
+    delete = client_command("delete", "delete a topic and its data", topic_commands)
+    delete.add_argument("name")
+    alter = client_command("alter-config", "set or remove topic config overrides", topic_commands)
+    alter.add_argument("name")
+    alter.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE")
+    alter.add_argument("--delete", action="append", default=[], metavar="KEY")
+
+    produce = client_command("produce", "produce stdin lines as records")
+    produce.add_argument("topic")
+    produce.add_argument("--key", "-k", help="key of every record")
+    produce.add_argument("--key-separator", help="split each line into KEY<sep>VALUE")
+    produce.add_argument("--partition", "-p", type=int, help="partition (default: by key, else sticky)")
+    produce.add_argument("--acks", choices=["0", "1", "all", "-1"], default="1")
+    produce.add_argument("--compression", choices=["none", "gzip", "lz4", "zstd"], default="none")
+    produce.add_argument("--linger-ms", type=float, default=5)
+    produce.add_argument("--batch-size", type=int, default=64 * 1024, help="batch size in bytes")
+
+    consume = client_command("consume", "print records, one per line")
+    consume.add_argument("topic")
+    consume.add_argument("--partition", "-p", type=int, action="append",
+                         help="partition to read (repeatable; default all)")
+    consume.add_argument("--offset", "-o", default="earliest",
+                         help="earliest, latest, or an offset (default earliest)")
+    consume.add_argument("--num", "-n", type=int, help="exit after this many records")
+    consume.add_argument("--format", "-f", default="%v",
+                         help="output format: %%v value, %%k key, %%o offset, %%p partition, "
+                              "%%t topic, %%T timestamp, %%%% percent; \\n \\t escapes (default %%v)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        try:
+            if args.command == "broker":
+                return run_broker_command(args)
+            return trio.run(_run_client_command, args)
+        except BaseExceptionGroup as group:
+            raise single_error(group) from None
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except DwalError as error:
+        print(f"error: {error.message} ({error.code.name})", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, BrokenPipeError):
+        return 0
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+# -- broker ---------------------------------------------------------------------------
+
+
+def run_broker_command(args: argparse.Namespace) -> int:
+    from broker.config import ConfigError, build_config, load_toml
+    from broker.event_log import configure
+
+    overrides = {
+        "host": args.host, "port": args.port, "http_port": args.http_port,
+        "http_host": args.http_host, "data_dir": args.data_dir, "fsync": args.fsync,
+        "node_id": args.node_id, "auto_create_topics": args.auto_create_topics,
+        "default_partitions": args.default_partitions, "log_level": args.log_level,
+    }
+    try:
+        file_values = load_toml(args.config) if args.config else {}
+        config = build_config(file_values, overrides)
+    except ConfigError as error:
+        raise UsageError(str(error)) from None
+    configure(config.log_level)
+    try:
+        trio.run(_broker_main, config)
+    except OSError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _broker_main(config: Any) -> None:
+    from broker.node import run_broker
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_broker, config)
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
+
+
+# -- client commands --------------------------------------------------------------------
+
+
+async def _run_client_command(args: argparse.Namespace) -> int:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            result: list[int] = [0]
+
+            async def command() -> None:
+                async with connect(args.bootstrap, client_id=f"dwal-{args.command}") as cluster:
+                    result[0] = await _dispatch(cluster, args)
+                nursery.cancel_scope.cancel()
+
+            async def stop_on_signal() -> None:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(command)
+            nursery.start_soon(stop_on_signal)
+    return result[0]
+
+
+async def _dispatch(cluster, args: argparse.Namespace) -> int:
+    if args.command == "topic":
+        return await _topic_command(Admin(cluster), args)
+    if args.command == "produce":
+        return await _produce_command(cluster, args)
+    if args.command == "consume":
+        return await _consume_command(cluster, args)
+    raise UsageError(f"unknown command {args.command}")
+
+
+async def _topic_command(admin: Admin, args: argparse.Namespace) -> int:
+    match args.topic_command:
+        case "create":
+            await admin.create_topic(args.name, args.partitions,
+                                     replication_factor=args.replication_factor,
+                                     configs=dict(args.config))
+            print(f"created topic {args.name} with {args.partitions} partition(s)")
+        case "list":
+            for name in await admin.list_topics():
+                print(name)
+        case "describe":
+            _print_description(await admin.describe_topic(args.name))
+        case "delete":
+            await admin.delete_topic(args.name)
+            print(f"deleted topic {args.name}")
+        case "alter-config":
+            configs = await admin.alter_configs(args.name, set=dict(args.set), delete=args.delete)
+            print(f"altered topic {args.name}; overrides now: "
+                  + (", ".join(f"{k}={v}" for k, v in sorted(configs.items())) or "none"))
+    return 0
+
+
+def _print_description(description) -> None:
+    print(f"topic: {description.name}")
+    print(f"partitions: {len(description.partitions)}")
+    print("configs:")
+    for key, value in sorted(description.configs.items()):
+        print(f"  {key}={value}")
+    print(f"{'PARTITION':>9} {'LEADER':>6} {'LOG-START':>12} {'HIGH-WATERMARK':>15} "
+          f"{'LOG-END':>12} {'SIZE-BYTES':>12} {'SEGMENTS':>8}")
+    for p in description.partitions:
+        print(f"{p.partition:>9} {p.leader:>6} {p.log_start_offset:>12} {p.high_watermark:>15} "
+              f"{p.log_end_offset:>12} {p.size_bytes:>12} {p.segments:>8}")
+
+
+async def _read_stdin_chunks():
+    stdin = sys.stdin.buffer
+    while True:
+        chunk = await trio.to_thread.run_sync(stdin.read1, STDIN_CHUNK_BYTES)
+        if not chunk:
+            return
+        yield chunk
+
+
+async def _produce_command(cluster, args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    last_progress = started
+    deliveries = []
+    count = 0
+    key = args.key.encode() if args.key is not None else None
+    separator = args.key_separator.encode() if args.key_separator else None
+    async with Producer(cluster, acks=args.acks, compression=args.compression,
+                        linger_ms=args.linger_ms, batch_size=args.batch_size,
+                        allow_auto_topic_creation=False) as producer:
+        pending = b""
+        async for chunk in _read_stdin_chunks():
+            lines = (pending + chunk).split(b"\n")
+            pending = lines.pop()
+            for line in lines:
+                record_key = key
+                if separator is not None:
+                    record_key, _, line = line.partition(separator)
+                deliveries.append(await producer.send(args.topic, line, record_key,
+                                                      partition=args.partition))
+            count += len(lines)
+            deliveries = _drop_successes(deliveries)
+            now = time.monotonic()
+            if now - last_progress >= PROGRESS_INTERVAL_S:
+                last_progress = now
+                print(f"progress: {count} records sent, {count / (now - started):.0f} records/s",
+                      file=sys.stderr, flush=True)
+        if pending:
+            deliveries.append(await producer.send(args.topic, pending, key, partition=args.partition))
+            count += 1
+    failures = [d for d in deliveries if d.error is not None]
+    elapsed = time.monotonic() - started
+    print(f"produced {count - len(failures)} records to {args.topic} in {elapsed:.2f} s "
+          f"({(count - len(failures)) / max(elapsed, 1e-9):.0f} records/s), {len(failures)} failed")
+    if failures:
+        print(f"error: {failures[0].error.message} ({failures[0].error.code.name})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _drop_successes(deliveries: list) -> list:
+    """Keep only deliveries that are pending or failed (bounded memory on long streams)."""
+    return [d for d in deliveries if not d.done or d.error is not None]
+
+
+_ESCAPES = {"\\n": "\n", "\\t": "\t", "\\\\": "\\"}
+
+
+def _compile_format(text: str):
+    for escape, char in _ESCAPES.items():
+        text = text.replace(escape, char)
+    fields = {"v": "value", "k": "key", "o": "offset", "p": "partition", "t": "topic", "T": "timestamp"}
+    parts: list[tuple[str, str]] = []
+    i = 0
+    literal = ""
+    while i < len(text):
+        if text[i] == "%" and i + 1 < len(text):
+            code = text[i + 1]
+            if code == "%":
+                literal += "%"
+            elif code in fields:
+                parts.append(("lit", literal))
+                literal = ""
+                parts.append(("field", fields[code]))
+            else:
+                raise UsageError(f"unknown format code %{code}")
+            i += 2
+        else:
+            literal += text[i]
+            i += 1
+    parts.append(("lit", literal + "\n"))
+    return [(kind, value.encode() if kind == "lit" else value) for kind, value in parts if value]
+
+
+def _render(fmt, tp: TopicPartition, record) -> bytes:
+    out = []
+    for kind, value in fmt:
+        if kind == "lit":
+            out.append(value)
+        elif value == "value":
+            out.append(record.value or b"")
+        elif value == "key":
+            out.append(record.key or b"")
+        elif value == "offset":
+            out.append(str(record.offset).encode())
+        elif value == "partition":
+            out.append(str(tp.partition).encode())
+        elif value == "topic":
+            out.append(tp.topic.encode())
+        else:
+            out.append(str(record.timestamp).encode())
+    return b"".join(out)
+
+
+async def _consume_command(cluster, args: argparse.Namespace) -> int:
+    fmt = _compile_format(args.format)
+    value_only = fmt == [("field", "value"), ("lit", b"\n")]
+    consumer = Consumer(cluster, auto_offset_reset="earliest")
+    info = await cluster.topic(args.topic)
+    partitions = args.partition if args.partition else [p.partition for p in info.partitions]
+    for partition in partitions:
+        if not 0 <= partition < len(info.partitions):
+            raise UsageError(f"topic {args.topic} has no partition {partition}")
+    consumer.assign([TopicPartition(args.topic, p) for p in partitions])
+    await _apply_start_offset(consumer, args.offset)
+    remaining = args.num
+    out = sys.stdout.buffer
+    while remaining is None or remaining > 0:
+        batches = await consumer.poll(timeout_ms=500)
+        chunks = []
+        for tp, records in batches.items():
+            if remaining is not None:
+                records = records[:remaining]
+                remaining -= len(records)
+            if value_only:
+                chunks.append(b"".join([(r.value or b"") + b"\n" for r in records]))
+            else:
+                chunks.extend(_render(fmt, tp, r) for r in records)
+        if chunks:
+            out.write(b"".join(chunks))
+            out.flush()
+    return 0
+
+
+async def _apply_start_offset(consumer: Consumer, offset: str) -> None:
+    if offset == "earliest":
+        await consumer.seek_to_beginning()
+    elif offset == "latest":
+        await consumer.seek_to_end()
+    elif offset.isdigit():
+        for tp in consumer.assignment():
+            consumer.seek(tp, int(offset))
+    else:
+        raise UsageError("--offset must be earliest, latest or a non-negative offset")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

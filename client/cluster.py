@@ -1,0 +1,174 @@
+"""A handle on a DWAL cluster: bootstrap, metadata cache, one connection per broker."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+import trio
+
+from client.connection import BrokerConnection, ConnectionFailed
+from client.exception_groups import unwrapped_errors
+from protocol import ApiKey, DwalError, ErrorCode, Response
+
+
+@dataclass(frozen=True)
+class PartitionInfo:
+    partition: int
+    leader: int
+    leader_epoch: int
+    replicas: tuple[int, ...]
+    isr: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TopicInfo:
+    name: str
+    partitions: tuple[PartitionInfo, ...]
+
+
+@dataclass(frozen=True)
+class BrokerInfo:
+    node_id: int
+    host: str
+    port: int
+
+
+def parse_address(address: str, default_port: int = 9092) -> tuple[str, int]:
+    """Split ``host:port``; raises ValueError with a clear message."""
+    host, sep, port = address.rpartition(":")
+    if not sep:
+        return address, default_port
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"invalid port in address {address!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class Cluster:
+    """Use `connect()` to get one. Safe to share between tasks of the owning nursery."""
+
+    def __init__(self, bootstrap: list[tuple[str, int]], nursery: trio.Nursery, client_id: str,
+                 request_timeout_ms: int) -> None:
+        self.bootstrap = bootstrap
+        self.client_id = client_id
+        self.request_timeout_ms = request_timeout_ms
+        self._nursery = nursery
+        self._connections: dict[tuple[str, int], BrokerConnection] = {}
+        self._connect_locks: dict[tuple[str, int], trio.Lock] = {}
+        self.brokers: dict[int, BrokerInfo] = {}
+        self.topics: dict[str, TopicInfo] = {}
+
+    async def connection(self, host: str, port: int) -> BrokerConnection:
+        """Return the open connection to host:port, connecting if needed."""
+        key = (host, port)
+        connection = self._connections.get(key)
+        if connection is not None and not connection.closed:
+            return connection
+        lock = self._connect_locks.setdefault(key, trio.Lock())
+        async with lock:
+            connection = self._connections.get(key)
+            if connection is None or connection.closed:
+                connection = await BrokerConnection.open(host, port, self._nursery,
+                                                         client_id=self.client_id)
+                self._connections[key] = connection
+        return connection
+
+    async def any_connection(self) -> BrokerConnection:
+        """A connection to some reachable broker (known brokers first, then bootstrap)."""
+        candidates = [(b.host, b.port) for b in self.brokers.values()] + self.bootstrap
+        last_error: Exception | None = None
+        for host, port in candidates:
+            try:
+                return await self.connection(host, port)
+            except ConnectionFailed as error:
+                last_error = error
+        raise last_error or ConnectionFailed("no bootstrap address")
+
+    async def call(self, api_key: ApiKey, body: dict[str, Any], tail: bytes = b"", *,
+                   connection: BrokerConnection | None = None) -> Response:
+        """Send one request to `connection` (or any broker), bounded by the request timeout."""
+        if connection is None:
+            connection = await self.any_connection()
+        with trio.move_on_after(self.request_timeout_ms / 1000) as scope:
+            return await connection.request(api_key, body, tail)
+        assert scope.cancelled_caught
+        raise DwalError(ErrorCode.REQUEST_TIMED_OUT, f"{api_key.name} to {connection.address} timed out")
+
+    async def refresh_metadata(self, topics: list[str] | None = None, *,
+                               allow_auto_topic_creation: bool = False) -> dict[str, TopicInfo | DwalError]:
+        """Fetch metadata; returns per requested topic its info or the error the broker gave."""
+        response = await self.call(ApiKey.METADATA, {
+            "topics": topics, "allow_auto_topic_creation": allow_auto_topic_creation,
+        })
+        body = response.body
+        self.brokers = {
+            b["node_id"]: BrokerInfo(b["node_id"], b["host"], b["port"]) for b in body["brokers"]
+        }
+        result: dict[str, TopicInfo | DwalError] = {}
+        for entry in body["topics"]:
+            name = entry["topic"]
+            if entry["error_code"]:
+                self.topics.pop(name, None)
+                result[name] = DwalError(ErrorCode(entry["error_code"]), entry["error_message"])
+                continue
+            info = TopicInfo(name, tuple(
+                PartitionInfo(p["partition"], p["leader"], p["leader_epoch"], tuple(p["replicas"]),
+                              tuple(p["isr"]))
+                for p in sorted(entry["partitions"], key=lambda p: p["partition"])
+            ))
+            self.topics[name] = info
+            result[name] = info
+        return result
+
+    async def topic(self, name: str, *, allow_auto_topic_creation: bool = False) -> TopicInfo:
+        """Cached metadata of one topic; raises DwalError if the broker does not know it."""
+        info = self.topics.get(name)
+        if info is not None:
+            return info
+        found = (await self.refresh_metadata([name],
+                                             allow_auto_topic_creation=allow_auto_topic_creation))[name]
+        if isinstance(found, DwalError):
+            raise found
+        return found
+
+    async def leader_connection(self, topic: str, partition: int) -> BrokerConnection:
+        info = await self.topic(topic)
+        if not 0 <= partition < len(info.partitions):
+            raise DwalError(ErrorCode.UNKNOWN_TOPIC_OR_PARTITION,
+                            f"topic {topic!r} has no partition {partition}")
+        leader = self.brokers.get(info.partitions[partition].leader)
+        if leader is None:
+            raise DwalError(ErrorCode.LEADER_NOT_AVAILABLE, f"{topic}-{partition} has no leader")
+        return await self.connection(leader.host, leader.port)
+
+    def invalidate(self, topic: str) -> None:
+        self.topics.pop(topic, None)
+
+    async def aclose(self) -> None:
+        for connection in list(self._connections.values()):
+            await connection.aclose()
+        self._connections.clear()
+
+
+@contextlib.asynccontextmanager
+async def connect(bootstrap: str | list[str] = "127.0.0.1:9092", *, client_id: str = "dwal",
+                  request_timeout_ms: int = 30_000) -> AsyncIterator[Cluster]:
+    """Open a cluster handle: ``async with connect("127.0.0.1:9092") as cluster: ...``.
+
+    Connects to a bootstrap broker at once (raising ConnectionFailed if none answers) and
+    closes every connection when the block exits.
+    """
+    addresses = [bootstrap] if isinstance(bootstrap, str) else list(bootstrap)
+    parsed = [parse_address(a.strip()) for item in addresses for a in item.split(",") if a.strip()]
+    if not parsed:
+        raise ValueError("bootstrap needs at least one host:port")
+    with unwrapped_errors():
+        async with trio.open_nursery() as nursery:
+            cluster = Cluster(parsed, nursery, client_id, request_timeout_ms)
+            try:
+                await cluster.any_connection()
+                yield cluster
+            finally:
+                await cluster.aclose()
+                nursery.cancel_scope.cancel()

@@ -1,0 +1,432 @@
+"""The producer: per-partition batching, key partitioning, retries, delivery results.
+
+Theory of operation. `send()` appends a record to the open batch of its partition (a plain
+list of ``[timestamp_delta, key, value, headers]``, the shape the batch codec packs in one
+call) and returns a `Delivery`. A batch is sealed when it reaches `batch_size` bytes or has
+lingered `linger_ms`; the sender task encodes sealed batches and sends, per leader broker, one
+Produce request carrying every ready batch of each partition that has no request in flight.
+One request in flight per partition keeps records in order across retries, while one request
+may carry several batches of the partition, so ordering costs no throughput.
+Buffered bytes are bounded by `buffer_bytes_max`: `send()` waits for space when full.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import trio
+
+from client.cluster import Cluster
+from client.connection import ConnectionFailed
+from client.exception_groups import unwrapped_errors
+from protocol import (
+    ACKS_ALL,
+    ACKS_LEADER,
+    ACKS_NONE,
+    ApiKey,
+    Compression,
+    DwalError,
+    ErrorCode,
+    encode_batch,
+    partition_for_key,
+)
+
+RECORD_OVERHEAD_BYTES = 8
+_NO_HEADERS: tuple = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RecordMetadata:
+    """Where a record was written."""
+
+    topic: str
+    partition: int
+    offset: int  # -1 with acks=0: the broker does not say
+    timestamp: int
+
+
+class _Batch:
+    """Records of one partition sent together; also the delivery state they share."""
+
+    __slots__ = ("topic", "partition", "records", "size_bytes", "base_timestamp", "max_timestamp",
+                 "created", "encoded", "attempts", "base_offset", "error", "done")
+
+    def __init__(self, topic: str, partition: int, base_timestamp: int, created: float) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.records: list[list[Any]] = []
+        self.size_bytes = 0
+        self.base_timestamp = base_timestamp
+        self.max_timestamp = base_timestamp
+        self.created = created
+        self.encoded: bytes | None = None
+        self.attempts = 0
+        self.base_offset = -1
+        self.error: DwalError | None = None
+        self.done = trio.Event()
+
+
+class Delivery:
+    """The outcome of one `send()`: `await delivery.wait()` gives its RecordMetadata."""
+
+    __slots__ = ("_batch", "_index")
+
+    def __init__(self, batch: _Batch, index: int) -> None:
+        self._batch = batch
+        self._index = index
+
+    @property
+    def done(self) -> bool:
+        return self._batch.done.is_set()
+
+    @property
+    def error(self) -> DwalError | None:
+        return self._batch.error
+
+    def result(self) -> RecordMetadata:
+        """The record's metadata once done; raises its DwalError, or RuntimeError if pending."""
+        batch = self._batch
+        if not batch.done.is_set():
+            raise RuntimeError("the record is not delivered yet")
+        if batch.error is not None:
+            raise batch.error
+        offset = batch.base_offset + self._index if batch.base_offset >= 0 else -1
+        return RecordMetadata(batch.topic, batch.partition, offset,
+                              batch.base_timestamp + batch.records[self._index][0])
+
+    async def wait(self) -> RecordMetadata:
+        """Wait for the broker's answer; returns RecordMetadata or raises DwalError."""
+        await self._batch.done.wait()
+        return self.result()
+
+
+@dataclass(frozen=True)
+class ProducerStatistics:
+    buffered_bytes: int
+    open_batches: int
+    ready_batches: int
+    inflight_requests: int
+    records_sent: int
+    batches_failed: int
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _parse_acks(acks: int | str) -> int:
+    if acks in ("all", -1, "-1"):
+        return ACKS_ALL
+    if acks in (1, "1"):
+        return ACKS_LEADER
+    if acks in (0, "0"):
+        return ACKS_NONE
+    raise ValueError(f"acks must be 0, 1 or 'all', not {acks!r}")
+
+
+@dataclass
+class _PartitionQueue:
+    ready: collections.deque = field(default_factory=collections.deque)
+    inflight: bool = False
+
+
+class Producer:
+    """Produce records to a cluster. Use as ``async with Producer(cluster) as producer:``.
+
+    Leaving the block flushes every buffered record (unless the block raised) and stops the
+    sender. Options: `acks` (0, 1 or "all"), `linger_ms`, `batch_size` (bytes),
+    `compression` ("none", "gzip", "lz4", "zstd"), `retries` of retriable errors with
+    `retry_backoff_ms`, `buffer_bytes_max` (send waits when full), `request_bytes_max`.
+    """
+
+    def __init__(self, cluster: Cluster, *, acks: int | str = 1, linger_ms: float = 5,
+                 batch_size: int = 64 * 1024, compression: str = "none", retries: int = 5,
+                 retry_backoff_ms: int = 100, buffer_bytes_max: int = 64 * 1024 * 1024,
+                 request_bytes_max: int = 8 * 1024 * 1024, request_timeout_ms: int = 30_000,
+                 allow_auto_topic_creation: bool = True) -> None:
+        if batch_size < 1 or buffer_bytes_max < batch_size or linger_ms < 0 or retries < 0:
+            raise ValueError("invalid producer limits")
+        self.cluster = cluster
+        self.acks = _parse_acks(acks)
+        self.linger_s = linger_ms / 1000
+        self.batch_size = batch_size
+        self.compression = Compression.from_name(compression)
+        self.retries = retries
+        self.retry_backoff_s = retry_backoff_ms / 1000
+        self.buffer_bytes_max = buffer_bytes_max
+        self.request_bytes_max = request_bytes_max
+        self.request_timeout_ms = request_timeout_ms
+        self.allow_auto_topic_creation = allow_auto_topic_creation
+        self._partition_counts: dict[str, int] = {}
+        self._sticky: dict[str, int] = {}
+        self._open: dict[tuple[str, int], _Batch] = {}
+        self._queues: dict[tuple[str, int], _PartitionQueue] = collections.defaultdict(_PartitionQueue)
+        self._buffered_bytes = 0
+        self._unfinished_batches = 0
+        self._inflight_requests = 0
+        self._records_sent = 0
+        self._batches_failed = 0
+        self._wakeup = trio.Event()
+        self._progress = trio.Event()  # set (and replaced) whenever a batch completes
+        self._nursery: trio.Nursery | None = None
+        self._closed = False
+
+    # -- life cycle -------------------------------------------------------------------
+
+    async def __aenter__(self) -> "Producer":
+        self._nursery_manager = trio.open_nursery()
+        self._nursery = await self._nursery_manager.__aenter__()
+        self._nursery.start_soon(self._sender)
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> bool | None:
+        assert self._nursery is not None
+        try:
+            if exc_type is None:
+                await self.flush()
+        finally:
+            self._closed = True
+            self._nursery.cancel_scope.cancel()
+            with unwrapped_errors():
+                return await self._nursery_manager.__aexit__(exc_type, exc, tb)
+
+    def statistics(self) -> ProducerStatistics:
+        return ProducerStatistics(
+            self._buffered_bytes, len(self._open),
+            sum(len(q.ready) for q in self._queues.values()), self._inflight_requests,
+            self._records_sent, self._batches_failed,
+        )
+
+    # -- the per-record path ------------------------------------------------------------
+
+    async def send(self, topic: str, value: bytes | str | None, key: bytes | str | None = None, *,
+                   partition: int | None = None, headers: Sequence[tuple[str, bytes]] | None = None,
+                   timestamp_ms: int | None = None) -> Delivery:
+        """Buffer one record; returns its Delivery. Waits only when the buffer is full or the
+        topic's metadata is not known yet. Raises DwalError for an unknown topic, TypeError for
+        a value or key that is not bytes, str or None."""
+        count = self._partition_counts.get(topic)
+        if count is None:
+            count = await self._load_topic(topic)
+        while self._buffered_bytes >= self.buffer_bytes_max:
+            await self._wait_progress()
+        return self.send_nowait(topic, value, key, partition=partition, headers=headers,
+                                timestamp_ms=timestamp_ms, _count=count)
+
+    def send_nowait(self, topic: str, value: bytes | str | None, key: bytes | str | None = None, *,
+                    partition: int | None = None, headers: Sequence[tuple[str, bytes]] | None = None,
+                    timestamp_ms: int | None = None, _count: int | None = None) -> Delivery:
+        """Like `send` but never waits: raises trio.WouldBlock when the buffer is full or the
+        topic's metadata is not loaded yet (`await send()` once to load it)."""
+        count = _count or self._partition_counts.get(topic)
+        if count is None or self._buffered_bytes >= self.buffer_bytes_max:
+            raise trio.WouldBlock
+        if self._closed:
+            raise RuntimeError("the producer is closed")
+        if type(value) is not bytes and value is not None:
+            value = _to_bytes(value, "value")
+        if key is not None and type(key) is not bytes:
+            key = _to_bytes(key, "key")
+        if partition is None:
+            partition = partition_for_key(key, count) if key is not None else self._sticky_partition(topic, count)
+        elif not 0 <= partition < count:
+            raise DwalError(ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, f"topic {topic!r} has no partition {partition}")
+        timestamp = timestamp_ms if timestamp_ms is not None else _now_ms()
+        batch = self._open.get((topic, partition))
+        if batch is None:
+            batch = self._open_batch(topic, partition, timestamp)
+        records = batch.records
+        records.append([timestamp - batch.base_timestamp, key, value,
+                        list(headers) if headers else _NO_HEADERS])
+        if timestamp > batch.max_timestamp:
+            batch.max_timestamp = timestamp
+        size = (len(value) if value is not None else 0) + (len(key) if key is not None else 0) + RECORD_OVERHEAD_BYTES
+        batch.size_bytes += size
+        self._buffered_bytes += size
+        delivery = Delivery(batch, len(records) - 1)
+        if batch.size_bytes >= self.batch_size:
+            self._seal(batch)
+        return delivery
+
+    def _sticky_partition(self, topic: str, count: int) -> int:
+        partition = self._sticky.get(topic)
+        if partition is None or partition >= count:
+            partition = random.randrange(count)
+            self._sticky[topic] = partition
+        return partition
+
+    def _open_batch(self, topic: str, partition: int, timestamp: int) -> _Batch:
+        batch = _Batch(topic, partition, timestamp, trio.current_time())
+        self._open[(topic, partition)] = batch
+        self._unfinished_batches += 1
+        if len(self._open) == 1:
+            self._wakeup.set()  # the sender starts this batch's linger timer
+        return batch
+
+    def _seal(self, batch: _Batch) -> None:
+        key = (batch.topic, batch.partition)
+        del self._open[key]
+        self._queues[key].ready.append(batch)
+        if self._sticky.get(batch.topic) == batch.partition:
+            count = self._partition_counts.get(batch.topic, 1)
+            if count > 1:  # a sealed batch moves keyless records on to another partition
+                self._sticky[batch.topic] = (batch.partition + 1 + random.randrange(count - 1)) % count
+        self._wakeup.set()
+
+    async def _load_topic(self, topic: str) -> int:
+        info = await self.cluster.topic(topic, allow_auto_topic_creation=self.allow_auto_topic_creation)
+        self._partition_counts[topic] = len(info.partitions)
+        return len(info.partitions)
+
+    async def _wait_progress(self) -> None:
+        self._wakeup.set()
+        await self._progress.wait()
+
+    async def flush(self) -> None:
+        """Send every buffered record and wait until each has its outcome (success or error)."""
+        for batch in list(self._open.values()):
+            self._seal(batch)
+        while self._unfinished_batches:
+            await self._wait_progress()
+
+    # -- the sender task ----------------------------------------------------------------
+
+    async def _sender(self) -> None:
+        while True:
+            deadline = min((b.created + self.linger_s for b in self._open.values()), default=float("inf"))
+            with trio.move_on_at(deadline):
+                await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            now = trio.current_time()
+            for batch in [b for b in self._open.values() if b.created + self.linger_s <= now]:
+                self._seal(batch)
+            self._wakeup = trio.Event()
+            self._dispatch_ready()
+            await trio.lowlevel.checkpoint()
+
+    def _dispatch_ready(self) -> None:
+        assert self._nursery is not None
+        by_topic: dict[str, list[tuple[int, list[_Batch]]]] = {}
+        request_bytes = 0
+        for (topic, partition), queue in self._queues.items():
+            if queue.inflight or not queue.ready or request_bytes >= self.request_bytes_max:
+                continue
+            batches = []
+            while queue.ready and request_bytes < self.request_bytes_max:
+                batch = queue.ready.popleft()
+                if batch.encoded is None:
+                    batch.encoded = encode_batch(batch.records, base_timestamp=batch.base_timestamp,
+                                                 max_timestamp=batch.max_timestamp,
+                                                 compression=self.compression)
+                batches.append(batch)
+                request_bytes += len(batch.encoded)
+            queue.inflight = True
+            by_topic.setdefault(topic, []).append((partition, batches))
+        if by_topic:
+            self._inflight_requests += 1
+            self._nursery.start_soon(self._send_request, by_topic)
+
+    async def _send_request(self, by_topic: dict[str, list[tuple[int, list[_Batch]]]]) -> None:
+        try:
+            # Single-broker today: every partition's leader is the broker we reach. Group by
+            # leader here once partitions have different leaders.
+            topic, entries = next(iter(by_topic.items()))
+            connection = await self.cluster.leader_connection(topic, entries[0][0])
+            body, tail = _produce_body(by_topic, self.acks, self.request_timeout_ms)
+            response = await connection.request(ApiKey.PRODUCE, body, tail,
+                                                 expect_response=self.acks != ACKS_NONE)
+        except DwalError as error:
+            for topic, entries in by_topic.items():
+                for partition, batches in entries:
+                    self._complete(topic, partition, batches, error)
+        else:
+            self._handle_response(by_topic, response.body)
+        finally:
+            self._inflight_requests -= 1
+            self._wakeup.set()
+
+    def _handle_response(self, by_topic, body: dict) -> None:
+        results = {(t["topic"], p["partition"]): p for t in body.get("topics", []) for p in t["partitions"]}
+        for topic, entries in by_topic.items():
+            for partition, batches in entries:
+                result = results.get((topic, partition))
+                if self.acks == ACKS_NONE:
+                    self._complete(topic, partition, batches, None, -1)
+                elif result is None:
+                    self._complete(topic, partition, batches,
+                                   DwalError(ErrorCode.UNKNOWN_SERVER_ERROR, "broker omitted the partition"))
+                elif result["error_code"]:
+                    self._complete(topic, partition, batches,
+                                   DwalError(ErrorCode(result["error_code"]), result["error_message"]))
+                else:
+                    self._complete(topic, partition, batches, None, result["base_offset"])
+
+    def _complete(self, topic: str, partition: int, batches: list[_Batch], error: DwalError | None,
+                  base_offset: int = -1) -> None:
+        queue = self._queues[(topic, partition)]
+        if error is not None and error.retriable and any(b.attempts < self.retries for b in batches):
+            retry = [b for b in batches if b.attempts < self.retries]
+            batches = [b for b in batches if b.attempts >= self.retries]
+            for batch in retry:
+                batch.attempts += 1
+            queue.ready.extendleft(reversed(retry))
+            assert self._nursery is not None
+            self._nursery.start_soon(self._retry_after_backoff, topic, partition, error)
+        else:
+            queue.inflight = False
+        offset = base_offset
+        for batch in batches:
+            batch.error = error
+            if error is None:
+                batch.base_offset = offset
+                if offset >= 0:
+                    offset += len(batch.records)
+                self._records_sent += len(batch.records)
+            else:
+                self._batches_failed += 1
+            self._finish(batch)
+
+    def _finish(self, batch: _Batch) -> None:
+        self._buffered_bytes -= batch.size_bytes
+        self._unfinished_batches -= 1
+        batch.done.set()
+        self._progress.set()
+        self._progress = trio.Event()
+
+    async def _retry_after_backoff(self, topic: str, partition: int, error: DwalError) -> None:
+        if error.code in (ErrorCode.NOT_LEADER_OR_FOLLOWER, ErrorCode.LEADER_NOT_AVAILABLE,
+                          ErrorCode.UNKNOWN_TOPIC_OR_PARTITION) or isinstance(error, ConnectionFailed):
+            self.cluster.invalidate(topic)
+        await trio.sleep(self.retry_backoff_s)
+        self._queues[(topic, partition)].inflight = False
+        self._wakeup.set()
+
+
+def _to_bytes(value: Any, what: str) -> bytes:
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"record {what} must be bytes, str or None, not {type(value).__name__}")
+
+
+def _produce_body(by_topic, acks: int, timeout_ms: int) -> tuple[dict, bytes]:
+    topics = []
+    parts: list[bytes] = []
+    for topic, entries in by_topic.items():
+        partitions = []
+        for partition, batches in entries:
+            size = 0
+            for batch in batches:
+                parts.append(batch.encoded)
+                size += len(batch.encoded)
+            partitions.append({"partition": partition, "size": size})
+        topics.append({"topic": topic, "partitions": partitions})
+    return {"acks": acks, "timeout_ms": timeout_ms, "topics": topics}, b"".join(parts)
+
+
+__all__ = ["Producer", "Delivery", "RecordMetadata", "ProducerStatistics"]
