@@ -113,28 +113,71 @@ def crc_of(batch: bytes | bytearray | memoryview) -> int:
     return _crc32c.crc32c(memoryview(batch)[CRC_START:])
 
 
+GZIP_WINDOW_BITS = 16 + zlib.MAX_WBITS  # the gzip container, as Kafka's gzip codec writes
+DECOMPRESS_CHUNK_BYTES = 1024 * 1024
+
+
 def _compress(codec: Compression, body: bytes) -> bytes:
     if codec == Compression.NONE:
         return body
     if codec == Compression.ZSTD:
-        return zstandard.ZstdCompressor(level=1).compress(body)
+        return zstandard.ZstdCompressor(level=1, write_content_size=True).compress(body)
     if codec == Compression.LZ4:
-        return lz4.frame.compress(body)
+        return lz4.frame.compress(body, store_size=True)
     if codec == Compression.GZIP:
-        return zlib.compress(body, 1)
+        compressor = zlib.compressobj(1, zlib.DEFLATED, GZIP_WINDOW_BITS)
+        return compressor.compress(body) + compressor.flush()
     raise ProtocolUsageError(f"compression {codec!r} is not supported")
+
+
+def _read_bounded(read, limit: int) -> bytes:
+    """Call `read(n)` in chunks until it returns nothing or more than `limit` bytes came."""
+    parts = []
+    total = 0
+    while total <= limit:
+        chunk = read(min(DECOMPRESS_CHUNK_BYTES, limit + 1 - total))
+        if not chunk:
+            break
+        parts.append(chunk)
+        total += len(chunk)
+    return b"".join(parts)
+
+
+def _decompress_zstd(body: bytes, limit: int) -> bytes:
+    size = zstandard.frame_content_size(body)
+    if 0 <= size <= limit:  # the usual case: allocate exactly what the frame declares
+        out = zstandard.ZstdDecompressor().decompress(body, max_output_size=size)
+        if len(out) != size:
+            raise ProtocolError("zstd frame content size does not match its data")
+        return out
+    if size > limit:
+        raise ProtocolError(f"decompressed batch body exceeds {limit} bytes")
+    return _read_bounded(zstandard.ZstdDecompressor().stream_reader(body).read, limit)
+
+
+def _decompress_lz4(body: bytes, limit: int) -> bytes:
+    size = lz4.frame.get_frame_info(body).get("content_size") or 0
+    if size > limit:
+        raise ProtocolError(f"decompressed batch body exceeds {limit} bytes")
+    # A frame that declares its size (ours always do) needs a buffer of exactly that size.
+    return lz4.frame.LZ4FrameDecompressor().decompress(
+        body, max_length=size + 1 if size else limit + 1
+    )
 
 
 def _decompress(codec: int, body: memoryview, limit: int) -> bytes:
     """Decompress at most `limit` bytes; a larger result is a protocol error."""
+    data = bytes(body)
     try:
         if codec == Compression.ZSTD:
-            reader = zstandard.ZstdDecompressor().stream_reader(bytes(body))
-            out = reader.read(limit + 1)
+            out = _decompress_zstd(data, limit)
         elif codec == Compression.LZ4:
-            out = lz4.frame.LZ4FrameDecompressor().decompress(bytes(body), max_length=limit + 1)
+            out = _decompress_lz4(data, limit)
         elif codec == Compression.GZIP:
-            out = zlib.decompressobj().decompress(bytes(body), limit + 1)
+            decompressor = zlib.decompressobj(GZIP_WINDOW_BITS)
+            out = decompressor.decompress(data, limit + 1)
+            if len(out) <= limit and not decompressor.eof:
+                raise ProtocolError("gzip batch body is truncated")
         else:
             raise ProtocolError(f"unsupported compression codec {codec}")
     except ProtocolError:

@@ -1,0 +1,19 @@
+"""Partition storage: segmented logs with sparse indexes, group commit, crash recovery."""
+
+from .errors import CorruptRecordError, OffsetOutOfRangeError, RecordTooLargeError, StorageError
+from .fetch_slice import FetchSlice
+from .log_config import TOPIC_CONFIG_KEYS, LogConfig
+from .partition_log import AppendInfo, LogStatistics, PartitionLog
+
+__all__ = [
+    "AppendInfo",
+    "CorruptRecordError",
+    "FetchSlice",
+    "LogConfig",
+    "LogStatistics",
+    "OffsetOutOfRangeError",
+    "PartitionLog",
+    "RecordTooLargeError",
+    "StorageError",
+    "TOPIC_CONFIG_KEYS",
+]

@@ -6,7 +6,7 @@ detects every burst error of up to 32 bits); a flipped byte inside them must be 
 
 from __future__ import annotations
 
-import zlib
+import gzip
 
 import lz4.frame
 import msgpack
@@ -145,7 +145,7 @@ def test_random_body_behind_a_valid_crc(body, attributes, record_count):
 
 def compress(codec: protocol.Compression, body: bytes) -> bytes:
     if codec == protocol.Compression.GZIP:
-        return zlib.compress(body)
+        return gzip.compress(body)
     if codec == protocol.Compression.LZ4:
         return lz4.frame.compress(body)
     if codec == protocol.Compression.ZSTD:

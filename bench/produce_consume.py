@@ -1,0 +1,150 @@
+"""Producer and consumer throughput of one broker process and one client process.
+
+Starts a fresh `dwal broker` per scenario (data in a temporary directory), produces with
+acks=1 from this process through the client library, then consumes the topic from the start.
+Prints one line per figure:
+
+    dwal_produce_100B_fsync_never records/s=N MB/s=M p50_ms=X p99_ms=Y
+    dwal_consume_100B records/s=N MB/s=M
+
+Produce latency is measured on a sample of records: from `send()` to the broker's answer.
+Usage: python bench/produce_consume.py [--seconds S] [--records N] [--policies always,never]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import trio
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import client  # noqa: E402
+from client import Admin, Consumer, Producer  # noqa: E402
+
+STARTED = re.compile(rb"event=broker_started .*?port=(\d+)")
+LATENCY_SAMPLE_EVERY = 997
+
+
+async def run_broker(data_dir: str, fsync: str, task_status=trio.TASK_STATUS_IGNORED):
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "client.cli", "broker", "--port", "0", "--http-port", "-1",
+         "--data-dir", data_dir, "--fsync", fsync],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    output = bytearray()
+    started = False
+    try:
+        while True:
+            chunk = await process.stderr.receive_some(65536)
+            if not chunk:
+                raise RuntimeError("broker exited:\n" + output.decode(errors="replace"))
+            if not started:
+                output += chunk
+                match = STARTED.search(output)
+                if match:
+                    started = True
+                    task_status.started(int(match.group(1)))
+    finally:
+        with trio.CancelScope(shield=True):
+            process.terminate()
+            await process.wait()
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+async def produce(bootstrap: str, topic: str, value_bytes: int, seconds: float, records_max: int):
+    latencies: list[float] = []
+    value = os.urandom(value_bytes // 2).hex().encode()[:value_bytes]
+    async with client.connect(bootstrap) as cluster:
+        await Admin(cluster).create_topic(topic)
+        async with trio.open_nursery() as nursery:
+            async with Producer(cluster, acks=1, linger_ms=2, batch_size=256 * 1024) as producer:
+                send = producer.send_nowait
+                await producer.send(topic, value)  # loads metadata
+                count = 1
+                started = time.perf_counter()
+                deadline = started + seconds
+                while count < records_max:
+                    try:
+                        for _ in range(1000):
+                            send(topic, value)
+                        count += 1000
+                    except trio.WouldBlock:
+                        await producer.send(topic, value)
+                        count += 1
+                    if count % LATENCY_SAMPLE_EVERY < 1000:
+                        nursery.start_soon(_sample_latency, await producer.send(topic, value),
+                                           time.perf_counter(), latencies)
+                        count += 1
+                    await trio.lowlevel.checkpoint()
+                    if time.perf_counter() >= deadline:
+                        break
+                await producer.flush()
+                elapsed = time.perf_counter() - started
+    return count, elapsed, latencies
+
+
+async def _sample_latency(delivery, sent_at: float, latencies: list[float]) -> None:
+    await delivery.wait()
+    latencies.append((time.perf_counter() - sent_at) * 1000)
+
+
+async def consume(bootstrap: str, topic: str, expected: int) -> tuple[int, float, int]:
+    async with client.connect(bootstrap) as cluster:
+        consumer = Consumer(cluster, auto_offset_reset="earliest", partition_max_bytes=16 << 20,
+                            fetch_max_bytes=32 << 20)
+        await consumer.assign_topic(topic)
+        count = 0
+        total_bytes = 0
+        started = time.perf_counter()
+        while count < expected:
+            for records in (await consumer.poll(timeout_ms=1000)).values():
+                count += len(records)
+                total_bytes += len(records) * len(records[0].value)
+        return count, time.perf_counter() - started, total_bytes
+
+
+async def scenario(fsync: str, value_bytes: int, seconds: float, records_max: int, with_consume: bool):
+    with tempfile.TemporaryDirectory(prefix="dwal-bench-") as data_dir:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(run_broker, data_dir, fsync)
+            bootstrap = f"127.0.0.1:{port}"
+            label = f"{value_bytes}B" if value_bytes < 1024 else f"{value_bytes // 1024}KiB"
+            count, elapsed, latencies = await produce(bootstrap, "bench", value_bytes, seconds, records_max)
+            rate = count / elapsed
+            print(f"dwal_produce_{label}_fsync_{fsync} records/s={rate:.0f} "
+                  f"MB/s={rate * value_bytes / 1e6:.1f} p50_ms={percentile(latencies, 0.5):.2f} "
+                  f"p99_ms={percentile(latencies, 0.99):.2f}", flush=True)
+            if with_consume:
+                got, elapsed, total = await consume(bootstrap, "bench", count)
+                print(f"dwal_consume_{label} records/s={got / elapsed:.0f} "
+                      f"MB/s={total / elapsed / 1e6:.1f}", flush=True)
+            nursery.cancel_scope.cancel()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5.0, help="produce duration per scenario")
+    parser.add_argument("--records", type=int, default=5_000_000, help="max records per scenario")
+    parser.add_argument("--policies", default="never,interval,always")
+    args = parser.parse_args()
+    for fsync in args.policies.split(","):
+        await scenario(fsync, 100, args.seconds, args.records, with_consume=(fsync == "never"))
+    await scenario("never", 1024, args.seconds, args.records, with_consume=True)
+
+
+if __name__ == "__main__":
+    trio.run(main)

@@ -1,0 +1,312 @@
+"""The HTTP/1.1 shell around `JsonApi`: h11 speaks HTTP, trio streams move the bytes.
+
+Theory of operation. `trio.serve_listeners` owns one nursery in which every accepted
+connection runs as one task, `HttpGateway.handle_connection`. That task reads one request at
+a time with an h11 server `Connection` (keep-alive: the same connection serves request after
+request; pipelined requests wait in h11's buffer and are answered in order), hands the whole
+request to `JsonApi.handle`, and writes the response.
+
+Everything a peer can make us hold is bounded:
+- request heads by h11's ``max_incomplete_event_size`` (431 when larger);
+- request bodies by ``limits.http_body_bytes_max`` (413, checked against Content-Length
+  before any body byte is read, and while reading chunked bodies);
+- connections by ``limits.http_connections_max``: further ones get an immediate 503 (a small
+  number of those are answered at once, beyond that they are simply closed);
+- time: reading a request (including keep-alive idle time), writing a response and the
+  lingering close after an error response each have a timeout (`HttpTimeouts`).
+
+A response that leaves unread request bytes (413, malformed request) closes the connection;
+before closing we shut down our sending side and drain what the client still sends for a
+moment, so that the client reads our answer rather than a TCP reset. A peer that goes away
+at any moment only ends its own connection task.
+"""
+
+from __future__ import annotations
+
+import http
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import h11
+import trio
+
+from broker.event_log import log_event
+from broker.gateway.json_api import ApiRequest, ApiResponse, JsonApi
+from broker.limits import Limits
+from protocol import ErrorCode
+
+if TYPE_CHECKING:
+    from broker.request_handlers import RequestHandlers
+
+logger = logging.getLogger("dwal.http")
+
+RECEIVE_BYTES = 64 * 1024
+HEADER_BYTES_MAX = 16 * 1024  # a request line plus headers
+REFUSALS_MAX = 64  # connections answered 503 at the same time; beyond, closed at once
+LINGER_BYTES_MAX = 1024 * 1024
+LOGGED_TARGET_CHARS_MAX = 200
+
+
+@dataclass(frozen=True, kw_only=True)
+class HttpTimeouts:
+    request_read_s: float = 60.0  # from waiting for a request (keep-alive idle) to its end
+    response_write_s: float = 60.0
+    linger_s: float = 2.0  # draining a client's unread bytes before closing
+
+
+@dataclass(frozen=True)
+class HttpGatewayStatistics:
+    connections: int  # open now
+    connections_accepted: int
+    connections_refused: int
+    requests_handled: int
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class HttpGateway:
+    """Serves `api` over HTTP/1.1 within `limits`. Start with `serve` (or feed it streams
+    through `handle_connection`)."""
+
+    def __init__(self, api: JsonApi, limits: Limits, *,
+                 timeouts: HttpTimeouts = HttpTimeouts()) -> None:
+        self._api = api
+        self._limits = limits
+        self._timeouts = timeouts
+        self._connections = 0
+        self._connections_accepted = 0
+        self._connections_refused = 0
+        self._refusing = 0
+        self._requests_handled = 0
+
+    def statistics(self) -> HttpGatewayStatistics:
+        return HttpGatewayStatistics(self._connections, self._connections_accepted,
+                                     self._connections_refused, self._requests_handled)
+
+    async def serve(self, listeners: list[trio.SocketListener], *,
+                    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+                    ) -> None:
+        """Accept and serve connections until cancelled; `task_status.started` once listening."""
+        await trio.serve_listeners(self.handle_connection, listeners, task_status=task_status)
+
+    async def handle_connection(self, stream: trio.abc.Stream) -> None:
+        """Serve one connection until either side closes it; never raises for peer trouble."""
+        try:
+            if self._connections >= self._limits.http_connections_max:
+                await self._refuse(stream)
+                return
+            self._connections += 1
+            self._connections_accepted += 1
+            try:
+                await self._serve_requests(stream, h11.Connection(
+                    h11.SERVER, max_incomplete_event_size=HEADER_BYTES_MAX))
+            finally:
+                self._connections -= 1
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the peer went away
+        except trio.TooSlowError:
+            log_event(logger, logging.INFO, "http_response_write_timed_out",
+                      timeout_s=self._timeouts.response_write_s)
+        except Exception as error:  # a bug must not take the other connections down
+            log_event(logger, logging.ERROR, "http_connection_failed", error=repr(error))
+            logger.debug("http connection failure", exc_info=True)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _refuse(self, stream: trio.abc.Stream) -> None:
+        self._connections_refused += 1
+        log_event(logger, logging.WARNING, "http_connection_refused",
+                  reason="http_connections_max", limit=self._limits.http_connections_max)
+        if self._refusing >= REFUSALS_MAX:
+            return
+        self._refusing += 1
+        try:
+            message = (f"the gateway already serves its maximum of "
+                       f"{self._limits.http_connections_max} connections; retry later")
+            response = ApiResponse(status=503, body={"error": message},
+                                   headers=(("retry-after", "1"),))
+            await self._send(stream, h11.Connection(h11.SERVER), response, close=True)
+            await self._linger(stream)
+        finally:
+            self._refusing -= 1
+
+    async def _serve_requests(self, stream: trio.abc.Stream, connection: h11.Connection) -> None:
+        while True:
+            outcome = await self._read_request(stream, connection)
+            if outcome is None:
+                return
+            request, error_response = outcome
+            if error_response is not None:  # the request could not be read whole
+                self._log_error(request, error_response)
+                await self._send(stream, connection, error_response, close=True,
+                                 head=request is not None and request.method == "HEAD")
+                await self._linger(stream)
+                return
+            assert request is not None
+            response = await self._respond(request)
+            await self._send(stream, connection, response, close=False,
+                             head=request.method == "HEAD")
+            if connection.our_state is not h11.DONE or connection.their_state is not h11.DONE:
+                return  # h11 decided to close (Connection: close, HTTP/1.0)
+            connection.start_next_cycle()
+
+    async def _read_request(self, stream: trio.abc.Stream, connection: h11.Connection
+                            ) -> tuple[ApiRequest | None, ApiResponse | None] | None:
+        """Read a whole request. Returns None when the connection should just close, else the
+        request (whole, or its head, or None when even that is unreadable) and, if it could
+        not be read whole, the error response to send instead of handling it."""
+        head: ApiRequest | None = None
+        with trio.move_on_after(self._timeouts.request_read_s):
+            try:
+                outcome = await self._read_head(stream, connection)
+                if outcome is None:
+                    return None
+                head, declared_length = outcome
+                if declared_length is not None:
+                    self._check_body_length(declared_length)
+                return await self._read_body(stream, connection, head), None
+            except _BodyTooLarge:
+                message = (f"the request body is larger than the limit of "
+                           f"{self._limits.http_body_bytes_max} bytes")
+                return head, ApiResponse(status=413, body={
+                    "error": message, "error_code": ErrorCode.MESSAGE_TOO_LARGE.name})
+            except h11.RemoteProtocolError as error:
+                return self._protocol_error(connection, head, error)
+        # Timed out: a silent keep-alive connection just closes; a half-sent request gets 408.
+        if connection.their_state is h11.IDLE and not connection.trailing_data[0]:
+            return None
+        if connection.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return None
+        return head, ApiResponse(status=408, body={
+            "error": f"the request was not received within {self._timeouts.request_read_s} s"})
+
+    def _check_body_length(self, length: int) -> None:
+        if length > self._limits.http_body_bytes_max:
+            raise _BodyTooLarge
+
+    def _protocol_error(self, connection: h11.Connection, head: ApiRequest | None,
+                        error: h11.RemoteProtocolError) -> tuple[ApiRequest | None, ApiResponse] | None:
+        log_event(logger, logging.INFO, "http_protocol_error", error=str(error))
+        if connection.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return None
+        if error.error_status_hint == 431:
+            message = f"the request line and headers are larger than {HEADER_BYTES_MAX} bytes"
+        else:
+            message = f"malformed HTTP request: {error}"
+        return head, ApiResponse(status=error.error_status_hint, body={"error": message})
+
+    async def _read_head(self, stream: trio.abc.Stream, connection: h11.Connection
+                         ) -> tuple[ApiRequest, int | None] | None:
+        """Read a request's head: an ApiRequest without body and its declared body length
+        (None when chunked), or None when the peer closed the connection between requests."""
+        event = await self._next_event(stream, connection)
+        if isinstance(event, h11.ConnectionClosed):
+            return None
+        assert isinstance(event, h11.Request), event
+        head = ApiRequest(method=event.method.decode("ascii", errors="replace"),
+                          target=event.target.decode("ascii", errors="replace"), body=b"")
+        return head, _content_length(event)
+
+    async def _read_body(self, stream: trio.abc.Stream, connection: h11.Connection,
+                         head: ApiRequest) -> ApiRequest:
+        if connection.they_are_waiting_for_100_continue:
+            await self._send_bytes(stream, connection.send(
+                h11.InformationalResponse(status_code=100, headers=[])))
+        body = bytearray()
+        while True:
+            event = await self._next_event(stream, connection)
+            if isinstance(event, h11.EndOfMessage):
+                return ApiRequest(method=head.method, target=head.target, body=bytes(body))
+            assert isinstance(event, h11.Data), event
+            self._check_body_length(len(body) + len(event.data))
+            body += event.data
+
+    async def _next_event(self, stream: trio.abc.Stream, connection: h11.Connection) -> h11.Event:
+        while True:
+            event = connection.next_event()
+            if event is not h11.NEED_DATA:
+                assert event is not h11.PAUSED
+                return event
+            connection.receive_data(await stream.receive_some(RECEIVE_BYTES))
+
+    async def _respond(self, request: ApiRequest) -> ApiResponse:
+        try:
+            response = await self._api.handle(request)
+        except Exception as error:  # a bug must not take the gateway down: report, go on
+            log_event(logger, logging.ERROR, "http_handler_failed", method=request.method,
+                      target=request.target[:LOGGED_TARGET_CHARS_MAX], error=repr(error))
+            logger.debug("http handler failure", exc_info=True)
+            response = ApiResponse(status=500, body={
+                "error": "internal error", "error_code": ErrorCode.UNKNOWN_SERVER_ERROR.name})
+        else:
+            self._log_error(request, response)
+        self._requests_handled += 1
+        return response
+
+    def _log_error(self, request: ApiRequest | None, response: ApiResponse) -> None:
+        if response.status < 400:
+            return
+        level = logging.ERROR if response.status >= 500 else logging.INFO
+        log_event(logger, level, "http_request_failed",
+                  method=request.method if request else "-",
+                  target=request.target[:LOGGED_TARGET_CHARS_MAX] if request else "-",
+                  status=response.status, error=response.body.get("error", ""))
+
+    async def _send(self, stream: trio.abc.Stream, connection: h11.Connection,
+                    response: ApiResponse, *, close: bool, head: bool = False) -> None:
+        body = response.encode_body()
+        headers = [("content-type", "application/json"), ("content-length", str(len(body))),
+                   *response.headers]
+        if close:
+            headers.append(("connection", "close"))
+        reason = http.HTTPStatus(response.status).phrase.encode("ascii")
+        data = connection.send(h11.Response(status_code=response.status, headers=headers,
+                                            reason=reason))
+        if not head:  # a response to HEAD has headers only
+            data += connection.send(h11.Data(data=body))
+        data += connection.send(h11.EndOfMessage())
+        await self._send_bytes(stream, data)
+
+    async def _send_bytes(self, stream: trio.abc.Stream, data: bytes) -> None:
+        with trio.fail_after(self._timeouts.response_write_s):
+            await stream.send_all(data)
+
+    async def _linger(self, stream: trio.abc.Stream) -> None:
+        """Stop sending, then drain what the client still sends, briefly and up to a bound."""
+        with trio.move_on_after(self._timeouts.linger_s):
+            if isinstance(stream, trio.abc.HalfCloseableStream):
+                await stream.send_eof()
+            drained = 0
+            while drained < LINGER_BYTES_MAX:
+                data = await stream.receive_some(RECEIVE_BYTES)
+                if not data:
+                    return
+                drained += len(data)
+
+
+def _content_length(request: h11.Request) -> int | None:
+    for name, value in request.headers:
+        if name == b"content-length":
+            return int(value)  # h11 has checked that it is a decimal number
+    return None
+
+
+async def serve_http(
+    handlers: "RequestHandlers",
+    listeners: list[trio.SocketListener],
+    *,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the JSON API of `handlers` on `listeners` until cancelled.
+
+    Calls `task_status.started(listeners)` once accepting connections. Every connection task
+    lives in the nursery of `trio.serve_listeners`; cancelling this call ends them all.
+    """
+    gateway = HttpGateway(JsonApi(handlers), handlers.config.limits)
+    await gateway.serve(listeners, task_status=task_status)
+
+
+__all__ = ["HttpGateway", "HttpGatewayStatistics", "HttpTimeouts", "serve_http"]

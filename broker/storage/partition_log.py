@@ -1,0 +1,556 @@
+"""The log of one topic-partition: appends, reads, group commit, rolling and retention.
+
+Theory of operation. The log is a sorted map from base offset to `Segment`; the last segment
+is active and takes every append. An append checks every batch of the request first (so a
+bad batch writes nothing), assigns offsets by patching each batch's header in place, rolls
+the active segment when it is full or old, and writes all the batches with one write. No
+record is ever decoded here: the broker only reads batch headers.
+
+Three offsets move forward: the log end offset (the next offset to assign, moved by appends),
+the durable offset (everything below it is fsynced, moved by `wait_durable`) and the high
+watermark (what consumers may read). On a single node the high watermark is the durable
+offset under fsync=always, and the log end offset under interval or never. Its file position
+is remembered with it, so that reads stop at it without scanning.
+
+Group commit: `wait_durable` callers share fsyncs. One caller at a time runs an fdatasync on
+a worker thread; it first captures the end of the log, so the fsync covers every batch
+appended before it started, and only when it completes does the durable offset move to
+that captured end. Callers arriving meanwhile wait for it, then run the next fsync if they
+still need one. The thread call cannot be abandoned, so a cancelled caller either never
+started the fsync (nothing changes) or its fsync completes and counts.
+
+All state changes happen in synchronous code in the trio thread; worker threads only run
+blocking system calls on duplicated file descriptors, so closing or deleting a segment
+meanwhile cannot pull a descriptor from under them.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import pathlib
+import shutil
+import struct
+from dataclasses import dataclass
+
+import trio
+from sortedcontainers import SortedDict
+
+from protocol.errors import ProtocolError
+from protocol.record_batch import (
+    PARTITION_LEADER_EPOCH_POSITION,
+    BatchHeader,
+    ScannedBatch,
+    scan_batches,
+)
+
+from .checkpoint import fsync_directory, write_atomically, write_offset_checkpoint
+from .errors import CorruptRecordError, OffsetOutOfRangeError, RecordTooLargeError, StorageError
+from .fetch_slice import FetchSlice
+from .log_config import LogConfig
+from .log_loader import CLEAN_SHUTDOWN_FILE, RECOVERY_POINT_FILE, load_segments
+from .segment import Segment
+
+RECOVERY_POINT_INTERVAL_SECONDS = 10.0
+_BASE_OFFSET = struct.Struct(">q")
+_LEADER_EPOCH = struct.Struct(">i")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AppendInfo:
+    """Where an append went: offsets of its first and last records."""
+
+    base_offset: int
+    last_offset: int
+    log_append_time: int
+    log_start_offset: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LogStatistics:
+    log_start_offset: int
+    log_end_offset: int
+    high_watermark: int
+    durable_offset: int
+    size_bytes: int
+    segment_count: int
+    pending_sync_waiters: int
+
+
+class PartitionLog:
+    """One partition's log in its own directory; see the module's theory of operation.
+
+    Use from one trio thread only. Create with `PartitionLog.open`.
+    """
+
+    def __init__(self, directory: pathlib.Path, config: LogConfig, segments: list[Segment]):
+        self._directory = directory
+        self._config = config
+        self._segments: SortedDict[int, Segment] = SortedDict(
+            (segment.base_offset, segment) for segment in segments
+        )
+        self._active = segments[-1]
+        self._size_bytes = sum(segment.size_bytes for segment in segments)
+        end = self._active.next_offset
+        self._durable_offset = end
+        self._high_watermark = end
+        self._high_watermark_segment = self._active
+        self._high_watermark_position = self._active.size_bytes
+        self._new_data_event = trio.Event()
+        self._sync_done: trio.Event | None = None
+        self._unsynced_segments: list[Segment] = []  # rolled since the last fsync
+        self._directory_changed = False  # a segment was created since the last fsync
+        self._pending_sync_waiters = 0
+        # (deletion time ms, paths) of segments renamed to .deleted, oldest first.
+        self._pending_deletions: collections.deque[tuple[int, list[pathlib.Path]]] = (
+            collections.deque()
+        )
+        self._last_checkpoint_time: float | None = None
+        self._checkpoint_running = False
+        self._failure: str | None = None
+        self._closed = False
+
+    @classmethod
+    def open(cls, directory: pathlib.Path, config: LogConfig, *, now_ms: int) -> PartitionLog:
+        """Open the log in `directory` (created if missing), recovering it after a crash.
+
+        Returns the log with everything in it durable. Raises StorageError. Blocking.
+        """
+        return cls(directory, config, load_segments(directory, config, now_ms=now_ms))
+
+    # Properties.
+
+    @property
+    def directory(self) -> pathlib.Path:
+        return self._directory
+
+    @property
+    def config(self) -> LogConfig:
+        return self._config
+
+    @property
+    def fsync_policy(self) -> str:
+        return self._config.fsync
+
+    @property
+    def log_start_offset(self) -> int:
+        return self._segments.peekitem(0)[0]
+
+    @property
+    def log_end_offset(self) -> int:
+        """The offset the next appended record gets."""
+        return self._active.next_offset
+
+    @property
+    def high_watermark(self) -> int:
+        """Consumers may read offsets below this one."""
+        return self._high_watermark
+
+    @property
+    def durable_offset(self) -> int:
+        """Every offset below this one is fsynced."""
+        return self._durable_offset
+
+    @property
+    def size_bytes(self) -> int:
+        return self._size_bytes
+
+    @property
+    def segment_count(self) -> int:
+        return len(self._segments)
+
+    @property
+    def new_data_event(self) -> trio.Event:
+        """An event set (and then replaced by a fresh one) when the high watermark advances."""
+        return self._new_data_event
+
+    def statistics(self) -> LogStatistics:
+        return LogStatistics(
+            log_start_offset=self.log_start_offset,
+            log_end_offset=self.log_end_offset,
+            high_watermark=self._high_watermark,
+            durable_offset=self._durable_offset,
+            size_bytes=self._size_bytes,
+            segment_count=len(self._segments),
+            pending_sync_waiters=self._pending_sync_waiters,
+        )
+
+    def update_config(self, config: LogConfig) -> None:
+        """Apply new settings; they govern the next appends, rolls and retention passes."""
+        self._config = config
+        self._active.index_interval_bytes = config.index_interval_bytes
+        if config.fsync != "always":
+            self._advance_high_watermark(self.log_end_offset)
+
+    # Appending.
+
+    def append(self, batches: bytearray, *, now_ms: int, leader_epoch: int = 0) -> AppendInfo:
+        """Append back-to-back record batches, assigning their offsets in place.
+
+        Every batch is checked before anything is written. Returns where they went. Raises
+        CorruptRecordError (bad length, magic or CRC), RecordTooLargeError (a batch above
+        max.message.bytes, or the whole append above segment.bytes), or StorageError (the
+        disk failed; the log is then offline).
+        """
+        assert isinstance(batches, bytearray)
+        self._check_usable()
+        scanned = self._validate(batches)
+        base_offset = self.log_end_offset
+        last_offset = base_offset + sum(batch.header.record_count for batch in scanned) - 1
+        if self._must_roll(len(batches), last_offset, now_ms):
+            self._roll()
+        headers = _assign_offsets(batches, scanned, base_offset, leader_epoch)
+        try:
+            self._active.append(memoryview(batches), headers)
+        except OSError as error:
+            raise self._fail(f"cannot append to {self._active.log_path}: {error}") from error
+        if self._active.rolling_baseline_ms is None:
+            self._active.rolling_baseline_ms = now_ms
+        self._size_bytes += len(batches)
+        if self._config.fsync != "always":
+            self._advance_high_watermark(self.log_end_offset)
+        return AppendInfo(
+            base_offset=base_offset,
+            last_offset=last_offset,
+            log_append_time=-1,
+            log_start_offset=self.log_start_offset,
+        )
+
+    def _validate(self, batches: bytearray) -> list[ScannedBatch]:
+        """Return the scanned batches. Raises CorruptRecordError or RecordTooLargeError."""
+        if not batches:
+            raise CorruptRecordError("an append needs at least one record batch")
+        if len(batches) > self._config.segment_bytes:
+            raise RecordTooLargeError(
+                f"an append of {len(batches)} bytes exceeds segment.bytes "
+                f"({self._config.segment_bytes})"
+            )
+        scanned = []
+        try:
+            for batch in scan_batches(batches):
+                if batch.header.size_bytes > self._config.max_message_bytes:
+                    raise RecordTooLargeError(
+                        f"a record batch of {batch.header.size_bytes} bytes exceeds "
+                        f"max.message.bytes ({self._config.max_message_bytes})"
+                    )
+                scanned.append(batch)
+        except ProtocolError as error:
+            raise CorruptRecordError(str(error)) from None
+        return scanned
+
+    def _must_roll(self, incoming_bytes: int, last_offset: int, now_ms: int) -> bool:
+        active = self._active
+        if active.size_bytes == 0:
+            return False
+        return (
+            active.size_bytes + incoming_bytes > self._config.segment_bytes
+            or self._is_old(active, now_ms)
+            or not active.fits_offsets(last_offset)
+        )
+
+    def _is_old(self, segment: Segment, now_ms: int) -> bool:
+        baseline = segment.rolling_baseline_ms
+        return baseline is not None and now_ms - baseline > self._config.segment_ms
+
+    def roll_if_due(self, now_ms: int) -> bool:
+        """Roll a non-empty active segment older than segment.ms, so that retention can
+        reclaim it even when no append comes. Returns True if it rolled. Raises StorageError."""
+        self._check_usable()
+        if self._active.size_bytes == 0 or not self._is_old(self._active, now_ms):
+            return False
+        self._roll()
+        return True
+
+    def _roll(self) -> None:
+        """Start a new active segment at the log end offset. Raises StorageError."""
+        previous = self._active
+        try:
+            previous.finalize()
+            segment = Segment.create(
+                self._directory,
+                previous.next_offset,
+                index_interval_bytes=self._config.index_interval_bytes,
+            )
+        except OSError as error:
+            raise self._fail(f"cannot roll {previous.log_path}: {error}") from error
+        self._segments[segment.base_offset] = segment
+        self._active = segment
+        self._unsynced_segments.append(previous)
+        self._directory_changed = True
+
+    # Durability.
+
+    async def wait_durable(self, offset: int) -> None:
+        """Return once every offset below `offset` is fsynced (`durable_offset >= offset`).
+
+        Concurrent callers share fsyncs. Raises StorageError if an fsync fails. Safe to
+        cancel: an fsync already started still completes and counts, and other callers go on.
+        """
+        assert offset <= self.log_end_offset, "cannot wait for offsets not yet appended"
+        self._pending_sync_waiters += 1
+        try:
+            if self._durable_offset >= offset:
+                await trio.lowlevel.checkpoint()
+            while self._durable_offset < offset:
+                self._check_usable()
+                if self._sync_done is not None:
+                    await self._sync_done.wait()
+                else:
+                    await self._sync()
+        finally:
+            self._pending_sync_waiters -= 1
+
+    async def _sync(self) -> None:
+        """Run one fsync covering everything appended so far. Raises StorageError."""
+        done = self._sync_done = trio.Event()
+        target_offset = self.log_end_offset
+        target_segment, target_position = self._active, self._active.size_bytes
+        rolled = [segment for segment in self._unsynced_segments if not segment.is_closed]
+        directory_changed = self._directory_changed
+        self._unsynced_segments, self._directory_changed = [], False
+        descriptors: list[int] = []
+        synced = False
+        try:
+            for segment in (*rolled, target_segment):
+                descriptors.append(os.dup(segment.log_fd))
+            await trio.to_thread.run_sync(
+                _sync_files, descriptors, rolled, self._directory if directory_changed else None
+            )
+            synced = True
+        except OSError as error:
+            raise self._fail(f"cannot fsync {self._directory}: {error}") from error
+        finally:
+            for descriptor in descriptors:
+                os.close(descriptor)
+            if not synced:
+                self._unsynced_segments[:0] = rolled
+                self._directory_changed |= directory_changed
+            self._sync_done = None
+            done.set()
+        self._mark_durable(target_offset, target_segment, target_position)
+
+    def _mark_durable(self, offset: int, segment: Segment, position: int) -> None:
+        if offset > self._durable_offset:
+            self._durable_offset = offset
+        if self._config.fsync == "always":
+            self._advance_high_watermark(offset, segment, position)
+
+    def _advance_high_watermark(
+        self, offset: int, segment: Segment | None = None, position: int | None = None
+    ) -> None:
+        """Move the high watermark forward to `offset`, which lies at `position` of
+        `segment` (by default: the end of the active segment), and wake fetchers."""
+        if offset <= self._high_watermark:
+            return
+        self._high_watermark = offset
+        self._high_watermark_segment = segment or self._active
+        self._high_watermark_position = (
+            position if position is not None else self._high_watermark_segment.size_bytes
+        )
+        self._new_data_event.set()
+        self._new_data_event = trio.Event()
+
+    async def flush(self) -> None:
+        """Make the whole log durable (`wait_durable(log_end_offset)`), then record the
+        recovery point if it was last recorded 10 s ago or more. Raises StorageError."""
+        await self.wait_durable(self.log_end_offset)
+        now = trio.current_time()
+        last = self._last_checkpoint_time
+        if self._checkpoint_running or (
+            last is not None and now - last < RECOVERY_POINT_INTERVAL_SECONDS
+        ):
+            return
+        self._checkpoint_running = True
+        try:
+            path = self._directory / RECOVERY_POINT_FILE
+            await trio.to_thread.run_sync(write_offset_checkpoint, path, self._durable_offset)
+            self._last_checkpoint_time = now
+        except OSError as error:
+            raise StorageError(
+                f"cannot write the recovery point of {self._directory}: {error}"
+            ) from error
+        finally:
+            self._checkpoint_running = False
+
+    # Reading.
+
+    def read(self, fetch_offset: int, max_bytes: int) -> FetchSlice:
+        """Return a slice of one segment starting at the batch holding `fetch_offset`.
+
+        The slice holds whole batches up to `max_bytes`, except that the first batch is
+        always whole and the last one may be cut short; it never goes past the high
+        watermark. It is empty at the high watermark. The caller must `close()` it. Raises
+        OffsetOutOfRangeError outside [log_start_offset, high_watermark], StorageError if
+        the file is inconsistent.
+        """
+        assert max_bytes >= 0 and not self._closed
+        self._check_in_range(fetch_offset)
+        if fetch_offset == self._high_watermark:
+            return FetchSlice.empty()
+        segment = self._segment_holding(fetch_offset)
+        end = self._readable_end(segment)
+        position, header = segment.find_batch(fetch_offset, end)
+        length = min(end - position, max(max_bytes, header.size_bytes))
+        return FetchSlice(fd=os.dup(segment.log_fd), position=position, length=length)
+
+    def _check_in_range(self, offset: int) -> None:
+        if not self.log_start_offset <= offset <= self._high_watermark:
+            raise OffsetOutOfRangeError(
+                f"offset {offset} is outside [{self.log_start_offset}, {self._high_watermark}]"
+                f" in {self._directory.name}"
+            )
+
+    def _segment_holding(self, offset: int) -> Segment:
+        index = self._segments.bisect_right(offset) - 1
+        assert index >= 0
+        return self._segments.peekitem(index)[1]
+
+    def _readable_end(self, segment: Segment) -> int:
+        """Position up to which `segment` holds offsets below the high watermark."""
+        if segment is self._high_watermark_segment:
+            return self._high_watermark_position
+        assert segment.base_offset < self._high_watermark_segment.base_offset
+        return segment.size_bytes
+
+    def offset_for_timestamp(self, timestamp_ms: int) -> tuple[int, int] | None:
+        """Return (base offset, max_timestamp) of the first batch below the high watermark
+        whose max_timestamp >= `timestamp_ms`, or None if there is none."""
+        assert not self._closed
+        for segment in self._segments.values():
+            if segment.base_offset >= self._high_watermark:
+                break
+            if segment.max_timestamp < timestamp_ms:
+                continue
+            header = segment.find_timestamp(timestamp_ms, self._readable_end(segment))
+            if header is not None:
+                return header.base_offset, header.max_timestamp
+        return None
+
+    # Retention.
+
+    def apply_retention(self, now_ms: int) -> int:
+        """Delete the oldest closed segments past retention.ms or beyond retention.bytes,
+        never the active one nor one holding offsets at or above the high watermark.
+
+        Returns how many segments were removed; their files are renamed to `.deleted` and
+        removed by `delete_pending_files`. Raises StorageError.
+        """
+        self._check_usable()
+        removed = 0
+        while len(self._segments) > 1:
+            oldest = self._segments.peekitem(0)[1]
+            next_base = self._segments.peekitem(1)[0]
+            if next_base > self._high_watermark or not self._is_expired(oldest, now_ms):
+                break
+            self._remove_segment(oldest, now_ms)
+            removed += 1
+        return removed
+
+    def _is_expired(self, segment: Segment, now_ms: int) -> bool:
+        retention_ms = self._config.retention_ms
+        retention_bytes = self._config.retention_bytes
+        too_old = retention_ms >= 0 and segment.max_timestamp < now_ms - retention_ms
+        too_big = retention_bytes >= 0 and self._size_bytes - segment.size_bytes >= retention_bytes
+        return too_old or too_big
+
+    def _remove_segment(self, segment: Segment, now_ms: int) -> None:
+        del self._segments[segment.base_offset]
+        self._size_bytes -= segment.size_bytes
+        try:
+            paths = segment.rename_to_deleted()
+        except OSError as error:
+            raise self._fail(f"cannot delete {segment.log_path}: {error}") from error
+        self._pending_deletions.append((now_ms + self._config.file_delete_delay_ms, paths))
+
+    def delete_pending_files(self, now_ms: int | None = None) -> int:
+        """Remove the `.deleted` files whose file.delete.delay.ms has passed at `now_ms`
+        (all of them when None). Returns how many files were removed. Blocking: may be run
+        in a worker thread. Raises OSError."""
+        removed = 0
+        pending = self._pending_deletions
+        while pending and (now_ms is None or pending[0][0] <= now_ms):
+            _, paths = pending.popleft()
+            for path in paths:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    # Shutdown.
+
+    def close(self) -> None:
+        """fsync everything, record the recovery point and the clean-shutdown marker (unless
+        the log is offline), and close every file. Blocking. Raises StorageError."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._failure is None:
+                self._write_clean_shutdown()
+        except OSError as error:
+            raise StorageError(f"cannot close {self._directory} cleanly: {error}") from error
+        finally:
+            for segment in self._segments.values():
+                segment.close()
+
+    def _write_clean_shutdown(self) -> None:
+        self._active.finalize()
+        for segment in (*self._unsynced_segments, self._active):
+            if not segment.is_closed:
+                os.fdatasync(segment.log_fd)
+                segment.sync_index_files()
+        fsync_directory(self._directory)
+        self._durable_offset = self.log_end_offset
+        write_offset_checkpoint(self._directory / RECOVERY_POINT_FILE, self._durable_offset)
+        write_atomically(self._directory / CLEAN_SHUTDOWN_FILE, b"")
+
+    def delete(self) -> None:
+        """Close the log without syncing and remove its directory. Blocking. Raises OSError."""
+        self._closed = True
+        for segment in self._segments.values():
+            segment.close()
+        self._pending_deletions.clear()
+        shutil.rmtree(self._directory)
+
+    # Failures.
+
+    def _check_usable(self) -> None:
+        assert not self._closed, "the log is closed"
+        if self._failure is not None:
+            raise StorageError(f"{self._directory} is offline: {self._failure}")
+
+    def _fail(self, reason: str) -> StorageError:
+        """Take the log offline (after a failed write or fsync its state on disk is unknown
+        until it is recovered by reopening); return the error to raise."""
+        if self._failure is None:
+            self._failure = reason
+        return StorageError(f"{self._directory} is offline: {reason}")
+
+
+def _assign_offsets(
+    batches: bytearray, scanned: list[ScannedBatch], base_offset: int, leader_epoch: int
+) -> list[tuple[int, BatchHeader]]:
+    """Patch base_offset and partition_leader_epoch (outside the CRC) of each batch; return
+    (position, patched header) of each."""
+    headers = []
+    offset = base_offset
+    for batch in scanned:
+        _BASE_OFFSET.pack_into(batches, batch.position, offset)
+        epoch_position = batch.position + PARTITION_LEADER_EPOCH_POSITION
+        _LEADER_EPOCH.pack_into(batches, epoch_position, leader_epoch)
+        header = batch.header._replace(base_offset=offset, partition_leader_epoch=leader_epoch)
+        headers.append((batch.position, header))
+        offset = header.next_offset
+    return headers
+
+
+def _sync_files(
+    descriptors: list[int], rolled: list[Segment], directory: pathlib.Path | None
+) -> None:
+    """fdatasync the log files, fsync the rolled segments' index files and the directory.
+    Blocking: runs in a worker thread."""
+    for descriptor in descriptors:
+        os.fdatasync(descriptor)
+    for segment in rolled:
+        segment.sync_index_files()
+    if directory is not None:
+        fsync_directory(directory)
