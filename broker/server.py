@@ -79,12 +79,15 @@ class NativeServer:
             await stream.aclose()
             return
         self.connections += 1
+        log_event(logger, logging.DEBUG, "connection_opened", connection=connection_id,
+                  peer=_peer_of(stream))
         try:
             await self._run_connection(stream, connection_id)
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
             pass
         finally:
             self.connections -= 1
+            log_event(logger, logging.DEBUG, "connection_closed", connection=connection_id)
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
@@ -177,6 +180,14 @@ class NativeServer:
                     reply.close()
         # The reader is done and every reply is written: the connection is over.
         connection_scope.cancel()
+
+
+def _peer_of(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except OSError:
+        return "unknown"
+    return f"{host}:{port}"
 
 
 def _finish(pending: PendingReply, reply: Reply) -> None:

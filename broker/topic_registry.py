@@ -27,7 +27,7 @@ import trio
 from broker.event_log import log_event
 from broker.limits import Limits
 from broker.storage import LogConfig, PartitionLog
-from broker.storage.checkpoint import write_file_atomically
+from broker.storage.checkpoint import write_atomically
 from protocol import DwalError, ErrorCode, validate_topic_name
 
 logger = logging.getLogger("dwal.topics")
@@ -112,7 +112,7 @@ class TopicRegistry:
 
     async def _write_metadata(self, topics: dict[str, TopicMetadata]) -> None:
         data = self._encode_metadata(topics)
-        await trio.to_thread.run_sync(write_file_atomically, self.data_dir / METADATA_FILE, data)
+        await trio.to_thread.run_sync(write_atomically, self.data_dir / METADATA_FILE, data)
 
     def _remove_deleted_leftovers(self) -> None:
         for entry in self.data_dir.iterdir():

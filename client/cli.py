@@ -250,7 +250,7 @@ async def _produce_command(cluster, args: argparse.Namespace) -> int:
     separator = args.key_separator.encode() if args.key_separator else None
     async with Producer(cluster, acks=args.acks, compression=args.compression,
                         linger_ms=args.linger_ms, batch_size=args.batch_size,
-                        allow_auto_topic_creation=False) as producer:
+                        allow_auto_topic_creation=True) as producer:
         pending = b""
         async for chunk in _read_stdin_chunks():
             lines = (pending + chunk).split(b"\n")

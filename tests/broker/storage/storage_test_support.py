@@ -1,0 +1,50 @@
+"""Helpers shared by the storage tests: batches to append and a reader of a whole log."""
+
+from __future__ import annotations
+
+from broker.storage import LogConfig, PartitionLog
+from protocol.record_batch import BatchHeader, build_batch, complete_prefix_bytes, scan_batches
+
+
+def make_batch(
+    number: int, *, records: int = 2, timestamp_ms: int = 1_000, value_bytes: int = 10
+) -> bytearray:
+    """A batch of `records` records whose values identify `number`."""
+    values = [(b"%d-%d:" % (number, index)).ljust(value_bytes, b".") for index in range(records)]
+    return bytearray(build_batch([(timestamp_ms, b"key-%d" % number, value) for value in values]))
+
+
+def small_config(**overrides: object) -> LogConfig:
+    """A config with tiny segments and a dense index, fsync=never unless overridden."""
+    settings: dict[str, object] = dict(
+        segment_bytes=1024, index_interval_bytes=128, fsync="never", file_delete_delay_ms=0
+    )
+    settings.update(overrides)
+    return LogConfig(**settings)  # type: ignore[arg-type]
+
+
+def read_batches(log: PartitionLog) -> list[tuple[BatchHeader, bytes]]:
+    """Every batch below the high watermark, read back through `PartitionLog.read`."""
+    batches = []
+    offset = log.log_start_offset
+    while offset < log.high_watermark:
+        with log.read(offset, 1 << 20) as fetched:
+            data = fetched.read_bytes()
+        data = data[: complete_prefix_bytes(data)]
+        assert data, f"no whole batch returned at offset {offset}"
+        for batch in scan_batches(data):
+            header = batch.header
+            assert header.base_offset == offset
+            batches.append((header, data[batch.position : batch.position + header.size_bytes]))
+            offset = header.next_offset
+    return batches
+
+
+def append_batches(log: PartitionLog, count: int, *, now_ms: int = 0) -> list[bytes]:
+    """Append `count` batches of 1 to 4 records; return their bytes as written."""
+    written = []
+    for number in range(count):
+        batch = make_batch(number, records=1 + number % 4, timestamp_ms=1_000 + number)
+        log.append(batch, now_ms=now_ms)
+        written.append(bytes(batch))
+    return written
