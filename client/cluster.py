@@ -142,6 +142,11 @@ class Cluster:
             raise DwalError(ErrorCode.LEADER_NOT_AVAILABLE, f"{topic}-{partition} has no leader")
         return await self.connection(leader.host, leader.port)
 
+    def start_task(self, function, *args) -> None:
+        """Run `function(*args)` in the cluster's nursery (it ends when the cluster closes).
+        The function must catch its own errors."""
+        self._nursery.start_soon(function, *args)
+
     def invalidate(self, topic: str) -> None:
         self.topics.pop(topic, None)
 

@@ -22,8 +22,12 @@ from protocol import (
     ApiKey,
     DwalError,
     ErrorCode,
+    ProtocolError,
     Record,
+    Response,
+    complete_prefix_bytes,
     decode_records,
+    last_batch_header,
 )
 
 
@@ -62,6 +66,7 @@ class Consumer:
         self._high_watermarks: dict[TopicPartition, int] = {}
         self._records_returned = 0
         self._fetches = 0
+        self._prefetch: _Fetch | None = None
 
     # -- assignment and positions -------------------------------------------------------
 
@@ -137,25 +142,43 @@ class Consumer:
     async def poll(self, timeout_ms: int | None = None) -> dict[TopicPartition, list[Record]]:
         """Fetch what is available (waiting up to `timeout_ms`, default `max_wait_ms`);
         returns records by partition, each list in offset order, possibly empty.
-        Raises DwalError for unknown topics or out-of-range positions under "error"."""
+        Raises DwalError for unknown topics or out-of-range positions under "error".
+
+        While a poll's records are being decoded, the next fetch is already on its way
+        (one prefetch at most, from the positions the answer leads to), so a consumer
+        that keeps up overlaps its decoding with the broker's work and the network."""
         if not self._positions:
             raise RuntimeError("no partitions assigned")
         await self._resolve_missing_positions()
-        wait_ms = self.max_wait_ms if timeout_ms is None else timeout_ms
-        partitions = list(self._positions)
-        body = {
-            "max_wait_ms": max(wait_ms, 0),
-            "min_bytes": self.min_bytes,
-            "max_bytes": self.fetch_max_bytes,
-            "topics": _group_by_topic(partitions, self._positions, self.partition_max_bytes),
-        }
-        connection = await self.cluster.leader_connection(*partitions[0])
+        wait_ms = self.max_wait_ms if timeout_ms is None else max(timeout_ms, 0)
+        positions = dict(self._positions)
+        fetch, self._prefetch = self._prefetch, None
+        if fetch is None or fetch.positions != positions:
+            fetch = self._start_fetch(positions, wait_ms)
         with trio.move_on_after(wait_ms / 1000 + self.cluster.request_timeout_ms / 1000) as scope:
-            response = await connection.request(ApiKey.FETCH, body)
+            await fetch.done.wait()
         if scope.cancelled_caught:
             raise DwalError(ErrorCode.REQUEST_TIMED_OUT, "fetch timed out")
+        if fetch.error is not None:
+            raise fetch.error
+        response = fetch.response
+        assert response is not None
         self._fetches += 1
+        following = _positions_after(response.body, response.tail, positions)
+        if following != positions:
+            self._prefetch = self._start_fetch(following, self.max_wait_ms)
         return await self._take_records(response.body, response.tail)
+
+    def _start_fetch(self, positions: dict[TopicPartition, int | None], wait_ms: int) -> "_Fetch":
+        fetch = _Fetch(positions)
+        body = {
+            "max_wait_ms": wait_ms,
+            "min_bytes": self.min_bytes,
+            "max_bytes": self.fetch_max_bytes,
+            "topics": _group_by_topic(list(positions), positions, self.partition_max_bytes),
+        }
+        self.cluster.start_task(fetch.run, self.cluster, body)
+        return fetch
 
     async def _take_records(self, body: dict, tail: bytes) -> dict[TopicPartition, list[Record]]:
         view = memoryview(tail)
@@ -201,6 +224,47 @@ class Consumer:
             self.cluster.invalidate(tp.topic)
             return
         raise DwalError(code, f"{tp.topic}-{tp.partition}: {part.get('error_message') or code.name}")
+
+
+class _Fetch:
+    """One Fetch request running in the cluster's nursery; its outcome waits in `done`."""
+
+    def __init__(self, positions: dict[TopicPartition, int | None]) -> None:
+        self.positions = positions
+        self.done = trio.Event()
+        self.response: Response | None = None
+        self.error: Exception | None = None
+
+    async def run(self, cluster: Cluster, body: dict) -> None:
+        try:
+            connection = await cluster.leader_connection(*next(iter(self.positions)))
+            self.response = await connection.request(ApiKey.FETCH, body)
+        except (DwalError, ProtocolError) as error:
+            self.error = error
+        finally:
+            self.done.set()
+
+
+def _positions_after(body: dict, tail: bytes, positions: dict[TopicPartition, int | None]) -> dict:
+    """The positions a fetch answer leads to, from batch headers alone (no decoding)."""
+    following = dict(positions)
+    view = memoryview(tail)
+    start = 0
+    for entry in body["topics"]:
+        for part in entry["partitions"]:
+            chunk = view[start : start + part["size"]]
+            start += part["size"]
+            if part["error_code"] or not part["size"]:
+                continue
+            try:
+                end = complete_prefix_bytes(chunk)
+                if end:
+                    last = last_batch_header(chunk[:end])
+                    tp = TopicPartition(entry["topic"], part["partition"])
+                    following[tp] = max(following[tp] or 0, last.next_offset)
+            except ProtocolError:
+                continue  # decoding will report it
+    return following
 
 
 def _group_by_topic(partitions: list[TopicPartition], positions: dict, max_bytes: int) -> list[dict]:

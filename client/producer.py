@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import msgpack
 import trio
 
 from client.cluster import Cluster
@@ -31,7 +32,7 @@ from protocol import (
     Compression,
     DwalError,
     ErrorCode,
-    encode_batch,
+    encode_packed_batch,
     partition_for_key,
 )
 
@@ -50,15 +51,20 @@ class RecordMetadata:
 
 
 class _Batch:
-    """Records of one partition sent together; also the delivery state they share."""
+    """Records of one partition sent together; also the delivery state they share.
 
-    __slots__ = ("topic", "partition", "records", "size_bytes", "base_timestamp", "max_timestamp",
-                 "created", "encoded", "attempts", "base_offset", "error", "done")
+    Records are msgpack-packed into `packer` as they arrive, so an open batch holds one
+    growing buffer rather than a Python object per record.
+    """
+
+    __slots__ = ("topic", "partition", "packer", "count", "size_bytes", "base_timestamp",
+                 "max_timestamp", "created", "encoded", "attempts", "base_offset", "error", "done")
 
     def __init__(self, topic: str, partition: int, base_timestamp: int, created: float) -> None:
         self.topic = topic
         self.partition = partition
-        self.records: list[list[Any]] = []
+        self.packer = msgpack.Packer(use_bin_type=True, autoreset=False)
+        self.count = 0
         self.size_bytes = 0
         self.base_timestamp = base_timestamp
         self.max_timestamp = base_timestamp
@@ -69,15 +75,25 @@ class _Batch:
         self.error: DwalError | None = None
         self.done = trio.Event()
 
+    def encode(self, compression: Compression) -> bytes:
+        if self.encoded is None:
+            self.encoded = encode_packed_batch(
+                self.packer.getbuffer(), self.count, base_timestamp=self.base_timestamp,
+                max_timestamp=self.max_timestamp, compression=compression,
+            )
+            self.packer = None  # the packed records now live in `encoded` only
+        return self.encoded
+
 
 class Delivery:
     """The outcome of one `send()`: `await delivery.wait()` gives its RecordMetadata."""
 
-    __slots__ = ("_batch", "_index")
+    __slots__ = ("_batch", "_index", "_timestamp")
 
-    def __init__(self, batch: _Batch, index: int) -> None:
+    def __init__(self, batch: _Batch, index: int, timestamp: int) -> None:
         self._batch = batch
         self._index = index
+        self._timestamp = timestamp
 
     @property
     def done(self) -> bool:
@@ -95,8 +111,7 @@ class Delivery:
         if batch.error is not None:
             raise batch.error
         offset = batch.base_offset + self._index if batch.base_offset >= 0 else -1
-        return RecordMetadata(batch.topic, batch.partition, offset,
-                              batch.base_timestamp + batch.records[self._index][0])
+        return RecordMetadata(batch.topic, batch.partition, offset, self._timestamp)
 
     async def wait(self) -> RecordMetadata:
         """Wait for the broker's answer; returns RecordMetadata or raises DwalError."""
@@ -114,8 +129,7 @@ class ProducerStatistics:
     batches_failed: int
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
+_time = time.time
 
 
 def _parse_acks(acks: int | str) -> int:
@@ -232,31 +246,34 @@ class Producer:
         if key is not None and type(key) is not bytes:
             key = _to_bytes(key, "key")
         if partition is None:
-            partition = partition_for_key(key, count) if key is not None else self._sticky_partition(topic, count)
+            if key is not None:
+                partition = partition_for_key(key, count)
+            else:
+                partition = self._sticky.get(topic)
+                if partition is None or partition >= count:
+                    partition = self._sticky_partition(topic, count)
         elif not 0 <= partition < count:
             raise DwalError(ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, f"topic {topic!r} has no partition {partition}")
-        timestamp = timestamp_ms if timestamp_ms is not None else _now_ms()
+        timestamp = timestamp_ms if timestamp_ms is not None else int(_time() * 1000)
         batch = self._open.get((topic, partition))
         if batch is None:
             batch = self._open_batch(topic, partition, timestamp)
-        records = batch.records
-        records.append([timestamp - batch.base_timestamp, key, value,
-                        list(headers) if headers else _NO_HEADERS])
+        batch.packer.pack((timestamp - batch.base_timestamp, key, value,
+                           _checked_headers(headers) if headers else _NO_HEADERS))
         if timestamp > batch.max_timestamp:
             batch.max_timestamp = timestamp
         size = (len(value) if value is not None else 0) + (len(key) if key is not None else 0) + RECORD_OVERHEAD_BYTES
         batch.size_bytes += size
         self._buffered_bytes += size
-        delivery = Delivery(batch, len(records) - 1)
+        delivery = Delivery(batch, batch.count, timestamp)
+        batch.count += 1
         if batch.size_bytes >= self.batch_size:
             self._seal(batch)
         return delivery
 
     def _sticky_partition(self, topic: str, count: int) -> int:
-        partition = self._sticky.get(topic)
-        if partition is None or partition >= count:
-            partition = random.randrange(count)
-            self._sticky[topic] = partition
+        partition = random.randrange(count)
+        self._sticky[topic] = partition
         return partition
 
     def _open_batch(self, topic: str, partition: int, timestamp: int) -> _Batch:
@@ -318,12 +335,8 @@ class Producer:
             batches = []
             while queue.ready and request_bytes < self.request_bytes_max:
                 batch = queue.ready.popleft()
-                if batch.encoded is None:
-                    batch.encoded = encode_batch(batch.records, base_timestamp=batch.base_timestamp,
-                                                 max_timestamp=batch.max_timestamp,
-                                                 compression=self.compression)
                 batches.append(batch)
-                request_bytes += len(batch.encoded)
+                request_bytes += len(batch.encode(self.compression))
             queue.inflight = True
             by_topic.setdefault(topic, []).append((partition, batches))
         if by_topic:
@@ -384,8 +397,8 @@ class Producer:
             if error is None:
                 batch.base_offset = offset
                 if offset >= 0:
-                    offset += len(batch.records)
-                self._records_sent += len(batch.records)
+                    offset += batch.count
+                self._records_sent += batch.count
             else:
                 self._batches_failed += 1
             self._finish(batch)
@@ -404,6 +417,15 @@ class Producer:
         await trio.sleep(self.retry_backoff_s)
         self._queues[(topic, partition)].inflight = False
         self._wakeup.set()
+
+
+def _checked_headers(headers: Sequence[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    checked = []
+    for name, value in headers:
+        if type(name) is not str:
+            raise TypeError("record header names must be str")
+        checked.append((name, _to_bytes(value, "header value") if type(value) is not bytes else value))
+    return checked
 
 
 def _to_bytes(value: Any, what: str) -> bytes:

@@ -35,6 +35,8 @@ from .record_batch import (
     complete_prefix_bytes,
     decode_records,
     encode_batch,
+    encode_packed_batch,
+    last_batch_header,
     parse_header,
     scan_batches,
 )
@@ -47,6 +49,6 @@ __all__ = [
     "DwalError", "ErrorCode", "ProtocolError", "ProtocolUsageError", "FrameDecoder",
     "Request", "Response", "encode_request", "encode_response", "parse_request",
     "parse_response", "response_prefix", "HEADER_BYTES", "BatchHeader", "Compression",
-    "Record", "build_batch", "complete_prefix_bytes", "decode_records", "encode_batch",
+    "Record", "build_batch", "complete_prefix_bytes", "decode_records", "encode_batch", "encode_packed_batch", "last_batch_header",
     "parse_header", "scan_batches", "validate_topic_name", "partition_for_key",
 ]

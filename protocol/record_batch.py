@@ -11,9 +11,11 @@ ever look at headers (`scan_batches`); only clients decode bodies (`decode_recor
 from __future__ import annotations
 
 import enum
+import gc
 import struct
 import zlib
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import crc32c as _crc32c
@@ -203,16 +205,50 @@ def encode_batch(
 ) -> bytes:
     """Encode records already shaped as ``[timestamp_delta, key, value, headers]``.
 
-    This is the producer's hot path: the caller builds the inner lists as records arrive,
-    and one msgpack call packs them all. Returns the batch bytes.
+    Returns the batch bytes. Raises ProtocolUsageError for an empty or oversize batch.
     """
     count = len(records)
     if count == 0 or count > RECORDS_PER_BATCH_MAX:
         raise ProtocolUsageError(f"a batch holds 1..{RECORDS_PER_BATCH_MAX} records, not {count}")
-    body = _compress(compression, msgpack.packb(records, use_bin_type=True))
-    attributes = ATTRIBUTE_MSGPACK_BODY | int(compression)
     if max_timestamp is None:
         max_timestamp = base_timestamp + max(r[0] for r in records)
+    try:
+        packed = msgpack.packb(records, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as error:
+        raise ProtocolUsageError(f"cannot encode records: {error}") from None
+    return _frame_body(packed, count, base_timestamp, max_timestamp, compression, base_offset,
+                       partition_leader_epoch, (producer_id, producer_epoch, base_sequence))
+
+
+def encode_packed_batch(
+    packed_records: bytes | memoryview,
+    record_count: int,
+    *,
+    base_timestamp: int,
+    max_timestamp: int,
+    compression: Compression = Compression.NONE,
+) -> bytes:
+    """Encode a batch from records already msgpack-packed back to back (each one a
+    ``[timestamp_delta, key, value, headers]`` array), as a producer accumulates them with
+    ``msgpack.Packer(autoreset=False)``. Avoids keeping a Python object per record."""
+    if record_count <= 0 or record_count > RECORDS_PER_BATCH_MAX:
+        raise ProtocolUsageError(f"a batch holds 1..{RECORDS_PER_BATCH_MAX} records, not {record_count}")
+    packed = _array_header(record_count) + bytes(packed_records)
+    return _frame_body(packed, record_count, base_timestamp, max_timestamp, compression, 0, -1)
+
+
+def _array_header(count: int) -> bytes:
+    if count < 16:
+        return bytes([0x90 | count])
+    if count < 65536:
+        return b"\xdc" + count.to_bytes(2, "big")
+    return b"\xdd" + count.to_bytes(4, "big")
+
+
+def _frame_body(packed: bytes, count: int, base_timestamp: int, max_timestamp: int,
+                compression: Compression, base_offset: int, partition_leader_epoch: int,
+                producer: tuple[int, int, int] = (-1, -1, -1)) -> bytes:
+    body = _compress(compression, packed)
     header = bytearray(
         HEADER.pack(
             base_offset,
@@ -220,13 +256,11 @@ def encode_batch(
             partition_leader_epoch,
             MAGIC,
             0,
-            attributes,
+            ATTRIBUTE_MSGPACK_BODY | int(compression),
             count - 1,
             base_timestamp,
             max_timestamp,
-            producer_id,
-            producer_epoch,
-            base_sequence,
+            *producer,  # producer_id, producer_epoch, base_sequence
             count,
         )
     )
@@ -314,8 +348,22 @@ _unpack_limits = dict(
 )
 
 
+_NONE_TYPE = type(None)
+_KEY_TYPES = frozenset({bytes, _NONE_TYPE})
+_INT_ONLY = frozenset({int})
+_LIST_ONLY = frozenset({list})
+_LENGTH_FOUR = frozenset({4})
+
+
 def decode_body(header: BatchHeader, body: memoryview | bytes) -> list[list[Any]]:
-    """Decode a batch body into its raw ``[timestamp_delta, key, value, headers]`` lists."""
+    """Decode a batch body into its raw ``[timestamp_delta, key, value, headers]`` lists.
+
+    Raises ProtocolError unless the body is exactly `record_count` well-formed records.
+    """
+    return _records_of(header, _unpack_body(header, body))
+
+
+def _unpack_body(header: BatchHeader, body: memoryview | bytes) -> Any:
     if not header.attributes & ATTRIBUTE_MSGPACK_BODY:
         raise ProtocolError("batch does not carry a DWAL msgpack body")
     if header.attributes & ATTRIBUTE_CONTROL:
@@ -324,23 +372,35 @@ def decode_body(header: BatchHeader, body: memoryview | bytes) -> list[list[Any]
     if codec:
         body = _decompress(codec, memoryview(body), DECOMPRESSED_BYTES_MAX)
     try:
-        records = msgpack.unpackb(body, **_unpack_limits)
+        return msgpack.unpackb(body, **_unpack_limits)
     except Exception as error:  # msgpack raises several unrelated types on bad input
         raise ProtocolError(f"batch body is not valid msgpack: {error}") from None
+
+
+def _records_of(header: BatchHeader, records: Any) -> list[list[Any]]:
+    if header.attributes & ATTRIBUTE_CONTROL:
+        return []
     if type(records) is not list or len(records) != header.record_count:
         raise ProtocolError("batch body does not hold record_count records")
-    for record in records:
-        if (
-            type(record) is not list
-            or len(record) != 4
-            or type(record[0]) is not int
-            or not (record[1] is None or type(record[1]) is bytes)
-            or not (record[2] is None or type(record[2]) is bytes)
-            or type(record[3]) is not list
-            or (record[3] and not _headers_are_well_formed(record[3]))
-        ):
-            raise ProtocolError("batch body holds a malformed record")
+    _check_columns(records)
     return records
+
+
+def _check_columns(records: list[Any]) -> tuple[tuple, tuple, tuple, tuple]:
+    """Check every record's shape with C-level loops (map/zip/set) rather than a Python
+    loop per record: this is the consumer's hot path. Returns the four columns."""
+    if not set(map(type, records)) <= _LIST_ONLY or not set(map(len, records)) <= _LENGTH_FOUR:
+        raise ProtocolError("batch body holds a malformed record")
+    deltas, keys, values, headers = zip(*records)
+    if (
+        not set(map(type, deltas)) <= _INT_ONLY
+        or not set(map(type, keys)) <= _KEY_TYPES
+        or not set(map(type, values)) <= _KEY_TYPES
+        or not set(map(type, headers)) <= _LIST_ONLY
+        or (any(headers) and not all(map(_headers_are_well_formed, headers)))
+    ):
+        raise ProtocolError("batch body holds a malformed record")
+    return deltas, keys, values, headers
 
 
 def _headers_are_well_formed(headers: list[Any]) -> bool:
@@ -361,24 +421,39 @@ def decode_records(
 
     With `allow_partial_tail`, a batch cut short at the end of the buffer (as a fetch may
     return when it stops at max_bytes) is ignored instead of raising ProtocolError.
+    Records are built column-wise with C-level iteration; no Python code runs per record.
+    The cyclic garbage collector is paused meanwhile (as msgpack's documentation advises
+    for large unpacks): the records form no cycles, and without the pause collections
+    triggered by the many new lists and tuples cost more than the decoding itself.
     """
-    view = memoryview(data)
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        return _decode_records(memoryview(data), verify_crc, allow_partial_tail)
+    finally:
+        if paused:
+            gc.enable()
+
+
+def _decode_records(view: memoryview, verify_crc: bool, allow_partial_tail: bool) -> list[Record]:
     out: list[Record] = []
-    append = out.append
-    new_record = tuple.__new__
     for batch in _scan_allowing_tail(view, verify_crc, allow_partial_tail):
         header = batch.header
         body = view[batch.position + HEADER_BYTES : batch.position + header.size_bytes]
-        base_offset = header.base_offset
-        base_timestamp = header.base_timestamp
-        for index, (delta, key, value, headers) in enumerate(decode_body(header, body)):
-            append(
-                new_record(
-                    Record,
-                    (base_offset + index, base_timestamp + delta, key, value, headers),
-                )
-            )
+        records = _unpack_body(header, body)
+        if header.attributes & ATTRIBUTE_CONTROL:
+            continue
+        if type(records) is not list or len(records) != header.record_count:
+            raise ProtocolError("batch body does not hold record_count records")
+        deltas, keys, values, headers = _check_columns(records)
+        base = header.base_offset
+        offsets = range(base, base + len(records))
+        timestamps = map(header.base_timestamp.__add__, deltas)
+        out.extend(map(_new_record, repeat(Record), zip(offsets, timestamps, keys, values, headers)))
     return out
+
+
+_new_record = tuple.__new__
 
 
 def _scan_allowing_tail(
@@ -388,6 +463,23 @@ def _scan_allowing_tail(
         yield from scan_batches(view, verify_crc=verify_crc)
         return
     yield from scan_batches(view[: complete_prefix_bytes(view)], verify_crc=verify_crc)
+
+
+def last_batch_header(data: bytes | bytearray | memoryview) -> BatchHeader:
+    """The header of the last batch in a buffer of whole back-to-back batches (walking the
+    length fields only); raises ProtocolError if the buffer is empty or cut."""
+    position = 0
+    last = -1
+    end = len(data)
+    while end - position >= LOG_OVERHEAD_BYTES:
+        _, length = BASE_OFFSET_AND_LENGTH.unpack_from(data, position)
+        if length < BATCH_LENGTH_MIN or position + LOG_OVERHEAD_BYTES + length > end:
+            raise ProtocolError("batch length runs past the buffer")
+        last = position
+        position += LOG_OVERHEAD_BYTES + length
+    if last < 0 or position != end:
+        raise ProtocolError("buffer does not end on a batch boundary")
+    return parse_header(data, last)
 
 
 def complete_prefix_bytes(data: bytes | bytearray | memoryview) -> int:

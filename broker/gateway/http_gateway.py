@@ -7,7 +7,8 @@ request; pipelined requests wait in h11's buffer and are answered in order), han
 request to `JsonApi.handle`, and writes the response.
 
 Everything a peer can make us hold is bounded:
-- request heads by h11's ``max_incomplete_event_size`` (431 when larger);
+- request heads by h11's ``max_incomplete_event_size`` (431; a head that arrives whole in
+  one read of RECEIVE_BYTES may exceed it by at most that much);
 - request bodies by ``limits.http_body_bytes_max`` (413, checked against Content-Length
   before any body byte is read, and while reading chunked bodies);
 - connections by ``limits.http_connections_max``: further ones get an immediate 503 (a small
@@ -86,9 +87,12 @@ class HttpGateway:
         return HttpGatewayStatistics(self._connections, self._connections_accepted,
                                      self._connections_refused, self._requests_handled)
 
-    async def serve(self, listeners: list[trio.SocketListener], *,
-                    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
-                    ) -> None:
+    async def serve(
+        self,
+        listeners: list[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Accept and serve connections until cancelled; `task_status.started` once listening."""
         await trio.serve_listeners(self.handle_connection, listeners, task_status=task_status)
 
@@ -187,11 +191,12 @@ class HttpGateway:
         if length > self._limits.http_body_bytes_max:
             raise _BodyTooLarge
 
-    def _protocol_error(self, connection: h11.Connection, head: ApiRequest | None,
-                        error: h11.RemoteProtocolError) -> tuple[ApiRequest | None, ApiResponse] | None:
-        log_event(logger, logging.INFO, "http_protocol_error", error=str(error))
+    def _protocol_error(
+        self, connection: h11.Connection, head: ApiRequest | None, error: h11.RemoteProtocolError
+    ) -> tuple[ApiRequest | None, ApiResponse] | None:
         if connection.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return None
+            log_event(logger, logging.INFO, "http_protocol_error", error=str(error))
+            return None  # no response possible; one answered is logged by _log_error
         if error.error_status_hint == 431:
             message = f"the request line and headers are larger than {HEADER_BYTES_MAX} bytes"
         else:
@@ -295,7 +300,7 @@ def _content_length(request: h11.Request) -> int | None:
 
 
 async def serve_http(
-    handlers: "RequestHandlers",
+    handlers: RequestHandlers,
     listeners: list[trio.SocketListener],
     *,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,

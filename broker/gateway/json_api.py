@@ -21,8 +21,9 @@ import json
 import re
 import time
 import urllib.parse
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from broker.gateway.api_error import ApiError, api_error_from
 from broker.gateway.json_records import (
@@ -97,7 +98,7 @@ class JsonApi:
     `clock_ms` gives record timestamps (wall clock milliseconds by default).
     """
 
-    def __init__(self, handlers: "RequestHandlers", *,
+    def __init__(self, handlers: RequestHandlers, *,
                  clock_ms: Callable[[], int] = _wall_clock_ms) -> None:
         self._handlers = handlers
         self._clock_ms = clock_ms
@@ -270,7 +271,8 @@ class JsonApi:
                              partition_text: str) -> ApiResponse:
         """Records from ``?offset=`` (default: log start), at most ``?max=`` of them."""
         if not _DIGITS.fullmatch(partition_text):
-            raise bad_request(f"partition must be a non-negative integer, got {partition_text!r:.40}")
+            raise bad_request(
+                f"partition must be a non-negative integer, got {partition_text!r:.40}")
         partition = int(partition_text)
         encoding = _encoding_parameter(query)
         records_max = self._handlers.config.limits.http_fetch_records_max

@@ -75,7 +75,8 @@ def _check_object(value: Any, where: str, allowed: frozenset[str]) -> dict[str, 
     unknown = sorted(set(value) - allowed)
     if unknown:
         raise bad_request(
-            f"{where} has unknown field {unknown[0]!r}; allowed fields: {', '.join(sorted(allowed))}"
+            f"{where} has unknown field {unknown[0]!r}; "
+            f"allowed fields: {', '.join(sorted(allowed))}"
         )
     return value
 
@@ -119,7 +120,9 @@ def check_offset(value: Any, where: str) -> int:
     return value
 
 
-def parse_produce_records(document: Any, encoding: Encoding, records_max: int) -> list[ProducedRecord]:
+def parse_produce_records(
+    document: Any, encoding: Encoding, records_max: int
+) -> list[ProducedRecord]:
     """Check ``{"records": [...]}`` or a bare list of records; raises ApiError.
 
     More than `records_max` records is refused with 413.
@@ -134,8 +137,9 @@ def parse_produce_records(document: Any, encoding: Encoding, records_max: int) -
     if not document:
         raise bad_request("records must not be empty")
     if len(document) > records_max:
-        raise ApiError(413, f"a request may carry at most {records_max} records, got {len(document)}",
-                       code=ErrorCode.RECORD_LIST_TOO_LARGE)
+        raise ApiError(
+            413, f"a request may carry at most {records_max} records, got {len(document)}",
+            code=ErrorCode.RECORD_LIST_TOO_LARGE)
     return [_parse_record(entry, f"records[{index}]", encoding)
             for index, entry in enumerate(document)]
 
@@ -145,9 +149,9 @@ def _parse_record(entry: Any, where: str, encoding: Encoding) -> ProducedRecord:
     if "value" not in record:
         raise bad_request(f'{where} needs a "value" field (a string, or null for a tombstone)')
     partition = record.get("partition")
-    if partition is not None:
-        if type(partition) is not int or partition < 0:
-            raise bad_request(f"{where}.partition must be a non-negative integer, got {partition!r:.40}")
+    if partition is not None and (type(partition) is not int or partition < 0):
+        raise bad_request(
+            f"{where}.partition must be a non-negative integer, got {partition!r:.40}")
     return ProducedRecord(
         key=_decode_field(record.get("key"), f"{where}.key", encoding),
         value=_decode_field(record["value"], f"{where}.value", encoding),

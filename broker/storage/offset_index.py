@@ -16,6 +16,7 @@ from .index_file import IndexFile
 
 ENTRY = struct.Struct(">II")  # relative_offset u32, position u32
 RELATIVE_OFFSET_MAX = 2**32 - 1
+assert array("I").itemsize == 4 and array("q").itemsize == 8
 
 
 class OffsetIndex:

@@ -456,6 +456,8 @@ class PartitionLog:
     def _remove_segment(self, segment: Segment, now_ms: int) -> None:
         del self._segments[segment.base_offset]
         self._size_bytes -= segment.size_bytes
+        if segment in self._unsynced_segments:
+            self._unsynced_segments.remove(segment)
         try:
             paths = segment.rename_to_deleted()
         except OSError as error:
@@ -514,7 +516,8 @@ class PartitionLog:
     # Failures.
 
     def _check_usable(self) -> None:
-        assert not self._closed, "the log is closed"
+        if self._closed:
+            raise StorageError(f"{self._directory} is closed")
         if self._failure is not None:
             raise StorageError(f"{self._directory} is offline: {self._failure}")
 

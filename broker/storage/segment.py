@@ -198,6 +198,8 @@ class Segment:
         )
         for batch in scanner.batches():
             self._track_batch(batch.position, batch.header)
+        if self._last_batch_offset is not None:  # as `finalize` does, should no append follow
+            self._index_time(self._max_timestamp, self._last_batch_offset)
         removed = file_size - scanner.valid_end
         if removed:
             logger.warning(

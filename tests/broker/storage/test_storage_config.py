@@ -91,7 +91,8 @@ def test_unknown_key_is_named():
 
 def test_non_string_value_is_refused():
     with pytest.raises(ValueError, match=r"segment\.bytes"):
-        LogConfig.from_topic_configs({"segment.bytes": 2048}, LogConfig())  # type: ignore[dict-item]
+        configs = {"segment.bytes": 2048}
+        LogConfig.from_topic_configs(configs, LogConfig())  # type: ignore[arg-type]
 
 
 def test_message_states_the_rule():

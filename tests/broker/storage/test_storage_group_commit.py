@@ -1,0 +1,162 @@
+import errno
+import os
+import threading
+
+import pytest
+import trio
+import trio.testing
+
+from broker.storage import PartitionLog, StorageError
+from broker.storage.checkpoint import read_offset_checkpoint
+from storage_test_support import make_batch, small_config
+
+
+class FdatasyncSpy:
+    """Counts os.fdatasync calls; can hold them until released, or make them fail."""
+
+    def __init__(self, monkeypatch, *, hold=False, error=None):
+        self.calls = 0
+        self.started = threading.Event()
+        self.release = threading.Event()
+        if not hold:
+            self.release.set()
+        self._error = error
+        self._real = os.fdatasync
+        monkeypatch.setattr(os, "fdatasync", self)
+
+    def __call__(self, fd):
+        self.calls += 1
+        self.started.set()
+        self.release.wait()
+        if self._error is not None:
+            raise self._error
+        self._real(fd)
+
+
+def open_log(tmp_path, **overrides):
+    config = small_config(fsync="always", segment_bytes=1 << 20, **overrides)
+    return PartitionLog.open(tmp_path / "t-0", config, now_ms=0)
+
+
+async def test_concurrent_waiters_share_fsyncs(tmp_path, monkeypatch):
+    log = open_log(tmp_path)
+    spy = FdatasyncSpy(monkeypatch)
+    callers = 100
+    finished = []
+
+    async def produce(number):
+        info = log.append(make_batch(number), now_ms=0)
+        await log.wait_durable(info.last_offset + 1)
+        assert log.durable_offset > info.last_offset
+        assert log.high_watermark > info.last_offset
+        finished.append(number)
+
+    async with trio.open_nursery() as nursery:
+        for number in range(callers):
+            nursery.start_soon(produce, number)
+    assert sorted(finished) == list(range(callers))
+    assert 1 <= spy.calls <= callers // 10
+    assert log.durable_offset == log.high_watermark == log.log_end_offset == 2 * callers
+    assert log.statistics().pending_sync_waiters == 0
+    log.close()
+
+
+async def test_waiting_for_what_is_durable_runs_no_fsync(tmp_path, monkeypatch):
+    log = open_log(tmp_path)
+    log.append(make_batch(1), now_ms=0)
+    spy = FdatasyncSpy(monkeypatch)
+    await log.wait_durable(0)
+    assert spy.calls == 0
+    await log.flush()
+    await log.flush()
+    assert spy.calls == 1
+    log.close()
+
+
+async def test_cancelled_syncer_does_not_wedge_other_waiters(tmp_path, monkeypatch):
+    log = open_log(tmp_path)
+    spy = FdatasyncSpy(monkeypatch, hold=True)
+    log.append(make_batch(1), now_ms=0)
+    returned = []
+
+    async def wait(name, offset, task_status=trio.TASK_STATUS_IGNORED):
+        with trio.CancelScope() as scope:
+            task_status.started(scope)
+            await log.wait_durable(offset)
+            returned.append(name)
+
+    async with trio.open_nursery() as nursery:
+        syncer_scope = await nursery.start(wait, "syncer", 2)
+        await trio.to_thread.run_sync(spy.started.wait)  # its fdatasync is running
+        log.append(make_batch(2), now_ms=0)
+        nursery.start_soon(wait, "early", 2)
+        nursery.start_soon(wait, "late", 4)
+        await trio.testing.wait_all_tasks_blocked()
+        assert log.statistics().pending_sync_waiters == 3
+        syncer_scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert log.durable_offset == 0  # the fsync has not completed: nothing is durable
+        spy.release.set()
+    assert sorted(returned) == ["early", "late"] or sorted(returned) == ["early", "late", "syncer"]
+    assert log.durable_offset == log.high_watermark == 4
+    assert spy.calls == 2
+    log.close()
+
+
+async def test_waiter_cancelled_before_the_fsync_changes_nothing(tmp_path, monkeypatch):
+    log = open_log(tmp_path)
+    log.append(make_batch(1), now_ms=0)
+    spy = FdatasyncSpy(monkeypatch)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await log.wait_durable(2)
+    assert scope.cancelled_caught
+    assert spy.calls == 0 and log.durable_offset == 0 and log.high_watermark == 0
+    await log.wait_durable(2)
+    assert spy.calls == 1 and log.durable_offset == 2
+    log.close()
+
+
+async def test_failed_fsync_takes_the_log_offline(tmp_path, monkeypatch):
+    log = open_log(tmp_path)
+    log.append(make_batch(1), now_ms=0)
+    FdatasyncSpy(monkeypatch, error=OSError(errno.EIO, "input/output error"))
+    with pytest.raises(StorageError, match="offline"):
+        await log.wait_durable(2)
+    assert log.durable_offset == 0 and log.high_watermark == 0
+    with pytest.raises(StorageError, match="offline"):
+        log.append(make_batch(2), now_ms=0)
+    with pytest.raises(StorageError, match="offline"):
+        await log.wait_durable(2)
+    log.close()
+    assert not (log.directory / ".clean-shutdown").exists()
+
+
+async def test_rolled_segments_are_synced_too(tmp_path, monkeypatch):
+    log = open_log(tmp_path, segment_ms=10)
+    spy = FdatasyncSpy(monkeypatch)
+    log.append(make_batch(1), now_ms=0)
+    log.append(make_batch(2), now_ms=100)
+    assert log.segment_count == 2
+    await log.flush()
+    assert spy.calls == 2 and log.durable_offset == 4
+    log.append(make_batch(3), now_ms=100)
+    await log.flush()
+    assert spy.calls == 3
+    log.close()
+
+
+async def test_flush_records_the_recovery_point_at_most_every_ten_seconds(tmp_path, mock_clock):
+    log = open_log(tmp_path)
+    checkpoint = log.directory / "recovery-point"
+    log.append(make_batch(1), now_ms=0)
+    await log.flush()
+    assert read_offset_checkpoint(checkpoint) == 2
+    log.append(make_batch(2), now_ms=0)
+    mock_clock.jump(9.9)
+    await log.flush()
+    assert read_offset_checkpoint(checkpoint) == 2
+    mock_clock.jump(0.1)
+    await log.flush()
+    assert read_offset_checkpoint(checkpoint) == 4
+    log.close()
