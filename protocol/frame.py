@@ -12,6 +12,7 @@ Responses: header = [correlation_id, error_code, error_message, body]
 
 from __future__ import annotations
 
+import collections
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +35,7 @@ class Request:
     correlation_id: int
     client_id: str | None
     body: dict[str, Any]
-    tail: bytes = b""
+    tail: bytes | memoryview = b""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -43,7 +44,7 @@ class Response:
     error_code: ErrorCode
     error_message: str | None
     body: dict[str, Any]
-    tail: bytes = b""
+    tail: bytes | memoryview = b""
 
 
 def _pack(obj: Any) -> bytes:
@@ -96,6 +97,10 @@ class FrameDecoder:
 
     `feed()` adds bytes; `next_frame()` returns the next complete frame or None. A frame
     larger than `frame_bytes_max` raises ProtocolError as soon as its prefix arrives.
+
+    Received chunks are kept as they came and joined once per frame (or not at all when a
+    frame lies within one chunk), so a large frame costs one copy, not one per chunk. The
+    tail returned is a memoryview into that data.
     """
 
     def __init__(
@@ -105,42 +110,81 @@ class FrameDecoder:
         header_bytes_max: int = HEADER_BYTES_MAX_DEFAULT,
     ) -> None:
         assert frame_bytes_max > PREFIX_BYTES
-        self._buffer = bytearray()
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._offset = 0  # bytes of _chunks[0] already consumed
+        self._buffered = 0
         self._frame_bytes_max = frame_bytes_max
         self._header_bytes_max = header_bytes_max
 
     @property
     def buffered_bytes(self) -> int:
-        return len(self._buffer)
+        return self._buffered
 
     def bytes_wanted(self) -> int:
         """How many more bytes complete the current frame (at least 1)."""
-        buffered = len(self._buffer)
-        if buffered < 4:
-            return 4 - buffered
-        (length,) = struct.unpack_from(">I", self._buffer)
-        return max(1, 4 + length - buffered)
+        if self._buffered < 4:
+            return 4 - self._buffered
+        (length,) = struct.unpack(">I", self._peek(4))
+        return max(1, 4 + length - self._buffered)
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        self._buffer += data
+        if data:
+            self._chunks.append(bytes(data) if type(data) is not bytes else data)
+            self._buffered += len(data)
 
-    def next_frame(self) -> tuple[Any, bytes] | None:
-        buffer = self._buffer
-        if len(buffer) < PREFIX_BYTES:
-            if len(buffer) >= 4:
-                self._check_length(struct.unpack_from(">I", buffer)[0])
+    def next_frame(self) -> tuple[Any, memoryview] | None:
+        if self._buffered < PREFIX_BYTES:
+            if self._buffered >= 4:
+                self._check_length(struct.unpack(">I", self._peek(4))[0])
             return None
-        frame_length, header_length = PREFIX.unpack_from(buffer)
+        frame_length, header_length = PREFIX.unpack(self._peek(PREFIX_BYTES))
         self._check_length(frame_length)
         if header_length > frame_length - 4 or header_length > self._header_bytes_max:
             raise ProtocolError(f"frame header length {header_length} is invalid")
         total = 4 + frame_length
-        if len(buffer) < total:
+        if self._buffered < total:
             return None
-        header = decode_header(memoryview(buffer)[PREFIX_BYTES : PREFIX_BYTES + header_length])
-        tail = bytes(buffer[PREFIX_BYTES + header_length : total])
-        del buffer[:total]
-        return header, tail
+        frame = self._take(total)
+        header = decode_header(frame[PREFIX_BYTES : PREFIX_BYTES + header_length])
+        return header, frame[PREFIX_BYTES + header_length :]
+
+    def _peek(self, count: int) -> bytes:
+        first = self._chunks[0]
+        if len(first) - self._offset >= count:
+            return first[self._offset : self._offset + count]
+        data = bytearray()
+        for chunk in self._chunks:
+            data += chunk[self._offset :] if chunk is first else chunk
+            if len(data) >= count:
+                break
+        return bytes(data[:count])
+
+    def _take(self, count: int) -> memoryview:
+        """Remove and return the next `count` buffered bytes (which must be there)."""
+        first = self._chunks[0]
+        self._buffered -= count
+        if len(first) - self._offset >= count:
+            view = memoryview(first)[self._offset : self._offset + count]
+            self._offset += count
+            if self._offset == len(first):
+                self._chunks.popleft()
+                self._offset = 0
+            return view
+        parts = []
+        needed = count
+        while needed:
+            chunk = self._chunks[0]
+            available = len(chunk) - self._offset
+            if available <= needed:
+                parts.append(memoryview(chunk)[self._offset :])
+                self._chunks.popleft()
+                self._offset = 0
+                needed -= available
+            else:
+                parts.append(memoryview(chunk)[self._offset : self._offset + needed])
+                self._offset += needed
+                needed = 0
+        return memoryview(b"".join(parts))
 
     def _check_length(self, frame_length: int) -> None:
         if frame_length > self._frame_bytes_max:
@@ -172,7 +216,7 @@ def _is_int(value: Any) -> bool:
     return type(value) is int
 
 
-def parse_request(header: Any, tail: bytes) -> Request:
+def parse_request(header: Any, tail: bytes | memoryview) -> Request:
     """Turn a decoded frame header into a Request; raises ProtocolError when malformed."""
     if type(header) is not list or len(header) != 5:
         raise ProtocolError("request header must be a 5-element array")
@@ -193,7 +237,7 @@ def parse_request(header: Any, tail: bytes) -> Request:
     )
 
 
-def parse_response(header: Any, tail: bytes) -> Response:
+def parse_response(header: Any, tail: bytes | memoryview) -> Response:
     """Turn a decoded frame header into a Response; raises ProtocolError when malformed."""
     if type(header) is not list or len(header) != 4:
         raise ProtocolError("response header must be a 4-element array")

@@ -449,6 +449,8 @@ def _decode_records(view: memoryview, verify_crc: bool, allow_partial_tail: bool
         base = header.base_offset
         offsets = range(base, base + len(records))
         timestamps = map(header.base_timestamp.__add__, deltas)
+        if not any(headers):  # share one empty tuple: one object less per record for the GC
+            headers = repeat(())
         out.extend(map(_new_record, repeat(Record), zip(offsets, timestamps, keys, values, headers)))
     return out
 

@@ -192,7 +192,7 @@ class PartitionLog:
         max.message.bytes, or the whole append above segment.bytes), or StorageError (the
         disk failed; the log is then offline).
         """
-        assert isinstance(batches, bytearray)
+        assert isinstance(batches, bytearray) and -(2**31) <= leader_epoch < 2**31
         self._check_usable()
         scanned = self._validate(batches)
         base_offset = self.log_end_offset
@@ -317,17 +317,17 @@ class PartitionLog:
                 _sync_files, descriptors, rolled, self._directory if directory_changed else None
             )
             synced = True
+            self._mark_durable(target_offset, target_segment, target_position)
         except OSError as error:
             raise self._fail(f"cannot fsync {self._directory}: {error}") from error
         finally:
             for descriptor in descriptors:
                 os.close(descriptor)
-            if not synced:
+            if not synced:  # cancelled before the thread started, or failed
                 self._unsynced_segments[:0] = rolled
                 self._directory_changed |= directory_changed
             self._sync_done = None
             done.set()
-        self._mark_durable(target_offset, target_segment, target_position)
 
     def _mark_durable(self, offset: int, segment: Segment, position: int) -> None:
         if offset > self._durable_offset:
@@ -409,7 +409,8 @@ class PartitionLog:
         """Position up to which `segment` holds offsets below the high watermark."""
         if segment is self._high_watermark_segment:
             return self._high_watermark_position
-        assert segment.base_offset < self._high_watermark_segment.base_offset
+        if segment.base_offset >= self._high_watermark:
+            return 0  # a segment after the high watermark's one
         return segment.size_bytes
 
     def offset_for_timestamp(self, timestamp_ms: int) -> tuple[int, int] | None:
