@@ -33,34 +33,34 @@ async def test_sigkill_loses_no_acknowledged_record(broker_launcher, tmp_path, s
     data_dir = tmp_path / "data"
     broker = await broker_launcher.start(data_dir, "--fsync", fsync)
     acknowledged: dict[int, bytes] = {}
-    failed = 0
-    kill_after = chooser.randrange(2_000, 20_000)
+    kill_after_acks = chooser.randrange(1_000, 20_000)
+    kill_delay_s = chooser.random() * 0.05
+    sent = 0
+
+    async def collect_acknowledgements(receive) -> None:
+        # Deliveries complete in order per partition; record each acknowledged offset and pull
+        # the trigger at a random moment once enough acknowledgements have arrived.
+        async for value, delivery in receive:
+            try:
+                acknowledged[(await delivery.wait()).offset] = value
+            except client.DwalError:
+                continue
+            if len(acknowledged) == kill_after_acks:
+                await trio.sleep(kill_delay_s)  # a random moment, not a wait for a condition
+                broker.process.send_signal(signal.SIGKILL)
+
     async with client.connect(broker.bootstrap) as cluster:
         await Admin(cluster).create_topic("crash", configs={"segment.bytes": "65536"})
-        async with Producer(cluster, acks=1, retries=0, linger_ms=1, batch_size=4096) as producer:
-            pending = []
-            sent = 0
-            while broker.process.returncode is None and sent < 200_000:
-                pending.append((b"value-%d" % sent, await producer.send("crash", b"value-%d" % sent)))
-                sent += 1
-                if sent % 500 == 0:
-                    await trio.sleep(0)
-                    still = []
-                    for value, delivery in pending:
-                        if not delivery.done:
-                            still.append((value, delivery))
-                        elif delivery.error is None:
-                            acknowledged[delivery.result().offset] = value
-                        else:
-                            failed += 1
-                    pending = still
-                if sent == kill_after:
-                    broker.process.send_signal(signal.SIGKILL)
-            await producer.flush()
-            for value, delivery in pending:
-                if delivery.error is None:
-                    acknowledged[delivery.result().offset] = value
-    assert acknowledged, "the producer saw no acknowledgement before the kill"
+        send_channel, receive_channel = trio.open_memory_channel(10_000)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(collect_acknowledgements, receive_channel)
+            async with send_channel:
+                async with Producer(cluster, acks=1, retries=0, linger_ms=1, batch_size=4096) as producer:
+                    while not broker.exited.is_set() and sent < 500_000:
+                        value = b"value-%d" % sent
+                        await send_channel.send((value, await producer.send("crash", value)))
+                        sent += 1
+    assert len(acknowledged) >= kill_after_acks, "the broker died before the planned kill"
     await broker_launcher.signal(broker, signal.SIGKILL)
     restarted = await broker_launcher.start(data_dir, "--fsync", fsync)
     records = await read_everything(restarted.bootstrap, "crash")
@@ -68,11 +68,11 @@ async def test_sigkill_loses_no_acknowledged_record(broker_launcher, tmp_path, s
     stored = {r.offset: r.value for r in records}
     for offset, value in acknowledged.items():
         assert stored.get(offset) == value, f"acknowledged offset {offset} lost or changed"
-    sent_values = {b"value-%d" % i for i in range(kill_after + 100_000)}
+    sent_values = {b"value-%d" % i for i in range(sent)}
     assert all(r.value in sent_values for r in records), "the log holds a record nobody sent"
     assert len({r.value for r in records}) == len(records), "a record was stored twice"
     # the restarted broker goes on appending densely after the recovered tail
     async with client.connect(restarted.bootstrap) as cluster:
         async with Producer(cluster) as producer:
             delivery = await producer.send("crash", b"after-restart")
-        assert delivery.result().offset == len(records)
+        assert (await delivery.wait()).offset == len(records)
