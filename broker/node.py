@@ -17,6 +17,7 @@ from broker.config import BrokerConfig
 from broker.event_log import log_event
 from broker.request_handlers import RequestHandlers
 from broker.server import NativeServer
+from broker.storage import StorageError
 from broker.topic_registry import TopicRegistry
 
 logger = logging.getLogger("dwal.broker")
@@ -41,7 +42,7 @@ async def run_broker(config: BrokerConfig, *, task_status=trio.TASK_STATUS_IGNOR
         async with trio.open_nursery() as nursery:
             addresses = await _start_listeners(config, registry, nursery)
             nursery.start_soon(_retention_loop, registry, config.retention_check_interval_ms)
-            nursery.start_soon(_interval_flush_loop, registry)
+            nursery.start_soon(_periodic_flush_loop, registry)
             log_event(logger, logging.INFO, "broker_started", node_id=config.node_id,
                       host=addresses.host, port=addresses.port, http_port=addresses.http_port,
                       data_dir=str(config.data_dir))
@@ -72,14 +73,14 @@ async def _retention_loop(registry: TopicRegistry, interval_ms: int) -> None:
         await trio.sleep(interval_ms / 1000)
         try:
             await registry.apply_retention()
-        except OSError as error:
+        except (OSError, StorageError) as error:
             log_event(logger, logging.ERROR, "retention_failed", error=str(error))
 
 
-async def _interval_flush_loop(registry: TopicRegistry) -> None:
+async def _periodic_flush_loop(registry: TopicRegistry) -> None:
     while True:
         await trio.sleep(FLUSH_CHECK_INTERVAL_S)
         try:
-            await registry.flush_interval_logs()
-        except OSError as error:
+            await registry.flush_due_logs()
+        except (OSError, StorageError) as error:
             log_event(logger, logging.ERROR, "interval_flush_failed", error=str(error))

@@ -34,6 +34,7 @@ logger = logging.getLogger("dwal.topics")
 
 METADATA_FILE = "topics.json"
 DELETE_SUFFIX = "-delete"
+NEVER_POLICY_FLUSH_INTERVAL_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class TopicRegistry:
         self.topics: dict[str, TopicMetadata] = {}
         self.logs: dict[tuple[str, int], PartitionLog] = {}
         self._metadata_lock = trio.Lock()
-        self._interval_flushed_at: dict[tuple[str, int], float] = {}
+        self._flushed_at: dict[tuple[str, int], float] = {}
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -257,12 +258,18 @@ class TopicRegistry:
                           log_start_offset=log.log_start_offset)
         return removed
 
-    async def flush_interval_logs(self) -> None:
-        """Flush logs whose policy is `interval` and whose flush interval has passed."""
+    async def flush_due_logs(self) -> None:
+        """Flush logs whose periodic flush is due: every `flush.ms` under fsync=interval, and
+        every `NEVER_POLICY_FLUSH_INTERVAL_S` under fsync=never, which acknowledges without
+        fsync but still moves the recovery point on, so a restart rescans little of the log."""
         now = trio.current_time()
         for key, log in list(self.logs.items()):
-            if log.config.fsync != "interval" or log.durable_offset >= log.log_end_offset:
+            policy = log.config.fsync
+            if policy == "always" or log.durable_offset >= log.log_end_offset:
                 continue
-            if now - self._interval_flushed_at.get(key, 0.0) >= log.config.flush_interval_ms / 1000:
-                self._interval_flushed_at[key] = now
+            interval_s = (log.config.flush_interval_ms / 1000 if policy == "interval"
+                          else NEVER_POLICY_FLUSH_INTERVAL_S)
+            last = self._flushed_at.setdefault(key, now)
+            if now - last >= interval_s:
+                self._flushed_at[key] = now
                 await log.flush()

@@ -81,7 +81,7 @@ class ApiResponse:
     headers: tuple[tuple[str, str], ...] = ()
 
     def encode_body(self) -> bytes:
-        return json.dumps(self.body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return json.dumps(self.body, ensure_ascii=False).encode("utf-8")
 
 
 def _wall_clock_ms() -> int:

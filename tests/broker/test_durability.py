@@ -1,0 +1,109 @@
+"""fsync policies seen from outside: acks wait for fdatasync under `always`, group commit
+shares fsyncs between concurrent producers, consumers see only durable records, and periodic
+flushes happen under `interval` and `never`."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+import trio
+
+import client
+from broker.config import BrokerConfig
+from broker.limits import Limits
+from broker.node import run_broker
+from broker.storage import LogConfig
+from broker.topic_registry import NEVER_POLICY_FLUSH_INTERVAL_S, TopicRegistry
+from client import Admin, Producer
+from protocol import build_batch
+
+
+async def start_broker(nursery, tmp_path, fsync: str) -> str:
+    config = BrokerConfig(port=0, http_port=-1, data_dir=tmp_path / "data",
+                          log_defaults=LogConfig(fsync=fsync))
+    addresses = await nursery.start(run_broker, config)
+    return f"127.0.0.1:{addresses.port}"
+
+
+async def test_ack_waits_for_fdatasync_and_consumers_see_only_durable_records(
+    nursery, tmp_path, monkeypatch
+):
+    bootstrap = await start_broker(nursery, tmp_path, "always")
+    entered, release = threading.Event(), threading.Event()
+    real_fdatasync = os.fdatasync
+
+    def held_fdatasync(descriptor: int) -> None:
+        entered.set()
+        release.wait(30)
+        real_fdatasync(descriptor)
+
+    # Responses on one connection come back in request order, so the admin (which must get
+    # answers while the produce waits) has a connection of its own.
+    async with client.connect(bootstrap) as cluster, client.connect(bootstrap) as admin_cluster:
+        admin = Admin(admin_cluster)
+        await admin.create_topic("durable")
+        monkeypatch.setattr(os, "fdatasync", held_fdatasync)
+        async with Producer(cluster, acks=1, linger_ms=0) as producer:
+            delivery = await producer.send("durable", b"v")
+            await trio.to_thread.run_sync(entered.wait, 30)
+            partition = (await admin.describe_topic("durable")).partitions[0]
+            assert (partition.log_end_offset, partition.high_watermark) == (1, 0)
+            assert not delivery.done
+            release.set()
+            assert (await delivery.wait()).offset == 0
+        partition = (await admin.describe_topic("durable")).partitions[0]
+        assert partition.high_watermark == 1
+
+
+async def test_group_commit_shares_fsyncs_between_producers(nursery, tmp_path, monkeypatch):
+    bootstrap = await start_broker(nursery, tmp_path, "always")
+    calls = []
+    real_fdatasync = os.fdatasync
+
+    def counting_fdatasync(descriptor: int) -> None:
+        calls.append(descriptor)
+        real_fdatasync(descriptor)
+
+    producers, records_each = 8, 200
+    async with client.connect(bootstrap) as cluster:
+        await Admin(cluster).create_topic("shared")
+    monkeypatch.setattr(os, "fdatasync", counting_fdatasync)
+    requests = []
+
+    async def produce(index: int) -> None:
+        # one connection per producer, one record per request: every request needs an fsync
+        async with client.connect(bootstrap) as cluster:
+            async with Producer(cluster, acks=1, linger_ms=0) as producer:
+                for i in range(records_each):
+                    delivery = await producer.send("shared", b"%d-%d" % (index, i))
+                    await delivery.wait()
+                    requests.append(1)
+
+    async with trio.open_nursery() as group:
+        for index in range(producers):
+            group.start_soon(produce, index)
+    assert len(requests) == producers * records_each
+    assert 0 < len(calls) < len(requests), (len(calls), len(requests))
+
+
+@pytest.mark.parametrize("policy", ["interval", "never"])
+async def test_periodic_flush_moves_the_durable_offset(tmp_path, policy, mock_clock):
+    clock = mock_clock
+    registry = TopicRegistry.open(tmp_path, LogConfig(fsync=policy, flush_interval_ms=200), Limits())
+    try:
+        await registry.create_topic("p", 1)
+        log = registry.log("p", 0)
+        log.append(bytearray(build_batch([(1, None, b"x")])), now_ms=1)
+        interval_s = 0.2 if policy == "interval" else NEVER_POLICY_FLUSH_INTERVAL_S
+        await registry.flush_due_logs()  # starts the interval
+        assert log.durable_offset == 0
+        clock.jump(interval_s / 2)
+        await registry.flush_due_logs()
+        assert log.durable_offset == 0
+        clock.jump(interval_s)
+        await registry.flush_due_logs()
+        assert log.durable_offset == 1
+    finally:
+        registry.close()
