@@ -65,13 +65,15 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-async def produce(bootstrap: str, topic: str, value_bytes: int, seconds: float, records_max: int):
+async def produce(bootstrap: str, topic: str, value_bytes: int, seconds: float, records_max: int,
+                  buffer_bytes: int = 4 << 20):
     latencies: list[float] = []
     value = os.urandom(value_bytes // 2).hex().encode()[:value_bytes]
     async with client.connect(bootstrap) as cluster:
         await Admin(cluster).create_topic(topic)
         async with trio.open_nursery() as nursery:
-            async with Producer(cluster, acks=1, linger_ms=2, batch_size=256 * 1024) as producer:
+            async with Producer(cluster, acks=1, linger_ms=2, batch_size=256 * 1024,
+                                buffer_bytes_max=buffer_bytes) as producer:
                 send = producer.send_nowait
                 await producer.send(topic, value)  # loads metadata
                 count = 1

@@ -92,7 +92,6 @@ class RequestHandlers:
             ApiKey.DELETE_TOPICS: self.delete_topics,
             ApiKey.DESCRIBE_TOPICS: self.describe_topics,
             ApiKey.ALTER_CONFIGS: self.alter_configs,
-            ApiKey.PRODUCE: self.produce,
             ApiKey.FETCH: self.fetch,
             ApiKey.LIST_OFFSETS: self.list_offsets,
         }
@@ -197,11 +196,20 @@ class RequestHandlers:
 
     # -- produce ----------------------------------------------------------------------
 
-    async def produce(self, body: dict, tail: bytes) -> Reply:
+    async def start_produce(self, body: dict, tail: bytes | memoryview) -> Callable[[], Awaitable[Reply]]:
+        """Append every partition's batches now and return the rest of the work (waiting for
+        durability) as a coroutine function.
+
+        The server calls this from the connection's reader, in the order requests arrive, so
+        pipelined produce requests append in the order they were sent; only the waits run
+        concurrently. It awaits only to auto-create a topic."""
         acks = body["acks"]
         if acks not in (ACKS_NONE, ACKS_LEADER, ACKS_ALL):
             raise DwalError(ErrorCode.INVALID_REQUIRED_ACKS, f"acks must be 0, 1 or -1 (all), not {acks}")
         check_tail_sizes([p["size"] for t in body["topics"] for p in t["partitions"]], len(tail))
+        if self.config.auto_create_topics:
+            for entry in body["topics"]:
+                await self._auto_create(entry["topic"])
         view = memoryview(tail)
         position = 0
         topics: list[dict[str, Any]] = []
@@ -209,8 +217,6 @@ class RequestHandlers:
         for entry in body["topics"]:
             results: list[dict[str, Any]] = []
             topics.append({"topic": entry["topic"], "partitions": results})
-            if self.config.auto_create_topics:
-                await self._auto_create(entry["topic"])
             for part in entry["partitions"]:
                 chunk = view[position : position + part["size"]]
                 position += part["size"]
@@ -218,15 +224,21 @@ class RequestHandlers:
                 results.append(result)
                 if wait is not None:
                     waits.append(wait)
-        if waits:
-            await self._wait_durable(waits, body["timeout_ms"])
-        return Reply({"topics": topics}, send=acks != ACKS_NONE)
+
+        async def finish() -> Reply:
+            if waits:
+                await self._wait_durable(waits, body["timeout_ms"])
+            return Reply({"topics": topics}, send=acks != ACKS_NONE)
+
+        return finish
 
     def _append(self, topic: str, partition: int, chunk: memoryview, acks: int):
         try:
             log = self.registry.log(topic, partition)
             if len(chunk) == 0:
                 raise DwalError(ErrorCode.INVALID_RECORD, "a partition's record data is empty")
+            # A frame's tail is a view of received bytes; appending patches offsets in place,
+            # so read-only views are copied once into a bytearray here.
             info = log.append(bytearray(chunk), now_ms=now_ms())
         except Exception as error:
             code, message = _error_of(error)

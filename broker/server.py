@@ -17,6 +17,7 @@ a frame that decodes but carries a bad request gets an error reply and the conne
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import logging
 import os
@@ -132,25 +133,16 @@ class NativeServer:
             return
         pending = PendingReply(request.correlation_id)
         await send.send(pending)
-        nursery.start_soon(self._handle, request, pending)
-
-    async def _handle(self, request, pending: PendingReply) -> None:
-        reply: Reply
         try:
-            reply = await self._call(request)
-        except DwalError as error:
-            reply = _error_reply(error.code, error.message)
-        except ProtocolError as error:
-            reply = _error_reply(ErrorCode.INVALID_REQUEST, str(error))
-        except Exception as error:  # a bug must not take the broker down: report and go on
-            log_event(logger, logging.ERROR, "request_failed", api_key=request.api_key,
-                      error=repr(error))
-            logger.debug("request failure", exc_info=True)
-            reply = _error_reply(ErrorCode.UNKNOWN_SERVER_ERROR, f"internal error: {error!r}")
-        self.requests_handled += 1
-        _finish(pending, reply)
+            work = await self._start(request)
+        except Exception as error:
+            self._finish_with_error(pending, request, error)
+            return
+        nursery.start_soon(self._complete, work, request, pending)
 
-    async def _call(self, request) -> Reply:
+    async def _start(self, request):
+        """Check the request and do its order-sensitive part now, in arrival order; returns
+        the coroutine function that produces the reply (run concurrently)."""
         try:
             api_key = ApiKey(request.api_key)
         except ValueError:
@@ -162,7 +154,32 @@ class NativeServer:
                 f"{api_key.name} supports versions {low}..{high}, not {request.api_version}",
             )
         body = check_request(api_key, request.body)
-        return await self.handlers.table[api_key](body, request.tail)
+        if api_key == ApiKey.PRODUCE:
+            return await self.handlers.start_produce(body, request.tail)
+        handler = self.handlers.table[api_key]
+        return functools.partial(handler, body, request.tail)
+
+    async def _complete(self, work, request, pending: PendingReply) -> None:
+        try:
+            reply = await work()
+        except Exception as error:
+            self._finish_with_error(pending, request, error)
+            return
+        self.requests_handled += 1
+        _finish(pending, reply)
+
+    def _finish_with_error(self, pending: PendingReply, request, error: Exception) -> None:
+        if isinstance(error, DwalError):
+            reply = _error_reply(error.code, error.message)
+        elif isinstance(error, ProtocolError):
+            reply = _error_reply(ErrorCode.INVALID_REQUEST, str(error))
+        else:  # a bug must not take the broker down: report it and go on
+            log_event(logger, logging.ERROR, "request_failed", api_key=request.api_key,
+                      error=repr(error))
+            logger.debug("request failure", exc_info=error)
+            reply = _error_reply(ErrorCode.UNKNOWN_SERVER_ERROR, f"internal error: {error!r}")
+        self.requests_handled += 1
+        _finish(pending, reply)
 
     async def _write_replies(self, stream: trio.SocketStream, receive, connection_scope) -> None:
         async with receive:

@@ -48,6 +48,32 @@ class _Waiter:
     error: Exception | None = None
 
 
+class PendingRequest:
+    """A request written to a broker, whose answer is still to come."""
+
+    def __init__(self, connection: "BrokerConnection", waiter: _Waiter) -> None:
+        self._connection = connection
+        self._waiter = waiter
+
+    async def wait(self) -> Response:
+        """The response; raises ConnectionFailed, DwalError (a request-level error) or
+        ProtocolError. Cancelling it before the answer closes the connection."""
+        waiter = self._waiter
+        try:
+            await waiter.done.wait()
+        except BaseException:
+            if not waiter.done.is_set():
+                self._connection._fail(ConnectionError("request cancelled while awaiting its answer"))
+            raise
+        if waiter.error is not None:
+            raise waiter.error
+        response = waiter.response
+        assert response is not None
+        if response.error_code != ErrorCode.NONE:
+            raise DwalError(response.error_code, response.error_message)
+        return response
+
+
 class BrokerConnection:
     """Create with `await BrokerConnection.open(host, port, nursery)`; close with `aclose()`."""
 
@@ -89,10 +115,22 @@ class BrokerConnection:
         call whose request was already written closes the connection (its answer would
         otherwise be misattributed), so callers cancel only to give up on the broker.
         """
+        pending = await self.send_request(api_key, body, tail, expect_response=expect_response)
+        return await pending.wait()
+
+    async def send_request(self, api_key: ApiKey, body: dict[str, Any], tail: bytes = b"", *,
+                           expect_response: bool = True) -> "PendingRequest":
+        """Write a request and return at once; `await pending.wait()` gives its response.
+
+        Requests are written in the order of the calls that return, so a caller that awaits
+        each `send_request` before the next one knows the broker sees them in that order.
+        Waits while `inflight_requests_max` requests are outstanding. Raises ConnectionFailed.
+        """
         if self._closed_error is not None:
             raise ConnectionFailed(f"connection to {self.address} is closed: {self._closed_error}")
-        async with self._slots:
-            waiter = _Waiter(next(self._correlation_ids), api_key)
+        await self._slots.acquire()
+        waiter = _Waiter(next(self._correlation_ids), api_key)
+        try:
             frame = encode_request(
                 Request(api_key=int(api_key), api_version=0, correlation_id=waiter.correlation_id,
                         client_id=self.client_id, body=body, tail=tail)
@@ -108,22 +146,21 @@ class BrokerConnection:
                 except BaseException:
                     self._fail(ConnectionError("request cancelled mid-send"))
                     raise
-            if not expect_response:
-                return Response(correlation_id=waiter.correlation_id, error_code=ErrorCode.NONE,
-                                error_message=None, body={})
-            try:
-                await waiter.done.wait()
-            except BaseException:
-                if not waiter.done.is_set():
-                    self._fail(ConnectionError("request cancelled while awaiting its answer"))
-                raise
-        if waiter.error is not None:
-            raise waiter.error
-        response = waiter.response
-        assert response is not None
-        if response.error_code != ErrorCode.NONE:
-            raise DwalError(response.error_code, response.error_message)
-        return response
+        except BaseException:
+            if not expect_response or waiter not in self._waiters:
+                self._release(waiter)
+            raise
+        if not expect_response:
+            waiter.response = Response(correlation_id=waiter.correlation_id, error_code=ErrorCode.NONE,
+                                       error_message=None, body={})
+            self._release(waiter)
+        return PendingRequest(self, waiter)
+
+    def _release(self, waiter: "_Waiter") -> None:
+        """The waiter is answered (or failed): free its slot and wake whoever awaits it."""
+        if not waiter.done.is_set():
+            waiter.done.set()
+            self._slots.release()
 
     async def _read_responses(self) -> None:
         decoder = FrameDecoder(frame_bytes_max=RESPONSE_FRAME_BYTES_MAX)
@@ -157,7 +194,7 @@ class BrokerConnection:
                 response = Response(correlation_id=response.correlation_id, error_code=ErrorCode.NONE,
                                     error_message=None, body=body, tail=response.tail)
         waiter.response = response
-        waiter.done.set()
+        self._release(waiter)
 
     def _fail(self, error: Exception) -> None:
         if self._closed_error is None:
@@ -165,7 +202,7 @@ class BrokerConnection:
         while self._waiters:
             waiter = self._waiters.popleft()
             waiter.error = ConnectionFailed(f"connection to {self.address} failed: {error}")
-            waiter.done.set()
+            self._release(waiter)
         self._stream.socket.close()  # wakes the reader task, which then ends
 
     async def aclose(self) -> None:

@@ -1,12 +1,15 @@
 """The producer: per-partition batching, key partitioning, retries, delivery results.
 
-Theory of operation. `send()` appends a record to the open batch of its partition (a plain
-list of ``[timestamp_delta, key, value, headers]``, the shape the batch codec packs in one
-call) and returns a `Delivery`. A batch is sealed when it reaches `batch_size` bytes or has
-lingered `linger_ms`; the sender task encodes sealed batches and sends, per leader broker, one
-Produce request carrying every ready batch of each partition that has no request in flight.
-One request in flight per partition keeps records in order across retries, while one request
-may carry several batches of the partition, so ordering costs no throughput.
+Theory of operation. `send()` packs a record (``[timestamp_delta, key, value, headers]``)
+into the open batch of its partition and returns a `Delivery`. A batch is sealed when it
+reaches `batch_size` bytes or has lingered `linger_ms`; the sender task encodes sealed
+batches and writes, per leader broker, Produce requests carrying the ready batches of each
+partition with fewer than `max_in_flight_per_partition` requests in flight. The sender
+writes requests one after another and the broker appends a connection's requests in the
+order they arrive, so a partition's records are stored in `send()` order. A retried batch
+keeps that order when `max_in_flight_per_partition` is 1; with more (the default, 5, as
+Kafka's), a batch that fails with a partition-level retriable error while a later batch of
+its partition succeeds is stored after it, as in Kafka without idempotence.
 Buffered bytes are bounded by `buffer_bytes_max`: `send()` waits for space when full.
 """
 
@@ -32,6 +35,7 @@ from protocol import (
     Compression,
     DwalError,
     ErrorCode,
+    ProtocolError,
     encode_packed_batch,
     partition_for_key,
 )
@@ -58,7 +62,8 @@ class _Batch:
     """
 
     __slots__ = ("topic", "partition", "packer", "count", "size_bytes", "base_timestamp",
-                 "max_timestamp", "created", "encoded", "attempts", "base_offset", "error", "done")
+                 "max_timestamp", "created", "encoded", "attempts", "base_offset", "error", "done",
+                 "sequence")
 
     def __init__(self, topic: str, partition: int, base_timestamp: int, created: float) -> None:
         self.topic = topic
@@ -74,6 +79,7 @@ class _Batch:
         self.base_offset = -1
         self.error: DwalError | None = None
         self.done = trio.Event()
+        self.sequence = 0  # set when sealed: batches of a partition are sent in this order
 
     def encode(self, compression: Compression) -> bytes:
         if self.encoded is None:
@@ -145,7 +151,7 @@ def _parse_acks(acks: int | str) -> int:
 @dataclass
 class _PartitionQueue:
     ready: collections.deque = field(default_factory=collections.deque)
-    inflight: bool = False
+    inflight: int = 0  # produce requests carrying this partition's batches, or backing off
 
 
 class Producer:
@@ -161,9 +167,12 @@ class Producer:
                  batch_size: int = 64 * 1024, compression: str = "none", retries: int = 5,
                  retry_backoff_ms: int = 100, buffer_bytes_max: int = 64 * 1024 * 1024,
                  request_bytes_max: int = 8 * 1024 * 1024, request_timeout_ms: int = 30_000,
+                 max_in_flight_per_partition: int = 5,
                  allow_auto_topic_creation: bool = True) -> None:
-        if batch_size < 1 or buffer_bytes_max < batch_size or linger_ms < 0 or retries < 0:
+        if (batch_size < 1 or buffer_bytes_max < batch_size or linger_ms < 0 or retries < 0
+                or max_in_flight_per_partition < 1):
             raise ValueError("invalid producer limits")
+        self.max_in_flight_per_partition = max_in_flight_per_partition
         self.cluster = cluster
         self.acks = _parse_acks(acks)
         self.linger_s = linger_ms / 1000
@@ -182,6 +191,7 @@ class Producer:
         self._buffered_bytes = 0
         self._unfinished_batches = 0
         self._inflight_requests = 0
+        self._sealed_batches = 0
         self._records_sent = 0
         self._batches_failed = 0
         self._wakeup = trio.Event()
@@ -287,6 +297,8 @@ class Producer:
     def _seal(self, batch: _Batch) -> None:
         key = (batch.topic, batch.partition)
         del self._open[key]
+        self._sealed_batches += 1
+        batch.sequence = self._sealed_batches
         self._queues[key].ready.append(batch)
         if self._sticky.get(batch.topic) == batch.partition:
             count = self._partition_counts.get(batch.topic, 1)
@@ -321,46 +333,66 @@ class Producer:
             now = trio.current_time()
             for batch in [b for b in self._open.values() if b.created + self.linger_s <= now]:
                 self._seal(batch)
-            self._wakeup = trio.Event()
-            self._dispatch_ready()
+            while by_topic := self._take_ready():
+                await self._send(by_topic)
             await trio.lowlevel.checkpoint()
 
-    def _dispatch_ready(self) -> None:
-        assert self._nursery is not None
+    def _take_ready(self) -> dict[str, list[tuple[int, list[_Batch]]]]:
+        """Ready batches for one request (at most `request_bytes_max`), from partitions with
+        fewer than `max_in_flight_per_partition` requests in flight."""
         by_topic: dict[str, list[tuple[int, list[_Batch]]]] = {}
         request_bytes = 0
         for (topic, partition), queue in self._queues.items():
-            if queue.inflight or not queue.ready or request_bytes >= self.request_bytes_max:
+            if (queue.inflight >= self.max_in_flight_per_partition or not queue.ready
+                    or request_bytes >= self.request_bytes_max):
                 continue
             batches = []
             while queue.ready and request_bytes < self.request_bytes_max:
                 batch = queue.ready.popleft()
                 batches.append(batch)
                 request_bytes += len(batch.encode(self.compression))
-            queue.inflight = True
+            queue.inflight += 1
             by_topic.setdefault(topic, []).append((partition, batches))
-        if by_topic:
-            self._inflight_requests += 1
-            self._nursery.start_soon(self._send_request, by_topic)
+        return by_topic
 
-    async def _send_request(self, by_topic: dict[str, list[tuple[int, list[_Batch]]]]) -> None:
+    async def _send(self, by_topic: dict[str, list[tuple[int, list[_Batch]]]]) -> None:
+        """Write one Produce request, then await its answer in another task. Writes happen
+        here, one after another, so the broker appends a partition's batches in order."""
+        assert self._nursery is not None
+        self._inflight_requests += 1
         try:
             # Single-broker today: every partition's leader is the broker we reach. Group by
             # leader here once partitions have different leaders.
             topic, entries = next(iter(by_topic.items()))
             connection = await self.cluster.leader_connection(topic, entries[0][0])
             body, tail = _produce_body(by_topic, self.acks, self.request_timeout_ms)
-            response = await connection.request(ApiKey.PRODUCE, body, tail,
-                                                 expect_response=self.acks != ACKS_NONE)
+            pending = await connection.send_request(ApiKey.PRODUCE, body, tail,
+                                                    expect_response=self.acks != ACKS_NONE)
         except DwalError as error:
+            self._request_done(by_topic, None, error)
+        else:
+            self._nursery.start_soon(self._await_answer, by_topic, pending)
+
+    async def _await_answer(self, by_topic, pending) -> None:
+        try:
+            response = await pending.wait()
+        except (DwalError, ProtocolError) as error:
+            if isinstance(error, ProtocolError):
+                error = DwalError(ErrorCode.UNKNOWN_SERVER_ERROR, f"malformed answer: {error}")
+            self._request_done(by_topic, None, error)
+        else:
+            self._request_done(by_topic, response.body, None)
+
+    def _request_done(self, by_topic, body: dict | None, error: DwalError | None) -> None:
+        self._inflight_requests -= 1
+        if error is not None:
             for topic, entries in by_topic.items():
                 for partition, batches in entries:
                     self._complete(topic, partition, batches, error)
         else:
-            self._handle_response(by_topic, response.body)
-        finally:
-            self._inflight_requests -= 1
-            self._wakeup.set()
+            assert body is not None
+            self._handle_response(by_topic, body)
+        self._wakeup.set()
 
     def _handle_response(self, by_topic, body: dict) -> None:
         results = {(t["topic"], p["partition"]): p for t in body.get("topics", []) for p in t["partitions"]}
@@ -386,11 +418,13 @@ class Producer:
             batches = [b for b in batches if b.attempts >= self.retries]
             for batch in retry:
                 batch.attempts += 1
-            queue.ready.extendleft(reversed(retry))
+            # Answers of several failed requests arrive in any order: keep the seal order.
+            queue.ready = collections.deque(sorted([*retry, *queue.ready], key=_sequence_of))
             assert self._nursery is not None
+            # the request's slot stays taken during the backoff, and is released after it
             self._nursery.start_soon(self._retry_after_backoff, topic, partition, error)
         else:
-            queue.inflight = False
+            queue.inflight -= 1
         offset = base_offset
         for batch in batches:
             batch.error = error
@@ -415,8 +449,12 @@ class Producer:
                           ErrorCode.UNKNOWN_TOPIC_OR_PARTITION) or isinstance(error, ConnectionFailed):
             self.cluster.invalidate(topic)
         await trio.sleep(self.retry_backoff_s)
-        self._queues[(topic, partition)].inflight = False
+        self._queues[(topic, partition)].inflight -= 1
         self._wakeup.set()
+
+
+def _sequence_of(batch: _Batch) -> int:
+    return batch.sequence
 
 
 def _checked_headers(headers: Sequence[tuple[str, bytes]]) -> list[tuple[str, bytes]]:

@@ -228,3 +228,16 @@ async def test_oversize_frame_closes_only_that_connection(broker):
             assert await stream.receive_some(100) == b""
     async with client.connect(broker.bootstrap) as cluster:
         assert await Admin(cluster).list_topics() == []
+
+
+async def test_pipelined_requests_keep_send_order_within_a_partition(broker):
+    async with client.connect(broker.bootstrap) as cluster:
+        await Admin(cluster).create_topic("ordered")
+        # tiny batches and no linger: many produce requests in flight on one connection
+        async with Producer(cluster, linger_ms=0, batch_size=64, max_in_flight_per_partition=5) as producer:
+            for i in range(5000):
+                await producer.send("ordered", b"%06d" % i)
+                if i % 97 == 0:
+                    await trio.sleep(0)  # let the sender interleave with sends
+        got = (await consume_all(cluster, "ordered", 5000))[0]
+    assert [r.value for r in got] == [b"%06d" % i for i in range(5000)]
