@@ -50,6 +50,7 @@ class PendingReply:
     correlation_id: int
     done: trio.Event = field(default_factory=trio.Event)
     reply: Reply | None = None
+    abandoned: bool = False  # the connection ended first: release the reply, never write it
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class ServerStatistics:
     connections: int
     requests_handled: int
     protocol_errors: int
+    replies_pending: int  # read but not yet written back, over all connections
 
 
 class NativeServer:
@@ -66,9 +68,11 @@ class NativeServer:
         self.connections = 0
         self.requests_handled = 0
         self.protocol_errors = 0
+        self.replies_pending = 0
 
     def statistics(self) -> ServerStatistics:
-        return ServerStatistics(self.connections, self.requests_handled, self.protocol_errors)
+        return ServerStatistics(self.connections, self.requests_handled, self.protocol_errors,
+                                self.replies_pending)
 
     async def serve(self, listeners: list[trio.SocketListener], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         await trio.serve_listeners(self.handle_connection, listeners, task_status=task_status)
@@ -129,10 +133,12 @@ class NativeServer:
                 raise
             pending = PendingReply(correlation_id)
             await send.send(pending)
+            self.replies_pending += 1
             _finish(pending, _error_reply(ErrorCode.INVALID_REQUEST, "malformed request header"))
             return
         pending = PendingReply(request.correlation_id)
         await send.send(pending)
+        self.replies_pending += 1
         try:
             work = await self._start(request)
         except Exception as error:
@@ -182,21 +188,40 @@ class NativeServer:
         _finish(pending, reply)
 
     async def _write_replies(self, stream: trio.SocketStream, receive, connection_scope) -> None:
-        async with receive:
+        """Write replies in request order until the reader is done or the peer is gone; then
+        end the connection and release every reply that will never be written."""
+        current: PendingReply | None = None
+        try:
             async for pending in receive:
+                current = pending
                 await pending.done.wait()
                 reply = pending.reply
                 assert reply is not None
+                current = None
                 try:
                     if reply.send:
                         await _send_reply(stream, pending.correlation_id, reply)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    connection_scope.cancel()
                     return
                 finally:
                     reply.close()
-        # The reader is done and every reply is written: the connection is over.
-        connection_scope.cancel()
+                    self.replies_pending -= 1
+        finally:
+            connection_scope.cancel()
+            if current is not None:
+                self._abandon(current)
+            while True:
+                try:
+                    self._abandon(receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+            receive.close()
+
+    def _abandon(self, pending: PendingReply) -> None:
+        pending.abandoned = True
+        self.replies_pending -= 1
+        if pending.reply is not None:
+            pending.reply.close()
 
 
 def _peer_of(stream: trio.SocketStream) -> str:
@@ -210,6 +235,8 @@ def _peer_of(stream: trio.SocketStream) -> str:
 def _finish(pending: PendingReply, reply: Reply) -> None:
     pending.reply = reply
     pending.done.set()
+    if pending.abandoned:  # nobody will write it: release its file slices now
+        reply.close()
 
 
 def _error_reply(code: ErrorCode, message: str) -> Reply:
