@@ -34,9 +34,22 @@ LATENCY_SAMPLE_EVERY = 997
 
 async def run_broker(data_dir: str, fsync: str, task_status=trio.TASK_STATUS_IGNORED):
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "client.cli", "broker", "--port", "0", "--http-port", "-1",
-         "--data-dir", data_dir, "--fsync", fsync],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "client.cli",
+            "broker",
+            "--port",
+            "0",
+            "--http-port",
+            "-1",
+            "--data-dir",
+            data_dir,
+            "--fsync",
+            fsync,
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
     output = bytearray()
@@ -65,15 +78,22 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-async def produce(bootstrap: str, topic: str, value_bytes: int, seconds: float, records_max: int,
-                  buffer_bytes: int = 4 << 20):
+async def produce(
+    bootstrap: str,
+    topic: str,
+    value_bytes: int,
+    seconds: float,
+    records_max: int,
+    buffer_bytes: int = 4 << 20,
+):
     latencies: list[float] = []
     value = os.urandom(value_bytes // 2).hex().encode()[:value_bytes]
     async with client.connect(bootstrap) as cluster:
         await Admin(cluster).create_topic(topic)
         async with trio.open_nursery() as nursery:
-            async with Producer(cluster, acks=1, linger_ms=2, batch_size=256 * 1024,
-                                buffer_bytes_max=buffer_bytes) as producer:
+            async with Producer(
+                cluster, acks=1, linger_ms=2, batch_size=256 * 1024, buffer_bytes_max=buffer_bytes
+            ) as producer:
                 send = producer.send_nowait
                 await producer.send(topic, value)  # loads metadata
                 count = 1
@@ -88,8 +108,12 @@ async def produce(bootstrap: str, topic: str, value_bytes: int, seconds: float, 
                         await producer.send(topic, value)
                         count += 1
                     if count % LATENCY_SAMPLE_EVERY < 1000:
-                        nursery.start_soon(_sample_latency, await producer.send(topic, value),
-                                           time.perf_counter(), latencies)
+                        nursery.start_soon(
+                            _sample_latency,
+                            await producer.send(topic, value),
+                            time.perf_counter(),
+                            latencies,
+                        )
                         count += 1
                     await trio.lowlevel.checkpoint()
                     if time.perf_counter() >= deadline:
@@ -106,8 +130,12 @@ async def _sample_latency(delivery, sent_at: float, latencies: list[float]) -> N
 
 async def consume(bootstrap: str, topic: str, expected: int) -> tuple[int, float, int]:
     async with client.connect(bootstrap) as cluster:
-        consumer = Consumer(cluster, auto_offset_reset="earliest", partition_max_bytes=16 << 20,
-                            fetch_max_bytes=32 << 20)
+        consumer = Consumer(
+            cluster,
+            auto_offset_reset="earliest",
+            partition_max_bytes=16 << 20,
+            fetch_max_bytes=32 << 20,
+        )
         await consumer.assign_topic(topic)
         count = 0
         total_bytes = 0
@@ -119,26 +147,38 @@ async def consume(bootstrap: str, topic: str, expected: int) -> tuple[int, float
         return count, time.perf_counter() - started, total_bytes
 
 
-async def scenario(fsync: str, value_bytes: int, seconds: float, records_max: int, with_consume: bool):
+async def scenario(
+    fsync: str, value_bytes: int, seconds: float, records_max: int, with_consume: bool
+):
     with tempfile.TemporaryDirectory(prefix="dwal-bench-") as data_dir:
         async with trio.open_nursery() as nursery:
             port = await nursery.start(run_broker, data_dir, fsync)
             bootstrap = f"127.0.0.1:{port}"
             label = f"{value_bytes}B" if value_bytes < 1024 else f"{value_bytes // 1024}KiB"
-            count, elapsed, latencies = await produce(bootstrap, "bench", value_bytes, seconds, records_max)
+            count, elapsed, latencies = await produce(
+                bootstrap, "bench", value_bytes, seconds, records_max
+            )
             rate = count / elapsed
-            print(f"dwal_produce_{label}_fsync_{fsync} records/s={rate:.0f} "
-                  f"MB/s={rate * value_bytes / 1e6:.1f} p50_ms={percentile(latencies, 0.5):.2f} "
-                  f"p99_ms={percentile(latencies, 0.99):.2f}", flush=True)
+            print(
+                f"dwal_produce_{label}_fsync_{fsync} records/s={rate:.0f} "
+                f"MB/s={rate * value_bytes / 1e6:.1f} p50_ms={percentile(latencies, 0.5):.2f} "
+                f"p99_ms={percentile(latencies, 0.99):.2f}",
+                flush=True,
+            )
             if with_consume:
                 got, elapsed, total = await consume(bootstrap, "bench", count)
-                print(f"dwal_consume_{label} records/s={got / elapsed:.0f} "
-                      f"MB/s={total / elapsed / 1e6:.1f}", flush=True)
+                print(
+                    f"dwal_consume_{label} records/s={got / elapsed:.0f} "
+                    f"MB/s={total / elapsed / 1e6:.1f}",
+                    flush=True,
+                )
             nursery.cancel_scope.cancel()
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=5.0, help="produce duration per scenario")
     parser.add_argument("--records", type=int, default=5_000_000, help="max records per scenario")
     parser.add_argument("--policies", default="never,interval,always")

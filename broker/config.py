@@ -136,7 +136,9 @@ def _validate(config: BrokerConfig) -> None:
         if not 0 <= port <= 65535:
             raise ConfigError(f"{name} must be between 0 and 65535, got {port}")
     if not -1 <= config.http_port <= 65535:
-        raise ConfigError(f"http_port must be between -1 (disabled) and 65535, got {config.http_port}")
+        raise ConfigError(
+            f"http_port must be between -1 (disabled) and 65535, got {config.http_port}"
+        )
     if config.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("log_level must be one of debug, info, warning, error")
     if not 1 <= config.default_partitions <= config.limits.partitions_per_topic_max:

@@ -43,9 +43,16 @@ async def run_broker(config: BrokerConfig, *, task_status=trio.TASK_STATUS_IGNOR
             addresses = await _start_listeners(config, registry, nursery)
             nursery.start_soon(_retention_loop, registry, config.retention_check_interval_ms)
             nursery.start_soon(_periodic_flush_loop, registry)
-            log_event(logger, logging.INFO, "broker_started", node_id=config.node_id,
-                      host=addresses.host, port=addresses.port, http_port=addresses.http_port,
-                      data_dir=str(config.data_dir))
+            log_event(
+                logger,
+                logging.INFO,
+                "broker_started",
+                node_id=config.node_id,
+                host=addresses.host,
+                port=addresses.port,
+                http_port=addresses.http_port,
+                data_dir=str(config.data_dir),
+            )
             task_status.started(addresses)
     finally:
         with trio.CancelScope(shield=True):
@@ -53,7 +60,9 @@ async def run_broker(config: BrokerConfig, *, task_status=trio.TASK_STATUS_IGNOR
         log_event(logger, logging.INFO, "broker_stopped", node_id=config.node_id)
 
 
-async def _start_listeners(config: BrokerConfig, registry: TopicRegistry, nursery) -> BrokerAddresses:
+async def _start_listeners(
+    config: BrokerConfig, registry: TopicRegistry, nursery
+) -> BrokerAddresses:
     listeners = await trio.open_tcp_listeners(config.port, host=config.host)
     port = listeners[0].socket.getsockname()[1]
     handlers = RequestHandlers(config, registry, advertised_port=port)

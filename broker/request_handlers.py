@@ -114,12 +114,24 @@ class RequestHandlers:
         for name in names:
             topic = self.registry.topics.get(name)
             if topic is None:
-                topics.append({"topic": name, "error_code": int(ErrorCode.UNKNOWN_TOPIC_OR_PARTITION),
-                               "error_message": f"unknown topic {name!r}", "partitions": []})
+                topics.append(
+                    {
+                        "topic": name,
+                        "error_code": int(ErrorCode.UNKNOWN_TOPIC_OR_PARTITION),
+                        "error_message": f"unknown topic {name!r}",
+                        "partitions": [],
+                    }
+                )
                 continue
             partitions = [
-                {"partition": p, "error_code": 0, "leader": node, "leader_epoch": 0,
-                 "replicas": [node], "isr": [node]}
+                {
+                    "partition": p,
+                    "error_code": 0,
+                    "leader": node,
+                    "leader_epoch": 0,
+                    "replicas": [node],
+                    "isr": [node],
+                }
                 for p in range(topic.partitions)
             ]
             topics.append({"topic": name, "error_code": 0, "partitions": partitions})
@@ -141,15 +153,18 @@ class RequestHandlers:
             name = entry["topic"]
             try:
                 if body["validate_only"]:
-                    self.registry.check_new_topic(name, entry["partitions"],
-                                                  entry["replication_factor"], entry["configs"])
+                    self.registry.check_new_topic(
+                        name, entry["partitions"], entry["replication_factor"], entry["configs"]
+                    )
                 else:
-                    await self.registry.create_topic(name, entry["partitions"],
-                                                     entry["replication_factor"], entry["configs"])
+                    await self.registry.create_topic(
+                        name, entry["partitions"], entry["replication_factor"], entry["configs"]
+                    )
                 results.append({"topic": name, "error_code": 0})
             except DwalError as error:
-                results.append({"topic": name, "error_code": int(error.code),
-                                "error_message": error.message})
+                results.append(
+                    {"topic": name, "error_code": int(error.code), "error_message": error.message}
+                )
         return Reply({"topics": results})
 
     async def delete_topics(self, body: dict, tail: bytes) -> Reply:
@@ -159,8 +174,9 @@ class RequestHandlers:
                 await self.registry.delete_topic(name)
                 results.append({"topic": name, "error_code": 0})
             except DwalError as error:
-                results.append({"topic": name, "error_code": int(error.code),
-                                "error_message": error.message})
+                results.append(
+                    {"topic": name, "error_code": int(error.code), "error_message": error.message}
+                )
         return Reply({"topics": results})
 
     async def describe_topics(self, body: dict, tail: bytes) -> Reply:
@@ -170,21 +186,26 @@ class RequestHandlers:
     def _describe_topic(self, name: str) -> dict[str, Any]:
         topic = self.registry.topics.get(name)
         if topic is None:
-            return {"topic": name, "error_code": int(ErrorCode.UNKNOWN_TOPIC_OR_PARTITION),
-                    "error_message": f"unknown topic {name!r}"}
+            return {
+                "topic": name,
+                "error_code": int(ErrorCode.UNKNOWN_TOPIC_OR_PARTITION),
+                "error_message": f"unknown topic {name!r}",
+            }
         partitions = []
         for partition in range(topic.partitions):
             log = self.registry.logs[(name, partition)]
-            partitions.append({
-                "partition": partition,
-                "leader": self.config.node_id,
-                "leader_epoch": 0,
-                "log_start_offset": log.log_start_offset,
-                "high_watermark": log.high_watermark,
-                "log_end_offset": log.log_end_offset,
-                "size_bytes": log.size_bytes,
-                "segments": log.segment_count,
-            })
+            partitions.append(
+                {
+                    "partition": partition,
+                    "leader": self.config.node_id,
+                    "leader_epoch": 0,
+                    "log_start_offset": log.log_start_offset,
+                    "high_watermark": log.high_watermark,
+                    "log_end_offset": log.log_end_offset,
+                    "size_bytes": log.size_bytes,
+                    "segments": log.segment_count,
+                }
+            )
         configs = self.registry.log_config(topic).to_topic_configs()
         return {"topic": name, "error_code": 0, "configs": configs, "partitions": partitions}
 
@@ -196,7 +217,9 @@ class RequestHandlers:
 
     # -- produce ----------------------------------------------------------------------
 
-    async def start_produce(self, body: dict, tail: bytes | memoryview) -> Callable[[], Awaitable[Reply]]:
+    async def start_produce(
+        self, body: dict, tail: bytes | memoryview
+    ) -> Callable[[], Awaitable[Reply]]:
         """Append every partition's batches now and return the rest of the work (waiting for
         durability) as a coroutine function.
 
@@ -205,7 +228,9 @@ class RequestHandlers:
         concurrently. It awaits only to auto-create a topic."""
         acks = body["acks"]
         if acks not in (ACKS_NONE, ACKS_LEADER, ACKS_ALL):
-            raise DwalError(ErrorCode.INVALID_REQUIRED_ACKS, f"acks must be 0, 1 or -1 (all), not {acks}")
+            raise DwalError(
+                ErrorCode.INVALID_REQUIRED_ACKS, f"acks must be 0, 1 or -1 (all), not {acks}"
+            )
         check_tail_sizes([p["size"] for t in body["topics"] for p in t["partitions"]], len(tail))
         if self.config.auto_create_topics:
             for entry in body["topics"]:
@@ -243,11 +268,22 @@ class RequestHandlers:
         except Exception as error:
             code, message = _error_of(error)
             if code == ErrorCode.KAFKA_STORAGE_ERROR:
-                log_event(logger, logging.ERROR, "append_failed", topic=topic,
-                          partition=partition, error=message)
+                log_event(
+                    logger,
+                    logging.ERROR,
+                    "append_failed",
+                    topic=topic,
+                    partition=partition,
+                    error=message,
+                )
             return {"partition": partition, "error_code": int(code), "error_message": message}, None
-        result = {"partition": partition, "error_code": 0, "base_offset": info.base_offset,
-                  "log_append_time": -1, "log_start_offset": info.log_start_offset}
+        result = {
+            "partition": partition,
+            "error_code": 0,
+            "base_offset": info.base_offset,
+            "log_append_time": -1,
+            "log_start_offset": info.log_start_offset,
+        }
         # fsync=always: nothing is visible or acknowledged before it is durable, so even acks=0
         # waits (in this handler, off the connection's read path) for the group commit.
         needs_sync = log.config.fsync == "always" or acks == ACKS_ALL
@@ -269,8 +305,11 @@ class RequestHandlers:
                 for log, offset, result in waits:
                     nursery.start_soon(wait_one, log, offset, result)
         for result in pending.values():
-            result.update(error_code=int(ErrorCode.REQUEST_TIMED_OUT),
-                          error_message="timed out waiting for fsync", base_offset=-1)
+            result.update(
+                error_code=int(ErrorCode.REQUEST_TIMED_OUT),
+                error_message="timed out waiting for fsync",
+                base_offset=-1,
+            )
 
     # -- fetch ------------------------------------------------------------------------
 
@@ -332,8 +371,15 @@ class RequestHandlers:
 
     # -- in-process access, for gateways --------------------------------------------------
 
-    async def append_batch(self, topic: str, partition: int, batch: bytes, *,
-                           acks: int = ACKS_LEADER, timeout_ms: int = 30_000) -> int:
+    async def append_batch(
+        self,
+        topic: str,
+        partition: int,
+        batch: bytes,
+        *,
+        acks: int = ACKS_LEADER,
+        timeout_ms: int = 30_000,
+    ) -> int:
         """Append one encoded batch, honouring acks and fsync policy; returns its base offset.
 
         Raises DwalError (unknown topic, too large, corrupt, timed out, storage error).
@@ -398,6 +444,7 @@ async def _wait_any(events: list[trio.Event]) -> None:
         await events[0].wait()
         return
     async with trio.open_nursery() as nursery:
+
         async def wait_one(event: trio.Event) -> None:
             await event.wait()
             nursery.cancel_scope.cancel()

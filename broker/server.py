@@ -71,10 +71,13 @@ class NativeServer:
         self.replies_pending = 0
 
     def statistics(self) -> ServerStatistics:
-        return ServerStatistics(self.connections, self.requests_handled, self.protocol_errors,
-                                self.replies_pending)
+        return ServerStatistics(
+            self.connections, self.requests_handled, self.protocol_errors, self.replies_pending
+        )
 
-    async def serve(self, listeners: list[trio.SocketListener], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, listeners: list[trio.SocketListener], *, task_status=trio.TASK_STATUS_IGNORED
+    ) -> None:
         await trio.serve_listeners(self.handle_connection, listeners, task_status=task_status)
 
     async def handle_connection(self, stream: trio.SocketStream) -> None:
@@ -84,8 +87,13 @@ class NativeServer:
             await stream.aclose()
             return
         self.connections += 1
-        log_event(logger, logging.DEBUG, "connection_opened", connection=connection_id,
-                  peer=_peer_of(stream))
+        log_event(
+            logger,
+            logging.DEBUG,
+            "connection_opened",
+            connection=connection_id,
+            peer=_peer_of(stream),
+        )
         try:
             await self._run_connection(stream, connection_id)
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
@@ -114,8 +122,13 @@ class NativeServer:
                     await self._dispatch(frame, send, nursery)
             except ProtocolError as error:
                 self.protocol_errors += 1
-                log_event(logger, logging.WARNING, "connection_protocol_error",
-                          connection=connection_id, error=str(error))
+                log_event(
+                    logger,
+                    logging.WARNING,
+                    "connection_protocol_error",
+                    connection=connection_id,
+                    error=str(error),
+                )
                 return
             wanted = min(max(decoder.bytes_wanted(), 65536), self.limits.socket_receive_bytes)
             data = await stream.receive_some(wanted)
@@ -152,7 +165,9 @@ class NativeServer:
         try:
             api_key = ApiKey(request.api_key)
         except ValueError:
-            raise DwalError(ErrorCode.UNKNOWN_API_KEY, f"unknown api key {request.api_key}") from None
+            raise DwalError(
+                ErrorCode.UNKNOWN_API_KEY, f"unknown api key {request.api_key}"
+            ) from None
         low, high = API_VERSIONS[api_key]
         if not low <= request.api_version <= high:
             raise DwalError(
@@ -180,8 +195,9 @@ class NativeServer:
         elif isinstance(error, ProtocolError):
             reply = _error_reply(ErrorCode.INVALID_REQUEST, str(error))
         else:  # a bug must not take the broker down: report it and go on
-            log_event(logger, logging.ERROR, "request_failed", api_key=request.api_key,
-                      error=repr(error))
+            log_event(
+                logger, logging.ERROR, "request_failed", api_key=request.api_key, error=repr(error)
+            )
             logger.debug("request failure", exc_info=error)
             reply = _error_reply(ErrorCode.UNKNOWN_SERVER_ERROR, f"internal error: {error!r}")
         self.requests_handled += 1

@@ -79,8 +79,14 @@ class TopicRegistry:
                     directory, config, now_ms=now_ms()
                 )
         registry._report_strays()
-        log_event(logger, logging.INFO, "topics_loaded", topics=len(registry.topics),
-                  partitions=len(registry.logs), data_dir=str(data_dir))
+        log_event(
+            logger,
+            logging.INFO,
+            "topics_loaded",
+            topics=len(registry.topics),
+            partitions=len(registry.logs),
+            data_dir=str(data_dir),
+        )
         return registry
 
     def close(self) -> None:
@@ -154,8 +160,9 @@ class TopicRegistry:
 
     # -- changes ----------------------------------------------------------------------
 
-    def check_new_topic(self, name: str, partitions: int, replication_factor: int,
-                        configs: dict[str, str]) -> LogConfig:
+    def check_new_topic(
+        self, name: str, partitions: int, replication_factor: int, configs: dict[str, str]
+    ) -> LogConfig:
         """Validate a creation; returns the topic's LogConfig or raises DwalError."""
         reason = validate_topic_name(name)
         if reason is not None:
@@ -179,8 +186,13 @@ class TopicRegistry:
         except ValueError as error:
             raise DwalError(ErrorCode.INVALID_CONFIG, str(error)) from None
 
-    async def create_topic(self, name: str, partitions: int, replication_factor: int = 1,
-                           configs: dict[str, str] | None = None) -> TopicMetadata:
+    async def create_topic(
+        self,
+        name: str,
+        partitions: int,
+        replication_factor: int = 1,
+        configs: dict[str, str] | None = None,
+    ) -> TopicMetadata:
         """Create a topic durably; raises DwalError when it is invalid or exists."""
         configs = dict(configs or {})
         async with self._metadata_lock:
@@ -216,12 +228,15 @@ class TopicRegistry:
     def _remove_logs(self, logs: list[PartitionLog]) -> None:
         for log in logs:
             log.close()
-            target = log.directory.with_name(f"{log.directory.name}.{uuid.uuid4().hex}{DELETE_SUFFIX}")
+            target = log.directory.with_name(
+                f"{log.directory.name}.{uuid.uuid4().hex}{DELETE_SUFFIX}"
+            )
             os.rename(log.directory, target)
             shutil.rmtree(target, ignore_errors=True)
 
-    async def alter_configs(self, name: str, set_configs: dict[str, str], delete: list[str],
-                            validate_only: bool = False) -> dict[str, str]:
+    async def alter_configs(
+        self, name: str, set_configs: dict[str, str], delete: list[str], validate_only: bool = False
+    ) -> dict[str, str]:
         """Change a topic's config overrides; returns the new overrides."""
         async with self._metadata_lock:
             topic = self.topic(name)
@@ -253,9 +268,14 @@ class TopicRegistry:
             if count:
                 removed += count
                 await trio.to_thread.run_sync(log.delete_pending_files)
-                log_event(logger, logging.INFO, "retention_deleted_segments",
-                          partition=log.directory.name, segments=count,
-                          log_start_offset=log.log_start_offset)
+                log_event(
+                    logger,
+                    logging.INFO,
+                    "retention_deleted_segments",
+                    partition=log.directory.name,
+                    segments=count,
+                    log_start_offset=log.log_start_offset,
+                )
         return removed
 
     async def flush_due_logs(self) -> None:
@@ -267,8 +287,11 @@ class TopicRegistry:
             policy = log.config.fsync
             if policy == "always" or log.durable_offset >= log.log_end_offset:
                 continue
-            interval_s = (log.config.flush_interval_ms / 1000 if policy == "interval"
-                          else NEVER_POLICY_FLUSH_INTERVAL_S)
+            interval_s = (
+                log.config.flush_interval_ms / 1000
+                if policy == "interval"
+                else NEVER_POLICY_FLUSH_INTERVAL_S
+            )
             last = self._flushed_at.setdefault(key, now)
             if now - last >= interval_s:
                 self._flushed_at[key] = now

@@ -34,13 +34,29 @@ class Admin:
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
 
-    async def create_topic(self, name: str, partitions: int = 1, *, replication_factor: int = 1,
-                           configs: dict[str, str] | None = None, validate_only: bool = False) -> None:
-        response = await self.cluster.call(ApiKey.CREATE_TOPICS, {
-            "topics": [{"topic": name, "partitions": partitions,
-                        "replication_factor": replication_factor, "configs": dict(configs or {})}],
-            "validate_only": validate_only,
-        })
+    async def create_topic(
+        self,
+        name: str,
+        partitions: int = 1,
+        *,
+        replication_factor: int = 1,
+        configs: dict[str, str] | None = None,
+        validate_only: bool = False,
+    ) -> None:
+        response = await self.cluster.call(
+            ApiKey.CREATE_TOPICS,
+            {
+                "topics": [
+                    {
+                        "topic": name,
+                        "partitions": partitions,
+                        "replication_factor": replication_factor,
+                        "configs": dict(configs or {}),
+                    }
+                ],
+                "validate_only": validate_only,
+            },
+        )
         _raise_topic_errors(response.body["topics"])
         self.cluster.invalidate(name)
 
@@ -66,13 +82,24 @@ class Admin:
             out.append(TopicDescription(entry["topic"], partitions, entry["configs"]))
         return out
 
-    async def alter_configs(self, name: str, *, set: dict[str, str] | None = None,
-                            delete: list[str] | None = None, validate_only: bool = False) -> dict[str, str]:
+    async def alter_configs(
+        self,
+        name: str,
+        *,
+        set: dict[str, str] | None = None,
+        delete: list[str] | None = None,
+        validate_only: bool = False,
+    ) -> dict[str, str]:
         """Set and remove config overrides of a topic; returns the topic's overrides."""
-        response = await self.cluster.call(ApiKey.ALTER_CONFIGS, {
-            "topic": name, "set": dict(set or {}), "delete": list(delete or []),
-            "validate_only": validate_only,
-        })
+        response = await self.cluster.call(
+            ApiKey.ALTER_CONFIGS,
+            {
+                "topic": name,
+                "set": dict(set or {}),
+                "delete": list(delete or []),
+                "validate_only": validate_only,
+            },
+        )
         return response.body["configs"]
 
 

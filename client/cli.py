@@ -49,18 +49,28 @@ def build_parser() -> argparse.ArgumentParser:
     broker.add_argument("--http-port", type=int, help="JSON/HTTP port (default 8080, -1 disables)")
     broker.add_argument("--http-host", help="JSON/HTTP listen address (default: --host)")
     broker.add_argument("--data-dir", help="data directory (default ./data)")
-    broker.add_argument("--fsync", choices=["always", "interval", "never"],
-                        help="durability policy default for topics (default always)")
+    broker.add_argument(
+        "--fsync",
+        choices=["always", "interval", "never"],
+        help="durability policy default for topics (default always)",
+    )
     broker.add_argument("--node-id", type=int, help="this broker's id (default 0)")
-    broker.add_argument("--auto-create-topics", action=argparse.BooleanOptionalAction, default=None,
-                        help="create unknown topics on first produce (default off)")
+    broker.add_argument(
+        "--auto-create-topics",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="create unknown topics on first produce (default off)",
+    )
     broker.add_argument("--default-partitions", type=int, help="partitions of auto-created topics")
     broker.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
     def client_command(name: str, help_text: str, parent=commands) -> argparse.ArgumentParser:
         sub = parent.add_parser(name, help=help_text)
-        sub.add_argument("--bootstrap", default=DEFAULT_BOOTSTRAP,
-                         help=f"broker address host:port (default {DEFAULT_BOOTSTRAP})")
+        sub.add_argument(
+            "--bootstrap",
+            default=DEFAULT_BOOTSTRAP,
+            help=f"broker address host:port (default {DEFAULT_BOOTSTRAP})",
+        )
         return sub
 
     topic = commands.add_parser("topic", help="manage topics")
@@ -69,8 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     create.add_argument("--partitions", "-p", type=int, default=1)
     create.add_argument("--replication-factor", "-r", type=int, default=1)
-    create.add_argument("--config", "-c", type=_key_value, action="append", default=[],
-                        metavar="KEY=VALUE", help="topic config override (repeatable)")
+    create.add_argument(
+        "--config",
+        "-c",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="topic config override (repeatable)",
+    )
     client_command("list", "list topics", topic_commands)
     describe = client_command("describe", "describe a topic", topic_commands)
     describe.add_argument("name")
@@ -85,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("topic")
     produce.add_argument("--key", "-k", help="key of every record")
     produce.add_argument("--key-separator", help="split each line into KEY<sep>VALUE")
-    produce.add_argument("--partition", "-p", type=int, help="partition (default: by key, else sticky)")
+    produce.add_argument(
+        "--partition", "-p", type=int, help="partition (default: by key, else sticky)"
+    )
     produce.add_argument("--acks", choices=["0", "1", "all", "-1"], default="1")
     produce.add_argument("--compression", choices=["none", "gzip", "lz4", "zstd"], default="none")
     produce.add_argument("--linger-ms", type=float, default=5)
@@ -93,14 +112,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     consume = client_command("consume", "print records, one per line")
     consume.add_argument("topic")
-    consume.add_argument("--partition", "-p", type=int, action="append",
-                         help="partition to read (repeatable; default all)")
-    consume.add_argument("--offset", "-o", default="earliest",
-                         help="earliest, latest, or an offset (default earliest)")
+    consume.add_argument(
+        "--partition",
+        "-p",
+        type=int,
+        action="append",
+        help="partition to read (repeatable; default all)",
+    )
+    consume.add_argument(
+        "--offset",
+        "-o",
+        default="earliest",
+        help="earliest, latest, or an offset (default earliest)",
+    )
     consume.add_argument("--num", "-n", type=int, help="exit after this many records")
-    consume.add_argument("--format", "-f", default="%v",
-                         help="output format: %%v value, %%k key, %%o offset, %%p partition, "
-                              "%%t topic, %%T timestamp, %%%% percent; \\n \\t escapes (default %%v)")
+    consume.add_argument(
+        "--format",
+        "-f",
+        default="%v",
+        help="output format: %%v value, %%k key, %%o offset, %%p partition, "
+        "%%t topic, %%T timestamp, %%%% percent; \\n \\t escapes (default %%v)",
+    )
     return parser
 
 
@@ -134,10 +166,16 @@ def run_broker_command(args: argparse.Namespace) -> int:
     from broker.event_log import configure
 
     overrides = {
-        "host": args.host, "port": args.port, "http_port": args.http_port,
-        "http_host": args.http_host, "data_dir": args.data_dir, "fsync": args.fsync,
-        "node_id": args.node_id, "auto_create_topics": args.auto_create_topics,
-        "default_partitions": args.default_partitions, "log_level": args.log_level,
+        "host": args.host,
+        "port": args.port,
+        "http_port": args.http_port,
+        "http_host": args.http_host,
+        "data_dir": args.data_dir,
+        "fsync": args.fsync,
+        "node_id": args.node_id,
+        "auto_create_topics": args.auto_create_topics,
+        "default_partitions": args.default_partitions,
+        "log_level": args.log_level,
     }
     try:
         file_values = load_toml(args.config) if args.config else {}
@@ -200,9 +238,12 @@ async def _dispatch(cluster, args: argparse.Namespace) -> int:
 async def _topic_command(admin: Admin, args: argparse.Namespace) -> int:
     match args.topic_command:
         case "create":
-            await admin.create_topic(args.name, args.partitions,
-                                     replication_factor=args.replication_factor,
-                                     configs=dict(args.config))
+            await admin.create_topic(
+                args.name,
+                args.partitions,
+                replication_factor=args.replication_factor,
+                configs=dict(args.config),
+            )
             print(f"created topic {args.name} with {args.partitions} partition(s)")
         case "list":
             for name in await admin.list_topics():
@@ -214,8 +255,10 @@ async def _topic_command(admin: Admin, args: argparse.Namespace) -> int:
             print(f"deleted topic {args.name}")
         case "alter-config":
             configs = await admin.alter_configs(args.name, set=dict(args.set), delete=args.delete)
-            print(f"altered topic {args.name}; overrides now: "
-                  + (", ".join(f"{k}={v}" for k, v in sorted(configs.items())) or "none"))
+            print(
+                f"altered topic {args.name}; overrides now: "
+                + (", ".join(f"{k}={v}" for k, v in sorted(configs.items())) or "none")
+            )
     return 0
 
 
@@ -225,11 +268,15 @@ def _print_description(description) -> None:
     print("configs:")
     for key, value in sorted(description.configs.items()):
         print(f"  {key}={value}")
-    print(f"{'PARTITION':>9} {'LEADER':>6} {'LOG-START':>12} {'HIGH-WATERMARK':>15} "
-          f"{'LOG-END':>12} {'SIZE-BYTES':>12} {'SEGMENTS':>8}")
+    print(
+        f"{'PARTITION':>9} {'LEADER':>6} {'LOG-START':>12} {'HIGH-WATERMARK':>15} "
+        f"{'LOG-END':>12} {'SIZE-BYTES':>12} {'SEGMENTS':>8}"
+    )
     for p in description.partitions:
-        print(f"{p.partition:>9} {p.leader:>6} {p.log_start_offset:>12} {p.high_watermark:>15} "
-              f"{p.log_end_offset:>12} {p.size_bytes:>12} {p.segments:>8}")
+        print(
+            f"{p.partition:>9} {p.leader:>6} {p.log_start_offset:>12} {p.high_watermark:>15} "
+            f"{p.log_end_offset:>12} {p.size_bytes:>12} {p.segments:>8}"
+        )
 
 
 async def _read_stdin_chunks():
@@ -248,9 +295,14 @@ async def _produce_command(cluster, args: argparse.Namespace) -> int:
     count = 0
     key = args.key.encode() if args.key is not None else None
     separator = args.key_separator.encode() if args.key_separator else None
-    async with Producer(cluster, acks=args.acks, compression=args.compression,
-                        linger_ms=args.linger_ms, batch_size=args.batch_size,
-                        allow_auto_topic_creation=True) as producer:
+    async with Producer(
+        cluster,
+        acks=args.acks,
+        compression=args.compression,
+        linger_ms=args.linger_ms,
+        batch_size=args.batch_size,
+        allow_auto_topic_creation=True,
+    ) as producer:
         pending = b""
         async for chunk in _read_stdin_chunks():
             lines = (pending + chunk).split(b"\n")
@@ -259,24 +311,34 @@ async def _produce_command(cluster, args: argparse.Namespace) -> int:
                 record_key = key
                 if separator is not None:
                     record_key, _, line = line.partition(separator)
-                deliveries.append(await producer.send(args.topic, line, record_key,
-                                                      partition=args.partition))
+                deliveries.append(
+                    await producer.send(args.topic, line, record_key, partition=args.partition)
+                )
             count += len(lines)
             deliveries = _drop_successes(deliveries)
             now = time.monotonic()
             if now - last_progress >= PROGRESS_INTERVAL_S:
                 last_progress = now
-                print(f"progress: {count} records sent, {count / (now - started):.0f} records/s",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"progress: {count} records sent, {count / (now - started):.0f} records/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
         if pending:
-            deliveries.append(await producer.send(args.topic, pending, key, partition=args.partition))
+            deliveries.append(
+                await producer.send(args.topic, pending, key, partition=args.partition)
+            )
             count += 1
     failures = [d for d in deliveries if d.error is not None]
     elapsed = time.monotonic() - started
-    print(f"produced {count - len(failures)} records to {args.topic} in {elapsed:.2f} s "
-          f"({(count - len(failures)) / max(elapsed, 1e-9):.0f} records/s), {len(failures)} failed")
+    print(
+        f"produced {count - len(failures)} records to {args.topic} in {elapsed:.2f} s "
+        f"({(count - len(failures)) / max(elapsed, 1e-9):.0f} records/s), {len(failures)} failed"
+    )
     if failures:
-        print(f"error: {failures[0].error.message} ({failures[0].error.code.name})", file=sys.stderr)
+        print(
+            f"error: {failures[0].error.message} ({failures[0].error.code.name})", file=sys.stderr
+        )
         return 1
     return 0
 
@@ -292,7 +354,14 @@ _ESCAPES = {"\\n": "\n", "\\t": "\t", "\\\\": "\\"}
 def _compile_format(text: str):
     for escape, char in _ESCAPES.items():
         text = text.replace(escape, char)
-    fields = {"v": "value", "k": "key", "o": "offset", "p": "partition", "t": "topic", "T": "timestamp"}
+    fields = {
+        "v": "value",
+        "k": "key",
+        "o": "offset",
+        "p": "partition",
+        "t": "topic",
+        "T": "timestamp",
+    }
     parts: list[tuple[str, str]] = []
     i = 0
     literal = ""

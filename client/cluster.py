@@ -48,8 +48,13 @@ def parse_address(address: str, default_port: int = 9092) -> tuple[str, int]:
 class Cluster:
     """Use `connect()` to get one. Safe to share between tasks of the owning nursery."""
 
-    def __init__(self, bootstrap: list[tuple[str, int]], nursery: trio.Nursery, client_id: str,
-                 request_timeout_ms: int) -> None:
+    def __init__(
+        self,
+        bootstrap: list[tuple[str, int]],
+        nursery: trio.Nursery,
+        client_id: str,
+        request_timeout_ms: int,
+    ) -> None:
         self.bootstrap = bootstrap
         self.client_id = client_id
         self.request_timeout_ms = request_timeout_ms
@@ -69,8 +74,9 @@ class Cluster:
         async with lock:
             connection = self._connections.get(key)
             if connection is None or connection.closed:
-                connection = await BrokerConnection.open(host, port, self._nursery,
-                                                         client_id=self.client_id)
+                connection = await BrokerConnection.open(
+                    host, port, self._nursery, client_id=self.client_id
+                )
                 self._connections[key] = connection
         return connection
 
@@ -85,22 +91,35 @@ class Cluster:
                 last_error = error
         raise last_error or ConnectionFailed("no bootstrap address")
 
-    async def call(self, api_key: ApiKey, body: dict[str, Any], tail: bytes = b"", *,
-                   connection: BrokerConnection | None = None) -> Response:
+    async def call(
+        self,
+        api_key: ApiKey,
+        body: dict[str, Any],
+        tail: bytes = b"",
+        *,
+        connection: BrokerConnection | None = None,
+    ) -> Response:
         """Send one request to `connection` (or any broker), bounded by the request timeout."""
         if connection is None:
             connection = await self.any_connection()
         with trio.move_on_after(self.request_timeout_ms / 1000) as scope:
             return await connection.request(api_key, body, tail)
         assert scope.cancelled_caught
-        raise DwalError(ErrorCode.REQUEST_TIMED_OUT, f"{api_key.name} to {connection.address} timed out")
+        raise DwalError(
+            ErrorCode.REQUEST_TIMED_OUT, f"{api_key.name} to {connection.address} timed out"
+        )
 
-    async def refresh_metadata(self, topics: list[str] | None = None, *,
-                               allow_auto_topic_creation: bool = False) -> dict[str, TopicInfo | DwalError]:
+    async def refresh_metadata(
+        self, topics: list[str] | None = None, *, allow_auto_topic_creation: bool = False
+    ) -> dict[str, TopicInfo | DwalError]:
         """Fetch metadata; returns per requested topic its info or the error the broker gave."""
-        response = await self.call(ApiKey.METADATA, {
-            "topics": topics, "allow_auto_topic_creation": allow_auto_topic_creation,
-        })
+        response = await self.call(
+            ApiKey.METADATA,
+            {
+                "topics": topics,
+                "allow_auto_topic_creation": allow_auto_topic_creation,
+            },
+        )
         body = response.body
         self.brokers = {
             b["node_id"]: BrokerInfo(b["node_id"], b["host"], b["port"]) for b in body["brokers"]
@@ -112,11 +131,19 @@ class Cluster:
                 self.topics.pop(name, None)
                 result[name] = DwalError(ErrorCode(entry["error_code"]), entry["error_message"])
                 continue
-            info = TopicInfo(name, tuple(
-                PartitionInfo(p["partition"], p["leader"], p["leader_epoch"], tuple(p["replicas"]),
-                              tuple(p["isr"]))
-                for p in sorted(entry["partitions"], key=lambda p: p["partition"])
-            ))
+            info = TopicInfo(
+                name,
+                tuple(
+                    PartitionInfo(
+                        p["partition"],
+                        p["leader"],
+                        p["leader_epoch"],
+                        tuple(p["replicas"]),
+                        tuple(p["isr"]),
+                    )
+                    for p in sorted(entry["partitions"], key=lambda p: p["partition"])
+                ),
+            )
             self.topics[name] = info
             result[name] = info
         return result
@@ -126,8 +153,9 @@ class Cluster:
         info = self.topics.get(name)
         if info is not None:
             return info
-        found = (await self.refresh_metadata([name],
-                                             allow_auto_topic_creation=allow_auto_topic_creation))[name]
+        found = (
+            await self.refresh_metadata([name], allow_auto_topic_creation=allow_auto_topic_creation)
+        )[name]
         if isinstance(found, DwalError):
             raise found
         return found
@@ -135,8 +163,10 @@ class Cluster:
     async def leader_connection(self, topic: str, partition: int) -> BrokerConnection:
         info = await self.topic(topic)
         if not 0 <= partition < len(info.partitions):
-            raise DwalError(ErrorCode.UNKNOWN_TOPIC_OR_PARTITION,
-                            f"topic {topic!r} has no partition {partition}")
+            raise DwalError(
+                ErrorCode.UNKNOWN_TOPIC_OR_PARTITION,
+                f"topic {topic!r} has no partition {partition}",
+            )
         leader = self.brokers.get(info.partitions[partition].leader)
         if leader is None:
             raise DwalError(ErrorCode.LEADER_NOT_AVAILABLE, f"{topic}-{partition} has no leader")
@@ -157,8 +187,12 @@ class Cluster:
 
 
 @contextlib.asynccontextmanager
-async def connect(bootstrap: str | list[str] = "127.0.0.1:9092", *, client_id: str = "dwal",
-                  request_timeout_ms: int = 30_000) -> AsyncIterator[Cluster]:
+async def connect(
+    bootstrap: str | list[str] = "127.0.0.1:9092",
+    *,
+    client_id: str = "dwal",
+    request_timeout_ms: int = 30_000,
+) -> AsyncIterator[Cluster]:
     """Open a cluster handle: ``async with connect("127.0.0.1:9092") as cluster: ...``.
 
     Connects to a bootstrap broker at once (raising ConnectionFailed if none answers) and

@@ -63,7 +63,9 @@ class PendingRequest:
             await waiter.done.wait()
         except BaseException:
             if not waiter.done.is_set():
-                self._connection._fail(ConnectionError("request cancelled while awaiting its answer"))
+                self._connection._fail(
+                    ConnectionError("request cancelled while awaiting its answer")
+                )
             raise
         if waiter.error is not None:
             raise waiter.error
@@ -77,8 +79,9 @@ class PendingRequest:
 class BrokerConnection:
     """Create with `await BrokerConnection.open(host, port, nursery)`; close with `aclose()`."""
 
-    def __init__(self, stream: trio.SocketStream, address: str, client_id: str,
-                 inflight_requests_max: int) -> None:
+    def __init__(
+        self, stream: trio.SocketStream, address: str, client_id: str, inflight_requests_max: int
+    ) -> None:
         self.address = address
         self.client_id = client_id
         self._stream = stream
@@ -90,14 +93,24 @@ class BrokerConnection:
         self._reader_done = trio.Event()
 
     @classmethod
-    async def open(cls, host: str, port: int, nursery: trio.Nursery, *, client_id: str = "dwal",
-                   inflight_requests_max: int = 32, connect_timeout_s: float = 10) -> "BrokerConnection":
+    async def open(
+        cls,
+        host: str,
+        port: int,
+        nursery: trio.Nursery,
+        *,
+        client_id: str = "dwal",
+        inflight_requests_max: int = 32,
+        connect_timeout_s: float = 10,
+    ) -> "BrokerConnection":
         """Connect and start the reader task in `nursery`; raises ConnectionFailed."""
         try:
             with trio.fail_after(connect_timeout_s):
                 stream = await trio.open_tcp_stream(host, port)
         except (OSError, trio.TooSlowError) as error:
-            raise ConnectionFailed(f"cannot connect to {host}:{port}: {error or 'timed out'}") from None
+            raise ConnectionFailed(
+                f"cannot connect to {host}:{port}: {error or 'timed out'}"
+            ) from None
         connection = cls(stream, f"{host}:{port}", client_id, inflight_requests_max)
         nursery.start_soon(connection._read_responses)
         return connection
@@ -106,8 +119,14 @@ class BrokerConnection:
     def closed(self) -> bool:
         return self._closed_error is not None
 
-    async def request(self, api_key: ApiKey, body: dict[str, Any], tail: bytes = b"", *,
-                      expect_response: bool = True) -> Response:
+    async def request(
+        self,
+        api_key: ApiKey,
+        body: dict[str, Any],
+        tail: bytes = b"",
+        *,
+        expect_response: bool = True,
+    ) -> Response:
         """Send a request and return its response (body checked against the schema).
 
         Raises ConnectionFailed if the connection breaks, DwalError if the broker answers
@@ -118,8 +137,14 @@ class BrokerConnection:
         pending = await self.send_request(api_key, body, tail, expect_response=expect_response)
         return await pending.wait()
 
-    async def send_request(self, api_key: ApiKey, body: dict[str, Any], tail: bytes = b"", *,
-                           expect_response: bool = True) -> "PendingRequest":
+    async def send_request(
+        self,
+        api_key: ApiKey,
+        body: dict[str, Any],
+        tail: bytes = b"",
+        *,
+        expect_response: bool = True,
+    ) -> "PendingRequest":
         """Write a request and return at once; `await pending.wait()` gives its response.
 
         Requests are written in the order of the calls that return, so a caller that awaits
@@ -132,8 +157,14 @@ class BrokerConnection:
         waiter = _Waiter(next(self._correlation_ids), api_key)
         try:
             frame = encode_request(
-                Request(api_key=int(api_key), api_version=0, correlation_id=waiter.correlation_id,
-                        client_id=self.client_id, body=body, tail=tail)
+                Request(
+                    api_key=int(api_key),
+                    api_version=0,
+                    correlation_id=waiter.correlation_id,
+                    client_id=self.client_id,
+                    body=body,
+                    tail=tail,
+                )
             )
             async with self._send_lock:
                 if expect_response:
@@ -151,8 +182,12 @@ class BrokerConnection:
                 self._release(waiter)
             raise
         if not expect_response:
-            waiter.response = Response(correlation_id=waiter.correlation_id, error_code=ErrorCode.NONE,
-                                       error_message=None, body={})
+            waiter.response = Response(
+                correlation_id=waiter.correlation_id,
+                error_code=ErrorCode.NONE,
+                error_message=None,
+                body={},
+            )
             self._release(waiter)
         return PendingRequest(self, waiter)
 
@@ -172,7 +207,12 @@ class BrokerConnection:
                 decoder.feed(data)
                 while (frame := decoder.next_frame()) is not None:
                     self._deliver(parse_response(*frame))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ProtocolError) as error:
+        except (
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            OSError,
+            ProtocolError,
+        ) as error:
             self._fail(error)
         finally:
             self._reader_done.set()
@@ -191,8 +231,13 @@ class BrokerConnection:
             except ProtocolError as error:
                 waiter.error = error
             else:
-                response = Response(correlation_id=response.correlation_id, error_code=ErrorCode.NONE,
-                                    error_message=None, body=body, tail=response.tail)
+                response = Response(
+                    correlation_id=response.correlation_id,
+                    error_code=ErrorCode.NONE,
+                    error_message=None,
+                    body=body,
+                    tail=response.tail,
+                )
         waiter.response = response
         self._release(waiter)
 

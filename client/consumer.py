@@ -51,9 +51,16 @@ class Consumer:
     `min_bytes` (answer as soon as this much is ready).
     """
 
-    def __init__(self, cluster: Cluster, *, auto_offset_reset: str = "latest",
-                 fetch_max_bytes: int = 32 * 1024 * 1024, partition_max_bytes: int = 4 * 1024 * 1024,
-                 max_wait_ms: int = 500, min_bytes: int = 1) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        *,
+        auto_offset_reset: str = "latest",
+        fetch_max_bytes: int = 32 * 1024 * 1024,
+        partition_max_bytes: int = 4 * 1024 * 1024,
+        max_wait_ms: int = 500,
+        min_bytes: int = 1,
+    ) -> None:
         if auto_offset_reset not in ("earliest", "latest", "error"):
             raise ValueError("auto_offset_reset must be earliest, latest or error")
         self.cluster = cluster
@@ -99,8 +106,9 @@ class Consumer:
     async def seek_to_end(self, partitions: Iterable[TopicPartition] | None = None) -> None:
         await self._reset(list(partitions or self._positions), LATEST_TIMESTAMP)
 
-    async def seek_to_timestamp(self, timestamp_ms: int,
-                                partitions: Iterable[TopicPartition] | None = None) -> None:
+    async def seek_to_timestamp(
+        self, timestamp_ms: int, partitions: Iterable[TopicPartition] | None = None
+    ) -> None:
         """Position each partition at its first record with timestamp >= `timestamp_ms`
         (at the end when there is none)."""
         targets = list(partitions or self._positions)
@@ -131,11 +139,15 @@ class Consumer:
         if not missing:
             return
         if self.auto_offset_reset == "error":
-            raise DwalError(ErrorCode.OFFSET_OUT_OF_RANGE,
-                            f"no position for {missing[0].topic}-{missing[0].partition} "
-                            "and auto_offset_reset is 'error'")
-        await self._reset(missing, EARLIEST_TIMESTAMP if self.auto_offset_reset == "earliest"
-                          else LATEST_TIMESTAMP)
+            raise DwalError(
+                ErrorCode.OFFSET_OUT_OF_RANGE,
+                f"no position for {missing[0].topic}-{missing[0].partition} "
+                "and auto_offset_reset is 'error'",
+            )
+        await self._reset(
+            missing,
+            EARLIEST_TIMESTAMP if self.auto_offset_reset == "earliest" else LATEST_TIMESTAMP,
+        )
 
     # -- fetching -------------------------------------------------------------------------
 
@@ -214,7 +226,9 @@ class Consumer:
             self._records_returned += len(records)
         return records
 
-    def _partition_error(self, tp: TopicPartition, part: dict, resets: list[TopicPartition]) -> None:
+    def _partition_error(
+        self, tp: TopicPartition, part: dict, resets: list[TopicPartition]
+    ) -> None:
         code = ErrorCode(part["error_code"])
         if code == ErrorCode.OFFSET_OUT_OF_RANGE and self.auto_offset_reset != "error":
             self._positions[tp] = None
@@ -223,7 +237,9 @@ class Consumer:
         if code.retriable:
             self.cluster.invalidate(tp.topic)
             return
-        raise DwalError(code, f"{tp.topic}-{tp.partition}: {part.get('error_message') or code.name}")
+        raise DwalError(
+            code, f"{tp.topic}-{tp.partition}: {part.get('error_message') or code.name}"
+        )
 
 
 class _Fetch:
@@ -267,7 +283,9 @@ def _positions_after(body: dict, tail: bytes, positions: dict[TopicPartition, in
     return following
 
 
-def _group_by_topic(partitions: list[TopicPartition], positions: dict, max_bytes: int) -> list[dict]:
+def _group_by_topic(
+    partitions: list[TopicPartition], positions: dict, max_bytes: int
+) -> list[dict]:
     topics: dict[str, list[dict]] = {}
     for tp in partitions:
         topics.setdefault(tp.topic, []).append(
@@ -276,8 +294,9 @@ def _group_by_topic(partitions: list[TopicPartition], positions: dict, max_bytes
     return [{"topic": topic, "partitions": parts} for topic, parts in topics.items()]
 
 
-async def list_offsets(cluster: Cluster, partitions: list[TopicPartition],
-                       timestamp: int) -> dict[TopicPartition, int]:
+async def list_offsets(
+    cluster: Cluster, partitions: list[TopicPartition], timestamp: int
+) -> dict[TopicPartition, int]:
     """Offsets for `timestamp` (or EARLIEST_TIMESTAMP / LATEST_TIMESTAMP) per partition;
     -1 where no record is that recent. Raises DwalError on unknown topics."""
     if not partitions:
@@ -286,9 +305,11 @@ async def list_offsets(cluster: Cluster, partitions: list[TopicPartition],
     for tp in partitions:
         topics.setdefault(tp.topic, []).append({"partition": tp.partition, "timestamp": timestamp})
     connection = await cluster.leader_connection(*partitions[0])
-    response = await cluster.call(ApiKey.LIST_OFFSETS,
-                                  {"topics": [{"topic": t, "partitions": p} for t, p in topics.items()]},
-                                  connection=connection)
+    response = await cluster.call(
+        ApiKey.LIST_OFFSETS,
+        {"topics": [{"topic": t, "partitions": p} for t, p in topics.items()]},
+        connection=connection,
+    )
     out = {}
     for entry in response.body["topics"]:
         for part in entry["partitions"]:

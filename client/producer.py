@@ -61,9 +61,22 @@ class _Batch:
     growing buffer rather than a Python object per record.
     """
 
-    __slots__ = ("topic", "partition", "packer", "count", "size_bytes", "base_timestamp",
-                 "max_timestamp", "created", "encoded", "attempts", "base_offset", "error", "done",
-                 "sequence")
+    __slots__ = (
+        "topic",
+        "partition",
+        "packer",
+        "count",
+        "size_bytes",
+        "base_timestamp",
+        "max_timestamp",
+        "created",
+        "encoded",
+        "attempts",
+        "base_offset",
+        "error",
+        "done",
+        "sequence",
+    )
 
     def __init__(self, topic: str, partition: int, base_timestamp: int, created: float) -> None:
         self.topic = topic
@@ -84,8 +97,11 @@ class _Batch:
     def encode(self, compression: Compression) -> bytes:
         if self.encoded is None:
             self.encoded = encode_packed_batch(
-                self.packer.getbuffer(), self.count, base_timestamp=self.base_timestamp,
-                max_timestamp=self.max_timestamp, compression=compression,
+                self.packer.getbuffer(),
+                self.count,
+                base_timestamp=self.base_timestamp,
+                max_timestamp=self.max_timestamp,
+                compression=compression,
             )
             self.packer = None  # the packed records now live in `encoded` only
         return self.encoded
@@ -163,14 +179,29 @@ class Producer:
     `retry_backoff_ms`, `buffer_bytes_max` (send waits when full), `request_bytes_max`.
     """
 
-    def __init__(self, cluster: Cluster, *, acks: int | str = 1, linger_ms: float = 5,
-                 batch_size: int = 64 * 1024, compression: str = "none", retries: int = 5,
-                 retry_backoff_ms: int = 100, buffer_bytes_max: int = 64 * 1024 * 1024,
-                 request_bytes_max: int = 8 * 1024 * 1024, request_timeout_ms: int = 30_000,
-                 max_in_flight_per_partition: int = 5,
-                 allow_auto_topic_creation: bool = True) -> None:
-        if (batch_size < 1 or buffer_bytes_max < batch_size or linger_ms < 0 or retries < 0
-                or max_in_flight_per_partition < 1):
+    def __init__(
+        self,
+        cluster: Cluster,
+        *,
+        acks: int | str = 1,
+        linger_ms: float = 5,
+        batch_size: int = 64 * 1024,
+        compression: str = "none",
+        retries: int = 5,
+        retry_backoff_ms: int = 100,
+        buffer_bytes_max: int = 64 * 1024 * 1024,
+        request_bytes_max: int = 8 * 1024 * 1024,
+        request_timeout_ms: int = 30_000,
+        max_in_flight_per_partition: int = 5,
+        allow_auto_topic_creation: bool = True,
+    ) -> None:
+        if (
+            batch_size < 1
+            or buffer_bytes_max < batch_size
+            or linger_ms < 0
+            or retries < 0
+            or max_in_flight_per_partition < 1
+        ):
             raise ValueError("invalid producer limits")
         self.max_in_flight_per_partition = max_in_flight_per_partition
         self.cluster = cluster
@@ -187,7 +218,9 @@ class Producer:
         self._partition_counts: dict[str, int] = {}
         self._sticky: dict[str, int] = {}
         self._open: dict[tuple[str, int], _Batch] = {}
-        self._queues: dict[tuple[str, int], _PartitionQueue] = collections.defaultdict(_PartitionQueue)
+        self._queues: dict[tuple[str, int], _PartitionQueue] = collections.defaultdict(
+            _PartitionQueue
+        )
         self._buffered_bytes = 0
         self._unfinished_batches = 0
         self._inflight_requests = 0
@@ -209,27 +242,42 @@ class Producer:
 
     async def __aexit__(self, exc_type, exc, tb) -> bool | None:
         assert self._nursery is not None
-        try:
-            if exc_type is None:
+        if exc_type is None:
+            try:
                 await self.flush()
-        finally:
-            self._closed = True
-            self._nursery.cancel_scope.cancel()
-            with unwrapped_errors():
-                return await self._nursery_manager.__aexit__(exc_type, exc, tb)
+            except BaseException as error:  # flushing failed or was cancelled: close with it
+                exc_type, exc, tb = type(error), error, error.__traceback__
+        self._closed = True
+        self._nursery.cancel_scope.cancel()
+        with unwrapped_errors():
+            if await self._nursery_manager.__aexit__(exc_type, exc, tb):
+                return True
+        if exc is not None:
+            raise exc
+        return None
 
     def statistics(self) -> ProducerStatistics:
         return ProducerStatistics(
-            self._buffered_bytes, len(self._open),
-            sum(len(q.ready) for q in self._queues.values()), self._inflight_requests,
-            self._records_sent, self._batches_failed,
+            self._buffered_bytes,
+            len(self._open),
+            sum(len(q.ready) for q in self._queues.values()),
+            self._inflight_requests,
+            self._records_sent,
+            self._batches_failed,
         )
 
     # -- the per-record path ------------------------------------------------------------
 
-    async def send(self, topic: str, value: bytes | str | None, key: bytes | str | None = None, *,
-                   partition: int | None = None, headers: Sequence[tuple[str, bytes]] | None = None,
-                   timestamp_ms: int | None = None) -> Delivery:
+    async def send(
+        self,
+        topic: str,
+        value: bytes | str | None,
+        key: bytes | str | None = None,
+        *,
+        partition: int | None = None,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+        timestamp_ms: int | None = None,
+    ) -> Delivery:
         """Buffer one record; returns its Delivery. Waits only when the buffer is full or the
         topic's metadata is not known yet. Raises DwalError for an unknown topic, TypeError for
         a value or key that is not bytes, str or None."""
@@ -238,12 +286,27 @@ class Producer:
             count = await self._load_topic(topic)
         while self._buffered_bytes >= self.buffer_bytes_max:
             await self._wait_progress()
-        return self.send_nowait(topic, value, key, partition=partition, headers=headers,
-                                timestamp_ms=timestamp_ms, _count=count)
+        return self.send_nowait(
+            topic,
+            value,
+            key,
+            partition=partition,
+            headers=headers,
+            timestamp_ms=timestamp_ms,
+            _count=count,
+        )
 
-    def send_nowait(self, topic: str, value: bytes | str | None, key: bytes | str | None = None, *,
-                    partition: int | None = None, headers: Sequence[tuple[str, bytes]] | None = None,
-                    timestamp_ms: int | None = None, _count: int | None = None) -> Delivery:
+    def send_nowait(
+        self,
+        topic: str,
+        value: bytes | str | None,
+        key: bytes | str | None = None,
+        *,
+        partition: int | None = None,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+        timestamp_ms: int | None = None,
+        _count: int | None = None,
+    ) -> Delivery:
         """Like `send` but never waits: raises trio.WouldBlock when the buffer is full or the
         topic's metadata is not loaded yet (`await send()` once to load it)."""
         count = _count or self._partition_counts.get(topic)
@@ -263,16 +326,29 @@ class Producer:
                 if partition is None or partition >= count:
                     partition = self._sticky_partition(topic, count)
         elif not 0 <= partition < count:
-            raise DwalError(ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, f"topic {topic!r} has no partition {partition}")
+            raise DwalError(
+                ErrorCode.UNKNOWN_TOPIC_OR_PARTITION,
+                f"topic {topic!r} has no partition {partition}",
+            )
         timestamp = timestamp_ms if timestamp_ms is not None else int(_time() * 1000)
         batch = self._open.get((topic, partition))
         if batch is None:
             batch = self._open_batch(topic, partition, timestamp)
-        batch.packer.pack((timestamp - batch.base_timestamp, key, value,
-                           _checked_headers(headers) if headers else _NO_HEADERS))
+        batch.packer.pack(
+            (
+                timestamp - batch.base_timestamp,
+                key,
+                value,
+                _checked_headers(headers) if headers else _NO_HEADERS,
+            )
+        )
         if timestamp > batch.max_timestamp:
             batch.max_timestamp = timestamp
-        size = (len(value) if value is not None else 0) + (len(key) if key is not None else 0) + RECORD_OVERHEAD_BYTES
+        size = (
+            (len(value) if value is not None else 0)
+            + (len(key) if key is not None else 0)
+            + RECORD_OVERHEAD_BYTES
+        )
         batch.size_bytes += size
         self._buffered_bytes += size
         delivery = Delivery(batch, batch.count, timestamp)
@@ -303,11 +379,15 @@ class Producer:
         if self._sticky.get(batch.topic) == batch.partition:
             count = self._partition_counts.get(batch.topic, 1)
             if count > 1:  # a sealed batch moves keyless records on to another partition
-                self._sticky[batch.topic] = (batch.partition + 1 + random.randrange(count - 1)) % count
+                self._sticky[batch.topic] = (
+                    batch.partition + 1 + random.randrange(count - 1)
+                ) % count
         self._wakeup.set()
 
     async def _load_topic(self, topic: str) -> int:
-        info = await self.cluster.topic(topic, allow_auto_topic_creation=self.allow_auto_topic_creation)
+        info = await self.cluster.topic(
+            topic, allow_auto_topic_creation=self.allow_auto_topic_creation
+        )
         self._partition_counts[topic] = len(info.partitions)
         return len(info.partitions)
 
@@ -326,7 +406,9 @@ class Producer:
 
     async def _sender(self) -> None:
         while True:
-            deadline = min((b.created + self.linger_s for b in self._open.values()), default=float("inf"))
+            deadline = min(
+                (b.created + self.linger_s for b in self._open.values()), default=float("inf")
+            )
             with trio.move_on_at(deadline):
                 await self._wakeup.wait()
             self._wakeup = trio.Event()
@@ -343,8 +425,11 @@ class Producer:
         by_topic: dict[str, list[tuple[int, list[_Batch]]]] = {}
         request_bytes = 0
         for (topic, partition), queue in self._queues.items():
-            if (queue.inflight >= self.max_in_flight_per_partition or not queue.ready
-                    or request_bytes >= self.request_bytes_max):
+            if (
+                queue.inflight >= self.max_in_flight_per_partition
+                or not queue.ready
+                or request_bytes >= self.request_bytes_max
+            ):
                 continue
             batches = []
             while queue.ready and request_bytes < self.request_bytes_max:
@@ -366,8 +451,9 @@ class Producer:
             topic, entries = next(iter(by_topic.items()))
             connection = await self.cluster.leader_connection(topic, entries[0][0])
             body, tail = _produce_body(by_topic, self.acks, self.request_timeout_ms)
-            pending = await connection.send_request(ApiKey.PRODUCE, body, tail,
-                                                    expect_response=self.acks != ACKS_NONE)
+            pending = await connection.send_request(
+                ApiKey.PRODUCE, body, tail, expect_response=self.acks != ACKS_NONE
+            )
         except DwalError as error:
             self._request_done(by_topic, None, error)
         else:
@@ -395,25 +481,45 @@ class Producer:
         self._wakeup.set()
 
     def _handle_response(self, by_topic, body: dict) -> None:
-        results = {(t["topic"], p["partition"]): p for t in body.get("topics", []) for p in t["partitions"]}
+        results = {
+            (t["topic"], p["partition"]): p for t in body.get("topics", []) for p in t["partitions"]
+        }
         for topic, entries in by_topic.items():
             for partition, batches in entries:
                 result = results.get((topic, partition))
                 if self.acks == ACKS_NONE:
                     self._complete(topic, partition, batches, None, -1)
                 elif result is None:
-                    self._complete(topic, partition, batches,
-                                   DwalError(ErrorCode.UNKNOWN_SERVER_ERROR, "broker omitted the partition"))
+                    self._complete(
+                        topic,
+                        partition,
+                        batches,
+                        DwalError(ErrorCode.UNKNOWN_SERVER_ERROR, "broker omitted the partition"),
+                    )
                 elif result["error_code"]:
-                    self._complete(topic, partition, batches,
-                                   DwalError(ErrorCode(result["error_code"]), result["error_message"]))
+                    self._complete(
+                        topic,
+                        partition,
+                        batches,
+                        DwalError(ErrorCode(result["error_code"]), result["error_message"]),
+                    )
                 else:
                     self._complete(topic, partition, batches, None, result["base_offset"])
 
-    def _complete(self, topic: str, partition: int, batches: list[_Batch], error: DwalError | None,
-                  base_offset: int = -1) -> None:
+    def _complete(
+        self,
+        topic: str,
+        partition: int,
+        batches: list[_Batch],
+        error: DwalError | None,
+        base_offset: int = -1,
+    ) -> None:
         queue = self._queues[(topic, partition)]
-        if error is not None and error.retriable and any(b.attempts < self.retries for b in batches):
+        if (
+            error is not None
+            and error.retriable
+            and any(b.attempts < self.retries for b in batches)
+        ):
             retry = [b for b in batches if b.attempts < self.retries]
             batches = [b for b in batches if b.attempts >= self.retries]
             for batch in retry:
@@ -445,8 +551,11 @@ class Producer:
         self._progress = trio.Event()
 
     async def _retry_after_backoff(self, topic: str, partition: int, error: DwalError) -> None:
-        if error.code in (ErrorCode.NOT_LEADER_OR_FOLLOWER, ErrorCode.LEADER_NOT_AVAILABLE,
-                          ErrorCode.UNKNOWN_TOPIC_OR_PARTITION) or isinstance(error, ConnectionFailed):
+        if error.code in (
+            ErrorCode.NOT_LEADER_OR_FOLLOWER,
+            ErrorCode.LEADER_NOT_AVAILABLE,
+            ErrorCode.UNKNOWN_TOPIC_OR_PARTITION,
+        ) or isinstance(error, ConnectionFailed):
             self.cluster.invalidate(topic)
         await trio.sleep(self.retry_backoff_s)
         self._queues[(topic, partition)].inflight -= 1
@@ -462,7 +571,9 @@ def _checked_headers(headers: Sequence[tuple[str, bytes]]) -> list[tuple[str, by
     for name, value in headers:
         if type(name) is not str:
             raise TypeError("record header names must be str")
-        checked.append((name, _to_bytes(value, "header value") if type(value) is not bytes else value))
+        checked.append(
+            (name, _to_bytes(value, "header value") if type(value) is not bytes else value)
+        )
     return checked
 
 

@@ -227,4 +227,6 @@ def check_tail_sizes(sizes: list[int], tail_bytes: int) -> None:
             raise ProtocolError("a partition's size must not be negative")
         total += size
     if total != tail_bytes:
-        raise ProtocolError(f"partition sizes add up to {total}, but the tail has {tail_bytes} bytes")
+        raise ProtocolError(
+            f"partition sizes add up to {total}, but the tail has {tail_bytes} bytes"
+        )

@@ -223,7 +223,9 @@ def parse_request(header: Any, tail: bytes | memoryview) -> Request:
     api_key, api_version, correlation_id, client_id, body = header
     if not (_is_int(api_key) and _is_int(api_version) and _is_int(correlation_id)):
         raise ProtocolError("api_key, api_version and correlation_id must be integers")
-    if client_id is not None and (type(client_id) is not str or len(client_id) > CLIENT_ID_CHARS_MAX):
+    if client_id is not None and (
+        type(client_id) is not str or len(client_id) > CLIENT_ID_CHARS_MAX
+    ):
         raise ProtocolError("client_id must be a string of at most 255 characters")
     if type(body) is not dict:
         raise ProtocolError("request body must be a map")

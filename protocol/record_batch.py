@@ -216,8 +216,16 @@ def encode_batch(
         packed = msgpack.packb(records, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as error:
         raise ProtocolUsageError(f"cannot encode records: {error}") from None
-    return _frame_body(packed, count, base_timestamp, max_timestamp, compression, base_offset,
-                       partition_leader_epoch, (producer_id, producer_epoch, base_sequence))
+    return _frame_body(
+        packed,
+        count,
+        base_timestamp,
+        max_timestamp,
+        compression,
+        base_offset,
+        partition_leader_epoch,
+        (producer_id, producer_epoch, base_sequence),
+    )
 
 
 def encode_packed_batch(
@@ -232,7 +240,9 @@ def encode_packed_batch(
     ``[timestamp_delta, key, value, headers]`` array), as a producer accumulates them with
     ``msgpack.Packer(autoreset=False)``. Avoids keeping a Python object per record."""
     if record_count <= 0 or record_count > RECORDS_PER_BATCH_MAX:
-        raise ProtocolUsageError(f"a batch holds 1..{RECORDS_PER_BATCH_MAX} records, not {record_count}")
+        raise ProtocolUsageError(
+            f"a batch holds 1..{RECORDS_PER_BATCH_MAX} records, not {record_count}"
+        )
     packed = _array_header(record_count) + bytes(packed_records)
     return _frame_body(packed, record_count, base_timestamp, max_timestamp, compression, 0, -1)
 
@@ -245,9 +255,16 @@ def _array_header(count: int) -> bytes:
     return b"\xdd" + count.to_bytes(4, "big")
 
 
-def _frame_body(packed: bytes, count: int, base_timestamp: int, max_timestamp: int,
-                compression: Compression, base_offset: int, partition_leader_epoch: int,
-                producer: tuple[int, int, int] = (-1, -1, -1)) -> bytes:
+def _frame_body(
+    packed: bytes,
+    count: int,
+    base_timestamp: int,
+    max_timestamp: int,
+    compression: Compression,
+    base_offset: int,
+    partition_leader_epoch: int,
+    producer: tuple[int, int, int] = (-1, -1, -1),
+) -> bytes:
     body = _compress(compression, packed)
     header = bytearray(
         HEADER.pack(
@@ -415,7 +432,10 @@ def _headers_are_well_formed(headers: list[Any]) -> bool:
 
 
 def decode_records(
-    data: bytes | bytearray | memoryview, *, verify_crc: bool = True, allow_partial_tail: bool = False
+    data: bytes | bytearray | memoryview,
+    *,
+    verify_crc: bool = True,
+    allow_partial_tail: bool = False,
 ) -> list[Record]:
     """Decode every record of a buffer of back-to-back batches.
 
@@ -451,7 +471,9 @@ def _decode_records(view: memoryview, verify_crc: bool, allow_partial_tail: bool
         timestamps = map(header.base_timestamp.__add__, deltas)
         if not any(headers):  # share one empty tuple: one object less per record for the GC
             headers = repeat(())
-        out.extend(map(_new_record, repeat(Record), zip(offsets, timestamps, keys, values, headers)))
+        out.extend(
+            map(_new_record, repeat(Record), zip(offsets, timestamps, keys, values, headers))
+        )
     return out
 
 

@@ -41,8 +41,9 @@ class InProcessBroker:
 @pytest.fixture
 async def broker(nursery, tmp_path) -> InProcessBroker:
     """A broker running inside the test's trio run, fsync=never for speed."""
-    config = BrokerConfig(port=0, http_port=0, data_dir=tmp_path / "data",
-                          log_defaults=LogConfig(fsync="never"))
+    config = BrokerConfig(
+        port=0, http_port=0, data_dir=tmp_path / "data", log_defaults=LogConfig(fsync="never")
+    )
     addresses = await nursery.start(run_broker, config)
     return InProcessBroker(config, addresses.port, addresses.http_port)
 
@@ -73,15 +74,37 @@ class BrokerLauncher:
         self.tmp_path = tmp_path
         self.processes: list[BrokerProcess] = []
 
-    async def start(self, data_dir: pathlib.Path | None = None, *extra: str,
-                    port: int = 0, http_port: int = 0, timeout_s: float = 30) -> BrokerProcess:
+    async def start(
+        self,
+        data_dir: pathlib.Path | None = None,
+        *extra: str,
+        port: int = 0,
+        http_port: int = 0,
+        timeout_s: float = 30,
+    ) -> BrokerProcess:
         data_dir = data_dir or self.tmp_path / "data"
-        command = [sys.executable, "-m", "client.cli", "broker", "--host", "127.0.0.1",
-                   "--port", str(port), "--http-port", str(http_port),
-                   "--data-dir", str(data_dir), *extra]
+        command = [
+            sys.executable,
+            "-m",
+            "client.cli",
+            "broker",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--http-port",
+            str(http_port),
+            "--data-dir",
+            str(data_dir),
+            *extra,
+        ]
         process = await trio.lowlevel.open_process(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            cwd=REPO,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         broker = BrokerProcess(process, data_dir)
         self.processes.append(broker)
@@ -90,7 +113,9 @@ class BrokerLauncher:
         with trio.fail_after(timeout_s):
             await ready.wait()
         if not broker.port:
-            raise RuntimeError("broker exited before it started:\n" + broker.output.decode(errors="replace"))
+            raise RuntimeError(
+                "broker exited before it started:\n" + broker.output.decode(errors="replace")
+            )
         return broker
 
     async def _drain(self, broker: BrokerProcess, ready: trio.Event) -> None:

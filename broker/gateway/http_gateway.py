@@ -72,8 +72,9 @@ class HttpGateway:
     """Serves `api` over HTTP/1.1 within `limits`. Start with `serve` (or feed it streams
     through `handle_connection`)."""
 
-    def __init__(self, api: JsonApi, limits: Limits, *,
-                 timeouts: HttpTimeouts = HttpTimeouts()) -> None:
+    def __init__(
+        self, api: JsonApi, limits: Limits, *, timeouts: HttpTimeouts = HttpTimeouts()
+    ) -> None:
         self._api = api
         self._limits = limits
         self._timeouts = timeouts
@@ -84,8 +85,12 @@ class HttpGateway:
         self._requests_handled = 0
 
     def statistics(self) -> HttpGatewayStatistics:
-        return HttpGatewayStatistics(self._connections, self._connections_accepted,
-                                     self._connections_refused, self._requests_handled)
+        return HttpGatewayStatistics(
+            self._connections,
+            self._connections_accepted,
+            self._connections_refused,
+            self._requests_handled,
+        )
 
     async def serve(
         self,
@@ -105,15 +110,20 @@ class HttpGateway:
             self._connections += 1
             self._connections_accepted += 1
             try:
-                await self._serve_requests(stream, h11.Connection(
-                    h11.SERVER, max_incomplete_event_size=HEADER_BYTES_MAX))
+                await self._serve_requests(
+                    stream, h11.Connection(h11.SERVER, max_incomplete_event_size=HEADER_BYTES_MAX)
+                )
             finally:
                 self._connections -= 1
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the peer went away
         except trio.TooSlowError:
-            log_event(logger, logging.INFO, "http_response_write_timed_out",
-                      timeout_s=self._timeouts.response_write_s)
+            log_event(
+                logger,
+                logging.INFO,
+                "http_response_write_timed_out",
+                timeout_s=self._timeouts.response_write_s,
+            )
         except Exception as error:  # a bug must not take the other connections down
             log_event(logger, logging.ERROR, "http_connection_failed", error=repr(error))
             logger.debug("http connection failure", exc_info=True)
@@ -122,16 +132,24 @@ class HttpGateway:
 
     async def _refuse(self, stream: trio.abc.Stream) -> None:
         self._connections_refused += 1
-        log_event(logger, logging.WARNING, "http_connection_refused",
-                  reason="http_connections_max", limit=self._limits.http_connections_max)
+        log_event(
+            logger,
+            logging.WARNING,
+            "http_connection_refused",
+            reason="http_connections_max",
+            limit=self._limits.http_connections_max,
+        )
         if self._refusing >= REFUSALS_MAX:
             return
         self._refusing += 1
         try:
-            message = (f"the gateway already serves its maximum of "
-                       f"{self._limits.http_connections_max} connections; retry later")
-            response = ApiResponse(status=503, body={"error": message},
-                                   headers=(("retry-after", "1"),))
+            message = (
+                f"the gateway already serves its maximum of "
+                f"{self._limits.http_connections_max} connections; retry later"
+            )
+            response = ApiResponse(
+                status=503, body={"error": message}, headers=(("retry-after", "1"),)
+            )
             await self._send(stream, h11.Connection(h11.SERVER), response, close=True)
             await self._linger(stream)
         finally:
@@ -145,20 +163,27 @@ class HttpGateway:
             request, error_response = outcome
             if error_response is not None:  # the request could not be read whole
                 self._log_error(request, error_response)
-                await self._send(stream, connection, error_response, close=True,
-                                 head=request is not None and request.method == "HEAD")
+                await self._send(
+                    stream,
+                    connection,
+                    error_response,
+                    close=True,
+                    head=request is not None and request.method == "HEAD",
+                )
                 await self._linger(stream)
                 return
             assert request is not None
             response = await self._respond(request)
-            await self._send(stream, connection, response, close=False,
-                             head=request.method == "HEAD")
+            await self._send(
+                stream, connection, response, close=False, head=request.method == "HEAD"
+            )
             if connection.our_state is not h11.DONE or connection.their_state is not h11.DONE:
                 return  # h11 decided to close (Connection: close, HTTP/1.0)
             connection.start_next_cycle()
 
-    async def _read_request(self, stream: trio.abc.Stream, connection: h11.Connection
-                            ) -> tuple[ApiRequest | None, ApiResponse | None] | None:
+    async def _read_request(
+        self, stream: trio.abc.Stream, connection: h11.Connection
+    ) -> tuple[ApiRequest | None, ApiResponse | None] | None:
         """Read a whole request. Returns None when the connection should just close, else the
         request (whole, or its head, or None when even that is unreadable) and, if it could
         not be read whole, the error response to send instead of handling it."""
@@ -173,10 +198,14 @@ class HttpGateway:
                     self._check_body_length(declared_length)
                 return await self._read_body(stream, connection, head), None
             except _BodyTooLarge:
-                message = (f"the request body is larger than the limit of "
-                           f"{self._limits.http_body_bytes_max} bytes")
-                return head, ApiResponse(status=413, body={
-                    "error": message, "error_code": ErrorCode.MESSAGE_TOO_LARGE.name})
+                message = (
+                    f"the request body is larger than the limit of "
+                    f"{self._limits.http_body_bytes_max} bytes"
+                )
+                return head, ApiResponse(
+                    status=413,
+                    body={"error": message, "error_code": ErrorCode.MESSAGE_TOO_LARGE.name},
+                )
             except h11.RemoteProtocolError as error:
                 return self._protocol_error(connection, head, error)
         # Timed out: a silent keep-alive connection just closes; a half-sent request gets 408.
@@ -184,8 +213,12 @@ class HttpGateway:
             return None
         if connection.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return None
-        return head, ApiResponse(status=408, body={
-            "error": f"the request was not received within {self._timeouts.request_read_s} s"})
+        return head, ApiResponse(
+            status=408,
+            body={
+                "error": f"the request was not received within {self._timeouts.request_read_s} s"
+            },
+        )
 
     def _check_body_length(self, length: int) -> None:
         if length > self._limits.http_body_bytes_max:
@@ -203,23 +236,29 @@ class HttpGateway:
             message = f"malformed HTTP request: {error}"
         return head, ApiResponse(status=error.error_status_hint, body={"error": message})
 
-    async def _read_head(self, stream: trio.abc.Stream, connection: h11.Connection
-                         ) -> tuple[ApiRequest, int | None] | None:
+    async def _read_head(
+        self, stream: trio.abc.Stream, connection: h11.Connection
+    ) -> tuple[ApiRequest, int | None] | None:
         """Read a request's head: an ApiRequest without body and its declared body length
         (None when chunked), or None when the peer closed the connection between requests."""
         event = await self._next_event(stream, connection)
         if isinstance(event, h11.ConnectionClosed):
             return None
         assert isinstance(event, h11.Request), event
-        head = ApiRequest(method=event.method.decode("ascii", errors="replace"),
-                          target=event.target.decode("ascii", errors="replace"), body=b"")
+        head = ApiRequest(
+            method=event.method.decode("ascii", errors="replace"),
+            target=event.target.decode("ascii", errors="replace"),
+            body=b"",
+        )
         return head, _content_length(event)
 
-    async def _read_body(self, stream: trio.abc.Stream, connection: h11.Connection,
-                         head: ApiRequest) -> ApiRequest:
+    async def _read_body(
+        self, stream: trio.abc.Stream, connection: h11.Connection, head: ApiRequest
+    ) -> ApiRequest:
         if connection.they_are_waiting_for_100_continue:
-            await self._send_bytes(stream, connection.send(
-                h11.InformationalResponse(status_code=100, headers=[])))
+            await self._send_bytes(
+                stream, connection.send(h11.InformationalResponse(status_code=100, headers=[]))
+            )
         body = bytearray()
         while True:
             event = await self._next_event(stream, connection)
@@ -241,11 +280,19 @@ class HttpGateway:
         try:
             response = await self._api.handle(request)
         except Exception as error:  # a bug must not take the gateway down: report, go on
-            log_event(logger, logging.ERROR, "http_handler_failed", method=request.method,
-                      target=request.target[:LOGGED_TARGET_CHARS_MAX], error=repr(error))
+            log_event(
+                logger,
+                logging.ERROR,
+                "http_handler_failed",
+                method=request.method,
+                target=request.target[:LOGGED_TARGET_CHARS_MAX],
+                error=repr(error),
+            )
             logger.debug("http handler failure", exc_info=True)
-            response = ApiResponse(status=500, body={
-                "error": "internal error", "error_code": ErrorCode.UNKNOWN_SERVER_ERROR.name})
+            response = ApiResponse(
+                status=500,
+                body={"error": "internal error", "error_code": ErrorCode.UNKNOWN_SERVER_ERROR.name},
+            )
         else:
             self._log_error(request, response)
         self._requests_handled += 1
@@ -255,21 +302,37 @@ class HttpGateway:
         if response.status < 400:
             return
         level = logging.ERROR if response.status >= 500 else logging.INFO
-        log_event(logger, level, "http_request_failed",
-                  method=request.method if request else "-",
-                  target=request.target[:LOGGED_TARGET_CHARS_MAX] if request else "-",
-                  status=response.status, error=response.body.get("error", ""))
+        log_event(
+            logger,
+            level,
+            "http_request_failed",
+            method=request.method if request else "-",
+            target=request.target[:LOGGED_TARGET_CHARS_MAX] if request else "-",
+            status=response.status,
+            error=response.body.get("error", ""),
+        )
 
-    async def _send(self, stream: trio.abc.Stream, connection: h11.Connection,
-                    response: ApiResponse, *, close: bool, head: bool = False) -> None:
+    async def _send(
+        self,
+        stream: trio.abc.Stream,
+        connection: h11.Connection,
+        response: ApiResponse,
+        *,
+        close: bool,
+        head: bool = False,
+    ) -> None:
         body = response.encode_body()
-        headers = [("content-type", "application/json"), ("content-length", str(len(body))),
-                   *response.headers]
+        headers = [
+            ("content-type", "application/json"),
+            ("content-length", str(len(body))),
+            *response.headers,
+        ]
         if close:
             headers.append(("connection", "close"))
         reason = http.HTTPStatus(response.status).phrase.encode("ascii")
-        data = connection.send(h11.Response(status_code=response.status, headers=headers,
-                                            reason=reason))
+        data = connection.send(
+            h11.Response(status_code=response.status, headers=headers, reason=reason)
+        )
         if not head:  # a response to HEAD has headers only
             data += connection.send(h11.Data(data=body))
         data += connection.send(h11.EndOfMessage())

@@ -98,8 +98,9 @@ class JsonApi:
     `clock_ms` gives record timestamps (wall clock milliseconds by default).
     """
 
-    def __init__(self, handlers: RequestHandlers, *,
-                 clock_ms: Callable[[], int] = _wall_clock_ms) -> None:
+    def __init__(
+        self, handlers: RequestHandlers, *, clock_ms: Callable[[], int] = _wall_clock_ms
+    ) -> None:
         self._handlers = handlers
         self._clock_ms = clock_ms
         self._keyless_records = 0  # round-robin position for records without key or partition
@@ -118,10 +119,13 @@ class JsonApi:
             api_error = api_error_from(error)
             return ApiResponse(status=api_error.status, body=api_error.body())
         except ProtocolError as error:
-            return ApiResponse(status=500, body={
-                "error": f"stored records could not be decoded: {error}",
-                "error_code": ErrorCode.CORRUPT_MESSAGE.name,
-            })
+            return ApiResponse(
+                status=500,
+                body={
+                    "error": f"stored records could not be decoded: {error}",
+                    "error_code": ErrorCode.CORRUPT_MESSAGE.name,
+                },
+            )
 
     # -- routing ------------------------------------------------------------------------
 
@@ -137,8 +141,12 @@ class JsonApi:
         elif len(segments) == 3 and segments[0] == "topics" and segments[2] == "records":
             routes, allowed_query = {"POST": self._produce_records}, {"encoding"}
             arguments = (segments[1],)
-        elif (len(segments) == 5 and segments[0] == "topics" and segments[2] == "partitions"
-              and segments[4] == "records"):
+        elif (
+            len(segments) == 5
+            and segments[0] == "topics"
+            and segments[2] == "partitions"
+            and segments[4] == "records"
+        ):
             routes, allowed_query = {"GET": self._fetch_records}, {"offset", "max", "encoding"}
             arguments = (segments[1], segments[3])
         else:
@@ -146,8 +154,12 @@ class JsonApi:
         endpoint = routes.get(request.method)
         if endpoint is None:
             allow = ", ".join(sorted(routes))
-            raise ApiError(405, f"method {_shorten(request.method)} is not allowed on "
-                                f"{_shorten(path)}; allowed: {allow}", headers=(("allow", allow),))
+            raise ApiError(
+                405,
+                f"method {_shorten(request.method)} is not allowed on "
+                f"{_shorten(path)}; allowed: {allow}",
+                headers=(("allow", allow),),
+            )
         return endpoint, arguments, _parse_query(query_text, allowed_query)
 
     # -- the original WAL service -------------------------------------------------------
@@ -189,8 +201,11 @@ class JsonApi:
     def _read_wal_record(self, offset: int) -> Record:
         registry = self._handlers.registry
         if WAL_TOPIC not in registry.topics:
-            raise ApiError(404, f"offset {offset} has not been written yet: the log is empty",
-                           code=ErrorCode.OFFSET_OUT_OF_RANGE)
+            raise ApiError(
+                404,
+                f"offset {offset} has not been written yet: the log is empty",
+                code=ErrorCode.OFFSET_OUT_OF_RANGE,
+            )
         log = registry.log(WAL_TOPIC, WAL_PARTITION)
         _check_readable(offset, log.log_start_offset, log.high_watermark, end_is_readable=False)
         data = self._handlers.read_batches(WAL_TOPIC, WAL_PARTITION, offset, WAL_READ_BYTES)
@@ -199,8 +214,11 @@ class JsonApi:
                 return record
             if record.offset > offset:
                 break
-        raise ApiError(404, f"offset {offset} holds no record any more (removed by compaction)",
-                       code=ErrorCode.OFFSET_OUT_OF_RANGE)
+        raise ApiError(
+            404,
+            f"offset {offset} holds no record any more (removed by compaction)",
+            code=ErrorCode.OFFSET_OUT_OF_RANGE,
+        )
 
     # -- topics -------------------------------------------------------------------------
 
@@ -231,8 +249,12 @@ class JsonApi:
             except DwalError as error:
                 failures.append(error)
                 for i in indexes:
-                    offsets[i] = {"partition": partition, "offset": None, "error": error.message,
-                                  "error_code": error.code.name}
+                    offsets[i] = {
+                        "partition": partition,
+                        "offset": None,
+                        "error": error.message,
+                        "error_code": error.code.name,
+                    }
                 continue
             for position, i in enumerate(indexes):
                 offsets[i] = {"partition": partition, "offset": base_offset + position}
@@ -240,16 +262,20 @@ class JsonApi:
             raise failures[0]
         return ApiResponse(status=200, body={"offsets": offsets})
 
-    def _choose_partitions(self, topic: str, records: list[ProducedRecord],
-                           partitions: int) -> list[int]:
+    def _choose_partitions(
+        self, topic: str, records: list[ProducedRecord], partitions: int
+    ) -> list[int]:
         """Explicit partition, else CRC-32 of the key, else round-robin. Raises ApiError 404."""
         chosen = []
         for index, record in enumerate(records):
             if record.partition is not None:
                 if record.partition >= partitions:
-                    raise ApiError(404, f"records[{index}].partition {record.partition} does not "
-                                        f"exist: topic {topic!r} has {partitions} partitions",
-                                   code=ErrorCode.UNKNOWN_TOPIC_OR_PARTITION)
+                    raise ApiError(
+                        404,
+                        f"records[{index}].partition {record.partition} does not "
+                        f"exist: topic {topic!r} has {partitions} partitions",
+                        code=ErrorCode.UNKNOWN_TOPIC_OR_PARTITION,
+                    )
                 chosen.append(record.partition)
             elif record.key is not None:
                 chosen.append(partition_for_key(record.key, partitions))
@@ -267,12 +293,14 @@ class JsonApi:
             await handlers._auto_create(topic)
         return handlers.registry.topic(topic).partitions
 
-    async def _fetch_records(self, request: ApiRequest, query: Query, topic: str,
-                             partition_text: str) -> ApiResponse:
+    async def _fetch_records(
+        self, request: ApiRequest, query: Query, topic: str, partition_text: str
+    ) -> ApiResponse:
         """Records from ``?offset=`` (default: log start), at most ``?max=`` of them."""
         if not _DIGITS.fullmatch(partition_text):
             raise bad_request(
-                f"partition must be a non-negative integer, got {partition_text!r:.40}")
+                f"partition must be a non-negative integer, got {partition_text!r:.40}"
+            )
         partition = int(partition_text)
         encoding = _encoding_parameter(query)
         records_max = self._handlers.config.limits.http_fetch_records_max
@@ -281,22 +309,29 @@ class JsonApi:
             raise bad_request("max must be at least 1")
         partitions = await self._partition_count(topic, create=False)
         if partition >= partitions:
-            raise ApiError(404, f"topic {topic!r} has no partition {partition} "
-                                f"(it has {partitions})", code=ErrorCode.UNKNOWN_TOPIC_OR_PARTITION)
+            raise ApiError(
+                404,
+                f"topic {topic!r} has no partition {partition} (it has {partitions})",
+                code=ErrorCode.UNKNOWN_TOPIC_OR_PARTITION,
+            )
         log = self._handlers.registry.log(topic, partition)
         start, high_watermark = log.log_start_offset, log.high_watermark
         offset = _integer_parameter(query, "offset", start)
         _check_readable(offset, start, high_watermark, end_is_readable=True)
         records, next_offset = self._read_records(topic, partition, offset, high_watermark, limit)
-        return ApiResponse(status=200, body={
-            "records": [record_to_json(record, encoding) for record in records],
-            "next_offset": next_offset,
-            "high_watermark": high_watermark,
-            "log_start_offset": start,
-        })
+        return ApiResponse(
+            status=200,
+            body={
+                "records": [record_to_json(record, encoding) for record in records],
+                "next_offset": next_offset,
+                "high_watermark": high_watermark,
+                "log_start_offset": start,
+            },
+        )
 
-    def _read_records(self, topic: str, partition: int, offset: int, end: int,
-                      limit: int) -> tuple[list[Record], int]:
+    def _read_records(
+        self, topic: str, partition: int, offset: int, end: int, limit: int
+    ) -> tuple[list[Record], int]:
         """Up to `limit` records in [offset, end) and the offset to read next."""
         records: list[Record] = []
         position = offset
@@ -336,18 +371,25 @@ def _batches_end_offset(data: bytes, default: int) -> int:
 
 def _check_readable(offset: int, start: int, high_watermark: int, *, end_is_readable: bool) -> None:
     if offset < start:
-        raise ApiError(404, f"offset {offset} was deleted by retention; the log now starts at "
-                            f"offset {start}", code=ErrorCode.OFFSET_OUT_OF_RANGE)
+        raise ApiError(
+            404,
+            f"offset {offset} was deleted by retention; the log now starts at offset {start}",
+            code=ErrorCode.OFFSET_OUT_OF_RANGE,
+        )
     if offset > high_watermark or (offset == high_watermark and not end_is_readable):
-        raise ApiError(404, f"offset {offset} has not been written yet (high watermark "
-                            f"{high_watermark})", code=ErrorCode.OFFSET_OUT_OF_RANGE)
+        raise ApiError(
+            404,
+            f"offset {offset} has not been written yet (high watermark {high_watermark})",
+            code=ErrorCode.OFFSET_OUT_OF_RANGE,
+        )
 
 
 def _path_segments(path: str) -> list[str]:
     """The percent-decoded segments of an origin-form path ("/" gives [""])."""
     if not path.startswith("/"):
-        raise bad_request(f"the request target must be a path starting with '/', got "
-                          f"{_shorten(path)!r}")
+        raise bad_request(
+            f"the request target must be a path starting with '/', got {_shorten(path)!r}"
+        )
     try:
         return [urllib.parse.unquote(segment, errors="strict") for segment in path.split("/")[1:]]
     except UnicodeDecodeError:
@@ -356,11 +398,13 @@ def _path_segments(path: str) -> list[str]:
 
 def _parse_query(text: str, allowed: set[str]) -> Query:
     try:
-        pairs = urllib.parse.parse_qsl(text, keep_blank_values=True, errors="strict",
-                                       max_num_fields=QUERY_FIELDS_MAX)
+        pairs = urllib.parse.parse_qsl(
+            text, keep_blank_values=True, errors="strict", max_num_fields=QUERY_FIELDS_MAX
+        )
     except (ValueError, UnicodeDecodeError):
-        raise bad_request(f"the query string is malformed or has more than {QUERY_FIELDS_MAX} "
-                          "parameters") from None
+        raise bad_request(
+            f"the query string is malformed or has more than {QUERY_FIELDS_MAX} parameters"
+        ) from None
     query: Query = {}
     for name, value in pairs:
         if name not in allowed:
@@ -378,8 +422,9 @@ def _integer_parameter(query: Query, name: str, default: int | None = None) -> i
         assert default is not None, name
         return default
     if not _DIGITS.fullmatch(text):
-        raise bad_request(f"query parameter {name} must be a non-negative integer, got "
-                          f"{_shorten(text)!r}")
+        raise bad_request(
+            f"query parameter {name} must be a non-negative integer, got {_shorten(text)!r}"
+        )
     return int(text)
 
 

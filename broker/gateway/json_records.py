@@ -42,13 +42,19 @@ class ProducedRecord:
 def parse_json(body: bytes) -> Any:
     """Decode a request body as one JSON document (UTF-8); raises ApiError 400."""
     if not body:
-        raise ApiError(400, "the request body is empty; a JSON document is expected",
-                       code=ErrorCode.INVALID_REQUEST)
+        raise ApiError(
+            400,
+            "the request body is empty; a JSON document is expected",
+            code=ErrorCode.INVALID_REQUEST,
+        )
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise ApiError(400, f"the request body is not UTF-8 (bad byte at position {error.start})",
-                       code=ErrorCode.INVALID_REQUEST) from None
+        raise ApiError(
+            400,
+            f"the request body is not UTF-8 (bad byte at position {error.start})",
+            code=ErrorCode.INVALID_REQUEST,
+        ) from None
     try:
         return json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError as error:
@@ -57,8 +63,9 @@ def parse_json(body: bytes) -> Any:
         message = "it is nested too deeply"
     except ValueError as error:  # NaN/Infinity, or an integer with too many digits
         message = str(error)
-    raise ApiError(400, f"the request body is not valid JSON: {message}",
-                   code=ErrorCode.INVALID_REQUEST)
+    raise ApiError(
+        400, f"the request body is not valid JSON: {message}", code=ErrorCode.INVALID_REQUEST
+    )
 
 
 def _refuse_constant(name: str) -> Any:
@@ -84,8 +91,14 @@ def _check_object(value: Any, where: str, allowed: frozenset[str]) -> dict[str, 
 def _json_type(value: Any) -> str:
     if value is None:
         return "null"
-    return {bool: "a boolean", int: "a number", float: "a number", str: "a string",
-            list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
+    return {
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "an object",
+    }.get(type(value), type(value).__name__)
 
 
 def parse_wal_record(document: Any) -> ProducedRecord:
@@ -138,10 +151,13 @@ def parse_produce_records(
         raise bad_request("records must not be empty")
     if len(document) > records_max:
         raise ApiError(
-            413, f"a request may carry at most {records_max} records, got {len(document)}",
-            code=ErrorCode.RECORD_LIST_TOO_LARGE)
-    return [_parse_record(entry, f"records[{index}]", encoding)
-            for index, entry in enumerate(document)]
+            413,
+            f"a request may carry at most {records_max} records, got {len(document)}",
+            code=ErrorCode.RECORD_LIST_TOO_LARGE,
+        )
+    return [
+        _parse_record(entry, f"records[{index}]", encoding) for index, entry in enumerate(document)
+    ]
 
 
 def _parse_record(entry: Any, where: str, encoding: Encoding) -> ProducedRecord:
@@ -151,7 +167,8 @@ def _parse_record(entry: Any, where: str, encoding: Encoding) -> ProducedRecord:
     partition = record.get("partition")
     if partition is not None and (type(partition) is not int or partition < 0):
         raise bad_request(
-            f"{where}.partition must be a non-negative integer, got {partition!r:.40}")
+            f"{where}.partition must be a non-negative integer, got {partition!r:.40}"
+        )
     return ProducedRecord(
         key=_decode_field(record.get("key"), f"{where}.key", encoding),
         value=_decode_field(record["value"], f"{where}.value", encoding),

@@ -23,8 +23,12 @@ import os
 import pathlib
 import re
 
-from .checkpoint import TEMPORARY_SUFFIX, fsync_directory, read_offset_checkpoint
-from .checkpoint import write_offset_checkpoint
+from .checkpoint import (
+    TEMPORARY_SUFFIX,
+    fsync_directory,
+    read_offset_checkpoint,
+    write_offset_checkpoint,
+)
 from .errors import StorageError
 from .log_config import LogConfig
 from .segment import (

@@ -282,8 +282,8 @@ class Segment:
     def find_batch(self, offset: int, end_position: int) -> tuple[int, BatchHeader]:
         """Return (position, header) of the batch holding `offset`, which must lie below the
         batch ending at `end_position`. Raises StorageError if the file disagrees."""
-        _, position = self.offset_index.lookup(offset)
-        for position, header in iterate_headers(self._log_fd, position, end_position):
+        _, start = self.offset_index.lookup(offset)
+        for position, header in iterate_headers(self._log_fd, start, end_position):
             if header.last_offset >= offset:
                 return position, header
         raise StorageError(f"offset {offset} is missing from {self.log_path}")

@@ -55,7 +55,9 @@ async def test_sigkill_loses_no_acknowledged_record(broker_launcher, tmp_path, s
         async with trio.open_nursery() as nursery:
             nursery.start_soon(collect_acknowledgements, receive_channel)
             async with send_channel:
-                async with Producer(cluster, acks=1, retries=0, linger_ms=1, batch_size=4096) as producer:
+                async with Producer(
+                    cluster, acks=1, retries=0, linger_ms=1, batch_size=4096
+                ) as producer:
                     while not broker.exited.is_set() and sent < 500_000:
                         value = b"value-%d" % sent
                         await send_channel.send((value, await producer.send("crash", value)))

@@ -21,8 +21,9 @@ from protocol import build_batch
 
 
 async def start_broker(nursery, tmp_path, fsync: str) -> str:
-    config = BrokerConfig(port=0, http_port=-1, data_dir=tmp_path / "data",
-                          log_defaults=LogConfig(fsync=fsync))
+    config = BrokerConfig(
+        port=0, http_port=-1, data_dir=tmp_path / "data", log_defaults=LogConfig(fsync=fsync)
+    )
     addresses = await nursery.start(run_broker, config)
     return f"127.0.0.1:{addresses.port}"
 
@@ -91,7 +92,9 @@ async def test_group_commit_shares_fsyncs_between_producers(nursery, tmp_path, m
 @pytest.mark.parametrize("policy", ["interval", "never"])
 async def test_periodic_flush_moves_the_durable_offset(tmp_path, policy, mock_clock):
     clock = mock_clock
-    registry = TopicRegistry.open(tmp_path, LogConfig(fsync=policy, flush_interval_ms=200), Limits())
+    registry = TopicRegistry.open(
+        tmp_path, LogConfig(fsync=policy, flush_interval_ms=200), Limits()
+    )
     try:
         await registry.create_topic("p", 1)
         log = registry.log("p", 0)

@@ -103,15 +103,17 @@ class FakeHandlers:
 
     @property
     def config(self) -> SimpleNamespace:
-        return SimpleNamespace(limits=self.limits, auto_create_topics=self.auto_create_topics,
-                               default_partitions=2)
+        return SimpleNamespace(
+            limits=self.limits, auto_create_topics=self.auto_create_topics, default_partitions=2
+        )
 
     async def _auto_create(self, name: str) -> None:
         if name not in self.registry.topics:
             await self.registry.create_topic(name, 2)
 
-    async def append_batch(self, topic: str, partition: int, batch: bytes, *, acks: int,
-                           timeout_ms: int) -> int:
+    async def append_batch(
+        self, topic: str, partition: int, batch: bytes, *, acks: int, timeout_ms: int
+    ) -> int:
         await trio.lowlevel.checkpoint()
         if (topic, partition) in self.failures:
             raise self.failures[(topic, partition)]
@@ -179,24 +181,27 @@ async def test_wal_topic_creation_race_is_tolerated():
     assert (response.status, response.body) == (200, {"offset": 0})
 
 
-@pytest.mark.parametrize("body", [
-    b"{not json",
-    b"",
-    b"\xff\xfe{}",
-    b'{"record": {"value": NaN}}',
-    b"[" * 100_000 + b"]" * 100_000,
-    b"[]",
-    b'{"value": "x"}',
-    b'{"record": "x"}',
-    b'{"record": {}}',
-    b'{"record": {"value": 5}}',
-    b'{"record": {"value": null}}',
-    b'{"record": {"value": {"a": 1}}}',
-    b'{"record": {"value": "x", "key": 7}}',
-    b'{"record": {"value": "x", "extra": 1}}',
-    b'{"record": {"value": "x"}, "extra": 1}',
-    b'{"record": {"value": "\\ud800"}}',
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b"",
+        b"\xff\xfe{}",
+        b'{"record": {"value": NaN}}',
+        b"[" * 100_000 + b"]" * 100_000,
+        b"[]",
+        b'{"value": "x"}',
+        b'{"record": "x"}',
+        b'{"record": {}}',
+        b'{"record": {"value": 5}}',
+        b'{"record": {"value": null}}',
+        b'{"record": {"value": {"a": 1}}}',
+        b'{"record": {"value": "x", "key": 7}}',
+        b'{"record": {"value": "x", "extra": 1}}',
+        b'{"record": {"value": "x"}, "extra": 1}',
+        b'{"record": {"value": "\\ud800"}}',
+    ],
+)
 async def test_wal_post_rejects_bad_bodies_with_400(body):
     handlers = FakeHandlers()
     response = await call(make_api(handlers), "POST", "/", body)
@@ -211,10 +216,21 @@ async def test_wal_post_errors_name_the_missing_field():
     assert "offset" in assert_error(await call(api, "GET", "/", {}), 400)
 
 
-@pytest.mark.parametrize("body", [
-    b'{"offset": -1}', b'{"offset": 1.5}', b'{"offset": 1.0}', b'{"offset": "1"}',
-    b'{"offset": true}', b'{"offset": null}', b"{}", b"", b"nope", b"[0]",
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"offset": -1}',
+        b'{"offset": 1.5}',
+        b'{"offset": 1.0}',
+        b'{"offset": "1"}',
+        b'{"offset": true}',
+        b'{"offset": null}',
+        b"{}",
+        b"",
+        b"nope",
+        b"[0]",
+    ],
+)
 async def test_wal_get_rejects_bad_offsets_with_400(body):
     handlers = FakeHandlers()
     api = make_api(handlers)
@@ -224,13 +240,15 @@ async def test_wal_get_rejects_bad_offsets_with_400(body):
 
 async def test_wal_get_unwritten_offset_is_404():
     api = make_api(FakeHandlers())
-    message = assert_error(await call(api, "GET", "/", {"offset": 0}), 404,
-                           ErrorCode.OFFSET_OUT_OF_RANGE)
+    message = assert_error(
+        await call(api, "GET", "/", {"offset": 0}), 404, ErrorCode.OFFSET_OUT_OF_RANGE
+    )
     assert "empty" in message
     await call(api, "POST", "/", {"record": {"value": VALUE}})
     assert (await call(api, "GET", "/", {"offset": 0})).status == 200
-    message = assert_error(await call(api, "GET", "/", {"offset": 1}), 404,
-                           ErrorCode.OFFSET_OUT_OF_RANGE)
+    message = assert_error(
+        await call(api, "GET", "/", {"offset": 1}), 404, ErrorCode.OFFSET_OUT_OF_RANGE
+    )
     assert "not been written" in message
 
 
@@ -268,19 +286,23 @@ async def test_wal_get_accepts_the_offset_in_the_query_when_the_body_is_empty():
 # -- routing and error mapping ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("target", ["/nope", "/topics", "/topics/t", "/topics/t/records/x",
-                                    "/healthz/", "//"])
+@pytest.mark.parametrize(
+    "target", ["/nope", "/topics", "/topics/t", "/topics/t/records/x", "/healthz/", "//"]
+)
 async def test_unknown_path_is_404(target):
     assert_error(await call(make_api(FakeHandlers()), "GET", target), 404)
 
 
-@pytest.mark.parametrize("method, target, allow", [
-    ("DELETE", "/", "GET, POST"),
-    ("PUT", "/", "GET, POST"),
-    ("POST", "/healthz", "GET"),
-    ("GET", "/topics/t/records", "POST"),
-    ("POST", "/topics/t/partitions/0/records", "GET"),
-])
+@pytest.mark.parametrize(
+    "method, target, allow",
+    [
+        ("DELETE", "/", "GET, POST"),
+        ("PUT", "/", "GET, POST"),
+        ("POST", "/healthz", "GET"),
+        ("GET", "/topics/t/records", "POST"),
+        ("POST", "/topics/t/partitions/0/records", "GET"),
+    ],
+)
 async def test_unsupported_method_is_405_with_allow_header(method, target, allow):
     response = await call(make_api(FakeHandlers()), method, target)
     assert_error(response, 405)
@@ -292,16 +314,19 @@ async def test_healthz():
     assert (response.status, response.body) == (200, {"status": "ok"})
 
 
-@pytest.mark.parametrize("code, status", [
-    (ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, 404),
-    (ErrorCode.MESSAGE_TOO_LARGE, 413),
-    (ErrorCode.INVALID_RECORD, 400),
-    (ErrorCode.INVALID_REQUIRED_ACKS, 400),
-    (ErrorCode.REQUEST_TIMED_OUT, 503),
-    (ErrorCode.KAFKA_STORAGE_ERROR, 503),
-    (ErrorCode.CORRUPT_MESSAGE, 500),
-    (ErrorCode.UNKNOWN_SERVER_ERROR, 500),
-])
+@pytest.mark.parametrize(
+    "code, status",
+    [
+        (ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, 404),
+        (ErrorCode.MESSAGE_TOO_LARGE, 413),
+        (ErrorCode.INVALID_RECORD, 400),
+        (ErrorCode.INVALID_REQUIRED_ACKS, 400),
+        (ErrorCode.REQUEST_TIMED_OUT, 503),
+        (ErrorCode.KAFKA_STORAGE_ERROR, 503),
+        (ErrorCode.CORRUPT_MESSAGE, 500),
+        (ErrorCode.UNKNOWN_SERVER_ERROR, 500),
+    ],
+)
 async def test_broker_errors_map_to_http_statuses(code, status):
     handlers = FakeHandlers()
     await make_topic(handlers, "wal", 1)
@@ -353,8 +378,13 @@ async def test_rest_produce_honours_explicit_partitions_and_round_robins_keyless
     handlers = FakeHandlers()
     api = make_api(handlers)
     await make_topic(handlers, "events", 2)
-    body = [{"value": "a", "partition": 1}, {"value": "b"}, {"value": "c"}, {"value": "d"},
-            {"value": "e", "partition": 1}]
+    body = [
+        {"value": "a", "partition": 1},
+        {"value": "b"},
+        {"value": "c"},
+        {"value": "d"},
+        {"value": "e", "partition": 1},
+    ]
     response = await call(api, "POST", "/topics/events/records", body)  # a bare list
     assert response.status == 200
     assert response.body["offsets"] == [
@@ -372,8 +402,9 @@ async def test_rest_produce_to_a_missing_partition_is_404_and_writes_nothing():
     await make_topic(handlers, "events", 2)
     body = {"records": [{"value": "a"}, {"value": "b", "partition": 2}]}
     response = await call(make_api(handlers), "POST", "/topics/events/records", body)
-    assert "records[1].partition" in assert_error(response, 404,
-                                                  ErrorCode.UNKNOWN_TOPIC_OR_PARTITION)
+    assert "records[1].partition" in assert_error(
+        response, 404, ErrorCode.UNKNOWN_TOPIC_OR_PARTITION
+    )
     assert handlers.appends == []
 
 
@@ -393,27 +424,31 @@ async def test_rest_produce_to_an_unknown_topic_is_404_unless_auto_create_is_on(
 async def test_rest_produce_rejects_an_invalid_topic_name():
     handlers = FakeHandlers()
     handlers.auto_create_topics = True
-    response = await call(make_api(handlers), "POST", "/topics/bad%20name/records",
-                          [{"value": "a"}])
+    response = await call(
+        make_api(handlers), "POST", "/topics/bad%20name/records", [{"value": "a"}]
+    )
     assert_error(response, 400, ErrorCode.INVALID_TOPIC)
     assert handlers.registry.topics == {}
 
 
-@pytest.mark.parametrize("body", [
-    {"records": []},
-    {"records": {}},
-    {"record": [{"value": "a"}]},
-    {},
-    "text",
-    [{"key": "a"}],
-    [{"value": 1}],
-    ["a"],
-    [{"value": "x", "partition": -1}],
-    [{"value": "x", "partition": True}],
-    [{"value": "x", "partition": 1.0}],
-    [{"value": "x", "headers": []}],
-    [{"value": "x", "key": ["k"]}],
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"records": []},
+        {"records": {}},
+        {"record": [{"value": "a"}]},
+        {},
+        "text",
+        [{"key": "a"}],
+        [{"value": 1}],
+        ["a"],
+        [{"value": "x", "partition": -1}],
+        [{"value": "x", "partition": True}],
+        [{"value": "x", "partition": 1.0}],
+        [{"value": "x", "headers": []}],
+        [{"value": "x", "key": ["k"]}],
+    ],
+)
 async def test_rest_produce_rejects_bad_bodies_with_400(body):
     handlers = FakeHandlers()
     await make_topic(handlers, "events", 2)
@@ -443,8 +478,7 @@ async def test_rest_produce_reports_per_partition_failures():
     assert response.status == 200
     assert response.body["offsets"] == [
         {"partition": 0, "offset": 0},
-        {"partition": 1, "offset": None, "error": "disk full",
-         "error_code": "KAFKA_STORAGE_ERROR"},
+        {"partition": 1, "offset": None, "error": "disk full", "error_code": "KAFKA_STORAGE_ERROR"},
     ]
     response = await call(api, "POST", "/topics/events/records", body[1:])
     assert response.status == 503
@@ -456,8 +490,10 @@ async def test_rest_base64_and_tombstones_round_trip():
     api = make_api(handlers)
     await make_topic(handlers, "bin", 1)
     raw = bytes(range(256))
-    body = [{"key": base64.b64encode(b"\x00k").decode(), "value": base64.b64encode(raw).decode()},
-            {"key": "AA==", "value": None}]
+    body = [
+        {"key": base64.b64encode(b"\x00k").decode(), "value": base64.b64encode(raw).decode()},
+        {"key": "AA==", "value": None},
+    ]
     response = await call(api, "POST", "/topics/bin/records?encoding=base64", body)
     assert response.status == 200
     response = await call(api, "GET", "/topics/bin/partitions/0/records?encoding=base64")
@@ -488,9 +524,13 @@ async def test_rest_fetch_reads_from_an_offset_up_to_max():
     response = await call(api, "GET", "/topics/events/partitions/1/records?offset=1&max=3")
     assert response.status == 200
     assert response.body == {
-        "records": [{"offset": o, "timestamp": CLOCK_MS, "key": None, "value": v}
-                    for o, v in [(1, "b"), (2, "c"), (3, "d")]],
-        "next_offset": 4, "high_watermark": 5, "log_start_offset": 0,
+        "records": [
+            {"offset": o, "timestamp": CLOCK_MS, "key": None, "value": v}
+            for o, v in [(1, "b"), (2, "c"), (3, "d")]
+        ],
+        "next_offset": 4,
+        "high_watermark": 5,
+        "log_start_offset": 0,
     }
     response = await call(api, "GET", "/topics/events/partitions/1/records")
     assert [r["value"] for r in response.body["records"]] == ["a", "b", "c", "d", "e"]
@@ -531,23 +571,26 @@ async def test_rest_fetch_continues_over_several_reads():
     assert response.body["next_offset"] == 3
 
 
-@pytest.mark.parametrize("target, status", [
-    ("/topics/events/partitions/0/records?offset=4", 404),
-    ("/topics/events/partitions/0/records?offset=0", 404),  # below the log start (1)
-    ("/topics/events/partitions/2/records", 404),
-    ("/topics/nope/partitions/0/records", 404),
-    ("/topics/events/partitions/x/records", 400),
-    ("/topics/events/partitions/-1/records", 400),
-    ("/topics/events/partitions/0/records?offset=-1", 400),
-    ("/topics/events/partitions/0/records?offset=abc", 400),
-    ("/topics/events/partitions/0/records?offset=", 400),
-    ("/topics/events/partitions/0/records?max=0", 400),
-    ("/topics/events/partitions/0/records?max=1.5", 400),
-    ("/topics/events/partitions/0/records?encoding=latin1", 400),
-    ("/topics/events/partitions/0/records?offset=1&offset=2", 400),
-    ("/topics/events/partitions/0/records?limit=5", 400),
-    ("/topics/events/partitions/0/records?" + "&".join(f"p{i}=1" for i in range(40)), 400),
-])
+@pytest.mark.parametrize(
+    "target, status",
+    [
+        ("/topics/events/partitions/0/records?offset=4", 404),
+        ("/topics/events/partitions/0/records?offset=0", 404),  # below the log start (1)
+        ("/topics/events/partitions/2/records", 404),
+        ("/topics/nope/partitions/0/records", 404),
+        ("/topics/events/partitions/x/records", 400),
+        ("/topics/events/partitions/-1/records", 400),
+        ("/topics/events/partitions/0/records?offset=-1", 400),
+        ("/topics/events/partitions/0/records?offset=abc", 400),
+        ("/topics/events/partitions/0/records?offset=", 400),
+        ("/topics/events/partitions/0/records?max=0", 400),
+        ("/topics/events/partitions/0/records?max=1.5", 400),
+        ("/topics/events/partitions/0/records?encoding=latin1", 400),
+        ("/topics/events/partitions/0/records?offset=1&offset=2", 400),
+        ("/topics/events/partitions/0/records?limit=5", 400),
+        ("/topics/events/partitions/0/records?" + "&".join(f"p{i}=1" for i in range(40)), 400),
+    ],
+)
 async def test_rest_fetch_rejects_bad_requests(target, status):
     handlers = FakeHandlers()
     api = make_api(handlers)
@@ -582,20 +625,23 @@ class HttpClient:
     async def connect(cls, port: int) -> HttpClient:
         return cls(await trio.open_tcp_stream("127.0.0.1", port))
 
-    async def request(self, method: str, target: str, body: Any = b"",
-                      headers: tuple[tuple[str, str], ...] = ()) -> HttpReply:
+    async def request(
+        self, method: str, target: str, body: Any = b"", headers: tuple[tuple[str, str], ...] = ()
+    ) -> HttpReply:
         await self.send_head(method, target, body, headers)
         await self.send_body(body)
         return await self.read_response()
 
-    async def send_head(self, method: str, target: str, body: Any = b"",
-                        headers: tuple[tuple[str, str], ...] = ()) -> None:
+    async def send_head(
+        self, method: str, target: str, body: Any = b"", headers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         if self.connection.our_state is h11.DONE:
             self.connection.start_next_cycle()
         length = len(_encode(body))
         all_headers = [("host", "127.0.0.1"), ("content-length", str(length)), *headers]
-        await self.stream.send_all(self.connection.send(
-            h11.Request(method=method, target=target, headers=all_headers)))
+        await self.stream.send_all(
+            self.connection.send(h11.Request(method=method, target=target, headers=all_headers))
+        )
 
     async def send_body(self, body: Any) -> None:
         data = _encode(body)
@@ -754,8 +800,10 @@ async def test_http_oversize_chunked_body_is_413(nursery):
     server = await start_gateway(nursery, handlers)
     stream = await trio.open_tcp_stream("127.0.0.1", server.port)
     chunk = b"x" * 600
-    await stream.send_all(b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
-                          + (b"258\r\n" + chunk + b"\r\n") * 2)
+    await stream.send_all(
+        b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+        + (b"258\r\n" + chunk + b"\r\n") * 2
+    )
     reply = await read_raw_response(stream)
     assert reply.status == 413
     await stream.aclose()
@@ -783,11 +831,14 @@ async def test_http_head_request_gets_headers_only(nursery):
     await client.aclose()
 
 
-@pytest.mark.parametrize("raw, status", [
-    (b"THIS IS NOT HTTP\r\n\r\n", 400),
-    (b"GET / HTTP/1.1\r\nhost: x\r\ncontent-length: nope\r\n\r\n", 400),
-    (b"GET / HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 200_000 + b"\r\n\r\n", 431),
-])
+@pytest.mark.parametrize(
+    "raw, status",
+    [
+        (b"THIS IS NOT HTTP\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nhost: x\r\ncontent-length: nope\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 200_000 + b"\r\n\r\n", 431),
+    ],
+)
 async def test_http_malformed_requests_get_an_error_and_a_close(nursery, raw, status):
     server = await start_gateway(nursery, FakeHandlers())
     stream = await trio.open_tcp_stream("127.0.0.1", server.port)
@@ -801,11 +852,12 @@ async def test_http_malformed_requests_get_an_error_and_a_close(nursery, raw, st
 
 @pytest.mark.parametrize("abort", ["close", "reset"])
 async def test_http_client_disconnecting_mid_body_does_not_break_the_next_client(
-        nursery, abort, http_error_log):
+    nursery, abort, http_error_log
+):
     handlers = FakeHandlers()
     server = await start_gateway(nursery, handlers)
     stream = await trio.open_tcp_stream("127.0.0.1", server.port)
-    await stream.send_all(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{\"rec")
+    await stream.send_all(b'POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{"rec')
     if abort == "reset":  # SO_LINGER 0: close sends RST instead of FIN
         stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     await stream.aclose()
@@ -960,8 +1012,10 @@ async def test_end_to_end_rest_produce_and_fetch_with_keys_and_partitions(nurser
         assert body["next_offset"] == body["high_watermark"] == len(body["records"])
         for record in body["records"]:
             seen[record["value"]] = (partition, record["offset"])
-    assert seen == {record["value"]: (entry["partition"], entry["offset"])
-                    for record, entry in zip(records, offsets, strict=True)}
+    assert seen == {
+        record["value"]: (entry["partition"], entry["offset"])
+        for record, entry in zip(records, offsets, strict=True)
+    }
     reply = await client.request("GET", "/topics/orders/partitions/0/records?offset=1&max=1")
     assert [r["offset"] for r in reply.json()["records"]] == [1]
     reply = await client.request("POST", "/topics/missing/records", [{"value": "x"}])

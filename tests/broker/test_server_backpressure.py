@@ -18,7 +18,9 @@ from protocol import ApiKey, Request, build_batch, encode_request
 
 async def test_unread_replies_are_bounded_and_released(nursery, tmp_path):
     limits = Limits(inflight_requests_max=8)
-    config = BrokerConfig(port=0, data_dir=tmp_path, limits=limits, log_defaults=LogConfig(fsync="never"))
+    config = BrokerConfig(
+        port=0, data_dir=tmp_path, limits=limits, log_defaults=LogConfig(fsync="never")
+    )
     registry = TopicRegistry.open(tmp_path, config.log_defaults, limits)
     try:
         await registry.create_topic("big", 1)
@@ -32,11 +34,28 @@ async def test_unread_replies_are_bounded_and_released(nursery, tmp_path):
 
         # padding (an unknown field, ignored by the broker) makes the requests outgrow the
         # socket buffers, so the sender must block once the broker stops reading
-        fetch = {"padding": b"p" * 10_000, "max_wait_ms": 0, "topics": [{"topic": "big", "partitions": [
-            {"partition": 0, "fetch_offset": 0, "max_bytes": 16 * 1024 * 1024}]}]}
+        fetch = {
+            "padding": b"p" * 10_000,
+            "max_wait_ms": 0,
+            "topics": [
+                {
+                    "topic": "big",
+                    "partitions": [
+                        {"partition": 0, "fetch_offset": 0, "max_bytes": 16 * 1024 * 1024}
+                    ],
+                }
+            ],
+        }
         frames = b"".join(
-            encode_request(Request(api_key=ApiKey.FETCH, api_version=0, correlation_id=i,
-                                   client_id="slow", body=fetch))
+            encode_request(
+                Request(
+                    api_key=ApiKey.FETCH,
+                    api_version=0,
+                    correlation_id=i,
+                    client_id="slow",
+                    body=fetch,
+                )
+            )
             for i in range(2000)
         )
         stream = await trio.open_tcp_stream("127.0.0.1", port)

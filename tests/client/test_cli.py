@@ -7,15 +7,18 @@ import subprocess
 import sys
 
 import trio
-
 from conftest import REPO
 
 
 async def dwal(*args: str, stdin: bytes = b"", check: bool = True, timeout_s: float = 60):
     with trio.fail_after(timeout_s):
         result = await trio.run_process(
-            [sys.executable, "-m", "client.cli", *args], stdin=stdin, capture_stdout=True,
-            capture_stderr=True, check=False, cwd=REPO,
+            [sys.executable, "-m", "client.cli", *args],
+            stdin=stdin,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            cwd=REPO,
         )
     if check and result.returncode != 0:
         raise AssertionError(f"dwal {' '.join(args)} failed: {result.stderr.decode()}")
@@ -24,7 +27,9 @@ async def dwal(*args: str, stdin: bytes = b"", check: bool = True, timeout_s: fl
 
 async def test_topic_commands_and_round_trip(broker):
     b = ["--bootstrap", broker.bootstrap]
-    out = await dwal("topic", "create", "cli", "--partitions", "3", "--config", "retention.ms=86400000", *b)
+    out = await dwal(
+        "topic", "create", "cli", "--partitions", "3", "--config", "retention.ms=86400000", *b
+    )
     assert b"created topic cli" in out.stdout
     assert (await dwal("topic", "list", *b)).stdout.split() == [b"cli"]
     lines = b"".join(b"line-%d\n" % i for i in range(2000))
@@ -34,8 +39,11 @@ async def test_topic_commands_and_round_trip(broker):
     assert sorted(out.stdout.splitlines()) == sorted(lines.splitlines())
     described = (await dwal("topic", "describe", "cli", *b)).stdout.decode()
     assert "retention.ms=86400000" in described and "partitions: 3" in described
-    hw_total = sum(int(line.split()[3]) for line in described.splitlines()
-                   if line.strip() and line.split()[0].isdigit())
+    hw_total = sum(
+        int(line.split()[3])
+        for line in described.splitlines()
+        if line.strip() and line.split()[0].isdigit()
+    )
     assert hw_total == 2000
     failed = await dwal("topic", "create", "cli", *b, check=False)
     assert failed.returncode == 1 and b"already exists" in failed.stderr
@@ -47,8 +55,12 @@ async def test_topic_commands_and_round_trip(broker):
 async def test_keys_partition_and_format(broker):
     b = ["--bootstrap", broker.bootstrap]
     await dwal("topic", "create", "fmt", "--partitions", "2", *b)
-    await dwal("produce", "fmt", "--partition", "1", "--key-separator", ":", *b, stdin=b"k1:v1\nk2:v2\n")
-    out = await dwal("consume", "fmt", "--partition", "1", "--num", "2", "--format", "%k=%v@%p/%o", *b)
+    await dwal(
+        "produce", "fmt", "--partition", "1", "--key-separator", ":", *b, stdin=b"k1:v1\nk2:v2\n"
+    )
+    out = await dwal(
+        "consume", "fmt", "--partition", "1", "--num", "2", "--format", "%k=%v@%p/%o", *b
+    )
     assert out.stdout == b"k1=v1@1/0\nk2=v2@1/1\n"
     out = await dwal("consume", "fmt", "--partition", "1", "--offset", "1", "--num", "1", *b)
     assert out.stdout == b"v2\n"
@@ -56,8 +68,12 @@ async def test_keys_partition_and_format(broker):
 
 async def test_user_errors_exit_non_zero_without_traceback(broker):
     b = ["--bootstrap", broker.bootstrap]
-    for args in (["consume", "nosuch", "--num", "1", *b], ["produce", "nosuch", *b],
-                 ["topic", "describe", "nosuch", *b], ["topic", "list", "--bootstrap", "127.0.0.1:1"]):
+    for args in (
+        ["consume", "nosuch", "--num", "1", *b],
+        ["produce", "nosuch", *b],
+        ["topic", "describe", "nosuch", *b],
+        ["topic", "list", "--bootstrap", "127.0.0.1:1"],
+    ):
         result = await dwal(*args, stdin=b"x\n", check=False)
         assert result.returncode == 1, args
         assert result.stderr.startswith(b"error: "), result.stderr
@@ -69,7 +85,10 @@ async def test_consume_follows_and_stops_cleanly_on_sigterm(broker):
     await dwal("topic", "create", "follow", *b)
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "client.cli", "consume", "follow", *b],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+    )
     try:
         await dwal("produce", "follow", *b, stdin=b"first\nsecond\n")
         received = b""
@@ -87,8 +106,10 @@ async def test_consume_follows_and_stops_cleanly_on_sigterm(broker):
 
 async def test_broker_command_reads_toml_config(broker_launcher, tmp_path):
     config = tmp_path / "dwal.toml"
-    config.write_text('log_level = "debug"\nauto_create_topics = true\n'
-                      '[topic_defaults]\n"segment.bytes" = 1048576\n')
+    config.write_text(
+        'log_level = "debug"\nauto_create_topics = true\n'
+        '[topic_defaults]\n"segment.bytes" = 1048576\n'
+    )
     running = await broker_launcher.start(tmp_path / "d", "--config", str(config))
     b = ["--bootstrap", running.bootstrap]
     await dwal("produce", "auto", *b, stdin=b"a\n")  # allowed: auto_create_topics = true

@@ -29,8 +29,10 @@ async def test_produce_and_consume_across_partitions(broker):
     async with client.connect(broker.bootstrap) as cluster:
         await Admin(cluster).create_topic("events", partitions=3)
         async with Producer(cluster, linger_ms=1, batch_size=2048) as producer:
-            deliveries = [await producer.send("events", f"value-{i}".encode(), key=f"key-{i % 7}".encode())
-                          for i in range(3000)]
+            deliveries = [
+                await producer.send("events", f"value-{i}".encode(), key=f"key-{i % 7}".encode())
+                for i in range(3000)
+            ]
         results = [d.result() for d in deliveries]
         got = await consume_all(cluster, "events", 3000)
     assert sum(len(r) for r in got.values()) == 3000
@@ -91,7 +93,9 @@ async def test_topic_admin_errors_and_lifecycle(broker):
         description = await admin.describe_topic("t1")
         assert len(description.partitions) == 2
         assert description.configs["retention.ms"] == "1000"
-        overrides = await admin.alter_configs("t1", set={"retention.bytes": "100000"}, delete=["retention.ms"])
+        overrides = await admin.alter_configs(
+            "t1", set={"retention.bytes": "100000"}, delete=["retention.ms"]
+        )
         assert overrides == {"retention.bytes": "100000"}
         with pytest.raises(DwalError) as info:
             await admin.alter_configs("t1", set={"no.such.config": "1"})
@@ -175,8 +179,16 @@ async def raw_request(port: int, frames: bytes) -> list:
 
 
 def frame(api_key: int, body: dict, tail: bytes = b"", correlation_id: int = 1) -> bytes:
-    return encode_request(Request(api_key=api_key, api_version=0, correlation_id=correlation_id,
-                                  client_id="test", body=body, tail=tail))
+    return encode_request(
+        Request(
+            api_key=api_key,
+            api_version=0,
+            correlation_id=correlation_id,
+            client_id="test",
+            body=body,
+            tail=tail,
+        )
+    )
 
 
 async def test_bad_requests_get_errors_and_the_broker_keeps_serving(broker):
@@ -186,19 +198,37 @@ async def test_bad_requests_get_errors_and_the_broker_keeps_serving(broker):
     corrupt = bytearray(good)
     corrupt[-1] ^= 0xFF
     big = build_batch([(1, None, b"z" * 5000)])
-    produce = lambda batch, cid: frame(ApiKey.PRODUCE, {"acks": 1, "topics": [
-        {"topic": "small", "partitions": [{"partition": 0, "size": len(batch)}]}]}, bytes(batch), cid)
+    produce = lambda batch, cid: frame(
+        ApiKey.PRODUCE,
+        {
+            "acks": 1,
+            "topics": [{"topic": "small", "partitions": [{"partition": 0, "size": len(batch)}]}],
+        },
+        bytes(batch),
+        cid,
+    )
     stream = (
         frame(999, {}, correlation_id=1)
         + frame(ApiKey.METADATA, {"topics": "not-a-list"}, correlation_id=2)
         + produce(corrupt, 3)
         + produce(big, 4)
-        + frame(ApiKey.PRODUCE, {"acks": 1, "topics": [{"topic": "small", "partitions": [
-            {"partition": 0, "size": 999}]}]}, good, 5)
-        + frame(ApiKey.FETCH, {"topics": [{"topic": "small", "partitions": [
-            {"partition": 0, "fetch_offset": 99}]}]}, correlation_id=6)
+        + frame(
+            ApiKey.PRODUCE,
+            {
+                "acks": 1,
+                "topics": [{"topic": "small", "partitions": [{"partition": 0, "size": 999}]}],
+            },
+            good,
+            5,
+        )
+        + frame(
+            ApiKey.FETCH,
+            {"topics": [{"topic": "small", "partitions": [{"partition": 0, "fetch_offset": 99}]}]},
+            correlation_id=6,
+        )
         + produce(good, 7)
-        + struct.pack(">II", 10, 99) + b"garbage!!!"  # undecodable: ends the connection
+        + struct.pack(">II", 10, 99)
+        + b"garbage!!!"  # undecodable: ends the connection
     )
     responses = await raw_request(broker.port, stream)
     assert [r.correlation_id for r in responses] == [1, 2, 3, 4, 5, 6, 7]
@@ -234,7 +264,9 @@ async def test_pipelined_requests_keep_send_order_within_a_partition(broker):
     async with client.connect(broker.bootstrap) as cluster:
         await Admin(cluster).create_topic("ordered")
         # tiny batches and no linger: many produce requests in flight on one connection
-        async with Producer(cluster, linger_ms=0, batch_size=64, max_in_flight_per_partition=5) as producer:
+        async with Producer(
+            cluster, linger_ms=0, batch_size=64, max_in_flight_per_partition=5
+        ) as producer:
             for i in range(5000):
                 await producer.send("ordered", b"%06d" % i)
                 if i % 97 == 0:

@@ -43,9 +43,7 @@ def fast(max_examples: int) -> settings:
 
 timestamps = st.integers(min_value=0, max_value=2**62)
 optional_bytes = st.none() | st.binary(max_size=64)
-record_headers = st.lists(
-    st.tuples(st.text(max_size=12), st.binary(max_size=16)), max_size=3
-)
+record_headers = st.lists(st.tuples(st.text(max_size=12), st.binary(max_size=16)), max_size=3)
 records = st.tuples(timestamps, optional_bytes, optional_bytes, record_headers)
 record_lists = st.lists(records, min_size=1, max_size=12)
 compressions = st.sampled_from(SUPPORTED_COMPRESSIONS)
@@ -64,9 +62,7 @@ def expected_records(
 
 def comparable(decoded: list[protocol.Record]) -> list[tuple[Any, ...]]:
     """Decoded records as plain tuples; headers normalised to tuples (msgpack gives lists)."""
-    return [
-        (r.offset, r.timestamp, r.key, r.value, [tuple(h) for h in r.headers]) for r in decoded
-    ]
+    return [(r.offset, r.timestamp, r.key, r.value, [tuple(h) for h in r.headers]) for r in decoded]
 
 
 def assert_well_typed(decoded: list[protocol.Record]) -> None:
@@ -129,16 +125,19 @@ msgpack_scalars = (
 
 msgpack_values = st.recursive(
     msgpack_scalars,
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=20,
 )
 
 # Values as msgpack decodes them into frame headers: maps may also have bytes keys.
 msgpack_decoded_values = st.recursive(
     msgpack_scalars,
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8) | st.binary(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(max_size=8) | st.binary(max_size=8), children, max_size=4)
+    ),
     max_leaves=20,
 )
 

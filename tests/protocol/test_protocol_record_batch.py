@@ -190,9 +190,7 @@ def test_scan_without_crc_check_accepts_a_damaged_body():
         list(protocol.scan_batches(batch))
     (scanned,) = protocol.scan_batches(batch, verify_crc=False)
     assert scanned.header.record_count == 1
-    assert comparable(protocol.decode_records(batch, verify_crc=False)) == [
-        (0, 0, None, b"x", [])
-    ]
+    assert comparable(protocol.decode_records(batch, verify_crc=False)) == [(0, 0, None, b"x", [])]
 
 
 def test_control_batch_yields_no_records():

@@ -35,9 +35,7 @@ SIDES: list[tuple[str, dict[protocol.ApiKey, Struct], Callable[..., Any]]] = [
     ("request", REQUESTS, protocol.check_request),
     ("response", RESPONSES, protocol.check_response),
 ]
-ALL_SCHEMAS = [
-    (api_key, schemas, check) for side, schemas, check in SIDES for api_key in schemas
-]
+ALL_SCHEMAS = [(api_key, schemas, check) for side, schemas, check in SIDES for api_key in schemas]
 # One property over every schema, rather than one per schema: the same coverage for less time.
 schema_cases = st.sampled_from(ALL_SCHEMAS)
 

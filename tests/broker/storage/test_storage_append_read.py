@@ -1,6 +1,7 @@
 import os
 
 import pytest
+from storage_test_support import append_batches, make_batch, read_batches, small_config
 
 from broker.storage import (
     CorruptRecordError,
@@ -9,7 +10,6 @@ from broker.storage import (
     RecordTooLargeError,
 )
 from protocol.record_batch import decode_records, parse_header
-from storage_test_support import append_batches, make_batch, read_batches, small_config
 
 
 def open_log(tmp_path, **overrides) -> PartitionLog:
@@ -190,9 +190,7 @@ def test_statistics(tmp_path):
     assert statistics.log_start_offset == 0
     assert statistics.log_end_offset == statistics.high_watermark == log.log_end_offset
     assert statistics.durable_offset == 0
-    assert statistics.size_bytes == sum(
-        path.stat().st_size for path in log.directory.glob("*.log")
-    )
+    assert statistics.size_bytes == sum(path.stat().st_size for path in log.directory.glob("*.log"))
     assert statistics.segment_count == len(list(log.directory.glob("*.log"))) > 1
     assert statistics.pending_sync_waiters == 0
     log.close()

@@ -5,10 +5,10 @@ import threading
 import pytest
 import trio
 import trio.testing
+from storage_test_support import make_batch, small_config
 
 from broker.storage import PartitionLog, StorageError
 from broker.storage.checkpoint import read_offset_checkpoint
-from storage_test_support import make_batch, small_config
 
 
 class FdatasyncSpy:

@@ -2,12 +2,12 @@ import random
 import struct
 
 import pytest
+from storage_test_support import make_batch, read_batches, small_config
 
 from broker.storage import PartitionLog
 from broker.storage.offset_index import OffsetIndex
 from broker.storage.time_index import TimeIndex
 from protocol.record_batch import parse_header
-from storage_test_support import make_batch, read_batches, small_config
 
 
 def build_log(directory, *, batches, segment_bytes, index_interval_bytes, seed=1):

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from storage_test_support import append_batches, make_batch, read_batches, small_config
 
 from broker.storage import PartitionLog
 from broker.storage.segment import Segment
-from storage_test_support import append_batches, make_batch, read_batches, small_config
 
 CONFIG = small_config(segment_bytes=1024, index_interval_bytes=100)
 

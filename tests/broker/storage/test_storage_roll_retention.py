@@ -1,7 +1,7 @@
 import pytest
+from storage_test_support import append_batches, make_batch, read_batches, small_config
 
 from broker.storage import OffsetOutOfRangeError, PartitionLog
-from storage_test_support import append_batches, make_batch, read_batches, small_config
 
 
 def segment_sizes(log):
