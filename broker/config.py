@@ -93,6 +93,8 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any]) -> Brok
             values[key] = _check_type(key, value, _SIMPLE_KEYS[key])
         elif key == "fsync":
             topic_defaults["fsync.policy"] = _check_type(key, value, str)
+        elif key == "auto.create.topics":  # Kafka's spelling of the same setting
+            values["auto_create_topics"] = _check_type(key, value, bool)
         else:
             raise ConfigError(f"unknown setting {key!r} in config file")
     for key, value in overrides.items():
