@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import socket
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,7 @@ class BrokerConfig:
     node_id: int = 0
     host: str = "127.0.0.1"
     port: int = 9092
+    advertised_host: str | None = None  # what Metadata tells clients; None: `host`
     http_host: str | None = None  # None: same as host
     http_port: int = 8080  # 0 picks a free port; -1 disables the HTTP gateway
     data_dir: pathlib.Path = pathlib.Path("./data")
@@ -40,11 +42,22 @@ class BrokerConfig:
     def http_bind_host(self) -> str:
         return self.http_host or self.host
 
+    @property
+    def client_host(self) -> str:
+        """The host clients are told to connect to: advertised_host, else the listen host
+        (a wildcard listen address is no address to connect to: use this machine's name)."""
+        if self.advertised_host:
+            return self.advertised_host
+        if self.host in ("0.0.0.0", "::", ""):
+            return socket.getfqdn()
+        return self.host
+
 
 _SIMPLE_KEYS = {
     "node_id": int,
     "host": str,
     "port": int,
+    "advertised_host": str,
     "http_host": str,
     "http_port": int,
     "data_dir": str,
@@ -149,5 +162,5 @@ def _validate(config: BrokerConfig) -> None:
         raise ConfigError("retention_check_interval_ms must be at least 10")
     if config.node_id < 0:
         raise ConfigError("node_id must not be negative")
-    if config.limits.frame_header_bytes_max >= config.limits.frame_bytes_max:
-        raise ConfigError("limits.frame_header_bytes_max must be below limits.frame_bytes_max")
+    for problem in config.limits.problems():
+        raise ConfigError(problem)

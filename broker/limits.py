@@ -20,8 +20,16 @@ class Limits:
     http_connections_max: int = 1024
     http_fetch_records_max: int = 10_000
 
-    def validate(self) -> None:
-        assert self.frame_bytes_max > self.frame_header_bytes_max > 0
-        assert self.inflight_requests_max >= 1
-        assert self.connections_max >= 1
-        assert self.fetch_bytes_max >= 1024
+    def problems(self) -> list[str]:
+        """What is wrong with these limits, as messages naming the setting (empty if fine)."""
+        problems = []
+        if not self.frame_bytes_max > self.frame_header_bytes_max >= 1024:
+            problems.append(
+                "limits.frame_header_bytes_max must be at least 1024 and below "
+                "limits.frame_bytes_max"
+            )
+        if self.fetch_bytes_max < 1024:
+            problems.append("limits.fetch_bytes_max must be at least 1024")
+        if self.socket_receive_bytes < 4096:
+            problems.append("limits.socket_receive_bytes must be at least 4096")
+        return problems

@@ -34,7 +34,7 @@ class BrokerAddresses:
 
 async def run_broker(config: BrokerConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Run a broker until cancelled; `task_status.started(BrokerAddresses)` once listening."""
-    config.limits.validate()
+    assert not config.limits.problems(), config.limits.problems()
     registry = await trio.to_thread.run_sync(
         TopicRegistry.open, config.data_dir, config.log_defaults, config.limits
     )
@@ -63,7 +63,7 @@ async def run_broker(config: BrokerConfig, *, task_status=trio.TASK_STATUS_IGNOR
 async def _start_listeners(
     config: BrokerConfig, registry: TopicRegistry, nursery
 ) -> BrokerAddresses:
-    listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+    listeners = await _listen(config.host, config.port)
     port = listeners[0].socket.getsockname()[1]
     handlers = RequestHandlers(config, registry, advertised_port=port)
     await nursery.start(NativeServer(handlers).serve, listeners)
@@ -71,10 +71,18 @@ async def _start_listeners(
     if config.http_port >= 0:
         from broker.gateway.http_gateway import serve_http
 
-        http_listeners = await trio.open_tcp_listeners(config.http_port, host=config.http_bind_host)
+        http_listeners = await _listen(config.http_bind_host, config.http_port)
         http_port = http_listeners[0].socket.getsockname()[1]
         await nursery.start(serve_http, handlers, http_listeners)
     return BrokerAddresses(config.host, port, http_port)
+
+
+async def _listen(host: str, port: int) -> list[trio.SocketListener]:
+    """Open TCP listeners; raises OSError naming the address when that fails."""
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as error:
+        raise OSError(error.errno, f"cannot listen on {host}:{port}: {error.strerror}") from None
 
 
 async def _retention_loop(registry: TopicRegistry, interval_ms: int) -> None:

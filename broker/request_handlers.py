@@ -135,7 +135,7 @@ class RequestHandlers:
                 for p in range(topic.partitions)
             ]
             topics.append({"topic": name, "error_code": 0, "partitions": partitions})
-        brokers = [{"node_id": node, "host": self.config.host, "port": self.advertised_port}]
+        brokers = [{"node_id": node, "host": self.config.client_host, "port": self.advertised_port}]
         return Reply({"brokers": brokers, "controller_id": node, "topics": topics})
 
     async def _auto_create(self, name: str) -> None:

@@ -2,7 +2,8 @@
 
 Theory of operation. Each connection runs two tasks in its own nursery. The reader decodes
 frames and, for each request, puts a `PendingReply` into a bounded channel (in request
-order) and starts a handler task that fills it in. The writer takes pending replies from the
+order), does the request's order-sensitive work (everything but a Produce's wait for fsync
+and a Fetch's long poll), and starts a task that finishes the reply. The writer takes pending replies from the
 channel in order, waits for each to be filled, and writes it: the header with `send_all`,
 record data from segment files with `os.sendfile`. Requests are thus handled concurrently
 but answered in order, and at most `inflight_requests_max` requests per connection are in
@@ -178,7 +179,10 @@ class NativeServer:
         if api_key == ApiKey.PRODUCE:
             return await self.handlers.start_produce(body, request.tail)
         handler = self.handlers.table[api_key]
-        return functools.partial(handler, body, request.tail)
+        if api_key in _RUN_CONCURRENTLY:
+            return functools.partial(handler, body, request.tail)
+        reply = await handler(body, request.tail)  # done before the next request is read
+        return functools.partial(_already, reply)
 
     async def _complete(self, work, request, pending: PendingReply) -> None:
         try:
@@ -238,6 +242,17 @@ class NativeServer:
         self.replies_pending -= 1
         if pending.reply is not None:
             pending.reply.close()
+
+
+# Requests run in arrival order: the reader finishes each one (for Produce, its appends)
+# before it reads the next, so a request sees the effects of every earlier one on its
+# connection (a Produce right after its CreateTopics finds the topic). Only the waiting parts
+# run concurrently: a Produce's wait for fsync, and a Fetch (which may long-poll).
+_RUN_CONCURRENTLY = frozenset({ApiKey.FETCH})
+
+
+async def _already(reply: Reply) -> Reply:
+    return reply
 
 
 def _peer_of(stream: trio.SocketStream) -> str:

@@ -34,7 +34,7 @@ logger = logging.getLogger("dwal.topics")
 
 METADATA_FILE = "topics.json"
 DELETE_SUFFIX = "-delete"
-NEVER_POLICY_FLUSH_INTERVAL_S = 60.0
+RECOVERY_POINT_INTERVAL_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class TopicRegistry:
         self.topics: dict[str, TopicMetadata] = {}
         self.logs: dict[tuple[str, int], PartitionLog] = {}
         self._metadata_lock = trio.Lock()
-        self._flushed_at: dict[tuple[str, int], float] = {}
+        self._flushed_at: dict[tuple[str, int], tuple[float, int]] = {}
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -259,7 +259,8 @@ class TopicRegistry:
     # -- background maintenance -------------------------------------------------------
 
     async def apply_retention(self) -> int:
-        """Roll idle segments and delete expired ones in every log; returns segments removed."""
+        """Roll idle segments and delete expired ones in every log; remove the files of
+        deleted segments once their file.delete.delay.ms has passed. Returns segments removed."""
         removed = 0
         now = now_ms()
         for log in list(self.logs.values()):
@@ -267,7 +268,6 @@ class TopicRegistry:
             count = log.apply_retention(now)
             if count:
                 removed += count
-                await trio.to_thread.run_sync(log.delete_pending_files)
                 log_event(
                     logger,
                     logging.INFO,
@@ -276,23 +276,25 @@ class TopicRegistry:
                     segments=count,
                     log_start_offset=log.log_start_offset,
                 )
+            await trio.to_thread.run_sync(log.delete_pending_files, now)
         return removed
 
     async def flush_due_logs(self) -> None:
-        """Flush logs whose periodic flush is due: every `flush.ms` under fsync=interval, and
-        every `NEVER_POLICY_FLUSH_INTERVAL_S` under fsync=never, which acknowledges without
-        fsync but still moves the recovery point on, so a restart rescans little of the log."""
+        """Flush logs whose periodic flush is due: every `flush.ms` under fsync=interval; and
+        every `RECOVERY_POINT_INTERVAL_S` under the other policies, so the recovery point
+        moves on (under `never` this is the only fsync; under `always` appends are already
+        durable and this only records it) and a restart rescans little of the log."""
         now = trio.current_time()
         for key, log in list(self.logs.items()):
-            policy = log.config.fsync
-            if policy == "always" or log.durable_offset >= log.log_end_offset:
-                continue
+            end = log.log_end_offset
+            last_time, last_end = self._flushed_at.setdefault(key, (now, end))
+            if end == last_end and log.durable_offset >= end:
+                continue  # nothing new since the last periodic flush
             interval_s = (
                 log.config.flush_interval_ms / 1000
-                if policy == "interval"
-                else NEVER_POLICY_FLUSH_INTERVAL_S
+                if log.config.fsync == "interval"
+                else RECOVERY_POINT_INTERVAL_S
             )
-            last = self._flushed_at.setdefault(key, now)
-            if now - last >= interval_s:
-                self._flushed_at[key] = now
+            if now - last_time >= interval_s:
+                self._flushed_at[key] = (now, end)
                 await log.flush()

@@ -7,6 +7,7 @@ stderr and exit with status 1 (2 for usage errors), never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import signal
 import sys
@@ -17,10 +18,10 @@ import trio
 
 from client.admin import Admin
 from client.cluster import connect
-from client.consumer import Consumer, TopicPartition
+from client.consumer import Consumer, TopicPartition, list_offsets
 from client.exception_groups import single_error
 from client.producer import Producer
-from protocol import DwalError
+from protocol import EARLIEST_TIMESTAMP, LATEST_TIMESTAMP, DwalError, ErrorCode
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 STDIN_CHUNK_BYTES = 1024 * 1024
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     broker = commands.add_parser("broker", help="run a broker in the foreground")
     broker.add_argument("--config", type=pathlib.Path, help="TOML configuration file")
     broker.add_argument("--host", help="listen address (default 127.0.0.1)")
+    broker.add_argument(
+        "--advertised-host", help="host name clients are told to connect to (default: --host)"
+    )
     broker.add_argument("--port", type=int, help="native protocol port (default 9092)")
     broker.add_argument("--http-port", type=int, help="JSON/HTTP port (default 8080, -1 disables)")
     broker.add_argument("--http-host", help="JSON/HTTP listen address (default: --host)")
@@ -167,6 +171,7 @@ def run_broker_command(args: argparse.Namespace) -> int:
 
     overrides = {
         "host": args.host,
+        "advertised_host": args.advertised_host,
         "port": args.port,
         "http_port": args.http_port,
         "http_host": args.http_host,
@@ -184,9 +189,15 @@ def run_broker_command(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
     configure(config.log_level)
     try:
-        trio.run(_broker_main, config)
-    except OSError as error:
-        print(f"error: {error}", file=sys.stderr)
+        try:
+            trio.run(_broker_main, config)
+        except BaseExceptionGroup as group:
+            raise single_error(group) from None
+    except OSError as error:  # typically: the port is in use, or the data dir is unusable
+        print(
+            f"error: {error.strerror or error}" + (f": {error.filename}" if error.filename else ""),
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -206,33 +217,48 @@ async def _broker_main(config: Any) -> None:
 
 
 async def _run_client_command(args: argparse.Namespace) -> int:
+    """Run one client command. The first SIGINT or SIGTERM asks it to stop gracefully (produce
+    stops reading stdin and flushes what it read; consume stops following); a second one
+    cancels everything."""
+    stop = trio.Event()
+    result = 0
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            result: list[int] = [0]
 
             async def command() -> None:
+                nonlocal result
                 async with connect(args.bootstrap, client_id=f"dwal-{args.command}") as cluster:
-                    result[0] = await _dispatch(cluster, args)
+                    result = await _dispatch(cluster, args, stop)
                 nursery.cancel_scope.cancel()
 
-            async def stop_on_signal() -> None:
+            async def watch_signals() -> None:
                 async for _ in signals:
-                    nursery.cancel_scope.cancel()
-                    return
+                    if stop.is_set():
+                        nursery.cancel_scope.cancel()
+                        return
+                    stop.set()
+                    if args.command not in ("produce", "consume"):
+                        nursery.cancel_scope.cancel()
+                        return
 
             nursery.start_soon(command)
-            nursery.start_soon(stop_on_signal)
-    return result[0]
+            nursery.start_soon(watch_signals)
+    return result
 
 
-async def _dispatch(cluster, args: argparse.Namespace) -> int:
+async def _dispatch(cluster, args: argparse.Namespace, stop: trio.Event) -> int:
     if args.command == "topic":
         return await _topic_command(Admin(cluster), args)
     if args.command == "produce":
-        return await _produce_command(cluster, args)
+        return await _produce_command(cluster, args, stop)
     if args.command == "consume":
-        return await _consume_command(cluster, args)
+        return await _consume_command(cluster, args, stop)
     raise UsageError(f"unknown command {args.command}")
+
+
+async def _until(stop: trio.Event, scope: trio.CancelScope) -> None:
+    await stop.wait()
+    scope.cancel()
 
 
 async def _topic_command(admin: Admin, args: argparse.Namespace) -> int:
@@ -280,21 +306,23 @@ def _print_description(description) -> None:
 
 
 async def _read_stdin_chunks():
-    stdin = sys.stdin.buffer
+    descriptor = sys.stdin.fileno()
     while True:
-        chunk = await trio.to_thread.run_sync(stdin.read1, STDIN_CHUNK_BYTES)
+        # abandon_on_cancel: a stop request must not wait for the next line of input. The
+        # raw os.read holds no lock of sys.stdin's buffer, so the abandoned thread cannot
+        # block the interpreter's exit.
+        chunk = await trio.to_thread.run_sync(
+            os.read, descriptor, STDIN_CHUNK_BYTES, abandon_on_cancel=True
+        )
         if not chunk:
             return
         yield chunk
 
 
-async def _produce_command(cluster, args: argparse.Namespace) -> int:
+async def _produce_command(cluster, args: argparse.Namespace, stop: trio.Event) -> int:
+    await cluster.topic(args.topic, allow_auto_topic_creation=True)  # unknown topic: error now
     started = time.monotonic()
-    last_progress = started
-    deliveries = []
-    count = 0
-    key = args.key.encode() if args.key is not None else None
-    separator = args.key_separator.encode() if args.key_separator else None
+    tally = _ProduceTally(args, started)
     async with Producer(
         cluster,
         acks=args.acks,
@@ -303,44 +331,76 @@ async def _produce_command(cluster, args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         allow_auto_topic_creation=True,
     ) as producer:
-        pending = b""
-        async for chunk in _read_stdin_chunks():
-            lines = (pending + chunk).split(b"\n")
-            pending = lines.pop()
-            for line in lines:
-                record_key = key
-                if separator is not None:
-                    record_key, _, line = line.partition(separator)
-                deliveries.append(
-                    await producer.send(args.topic, line, record_key, partition=args.partition)
-                )
-            count += len(lines)
-            deliveries = _drop_successes(deliveries)
-            now = time.monotonic()
-            if now - last_progress >= PROGRESS_INTERVAL_S:
-                last_progress = now
-                print(
-                    f"progress: {count} records sent, {count / (now - started):.0f} records/s",
-                    file=sys.stderr,
-                    flush=True,
-                )
-        if pending:
-            deliveries.append(
-                await producer.send(args.topic, pending, key, partition=args.partition)
+        async with trio.open_nursery() as nursery:
+            with trio.CancelScope() as reading:
+                nursery.start_soon(_until, stop, reading)
+                await _produce_lines(producer, args, tally)
+            nursery.cancel_scope.cancel()
+    return tally.summarize(time.monotonic() - started, interrupted=stop.is_set())
+
+
+class _ProduceTally:
+    """Counts records and keeps only failed or pending deliveries (bounded memory)."""
+
+    def __init__(self, args: argparse.Namespace, started: float) -> None:
+        self.topic = args.topic
+        self.count = 0
+        self.deliveries: list = []
+        self.started = started
+        self.last_progress = started
+
+    def add(self, delivery) -> None:
+        self.deliveries.append(delivery)
+        self.count += 1
+
+    def tidy(self) -> None:
+        self.deliveries = _drop_successes(self.deliveries)
+        now = time.monotonic()
+        if now - self.last_progress >= PROGRESS_INTERVAL_S:
+            self.last_progress = now
+            rate = self.count / (now - self.started)
+            print(
+                f"progress: {self.count} records sent, {rate:.0f} records/s",
+                file=sys.stderr,
+                flush=True,
             )
-            count += 1
-    failures = [d for d in deliveries if d.error is not None]
-    elapsed = time.monotonic() - started
-    print(
-        f"produced {count - len(failures)} records to {args.topic} in {elapsed:.2f} s "
-        f"({(count - len(failures)) / max(elapsed, 1e-9):.0f} records/s), {len(failures)} failed"
-    )
-    if failures:
+
+    def summarize(self, elapsed: float, *, interrupted: bool) -> int:
+        failures = [d for d in self.deliveries if d.error is not None]
+        done = self.count - len(failures)
+        note = " (stopped by signal: input after that was not read)" if interrupted else ""
         print(
-            f"error: {failures[0].error.message} ({failures[0].error.code.name})", file=sys.stderr
+            f"produced {done} records to {self.topic} in {elapsed:.2f} s "
+            f"({done / max(elapsed, 1e-9):.0f} records/s), {len(failures)} failed{note}"
         )
-        return 1
-    return 0
+        if failures:
+            error = failures[0].error
+            print(f"error: {error.message} ({error.code.name})", file=sys.stderr)
+            return 1
+        return 0
+
+
+async def _produce_lines(
+    producer: Producer, args: argparse.Namespace, tally: _ProduceTally
+) -> None:
+    key = args.key.encode() if args.key is not None else None
+    separator = args.key_separator.encode() if args.key_separator else None
+
+    async def send(line: bytes) -> None:
+        record_key = key
+        if separator is not None and separator in line:
+            record_key, _, line = line.partition(separator)
+        tally.add(await producer.send(args.topic, line, record_key, partition=args.partition))
+
+    pending = b""
+    async for chunk in _read_stdin_chunks():
+        lines = (pending + chunk).split(b"\n")
+        pending = lines.pop()
+        for line in lines:
+            await send(line)
+        tally.tidy()
+    if pending:
+        await send(pending)
 
 
 def _drop_successes(deliveries: list) -> list:
@@ -404,9 +464,8 @@ def _render(fmt, tp: TopicPartition, record) -> bytes:
     return b"".join(out)
 
 
-async def _consume_command(cluster, args: argparse.Namespace) -> int:
+async def _consume_command(cluster, args: argparse.Namespace, stop: trio.Event) -> int:
     fmt = _compile_format(args.format)
-    value_only = fmt == [("field", "value"), ("lit", b"\n")]
     consumer = Consumer(cluster, auto_offset_reset="earliest")
     info = await cluster.topic(args.topic)
     partitions = args.partition if args.partition else [p.partition for p in info.partitions]
@@ -415,7 +474,17 @@ async def _consume_command(cluster, args: argparse.Namespace) -> int:
             raise UsageError(f"topic {args.topic} has no partition {partition}")
     consumer.assign([TopicPartition(args.topic, p) for p in partitions])
     await _apply_start_offset(consumer, args.offset)
-    remaining = args.num
+    with trio.CancelScope() as following:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_until, stop, following)
+            await _print_records(consumer, fmt, args.num)
+            nursery.cancel_scope.cancel()
+    return 0
+
+
+async def _print_records(consumer: Consumer, fmt, num: int | None) -> None:
+    value_only = fmt == [("field", "value"), ("lit", b"\n")]
+    remaining = num
     out = sys.stdout.buffer
     while remaining is None or remaining > 0:
         batches = await consumer.poll(timeout_ms=500)
@@ -431,7 +500,6 @@ async def _consume_command(cluster, args: argparse.Namespace) -> int:
         if chunks:
             out.write(b"".join(chunks))
             out.flush()
-    return 0
 
 
 async def _apply_start_offset(consumer: Consumer, offset: str) -> None:
@@ -440,7 +508,15 @@ async def _apply_start_offset(consumer: Consumer, offset: str) -> None:
     elif offset == "latest":
         await consumer.seek_to_end()
     elif offset.isdigit():
+        starts = await list_offsets(consumer.cluster, consumer.assignment(), EARLIEST_TIMESTAMP)
+        ends = await list_offsets(consumer.cluster, consumer.assignment(), LATEST_TIMESTAMP)
         for tp in consumer.assignment():
+            if not starts[tp] <= int(offset) <= ends[tp]:
+                raise DwalError(
+                    ErrorCode.OFFSET_OUT_OF_RANGE,
+                    f"offset {offset} is outside {tp.topic}-{tp.partition}'s range "
+                    f"[{starts[tp]}, {ends[tp]}]",
+                )
             consumer.seek(tp, int(offset))
     else:
         raise UsageError("--offset must be earliest, latest or a non-negative offset")

@@ -59,14 +59,20 @@ class Cluster:
         self.client_id = client_id
         self.request_timeout_ms = request_timeout_ms
         self._nursery = nursery
-        self._connections: dict[tuple[str, int], BrokerConnection] = {}
-        self._connect_locks: dict[tuple[str, int], trio.Lock] = {}
+        self._connections: dict[tuple[str, int, str], BrokerConnection] = {}
+        self._connect_locks: dict[tuple[str, int, str], trio.Lock] = {}
         self.brokers: dict[int, BrokerInfo] = {}
         self.topics: dict[str, TopicInfo] = {}
 
-    async def connection(self, host: str, port: int) -> BrokerConnection:
-        """Return the open connection to host:port, connecting if needed."""
-        key = (host, port)
+    async def connection(
+        self, host: str, port: int, *, purpose: str = "default"
+    ) -> BrokerConnection:
+        """Return the open connection to host:port for `purpose`, connecting if needed.
+
+        A broker answers each connection's requests in order, so a long-polling fetch would
+        hold up every answer queued behind it: consumers fetch on a connection of their own
+        (purpose "fetch") while produce and admin requests share the default one."""
+        key = (host, port, purpose)
         connection = self._connections.get(key)
         if connection is not None and not connection.closed:
             return connection
@@ -160,7 +166,9 @@ class Cluster:
             raise found
         return found
 
-    async def leader_connection(self, topic: str, partition: int) -> BrokerConnection:
+    async def leader_connection(
+        self, topic: str, partition: int, *, purpose: str = "default"
+    ) -> BrokerConnection:
         info = await self.topic(topic)
         if not 0 <= partition < len(info.partitions):
             raise DwalError(
@@ -170,7 +178,7 @@ class Cluster:
         leader = self.brokers.get(info.partitions[partition].leader)
         if leader is None:
             raise DwalError(ErrorCode.LEADER_NOT_AVAILABLE, f"{topic}-{partition} has no leader")
-        return await self.connection(leader.host, leader.port)
+        return await self.connection(leader.host, leader.port, purpose=purpose)
 
     def start_task(self, function, *args) -> None:
         """Run `function(*args)` in the cluster's nursery (it ends when the cluster closes).

@@ -253,7 +253,9 @@ class _Fetch:
 
     async def run(self, cluster: Cluster, body: dict) -> None:
         try:
-            connection = await cluster.leader_connection(*next(iter(self.positions)))
+            connection = await cluster.leader_connection(
+                *next(iter(self.positions)), purpose="fetch"
+            )
             self.response = await connection.request(ApiKey.FETCH, body)
         except (DwalError, ProtocolError) as error:
             self.error = error

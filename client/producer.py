@@ -41,6 +41,7 @@ from protocol import (
 )
 
 RECORD_OVERHEAD_BYTES = 8
+ANSWER_MARGIN_S = 5.0
 _NO_HEADERS: tuple = ()
 
 
@@ -460,8 +461,21 @@ class Producer:
             self._nursery.start_soon(self._await_answer, by_topic, pending)
 
     async def _await_answer(self, by_topic, pending) -> None:
+        # The broker bounds its own wait by the request's timeout_ms; past that plus a margin
+        # it is stuck, and giving up on the answer closes the connection (retriable).
+        limit_s = self.request_timeout_ms / 1000 + ANSWER_MARGIN_S
         try:
-            response = await pending.wait()
+            with trio.fail_after(limit_s):
+                response = await pending.wait()
+        except trio.TooSlowError:
+            self._request_done(
+                by_topic,
+                None,
+                DwalError(
+                    ErrorCode.REQUEST_TIMED_OUT,
+                    f"no answer to a produce request in {limit_s:.0f} s",
+                ),
+            )
         except (DwalError, ProtocolError) as error:
             if isinstance(error, ProtocolError):
                 error = DwalError(ErrorCode.UNKNOWN_SERVER_ERROR, f"malformed answer: {error}")

@@ -73,11 +73,18 @@ async def test_bad_creations_are_refused(tmp_path, name, partitions, replication
         registry.close()
 
 
-async def test_retention_by_size_deletes_whole_old_segments(tmp_path):
+@pytest.mark.parametrize("delete_delay_ms", [0, 3_600_000])
+async def test_retention_by_size_deletes_whole_old_segments(tmp_path, delete_delay_ms):
     registry = open_registry(tmp_path)
     try:
         await registry.create_topic(
-            "ret", 1, configs={"segment.bytes": "1024", "retention.bytes": "2048"}
+            "ret",
+            1,
+            configs={
+                "segment.bytes": "1024",
+                "retention.bytes": "2048",
+                "file.delete.delay.ms": str(delete_delay_ms),
+            },
         )
         log = registry.log("ret", 0)
         now = int(time.time() * 1000)  # recent records: only the size limit applies
@@ -88,7 +95,8 @@ async def test_retention_by_size_deletes_whole_old_segments(tmp_path):
         assert removed > 0 and log.segment_count == segments_before - removed
         assert log.log_start_offset > 0 and log.log_end_offset == 40
         assert log.size_bytes <= 2048 + 1024
-        assert not list(log.directory.glob("*.deleted"))
+        # files of deleted segments stay (renamed) until file.delete.delay.ms has passed
+        assert bool(list(log.directory.glob("*.deleted"))) == (delete_delay_ms > 0)
     finally:
         registry.close()
 

@@ -124,3 +124,46 @@ async def test_broker_rejects_bad_config(tmp_path):
     config.write_text('port = "not a number"\n')
     result = await dwal("broker", "--config", str(config), check=False)
     assert result.returncode == 2 and b"port must be an integer" in result.stderr
+
+
+async def test_produce_stops_reading_on_sigterm_and_flushes(broker):
+    b = ["--bootstrap", broker.bootstrap]
+    await dwal("topic", "create", "stdin", *b)
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "client.cli", "produce", "stdin", *b],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    try:
+        await process.stdin.send_all(b"one\ntwo\n")  # stdin stays open: produce keeps reading
+        consumed = await dwal("consume", "stdin", "--num", "2", *b)
+        assert consumed.stdout == b"one\ntwo\n"
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            assert await process.wait() == 0
+        summary = await process.stdout.receive_some(4096)
+        assert b"produced 2 records" in summary and b"stopped by signal" in summary
+    finally:
+        if process.returncode is None:
+            process.kill()
+
+
+async def test_produce_and_consume_edge_cases(broker):
+    b = ["--bootstrap", broker.bootstrap]
+    result = await dwal("produce", "missing", *b, stdin=b"", check=False)
+    assert result.returncode == 1 and b"unknown topic" in result.stderr
+    await dwal("topic", "create", "edge", *b)
+    await dwal("produce", "edge", "--key-separator", "=", *b, stdin=b"k=v\nno-separator\nk2=last")
+    out = await dwal("consume", "edge", "--num", "3", "--format", "[%k] %v", *b)
+    assert out.stdout == b"[k] v\n[] no-separator\n[k2] last\n"
+    result = await dwal("consume", "edge", "--offset", "7", "--num", "1", *b, check=False)
+    assert result.returncode == 1 and b"outside edge-0's range [0, 3]" in result.stderr
+
+
+async def test_broker_start_errors_are_one_line(broker, tmp_path):
+    taken = await dwal("broker", "--port", str(broker.port), "--http-port", "-1",
+                       "--data-dir", str(tmp_path / "x"), check=False)
+    assert taken.returncode == 1
+    assert b"error: cannot listen on 127.0.0.1" in taken.stderr and b"Traceback" not in taken.stderr
+    config = tmp_path / "limits.toml"
+    config.write_text("[limits]\nfetch_bytes_max = 10\n")
+    bad = await dwal("broker", "--config", str(config), check=False)
+    assert bad.returncode == 2 and b"fetch_bytes_max" in bad.stderr
