@@ -262,9 +262,9 @@ class RequestHandlers:
             log = self.registry.log(topic, partition)
             if len(chunk) == 0:
                 raise DwalError(ErrorCode.INVALID_RECORD, "a partition's record data is empty")
-            # A frame's tail is a view of received bytes; appending patches offsets in place,
-            # so read-only views are copied once into a bytearray here.
-            info = log.append(bytearray(chunk), now_ms=now_ms())
+            # Appending patches offsets in place: a large frame arrives in writable memory
+            # (see FrameDecoder); a small one, a view of received bytes, is copied here.
+            info = log.append(bytearray(chunk) if chunk.readonly else chunk, now_ms=now_ms())
         except Exception as error:
             code, message = _error_of(error)
             if code == ErrorCode.KAFKA_STORAGE_ERROR:

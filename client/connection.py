@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import itertools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import trio
 
@@ -21,10 +21,9 @@ from protocol import (
     ErrorCode,
     FrameDecoder,
     ProtocolError,
-    Request,
     Response,
     check_response,
-    encode_request,
+    frame_prefix,
     parse_response,
 )
 
@@ -141,7 +140,7 @@ class BrokerConnection:
         self,
         api_key: ApiKey,
         body: dict[str, Any],
-        tail: bytes = b"",
+        tail: bytes | Sequence[bytes] = b"",
         *,
         expect_response: bool = True,
     ) -> "PendingRequest":
@@ -156,21 +155,18 @@ class BrokerConnection:
         await self._slots.acquire()
         waiter = _Waiter(next(self._correlation_ids), api_key)
         try:
-            frame = encode_request(
-                Request(
-                    api_key=int(api_key),
-                    api_version=0,
-                    correlation_id=waiter.correlation_id,
-                    client_id=self.client_id,
-                    body=body,
-                    tail=tail,
-                )
-            )
+            parts = [tail] if isinstance(tail, (bytes, bytearray, memoryview)) else list(tail)
+            header = [int(api_key), 0, waiter.correlation_id, self.client_id, body]
+            prefix = frame_prefix(header, sum(len(part) for part in parts))
             async with self._send_lock:
                 if expect_response:
                     self._waiters.append(waiter)
                 try:
-                    await self._stream.send_all(frame)
+                    # record batches go out as they are, without joining them into one buffer
+                    await self._stream.send_all(prefix)
+                    for part in parts:
+                        if part:
+                            await self._stream.send_all(part)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
                     self._fail(error)
                     raise ConnectionFailed(f"cannot send to {self.address}: {error}") from None

@@ -599,7 +599,8 @@ def _to_bytes(value: Any, what: str) -> bytes:
     raise TypeError(f"record {what} must be bytes, str or None, not {type(value).__name__}")
 
 
-def _produce_body(by_topic, acks: int, timeout_ms: int) -> tuple[dict, bytes]:
+def _produce_body(by_topic, acks: int, timeout_ms: int) -> tuple[dict, list[bytes]]:
+    """The Produce body and its tail, as the list of encoded batches in body order."""
     topics = []
     parts: list[bytes] = []
     for topic, entries in by_topic.items():
@@ -611,7 +612,7 @@ def _produce_body(by_topic, acks: int, timeout_ms: int) -> tuple[dict, bytes]:
                 size += len(batch.encoded)
             partitions.append({"partition": partition, "size": size})
         topics.append({"topic": topic, "partitions": partitions})
-    return {"acks": acks, "timeout_ms": timeout_ms, "topics": topics}, b"".join(parts)
+    return {"acks": acks, "timeout_ms": timeout_ms, "topics": topics}, parts
 
 
 __all__ = ["Producer", "Delivery", "RecordMetadata", "ProducerStatistics"]

@@ -100,7 +100,8 @@ class FrameDecoder:
 
     Received chunks are kept as they came and joined once per frame (or not at all when a
     frame lies within one chunk), so a large frame costs one copy, not one per chunk. The
-    tail returned is a memoryview into that data.
+    tail returned is a memoryview into that data: writable when the frame spanned several
+    chunks, read-only (a view of the received bytes) when it fit in one.
     """
 
     def __init__(
@@ -184,7 +185,8 @@ class FrameDecoder:
                 parts.append(memoryview(chunk)[self._offset : self._offset + needed])
                 self._offset += needed
                 needed = 0
-        return memoryview(b"".join(parts))
+        # One copy into writable memory: a broker may patch record batches in place.
+        return memoryview(bytearray().join(parts))
 
     def _check_length(self, frame_length: int) -> None:
         if frame_length > self._frame_bytes_max:

@@ -243,8 +243,25 @@ def encode_packed_batch(
         raise ProtocolUsageError(
             f"a batch holds 1..{RECORDS_PER_BATCH_MAX} records, not {record_count}"
         )
-    packed = _array_header(record_count) + bytes(packed_records)
-    return _frame_body(packed, record_count, base_timestamp, max_timestamp, compression, 0, -1)
+    if compression != Compression.NONE:
+        packed = _array_header(record_count) + bytes(packed_records)
+        return _frame_body(packed, record_count, base_timestamp, max_timestamp, compression, 0, -1)
+    # Uncompressed, the batch is header + array header + packed records: one copy, by join.
+    array_header = _array_header(record_count)
+    header = _batch_header(
+        len(array_header) + len(packed_records),
+        record_count,
+        base_timestamp,
+        max_timestamp,
+        Compression.NONE,
+        0,
+        -1,
+        (-1, -1, -1),
+    )
+    crc = _crc32c.crc32c(memoryview(header)[CRC_START:])
+    crc = _crc32c.crc32c(packed_records, _crc32c.crc32c(array_header, crc))
+    struct.pack_into(">I", header, 17, crc)
+    return b"".join((header, array_header, packed_records))
 
 
 def _array_header(count: int) -> bytes:
@@ -266,10 +283,36 @@ def _frame_body(
     producer: tuple[int, int, int] = (-1, -1, -1),
 ) -> bytes:
     body = _compress(compression, packed)
-    header = bytearray(
+    header = _batch_header(
+        len(body),
+        count,
+        base_timestamp,
+        max_timestamp,
+        compression,
+        base_offset,
+        partition_leader_epoch,
+        producer,
+    )
+    crc = _crc32c.crc32c(body, _crc32c.crc32c(memoryview(header)[CRC_START:]))
+    struct.pack_into(">I", header, 17, crc)
+    return bytes(header) + body
+
+
+def _batch_header(
+    body_bytes: int,
+    count: int,
+    base_timestamp: int,
+    max_timestamp: int,
+    compression: Compression,
+    base_offset: int,
+    partition_leader_epoch: int,
+    producer: tuple[int, int, int],
+) -> bytearray:
+    """The 61-byte header with a zero CRC (the caller computes and patches it)."""
+    return bytearray(
         HEADER.pack(
             base_offset,
-            HEADER_BYTES - LOG_OVERHEAD_BYTES + len(body),
+            HEADER_BYTES - LOG_OVERHEAD_BYTES + body_bytes,
             partition_leader_epoch,
             MAGIC,
             0,
@@ -281,9 +324,6 @@ def _frame_body(
             count,
         )
     )
-    crc = _crc32c.crc32c(body, _crc32c.crc32c(memoryview(header)[CRC_START:]))
-    struct.pack_into(">I", header, 17, crc)
-    return bytes(header) + body
 
 
 def build_batch(

@@ -184,7 +184,9 @@ class PartitionLog:
 
     # Appending.
 
-    def append(self, batches: bytearray, *, now_ms: int, leader_epoch: int = 0) -> AppendInfo:
+    def append(
+        self, batches: bytearray | memoryview, *, now_ms: int, leader_epoch: int = 0
+    ) -> AppendInfo:
         """Append back-to-back record batches, assigning their offsets in place.
 
         Every batch is checked before anything is written. Returns where they went. Raises
@@ -192,7 +194,9 @@ class PartitionLog:
         max.message.bytes, or the whole append above segment.bytes), or StorageError (the
         disk failed; the log is then offline).
         """
-        assert isinstance(batches, bytearray) and -(2**31) <= leader_epoch < 2**31
+        # patched in place: a bytearray, or a writable view (a received frame's tail)
+        assert isinstance(batches, bytearray) or not batches.readonly
+        assert -(2**31) <= leader_epoch < 2**31
         self._check_usable()
         scanned = self._validate(batches)
         base_offset = self.log_end_offset
@@ -216,7 +220,7 @@ class PartitionLog:
             log_start_offset=self.log_start_offset,
         )
 
-    def _validate(self, batches: bytearray) -> list[ScannedBatch]:
+    def _validate(self, batches: bytearray | memoryview) -> list[ScannedBatch]:
         """Return the scanned batches. Raises CorruptRecordError or RecordTooLargeError."""
         if not batches:
             raise CorruptRecordError("an append needs at least one record batch")
@@ -531,7 +535,10 @@ class PartitionLog:
 
 
 def _assign_offsets(
-    batches: bytearray, scanned: list[ScannedBatch], base_offset: int, leader_epoch: int
+    batches: bytearray | memoryview,
+    scanned: list[ScannedBatch],
+    base_offset: int,
+    leader_epoch: int,
 ) -> list[tuple[int, BatchHeader]]:
     """Patch base_offset and partition_leader_epoch (outside the CRC) of each batch; return
     (position, patched header) of each."""

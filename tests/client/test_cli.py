@@ -131,7 +131,11 @@ async def test_produce_stops_reading_on_sigterm_and_flushes(broker):
     await dwal("topic", "create", "stdin", *b)
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "client.cli", "produce", "stdin", *b],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+    )
     try:
         await process.stdin.send_all(b"one\ntwo\n")  # stdin stays open: produce keeps reading
         consumed = await dwal("consume", "stdin", "--num", "2", *b)
@@ -159,8 +163,16 @@ async def test_produce_and_consume_edge_cases(broker):
 
 
 async def test_broker_start_errors_are_one_line(broker, tmp_path):
-    taken = await dwal("broker", "--port", str(broker.port), "--http-port", "-1",
-                       "--data-dir", str(tmp_path / "x"), check=False)
+    taken = await dwal(
+        "broker",
+        "--port",
+        str(broker.port),
+        "--http-port",
+        "-1",
+        "--data-dir",
+        str(tmp_path / "x"),
+        check=False,
+    )
     assert taken.returncode == 1
     assert b"error: cannot listen on 127.0.0.1" in taken.stderr and b"Traceback" not in taken.stderr
     config = tmp_path / "limits.toml"

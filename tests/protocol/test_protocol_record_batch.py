@@ -7,7 +7,7 @@ import struct
 import crc32c
 import msgpack
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from protocol_strategies import (
     INT32_MAX,
@@ -22,6 +22,7 @@ from protocol_strategies import (
 )
 
 import protocol
+from protocol.record_batch import SUPPORTED_COMPRESSION
 from protocol.record_batch import ATTRIBUTE_MSGPACK_BODY, CRC_START
 
 
@@ -213,3 +214,40 @@ def test_compression_from_name():
     assert protocol.Compression.from_name("LZ4") is protocol.Compression.LZ4
     with pytest.raises(ValueError):
         protocol.Compression.from_name("brotli")
+
+
+@pytest.mark.parametrize("compression", sorted(SUPPORTED_COMPRESSION))
+@settings(max_examples=30, deadline=None)
+@given(
+    records=st.lists(
+        st.tuples(
+            st.integers(0, 10_000),
+            st.none() | st.binary(max_size=20),
+            st.none() | st.binary(max_size=200),
+        ),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_packed_records_encode_like_a_record_list(compression, records):
+    """The producer's incremental path (records packed one by one) writes the same bytes as
+    encoding the list of records at once."""
+    packer = msgpack.Packer(use_bin_type=True, autoreset=False)
+    for delta, key, value in records:
+        packer.pack((delta, key, value, ()))
+    max_timestamp = 1000 + max(r[0] for r in records)
+    incremental = protocol.encode_packed_batch(
+        packer.getbuffer(),
+        len(records),
+        base_timestamp=1000,
+        max_timestamp=max_timestamp,
+        compression=compression,
+    )
+    at_once = protocol.encode_batch(
+        [[d, k, v, []] for d, k, v in records], base_timestamp=1000, compression=compression
+    )
+    assert incremental == at_once
+    decoded = protocol.decode_records(incremental)
+    assert [(r.timestamp, r.key, r.value) for r in decoded] == [
+        (1000 + d, k, v) for d, k, v in records
+    ]

@@ -213,3 +213,18 @@ def test_delete_removes_the_directory(tmp_path):
     append_batches(log, 3)
     log.delete()
     assert not (tmp_path / "topic-0").exists()
+
+
+def test_append_accepts_a_writable_view_of_a_larger_buffer(tmp_path):
+    log = open_log(tmp_path)
+    first, second = make_batch(1, records=2), make_batch(2, records=3)
+    frame = bytearray(b"prefix") + first + second + bytearray(b"suffix")
+    view = memoryview(frame)[6 : 6 + len(first) + len(second)]
+    info = log.append(view, now_ms=0)
+    assert (info.base_offset, info.last_offset) == (0, 4)
+    assert frame[:6] == b"prefix" and frame[-6:] == b"suffix"  # patched only inside the view
+    records = decode_records(b"".join(data for _, data in read_batches(log)))
+    assert [r.offset for r in records] == [0, 1, 2, 3, 4]
+    with pytest.raises(AssertionError):
+        log.append(memoryview(bytes(first)), now_ms=0)  # read-only memory cannot be patched
+    log.close()
