@@ -3,11 +3,12 @@
 Theory of operation. Each connection runs two tasks in its own nursery. The reader decodes
 frames and, for each request, puts a `PendingReply` into a bounded channel (in request
 order), does the request's order-sensitive work (everything but a Produce's wait for fsync
-and a Fetch's long poll), and starts a task that finishes the reply. The writer takes pending replies from the
-channel in order, waits for each to be filled, and writes it: the header with `send_all`,
-record data from segment files with `os.sendfile`. Requests are thus handled concurrently
-but answered in order, and at most `inflight_requests_max` requests per connection are in
-flight: when the channel is full the reader stops reading, and TCP pushes back on the client.
+and a Fetch's long poll), and starts a task that finishes the reply. The writer takes
+pending replies from the channel in order, waits for each to be filled, and writes it: the
+header with `send_all`, record data from segment files with `os.sendfile`. Requests thus
+take effect in arrival order, wait concurrently, and are answered in order; at most
+`inflight_requests_max` requests per connection are in flight: when the channel is full the
+reader stops reading, and TCP pushes back on the client.
 A fetch reply holds file slices, not bytes, so a slow consumer costs file descriptors that
 are bounded by the same limit, never unbounded memory.
 
