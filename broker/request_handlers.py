@@ -411,7 +411,7 @@ class RequestHandlers:
     async def list_offsets(self, body: dict, tail: bytes) -> Reply:
         topics = []
         for entry in body["topics"]:
-            results = []
+            results: list[dict[str, Any]] = []
             topics.append({"topic": entry["topic"], "partitions": results})
             for part in entry["partitions"]:
                 result = {"partition": part["partition"], "error_code": 0}

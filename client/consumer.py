@@ -192,7 +192,9 @@ class Consumer:
         self.cluster.start_task(fetch.run, self.cluster, body)
         return fetch
 
-    async def _take_records(self, body: dict, tail: bytes) -> dict[TopicPartition, list[Record]]:
+    async def _take_records(
+        self, body: dict, tail: bytes | memoryview
+    ) -> dict[TopicPartition, list[Record]]:
         view = memoryview(tail)
         position = 0
         out: dict[TopicPartition, list[Record]] = {}
@@ -263,7 +265,9 @@ class _Fetch:
             self.done.set()
 
 
-def _positions_after(body: dict, tail: bytes, positions: dict[TopicPartition, int | None]) -> dict:
+def _positions_after(
+    body: dict, tail: bytes | memoryview, positions: dict[TopicPartition, int | None]
+) -> dict:
     """The positions a fetch answer leads to, from batch headers alone (no decoding)."""
     following = dict(positions)
     view = memoryview(tail)

@@ -16,7 +16,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from itertools import repeat
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import crc32c as _crc32c
 import lz4.frame
@@ -509,10 +509,10 @@ def _decode_records(view: memoryview, verify_crc: bool, allow_partial_tail: bool
         base = header.base_offset
         offsets = range(base, base + len(records))
         timestamps = map(header.base_timestamp.__add__, deltas)
-        if not any(headers):  # share one empty tuple: one object less per record for the GC
-            headers = repeat(())
+        # without headers, share one empty tuple: one object less per record for the GC
+        header_column: Iterable[Any] = headers if any(headers) else repeat(())
         out.extend(
-            map(_new_record, repeat(Record), zip(offsets, timestamps, keys, values, headers))
+            map(_new_record, repeat(Record), zip(offsets, timestamps, keys, values, header_column))
         )
     return out
 

@@ -272,9 +272,9 @@ class HttpGateway:
         while True:
             event = connection.next_event()
             if event is not h11.NEED_DATA:
-                assert event is not h11.PAUSED
+                assert isinstance(event, h11.Event), event  # PAUSED cannot happen mid-request
                 return event
-            connection.receive_data(await stream.receive_some(RECEIVE_BYTES))
+            connection.receive_data(bytes(await stream.receive_some(RECEIVE_BYTES)))
 
     async def _respond(self, request: ApiRequest) -> ApiResponse:
         try:

@@ -12,7 +12,7 @@ import dataclasses
 import re
 import types
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 KIBIBYTE = 1024
 MEBIBYTE = 1024 * KIBIBYTE
@@ -57,7 +57,7 @@ class LogConfig:
 
         Raises ValueError naming the key on an unknown key or a bad value.
         """
-        overrides: dict[str, object] = {}
+        overrides: dict[str, Any] = {}
         for key, text in configs.items():
             if key not in TOPIC_CONFIG_KEYS:
                 raise ValueError(f"{key} is not a known topic config")

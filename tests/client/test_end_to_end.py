@@ -198,15 +198,14 @@ async def test_bad_requests_get_errors_and_the_broker_keeps_serving(broker):
     corrupt = bytearray(good)
     corrupt[-1] ^= 0xFF
     big = build_batch([(1, None, b"z" * 5000)])
-    produce = lambda batch, cid: frame(
-        ApiKey.PRODUCE,
-        {
+
+    def produce(batch, cid):
+        body = {
             "acks": 1,
             "topics": [{"topic": "small", "partitions": [{"partition": 0, "size": len(batch)}]}],
-        },
-        bytes(batch),
-        cid,
-    )
+        }
+        return frame(ApiKey.PRODUCE, body, bytes(batch), cid)
+
     stream = (
         frame(999, {}, correlation_id=1)
         + frame(ApiKey.METADATA, {"topics": "not-a-list"}, correlation_id=2)
