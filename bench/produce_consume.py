@@ -84,7 +84,7 @@ async def produce(
     value_bytes: int,
     seconds: float,
     records_max: int,
-    buffer_bytes: int = 4 << 20,
+    buffer_bytes: int,
 ):
     latencies: list[float] = []
     value = os.urandom(value_bytes // 2).hex().encode()[:value_bytes]
@@ -97,27 +97,28 @@ async def produce(
                 send = producer.send_nowait
                 await producer.send(topic, value)  # loads metadata
                 count = 1
+                burst = max(10, 100_000 // value_bytes)  # about 100 kB between checkpoints
+                next_sample = LATENCY_SAMPLE_EVERY
                 started = time.perf_counter()
                 deadline = started + seconds
-                while count < records_max:
+                while count < records_max and time.perf_counter() < deadline:
+                    sent = 0
                     try:
-                        for _ in range(1000):
+                        while sent < burst:
                             send(topic, value)
-                        count += 1000
-                    except trio.WouldBlock:
+                            sent += 1
+                    except trio.WouldBlock:  # the buffer is full: wait for room
                         await producer.send(topic, value)
-                        count += 1
-                    if count % LATENCY_SAMPLE_EVERY < 1000:
+                        sent += 1
+                    count += sent
+                    if count >= next_sample:
+                        next_sample += LATENCY_SAMPLE_EVERY
+                        delivery = await producer.send(topic, value)
                         nursery.start_soon(
-                            _sample_latency,
-                            await producer.send(topic, value),
-                            time.perf_counter(),
-                            latencies,
+                            _sample_latency, delivery, time.perf_counter(), latencies
                         )
                         count += 1
                     await trio.lowlevel.checkpoint()
-                    if time.perf_counter() >= deadline:
-                        break
                 await producer.flush()
                 elapsed = time.perf_counter() - started
     return count, elapsed, latencies
@@ -148,7 +149,12 @@ async def consume(bootstrap: str, topic: str, expected: int) -> tuple[int, float
 
 
 async def scenario(
-    fsync: str, value_bytes: int, seconds: float, records_max: int, with_consume: bool
+    fsync: str,
+    value_bytes: int,
+    seconds: float,
+    records_max: int,
+    with_consume: bool,
+    buffer_bytes: int,
 ):
     with tempfile.TemporaryDirectory(prefix="dwal-bench-") as data_dir:
         async with trio.open_nursery() as nursery:
@@ -156,7 +162,7 @@ async def scenario(
             bootstrap = f"127.0.0.1:{port}"
             label = f"{value_bytes}B" if value_bytes < 1024 else f"{value_bytes // 1024}KiB"
             count, elapsed, latencies = await produce(
-                bootstrap, "bench", value_bytes, seconds, records_max
+                bootstrap, "bench", value_bytes, seconds, records_max, buffer_bytes
             )
             rate = count / elapsed
             print(
@@ -182,10 +188,19 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="produce duration per scenario")
     parser.add_argument("--records", type=int, default=5_000_000, help="max records per scenario")
     parser.add_argument("--policies", default="never,interval,always")
+    parser.add_argument(
+        "--buffer-mib",
+        type=int,
+        default=0,
+        help="producer buffer_bytes_max in MiB (default: 8 for 100 B, 32 for 1 KiB)",
+    )
     args = parser.parse_args()
+    # The producer's buffer bounds how much is queued, so it trades latency for throughput:
+    # records wait behind at most buffer_bytes_max of others.
+    small, large = ((args.buffer_mib << 20,) * 2) if args.buffer_mib else (8 << 20, 32 << 20)
     for fsync in args.policies.split(","):
-        await scenario(fsync, 100, args.seconds, args.records, with_consume=(fsync == "never"))
-    await scenario("never", 1024, args.seconds, args.records, with_consume=True)
+        await scenario(fsync, 100, args.seconds, args.records, fsync == "never", small)
+    await scenario("never", 1024, args.seconds, args.records, True, large)
 
 
 if __name__ == "__main__":
