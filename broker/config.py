@@ -35,6 +35,10 @@ class BrokerConfig:
     auto_create_topics: bool = False
     default_partitions: int = 1
     retention_check_interval_ms: int = 60_000
+    offsets_topic_partitions: int = 16
+    group_session_timeout_ms: int = 30_000
+    group_heartbeat_interval_ms: int = 3_000
+    group_members_max: int = 1000
     log_defaults: LogConfig = field(default_factory=LogConfig)
     limits: Limits = field(default_factory=Limits)
 
@@ -65,6 +69,10 @@ _SIMPLE_KEYS = {
     "auto_create_topics": bool,
     "default_partitions": int,
     "retention_check_interval_ms": int,
+    "offsets_topic_partitions": int,
+    "group_session_timeout_ms": int,
+    "group_heartbeat_interval_ms": int,
+    "group_members_max": int,
 }
 
 
@@ -160,6 +168,14 @@ def _validate(config: BrokerConfig) -> None:
         raise ConfigError("default_partitions is out of range")
     if config.retention_check_interval_ms < 10:
         raise ConfigError("retention_check_interval_ms must be at least 10")
+    if not 1 <= config.offsets_topic_partitions <= 1000:
+        raise ConfigError("offsets_topic_partitions must be between 1 and 1000")
+    if not 100 <= config.group_heartbeat_interval_ms < config.group_session_timeout_ms:
+        raise ConfigError(
+            "group_heartbeat_interval_ms must be at least 100 and below group_session_timeout_ms"
+        )
+    if config.group_members_max < 1:
+        raise ConfigError("group_members_max must be positive")
     if config.node_id < 0:
         raise ConfigError("node_id must not be negative")
     for problem in config.limits.problems():

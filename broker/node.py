@@ -15,6 +15,7 @@ import trio
 
 from broker.config import BrokerConfig
 from broker.event_log import log_event
+from broker.group_coordinator import GroupCoordinator
 from broker.request_handlers import RequestHandlers
 from broker.server import NativeServer
 from broker.storage import StorageError
@@ -39,8 +40,11 @@ async def run_broker(config: BrokerConfig, *, task_status=trio.TASK_STATUS_IGNOR
         TopicRegistry.open, config.data_dir, config.log_defaults, config.limits
     )
     try:
+        coordinator = GroupCoordinator(config, registry)
+        await trio.to_thread.run_sync(coordinator.load)
         async with trio.open_nursery() as nursery:
-            addresses = await _start_listeners(config, registry, nursery)
+            await nursery.start(coordinator.run_expiry)
+            addresses = await _start_listeners(config, registry, coordinator, nursery)
             nursery.start_soon(_retention_loop, registry, config.retention_check_interval_ms)
             nursery.start_soon(_periodic_flush_loop, registry)
             log_event(
@@ -61,11 +65,11 @@ async def run_broker(config: BrokerConfig, *, task_status=trio.TASK_STATUS_IGNOR
 
 
 async def _start_listeners(
-    config: BrokerConfig, registry: TopicRegistry, nursery
+    config: BrokerConfig, registry: TopicRegistry, coordinator: GroupCoordinator, nursery
 ) -> BrokerAddresses:
     listeners = await _listen(config.host, config.port)
     port = listeners[0].socket.getsockname()[1]
-    handlers = RequestHandlers(config, registry, advertised_port=port)
+    handlers = RequestHandlers(config, registry, advertised_port=port, coordinator=coordinator)
     await nursery.start(NativeServer(handlers).serve, listeners)
     http_port = None
     if config.http_port >= 0:
@@ -90,6 +94,7 @@ async def _retention_loop(registry: TopicRegistry, interval_ms: int) -> None:
         await trio.sleep(interval_ms / 1000)
         try:
             await registry.apply_retention()
+            await registry.compact_logs()
         except (OSError, StorageError) as error:
             log_event(logger, logging.ERROR, "retention_failed", error=str(error))
 

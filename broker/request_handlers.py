@@ -16,6 +16,7 @@ import trio
 
 from broker.config import BrokerConfig
 from broker.event_log import log_event
+from broker.group_coordinator import GroupCoordinator
 from broker.storage import (
     CorruptRecordError,
     FetchSlice,
@@ -40,6 +41,14 @@ from protocol import (
 )
 
 logger = logging.getLogger("dwal.requests")
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """Who sent a request: the client's id and the address it connected from."""
+
+    client_id: str
+    client_host: str
 
 
 @dataclass
@@ -81,11 +90,18 @@ def now_ms() -> int:
 
 
 class RequestHandlers:
-    def __init__(self, config: BrokerConfig, registry: TopicRegistry, advertised_port: int) -> None:
+    def __init__(
+        self,
+        config: BrokerConfig,
+        registry: TopicRegistry,
+        advertised_port: int,
+        coordinator: GroupCoordinator | None = None,
+    ) -> None:
         self.config = config
         self.registry = registry
         self.advertised_port = advertised_port
-        self.table: dict[ApiKey, Callable[[dict, bytes], Awaitable[Reply]]] = {
+        self.coordinator = coordinator or GroupCoordinator(config, registry)
+        self.table: dict[ApiKey, Callable[[dict, bytes, RequestContext], Awaitable[Reply]]] = {
             ApiKey.API_VERSIONS: self.api_versions,
             ApiKey.METADATA: self.metadata,
             ApiKey.CREATE_TOPICS: self.create_topics,
@@ -94,15 +110,22 @@ class RequestHandlers:
             ApiKey.ALTER_CONFIGS: self.alter_configs,
             ApiKey.FETCH: self.fetch,
             ApiKey.LIST_OFFSETS: self.list_offsets,
+            ApiKey.FIND_COORDINATOR: self.find_coordinator,
+            ApiKey.CONSUMER_GROUP_HEARTBEAT: self.consumer_group_heartbeat,
+            ApiKey.OFFSET_COMMIT: self.offset_commit,
+            ApiKey.OFFSET_FETCH: self.offset_fetch,
+            ApiKey.LIST_GROUPS: self.list_groups,
+            ApiKey.CONSUMER_GROUP_DESCRIBE: self.consumer_group_describe,
+            ApiKey.DELETE_GROUPS: self.delete_groups,
         }
 
     # -- admin ------------------------------------------------------------------------
 
-    async def api_versions(self, body: dict, tail: bytes) -> Reply:
+    async def api_versions(self, body: dict, tail: bytes, context: RequestContext) -> Reply:
         versions = [[int(key), low, high] for key, (low, high) in API_VERSIONS.items()]
         return Reply({"api_versions": versions})
 
-    async def metadata(self, body: dict, tail: bytes) -> Reply:
+    async def metadata(self, body: dict, tail: bytes, context: RequestContext) -> Reply:
         names = body["topics"]
         if names is None:
             names = sorted(self.registry.topics)
@@ -147,7 +170,7 @@ class RequestHandlers:
             if error.code != ErrorCode.TOPIC_ALREADY_EXISTS:
                 raise
 
-    async def create_topics(self, body: dict, tail: bytes) -> Reply:
+    async def create_topics(self, body: dict, tail: bytes, context: RequestContext) -> Reply:
         results = []
         for entry in body["topics"]:
             name = entry["topic"]
@@ -167,7 +190,7 @@ class RequestHandlers:
                 )
         return Reply({"topics": results})
 
-    async def delete_topics(self, body: dict, tail: bytes) -> Reply:
+    async def delete_topics(self, body: dict, tail: bytes, context: RequestContext) -> Reply:
         results = []
         for name in body["topics"]:
             try:
@@ -179,7 +202,7 @@ class RequestHandlers:
                 )
         return Reply({"topics": results})
 
-    async def describe_topics(self, body: dict, tail: bytes) -> Reply:
+    async def describe_topics(self, body: dict, tail: bytes, context: RequestContext) -> Reply:
         names = body["topics"] if body["topics"] is not None else sorted(self.registry.topics)
         return Reply({"topics": [self._describe_topic(name) for name in names]})
 
@@ -209,7 +232,7 @@ class RequestHandlers:
         configs = self.registry.log_config(topic).to_topic_configs()
         return {"topic": name, "error_code": 0, "configs": configs, "partitions": partitions}
 
-    async def alter_configs(self, body: dict, tail: bytes) -> Reply:
+    async def alter_configs(self, body: dict, tail: bytes, context: RequestContext) -> Reply:
         configs = await self.registry.alter_configs(
             body["topic"], body["set"], body["delete"], body["validate_only"]
         )
@@ -313,7 +336,7 @@ class RequestHandlers:
 
     # -- fetch ------------------------------------------------------------------------
 
-    async def fetch(self, body: dict, tail: bytes) -> Reply:
+    async def fetch(self, body: dict, tail: bytes, context: RequestContext) -> Reply:
         limits = self.config.limits
         max_wait_ms = min(max(body["max_wait_ms"], 0), limits.fetch_wait_ms_max)
         max_bytes = min(max(body["max_bytes"], 1), limits.fetch_bytes_max)
@@ -369,6 +392,42 @@ class RequestHandlers:
                     piece.close()
         return reply, total, failed
 
+    # -- consumer groups (see broker/group_coordinator.py) ------------------------------
+
+    async def find_coordinator(self, body: dict, tail: bytes, context: RequestContext) -> Reply:
+        # Every group's coordinator is this node; the internal topic is created on first use.
+        await self.coordinator.ensure_offsets_topic()
+        return Reply(
+            {
+                "node_id": self.config.node_id,
+                "host": self.config.client_host,
+                "port": self.advertised_port,
+            }
+        )
+
+    async def consumer_group_heartbeat(
+        self, body: dict, tail: bytes, context: RequestContext
+    ) -> Reply:
+        await self.coordinator.ensure_offsets_topic()
+        return Reply(self.coordinator.heartbeat(body, context.client_id, context.client_host))
+
+    async def offset_commit(self, body: dict, tail: bytes, context: RequestContext) -> Reply:
+        return Reply(await self.coordinator.commit(body))
+
+    async def offset_fetch(self, body: dict, tail: bytes, context: RequestContext) -> Reply:
+        return Reply(self.coordinator.fetch_offsets(body))
+
+    async def list_groups(self, body: dict, tail: bytes, context: RequestContext) -> Reply:
+        return Reply(self.coordinator.list_groups())
+
+    async def consumer_group_describe(
+        self, body: dict, tail: bytes, context: RequestContext
+    ) -> Reply:
+        return Reply(self.coordinator.describe_groups(body))
+
+    async def delete_groups(self, body: dict, tail: bytes, context: RequestContext) -> Reply:
+        return Reply(await self.coordinator.delete_groups(body))
+
     # -- in-process access, for gateways --------------------------------------------------
 
     async def append_batch(
@@ -408,7 +467,7 @@ class RequestHandlers:
 
     # -- offsets ----------------------------------------------------------------------
 
-    async def list_offsets(self, body: dict, tail: bytes) -> Reply:
+    async def list_offsets(self, body: dict, tail: bytes, context: RequestContext) -> Reply:
         topics = []
         for entry in body["topics"]:
             results: list[dict[str, Any]] = []

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import trio
 
 from broker.event_log import log_event
-from broker.request_handlers import Reply, RequestHandlers
+from broker.request_handlers import Reply, RequestContext, RequestHandlers
 from broker.storage import FetchSlice
 from protocol import (
     API_VERSIONS,
@@ -114,6 +114,7 @@ class NativeServer:
                 await self._read_requests(stream, send, nursery, connection_id)
 
     async def _read_requests(self, stream, send, nursery, connection_id: int) -> None:
+        peer_host = _peer_of(stream).rpartition(":")[0]
         decoder = FrameDecoder(
             frame_bytes_max=self.limits.frame_bytes_max,
             header_bytes_max=self.limits.frame_header_bytes_max,
@@ -121,7 +122,7 @@ class NativeServer:
         while True:
             try:
                 while (frame := decoder.next_frame()) is not None:
-                    await self._dispatch(frame, send, nursery)
+                    await self._dispatch(frame, send, nursery, peer_host)
             except ProtocolError as error:
                 self.protocol_errors += 1
                 log_event(
@@ -138,7 +139,7 @@ class NativeServer:
                 return
             decoder.feed(data)
 
-    async def _dispatch(self, frame, send, nursery) -> None:
+    async def _dispatch(self, frame, send, nursery, peer: str) -> None:
         header, tail = frame
         try:
             request = parse_request(header, tail)
@@ -155,13 +156,13 @@ class NativeServer:
         await send.send(pending)
         self.replies_pending += 1
         try:
-            work = await self._start(request)
+            work = await self._start(request, RequestContext(request.client_id or "", peer))
         except Exception as error:
             self._finish_with_error(pending, request, error)
             return
         nursery.start_soon(self._complete, work, request, pending)
 
-    async def _start(self, request):
+    async def _start(self, request, context: RequestContext):
         """Check the request and do its order-sensitive part now, in arrival order; returns
         the coroutine function that produces the reply (run concurrently)."""
         try:
@@ -181,8 +182,8 @@ class NativeServer:
             return await self.handlers.start_produce(body, request.tail)
         handler = self.handlers.table[api_key]
         if api_key in _RUN_CONCURRENTLY:
-            return functools.partial(handler, body, request.tail)
-        reply = await handler(body, request.tail)  # done before the next request is read
+            return functools.partial(handler, body, request.tail, context)
+        reply = await handler(body, request.tail, context)  # done before the next request is read
         return functools.partial(_already, reply)
 
     async def _complete(self, work, request, pending: PendingReply) -> None:

@@ -26,7 +26,7 @@ import trio
 
 from broker.event_log import log_event
 from broker.limits import Limits
-from broker.storage import LogConfig, PartitionLog
+from broker.storage import LogConfig, PartitionLog, StorageError
 from broker.storage.checkpoint import write_atomically
 from protocol import DwalError, ErrorCode, validate_topic_name
 
@@ -278,6 +278,39 @@ class TopicRegistry:
                 )
             await trio.to_thread.run_sync(log.delete_pending_files, now)
         return removed
+
+    async def compact_logs(self) -> int:
+        """Compact every log whose cleanup.policy includes compact and that has closed
+        segments no compaction has covered yet (`compaction_dirty_bytes > 0`: a segment
+        was rolled since the last compaction). One log at a time; a failure is logged and
+        the other logs go on. Returns the number of partitions compacted."""
+        compacted = 0
+        for key, log in list(self.logs.items()):
+            if self.logs.get(key) is not log or not log.compaction_dirty_bytes:
+                continue  # deleted meanwhile, or nothing new to compact
+            try:
+                result = await log.compact(now_ms())
+            except StorageError as error:
+                log_event(
+                    logger,
+                    logging.WARNING,
+                    "log_compaction_failed",
+                    partition=log.directory.name,
+                    error=str(error),
+                )
+                continue
+            compacted += 1
+            log_event(
+                logger,
+                logging.INFO,
+                "log_compacted",
+                partition=log.directory.name,
+                segments=result.segments_cleaned,
+                records_removed=result.records_removed,
+                bytes_before=result.bytes_before,
+                bytes_after=result.bytes_after,
+            )
+        return compacted
 
     async def flush_due_logs(self) -> None:
         """Flush logs whose periodic flush is due: every `flush.ms` under fsync=interval; and

@@ -8,12 +8,27 @@ async with client.connect("127.0.0.1:9092") as cluster:
     consumer = client.Consumer(cluster, auto_offset_reset="earliest")
     await consumer.assign_topic("events")
     records = await consumer.poll()
+
+    # or as a member of a consumer group, resuming from committed offsets:
+    async with client.Consumer(cluster, group_id="billing") as member:
+        member.subscribe(["events"])
+        records = await member.poll()
 """
 
-from client.admin import Admin, PartitionDescription, TopicDescription
+from client.admin import (
+    Admin,
+    GroupAdmin,
+    GroupDescription,
+    GroupListing,
+    GroupMemberDescription,
+    PartitionDescription,
+    PartitionOffsets,
+    TopicDescription,
+)
 from client.cluster import Cluster, PartitionInfo, TopicInfo, connect
 from client.connection import ConnectionFailed
-from client.consumer import Consumer, ConsumerStatistics, TopicPartition, list_offsets
+from client.consumer import Consumer, ConsumerStatistics, list_offsets
+from client.topic_partition import TopicPartition
 from client.producer import Delivery, Producer, ProducerStatistics, RecordMetadata
 from protocol import Compression, DwalError, ErrorCode, Record
 
@@ -27,8 +42,13 @@ __all__ = [
     "Delivery",
     "DwalError",
     "ErrorCode",
+    "GroupAdmin",
+    "GroupDescription",
+    "GroupListing",
+    "GroupMemberDescription",
     "PartitionDescription",
     "PartitionInfo",
+    "PartitionOffsets",
     "Producer",
     "ProducerStatistics",
     "Record",

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import trio
 
-from client.admin import Admin
+from client.admin import Admin, GroupAdmin
 from client.cluster import connect
 from client.consumer import Consumer, TopicPartition, list_offsets
 from client.exception_groups import single_error
@@ -102,6 +102,40 @@ def build_parser() -> argparse.ArgumentParser:
     alter.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE")
     alter.add_argument("--delete", action="append", default=[], metavar="KEY")
 
+    group = commands.add_parser("group", help="manage consumer groups")
+    group_commands = group.add_subparsers(dest="group_command", required=True)
+    client_command("list", "list consumer groups", group_commands)
+    group_describe = client_command(
+        "describe", "members, offsets and lag of a group", group_commands
+    )
+    group_describe.add_argument("group")
+    group_delete = client_command(
+        "delete", "delete an inactive group and its offsets", group_commands
+    )
+    group_delete.add_argument("group")
+    reset = client_command(
+        "reset-offsets", "move an inactive group's committed offsets", group_commands
+    )
+    reset.add_argument("group")
+    reset.add_argument("--topic", "-t", required=True)
+    reset.add_argument(
+        "--partition",
+        "-p",
+        type=int,
+        action="append",
+        help="partition to reset (repeatable; default all)",
+    )
+    reset.add_argument(
+        "--to",
+        nargs="+",
+        required=True,
+        metavar="TARGET",
+        help="earliest | latest | offset N | timestamp MS",
+    )
+    reset.add_argument(
+        "--execute", action="store_true", help="commit the new offsets (without it: only show them)"
+    )
+
     produce = client_command("produce", "produce stdin lines as records")
     produce.add_argument("topic")
     produce.add_argument("--key", "-k", help="key of every record")
@@ -130,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="earliest, latest, or an offset (default earliest)",
     )
     consume.add_argument("--num", "-n", type=int, help="exit after this many records")
+    consume.add_argument(
+        "--group",
+        "-g",
+        help="consume as a member of this consumer group, "
+        "from its committed offsets (the group assigns the partitions)",
+    )
+    consume.add_argument("--instance-id", help="static group membership id (with --group)")
     consume.add_argument(
         "--format",
         "-f",
@@ -252,7 +293,11 @@ async def _dispatch(cluster, args: argparse.Namespace, stop: trio.Event) -> int:
     if args.command == "produce":
         return await _produce_command(cluster, args, stop)
     if args.command == "consume":
+        if args.group:
+            return await _group_consume_command(cluster, args, stop)
         return await _consume_command(cluster, args, stop)
+    if args.command == "group":
+        return await _group_command(GroupAdmin(cluster), args)
     raise UsageError(f"unknown command {args.command}")
 
 
@@ -482,17 +527,24 @@ async def _consume_command(cluster, args: argparse.Namespace, stop: trio.Event) 
     return 0
 
 
-async def _print_records(consumer: Consumer, fmt, num: int | None) -> None:
+async def _print_records(
+    consumer: Consumer, fmt, num: int | None, printed: dict[TopicPartition, int] | None = None
+) -> None:
+    """Print polled records until `num` are printed (forever when None). Records `printed`
+    (next offset per partition) after each write, for group commits."""
     value_only = fmt == [("field", "value"), ("lit", b"\n")]
     remaining = num
     out = sys.stdout.buffer
     while remaining is None or remaining > 0:
         batches = await consumer.poll(timeout_ms=500)
         chunks = []
+        done: dict[TopicPartition, int] = {}
         for tp, records in batches.items():
             if remaining is not None:
                 records = records[:remaining]
                 remaining -= len(records)
+            if records:
+                done[tp] = records[-1].offset + 1
             if value_only:
                 chunks.append(b"".join([(r.value or b"") + b"\n" for r in records]))
             else:
@@ -500,6 +552,130 @@ async def _print_records(consumer: Consumer, fmt, num: int | None) -> None:
         if chunks:
             out.write(b"".join(chunks))
             out.flush()
+        if printed is not None:
+            printed.update(done)
+
+
+async def _group_consume_command(cluster, args: argparse.Namespace, stop: trio.Event) -> int:
+    """Consume as a group member. Commits exactly what was printed: every second, when the
+    group takes partitions away, and when stopped (SIGINT/SIGTERM, --num), then leaves."""
+    if args.partition or args.offset != "earliest":
+        raise UsageError(
+            "--group takes its partitions and offsets from the group: "
+            "use 'dwal group reset-offsets' to move them"
+        )
+    await cluster.topic(args.topic)  # an unknown topic is an error, not an empty group
+    fmt = _compile_format(args.format)
+    printed: dict[TopicPartition, int] = {}
+    committed: dict[TopicPartition, int] = {}
+
+    async def commit(partitions=None) -> None:
+        due = {
+            tp: o
+            for tp, o in printed.items()
+            if committed.get(tp) != o and (partitions is None or tp in partitions)
+        }
+        if due:
+            await consumer.commit(due)
+            committed.update(due)
+
+    async def on_revoked(partitions) -> None:
+        await commit(partitions)
+        for tp in partitions:
+            printed.pop(tp, None)
+
+    consumer = Consumer(
+        cluster,
+        group_id=args.group,
+        group_instance_id=args.instance_id,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        on_revoked=on_revoked,
+    )
+    async with consumer:
+        consumer.subscribe([args.topic])
+        with trio.CancelScope() as following:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_until, stop, following)
+                nursery.start_soon(_commit_every_second, commit)
+                await _print_records(consumer, fmt, args.num, printed)
+                nursery.cancel_scope.cancel()
+        with trio.CancelScope(shield=True):  # commit before leaving: then the group is ours
+            try:
+                await commit()
+            except DwalError as error:
+                print(f"warning: final commit failed: {error.message}", file=sys.stderr)
+    return 0
+
+
+async def _commit_every_second(commit) -> None:
+    while True:
+        await trio.sleep(1)
+        try:
+            await commit()
+        except DwalError as error:
+            print(f"warning: commit failed: {error.message}", file=sys.stderr)
+
+
+async def _group_command(admin: GroupAdmin, args: argparse.Namespace) -> int:
+    match args.group_command:
+        case "list":
+            print(f"{'GROUP':<30} {'STATE':<12} {'MEMBERS':>7}")
+            for listing in await admin.list_groups():
+                print(f"{listing.group_id:<30} {listing.state:<12} {listing.members:>7}")
+        case "describe":
+            _print_group(await admin.describe_group(args.group))
+        case "delete":
+            await admin.delete_group(args.group)
+            print(f"deleted group {args.group}")
+        case "reset-offsets":
+            return await _reset_offsets(admin, args)
+    return 0
+
+
+def _print_group(description) -> None:
+    print(f"group: {description.group_id}")
+    print(f"state: {description.state}")
+    print(f"members: {len(description.members)}")
+    for m in description.members:
+        owned = ", ".join(f"{tp.topic}-{tp.partition}" for tp in m.assignment) or "-"
+        static = f" instance={m.instance_id}" if m.instance_id else ""
+        print(
+            f"  {m.member_id} client={m.client_id or '-'} host={m.host or '-'}"
+            f" epoch={m.member_epoch}{static} partitions: {owned}"
+        )
+    print(
+        f"{'TOPIC':<24} {'PARTITION':>9} {'COMMITTED':>12} {'HIGH-WATERMARK':>15} "
+        f"{'LAG':>10}  OWNER"
+    )
+    for p in description.offsets:
+        committed = p.committed_offset if p.committed_offset >= 0 else "-"
+        lag = p.lag if p.lag is not None else "-"
+        print(
+            f"{p.partition.topic:<24} {p.partition.partition:>9} {committed:>12} "
+            f"{p.high_watermark:>15} {lag:>10}  {p.owner or '-'}"
+        )
+
+
+async def _reset_offsets(admin: GroupAdmin, args: argparse.Namespace) -> int:
+    to, *rest = args.to
+    if to in ("earliest", "latest") and not rest:
+        value = None
+    elif to in ("offset", "timestamp") and len(rest) == 1 and rest[0].isdigit():
+        value = int(rest[0])
+    else:
+        raise UsageError("--to takes earliest, latest, offset N or timestamp MS")
+    plan = await admin.reset_offsets(
+        args.group, args.topic, to=to, value=value, partitions=args.partition, execute=args.execute
+    )
+    print(f"{'TOPIC':<24} {'PARTITION':>9} {'NEW-OFFSET':>12}")
+    for tp, offset in sorted(plan.items()):
+        print(f"{tp.topic:<24} {tp.partition:>9} {offset:>12}")
+    if args.execute:
+        print(f"committed new offsets for group {args.group}")
+    else:
+        print("dry run: nothing committed (add --execute to commit these offsets)")
+    return 0
 
 
 async def _apply_start_offset(consumer: Consumer, offset: str) -> None:

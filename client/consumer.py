@@ -6,16 +6,28 @@ fetched, and again if its position falls out of the log's range (retention); wit
 ``auto_offset_reset="error"`` that raises instead. Each poll sends one Fetch per leader for
 every assigned partition, decodes the record batches, and drops records before the position
 (a fetch starts at the batch holding the position, which may begin earlier).
+
+With a `group_id`, `subscribe()` makes the consumer a member of a consumer group: the group's
+coordinator assigns partitions (see group_membership.py), and `poll()` applies assignment
+changes before it fetches — committing and releasing revoked partitions (on_revoked), then
+taking new ones from their committed offsets (on_assigned). Committed offsets are "next
+offset to read". With `enable_auto_commit`, positions are committed every
+`auto_commit_interval_ms` (inside poll), before partitions are revoked, and on close.
 """
 
 from __future__ import annotations
 
+import bisect
+import inspect
+import logging
 from dataclasses import dataclass
-from typing import Iterable, NamedTuple
+from typing import Any, Callable, Iterable
 
 import trio
 
 from client.cluster import Cluster
+from client.group_membership import GroupMembership
+from client.topic_partition import TopicPartition
 from protocol import (
     EARLIEST_TIMESTAMP,
     LATEST_TIMESTAMP,
@@ -31,11 +43,6 @@ from protocol import (
 )
 
 
-class TopicPartition(NamedTuple):
-    topic: str
-    partition: int
-
-
 @dataclass(frozen=True)
 class ConsumerStatistics:
     assigned_partitions: int
@@ -44,11 +51,16 @@ class ConsumerStatistics:
 
 
 class Consumer:
-    """Read records from assigned partitions. Call `assign()` or `seek()`, then `poll()`.
+    """Read records from partitions: `assign()` them (and `seek()`), or, with a `group_id`,
+    `subscribe()` to topics and let the group assign them; then `poll()`.
 
     Options: `auto_offset_reset` ("earliest", "latest" or "error"), `fetch_max_bytes` (one
-    fetch, all partitions), `partition_max_bytes`, `max_wait_ms` (long-poll bound) and
-    `min_bytes` (answer as soon as this much is ready).
+    fetch, all partitions), `partition_max_bytes`, `max_wait_ms` (long-poll bound),
+    `min_bytes` (answer as soon as this much is ready); for groups `group_id`,
+    `group_instance_id` (static membership), `enable_auto_commit`,
+    `auto_commit_interval_ms`, `rebalance_timeout_ms`, and the callbacks `on_assigned` and
+    `on_revoked` (each called with a set of TopicPartition; may be async).
+    Use ``async with Consumer(...) as consumer:`` so that `close()` runs at the end.
     """
 
     def __init__(
@@ -60,9 +72,34 @@ class Consumer:
         partition_max_bytes: int = 4 * 1024 * 1024,
         max_wait_ms: int = 500,
         min_bytes: int = 1,
+        group_id: str | None = None,
+        group_instance_id: str | None = None,
+        enable_auto_commit: bool = True,
+        auto_commit_interval_ms: int = 5_000,
+        rebalance_timeout_ms: int = 60_000,
+        on_assigned: Callable[[set[TopicPartition]], Any] | None = None,
+        on_revoked: Callable[[set[TopicPartition]], Any] | None = None,
     ) -> None:
         if auto_offset_reset not in ("earliest", "latest", "error"):
             raise ValueError("auto_offset_reset must be earliest, latest or error")
+        self.group_id = group_id
+        self.enable_auto_commit = enable_auto_commit and group_id is not None
+        self.auto_commit_interval_s = auto_commit_interval_ms / 1000
+        self.on_assigned = on_assigned
+        self.on_revoked = on_revoked
+        self._membership = (
+            GroupMembership(
+                cluster,
+                group_id,
+                instance_id=group_instance_id,
+                rebalance_timeout_ms=rebalance_timeout_ms,
+            )
+            if group_id is not None
+            else None
+        )
+        self._subscribed = False
+        self._last_commit = trio.current_time()
+        self._committed_positions: dict[TopicPartition, int] = {}
         self.cluster = cluster
         self.auto_offset_reset = auto_offset_reset
         self.fetch_max_bytes = fetch_max_bytes
@@ -149,6 +186,161 @@ class Consumer:
             EARLIEST_TIMESTAMP if self.auto_offset_reset == "earliest" else LATEST_TIMESTAMP,
         )
 
+    # -- consumer groups ----------------------------------------------------------------
+
+    async def __aenter__(self) -> "Consumer":
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def subscribe(self, topics: Iterable[str] | None = None, *, pattern: str | None = None) -> None:
+        """Join the group (at the next poll) subscribed to `topics` or to every topic whose
+        name matches the regular expression `pattern`; replaces any earlier subscription."""
+        if self._membership is None:
+            raise RuntimeError("subscribe() needs a consumer created with a group_id")
+        if (topics is None) == (pattern is None):
+            raise ValueError("subscribe to a list of topics or to a pattern")
+        self._membership.subscribe(tuple(topics) if topics is not None else None, pattern)
+        if not self._subscribed:
+            self._subscribed = True
+            self._membership.start()
+
+    async def close(self) -> None:
+        """Commit positions (with auto-commit), leave the group, stop background work."""
+        membership = self._membership
+        if membership is None or not self._subscribed:
+            return
+        self._subscribed = False
+        try:
+            if self.enable_auto_commit and self._positions:
+                await self._commit_quietly(dict(self._positions))
+        finally:
+            with trio.CancelScope(shield=True):
+                await membership.leave()
+
+    async def _reconcile_within(self, wait_ms: int) -> bool:
+        """Apply the group's latest assignment; when there is none yet, wait up to `wait_ms`
+        for one. Only the waiting is bounded: a reconciliation, once begun, completes.
+        Returns whether partitions are assigned."""
+        membership = self._membership
+        assert membership is not None
+        deadline = trio.current_time() + wait_ms / 1000
+        while True:
+            if membership.error is not None:
+                raise membership.error
+            if membership.target is not None:
+                await self._reconcile(membership)
+            if self._positions:
+                return True
+            with trio.move_on_at(deadline) as waiting:
+                if membership.joined.is_set():
+                    await membership.changed.wait()
+                else:
+                    await membership.joined.wait()
+            if waiting.cancelled_caught:
+                return False
+
+    async def _reconcile(self, membership: GroupMembership) -> None:
+        target = membership.target
+        assert target is not None
+        owned = set(self._positions)
+        revoked, added = owned - target, set(target) - owned
+        if revoked:
+            if self.enable_auto_commit and not membership.lost:
+                await self._commit_quietly({tp: self._positions[tp] for tp in revoked})
+            for tp in revoked:
+                del self._positions[tp]
+                self._committed_positions.pop(tp, None)
+            await _call(self.on_revoked, revoked)
+        if added:
+            committed = await self.committed(added)
+            for tp in added:
+                offset = committed.get(tp)
+                self._positions[tp] = offset if offset is not None and offset >= 0 else None
+                if offset is not None and offset >= 0:
+                    self._committed_positions[tp] = offset
+            await _call(self.on_assigned, added)
+        membership.acknowledge(frozenset(self._positions))
+
+    async def commit(self, offsets: dict[TopicPartition, int] | None = None) -> None:
+        """Commit `offsets` (next offset to read, per partition), or the current positions of
+        every assigned partition. Raises DwalError (e.g. UNKNOWN_MEMBER_ID or
+        FENCED_MEMBER_EPOCH when this member was removed from the group)."""
+        if self.group_id is None or self._membership is None:
+            raise RuntimeError("commit() needs a consumer created with a group_id")
+        if offsets is None:
+            offsets = {tp: p for tp, p in self._positions.items() if p is not None}
+        if not offsets:
+            return
+        membership = self._membership
+        in_group = self._subscribed and membership.member_id is not None
+        by_topic: dict[str, list[dict]] = {}
+        for tp, offset in offsets.items():
+            by_topic.setdefault(tp.topic, []).append({"partition": tp.partition, "offset": offset})
+        response = await membership.call(
+            ApiKey.OFFSET_COMMIT,
+            {
+                "group_id": self.group_id,
+                "member_id": membership.member_id if in_group else None,
+                "member_epoch": membership.member_epoch if in_group else -1,
+                "topics": [{"topic": t, "partitions": p} for t, p in by_topic.items()],
+            },
+        )
+        for entry in response.body["topics"]:
+            for part in entry["partitions"]:
+                if part["error_code"]:
+                    raise DwalError(ErrorCode(part["error_code"]), part["error_message"])
+        self._committed_positions.update(offsets)
+        self._last_commit = trio.current_time()
+
+    async def _commit_quietly(self, positions: dict[TopicPartition, int | None]) -> None:
+        offsets = {
+            tp: p
+            for tp, p in positions.items()
+            if p is not None and self._committed_positions.get(tp) != p
+        }
+        try:
+            await self.commit(offsets)
+        except DwalError as error:  # fenced or unreachable: the next owner re-reads; log it
+            logger.warning("commit of %d partitions failed: %s", len(offsets), error)
+
+    async def _auto_commit(self) -> None:
+        self._last_commit = trio.current_time()
+        await self._commit_quietly(dict(self._positions))
+
+    async def committed(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        """The group's committed offsets of `partitions` (-1 where none). Raises DwalError."""
+        if self.group_id is None or self._membership is None:
+            raise RuntimeError("committed() needs a consumer created with a group_id")
+        by_topic: dict[str, list[int]] = {}
+        for tp in partitions:
+            by_topic.setdefault(tp.topic, []).append(tp.partition)
+        response = await self._membership.call(
+            ApiKey.OFFSET_FETCH,
+            {
+                "group_id": self.group_id,
+                "topics": [{"topic": t, "partitions": p} for t, p in by_topic.items()],
+            },
+        )
+        return {
+            TopicPartition(entry["topic"], part["partition"]): part["offset"]
+            for entry in response.body["topics"]
+            for part in entry["partitions"]
+        }
+
+    def lag(self, partition: TopicPartition | tuple[str, int]) -> int | None:
+        """High watermark (as last fetched) minus position: records not yet returned."""
+        tp = TopicPartition(*partition)
+        position, high_watermark = self._positions.get(tp), self._high_watermarks.get(tp)
+        if position is None or high_watermark is None:
+            return None
+        return max(high_watermark - position, 0)
+
+    @property
+    def member_id(self) -> str | None:
+        return self._membership.member_id if self._membership is not None else None
+
     # -- fetching -------------------------------------------------------------------------
 
     async def poll(self, timeout_ms: int | None = None) -> dict[TopicPartition, list[Record]]:
@@ -159,10 +351,13 @@ class Consumer:
         While a poll's records are being decoded, the next fetch is already on its way
         (one prefetch at most, from the positions the answer leads to), so a consumer
         that keeps up overlaps its decoding with the broker's work and the network."""
-        if not self._positions:
+        wait_ms = self.max_wait_ms if timeout_ms is None else max(timeout_ms, 0)
+        if self._subscribed:
+            if not await self._reconcile_within(wait_ms):
+                return {}
+        elif not self._positions:
             raise RuntimeError("no partitions assigned")
         await self._resolve_missing_positions()
-        wait_ms = self.max_wait_ms if timeout_ms is None else max(timeout_ms, 0)
         positions = dict(self._positions)
         fetch, self._prefetch = self._prefetch, None
         if fetch is None or fetch.positions != positions:
@@ -179,7 +374,13 @@ class Consumer:
         following = _positions_after(response.body, response.tail, positions)
         if following != positions:
             self._prefetch = self._start_fetch(following, self.max_wait_ms)
-        return await self._take_records(response.body, response.tail)
+        records = await self._take_records(response.body, response.tail)
+        if (
+            self.enable_auto_commit
+            and trio.current_time() - self._last_commit >= self.auto_commit_interval_s
+        ):
+            await self._auto_commit()
+        return records
 
     def _start_fetch(self, positions: dict[TopicPartition, int | None], wait_ms: int) -> "_Fetch":
         fetch = _Fetch(positions)
@@ -221,8 +422,8 @@ class Consumer:
             return []
         records = decode_records(chunk, allow_partial_tail=True)
         if records and records[0].offset < expected:
-            skip = expected - records[0].offset
-            records = records[skip:]
+            # offsets increase but may have gaps (compacted topics): search, do not count
+            records = records[bisect.bisect_left(records, expected, key=_offset_of) :]
         if records:
             self._positions[tp] = records[-1].offset + 1
             self._records_returned += len(records)
@@ -242,6 +443,22 @@ class Consumer:
         raise DwalError(
             code, f"{tp.topic}-{tp.partition}: {part.get('error_message') or code.name}"
         )
+
+
+async def _call(
+    callback: Callable[[set[TopicPartition]], Any] | None, partitions: set[TopicPartition]
+) -> None:
+    if callback is not None:
+        result = callback(set(partitions))
+        if inspect.isawaitable(result):
+            await result
+
+
+def _offset_of(record: Record) -> int:
+    return record.offset
+
+
+logger = logging.getLogger("dwal.client")
 
 
 class _Fetch:

@@ -19,10 +19,17 @@ class ApiKey(enum.IntEnum):
     FETCH = 1
     LIST_OFFSETS = 2
     METADATA = 3
+    OFFSET_COMMIT = 8
+    OFFSET_FETCH = 9
+    FIND_COORDINATOR = 10
+    LIST_GROUPS = 16
     API_VERSIONS = 18
     CREATE_TOPICS = 19
     DELETE_TOPICS = 20
     ALTER_CONFIGS = 33
+    DELETE_GROUPS = 42
+    CONSUMER_GROUP_HEARTBEAT = 68
+    CONSUMER_GROUP_DESCRIBE = 69
     DESCRIBE_TOPICS = 75
 
 
@@ -39,6 +46,9 @@ _TOPIC_ERROR = Struct(
     error_code=INT,
     error_message=(Optional(STR), None),
 )
+
+_TOPIC_PARTITIONS = Struct(topic=STR, partitions=ListOf(INT))
+_GROUP_ERROR = Struct(group_id=STR, error_code=INT, error_message=(Optional(STR), None))
 
 REQUESTS: dict[ApiKey, Struct] = {
     ApiKey.API_VERSIONS: Struct(),
@@ -93,6 +103,38 @@ REQUESTS: dict[ApiKey, Struct] = {
             Struct(topic=STR, partitions=ListOf(Struct(partition=INT, timestamp=INT))),
         ),
     ),
+    ApiKey.FIND_COORDINATOR: Struct(key=STR, key_type=(INT, 0)),
+    ApiKey.CONSUMER_GROUP_HEARTBEAT: Struct(
+        group_id=STR,
+        member_id=(Optional(STR), None),
+        member_epoch=INT,
+        instance_id=(Optional(STR), None),
+        rebalance_timeout_ms=(INT, -1),
+        subscribed_topic_names=(Optional(ListOf(STR, length_max=10_000)), None),
+        subscribed_topic_regex=(Optional(STR), None),
+        owned_partitions=(Optional(ListOf(_TOPIC_PARTITIONS, length_max=10_000)), None),
+    ),
+    ApiKey.OFFSET_COMMIT: Struct(
+        group_id=STR,
+        member_id=(Optional(STR), None),
+        member_epoch=(INT, -1),
+        topics=ListOf(
+            Struct(
+                topic=STR,
+                partitions=ListOf(
+                    Struct(partition=INT, offset=INT, metadata=(Optional(STR), None))
+                ),
+            ),
+            length_max=10_000,
+        ),
+    ),
+    ApiKey.OFFSET_FETCH: Struct(
+        group_id=STR,
+        topics=(Optional(ListOf(_TOPIC_PARTITIONS, length_max=10_000)), None),
+    ),
+    ApiKey.LIST_GROUPS: Struct(),
+    ApiKey.CONSUMER_GROUP_DESCRIBE: Struct(group_ids=ListOf(STR, length_max=1000)),
+    ApiKey.DELETE_GROUPS: Struct(group_ids=ListOf(STR, length_max=1000)),
 }
 
 _PARTITION_META = Struct(
@@ -196,6 +238,68 @@ RESPONSES: dict[ApiKey, Struct] = {
             )
         )
     ),
+    ApiKey.FIND_COORDINATOR: Struct(node_id=INT, host=STR, port=INT),
+    ApiKey.CONSUMER_GROUP_HEARTBEAT: Struct(
+        member_id=STR,
+        member_epoch=INT,
+        heartbeat_interval_ms=INT,
+        assignment=(Optional(ListOf(_TOPIC_PARTITIONS)), None),
+    ),
+    ApiKey.OFFSET_COMMIT: Struct(
+        topics=ListOf(
+            Struct(
+                topic=STR,
+                partitions=ListOf(
+                    Struct(partition=INT, error_code=INT, error_message=(Optional(STR), None))
+                ),
+            )
+        )
+    ),
+    ApiKey.OFFSET_FETCH: Struct(
+        topics=ListOf(
+            Struct(
+                topic=STR,
+                partitions=ListOf(
+                    Struct(
+                        partition=INT,
+                        offset=INT,
+                        metadata=(Optional(STR), None),
+                        error_code=(INT, 0),
+                    )
+                ),
+            )
+        )
+    ),
+    ApiKey.LIST_GROUPS: Struct(groups=ListOf(Struct(group_id=STR, state=STR, members=INT))),
+    ApiKey.CONSUMER_GROUP_DESCRIBE: Struct(
+        groups=ListOf(
+            Struct(
+                group_id=STR,
+                error_code=(INT, 0),
+                error_message=(Optional(STR), None),
+                state=(STR, "dead"),
+                group_epoch=(INT, 0),
+                assignment_epoch=(INT, 0),
+                members=(
+                    ListOf(
+                        Struct(
+                            member_id=STR,
+                            instance_id=(Optional(STR), None),
+                            client_id=(STR, ""),
+                            host=(STR, ""),
+                            member_epoch=INT,
+                            subscribed_topic_names=(ListOf(STR), []),
+                            subscribed_topic_regex=(Optional(STR), None),
+                            assignment=(ListOf(_TOPIC_PARTITIONS), []),
+                            target_assignment=(ListOf(_TOPIC_PARTITIONS), []),
+                        )
+                    ),
+                    [],
+                ),
+            )
+        )
+    ),
+    ApiKey.DELETE_GROUPS: Struct(groups=ListOf(_GROUP_ERROR)),
 }
 
 # Supported version range per api key: (min, max).

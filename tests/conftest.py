@@ -48,6 +48,22 @@ async def broker(nursery, tmp_path) -> InProcessBroker:
     return InProcessBroker(config, addresses.port, addresses.http_port)
 
 
+@pytest.fixture
+async def group_broker(nursery, tmp_path) -> InProcessBroker:
+    """An in-process broker with short group timeouts (session 1.5 s, heartbeat 0.1 s)."""
+    config = BrokerConfig(
+        port=0,
+        http_port=-1,
+        data_dir=tmp_path / "data",
+        log_defaults=LogConfig(fsync="never"),
+        offsets_topic_partitions=4,
+        group_session_timeout_ms=1500,
+        group_heartbeat_interval_ms=100,
+    )
+    addresses = await nursery.start(run_broker, config)
+    return InProcessBroker(config, addresses.port, addresses.http_port)
+
+
 @dataclass
 class BrokerProcess:
     process: trio.Process

@@ -1,12 +1,15 @@
-"""Partition storage: segmented logs with sparse indexes, group commit, crash recovery."""
+"""Partition storage: segmented logs with sparse indexes, group commit, crash recovery,
+retention and compaction."""
 
 from .errors import CorruptRecordError, OffsetOutOfRangeError, RecordTooLargeError, StorageError
 from .fetch_slice import FetchSlice
+from .log_cleaner import CompactionResult
 from .log_config import TOPIC_CONFIG_KEYS, LogConfig
 from .partition_log import AppendInfo, LogStatistics, PartitionLog
 
 __all__ = [
     "AppendInfo",
+    "CompactionResult",
     "CorruptRecordError",
     "FetchSlice",
     "LogConfig",

@@ -3,8 +3,10 @@
 Lookups read one header per batch with `os.pread` (`iterate_headers`): they start from a
 sparse index entry, so they touch a bounded number of batches. Recovery reads the file in
 bounded chunks and checks every batch in full (`ValidatingScanner`): length, magic, CRC and
-that base offsets follow each other without gap or overlap. A batch larger than a chunk is
-checked with an incremental CRC, so memory stays bounded whatever the file holds.
+that offsets strictly increase, without overlap, and stay below a bound (what the segment's
+index can hold). Gaps between batches are allowed: compaction leaves them (each kept record
+keeps its offset). A batch larger than a chunk is checked with
+an incremental CRC, so memory stays bounded whatever the file holds.
 """
 
 from __future__ import annotations
@@ -62,14 +64,22 @@ class ValidatingScanner:
     """
 
     def __init__(
-        self, fd: int, *, start: int, end: int, first_offset: int, chunk_bytes: int = CHUNK_BYTES
+        self,
+        fd: int,
+        *,
+        start: int,
+        end: int,
+        first_offset: int,
+        offset_max: int,
+        chunk_bytes: int = CHUNK_BYTES,
     ) -> None:
         assert 0 <= start <= end and chunk_bytes >= HEADER_BYTES
         self._fd = fd
         self._end = end
+        self._offset_max = offset_max
         self._chunk_bytes = chunk_bytes
         self.valid_end = start
-        self.next_offset = first_offset
+        self.next_offset = first_offset  # the lowest base offset the next batch may have
         self.stop_reason: str | None = None
 
     def batches(self) -> Iterator[ScannedBatch]:
@@ -87,8 +97,8 @@ class ValidatingScanner:
         chunk_start = self.valid_end
         try:
             for batch in scan_batches(chunk):
-                if batch.header.base_offset != self.next_offset:
-                    self.stop_reason = self._gap_reason(batch.header)
+                self.stop_reason = self._offsets_problem(batch.header)
+                if self.stop_reason is not None:
                     return
                 yield self._accept(ScannedBatch(chunk_start + batch.position, batch.header))
         except ProtocolError as error:
@@ -117,8 +127,8 @@ class ValidatingScanner:
 
     def _check_large_batch(self, header: BatchHeader) -> Iterator[ScannedBatch]:
         """Check a batch larger than a chunk by an incremental CRC over bounded reads."""
-        if header.base_offset != self.next_offset:
-            self.stop_reason = self._gap_reason(header)
+        self.stop_reason = self._offsets_problem(header)
+        if self.stop_reason is not None:
             return
         position = self.valid_end + CRC_START
         batch_end = self.valid_end + header.size_bytes
@@ -135,8 +145,15 @@ class ValidatingScanner:
             return
         yield self._accept(ScannedBatch(self.valid_end, header))
 
-    def _gap_reason(self, header: BatchHeader) -> str:
-        return f"base offset {header.base_offset} where {self.next_offset} was expected"
+    def _offsets_problem(self, header: BatchHeader) -> str | None:
+        if header.base_offset < self.next_offset:
+            return (
+                f"base offset {header.base_offset} overlaps earlier offsets "
+                f"(at least {self.next_offset} was expected)"
+            )
+        if header.last_offset > self._offset_max:
+            return f"offset {header.last_offset} is beyond the segment's {self._offset_max}"
+        return None
 
     def _accept(self, batch: ScannedBatch) -> ScannedBatch:
         self.valid_end = batch.position + batch.header.size_bytes

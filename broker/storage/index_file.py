@@ -35,13 +35,19 @@ class IndexFile:
         if self._fd >= 0:
             _write_all(self._fd, self._entry.pack(*values))
 
-    def rewrite(self, entries: Iterable[tuple[int, ...]]) -> None:
-        """Replace the file's content with `entries` (file must be closed). Raises OSError."""
+    def rewrite(
+        self, entries: Iterable[tuple[int, ...]], suffix: str = "", *, sync: bool = False
+    ) -> None:
+        """Replace the content of the file (named with `suffix` appended) with `entries`,
+        fsyncing it if `sync`. The file must not be open for appending. Raises OSError."""
         assert self._fd < 0
         data = b"".join(self._entry.pack(*entry) for entry in entries)
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        path = self.path.with_name(self.path.name + suffix)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             _write_all(fd, data)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
 

@@ -51,6 +51,16 @@ class LogConfig:
         for key, field_name in TOPIC_CONFIG_KEYS.items():
             _RULES[key].check(key, getattr(self, field_name))
 
+    @property
+    def deletes_old_segments(self) -> bool:
+        """True when cleanup.policy includes delete: retention removes segments by age/size."""
+        return "delete" in self.cleanup_policy.split(",")
+
+    @property
+    def compacts(self) -> bool:
+        """True when cleanup.policy includes compact: the cleaner keeps the last value per key."""
+        return "compact" in self.cleanup_policy.split(",")
+
     @classmethod
     def from_topic_configs(cls, configs: Mapping[str, str], defaults: LogConfig) -> LogConfig:
         """Return `defaults` overridden by the string `configs` (dotted topic config names).

@@ -2,8 +2,12 @@
 
 Theory of operation. Loading runs explicit passes over the directory:
 
-1. remove leftovers of interrupted work: `*.deleted` (segments retention already gave up)
-   and `*.tmp` (checkpoints never renamed into place), and index files without a log;
+1. remove leftovers of interrupted work: `*.deleted` (segments retention already gave up),
+   `*.tmp` (checkpoints never renamed into place), `*.cleaned` (a compaction's unfinished
+   output), and index files without a log; then complete interrupted compaction swaps: a
+   `<base>.log.swap` is a compacted segment, complete and durable, so it replaces its
+   `<base>.log` and that segment's indexes are rebuilt; a `.swap` whose `.log` is gone belongs
+   to a segment that retention deleted meanwhile, and is removed;
 2. read the clean-shutdown marker, and remove it durably so that a crash from now on is
    never mistaken for a clean shutdown;
 3. open the segments in offset order. After a clean shutdown a segment is trusted once its
@@ -11,7 +15,8 @@ Theory of operation. Loading runs explicit passes over the directory:
    crash, every segment whose end lies beyond the recovery point (the offset below which data
    was known durable), and at least the last one, is recovered: each batch is checked and the
    file is truncated at the first bad byte. Data after a bad byte is not trusted, so every
-   later segment is deleted;
+   later segment is deleted; so are they when a recovered segment's offsets run into the next
+   segment's. Gaps in offsets are not damage: compaction leaves them;
 4. make what recovery kept durable (fdatasync, directory fsync) and record the new recovery
    point, so that the whole log is durable when loading returns.
 """
@@ -32,9 +37,13 @@ from .checkpoint import (
 from .errors import StorageError
 from .log_config import LogConfig
 from .segment import (
+    CLEANED_SUFFIX,
     DELETED_SUFFIX,
     LOG_SUFFIX,
+    OFFSET_INDEX_SUFFIX,
     SEGMENT_SUFFIXES,
+    SWAP_SUFFIX,
+    TIME_INDEX_SUFFIX,
     Segment,
     segment_file_name,
 )
@@ -42,6 +51,7 @@ from .segment import (
 CLEAN_SHUTDOWN_FILE = ".clean-shutdown"
 RECOVERY_POINT_FILE = "recovery-point"
 _SEGMENT_FILE_PATTERN = re.compile(r"([0-9]{20})(\.log|\.index|\.timeindex)")
+_SWAP_FILE_PATTERN = re.compile(r"([0-9]{20})\.log\.swap")
 
 logger = logging.getLogger("dwal.storage")
 
@@ -52,13 +62,14 @@ def load_segments(directory: pathlib.Path, config: LogConfig, *, now_ms: int) ->
     try:
         _ensure_directory(directory)
         _remove_leftovers(directory)
+        swapped = _complete_swaps(directory)
         bases = _list_segment_bases(directory)
         clean = _consume_clean_shutdown_marker(directory)
     except OSError as error:
         raise StorageError(f"cannot load {directory}: {error}") from error
     segments: list[Segment] = []
     try:
-        recovered = _open_segments(directory, bases, config, clean, segments)
+        recovered = _open_segments(directory, bases, config, clean, swapped, segments)
         if not segments:
             segments.append(Segment.create(directory, 0, index_interval_bytes=_interval(config)))
             recovered.append(segments[0])
@@ -86,8 +97,32 @@ def _ensure_directory(directory: pathlib.Path) -> None:
 
 def _remove_leftovers(directory: pathlib.Path) -> None:
     for entry in os.scandir(directory):
-        if entry.name.endswith((DELETED_SUFFIX, TEMPORARY_SUFFIX)):
+        if entry.name.endswith((DELETED_SUFFIX, TEMPORARY_SUFFIX, CLEANED_SUFFIX)):
             os.unlink(entry.path)
+
+
+def _complete_swaps(directory: pathlib.Path) -> set[int]:
+    """Put each compacted `<base>.log.swap` in place of its `<base>.log` (removing the old
+    indexes first, so that none is ever trusted with the new log); return those bases, whose
+    indexes must be rebuilt. A `.swap` without its `.log`, or any other `.swap`, is removed."""
+    swapped: set[int] = set()
+    for entry in os.scandir(directory):
+        if not entry.name.endswith(SWAP_SUFFIX):
+            continue
+        match = _SWAP_FILE_PATTERN.fullmatch(entry.name)
+        log_path = directory / entry.name.removesuffix(SWAP_SUFFIX)
+        if match is None or not log_path.exists():
+            os.unlink(entry.path)
+            continue
+        base = int(match.group(1))
+        for suffix in (OFFSET_INDEX_SUFFIX, TIME_INDEX_SUFFIX):
+            (directory / segment_file_name(base, suffix)).unlink(missing_ok=True)
+        os.rename(entry.path, log_path)
+        logger.info("%s: completed the compaction of segment %s", directory, log_path.name)
+        swapped.add(base)
+    if swapped:
+        fsync_directory(directory)
+    return swapped
 
 
 def _list_segment_bases(directory: pathlib.Path) -> list[int]:
@@ -122,33 +157,38 @@ def _open_segments(
     bases: list[int],
     config: LogConfig,
     clean: bool,
+    swapped: set[int],
     segments: list[Segment],
 ) -> list[Segment]:
-    """Open, check or recover each segment into `segments`; return the recovered ones."""
+    """Open, check or recover each segment into `segments`; return the recovered ones.
+    Segments in `swapped` (just replaced by their compacted file) are always recovered."""
     recovery_point = None if clean else read_offset_checkpoint(directory / RECOVERY_POINT_FILE)
     recovered: list[Segment] = []
     for number, base in enumerate(bases):
         next_base = bases[number + 1] if number + 1 < len(bases) else None
         segment = Segment.open_existing(directory, base, index_interval_bytes=_interval(config))
         segments.append(segment)
-        must_recover = not clean and (
-            next_base is None or recovery_point is None or next_base > recovery_point
+        must_recover = base in swapped or (
+            not clean
+            and (next_base is None or recovery_point is None or next_base > recovery_point)
         )
         if not must_recover and segment.load_indexes(next_base):
             continue
-        segment.recover()
+        removed = segment.recover()
         recovered.append(segment)
-        if next_base is not None and segment.next_offset != next_base:
+        # A segment may end before the next one starts (compaction removed its last
+        # records), but one cut short by recovery, or running into the next, is damaged.
+        if next_base is not None and (removed or segment.next_offset > next_base):
             _delete_segments_after(directory, segment, bases[number + 1 :])
             break
     return recovered
 
 
 def _delete_segments_after(directory: pathlib.Path, segment: Segment, bases: list[int]) -> None:
-    """Delete the segments at `bases`: they follow a segment that ends early or is damaged."""
+    """Delete the segments at `bases`: they follow a damaged segment."""
     for base in bases:
         logger.warning(
-            "%s: deleting segment %s: segment %s ends at offset %d, before it",
+            "%s: deleting segment %s: it follows damaged segment %s, ending at offset %d",
             directory,
             segment_file_name(base, LOG_SUFFIX),
             segment.log_path.name,

@@ -77,6 +77,6 @@ class OffsetIndex:
             previous_offset, previous_position = relative, position
         return True
 
-    def write_file(self) -> None:
-        """Rewrite the file from memory. Raises OSError."""
-        self.file.rewrite(zip(self._relative_offsets, self._positions))
+    def write_file(self, suffix: str = "", *, sync: bool = False) -> None:
+        """Rewrite the file (named with `suffix` appended) from memory. Raises OSError."""
+        self.file.rewrite(zip(self._relative_offsets, self._positions), suffix, sync=sync)

@@ -19,18 +19,25 @@ that captured end. Callers arriving meanwhile wait for it, then run the next fsy
 still need one. The thread call cannot be abandoned, so a cancelled caller either never
 started the fsync (nothing changes) or its fsync completes and counts.
 
+Compaction (cleanup.policy=compact, see `log_cleaner`) rewrites closed segments in a worker
+thread and swaps each result in, in one synchronous step, for the segment it was made from;
+retention (cleanup.policy=delete) deletes the oldest segments. Offsets strictly increase
+but, after compaction, may have gaps: a read of an offset in a gap starts at the next batch.
+
 All state changes happen in synchronous code in the trio thread; worker threads only run
-blocking system calls on duplicated file descriptors, so closing or deleting a segment
-meanwhile cannot pull a descriptor from under them.
+blocking system calls on duplicated file descriptors (or on files they create themselves),
+so closing or deleting a segment meanwhile cannot pull a descriptor from under them.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import pathlib
 import shutil
 import struct
+import threading
 from dataclasses import dataclass
 
 import trio
@@ -47,11 +54,26 @@ from protocol.record_batch import (
 from .checkpoint import fsync_directory, write_atomically, write_offset_checkpoint
 from .errors import CorruptRecordError, OffsetOutOfRangeError, RecordTooLargeError, StorageError
 from .fetch_slice import FetchSlice
+from .log_cleaner import (
+    CLEANER_KEYS_MAX,
+    NOTHING_CLEANED,
+    CleanedSegment,
+    CleaningOutcome,
+    CleaningPlan,
+    CompactionAborted,
+    CompactionResult,
+    SegmentSource,
+    clean_segments,
+    discard_cleaned,
+    finish_swap,
+    swap_path,
+)
 from .log_config import LogConfig
 from .log_loader import CLEAN_SHUTDOWN_FILE, RECOVERY_POINT_FILE, load_segments
 from .segment import Segment
 
 RECOVERY_POINT_INTERVAL_SECONDS = 10.0
+logger = logging.getLogger("dwal.storage")
 _BASE_OFFSET = struct.Struct(">q")
 _LEADER_EPOCH = struct.Struct(">i")
 
@@ -107,6 +129,11 @@ class PartitionLog:
         )
         self._last_checkpoint_time: float | None = None
         self._checkpoint_running = False
+        # Segments below this offset were cleaned by the last compaction (kept in memory only:
+        # after a restart the first compaction maps the whole log again).
+        self._first_dirty_offset = self.log_start_offset
+        self._compaction_lock = trio.Lock()
+        self._cleaner_abort = threading.Event()  # set on close: stops a running cleaner
         self._failure: str | None = None
         self._closed = False
 
@@ -379,7 +406,8 @@ class PartitionLog:
     # Reading.
 
     def read(self, fetch_offset: int, max_bytes: int) -> FetchSlice:
-        """Return a slice of one segment starting at the batch holding `fetch_offset`.
+        """Return a slice of one segment starting at the batch holding `fetch_offset` (or the
+        first batch after it, when compaction removed it).
 
         The slice holds whole batches up to `max_bytes`, except that the first batch is
         always whole and the last one may be cut short; it never goes past the high
@@ -391,11 +419,21 @@ class PartitionLog:
         self._check_in_range(fetch_offset)
         if fetch_offset == self._high_watermark:
             return FetchSlice.empty()
-        segment = self._segment_holding(fetch_offset)
-        end = self._readable_end(segment)
-        position, header = segment.find_batch(fetch_offset, end)
-        length = min(end - position, max(max_bytes, header.size_bytes))
-        return FetchSlice(fd=os.dup(segment.log_fd), position=position, length=length)
+        first_base = self._segment_holding(fetch_offset).base_offset
+        for base_offset in self._segments.irange(minimum=first_base):
+            if base_offset >= self._high_watermark:
+                break
+            segment = self._segments[base_offset]
+            end = self._readable_end(segment)
+            # An offset in a gap left by compaction reads from the next batch, maybe in the
+            # next segment. None at all below the high watermark only when compaction removed
+            # the end of the segment that holds the high watermark: the slice is then empty.
+            found = segment.find_batch(max(fetch_offset, base_offset), end)
+            if found is not None:
+                position, header = found
+                length = min(end - position, max(max_bytes, header.size_bytes))
+                return FetchSlice(fd=os.dup(segment.log_fd), position=position, length=length)
+        return FetchSlice.empty()
 
     def _check_in_range(self, offset: int) -> None:
         if not self.log_start_offset <= offset <= self._high_watermark:
@@ -435,12 +473,15 @@ class PartitionLog:
 
     def apply_retention(self, now_ms: int) -> int:
         """Delete the oldest closed segments past retention.ms or beyond retention.bytes,
-        never the active one nor one holding offsets at or above the high watermark.
+        never the active one nor one holding offsets at or above the high watermark, when
+        cleanup.policy includes delete (never under compact alone).
 
         Returns how many segments were removed; their files are renamed to `.deleted` and
         removed by `delete_pending_files`. Raises StorageError.
         """
         self._check_usable()
+        if not self._config.deletes_old_segments:
+            return 0
         removed = 0
         while len(self._segments) > 1:
             oldest = self._segments.peekitem(0)[1]
@@ -482,6 +523,160 @@ class PartitionLog:
                 removed += 1
         return removed
 
+    # Compaction.
+
+    @property
+    def compaction_dirty_bytes(self) -> int:
+        """Bytes of the closed segments below the high watermark that no compaction has
+        covered yet; 0 unless cleanup.policy includes compact. Compaction is due when > 0."""
+        if not self._config.compacts:
+            return 0
+        bases = self._segments.keys()
+        first_dirty = max(self._first_dirty_offset, self.log_start_offset)
+        dirty_bytes = 0
+        first = max(self._segments.bisect_right(first_dirty) - 1, 0)
+        for number in range(first, len(bases) - 1):
+            if bases[number + 1] > self._high_watermark:
+                break
+            dirty_bytes += self._segments[bases[number]].size_bytes
+        return dirty_bytes
+
+    async def compact(self, now_ms: int, *, keys_max: int = CLEANER_KEYS_MAX) -> CompactionResult:
+        """Keep only the last record of each key in the closed segments below the high
+        watermark (see `log_cleaner`), if cleanup.policy includes compact; `now_ms` dates
+        tombstones against delete.retention.ms. Offsets, the log start and end offsets do not
+        change. Runs one compaction at a time (callers wait their turn); appends and reads go
+        on meanwhile.
+
+        Returns what was cleaned (nothing if the log closed meanwhile). Raises StorageError
+        (a damaged segment, a failing disk: the log stays usable). Safe to cancel: a cleaner
+        thread already started runs to the end and its result is installed or discarded.
+        """
+        self._check_usable()
+        if not self._config.compacts:
+            await trio.lowlevel.checkpoint()
+            return NOTHING_CLEANED
+        async with self._compaction_lock:
+            self._check_usable()
+            originals = list(self._segments.values())
+            plan = self._plan_compaction(now_ms, keys_max)
+            if plan is None:
+                return NOTHING_CLEANED
+            try:
+                outcome = await trio.to_thread.run_sync(clean_segments, plan, self._cleaner_abort)
+            except CompactionAborted:
+                return NOTHING_CLEANED
+            except (OSError, StorageError) as error:
+                if self._closed:
+                    return NOTHING_CLEANED
+                raise StorageError(f"cannot compact {self._directory}: {error}") from error
+            finally:
+                for source in plan.sources:
+                    os.close(source.fd)
+            return self._install_cleaned(plan, originals, outcome)
+
+    def _plan_compaction(self, now_ms: int, keys_max: int) -> CleaningPlan | None:
+        """Snapshot what a compaction reads, with duplicated descriptors; None when no
+        closed segment lies wholly below the high watermark."""
+        segments = list(self._segments.values())
+        clean_count = 0
+        while (
+            clean_count + 1 < len(segments)
+            and segments[clean_count + 1].base_offset <= self._high_watermark
+        ):
+            clean_count += 1
+        if clean_count == 0:
+            return None
+        first_dirty = max(self._first_dirty_offset, self.log_start_offset)
+        dirty_index = min(self._segments.bisect_right(first_dirty) - 1, clean_count)
+        sources: list[SegmentSource] = []
+        try:
+            for number, segment in enumerate(segments):
+                last = number + 1 == len(segments)
+                end_position = (
+                    segment.size_bytes if number < clean_count else self._readable_end(segment)
+                )
+                if number >= clean_count and end_position == 0:
+                    continue
+                end_offset = segment.next_offset if last else segments[number + 1].base_offset
+                sources.append(
+                    SegmentSource(
+                        base_offset=segment.base_offset,
+                        fd=os.dup(segment.log_fd),
+                        end_position=end_position,
+                        end_offset=end_offset,
+                    )
+                )
+        except OSError as error:
+            for source in sources:
+                os.close(source.fd)
+            raise StorageError(f"cannot compact {self._directory}: {error}") from error
+        return CleaningPlan(
+            directory=self._directory,
+            sources=tuple(sources),
+            clean_count=clean_count,
+            dirty_index=dirty_index,
+            delete_horizon_ms=now_ms - self._config.delete_retention_ms,
+            keys_max=keys_max,
+            index_interval_bytes=self._config.index_interval_bytes,
+        )
+
+    def _install_cleaned(
+        self, plan: CleaningPlan, originals: list[Segment], outcome: CleaningOutcome
+    ) -> CompactionResult:
+        """Swap each compacted copy in for the segment it was made from, unless that segment
+        is gone (retention deleted it, the log closed): that copy is discarded. Returns what
+        was installed. Raises StorageError if a rename failed (that copy is discarded)."""
+        by_base = {segment.base_offset: segment for segment in originals}
+        installed: list[CleanedSegment] = []
+        failure: OSError | None = None
+        for cleaned in outcome.cleaned:
+            original = by_base[cleaned.base_offset]
+            if self._closed or self._segments.get(cleaned.base_offset) is not original:
+                discard_cleaned(self._directory, cleaned)
+                continue
+            try:
+                os.rename(swap_path(self._directory, cleaned.base_offset), original.log_path)
+            except OSError as error:
+                discard_cleaned(self._directory, cleaned)
+                failure = error
+                continue
+            self._replace_segment(original, cleaned.segment)
+            finish_swap(self._directory, cleaned.base_offset)
+            installed.append(cleaned)
+        if failure is not None:
+            raise StorageError(f"cannot compact {self._directory}: {failure}") from failure
+        if outcome.clean_count:
+            cleaned_end = plan.sources[outcome.clean_count - 1].end_offset
+            self._first_dirty_offset = max(self._first_dirty_offset, cleaned_end)
+        if outcome.key_limit_reached and outcome.clean_count <= plan.dirty_index:
+            logger.warning(
+                "%s: compaction cannot progress: segment %d holds more than %d keys",
+                self._directory,
+                plan.sources[plan.dirty_index].base_offset,
+                plan.keys_max,
+            )
+        return CompactionResult(
+            segments_cleaned=len(installed),
+            records_removed=sum(cleaned.records_removed for cleaned in installed),
+            bytes_before=sum(cleaned.bytes_before for cleaned in installed),
+            bytes_after=sum(cleaned.segment.size_bytes for cleaned in installed),
+        )
+
+    def _replace_segment(self, original: Segment, compacted: Segment) -> None:
+        """Put `compacted` (already durable, already renamed to the segment's log file) in
+        place of `original`, and close `original` (readers hold their own descriptors)."""
+        self._segments[original.base_offset] = compacted
+        self._size_bytes += compacted.size_bytes - original.size_bytes
+        if original in self._unsynced_segments:
+            self._unsynced_segments.remove(original)
+        if self._high_watermark_segment is original:
+            # Only a segment wholly below the high watermark is compacted: it ends there.
+            self._high_watermark_segment = compacted
+            self._high_watermark_position = compacted.size_bytes
+        self._directory_changed = True  # the next fsync makes the rename durable
+        original.close()
+
     # Shutdown.
 
     def close(self) -> None:
@@ -490,6 +685,7 @@ class PartitionLog:
         if self._closed:
             return
         self._closed = True
+        self._cleaner_abort.set()
         try:
             if self._failure is None:
                 self._write_clean_shutdown()
@@ -513,6 +709,7 @@ class PartitionLog:
     def delete(self) -> None:
         """Close the log without syncing and remove its directory. Blocking. Raises OSError."""
         self._closed = True
+        self._cleaner_abort.set()
         for segment in self._segments.values():
             segment.close()
         self._pending_deletions.clear()

@@ -10,6 +10,11 @@ largest timestamp and the index files are closed; the segment is then immutable.
 The index files are derived data. `load_indexes` trusts them after checking they are
 consistent with the log; `recover` throws them away, checks every batch of the log from the
 start, truncates the file at the first bad byte and rebuilds both indexes from the batches.
+
+Offsets strictly increase from batch to batch but need not be dense: compaction (see
+`log_cleaner`) rewrites a closed segment keeping only some records, each at its original
+offset, so a closed segment may have gaps between batches, before its first batch and after
+its last one, and may even be empty. A lookup of an offset inside a gap finds the next batch.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ LOG_SUFFIX = ".log"
 OFFSET_INDEX_SUFFIX = ".index"
 TIME_INDEX_SUFFIX = ".timeindex"
 DELETED_SUFFIX = ".deleted"
+CLEANED_SUFFIX = ".cleaned"  # a compaction's new segment files, still being written
+SWAP_SUFFIX = ".swap"  # a compacted log file, complete and durable, to replace the segment's
 SEGMENT_SUFFIXES = (LOG_SUFFIX, OFFSET_INDEX_SUFFIX, TIME_INDEX_SUFFIX)
 NO_TIMESTAMP = -1
 
@@ -71,6 +78,17 @@ class Segment:
         return segment
 
     @classmethod
+    def create_cleaned(
+        cls, directory: pathlib.Path, base_offset: int, *, index_interval_bytes: int
+    ) -> Segment:
+        """Create (replacing any leftover) `<base>.log.cleaned`, where a compaction writes the
+        new content of the segment at `base_offset`. Its index files are written with
+        `write_index_files(CLEANED_SUFFIX)`. Raises OSError."""
+        path = directory / (segment_file_name(base_offset, LOG_SUFFIX) + CLEANED_SUFFIX)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o644)
+        return cls(directory, base_offset, fd, index_interval_bytes=index_interval_bytes)
+
+    @classmethod
     def open_existing(
         cls, directory: pathlib.Path, base_offset: int, *, index_interval_bytes: int
     ) -> Segment:
@@ -108,7 +126,8 @@ class Segment:
 
     @property
     def next_offset(self) -> int:
-        """The offset after the segment's last batch (its base offset while empty)."""
+        """The offset after the segment's last batch (its base offset while empty). For a
+        closed segment loaded from its indexes: the next segment's base offset."""
         return self._next_offset
 
     @property
@@ -146,13 +165,22 @@ class Segment:
 
     def _load_end(self, next_offset: int | None) -> bool:
         """Find the end offset and largest timestamp; return False on any inconsistency."""
-        entry_offset, entry_position = self.offset_index.last_entry() or (self.base_offset, 0)
+        last_entry = self.offset_index.last_entry()
+        entry_offset, entry_position = last_entry or (self.base_offset, 0)
         if next_offset is None:
             if not self._check_tail(entry_offset, entry_position):
                 return False
-        elif self._size_bytes == 0 or not self.time_index:
-            return False  # a segment followed by another one is never empty
-        elif not self._batch_starts_at(entry_position, entry_offset):
+        elif self._size_bytes == 0:
+            # A closed segment that compaction emptied: it has no index entry at all.
+            if self.offset_index or self.time_index:
+                return False
+            self._next_offset = next_offset
+            return True
+        elif not self.time_index:
+            return False  # `finalize` gave the time index an entry for the last batch
+        elif not self._batch_starts_at(
+            entry_position, None if last_entry is None else entry_offset, next_offset
+        ):
             return False
         else:
             self._next_offset = next_offset
@@ -163,11 +191,17 @@ class Segment:
             self._max_timestamp = max(self._max_timestamp, self.time_index.last_timestamp)
         return entry_offset < self._next_offset or self._size_bytes == 0
 
-    def _batch_starts_at(self, position: int, offset: int) -> bool:
+    def _batch_starts_at(self, position: int, offset: int | None, next_offset: int) -> bool:
+        """True if a batch starts at `position` with base offset `offset` (an index entry's),
+        or, for `offset` None (no index entry), if the first batch's base offset lies in
+        [base offset, next_offset): compaction may have removed the first records."""
         try:
-            return read_header(self._log_fd, position).base_offset == offset
+            base_offset = read_header(self._log_fd, position).base_offset
         except StorageError:
             return False
+        if offset is not None:
+            return base_offset == offset
+        return self.base_offset <= base_offset < next_offset
 
     def _check_tail(self, first_offset: int, start: int) -> bool:
         """Check and track the batches from the last index entry to the end of the file."""
@@ -175,15 +209,19 @@ class Segment:
         self._size_bytes = start
         self._next_offset = first_offset
         scanner = ValidatingScanner(
-            self._log_fd, start=start, end=file_size, first_offset=first_offset
+            self._log_fd,
+            start=start,
+            end=file_size,
+            first_offset=first_offset,
+            offset_max=self.base_offset + RELATIVE_OFFSET_MAX,
         )
         for batch in scanner.batches():
             self._track_batch(batch.position, batch.header)
         return scanner.stop_reason is None and self._size_bytes == file_size
 
     def recover(self, *, chunk_bytes: int = CHUNK_BYTES) -> int:
-        """Check every batch from the start (length, magic, CRC, contiguous offsets), truncate
-        the file at the first bad byte and rebuild both indexes.
+        """Check every batch from the start (length, magic, CRC, strictly increasing offsets,
+        gaps allowed), truncate the file at the first bad byte and rebuild both indexes.
 
         Returns the number of bytes removed. Raises OSError. Blocking.
         """
@@ -194,6 +232,7 @@ class Segment:
             start=0,
             end=file_size,
             first_offset=self.base_offset,
+            offset_max=self.base_offset + RELATIVE_OFFSET_MAX,
             chunk_bytes=chunk_bytes,
         )
         for batch in scanner.batches():
@@ -213,9 +252,14 @@ class Segment:
             os.ftruncate(self._log_fd, scanner.valid_end)
             os.fsync(self._log_fd)
         self._size_bytes = scanner.valid_end
-        self.offset_index.write_file()
-        self.time_index.write_file()
+        self.write_index_files()
         return removed
+
+    def write_index_files(self, suffix: str = "", *, sync: bool = False) -> None:
+        """Write both index files from memory, to their names plus `suffix`, and fsync them
+        if `sync`. The index files must not be open for appending. Raises OSError."""
+        self.offset_index.write_file(suffix, sync=sync)
+        self.time_index.write_file(suffix, sync=sync)
 
     def first_batch_timestamp(self) -> int | None:
         """The max_timestamp of the first batch, or None while empty. Raises StorageError."""
@@ -253,7 +297,7 @@ class Segment:
 
     def _track_batch(self, position: int, header: BatchHeader) -> None:
         """Account for a batch now in the file at `position`, adding index entries."""
-        assert header.base_offset == self._next_offset and position == self._size_bytes
+        assert header.base_offset >= self._next_offset and position == self._size_bytes
         if self._bytes_since_index_entry > self.index_interval_bytes:
             self.offset_index.append(header.base_offset, position)
             self._index_time(max(self._max_timestamp, header.max_timestamp), header.base_offset)
@@ -279,14 +323,15 @@ class Segment:
 
     # Lookups.
 
-    def find_batch(self, offset: int, end_position: int) -> tuple[int, BatchHeader]:
-        """Return (position, header) of the batch holding `offset`, which must lie below the
-        batch ending at `end_position`. Raises StorageError if the file disagrees."""
+    def find_batch(self, offset: int, end_position: int) -> tuple[int, BatchHeader] | None:
+        """Return (position, header) of the first batch below `end_position` holding
+        `offset` or, when `offset` lies in a gap, following it; None if there is none.
+        Raises StorageError if the file is inconsistent."""
         _, start = self.offset_index.lookup(offset)
         for position, header in iterate_headers(self._log_fd, start, end_position):
             if header.last_offset >= offset:
                 return position, header
-        raise StorageError(f"offset {offset} is missing from {self.log_path}")
+        return None
 
     def find_timestamp(self, timestamp: int, end_position: int) -> BatchHeader | None:
         """Return the header of the first batch below `end_position` whose max_timestamp is

@@ -81,6 +81,6 @@ class TimeIndex:
             self._relative_offsets.append(relative)
         return True
 
-    def write_file(self) -> None:
-        """Rewrite the file from memory. Raises OSError."""
-        self.file.rewrite(zip(self._timestamps, self._relative_offsets))
+    def write_file(self, suffix: str = "", *, sync: bool = False) -> None:
+        """Rewrite the file (named with `suffix` appended) from memory. Raises OSError."""
+        self.file.rewrite(zip(self._timestamps, self._relative_offsets), suffix, sync=sync)

@@ -1,0 +1,431 @@
+"""The group coordinator: consumer group membership, assignments and committed offsets.
+
+Theory of operation. Group membership and assignment are decided by the sans-I/O
+`ConsumerGroup` state machines (broker/groups); this shell feeds them requests and the time,
+and keeps committed offsets durable in the internal, compacted topic ``__consumer_offsets``.
+A group belongs to partition ``crc32(group_id) % offsets_topic_partitions`` of that topic,
+whose leader is the group's coordinator (on a single node: this broker).
+
+An offset commit is one keyed record per partition, key ``["offset", group, topic,
+partition]``, value ``{"offset", "metadata", "timestamp"}`` (a deleted group leaves null
+values, tombstones, which compaction removes in time). The commit is answered once the
+records are fsynced. The in-memory view applies a commit only after that, and only if its
+record lies later in the log than the one already applied for the key, so concurrent
+commits resolve in log order and a committed offset never moves back to an older commit.
+
+Committed offsets survive restarts: at start the coordinator reads every partition of
+``__consumer_offsets`` from its start and replays the records. Membership is soft state: after
+a restart members find their ids unknown and join again, resuming from the committed offsets.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import trio
+
+from broker.config import BrokerConfig
+from broker.event_log import log_event
+from broker.groups.consumer_group import ConsumerGroup, GroupConfig, GroupError, HeartbeatRequest
+from broker.storage import PartitionLog
+from broker.topic_registry import TopicRegistry
+from protocol import DwalError, ErrorCode, ProtocolError, build_batch, decode_records
+
+logger = logging.getLogger("dwal.groups")
+
+OFFSETS_TOPIC = "__consumer_offsets"
+OFFSETS_TOPIC_CONFIGS = {
+    "cleanup.policy": "compact",
+    "segment.bytes": str(64 * 1024 * 1024),
+    "delete.retention.ms": str(24 * 3600 * 1000),
+}
+GROUP_ID_CHARS_MAX = 255
+EXPIRY_CHECK_INTERVAL_S = 0.25
+LOAD_READ_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class CommittedOffset:
+    offset: int
+    metadata: str | None
+    timestamp: int
+    log_offset: int  # where the commit record sits in __consumer_offsets: later wins
+
+
+def offset_key(group_id: str, topic: str, partition: int) -> bytes:
+    return msgpack.packb(["offset", group_id, topic, partition])
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class GroupCoordinator:
+    """Create, `load()` (blocking, before serving), then run `run_expiry` in a nursery."""
+
+    def __init__(self, config: BrokerConfig, registry: TopicRegistry) -> None:
+        self.config = config
+        self.registry = registry
+        self.group_config = GroupConfig(
+            session_timeout_ms=config.group_session_timeout_ms,
+            heartbeat_interval_ms=config.group_heartbeat_interval_ms,
+            members_max=config.group_members_max,
+        )
+        self.groups: dict[str, ConsumerGroup] = {}
+        self.offsets: dict[str, dict[tuple[str, int], CommittedOffset]] = {}
+        self._offsets_topic_lock = trio.Lock()
+        self._partition_counts: dict[str, int] = {}
+
+    # -- placement ------------------------------------------------------------------------
+
+    def partition_of(self, group_id: str) -> int:
+        return zlib.crc32(group_id.encode()) % self.config.offsets_topic_partitions
+
+    async def ensure_offsets_topic(self) -> None:
+        """Create __consumer_offsets on first use."""
+        if OFFSETS_TOPIC in self.registry.topics:
+            return
+        async with self._offsets_topic_lock:
+            if OFFSETS_TOPIC in self.registry.topics:
+                return
+            await self.registry.create_topic(
+                OFFSETS_TOPIC, self.config.offsets_topic_partitions, 1, OFFSETS_TOPIC_CONFIGS
+            )
+
+    def _offsets_log(self, group_id: str) -> PartitionLog:
+        return self.registry.log(OFFSETS_TOPIC, self.partition_of(group_id))
+
+    # -- loading --------------------------------------------------------------------------
+
+    def load(self) -> int:
+        """Replay every committed offset from __consumer_offsets (blocking); returns the
+        number of records read."""
+        if OFFSETS_TOPIC not in self.registry.topics:
+            return 0
+        count = 0
+        for partition in range(self.registry.topics[OFFSETS_TOPIC].partitions):
+            count += self._load_partition(self.registry.log(OFFSETS_TOPIC, partition))
+        log_event(
+            logger, logging.INFO, "group_offsets_loaded", records=count, groups=len(self.offsets)
+        )
+        return count
+
+    def _load_partition(self, log: PartitionLog) -> int:
+        position = log.log_start_offset
+        count = 0
+        while position < log.high_watermark:
+            piece = log.read(position, LOAD_READ_BYTES)
+            try:
+                data = piece.read_bytes()
+            finally:
+                piece.close()
+            records = [
+                r for r in decode_records(data, allow_partial_tail=True) if r.offset >= position
+            ]
+            if not records:
+                break
+            for record in records:
+                self._replay(record.key, record.value, record.offset)
+            count += len(records)
+            position = records[-1].offset + 1
+        return count
+
+    def _replay(self, key: bytes | None, value: bytes | None, log_offset: int) -> None:
+        parsed = _parse_offset_key(key)
+        if parsed is None:
+            return  # not a record this version writes: skip it
+        group_id, topic, partition = parsed
+        offsets = self.offsets.setdefault(group_id, {})
+        if value is None:
+            offsets.pop((topic, partition), None)
+            if not offsets:
+                del self.offsets[group_id]
+            return
+        try:
+            entry = msgpack.unpackb(value)
+            offset = entry["offset"]
+        except Exception:  # msgpack raises several types on bad input
+            return
+        offsets[(topic, partition)] = CommittedOffset(
+            offset, entry.get("metadata"), entry.get("timestamp", -1), log_offset
+        )
+
+    # -- membership -----------------------------------------------------------------------
+
+    def partition_counts(self) -> dict[str, int]:
+        return {name: topic.partitions for name, topic in self.registry.topics.items()}
+
+    def heartbeat(self, body: dict, client_id: str, client_host: str) -> dict[str, Any]:
+        """Answer a ConsumerGroupHeartbeat; raises DwalError."""
+        group_id = _checked_group_id(body["group_id"])
+        group = self.groups.get(group_id)
+        if group is None:
+            if body["member_epoch"] != 0:
+                raise DwalError(
+                    ErrorCode.UNKNOWN_MEMBER_ID,
+                    f"group {group_id!r} has no member {body['member_id']!r}",
+                )
+            group = self.groups[group_id] = ConsumerGroup(
+                group_id, self.group_config, lambda: uuid.uuid4().hex
+            )
+        owned = body["owned_partitions"]
+        request = HeartbeatRequest(
+            member_id=body["member_id"] or None,
+            member_epoch=body["member_epoch"],
+            instance_id=body["instance_id"],
+            client_id=client_id,
+            host=client_host,
+            rebalance_timeout_ms=body["rebalance_timeout_ms"],
+            subscribed_topic_names=(
+                tuple(body["subscribed_topic_names"])
+                if body["subscribed_topic_names"] is not None
+                else None
+            ),
+            subscribed_topic_regex=body["subscribed_topic_regex"],
+            owned_partitions=(
+                frozenset((t["topic"], p) for t in owned for p in t["partitions"])
+                if owned is not None
+                else None
+            ),
+        )
+        try:
+            response = group.heartbeat(
+                request, now_ms=_now_ms(), partition_counts=self.partition_counts()
+            )
+        except GroupError as error:
+            raise DwalError(error.code, str(error.message)) from None
+        return {
+            "member_id": response.member_id,
+            "member_epoch": response.member_epoch,
+            "heartbeat_interval_ms": response.heartbeat_interval_ms,
+            "assignment": _topic_partitions(response.assignment),
+        }
+
+    async def run_expiry(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Expire members that stopped heartbeating, and tell groups about topic changes."""
+        task_status.started()
+        while True:
+            await trio.sleep(EXPIRY_CHECK_INTERVAL_S)
+            counts = self.partition_counts()
+            changed = counts != self._partition_counts
+            self._partition_counts = counts
+            for group in list(self.groups.values()):
+                if changed:
+                    group.metadata_changed(partition_counts=counts)
+                for member_id in group.expire(now_ms=_now_ms(), partition_counts=counts):
+                    log_event(
+                        logger,
+                        logging.INFO,
+                        "group_member_expired",
+                        group=group.group_id,
+                        member=member_id,
+                    )
+
+    # -- offsets --------------------------------------------------------------------------
+
+    async def commit(self, body: dict) -> dict[str, Any]:
+        """Answer an OffsetCommit: check the member, append, fsync, apply; raises DwalError."""
+        group_id = _checked_group_id(body["group_id"])
+        group = self.groups.get(group_id)
+        member_id = body["member_id"] or None
+        if group is not None:
+            try:
+                group.check_commit(member_id, body["member_epoch"])
+            except GroupError as error:
+                raise DwalError(error.code, str(error.message)) from None
+        elif member_id is not None:
+            raise DwalError(ErrorCode.UNKNOWN_MEMBER_ID, f"group {group_id!r} has no members")
+        await self.ensure_offsets_topic()
+        now = _now_ms()
+        results, records = self._commit_records(group_id, body["topics"], now)
+        if records:
+            await self._append_and_apply(group_id, records)
+        return {"topics": results}
+
+    def _commit_records(self, group_id: str, topics: list[dict], now: int):
+        results = []
+        records: list[tuple[tuple[str, int], int, str | None]] = []
+        for entry in topics:
+            partitions: list[dict[str, Any]] = []
+            results.append({"topic": entry["topic"], "partitions": partitions})
+            for part in entry["partitions"]:
+                code, message = ErrorCode.NONE, None
+                if part["offset"] < 0:
+                    code, message = ErrorCode.INVALID_REQUEST, "a committed offset is >= 0"
+                elif entry["topic"] not in self.registry.topics:
+                    code, message = ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, "unknown topic"
+                else:
+                    records.append(
+                        ((entry["topic"], part["partition"]), part["offset"], part["metadata"])
+                    )
+                partitions.append(
+                    {
+                        "partition": part["partition"],
+                        "error_code": int(code),
+                        "error_message": message,
+                    }
+                )
+        return results, records
+
+    async def _append_and_apply(self, group_id: str, records: list) -> None:
+        now = _now_ms()
+        batch = build_batch(
+            [
+                (
+                    now,
+                    offset_key(group_id, topic, partition),
+                    msgpack.packb({"offset": offset, "metadata": metadata, "timestamp": now}),
+                )
+                for (topic, partition), offset, metadata in records
+            ]
+        )
+        log = self._offsets_log(group_id)
+        info = log.append(bytearray(batch), now_ms=now)
+        await log.wait_durable(info.last_offset + 1)
+        offsets = self.offsets.setdefault(group_id, {})
+        for index, ((topic, partition), offset, metadata) in enumerate(records):
+            log_offset = info.base_offset + index
+            current = offsets.get((topic, partition))
+            if current is None or current.log_offset < log_offset:
+                offsets[(topic, partition)] = CommittedOffset(offset, metadata, now, log_offset)
+
+    def fetch_offsets(self, body: dict) -> dict[str, Any]:
+        group_id = _checked_group_id(body["group_id"])
+        offsets = self.offsets.get(group_id, {})
+        wanted = body["topics"]
+        if wanted is None:
+            pairs = sorted(offsets)
+        else:
+            pairs = [(t["topic"], p) for t in wanted for p in t["partitions"]]
+        by_topic: dict[str, list[dict]] = {}
+        for topic, partition in pairs:
+            committed = offsets.get((topic, partition))
+            by_topic.setdefault(topic, []).append(
+                {
+                    "partition": partition,
+                    "offset": committed.offset if committed else -1,
+                    "metadata": committed.metadata if committed else None,
+                    "error_code": 0,
+                }
+            )
+        return {"topics": [{"topic": t, "partitions": p} for t, p in by_topic.items()]}
+
+    # -- administration -------------------------------------------------------------------
+
+    def list_groups(self) -> dict[str, Any]:
+        names = sorted(set(self.groups) | set(self.offsets))
+        out = []
+        for name in names:
+            group = self.groups.get(name)
+            state = group.state if group is not None else "empty"
+            members = len(group.describe().members) if group is not None else 0
+            out.append({"group_id": name, "state": state, "members": members})
+        return {"groups": out}
+
+    def describe_groups(self, body: dict) -> dict[str, Any]:
+        return {"groups": [self._describe(group_id) for group_id in body["group_ids"]]}
+
+    def _describe(self, group_id: str) -> dict[str, Any]:
+        group = self.groups.get(group_id)
+        if group is None:
+            if group_id in self.offsets:
+                return {"group_id": group_id, "state": "empty", "members": []}
+            return {
+                "group_id": group_id,
+                "error_code": int(ErrorCode.GROUP_ID_NOT_FOUND),
+                "error_message": f"group {group_id!r} does not exist",
+            }
+        description = group.describe()
+        members = [
+            {
+                "member_id": m.member_id,
+                "instance_id": m.instance_id,
+                "client_id": m.client_id,
+                "host": m.host,
+                "member_epoch": m.member_epoch,
+                "subscribed_topic_names": list(m.subscribed_topic_names or ()),
+                "subscribed_topic_regex": m.subscribed_topic_regex,
+                "assignment": _topic_partitions(m.assignment),
+                "target_assignment": _topic_partitions(m.target_assignment),
+            }
+            for m in description.members
+        ]
+        return {
+            "group_id": group_id,
+            "state": description.state,
+            "group_epoch": description.group_epoch,
+            "assignment_epoch": description.assignment_epoch,
+            "members": members,
+        }
+
+    async def delete_groups(self, body: dict) -> dict[str, Any]:
+        results = []
+        for group_id in body["group_ids"]:
+            try:
+                await self._delete_group(group_id)
+                results.append({"group_id": group_id, "error_code": 0})
+            except DwalError as error:
+                results.append(
+                    {
+                        "group_id": group_id,
+                        "error_code": int(error.code),
+                        "error_message": error.message,
+                    }
+                )
+        return {"groups": results}
+
+    async def _delete_group(self, group_id: str) -> None:
+        group = self.groups.get(group_id)
+        if group is not None and not group.is_empty:
+            raise DwalError(ErrorCode.NON_EMPTY_GROUP, f"group {group_id!r} has active members")
+        if group is None and group_id not in self.offsets:
+            raise DwalError(ErrorCode.GROUP_ID_NOT_FOUND, f"group {group_id!r} does not exist")
+        keys = list(self.offsets.get(group_id, {}))
+        if keys:
+            now = _now_ms()
+            batch = build_batch([(now, offset_key(group_id, t, p), None) for t, p in keys])
+            log = self._offsets_log(group_id)
+            info = log.append(bytearray(batch), now_ms=now)
+            await log.wait_durable(info.last_offset + 1)
+        self.offsets.pop(group_id, None)
+        self.groups.pop(group_id, None)
+        log_event(logger, logging.INFO, "group_deleted", group=group_id)
+
+
+def _parse_offset_key(key: bytes | None) -> tuple[str, str, int] | None:
+    """(group, topic, partition) of an offset record's key, or None for any other key."""
+    if key is None:
+        return None
+    try:
+        kind, group_id, topic, partition = msgpack.unpackb(key)
+    except Exception:  # msgpack raises several types on bad input; wrong shapes too
+        return None
+    if kind != "offset" or not (
+        type(group_id) is str and type(topic) is str and type(partition) is int
+    ):
+        return None
+    return group_id, topic, partition
+
+
+def _checked_group_id(group_id: str) -> str:
+    if not group_id or len(group_id) > GROUP_ID_CHARS_MAX:
+        raise DwalError(
+            ErrorCode.INVALID_GROUP_ID, f"a group id has 1 to {GROUP_ID_CHARS_MAX} characters"
+        )
+    return group_id
+
+
+def _topic_partitions(assignment) -> list[dict[str, Any]]:
+    by_topic: dict[str, list[int]] = {}
+    for topic, partition in sorted(assignment):
+        by_topic.setdefault(topic, []).append(partition)
+    return [{"topic": t, "partitions": p} for t, p in by_topic.items()]
+
+
+__all__ = ["GroupCoordinator", "OFFSETS_TOPIC", "ProtocolError"]
