@@ -110,6 +110,7 @@ class RequestHandlers:
             ApiKey.ALTER_CONFIGS: self.alter_configs,
             ApiKey.FETCH: self.fetch,
             ApiKey.LIST_OFFSETS: self.list_offsets,
+            ApiKey.CREATE_PARTITIONS: self.create_partitions,
             ApiKey.FIND_COORDINATOR: self.find_coordinator,
             ApiKey.CONSUMER_GROUP_HEARTBEAT: self.consumer_group_heartbeat,
             ApiKey.OFFSET_COMMIT: self.offset_commit,
@@ -199,6 +200,29 @@ class RequestHandlers:
             except DwalError as error:
                 results.append(
                     {"topic": name, "error_code": int(error.code), "error_message": error.message}
+                )
+        return Reply({"topics": results})
+
+    async def create_partitions(self, body: dict, tail: bytes, context: RequestContext) -> Reply:
+        results = []
+        for entry in body["topics"]:
+            try:
+                if body["validate_only"]:
+                    topic = self.registry.topic(entry["topic"])
+                    if entry["count"] <= topic.partitions:
+                        raise DwalError(
+                            ErrorCode.INVALID_PARTITIONS, "the new partition count must be larger"
+                        )
+                else:
+                    await self.registry.add_partitions(entry["topic"], entry["count"])
+                results.append({"topic": entry["topic"], "error_code": 0})
+            except DwalError as error:
+                results.append(
+                    {
+                        "topic": entry["topic"],
+                        "error_code": int(error.code),
+                        "error_message": error.message,
+                    }
                 )
         return Reply({"topics": results})
 

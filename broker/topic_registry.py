@@ -206,11 +206,36 @@ class TopicRegistry:
         log_event(logger, logging.INFO, "topic_created", topic=name, partitions=partitions)
         return topic
 
-    def _open_logs(self, topic: TopicMetadata, config: LogConfig) -> list[PartitionLog]:
+    def _open_logs(
+        self, topic: TopicMetadata, config: LogConfig, first: int = 0
+    ) -> list[PartitionLog]:
         return [
             PartitionLog.open(self.data_dir / f"{topic.name}-{p}", config, now_ms=now_ms())
-            for p in range(topic.partitions)
+            for p in range(first, topic.partitions)
         ]
+
+    async def add_partitions(self, name: str, total: int) -> TopicMetadata:
+        """Grow a topic to `total` partitions (never shrink: existing keys would move and
+        records would be lost). Raises DwalError UNKNOWN_TOPIC_OR_PARTITION or
+        INVALID_PARTITIONS."""
+        async with self._metadata_lock:
+            topic = self.topic(name)
+            if not topic.partitions < total <= self.limits.partitions_per_topic_max:
+                raise DwalError(
+                    ErrorCode.INVALID_PARTITIONS,
+                    f"topic {name!r} has {topic.partitions} partitions: the new count must be "
+                    f"above that and at most {self.limits.partitions_per_topic_max}",
+                )
+            grown = TopicMetadata(name, total, topic.configs)
+            logs = await trio.to_thread.run_sync(
+                self._open_logs, grown, self.log_config(topic), topic.partitions
+            )
+            await self._write_metadata({**self.topics, name: grown})
+            self.topics[name] = grown
+            for partition, log in enumerate(logs, start=topic.partitions):
+                self.logs[(name, partition)] = log
+        log_event(logger, logging.INFO, "topic_partitions_added", topic=name, partitions=total)
+        return grown
 
     async def delete_topic(self, name: str) -> None:
         """Delete a topic and its data; raises DwalError if unknown."""

@@ -62,6 +62,18 @@ class Admin:
         _raise_topic_errors(response.body["topics"])
         self.cluster.invalidate(name)
 
+    async def add_partitions(self, name: str, total: int, *, validate_only: bool = False) -> None:
+        """Grow topic `name` to `total` partitions (keys may then map to other partitions)."""
+        response = await self.cluster.call(
+            ApiKey.CREATE_PARTITIONS,
+            {
+                "topics": [{"topic": name, "count": total}],
+                "validate_only": validate_only,
+            },
+        )
+        self.cluster.invalidate(name)
+        _raise_topic_errors(response.body["topics"])
+
     async def delete_topic(self, name: str) -> None:
         response = await self.cluster.call(ApiKey.DELETE_TOPICS, {"topics": [name]})
         self.cluster.invalidate(name)

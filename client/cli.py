@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     describe.add_argument("name")
     delete = client_command("delete", "delete a topic and its data", topic_commands)
     delete.add_argument("name")
+    grow = client_command("add-partitions", "grow a topic to more partitions", topic_commands)
+    grow.add_argument("name")
+    grow.add_argument("--partitions", "-p", type=int, required=True, help="the new total")
     alter = client_command("alter-config", "set or remove topic config overrides", topic_commands)
     alter.add_argument("name")
     alter.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE")
@@ -324,6 +327,9 @@ async def _topic_command(admin: Admin, args: argparse.Namespace) -> int:
         case "delete":
             await admin.delete_topic(args.name)
             print(f"deleted topic {args.name}")
+        case "add-partitions":
+            await admin.add_partitions(args.name, args.partitions)
+            print(f"topic {args.name} now has {args.partitions} partitions")
         case "alter-config":
             configs = await admin.alter_configs(args.name, set=dict(args.set), delete=args.delete)
             print(

@@ -28,6 +28,7 @@ class ApiKey(enum.IntEnum):
     DELETE_TOPICS = 20
     ALTER_CONFIGS = 33
     DELETE_GROUPS = 42
+    CREATE_PARTITIONS = 37
     CONSUMER_GROUP_HEARTBEAT = 68
     CONSUMER_GROUP_DESCRIBE = 69
     DESCRIBE_TOPICS = 75
@@ -102,6 +103,10 @@ REQUESTS: dict[ApiKey, Struct] = {
         topics=ListOf(
             Struct(topic=STR, partitions=ListOf(Struct(partition=INT, timestamp=INT))),
         ),
+    ),
+    ApiKey.CREATE_PARTITIONS: Struct(
+        topics=ListOf(Struct(topic=STR, count=INT), length_max=1000),
+        validate_only=(BOOL, False),
     ),
     ApiKey.FIND_COORDINATOR: Struct(key=STR, key_type=(INT, 0)),
     ApiKey.CONSUMER_GROUP_HEARTBEAT: Struct(
@@ -238,6 +243,7 @@ RESPONSES: dict[ApiKey, Struct] = {
             )
         )
     ),
+    ApiKey.CREATE_PARTITIONS: Struct(topics=ListOf(_TOPIC_ERROR)),
     ApiKey.FIND_COORDINATOR: Struct(node_id=INT, host=STR, port=INT),
     ApiKey.CONSUMER_GROUP_HEARTBEAT: Struct(
         member_id=STR,

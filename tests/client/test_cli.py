@@ -179,3 +179,49 @@ async def test_broker_start_errors_are_one_line(broker, tmp_path):
     config.write_text("[limits]\nfetch_bytes_max = 10\n")
     bad = await dwal("broker", "--config", str(config), check=False)
     assert bad.returncode == 2 and b"fetch_bytes_max" in bad.stderr
+
+
+async def test_group_commands(group_broker):
+    b = ["--bootstrap", group_broker.bootstrap]
+    await dwal("topic", "create", "gc", "--partitions", "2", *b)
+    await dwal(
+        "produce",
+        "gc",
+        "--key-separator",
+        ":",
+        *b,
+        stdin=b"".join(b"%d:v%d\n" % (i, i) for i in range(50)),
+    )
+    out = await dwal("consume", "gc", "--group", "cli-group", "--num", "50", *b)
+    assert sorted(out.stdout.splitlines()) == sorted(b"v%d" % i for i in range(50))
+    listed = (await dwal("group", "list", *b)).stdout.decode()
+    assert "cli-group" in listed and "empty" in listed
+    described = (await dwal("group", "describe", "cli-group", *b)).stdout.decode()
+    lags = [line.split()[4] for line in described.splitlines() if line.startswith("gc ")]
+    assert lags == ["0", "0"], described
+    dry = (
+        await dwal("group", "reset-offsets", "cli-group", "--topic", "gc", "--to", "earliest", *b)
+    ).stdout.decode()
+    assert "dry run" in dry
+    described = (await dwal("group", "describe", "cli-group", *b)).stdout.decode()
+    assert [line.split()[2] for line in described.splitlines() if line.startswith("gc ")] == [
+        line.split()[3] for line in described.splitlines() if line.startswith("gc ")
+    ], "a dry run must not move the committed offsets"
+    await dwal(
+        "group",
+        "reset-offsets",
+        "cli-group",
+        "--topic",
+        "gc",
+        "--to",
+        "offset",
+        "20",
+        "--execute",
+        *b,
+    )
+    out = await dwal("consume", "gc", "--group", "cli-group", "--num", "5", *b)
+    assert len(out.stdout.splitlines()) == 5
+    await dwal("group", "delete", "cli-group", *b)
+    assert "cli-group" not in (await dwal("group", "list", *b)).stdout.decode()
+    missing = await dwal("group", "describe", "cli-group", *b, check=False)
+    assert missing.returncode == 1 and b"does not exist" in missing.stderr

@@ -157,3 +157,20 @@ async def test_group_admin_describe_reset_delete(group_broker):
         with pytest.raises(DwalError) as info:
             await groups.describe_group("g6")
         assert info.value.code == ErrorCode.GROUP_ID_NOT_FOUND
+
+
+async def test_new_partitions_of_a_subscribed_topic_are_assigned(group_broker):
+    async with client.connect(group_broker.bootstrap) as cluster:
+        admin = Admin(cluster)
+        await admin.create_topic("grow", partitions=2)
+        async with Consumer(cluster, group_id="g7", auto_offset_reset="earliest") as member:
+            member.subscribe(["grow"])
+            await wait_for_assignment(member, 2)
+            await admin.add_partitions("grow", 5)
+            await wait_for_assignment(member, 5)
+            async with Producer(cluster) as producer:
+                await producer.send("grow", b"late", partition=4)
+            assert await poll_until(member, 1) == [b"late"]
+        with pytest.raises(DwalError) as info:
+            await admin.add_partitions("grow", 3)
+        assert info.value.code == ErrorCode.INVALID_PARTITIONS
