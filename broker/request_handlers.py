@@ -16,7 +16,7 @@ import trio
 
 from broker.config import BrokerConfig
 from broker.event_log import log_event
-from broker.group_coordinator import GroupCoordinator
+from broker.group_coordinator import OFFSETS_TOPIC, GroupCoordinator
 from broker.storage import (
     CorruptRecordError,
     FetchSlice,
@@ -83,6 +83,11 @@ def _error_of(error: BaseException) -> tuple[ErrorCode, str]:
     if isinstance(error, (StorageError, OSError)):
         return ErrorCode.KAFKA_STORAGE_ERROR, f"storage error: {error}"
     raise error
+
+
+def _refuse_internal(name: str, action: str) -> None:
+    if name == OFFSETS_TOPIC:
+        raise DwalError(ErrorCode.POLICY_VIOLATION, f"the internal topic {name} cannot be {action}")
 
 
 def now_ms() -> int:
@@ -176,6 +181,7 @@ class RequestHandlers:
         for entry in body["topics"]:
             name = entry["topic"]
             try:
+                _refuse_internal(name, "created by clients")
                 if body["validate_only"]:
                     self.registry.check_new_topic(
                         name, entry["partitions"], entry["replication_factor"], entry["configs"]
@@ -195,6 +201,7 @@ class RequestHandlers:
         results = []
         for name in body["topics"]:
             try:
+                _refuse_internal(name, "deleted")
                 await self.registry.delete_topic(name)
                 results.append({"topic": name, "error_code": 0})
             except DwalError as error:
@@ -207,6 +214,8 @@ class RequestHandlers:
         results = []
         for entry in body["topics"]:
             try:
+                # its partition count decides where each group's offsets live
+                _refuse_internal(entry["topic"], "given more partitions")
                 if body["validate_only"]:
                     topic = self.registry.topic(entry["topic"])
                     if entry["count"] <= topic.partitions:

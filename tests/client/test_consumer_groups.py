@@ -174,3 +174,20 @@ async def test_new_partitions_of_a_subscribed_topic_are_assigned(group_broker):
         with pytest.raises(DwalError) as info:
             await admin.add_partitions("grow", 3)
         assert info.value.code == ErrorCode.INVALID_PARTITIONS
+
+
+async def test_the_offsets_topic_is_protected(group_broker):
+    async with client.connect(group_broker.bootstrap) as cluster:
+        admin = Admin(cluster)
+        await admin.create_topic("p")
+        async with Consumer(cluster, group_id="g8") as member:
+            member.subscribe(["p"])
+            await wait_for_assignment(member, 1)
+        assert "__consumer_offsets" in await admin.list_topics()
+        for action in (
+            admin.delete_topic("__consumer_offsets"),
+            admin.add_partitions("__consumer_offsets", 100),
+        ):
+            with pytest.raises(DwalError) as info:
+                await action
+            assert info.value.code == ErrorCode.POLICY_VIOLATION
