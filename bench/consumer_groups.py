@@ -13,9 +13,10 @@ timeout of 6 s and a heartbeat interval of 300 ms), creates a 6-partition topic 
 One member consumes in this process; several members run as separate processes (this script
 with the hidden `--member` mode), since one Python process uses one core. A member process
 connects, prints "ready", and subscribes only when told "go" on its stdin, so interpreter
-start-up is not measured; it prints its running record count after every poll that returned
-records. Consume throughput is timed from the subscribe (joining the group included) until
-all records were returned.
+start-up is not measured; after every poll that returned records it prints its running record
+count and, per partition, the offset after the last record returned. Consume throughput is
+timed from the subscribe (joining the group included) until all records were returned; with
+several members, records are counted once however many members read them.
 
 Rebalance times are taken by sampling `GroupAdmin.describe_group` every 20 ms: from the moment
 a third member is told to subscribe (join), one member gets SIGTERM and leaves the group
@@ -101,6 +102,7 @@ async def run_broker(data_dir: str, config: str, task_status=trio.TASK_STATUS_IG
     started = False
     try:
         while True:
+            assert process.stderr is not None
             chunk = await process.stderr.receive_some(65536)
             if not chunk:
                 raise RuntimeError("broker exited:\n" + output.decode(errors="replace"))
@@ -173,9 +175,12 @@ class Member:
     """A member process: `ready` once connected, `count` its records so far."""
 
     def __init__(self, process: trio.Process, name: str) -> None:
+        assert process.stdin is not None and process.stdout is not None
         self.process = process
+        self.stdin, self.stdout = process.stdin, process.stdout
         self.name = name
-        self.count = 0
+        self.count = 0  # records returned, including any read again after a rebalance
+        self.reached: dict[int, int] = {}  # partition: highest offset returned + 1
         self.ready = trio.Event()
         self.exited = trio.Event()
 
@@ -183,7 +188,7 @@ class Member:
         pending = b""
         try:
             while True:
-                chunk = await self.process.stdout.receive_some(65536)
+                chunk = await self.stdout.receive_some(65536)
                 if not chunk:
                     return
                 pending += chunk
@@ -192,12 +197,17 @@ class Member:
                     if line == b"ready":
                         self.ready.set()
                     elif line.startswith(b"count "):
-                        self.count = int(line[6:])
+                        count, *ends = line[6:].split()
+                        self.count = int(count)
+                        for end in ends:
+                            partition, offset = end.split(b":")
+                            if int(offset) > self.reached.get(int(partition), 0):
+                                self.reached[int(partition)] = int(offset)
         finally:
             self.exited.set()
 
     async def go(self) -> None:
-        await self.process.stdin.send_all(b"go\n")
+        await self.stdin.send_all(b"go\n")
 
     def signal(self, signum: int) -> None:
         if self.process.returncode is None:
@@ -266,8 +276,6 @@ async def member_main(args: argparse.Namespace) -> None:
         async with client.connect(args.bootstrap) as cluster:
             stdin = trio.lowlevel.FdStream(os.dup(0))
             print("ready", flush=True)
-            if not await stdin.receive_some(64):
-                return
             async with trio.open_nursery() as nursery:
                 async with Consumer(
                     cluster,
@@ -277,6 +285,7 @@ async def member_main(args: argparse.Namespace) -> None:
                     fetch_max_bytes=FETCH_MAX_BYTES,
                     max_wait_ms=args.max_wait_ms,
                 ) as consumer:
+                    # close() runs outside this scope, so it commits and leaves uncancelled
                     with trio.CancelScope() as polling:
 
                         async def stop_on_signal() -> None:
@@ -284,24 +293,27 @@ async def member_main(args: argparse.Namespace) -> None:
                                 polling.cancel()
                                 return
 
-                        async def stop_on_eof() -> None:
-                            while await stdin.receive_some(64):
-                                pass
-                            polling.cancel()
-
                         nursery.start_soon(stop_on_signal)
-                        nursery.start_soon(stop_on_eof)
-                        count = 0
-                        consumer.subscribe([TOPIC])
-                        while True:
-                            got = 0
-                            for records in (await consumer.poll()).values():
-                                got += len(records)
-                            if got:
-                                count += got
-                                print(f"count {count}", flush=True)
-                # close() ran: the member committed its positions and left the group
+                        if await stdin.receive_some(64):  # "go"; nothing: the bench is gone
+                            nursery.start_soon(_cancel_on_eof, stdin, polling)
+                            count = 0
+                            consumer.subscribe([TOPIC])
+                            while True:
+                                batch = await consumer.poll()
+                                if batch:
+                                    count += sum(len(records) for records in batch.values())
+                                    ends = " ".join(
+                                        f"{tp.partition}:{records[-1].offset + 1}"
+                                        for tp, records in batch.items()
+                                    )
+                                    print(f"count {count} {ends}", flush=True)
                 nursery.cancel_scope.cancel()
+
+
+async def _cancel_on_eof(stream: trio.lowlevel.FdStream, scope: trio.CancelScope) -> None:
+    while await stream.receive_some(64):
+        pass
+    scope.cancel()
 
 
 # -- scenarios ---------------------------------------------------------------------------
@@ -318,17 +330,30 @@ async def consume_with_members(
         started = time.perf_counter()
         for member in started_members:
             await member.go()
-        while sum(m.count for m in started_members) < expected:
+        # Progress is counted in distinct records: per partition, the furthest any member got
+        # (offsets start at 0 and have no gaps), so records read twice do not count.
+        while _distinct(started_members) < expected:
             if any(m.exited.is_set() for m in started_members):
                 raise RuntimeError("a member process exited while consuming")
-            await trio.sleep(0.002)
+            await trio.sleep(0.005)
         elapsed = time.perf_counter() - started
-        return sum(m.count for m in started_members), elapsed
+        returned = sum(m.count for m in started_members)
+        if returned > expected:
+            print(f"# {group}: {returned - expected} records read twice", file=sys.stderr)
+        return expected, elapsed
     finally:
         with trio.CancelScope(shield=True):
             async with trio.open_nursery() as stopping:
                 for member in started_members:
                     stopping.start_soon(member.stop)
+
+
+def _distinct(members: list[Member]) -> int:
+    reached: dict[int, int] = {}
+    for member in members:
+        for partition, offset in member.reached.items():
+            reached[partition] = max(reached.get(partition, 0), offset)
+    return sum(reached.values())
 
 
 def _balanced(description, members: int, each: int) -> bool:
@@ -428,9 +453,7 @@ async def bench(args: argparse.Namespace) -> None:
                 bootstrap = f"127.0.0.1:{port}"
                 with trio.fail_after(300):
                     elapsed = await produce(bootstrap, args.records)
-                print(
-                    f"# produced {args.records} records in {elapsed:.1f} s", file=sys.stderr
-                )
+                print(f"# produced {args.records} records in {elapsed:.1f} s", file=sys.stderr)
 
                 with trio.fail_after(300):
                     count, elapsed = await consume_in_process(bootstrap, "bench-1", args.records)
