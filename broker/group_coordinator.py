@@ -33,7 +33,7 @@ import trio
 from broker.config import BrokerConfig
 from broker.event_log import log_event
 from broker.groups.consumer_group import ConsumerGroup, GroupConfig, GroupError, HeartbeatRequest
-from broker.storage import PartitionLog
+from broker.storage import PartitionLog, RecordTooLargeError, StorageError
 from broker.topic_registry import TopicRegistry
 from protocol import DwalError, ErrorCode, ProtocolError, build_batch, decode_records
 
@@ -43,6 +43,7 @@ OFFSETS_TOPIC = "__consumer_offsets"
 OFFSETS_TOPIC_CONFIGS = {
     "cleanup.policy": "compact",
     "segment.bytes": str(64 * 1024 * 1024),
+    "max.message.bytes": str(16 * 1024 * 1024),  # one commit of many partitions is one batch
     "delete.retention.ms": str(24 * 3600 * 1000),
 }
 GROUP_ID_CHARS_MAX = 255
@@ -85,7 +86,11 @@ class GroupCoordinator:
     # -- placement ------------------------------------------------------------------------
 
     def partition_of(self, group_id: str) -> int:
-        return zlib.crc32(group_id.encode()) % self.config.offsets_topic_partitions
+        """The offsets partition of a group. Once __consumer_offsets exists its partition
+        count wins over the setting: changing it would move groups away from their offsets."""
+        topic = self.registry.topics.get(OFFSETS_TOPIC)
+        count = topic.partitions if topic is not None else self.config.offsets_topic_partitions
+        return zlib.crc32(group_id.encode()) % count
 
     async def ensure_offsets_topic(self) -> None:
         """Create __consumer_offsets on first use."""
@@ -165,15 +170,14 @@ class GroupCoordinator:
         """Answer a ConsumerGroupHeartbeat; raises DwalError."""
         group_id = _checked_group_id(body["group_id"])
         group = self.groups.get(group_id)
+        new_group = group is None
         if group is None:
             if body["member_epoch"] != 0:
                 raise DwalError(
                     ErrorCode.UNKNOWN_MEMBER_ID,
                     f"group {group_id!r} has no member {body['member_id']!r}",
                 )
-            group = self.groups[group_id] = ConsumerGroup(
-                group_id, self.group_config, lambda: uuid.uuid4().hex
-            )
+            group = ConsumerGroup(group_id, self.group_config, lambda: uuid.uuid4().hex)
         owned = body["owned_partitions"]
         request = HeartbeatRequest(
             member_id=body["member_id"] or None,
@@ -198,6 +202,8 @@ class GroupCoordinator:
             response = group.heartbeat(
                 request, now_ms=_now_ms(), partition_counts=self.partition_counts()
             )
+            if new_group:  # only a successful join creates the group
+                self.groups[group_id] = group
         except GroupError as error:
             raise DwalError(error.code, str(error.message)) from None
         return {
@@ -242,24 +248,41 @@ class GroupCoordinator:
         elif member_id is not None:
             raise DwalError(ErrorCode.UNKNOWN_MEMBER_ID, f"group {group_id!r} has no members")
         await self.ensure_offsets_topic()
-        now = _now_ms()
-        results, records = self._commit_records(group_id, body["topics"], now)
+        owner_check = group if group is not None and member_id is not None else None
+        results, records = self._commit_records(group_id, body["topics"], owner_check, member_id)
         if records:
-            await self._append_and_apply(group_id, records)
+            try:
+                await self._append_and_apply(group_id, records)
+            except StorageError as error:
+                code = (
+                    ErrorCode.MESSAGE_TOO_LARGE
+                    if isinstance(error, RecordTooLargeError)
+                    else ErrorCode.KAFKA_STORAGE_ERROR
+                )
+                raise DwalError(code, f"cannot store the commit: {error}") from None
         return {"topics": results}
 
-    def _commit_records(self, group_id: str, topics: list[dict], now: int):
+    def _commit_records(
+        self, group_id: str, topics: list[dict], group: ConsumerGroup | None, member_id: str | None
+    ):
+        """Per-partition results, and the records to write for the partitions that pass: an
+        offset >= 0, an existing partition, and (for a member's commit) one the member owns."""
         results = []
         records: list[tuple[tuple[str, int], int, str | None]] = []
         for entry in topics:
             partitions: list[dict[str, Any]] = []
             results.append({"topic": entry["topic"], "partitions": partitions})
+            topic = self.registry.topics.get(entry["topic"])
             for part in entry["partitions"]:
                 code, message = ErrorCode.NONE, None
+                tp = (entry["topic"], part["partition"])
                 if part["offset"] < 0:
                     code, message = ErrorCode.INVALID_REQUEST, "a committed offset is >= 0"
-                elif entry["topic"] not in self.registry.topics:
-                    code, message = ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, "unknown topic"
+                elif topic is None or not 0 <= part["partition"] < topic.partitions:
+                    code, message = ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, "unknown partition"
+                elif group is not None and group.owner_of(tp) != member_id:
+                    code = ErrorCode.PARTITION_NOT_OWNED
+                    message = f"{tp[0]}-{tp[1]} is not assigned to member {member_id}"
                 else:
                     records.append(
                         ((entry["topic"], part["partition"]), part["offset"], part["metadata"])

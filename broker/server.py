@@ -98,8 +98,16 @@ class NativeServer:
         )
         try:
             await self._run_connection(stream, connection_id)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
-            pass
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the peer went away (reset, broken pipe): only this connection ends
+        except* Exception as group:  # a bug must end this connection, never the broker
+            log_event(
+                logger,
+                logging.ERROR,
+                "connection_failed",
+                connection=connection_id,
+                error=repr(group.exceptions[0]),
+            )
         finally:
             self.connections -= 1
             log_event(logger, logging.DEBUG, "connection_closed", connection=connection_id)

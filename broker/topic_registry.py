@@ -327,7 +327,7 @@ class TopicRegistry:
             compacted += 1
             log_event(
                 logger,
-                logging.INFO,
+                logging.INFO if result.segments_cleaned else logging.DEBUG,
                 "log_compacted",
                 partition=log.directory.name,
                 segments=result.segments_cleaned,

@@ -185,6 +185,10 @@ class Cluster:
         The function must catch its own errors."""
         self._nursery.start_soon(function, *args)
 
+    def invalidate_all(self) -> None:
+        """Forget all cached topic metadata (after a connection failure, for example)."""
+        self.topics.clear()
+
     def invalidate(self, topic: str) -> None:
         self.topics.pop(topic, None)
 

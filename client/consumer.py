@@ -211,11 +211,11 @@ class Consumer:
         membership = self._membership
         if membership is None or not self._subscribed:
             return
-        self._subscribed = False
         try:
             if self.enable_auto_commit and self._positions:
-                await self._commit_quietly(dict(self._positions))
+                await self._commit_quietly(dict(self._positions))  # still a member: commits
         finally:
+            self._subscribed = False
             with trio.CancelScope(shield=True):
                 await membership.leave()
 
@@ -271,9 +271,11 @@ class Consumer:
             raise RuntimeError("commit() needs a consumer created with a group_id")
         if offsets is None:
             offsets = {tp: p for tp, p in self._positions.items() if p is not None}
+        membership = self._membership
+        if membership.lost:  # fenced: those partitions may have a new owner already
+            offsets = {tp: o for tp, o in offsets.items() if tp in (membership.target or ())}
         if not offsets:
             return
-        membership = self._membership
         in_group = self._subscribed and membership.member_id is not None
         by_topic: dict[str, list[dict]] = {}
         for tp, offset in offsets.items():
@@ -305,9 +307,9 @@ class Consumer:
         except DwalError as error:  # fenced or unreachable: the next owner re-reads; log it
             logger.warning("commit of %d partitions failed: %s", len(offsets), error)
 
-    async def _auto_commit(self) -> None:
+    async def _auto_commit(self, positions: dict[TopicPartition, int | None]) -> None:
         self._last_commit = trio.current_time()
-        await self._commit_quietly(dict(self._positions))
+        await self._commit_quietly(positions)
 
     async def committed(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
         """The group's committed offsets of `partitions` (-1 where none). Raises DwalError."""
@@ -359,13 +361,25 @@ class Consumer:
             raise RuntimeError("no partitions assigned")
         await self._resolve_missing_positions()
         positions = dict(self._positions)
+        if self.enable_auto_commit and (
+            trio.current_time() - self._last_commit >= self.auto_commit_interval_s
+        ):
+            # The application called poll again: it has processed what earlier polls
+            # returned, so the positions as they stand now are safe to commit.
+            await self._auto_commit(positions)
         fetch, self._prefetch = self._prefetch, None
         if fetch is None or fetch.positions != positions:
             fetch = self._start_fetch(positions, wait_ms)
         with trio.move_on_after(wait_ms / 1000 + self.cluster.request_timeout_ms / 1000) as scope:
             await fetch.done.wait()
-        if scope.cancelled_caught:
-            raise DwalError(ErrorCode.REQUEST_TIMED_OUT, "fetch timed out")
+        retriable = isinstance(fetch.error, DwalError) and fetch.error.retriable
+        if scope.cancelled_caught or retriable:
+            # A broker restart or a network blip: report nothing this time and let the next
+            # poll reconnect (metadata is refreshed), as Kafka consumers do.
+            if fetch.error is not None:
+                self.cluster.invalidate_all()
+            await trio.sleep(RETRY_BACKOFF_S)
+            return {}
         if fetch.error is not None:
             raise fetch.error
         response = fetch.response
@@ -374,13 +388,7 @@ class Consumer:
         following = _positions_after(response.body, response.tail, positions)
         if following != positions:
             self._prefetch = self._start_fetch(following, self.max_wait_ms)
-        records = await self._take_records(response.body, response.tail)
-        if (
-            self.enable_auto_commit
-            and trio.current_time() - self._last_commit >= self.auto_commit_interval_s
-        ):
-            await self._auto_commit()
-        return records
+        return await self._take_records(response.body, response.tail)
 
     def _start_fetch(self, positions: dict[TopicPartition, int | None], wait_ms: int) -> "_Fetch":
         fetch = _Fetch(positions)
@@ -459,6 +467,7 @@ def _offset_of(record: Record) -> int:
 
 
 logger = logging.getLogger("dwal.client")
+RETRY_BACKOFF_S = 0.2
 
 
 class _Fetch:

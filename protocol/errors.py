@@ -52,6 +52,7 @@ class ErrorCode(enum.IntEnum):
     STALE_MEMBER_EPOCH = 113
     INVALID_REGULAR_EXPRESSION = 130
     UNKNOWN_API_KEY = 1001
+    PARTITION_NOT_OWNED = 1002  # a group member committed a partition it is not assigned
     POLICY_VIOLATION = 44
 
     @property

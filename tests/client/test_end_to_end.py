@@ -6,6 +6,7 @@ import struct
 
 import pytest
 import trio
+import trio.testing
 
 import client
 from client import Admin, Consumer, DwalError, ErrorCode, Producer, TopicPartition
@@ -272,3 +273,21 @@ async def test_pipelined_requests_keep_send_order_within_a_partition(broker):
                     await trio.sleep(0)  # let the sender interleave with sends
         got = (await consume_all(cluster, "ordered", 5000))[0]
     assert [r.value for r in got] == [b"%06d" % i for i in range(5000)]
+
+
+async def test_a_reset_connection_ends_only_that_connection(broker_launcher):
+    import socket
+    import struct as struct_module
+
+    broker = await broker_launcher.start()
+    for data in (b"\x00\x00", frame(ApiKey.METADATA, {"topics": None})[:7], b""):
+        raw = socket.create_connection(("127.0.0.1", broker.port))
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct_module.pack("ii", 1, 0))
+        if data:
+            raw.sendall(data)
+        raw.close()  # SO_LINGER 0: the close sends a reset
+    for _ in range(3):
+        async with client.connect(broker.bootstrap) as cluster:
+            assert await Admin(cluster).list_topics() == []
+    assert broker.process.returncode is None and not broker.exited.is_set()
+    assert b"Traceback" not in broker.output
