@@ -218,9 +218,11 @@ class RequestHandlers:
                 _refuse_internal(entry["topic"], "given more partitions")
                 if body["validate_only"]:
                     topic = self.registry.topic(entry["topic"])
-                    if entry["count"] <= topic.partitions:
+                    limit = self.config.limits.partitions_per_topic_max
+                    if not topic.partitions < entry["count"] <= limit:
                         raise DwalError(
-                            ErrorCode.INVALID_PARTITIONS, "the new partition count must be larger"
+                            ErrorCode.INVALID_PARTITIONS,
+                            f"the new partition count must be larger, and at most {limit}",
                         )
                 else:
                     await self.registry.add_partitions(entry["topic"], entry["count"])

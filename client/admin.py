@@ -259,6 +259,12 @@ class GroupAdmin:
         in ms: the first offset at or after it, else the end). Returns the plan. Raises
         DwalError NON_EMPTY_GROUP when the group has members."""
         info = await self.cluster.topic(topic)
+        missing = sorted(set(partitions or ()) - {p.partition for p in info.partitions})
+        if missing:
+            raise DwalError(
+                ErrorCode.UNKNOWN_TOPIC_OR_PARTITION,
+                f"topic {topic!r} has no partition {missing[0]}",
+            )
         targets = [
             TopicPartition(topic, p.partition)
             for p in info.partitions

@@ -195,8 +195,9 @@ class Consumer:
         await self.close()
 
     def subscribe(self, topics: Iterable[str] | None = None, *, pattern: str | None = None) -> None:
-        """Join the group (at the next poll) subscribed to `topics` or to every topic whose
-        name matches the regular expression `pattern`; replaces any earlier subscription."""
+        """Join the group (heartbeats start at once; partitions are taken at the next poll)
+        subscribed to `topics` or to every topic whose name matches the regular expression
+        `pattern`; replaces any earlier subscription."""
         if self._membership is None:
             raise RuntimeError("subscribe() needs a consumer created with a group_id")
         if (topics is None) == (pattern is None):
