@@ -21,7 +21,6 @@ a restart members find their ids unknown and join again, resuming from the commi
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 import zlib
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import trio
 
 from broker.config import BrokerConfig
 from broker.event_log import log_event
+from broker.wall_clock import now_ms
 from broker.groups.consumer_group import ConsumerGroup, GroupConfig, GroupError, HeartbeatRequest
 from broker.storage import PartitionLog, RecordTooLargeError, StorageError
 from broker.topic_registry import TopicRegistry
@@ -61,10 +61,6 @@ class CommittedOffset:
 
 def offset_key(group_id: str, topic: str, partition: int) -> bytes:
     return msgpack.packb(["offset", group_id, topic, partition])
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class GroupCoordinator:
@@ -200,7 +196,7 @@ class GroupCoordinator:
         )
         try:
             response = group.heartbeat(
-                request, now_ms=_now_ms(), partition_counts=self.partition_counts()
+                request, now_ms=now_ms(), partition_counts=self.partition_counts()
             )
             if new_group:  # only a successful join creates the group
                 self.groups[group_id] = group
@@ -224,7 +220,7 @@ class GroupCoordinator:
             for group in list(self.groups.values()):
                 if changed:
                     group.metadata_changed(partition_counts=counts)
-                for member_id in group.expire(now_ms=_now_ms(), partition_counts=counts):
+                for member_id in group.expire(now_ms=now_ms(), partition_counts=counts):
                     log_event(
                         logger,
                         logging.INFO,
@@ -297,7 +293,7 @@ class GroupCoordinator:
         return results, records
 
     async def _append_and_apply(self, group_id: str, records: list) -> None:
-        now = _now_ms()
+        now = now_ms()
         batch = build_batch(
             [
                 (
@@ -411,7 +407,7 @@ class GroupCoordinator:
             raise DwalError(ErrorCode.GROUP_ID_NOT_FOUND, f"group {group_id!r} does not exist")
         keys = list(self.offsets.get(group_id, {}))
         if keys:
-            now = _now_ms()
+            now = now_ms()
             batch = build_batch([(now, offset_key(group_id, t, p), None) for t, p in keys])
             log = self._offsets_log(group_id)
             info = log.append(bytearray(batch), now_ms=now)

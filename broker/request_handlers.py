@@ -8,7 +8,6 @@ partition is reported in that partition's entry; only a malformed request fails 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -16,6 +15,7 @@ import trio
 
 from broker.config import BrokerConfig
 from broker.event_log import log_event
+from broker.wall_clock import now_ms
 from broker.group_coordinator import OFFSETS_TOPIC, GroupCoordinator
 from broker.storage import (
     CorruptRecordError,
@@ -88,10 +88,6 @@ def _error_of(error: BaseException) -> tuple[ErrorCode, str]:
 def _refuse_internal(name: str, action: str) -> None:
     if name == OFFSETS_TOPIC:
         raise DwalError(ErrorCode.POLICY_VIOLATION, f"the internal topic {name} cannot be {action}")
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class RequestHandlers:

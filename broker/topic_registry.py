@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import trio
 
 from broker.event_log import log_event
+from broker.wall_clock import now_ms
 from broker.limits import Limits
 from broker.storage import LogConfig, PartitionLog, StorageError
 from broker.storage.checkpoint import write_atomically
@@ -42,12 +43,6 @@ class TopicMetadata:
     name: str
     partitions: int
     configs: dict[str, str]
-
-
-def now_ms() -> int:
-    import time
-
-    return int(time.time() * 1000)
 
 
 class TopicRegistry:
