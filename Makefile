@@ -25,3 +25,7 @@ bench: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) data
+
+.PHONY: sim
+sim: $(VENV)/.installed
+	$(PY) -m pytest tests/broker/raft/test_simulation.py --sim-seeds 3000 -q

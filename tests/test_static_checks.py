@@ -3,10 +3,12 @@ pyproject.toml, so CI fails on a style or typing regression like on any other bu
 
 from __future__ import annotations
 
+import pathlib
+
 import subprocess
 import sys
 
-from conftest import REPO
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def run_tool(*args: str) -> subprocess.CompletedProcess:

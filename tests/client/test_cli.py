@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import signal
 import subprocess
 import sys
 
 import trio
-from conftest import REPO
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 async def dwal(*args: str, stdin: bytes = b"", check: bool = True, timeout_s: float = 60):

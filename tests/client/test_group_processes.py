@@ -5,6 +5,8 @@ committed offsets never go back, and they survive the broker's crash."""
 
 from __future__ import annotations
 
+import pathlib
+
 import signal
 import subprocess
 import sys
@@ -13,7 +15,8 @@ import trio
 
 import client
 from client import Admin, GroupAdmin, Producer, TopicPartition
-from conftest import REPO
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 GROUP_CONFIG = "group_session_timeout_ms = 2000\ngroup_heartbeat_interval_ms = 200\n"
 

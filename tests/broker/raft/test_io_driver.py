@@ -1,0 +1,425 @@
+"""RaftDriver: proposals, reads, leader changes, crashes, snapshots, durability ordering,
+shutdown; over the memory network with simulated disks (MockClock), and over DurableStorage
+with real threads."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import trio
+import trio.testing
+from simulation.cluster import SimulatedCluster
+
+from broker.raft.config import RaftConfig
+from broker.raft.driver import (
+    DriverConfig,
+    coalesce_appends,
+    DriverStoppedError,
+    ProposalTimeoutError,
+    RaftDriver,
+    ReadTimeoutError,
+)
+from broker.raft.durable_storage import DurableStorage
+from broker.raft.kv_demo import KeyValueClient, KeyValueStore, encode_put
+from broker.raft.memory_transport import MemoryNetwork
+from broker.raft.messages import (
+    ConfigChange,
+    ConfigChangeKind,
+    Configuration,
+    Entry,
+    Message,
+    MessageType,
+    Ready,
+    Role,
+)
+from broker.raft.node import NotLeaderError
+
+OPTIONS = DriverConfig(
+    tick_interval_seconds=0.01, proposal_timeout_seconds=2, read_timeout_seconds=2
+)
+
+
+def raft_config(node_id: int) -> RaftConfig:
+    return RaftConfig(node_id=node_id, election_ticks=10, heartbeat_ticks=2)
+
+
+async def make_cluster(nursery, size=3, options=OPTIONS, seed=1) -> SimulatedCluster:
+    network = MemoryNetwork(random.Random(seed))
+    await nursery.start(network.run)
+    cluster = SimulatedCluster(
+        nursery,
+        network,
+        list(range(1, size + 1)),
+        random.Random(seed),
+        raft_config=raft_config,
+        driver_options=options,
+    )
+    await cluster.start_all()
+    return cluster
+
+
+async def wait_applied(cluster, index: int) -> None:
+    with trio.fail_after(10):
+        while any(node.driver.node.applied_index < index for node in cluster.alive()):
+            await trio.sleep(0.01)
+
+
+async def test_put_get_cas_through_the_leader(nursery, autojump_clock):
+    cluster = await make_cluster(nursery)
+    leader = await cluster.wait_leader()
+    client = leader.client()
+    await client.put(b"k", b"v1")
+    assert await client.get(b"k") == b"v1"
+    assert await client.cas(b"k", b"v1", b"v2") is True
+    assert await client.cas(b"k", b"v1", b"v3") is False
+    assert await client.cas(b"new", None, b"x") is True
+    await wait_applied(cluster, leader.driver.node.commit_index)
+    for node in cluster.alive():
+        assert node.store.data == {b"k": b"v2", b"new": b"x"}
+
+
+async def test_a_follower_refuses_proposals_but_serves_linearizable_reads(nursery, autojump_clock):
+    cluster = await make_cluster(nursery)
+    leader = await cluster.wait_leader()
+    follower = next(node for node in cluster.alive() if node is not leader)
+    await leader.client().put(b"k", b"v")
+    with pytest.raises(NotLeaderError) as caught:
+        await follower.client().put(b"k", b"w")
+    assert caught.value.leader == leader.node_id
+    assert await follower.client().get(b"k") == b"v"  # forwarded read index
+
+
+async def test_a_new_leader_takes_over_and_a_restarted_node_catches_up(nursery, autojump_clock):
+    cluster = await make_cluster(nursery)
+    leader = await cluster.wait_leader()
+    for i in range(5):
+        await leader.client().put(b"k%d" % i, b"v%d" % i)
+    await cluster.crash(leader.node_id)
+    new_leader = await cluster.wait_leader()
+    assert new_leader.node_id != leader.node_id
+    await new_leader.client().put(b"after", b"crash")
+    await cluster.start(leader.node_id)
+    await wait_applied(cluster, new_leader.driver.node.commit_index)
+    restarted = cluster.nodes[leader.node_id]
+    assert restarted.store.data == new_leader.store.data
+    assert restarted.store.data[b"after"] == b"crash" and len(restarted.store.data) == 6
+
+
+async def test_an_isolated_leader_times_out_proposals_and_reads(nursery, autojump_clock):
+    cluster = await make_cluster(nursery)
+    leader = await cluster.wait_leader()
+    cluster.network.isolate(leader.node_id, cluster.node_ids)
+    with pytest.raises(ProposalTimeoutError):
+        await leader.client().put(b"lost?", b"maybe", timeout_seconds=0.5)
+    with pytest.raises((ReadTimeoutError, NotLeaderError)):
+        await leader.client().get(b"lost?", timeout_seconds=0.5)
+    assert leader.driver.statistics().pending_proposals == 0
+    cluster.network.heal()
+    new_leader = await cluster.wait_leader()
+    await new_leader.client().put(b"k", b"v")
+    # The isolated leader's entry was never committed: the new leader overwrote it.
+    assert await new_leader.client().get(b"lost?") is None
+
+
+async def test_messages_leave_only_after_their_ready_is_persisted(nursery, autojump_clock):
+    cluster = await make_cluster(nursery)
+    leader = await cluster.wait_leader()
+    await leader.client().put(b"warm", b"up")
+    gate = trio.Event()
+    disk = leader.disk
+    real_persist = disk.persist
+    held: list[Ready] = []
+
+    async def gated_persist(ready: Ready) -> None:
+        if ready.entries:
+            held.append(ready)
+            await gate.wait()
+        await real_persist(ready)
+
+    disk.persist = gated_persist  # type: ignore[method-assign]
+    sent_before = leader.transport.statistics().messages_sent
+    async with trio.open_nursery() as inner:
+        inner.start_soon(leader.client().put, b"k", b"v")
+        await trio.sleep(0.05)  # the Ready holding the entry (and its APPENDs) waits
+        assert held and leader.transport.statistics().messages_sent == sent_before
+        gate.set()
+    assert await leader.client().get(b"k") == b"v"
+
+
+async def test_a_lagging_node_catches_up_through_a_snapshot(nursery, autojump_clock):
+    options = DriverConfig(tick_interval_seconds=0.01, snapshot_interval_entries=5)
+    cluster = await make_cluster(nursery, options=options)
+    leader = await cluster.wait_leader()
+    lagging = next(node for node in cluster.alive() if node is not leader)
+    await cluster.crash(lagging.node_id)
+    for i in range(20):
+        await leader.client().put(b"k%d" % i, b"v%d" % i)
+    assert leader.driver.storage.snapshot().index >= 15
+    await cluster.start(lagging.node_id)
+    await wait_applied(cluster, leader.driver.node.commit_index)
+    assert lagging.store.data == leader.store.data
+    assert lagging.disk.image.snapshot.index > 0
+
+
+async def test_stopping_fails_pending_requests(nursery, autojump_clock):
+    cluster = await make_cluster(nursery)
+    leader = await cluster.wait_leader()
+    cluster.network.isolate(leader.node_id, cluster.node_ids)
+    outcome = []
+
+    async def propose():
+        try:
+            await leader.client().put(b"k", b"v")
+        except DriverStoppedError as error:
+            outcome.append(error)
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(propose)
+        await trio.sleep(0.1)
+        await cluster.crash(leader.node_id)
+    assert len(outcome) == 1
+    with pytest.raises(DriverStoppedError):
+        await leader.client().put(b"k", b"v")
+
+
+async def test_a_failing_disk_stops_the_driver_without_advancing(nursery, autojump_clock):
+    cluster = await make_cluster(nursery, size=1)
+    node = await cluster.wait_leader()
+    await node.client().put(b"k", b"v")
+    applied = node.driver.node.applied_index
+
+    async def broken(ready):
+        raise OSError("disk on fire")
+
+    node.disk.persist = broken  # type: ignore[method-assign]
+    with pytest.raises(BaseExceptionGroup) as caught:
+        async with trio.open_nursery() as inner:
+            driver = RaftDriver(
+                raft_config(1),
+                node.disk.open(),
+                cluster.network.endpoint(1),
+                KeyValueStore(),
+                persister=node.disk,
+                options=OPTIONS,
+            )
+            await cluster.crash(1)
+            await inner.start(driver.run)
+            driver.campaign()
+    assert caught.group_contains(OSError)
+    assert driver.node.applied_index <= applied
+
+
+# A single node on DurableStorage, with real worker threads for fsync.
+
+
+async def test_durable_single_node_survives_a_restart(tmp_path):
+    initial = Configuration(voters=frozenset({1}))
+    network = MemoryNetwork(random.Random(1))
+    for incarnation in range(2):
+        storage = DurableStorage.open(tmp_path, initial)
+        store = KeyValueStore()
+        driver = RaftDriver(raft_config(1), storage, network.endpoint(1), store, options=OPTIONS)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(driver.run)
+            with trio.fail_after(10):
+                while driver.node.role != Role.LEADER:
+                    await trio.sleep(0.01)
+            client = KeyValueClient(driver, store)
+            if incarnation == 0:
+                for i in range(50):
+                    await client.put(b"k%d" % i, b"v%d" % i)
+                await driver.snapshot_now()
+                for i in range(50, 60):
+                    await client.put(b"k%d" % i, b"v%d" % i)
+            else:
+                assert await client.get(b"k59") == b"v59"
+                assert len(store.data) == 60
+            nursery.cancel_scope.cancel()
+        storage.close()
+
+
+async def test_durable_node_batches_concurrent_proposals(tmp_path):
+    storage = DurableStorage.open(tmp_path, Configuration(voters=frozenset({1})))
+    store = KeyValueStore()
+    driver = RaftDriver(
+        raft_config(1),
+        storage,
+        MemoryNetwork(random.Random(1)).endpoint(1),
+        store,
+        options=OPTIONS,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(driver.run)
+        driver.campaign()
+        with trio.fail_after(10):
+            while driver.node.role != Role.LEADER:
+                await trio.sleep(0.01)
+        async with trio.open_nursery() as proposers:
+            for i in range(200):
+                proposers.start_soon(driver.propose, encode_put(b"k%d" % i, b"v"))
+        nursery.cancel_scope.cancel()
+    statistics = driver.statistics()
+    assert len(store.data) == 200
+    assert statistics.readies < 150  # many proposals share one fsync
+    storage.close()
+
+
+# Merging the core's per-proposal APPENDs.
+
+
+def append(target, index, log_term, entries, commit=0, term=3):
+    return Message(
+        type=MessageType.APPEND,
+        source=1,
+        target=target,
+        term=term,
+        index=index,
+        log_term=log_term,
+        entries=tuple(Entry(term=t, index=i) for i, t in entries),
+        commit=commit,
+    )
+
+
+def test_consecutive_appends_to_one_follower_are_merged():
+    messages = (
+        append(2, 4, 2, [(5, 3)], commit=4),
+        append(3, 4, 2, [(5, 3)], commit=4),
+        append(2, 5, 3, [(6, 3)], commit=5),
+        append(2, 6, 3, [(7, 3), (8, 3)], commit=5),
+        append(3, 5, 3, [(6, 3)], commit=5),
+    )
+    merged = coalesce_appends(messages, 64, 1 << 20)
+    assert merged == [
+        append(2, 4, 2, [(5, 3), (6, 3), (7, 3), (8, 3)], commit=5),
+        append(3, 4, 2, [(5, 3), (6, 3)], commit=5),
+    ]
+
+
+def test_appends_that_do_not_continue_each_other_stay_apart():
+    heartbeat = Message(type=MessageType.HEARTBEAT, source=1, target=2, term=3)
+    cases = [
+        (append(2, 4, 2, [(5, 3)]), append(2, 6, 3, [(7, 3)])),  # a gap
+        (append(2, 4, 2, [(5, 3)]), append(2, 5, 2, [(6, 3)])),  # anchor term differs
+        (append(2, 4, 2, [(5, 3)]), append(2, 5, 3, [(6, 4)], term=4)),  # another term
+        (append(2, 4, 2, [(5, 3)]), heartbeat, append(2, 5, 3, [(6, 3)])),  # not adjacent
+    ]
+    for messages in cases:
+        assert coalesce_appends(messages, 64, 1 << 20) == list(messages)
+
+
+def test_merging_respects_the_limits_and_empty_appends_fold_in():
+    messages = tuple(append(2, i, 3, [(i + 1, 3)]) for i in range(4, 10))
+    merged = coalesce_appends(messages, 4, 1 << 20)
+    assert [len(m.entries) for m in merged] == [4, 2]
+    probe = append(2, 4, 2, [], commit=3)
+    assert coalesce_appends((probe, append(2, 4, 2, [(5, 3)], commit=4)), 64, 1 << 20) == [
+        append(2, 4, 2, [(5, 3)], commit=4)
+    ]
+
+
+async def test_membership_changes_through_the_driver(nursery, autojump_clock):
+    network = MemoryNetwork(random.Random(3))
+    await nursery.start(network.run)
+    cluster = SimulatedCluster(
+        nursery,
+        network,
+        [1, 2, 3, 4],
+        random.Random(3),
+        raft_config=raft_config,
+        driver_options=OPTIONS,
+        initial_voters=[1, 2, 3],
+    )
+    await cluster.start_all()
+    leader = await cluster.wait_leader()
+    await leader.client().put(b"before", b"join")
+    await leader.driver.propose_config_change(
+        ConfigChange(kind=ConfigChangeKind.ADD_LEARNER, node_id=4)
+    )
+    await leader.driver.propose_config_change(
+        ConfigChange(kind=ConfigChangeKind.ADD_VOTER, node_id=4)
+    )
+    await wait_applied(cluster, leader.driver.node.commit_index)
+    newcomer = cluster.nodes[4]
+    assert newcomer.driver.node.configuration.voters == {1, 2, 3, 4}
+    assert newcomer.store.data == {b"before": b"join"}
+    await leader.driver.propose_config_change(
+        ConfigChange(kind=ConfigChangeKind.REMOVE_VOTER, node_id=leader.node_id)
+    )
+    with trio.fail_after(10):
+        while True:
+            new_leader = cluster.leader()
+            if new_leader is not None and new_leader.node_id != leader.node_id:
+                break
+            await trio.sleep(0.01)
+    await new_leader.client().put(b"after", b"removal")
+    assert new_leader.driver.node.configuration.voters == {1, 2, 3, 4} - {leader.node_id}
+
+
+async def test_three_durable_nodes_over_tcp_survive_a_leader_restart(tmp_path):
+    """Real sockets, real fsyncs in worker threads, the real clock."""
+    from broker.raft.tcp_transport import TcpTransport, TcpTransportConfig
+
+    voters = Configuration(voters=frozenset({1, 2, 3}))
+    options = DriverConfig(tick_interval_seconds=0.02, proposal_timeout_seconds=5)
+    ports: dict[int, int] = {}
+    running: dict[int, tuple[RaftDriver, TcpTransport, KeyValueStore, trio.CancelScope]] = {}
+
+    async def start(node_id: int, nursery) -> None:
+        transport = TcpTransport(
+            TcpTransportConfig(
+                node_id=node_id,
+                listen_port=ports.get(node_id, 0),
+                peers={n: ("127.0.0.1", p) for n, p in ports.items() if n != node_id},
+                reconnect_backoff_seconds_min=0.01,
+                reconnect_backoff_seconds_max=0.1,
+            )
+        )
+        storage = DurableStorage.open(tmp_path / f"node{node_id}", voters)
+        store = KeyValueStore()
+        driver = RaftDriver(raft_config(node_id), storage, transport, store, options=options)
+
+        async def run_node(*, task_status=trio.TASK_STATUS_IGNORED):
+            with trio.CancelScope() as scope:
+                try:
+                    async with trio.open_nursery() as inner:
+                        await inner.start(transport.run)
+                        await inner.start(driver.run)
+                        task_status.started(scope)
+                finally:
+                    storage.close()
+
+        scope = await nursery.start(run_node)
+        ports[node_id] = transport.listen_port
+        for other_id, (_, other, _, _) in running.items():
+            other.set_peer(node_id, "127.0.0.1", transport.listen_port)
+        running[node_id] = (driver, transport, store, scope)
+
+    async def wait_leader() -> RaftDriver:
+        with trio.fail_after(10):
+            while True:
+                for driver, _, _, _ in running.values():
+                    if driver.node.role == Role.LEADER:
+                        return driver
+                await trio.sleep(0.01)
+
+    async with trio.open_nursery() as nursery:
+        for node_id in (1, 2, 3):
+            await start(node_id, nursery)
+        for node_id, (_, transport, _, _) in running.items():
+            for peer_id, port in ports.items():
+                if peer_id != node_id:
+                    transport.set_peer(peer_id, "127.0.0.1", port)
+        leader = await wait_leader()
+        for i in range(20):
+            await leader.propose(encode_put(b"k%d" % i, b"v%d" % i))
+        running.pop(leader.node_id)[3].cancel()
+        new_leader = await wait_leader()
+        await new_leader.propose(encode_put(b"after", b"restart"))
+        await start(leader.node_id, nursery)
+        restarted_store = running[leader.node_id][2]
+        with trio.fail_after(10):
+            while restarted_store.get(b"after") != b"restart":
+                await trio.sleep(0.01)
+        assert len(restarted_store.data) == 21
+        nursery.cancel_scope.cancel()
