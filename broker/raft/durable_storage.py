@@ -354,8 +354,6 @@ class DurableStorage:
             if match:
                 found.append((int(match.group(1)), path))
         found.sort()
-        for _, path in found[:-1]:
-            path.unlink()
         if not found:
             return Snapshot(index=0, term=0, configuration=bootstrap, data=b"")
         path = found[-1][1]
@@ -364,6 +362,8 @@ class DurableStorage:
         snapshot = decode_snapshot(path.read_bytes())
         if path.name != snapshot_file_name(snapshot):
             raise StorageCorruptError(f"{path} holds the snapshot at {snapshot.index}")
+        for _, older in found[:-1]:  # only once the newest is known good
+            self._pending_deletions.append(older)
         return snapshot
 
     def _load_segments(self) -> tuple[int, array]:

@@ -16,7 +16,7 @@ from simulation.runner import (
     settings_for_seed,
 )
 
-CI_SEEDS = 250
+CI_SEEDS = 400
 DEFAULT_STEPS = 8
 
 

@@ -53,6 +53,11 @@ class SimulatedDisk:
         )
         self.live = self.open()
         self.statistics = DiskStatistics()
+        self._fsync_started = trio.Event()
+
+    async def wait_fsync_started(self) -> None:
+        """Return when the next fsync begins (the nemesis crashes nodes right then)."""
+        await self._fsync_started.wait()
 
     def open(self) -> MemoryStorage:
         """A fresh page cache holding exactly the durable image (after a crash)."""
@@ -79,6 +84,8 @@ class SimulatedDisk:
 
     async def _fsync(self, live: MemoryStorage) -> None:
         low, high = self.slow_fsync_seconds if self.slow else self.fsync_seconds
+        self._fsync_started.set()
+        self._fsync_started = trio.Event()
         await trio.sleep(self._random.uniform(low, high))
         self.statistics.fsyncs += 1
         self.statistics.slow_fsyncs += self.slow

@@ -136,6 +136,7 @@ class Nemesis:
             (self.crash, 2),
             (self.crash_leader, 2),
             (self.crash_and_restart, 2),
+            (self.crash_during_fsync, 2),
             (self.isolate_leader, 2),
             (self.restart, 3),
             (self.network_faults, 3),
@@ -195,6 +196,23 @@ class Nemesis:
         await trio.sleep(self.random.uniform(0.0, 0.05))
         await self.cluster.start(node.node_id)
         self._say(f"reboot {node.node_id}")
+
+    async def crash_during_fsync(self) -> None:
+        """Crash a node while its disk is syncing: whatever that fsync covered is lost."""
+        alive = self.cluster.alive()
+        if not alive:
+            return
+        node = self.random.choice(alive)
+        with trio.move_on_after(0.2):
+            await node.disk.wait_fsync_started()
+            assert node.driver is not None
+            self.checker.forget(node.driver)
+            await self.cluster.crash(node.node_id)
+            self.crashes += 1
+            self._say(f"crash {node.node_id} during an fsync")
+            if self.random.random() < 0.5:
+                await self.cluster.start(node.node_id)
+                self._say(f"restart {node.node_id}")
 
     async def crash_leader(self) -> None:
         leader = self.cluster.leader()
