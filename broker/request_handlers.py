@@ -159,7 +159,16 @@ class RequestHandlers:
                 }
                 for p in range(topic.partitions)
             ]
-            topics.append({"topic": name, "error_code": 0, "partitions": partitions})
+            log_config = self.registry.log_config(topic)
+            topics.append(
+                {
+                    "topic": name,
+                    "error_code": 0,
+                    "partitions": partitions,
+                    "max_message_bytes": log_config.max_message_bytes,
+                    "segment_bytes": log_config.segment_bytes,
+                }
+            )
         brokers = [{"node_id": node, "host": self.config.client_host, "port": self.advertised_port}]
         return Reply({"brokers": brokers, "controller_id": node, "topics": topics})
 

@@ -162,6 +162,9 @@ RESPONSES: dict[ApiKey, Struct] = {
                 error_code=(INT, 0),
                 error_message=(Optional(STR), None),
                 partitions=(ListOf(_PARTITION_META), []),
+                # the topic's max.message.bytes and segment.bytes; -1: not said (older broker)
+                max_message_bytes=(INT, -1),
+                segment_bytes=(INT, -1),
             )
         ),
     ),
