@@ -7,6 +7,7 @@ stderr and exit with status 1 (2 for usage errors), never a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import pathlib
 import signal
@@ -20,16 +21,73 @@ from client.admin import Admin, GroupAdmin
 from client.cluster import connect
 from client.consumer import Consumer, TopicPartition, list_offsets
 from client.exception_groups import single_error
+from client.line_splitter import LineSplitter, OversizeLine
 from client.producer import Producer
 from protocol import EARLIEST_TIMESTAMP, LATEST_TIMESTAMP, DwalError, ErrorCode
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 STDIN_CHUNK_BYTES = 1024 * 1024
 PROGRESS_INTERVAL_S = 2.0
+PRODUCE_BUFFER_BYTES = 64 * 1024 * 1024  # the producer's buffer_bytes_max; a batch must fit
+RECORD_BYTES_MAX_UNKNOWN = 8 * 1024 * 1024  # line limit if the broker does not say its own
 
 
 class UsageError(Exception):
     pass
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: it reports arguments it does not know with its own usage
+    line (argparse would leave them to the top-level parser, whose usage says nothing about
+    the subcommand's options)."""
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error("unrecognized arguments: " + " ".join(extras))
+        return parsed, extras
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("dwal")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown (not installed)"
+
+
+def _partition_number(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a partition number (0, 1, ...), not {text!r}")
+    return int(text)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
+    return value
+
+
+def _batch_size(text: str) -> int:
+    value = _positive_int(text)
+    if value > PRODUCE_BUFFER_BYTES:
+        raise argparse.ArgumentTypeError(
+            f"must be at most the producer's buffer, {PRODUCE_BUFFER_BYTES} bytes, not {text!r}"
+        )
+    return value
+
+
+def _milliseconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of milliseconds >= 0, not {text!r}")
+    return value
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -41,7 +99,15 @@ def _key_value(text: str) -> tuple[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dwal", description="DWAL, a distributed write-ahead log")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    bootstrap_default = os.environ.get("DWAL_BOOTSTRAP") or DEFAULT_BOOTSTRAP
+    parser.add_argument(
+        "--bootstrap",
+        default=bootstrap_default,
+        help="broker address host:port for client commands (also accepted after the "
+        f"subcommand; default: $DWAL_BOOTSTRAP, else {DEFAULT_BOOTSTRAP})",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 
     broker = commands.add_parser("broker", help="run a broker in the foreground")
     broker.add_argument("--config", type=pathlib.Path, help="TOML configuration file")
@@ -66,23 +132,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="create unknown topics on first produce (default off)",
     )
     broker.add_argument("--default-partitions", type=int, help="partitions of auto-created topics")
-    broker.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    broker.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="least severe event logged on stderr (default info)",
+    )
 
     def client_command(name: str, help_text: str, parent=commands) -> argparse.ArgumentParser:
         sub = parent.add_parser(name, help=help_text)
         sub.add_argument(
             "--bootstrap",
-            default=DEFAULT_BOOTSTRAP,
-            help=f"broker address host:port (default {DEFAULT_BOOTSTRAP})",
+            default=argparse.SUPPRESS,  # not given here: the top-level value (or its default)
+            help=f"broker address host:port (default: $DWAL_BOOTSTRAP, else {DEFAULT_BOOTSTRAP})",
         )
         return sub
 
     topic = commands.add_parser("topic", help="manage topics")
     topic_commands = topic.add_subparsers(dest="topic_command", required=True)
     create = client_command("create", "create a topic", topic_commands)
-    create.add_argument("name")
-    create.add_argument("--partitions", "-p", type=int, default=1)
-    create.add_argument("--replication-factor", "-r", type=int, default=1)
+    create.add_argument("name", help="topic name")
+    create.add_argument(
+        "--partitions", "-p", type=_positive_int, default=1, help="number of partitions (default 1)"
+    )
+    create.add_argument(
+        "--replication-factor",
+        "-r",
+        type=_positive_int,
+        default=1,
+        help="copies of each partition, on different brokers (default 1)",
+    )
     create.add_argument(
         "--config",
         "-c",
@@ -94,16 +172,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     client_command("list", "list topics", topic_commands)
     describe = client_command("describe", "describe a topic", topic_commands)
-    describe.add_argument("name")
+    describe.add_argument("name", help="topic name")
     delete = client_command("delete", "delete a topic and its data", topic_commands)
-    delete.add_argument("name")
+    delete.add_argument("name", help="topic name")
     grow = client_command("add-partitions", "grow a topic to more partitions", topic_commands)
-    grow.add_argument("name")
-    grow.add_argument("--partitions", "-p", type=int, required=True, help="the new total")
+    grow.add_argument("name", help="topic name")
+    grow.add_argument("--partitions", "-p", type=_positive_int, required=True, help="the new total")
     alter = client_command("alter-config", "set or remove topic config overrides", topic_commands)
-    alter.add_argument("name")
-    alter.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE")
-    alter.add_argument("--delete", action="append", default=[], metavar="KEY")
+    alter.add_argument("name", help="topic name")
+    alter.add_argument(
+        "--set",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a config override, e.g. retention.ms=86400000 (repeatable)",
+    )
+    alter.add_argument(
+        "--delete",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="remove an override: the broker default applies again (repeatable)",
+    )
 
     group = commands.add_parser("group", help="manage consumer groups")
     group_commands = group.add_subparsers(dest="group_command", required=True)
@@ -111,20 +202,20 @@ def build_parser() -> argparse.ArgumentParser:
     group_describe = client_command(
         "describe", "members, offsets and lag of a group", group_commands
     )
-    group_describe.add_argument("group")
+    group_describe.add_argument("group", help="group id")
     group_delete = client_command(
         "delete", "delete an inactive group and its offsets", group_commands
     )
-    group_delete.add_argument("group")
+    group_delete.add_argument("group", help="group id")
     reset = client_command(
         "reset-offsets", "move an inactive group's committed offsets", group_commands
     )
-    reset.add_argument("group")
-    reset.add_argument("--topic", "-t", required=True)
+    reset.add_argument("group", help="group id")
+    reset.add_argument("--topic", "-t", required=True, help="topic whose offsets move")
     reset.add_argument(
         "--partition",
         "-p",
-        type=int,
+        type=_partition_number,
         action="append",
         help="partition to reset (repeatable; default all)",
     )
@@ -140,16 +231,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     produce = client_command("produce", "produce stdin lines as records")
-    produce.add_argument("topic")
+    produce.add_argument("topic", help="topic to write to")
     produce.add_argument("--key", "-k", help="key of every record")
     produce.add_argument("--key-separator", help="split each line into KEY<sep>VALUE")
     produce.add_argument(
-        "--partition", "-p", type=int, help="partition (default: by key, else sticky)"
+        "--partition",
+        "-p",
+        type=_partition_number,
+        help="partition (default: by key, else sticky)",
     )
-    produce.add_argument("--acks", choices=["0", "1", "all", "-1"], default="1")
-    produce.add_argument("--compression", choices=["none", "gzip", "lz4", "zstd"], default="none")
-    produce.add_argument("--linger-ms", type=float, default=5)
-    produce.add_argument("--batch-size", type=int, default=64 * 1024, help="batch size in bytes")
+    produce.add_argument(
+        "--acks",
+        choices=["0", "1", "all", "-1"],
+        default="1",
+        help="0: do not wait; 1: the leader wrote it; all (or -1): every in-sync replica "
+        "has it (default 1)",
+    )
+    produce.add_argument(
+        "--compression",
+        choices=["none", "gzip", "lz4", "zstd"],
+        default="none",
+        help="compress each batch (default none)",
+    )
+    produce.add_argument(
+        "--linger-ms",
+        type=_milliseconds,
+        default=5,
+        help="wait up to this long for a batch to fill before sending it (default 5)",
+    )
+    produce.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=64 * 1024,
+        help=f"batch size in bytes, 1 to {PRODUCE_BUFFER_BYTES} (default 65536)",
+    )
 
     consume = client_command("consume", "print records, one per line")
     consume.add_argument("topic")
@@ -211,7 +326,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_broker_command(args: argparse.Namespace) -> int:
     from broker.config import ConfigError, build_config, load_toml
+    from broker.data_dir_lock import DataDirError
     from broker.event_log import configure
+    from broker.storage import StorageError
 
     overrides = {
         "host": args.host,
@@ -237,11 +354,14 @@ def run_broker_command(args: argparse.Namespace) -> int:
             trio.run(_broker_main, config)
         except BaseExceptionGroup as group:
             raise single_error(group) from None
-    except OSError as error:  # typically: the port is in use, or the data dir is unusable
+    except OSError as error:  # typically: the port is in use
         print(
             f"error: {error.strerror or error}" + (f": {error.filename}" if error.filename else ""),
             file=sys.stderr,
         )
+        return 1
+    except (DataDirError, StorageError) as error:  # the data dir is locked, unusable, damaged
+        print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
 
@@ -371,7 +491,16 @@ async def _read_stdin_chunks():
 
 
 async def _produce_command(cluster, args: argparse.Namespace, stop: trio.Event) -> int:
-    await cluster.topic(args.topic, allow_auto_topic_creation=True)  # unknown topic: error now
+    # An unknown topic or partition is an error now, before any input is read.
+    info = await cluster.topic(args.topic, allow_auto_topic_creation=True)
+    count = len(info.partitions)
+    if args.partition is not None and args.partition >= count:
+        raise DwalError(
+            ErrorCode.UNKNOWN_TOPIC_OR_PARTITION,
+            f"topic {args.topic} has no partition {args.partition} "
+            f"(it has {count}: 0 to {count - 1})",
+        )
+    record_bytes_max = await _record_bytes_max(cluster, args.topic)
     started = time.monotonic()
     tally = _ProduceTally(args, started)
     async with Producer(
@@ -380,22 +509,31 @@ async def _produce_command(cluster, args: argparse.Namespace, stop: trio.Event) 
         compression=args.compression,
         linger_ms=args.linger_ms,
         batch_size=args.batch_size,
+        buffer_bytes_max=PRODUCE_BUFFER_BYTES,
         allow_auto_topic_creation=True,
     ) as producer:
         async with trio.open_nursery() as nursery:
             with trio.CancelScope() as reading:
                 nursery.start_soon(_until, stop, reading)
-                await _produce_lines(producer, args, tally)
+                await _produce_lines(producer, args, tally, record_bytes_max)
             nursery.cancel_scope.cancel()
     return tally.summarize(time.monotonic() - started, interrupted=stop.is_set())
 
 
+async def _record_bytes_max(cluster, topic: str) -> int:
+    """Return the topic's max.message.bytes: the broker refuses any larger record batch."""
+    configs = (await Admin(cluster).describe_topic(topic)).configs
+    return int(configs.get("max.message.bytes", RECORD_BYTES_MAX_UNKNOWN))
+
+
 class _ProduceTally:
-    """Counts records and keeps only failed or pending deliveries (bounded memory)."""
+    """Counts records and keeps only failed or pending deliveries (bounded memory). Lines
+    refused before sending (too large) are reported at once and counted as failed."""
 
     def __init__(self, args: argparse.Namespace, started: float) -> None:
         self.topic = args.topic
         self.count = 0
+        self.refused = 0
         self.deliveries: list = []
         self.started = started
         self.last_progress = started
@@ -404,6 +542,10 @@ class _ProduceTally:
         self.deliveries.append(delivery)
         self.count += 1
 
+    def refuse(self, error: DwalError) -> None:
+        self.refused += 1
+        print(f"error: {error.message} ({error.code.name})", file=sys.stderr, flush=True)
+
     def tidy(self) -> None:
         self.deliveries = _drop_successes(self.deliveries)
         now = time.monotonic()
@@ -411,7 +553,7 @@ class _ProduceTally:
             self.last_progress = now
             rate = self.count / (now - self.started)
             print(
-                f"progress: {self.count} records sent, {rate:.0f} records/s",
+                f"progress: {_records(self.count)} sent, {rate:.0f} records/s",
                 file=sys.stderr,
                 flush=True,
             )
@@ -419,39 +561,65 @@ class _ProduceTally:
     def summarize(self, elapsed: float, *, interrupted: bool) -> int:
         failures = [d for d in self.deliveries if d.error is not None]
         done = self.count - len(failures)
+        rate = f" ({done / elapsed:.0f} records/s)" if done and elapsed > 0 else ""
         note = " (stopped by signal: input after that was not read)" if interrupted else ""
         print(
-            f"produced {done} records to {self.topic} in {elapsed:.2f} s "
-            f"({done / max(elapsed, 1e-9):.0f} records/s), {len(failures)} failed{note}"
+            f"produced {_records(done)} to {self.topic} in {elapsed:.2f} s{rate}, "
+            f"{len(failures) + self.refused} failed{note}"
         )
         if failures:
             error = failures[0].error
             print(f"error: {error.message} ({error.code.name})", file=sys.stderr)
-            return 1
-        return 0
+        return 1 if failures or self.refused else 0
+
+
+def _records(count: int) -> str:
+    return f"{count} record" if count == 1 else f"{count} records"
 
 
 async def _produce_lines(
-    producer: Producer, args: argparse.Namespace, tally: _ProduceTally
+    producer: Producer, args: argparse.Namespace, tally: _ProduceTally, record_bytes_max: int
 ) -> None:
+    """Send each line of stdin as a record. A line longer than the topic's max.message.bytes
+    is skipped (and reported at once) without ever being held in memory whole."""
     key = args.key.encode() if args.key is not None else None
     separator = args.key_separator.encode() if args.key_separator else None
+    line_number = 0
 
     async def send(line: bytes) -> None:
         record_key = key
         if separator is not None and separator in line:
             record_key, _, line = line.partition(separator)
-        tally.add(await producer.send(args.topic, line, record_key, partition=args.partition))
+        try:
+            delivery = await producer.send(args.topic, line, record_key, partition=args.partition)
+        except DwalError as error:
+            if error.code != ErrorCode.MESSAGE_TOO_LARGE:
+                raise
+            tally.refuse(DwalError(error.code, f"line {line_number} of stdin: {error.message}"))
+            return
+        tally.add(delivery)
 
-    pending = b""
+    # The separator is not part of the record: a line may be longer by that much.
+    splitter = LineSplitter(record_bytes_max + len(separator or b""))
     async for chunk in _read_stdin_chunks():
-        lines = (pending + chunk).split(b"\n")
-        pending = lines.pop()
-        for line in lines:
-            await send(line)
+        for line in splitter.feed(chunk):
+            line_number += 1
+            if isinstance(line, OversizeLine):
+                tally.refuse(_oversize_error(line, args.topic, record_bytes_max))
+            else:
+                await send(line)
         tally.tidy()
-    if pending:
-        await send(pending)
+    for line in splitter.finish():
+        line_number += 1
+        await send(line)
+
+
+def _oversize_error(line: OversizeLine, topic: str, record_bytes_max: int) -> DwalError:
+    return DwalError(
+        ErrorCode.MESSAGE_TOO_LARGE,
+        f"line {line.line_number} of stdin has at least {line.size_bytes_min} bytes, over "
+        f"topic {topic}'s max.message.bytes of {record_bytes_max}: line skipped",
+    )
 
 
 def _drop_successes(deliveries: list) -> list:
