@@ -94,14 +94,18 @@ class TopicRegistry:
         path = self.data_dir / METADATA_FILE
         try:
             raw = json.loads(path.read_text())
+            return {
+                name: TopicMetadata(name, int(entry["partitions"]), dict(entry.get("configs", {})))
+                for name, entry in raw["topics"].items()
+            }
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as error:
-            raise RuntimeError(f"cannot read topic metadata {path}: {error}") from None
-        return {
-            name: TopicMetadata(name, int(entry["partitions"]), dict(entry.get("configs", {})))
-            for name, entry in raw["topics"].items()
-        }
+            raise StorageError(f"cannot read topic metadata {path}: {error}") from None
+        except (LookupError, TypeError, AttributeError) as error:
+            raise StorageError(
+                f"cannot read topic metadata {path}: bad structure ({error!r})"
+            ) from None
 
     def _encode_metadata(self, topics: dict[str, TopicMetadata]) -> bytes:
         body = {

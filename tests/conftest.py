@@ -24,7 +24,9 @@ from broker.node import run_broker
 from broker.storage import LogConfig
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-STARTED = re.compile(rb"event=broker_started .*?port=(\d+) http_port=(\d+|None)")
+# The whole line (up to its newline), so that a port is never read from a partial chunk;
+# http_port is absent when the HTTP gateway is disabled.
+STARTED = re.compile(rb"event=broker_started [^\n]*? port=(\d+)(?: http_port=(\d+))?[^\n]*\n")
 
 
 @dataclass
@@ -145,7 +147,7 @@ class BrokerLauncher:
                 broker.output += chunk
                 if not ready.is_set() and (match := STARTED.search(broker.output)):
                     broker.port = int(match.group(1))
-                    broker.http_port = None if match.group(2) == b"None" else int(match.group(2))
+                    broker.http_port = None if match.group(2) is None else int(match.group(2))
                     ready.set()
         finally:
             await broker.process.wait()
