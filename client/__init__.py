@@ -25,6 +25,7 @@ from client.admin import (
     PartitionOffsets,
     TopicDescription,
 )
+from client.batch_damage import CorruptRecordError
 from client.cluster import Cluster, PartitionInfo, TopicInfo, connect
 from client.connection import ConnectionFailed
 from client.consumer import Consumer, ConsumerStatistics, list_offsets
@@ -39,6 +40,7 @@ __all__ = [
     "ConnectionFailed",
     "Consumer",
     "ConsumerStatistics",
+    "CorruptRecordError",
     "Delivery",
     "DwalError",
     "ErrorCode",

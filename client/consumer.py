@@ -13,11 +13,23 @@ changes before it fetches — committing and releasing revoked partitions (on_re
 taking new ones from their committed offsets (on_assigned). Committed offsets are "next
 offset to read". With `enable_auto_commit`, positions are committed every
 `auto_commit_interval_ms` (inside poll), before partitions are revoked, and on close.
+
+Failures. A retriable error anywhere in a poll (broker unreachable, leader moved, a partition
+the group assigned that this client's metadata does not know yet, as right after `dwal topic
+add-partitions`) makes that poll return nothing: metadata is refreshed and the next poll
+tries again, after a backoff that doubles from `retry_backoff_ms` up to
+`retry_backoff_max_ms`. `statistics()` counts the consecutive failed polls and keeps the last
+error, so an application can say so; with `give_up_after_ms` a poll raises the last error
+once polls have failed for that long. A damaged record batch (CRC mismatch) is not retried:
+the records before it are returned, then poll raises CorruptRecordError until the
+application seeks past it, or, with `skip_corrupt`, the consumer skips it and reports it in
+`take_skipped()`.
 """
 
 from __future__ import annotations
 
 import bisect
+import collections
 import inspect
 import logging
 from dataclasses import dataclass
@@ -25,6 +37,7 @@ from typing import Any, Callable, Iterable
 
 import trio
 
+from client.batch_damage import CorruptRecordError, decode_until_damage
 from client.cluster import Cluster
 from client.group_membership import GroupMembership
 from client.topic_partition import TopicPartition
@@ -42,12 +55,17 @@ from protocol import (
     last_batch_header,
 )
 
+SKIPPED_BATCHES_MAX = 1000  # reports kept for take_skipped(); older ones are dropped
+
 
 @dataclass(frozen=True)
 class ConsumerStatistics:
     assigned_partitions: int
     records_returned: int
     fetches: int
+    failed_polls: int = 0  # consecutive polls that failed with a retriable error
+    last_error: DwalError | None = None  # the error of the last failed poll, if any
+    failing_since_s: float | None = None  # trio clock time of the first of those failures
 
 
 class Consumer:
@@ -59,7 +77,9 @@ class Consumer:
     `min_bytes` (answer as soon as this much is ready); for groups `group_id`,
     `group_instance_id` (static membership), `enable_auto_commit`,
     `auto_commit_interval_ms`, `rebalance_timeout_ms`, and the callbacks `on_assigned` and
-    `on_revoked` (each called with a set of TopicPartition; may be async).
+    `on_revoked` (each called with a set of TopicPartition; may be async); for failures
+    `retry_backoff_ms`, `retry_backoff_max_ms`, `give_up_after_ms` (None: retry forever)
+    and `skip_corrupt` (skip damaged batches instead of raising CorruptRecordError).
     Use ``async with Consumer(...) as consumer:`` so that `close()` runs at the end.
     """
 
@@ -79,9 +99,28 @@ class Consumer:
         rebalance_timeout_ms: int = 60_000,
         on_assigned: Callable[[set[TopicPartition]], Any] | None = None,
         on_revoked: Callable[[set[TopicPartition]], Any] | None = None,
+        retry_backoff_ms: int = 200,
+        retry_backoff_max_ms: int = 5_000,
+        give_up_after_ms: int | None = None,
+        skip_corrupt: bool = False,
     ) -> None:
         if auto_offset_reset not in ("earliest", "latest", "error"):
             raise ValueError("auto_offset_reset must be earliest, latest or error")
+        if not 0 < retry_backoff_ms <= retry_backoff_max_ms:
+            raise ValueError("need 0 < retry_backoff_ms <= retry_backoff_max_ms")
+        if give_up_after_ms is not None and give_up_after_ms < 0:
+            raise ValueError("give_up_after_ms must not be negative")
+        self.retry_backoff_s = retry_backoff_ms / 1000
+        self.retry_backoff_max_s = retry_backoff_max_ms / 1000
+        self.give_up_after_s = give_up_after_ms / 1000 if give_up_after_ms is not None else None
+        self.skip_corrupt = skip_corrupt
+        self._failed_polls = 0
+        self._failing_since: float | None = None
+        self._last_error: DwalError | None = None
+        self._damaged: dict[TopicPartition, tuple[int, CorruptRecordError]] = {}
+        self._skipped: collections.deque[CorruptRecordError] = collections.deque(
+            maxlen=SKIPPED_BATCHES_MAX
+        )
         self.group_id = group_id
         self.enable_auto_commit = enable_auto_commit and group_id is not None
         self.auto_commit_interval_s = auto_commit_interval_ms / 1000
@@ -165,7 +204,21 @@ class Consumer:
         return self._high_watermarks.get(TopicPartition(*partition))
 
     def statistics(self) -> ConsumerStatistics:
-        return ConsumerStatistics(len(self._positions), self._records_returned, self._fetches)
+        return ConsumerStatistics(
+            len(self._positions),
+            self._records_returned,
+            self._fetches,
+            self._failed_polls,
+            self._last_error,
+            self._failing_since,
+        )
+
+    def take_skipped(self) -> list[CorruptRecordError]:
+        """The damaged batches skipped (with ``skip_corrupt``) since the last call, oldest
+        first; at most SKIPPED_BATCHES_MAX are kept."""
+        skipped = list(self._skipped)
+        self._skipped.clear()
+        return skipped
 
     async def _reset(self, partitions: list[TopicPartition], timestamp: int) -> None:
         for tp, offset in (await list_offsets(self.cluster, partitions, timestamp)).items():
@@ -349,17 +402,72 @@ class Consumer:
     async def poll(self, timeout_ms: int | None = None) -> dict[TopicPartition, list[Record]]:
         """Fetch what is available (waiting up to `timeout_ms`, default `max_wait_ms`);
         returns records by partition, each list in offset order, possibly empty.
-        Raises DwalError for unknown topics or out-of-range positions under "error".
+
+        A retriable failure (see the module docstring) returns nothing and counts in
+        `statistics()`; the next poll first waits out the retry backoff. Raises DwalError for
+        unknown topics or out-of-range positions under "error", the last retriable error once
+        `give_up_after_ms` has passed, and CorruptRecordError at a damaged batch (only after
+        the records before it were returned, and again at each poll until a seek past it).
 
         While a poll's records are being decoded, the next fetch is already on its way
         (one prefetch at most, from the positions the answer leads to), so a consumer
         that keeps up overlaps its decoding with the broker's work and the network."""
         wait_ms = self.max_wait_ms if timeout_ms is None else max(timeout_ms, 0)
+        if self._failed_polls:
+            assert self._failing_since is not None
+            await trio.sleep(self._backoff_s())
+        self._raise_damage()
+        try:
+            records = await self._poll_once(wait_ms)
+        except DwalError as error:
+            if isinstance(error, CorruptRecordError) or not self._is_transient(error):
+                raise
+            self._note_failure(error)
+            return {}
+        self._failed_polls, self._failing_since, self._last_error = 0, None, None
+        return records
+
+    def _is_transient(self, error: DwalError) -> bool:
+        if error.retriable:
+            return True
+        # The group assigned it, so it exists: this client's metadata is behind.
+        return self._subscribed and error.code == ErrorCode.UNKNOWN_TOPIC_OR_PARTITION
+
+    def _backoff_s(self) -> float:
+        exponent = min(self._failed_polls - 1, 30)
+        return min(self.retry_backoff_s * 2**exponent, self.retry_backoff_max_s)
+
+    def _note_failure(self, error: DwalError) -> None:
+        """Count a failed poll; raises the error once polls have failed for too long."""
+        now = trio.current_time()
+        self._failed_polls += 1
+        self._last_error = error
+        if self._failing_since is None:
+            self._failing_since = now
+        self.cluster.invalidate_all()  # the next poll asks where partitions are now
+        self._prefetch = None
+        failing_s = now - self._failing_since
+        if self.give_up_after_s is not None and failing_s >= self.give_up_after_s:
+            raise DwalError(
+                error.code,
+                f"gave up after {self._failed_polls} failed attempts in {failing_s:.1f} s: "
+                f"{error.message}",
+            )
+
+    def _raise_damage(self) -> None:
+        """Raise the damage found at a partition's position, unless it was sought past."""
+        for tp, (position, error) in list(self._damaged.items()):
+            if self._positions.get(tp, -1) == position:
+                raise error
+            del self._damaged[tp]
+
+    async def _poll_once(self, wait_ms: int) -> dict[TopicPartition, list[Record]]:
         if self._subscribed:
             if not await self._reconcile_within(wait_ms):
                 return {}
         elif not self._positions:
             raise RuntimeError("no partitions assigned")
+        await self._check_metadata(list(self._positions))
         await self._resolve_missing_positions()
         positions = dict(self._positions)
         if self.enable_auto_commit and (
@@ -370,26 +478,54 @@ class Consumer:
             await self._auto_commit(positions)
         fetch, self._prefetch = self._prefetch, None
         if fetch is None or fetch.positions != positions:
+            if fetch is not None:
+                fetch.cancel()
             fetch = self._start_fetch(positions, wait_ms)
-        with trio.move_on_after(wait_ms / 1000 + self.cluster.request_timeout_ms / 1000) as scope:
+        with trio.move_on_after(wait_ms / 1000 + self.cluster.request_timeout_ms / 1000):
             await fetch.done.wait()
-        retriable = isinstance(fetch.error, DwalError) and fetch.error.retriable
-        if scope.cancelled_caught or retriable:
-            # A broker restart or a network blip: report nothing this time and let the next
-            # poll reconnect (metadata is refreshed), as Kafka consumers do.
-            if fetch.error is not None:
-                self.cluster.invalidate_all()
-            await trio.sleep(RETRY_BACKOFF_S)
-            return {}
+        if not fetch.done.is_set():
+            fetch.cancel()  # closes the connection: a new one is opened next time
+            raise DwalError(ErrorCode.REQUEST_TIMED_OUT, "fetch got no answer in time")
         if fetch.error is not None:
             raise fetch.error
         response = fetch.response
         assert response is not None
         self._fetches += 1
+        transient = self._check_partition_errors(response.body)
         following = _positions_after(response.body, response.tail, positions)
         if following != positions:
             self._prefetch = self._start_fetch(following, self.max_wait_ms)
-        return await self._take_records(response.body, response.tail)
+        records = self._take_records(response.body, response.tail)
+        if transient is not None and not records:
+            raise transient  # count it, and back off, rather than ask again at once
+        return records
+
+    async def _check_metadata(self, partitions: list[TopicPartition]) -> None:
+        """Refresh metadata of topics whose cached partition count is too small for an
+        assigned partition (the topic grew); raises UNKNOWN_TOPIC_OR_PARTITION if the broker
+        does not know the partition either."""
+        known = self.cluster.topics
+        stale = sorted(
+            {
+                tp.topic
+                for tp in partitions
+                if tp.topic not in known or tp.partition >= len(known[tp.topic].partitions)
+            }
+        )
+        if not stale:
+            return
+        found = await self.cluster.refresh_metadata(stale)
+        for tp in partitions:
+            if tp.topic not in stale:
+                continue
+            info = found.get(tp.topic)
+            if isinstance(info, DwalError):
+                raise info
+            if info is None or tp.partition >= len(info.partitions):
+                raise DwalError(
+                    ErrorCode.UNKNOWN_TOPIC_OR_PARTITION,
+                    f"topic {tp.topic!r} has no partition {tp.partition}",
+                )
 
     def _start_fetch(self, positions: dict[TopicPartition, int | None], wait_ms: int) -> "_Fetch":
         fetch = _Fetch(positions)
@@ -402,56 +538,84 @@ class Consumer:
         self.cluster.start_task(fetch.run, self.cluster, body)
         return fetch
 
-    async def _take_records(
+    def _check_partition_errors(self, body: dict) -> DwalError | None:
+        """Act on partition errors before any record is taken, so that raising loses none:
+        out of range resets the position (with auto_offset_reset), retriable ones refresh
+        metadata (the first is returned), others raise."""
+        transient = None
+        for entry in body["topics"]:
+            for part in entry["partitions"]:
+                if not part["error_code"]:
+                    continue
+                tp = TopicPartition(entry["topic"], part["partition"])
+                code = ErrorCode(part["error_code"])
+                message = f"{tp.topic}-{tp.partition}: {part.get('error_message') or code.name}"
+                if code == ErrorCode.OFFSET_OUT_OF_RANGE and self.auto_offset_reset != "error":
+                    self._positions[tp] = None  # the next poll resets it
+                elif code == ErrorCode.CORRUPT_MESSAGE:  # the broker found the damage itself
+                    position = self._positions.get(tp) or 0
+                    raise CorruptRecordError(tp.topic, tp.partition, position, None, message)
+                elif self._is_transient(DwalError(code)):
+                    self.cluster.invalidate(tp.topic)
+                    transient = transient or DwalError(code, message)
+                else:
+                    raise DwalError(code, message)
+        return transient
+
+    def _take_records(
         self, body: dict, tail: bytes | memoryview
     ) -> dict[TopicPartition, list[Record]]:
         view = memoryview(tail)
         position = 0
         out: dict[TopicPartition, list[Record]] = {}
-        resets: list[TopicPartition] = []
+        damage: list[CorruptRecordError] = []
         for entry in body["topics"]:
             for part in entry["partitions"]:
                 tp = TopicPartition(entry["topic"], part["partition"])
                 chunk = view[position : position + part["size"]]
                 position += part["size"]
                 if part["error_code"]:
-                    self._partition_error(tp, part, resets)
                     continue
                 self._high_watermarks[tp] = part["high_watermark"]
-                records = self._records_from(tp, chunk)
+                records = self._records_from(tp, chunk, damage)
                 if records:
                     out[tp] = records
-        if resets:
-            await self._resolve_missing_positions()
+        if damage and not out:
+            raise damage[0]  # nothing before it to deliver first
         return out
 
-    def _records_from(self, tp: TopicPartition, chunk: memoryview) -> list[Record]:
+    def _records_from(
+        self, tp: TopicPartition, chunk: memoryview, damage: list[CorruptRecordError]
+    ) -> list[Record]:
         expected = self._positions.get(tp)
         if expected is None or not len(chunk):
             return []
-        records = decode_records(chunk, allow_partial_tail=True)
+        error = None
+        try:
+            records = decode_records(chunk, allow_partial_tail=True)
+        except ProtocolError:
+            records, error = decode_until_damage(tp, chunk, expected)
         if records and records[0].offset < expected:
             # offsets increase but may have gaps (compacted topics): search, do not count
             records = records[bisect.bisect_left(records, expected, key=_offset_of) :]
         if records:
             self._positions[tp] = records[-1].offset + 1
             self._records_returned += len(records)
+        if error is not None:
+            self._note_damage(tp, error, damage)
         return records
 
-    def _partition_error(
-        self, tp: TopicPartition, part: dict, resets: list[TopicPartition]
+    def _note_damage(
+        self, tp: TopicPartition, error: CorruptRecordError, damage: list[CorruptRecordError]
     ) -> None:
-        code = ErrorCode(part["error_code"])
-        if code == ErrorCode.OFFSET_OUT_OF_RANGE and self.auto_offset_reset != "error":
-            self._positions[tp] = None
-            resets.append(tp)
+        if self.skip_corrupt and error.skippable:
+            assert error.last_offset is not None
+            logger.warning("skipping %s", error.message)
+            self._skipped.append(error)
+            self._positions[tp] = max(error.last_offset + 1, self._positions[tp] or 0)
             return
-        if code.retriable:
-            self.cluster.invalidate(tp.topic)
-            return
-        raise DwalError(
-            code, f"{tp.topic}-{tp.partition}: {part.get('error_message') or code.name}"
-        )
+        self._damaged[tp] = (self._positions[tp] or 0, error)
+        damage.append(error)
 
 
 async def _call(
@@ -468,7 +632,6 @@ def _offset_of(record: Record) -> int:
 
 
 logger = logging.getLogger("dwal.client")
-RETRY_BACKOFF_S = 0.2
 
 
 class _Fetch:
@@ -479,13 +642,19 @@ class _Fetch:
         self.done = trio.Event()
         self.response: Response | None = None
         self.error: Exception | None = None
+        self._scope = trio.CancelScope()
+
+    def cancel(self) -> None:
+        """Abandon the fetch; cancelling a request awaiting its answer closes its connection."""
+        self._scope.cancel()
 
     async def run(self, cluster: Cluster, body: dict) -> None:
         try:
-            connection = await cluster.leader_connection(
-                *next(iter(self.positions)), purpose="fetch"
-            )
-            self.response = await connection.request(ApiKey.FETCH, body)
+            with self._scope:
+                connection = await cluster.leader_connection(
+                    *next(iter(self.positions)), purpose="fetch"
+                )
+                self.response = await connection.request(ApiKey.FETCH, body)
         except (DwalError, ProtocolError) as error:
             self.error = error
         finally:
