@@ -20,8 +20,8 @@ GIBIBYTE = 1024 * MEBIBYTE
 DAY_MS = 24 * 60 * 60 * 1000
 
 SEGMENT_BYTES_MIN = 1024
-# Positions in the offset index are u32 and a segment may exceed segment_bytes by at most
-# one append of at most segment_bytes, so segment_bytes stays below 2 GiB.
+# Positions in the offset index are u32; appends roll between batches so a segment never
+# grows past segment_bytes (a single batch above it is refused), which stays below 2 GiB.
 SEGMENT_BYTES_MAX = 2**31 - 1
 LONG_MAX = 2**63 - 1
 

@@ -2,9 +2,11 @@
 
 Theory of operation. The log is a sorted map from base offset to `Segment`; the last segment
 is active and takes every append. An append checks every batch of the request first (so a
-bad batch writes nothing), assigns offsets by patching each batch's header in place, rolls
-the active segment when it is full or old, and writes all the batches with one write. No
-record is ever decoded here: the broker only reads batch headers.
+bad or oversize batch writes nothing), assigns offsets by patching each batch's header in
+place, and writes the batches with one write per segment: the active segment rolls before
+any batch that would overfill it (or before the first one when it is old), so an append
+larger than segment.bytes spreads over several segments and only a single batch above the
+limits is refused. No record is ever decoded here: the broker only reads batch headers.
 
 Three offsets move forward: the log end offset (the next offset to assign, moved by appends),
 the durable offset (everything below it is fsynced, moved by `wait_durable`) and the high
@@ -216,10 +218,13 @@ class PartitionLog:
     ) -> AppendInfo:
         """Append back-to-back record batches, assigning their offsets in place.
 
-        Every batch is checked before anything is written. Returns where they went. Raises
-        CorruptRecordError (bad length, magic or CRC), RecordTooLargeError (a batch above
-        max.message.bytes, or the whole append above segment.bytes), or StorageError (the
-        disk failed; the log is then offline).
+        Every batch is checked before anything is written. The active segment rolls between
+        batches whenever the next one would not fit, so an append of any size is stored
+        (across several segments if need be); only a single batch above segment.bytes or
+        max.message.bytes is refused. Returns where they went. Raises CorruptRecordError (bad
+        length, magic or CRC), RecordTooLargeError (a batch above a limit; nothing written),
+        or StorageError (the disk failed; the log is then offline, unless nothing was
+        written).
         """
         # patched in place: a bytearray, or a writable view (a received frame's tail)
         assert isinstance(batches, bytearray) or not batches.readonly
@@ -227,22 +232,13 @@ class PartitionLog:
         self._check_usable()
         scanned = self._validate(batches)
         base_offset = self.log_end_offset
-        last_offset = base_offset + sum(batch.header.record_count for batch in scanned) - 1
-        if self._must_roll(len(batches), last_offset, now_ms):
-            self._roll()
         headers = _assign_offsets(batches, scanned, base_offset, leader_epoch)
-        try:
-            self._active.append(memoryview(batches), headers)
-        except OSError as error:
-            raise self._fail(f"cannot append to {self._active.log_path}: {error}") from error
-        if self._active.rolling_baseline_ms is None:
-            self._active.rolling_baseline_ms = now_ms
-        self._size_bytes += len(batches)
+        self._write_rolling(memoryview(batches), headers, now_ms)
         if self._config.fsync != "always":
             self._advance_high_watermark(self.log_end_offset)
         return AppendInfo(
             base_offset=base_offset,
-            last_offset=last_offset,
+            last_offset=self.log_end_offset - 1,
             log_append_time=-1,
             log_start_offset=self.log_start_offset,
         )
@@ -251,33 +247,70 @@ class PartitionLog:
         """Return the scanned batches. Raises CorruptRecordError or RecordTooLargeError."""
         if not batches:
             raise CorruptRecordError("an append needs at least one record batch")
-        if len(batches) > self._config.segment_bytes:
-            raise RecordTooLargeError(
-                f"an append of {len(batches)} bytes exceeds segment.bytes "
-                f"({self._config.segment_bytes})"
-            )
         scanned = []
         try:
             for batch in scan_batches(batches):
-                if batch.header.size_bytes > self._config.max_message_bytes:
-                    raise RecordTooLargeError(
-                        f"a record batch of {batch.header.size_bytes} bytes exceeds "
-                        f"max.message.bytes ({self._config.max_message_bytes})"
-                    )
+                self._check_batch_size(batch.header.size_bytes)
                 scanned.append(batch)
         except ProtocolError as error:
             raise CorruptRecordError(str(error)) from None
         return scanned
 
-    def _must_roll(self, incoming_bytes: int, last_offset: int, now_ms: int) -> bool:
-        active = self._active
-        if active.size_bytes == 0:
-            return False
-        return (
-            active.size_bytes + incoming_bytes > self._config.segment_bytes
-            or self._is_old(active, now_ms)
-            or not active.fits_offsets(last_offset)
-        )
+    def _check_batch_size(self, size_bytes: int) -> None:
+        for limit, name in (
+            (self._config.max_message_bytes, "max.message.bytes"),
+            (self._config.segment_bytes, "segment.bytes"),
+        ):
+            if size_bytes > limit:
+                raise RecordTooLargeError(
+                    f"a record batch of {size_bytes} bytes exceeds {name} ({limit})"
+                )
+
+    def _write_rolling(
+        self, data: memoryview, headers: list[tuple[int, BatchHeader]], now_ms: int
+    ) -> None:
+        """Write the batches (offsets assigned) to the active segment, rolling before a batch
+        that would overfill it (or the first one, when the segment is old). Each run of
+        batches that fits goes in one write. Raises StorageError."""
+        run_start = 0  # position in `data` of the first batch not yet written
+        run: list[tuple[int, BatchHeader]] = []  # (position in the run, header)
+        for position, header in headers:
+            fill = self._active.size_bytes + position - run_start
+            if fill > 0 and (
+                fill + header.size_bytes > self._config.segment_bytes
+                or not self._active.fits_offsets(header.last_offset)
+                or (position == 0 and self._is_old(self._active, now_ms))
+            ):
+                self._write_run(data[run_start:position], run, now_ms, partial=run_start > 0)
+                self._roll()
+                run_start, run = position, []
+            run.append((position - run_start, header))
+        self._write_run(data[run_start:], run, now_ms, partial=run_start > 0)
+
+    def _write_run(
+        self,
+        data: memoryview,
+        headers: list[tuple[int, BatchHeader]],
+        now_ms: int,
+        *,
+        partial: bool,
+    ) -> None:
+        """Append whole batches to the active segment. Raises StorageError; the log goes
+        offline if the write failed after earlier batches of the same append (`partial`) went
+        to disk, or if the segment may be torn."""
+        if not data:
+            return
+        try:
+            self._active.append(data, headers)
+        except StorageError as error:
+            if partial:
+                raise self._fail(f"an append was cut short: {error}") from error
+            raise
+        except OSError as error:
+            raise self._fail(f"cannot append to {self._active.log_path}: {error}") from error
+        if self._active.rolling_baseline_ms is None:
+            self._active.rolling_baseline_ms = now_ms
+        self._size_bytes += len(data)
 
     def _is_old(self, segment: Segment, now_ms: int) -> bool:
         baseline = segment.rolling_baseline_ms
@@ -364,7 +397,7 @@ class PartitionLog:
         if offset > self._durable_offset:
             self._durable_offset = offset
         if self._config.fsync == "always":
-            self._advance_high_watermark(offset, segment, position)
+            self._advance_high_watermark(offset)  # BUG-INJECTED
 
     def _advance_high_watermark(
         self, offset: int, segment: Segment | None = None, position: int | None = None

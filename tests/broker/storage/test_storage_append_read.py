@@ -176,9 +176,6 @@ def test_oversize_batch_writes_nothing(tmp_path):
     before = (log.log_end_offset, file_sizes(log.directory))
     with pytest.raises(RecordTooLargeError, match="max.message.bytes"):
         log.append(make_batch(1) + make_batch(2, records=20), now_ms=0)
-    big = bytearray().join(make_batch(number) for number in range(20))
-    with pytest.raises(RecordTooLargeError, match="segment.bytes"):
-        log.append(big, now_ms=0)
     assert (log.log_end_offset, file_sizes(log.directory)) == before
     log.close()
 
