@@ -16,9 +16,22 @@ class Limits:
     partitions_per_topic_max: int = 10_000
     topics_max: int = 100_000
     socket_receive_bytes: int = 256 * 1024
-    http_body_bytes_max: int = 8 * 1024 * 1024
-    http_connections_max: int = 1024
+    # Bytes of requests being read or waiting to be handled, summed over every connection of
+    # every listener (native frames and HTTP bodies); when spent, the broker stops reading.
+    queued_request_bytes_max: int = 256 * 1024 * 1024
+    http_body_bytes_max: int = 8 * 1024 * 1024  # larger: 413
+    http_header_bytes_max: int = 16 * 1024  # request line plus headers; larger: 431
+    http_receive_bytes: int = 64 * 1024  # one read from an HTTP connection
+    http_connections_max: int = 1024  # more: answered 503 (or closed, see http_refusals_max)
+    http_refusals_max: int = 64  # connections being answered 503 at once; more are just closed
+    http_linger_bytes_max: int = 1024 * 1024  # drained from a client before closing on error
     http_fetch_records_max: int = 10_000
+
+    @property
+    def largest_request_bytes(self) -> int:
+        """The most one request reserves in the memory pool: a native frame with its 4-byte
+        length prefix, or an HTTP body."""
+        return max(self.frame_bytes_max + 4, self.http_body_bytes_max)
 
     def problems(self) -> list[str]:
         """What is wrong with these limits, as messages naming the setting (empty if fine)."""
@@ -32,4 +45,13 @@ class Limits:
             problems.append("limits.fetch_bytes_max must be at least 1024")
         if self.socket_receive_bytes < 4096:
             problems.append("limits.socket_receive_bytes must be at least 4096")
+        if self.queued_request_bytes_max < self.largest_request_bytes:
+            problems.append(
+                "limits.queued_request_bytes_max must be at least limits.frame_bytes_max + 4 "
+                "(a whole frame with its length prefix) and at least limits.http_body_bytes_max"
+            )
+        if self.http_header_bytes_max < 1024:
+            problems.append("limits.http_header_bytes_max must be at least 1024")
+        if self.http_receive_bytes < 4096:
+            problems.append("limits.http_receive_bytes must be at least 4096")
         return problems

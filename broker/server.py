@@ -12,6 +12,15 @@ reader stops reading, and TCP pushes back on the client.
 A fetch reply holds file slices, not bytes, so a slow consumer costs file descriptors that
 are bounded by the same limit, never unbounded memory.
 
+The bytes of requests are bounded over all connections by one `MemoryPool`
+(`queued_request_bytes_max`, shared with the HTTP gateway). A reader reads nothing it has
+not reserved: once a frame's length prefix is in, it reserves the whole frame (waiting, and
+so not reading, while the pool is spent), and the frame's bytes go back to the pool when its
+reply has been produced. To read several small frames per receive, a reader may also hold
+read-ahead granted by `try_reserve` only while a maximum frame would still fit (see
+`broker.memory_pool` for why this cannot deadlock). The four bytes of a length prefix read
+without read-ahead are the only bytes not counted (at most four per connection).
+
 A frame that cannot be decoded ends the connection (the byte stream cannot be resynchronised);
 a frame that decodes but carries a bad request gets an error reply and the connection goes on.
 """
@@ -28,6 +37,8 @@ from dataclasses import dataclass, field
 import trio
 
 from broker.event_log import log_event
+from broker.limits import Limits
+from broker.memory_pool import MemoryPool
 from broker.request_handlers import Reply, RequestContext, RequestHandlers
 from broker.storage import FetchSlice
 from protocol import (
@@ -64,9 +75,17 @@ class ServerStatistics:
 
 
 class NativeServer:
-    def __init__(self, handlers: RequestHandlers) -> None:
+    """Serves the native protocol for `handlers`. `memory_pool` bounds the bytes of requests
+    being read and queued; pass the one the HTTP gateway uses (default: a pool of its own
+    of `limits.queued_request_bytes_max`)."""
+
+    def __init__(self, handlers: RequestHandlers, *, memory_pool: MemoryPool | None = None) -> None:
         self.handlers = handlers
         self.limits = handlers.config.limits
+        if memory_pool is None:
+            memory_pool = MemoryPool(self.limits.queued_request_bytes_max)
+        assert memory_pool.bytes_max >= self.limits.largest_request_bytes, "a frame must fit"
+        self.memory_pool = memory_pool
         self.connections = 0
         self.requests_handled = 0
         self.protocol_errors = 0
@@ -127,28 +146,46 @@ class NativeServer:
             frame_bytes_max=self.limits.frame_bytes_max,
             header_bytes_max=self.limits.frame_header_bytes_max,
         )
-        while True:
-            try:
-                while (frame := decoder.next_frame()) is not None:
-                    await self._dispatch(frame, send, nursery, peer_host)
-            except ProtocolError as error:
-                self.protocol_errors += 1
-                log_event(
-                    logger,
-                    logging.WARNING,
-                    "connection_protocol_error",
-                    connection=connection_id,
-                    error=str(error),
-                )
-                return
-            wanted = min(max(decoder.bytes_wanted(), 65536), self.limits.socket_receive_bytes)
-            data = await stream.receive_some(wanted)
-            if not data:
-                return
-            decoder.feed(data)
+        receive_buffer = _ReceiveBuffer(self.memory_pool, self.limits)
+        try:
+            while True:
+                try:
+                    while (frame := _next_frame(decoder)) is not None:
+                        header, tail, frame_bytes = frame
+                        receive_buffer.hand_over(frame_bytes)
+                        await self._dispatch(header, tail, frame_bytes, send, nursery, peer_host)
+                except ProtocolError as error:
+                    self.protocol_errors += 1
+                    log_event(
+                        logger,
+                        logging.WARNING,
+                        "connection_protocol_error",
+                        connection=connection_id,
+                        error=str(error),
+                    )
+                    return
+                data = await stream.receive_some(await receive_buffer.room_for_next_read(decoder))
+                if not data:
+                    return
+                decoder.feed(data)
+        finally:
+            receive_buffer.close()
 
-    async def _dispatch(self, frame, send, nursery, peer: str) -> None:
-        header, tail = frame
+    async def _dispatch(self, header, tail, frame_bytes: int, send, nursery, peer: str) -> None:
+        """Queue the reply to one frame and start its work. The frame's `frame_bytes` are
+        reserved in the memory pool; they go back once its reply is produced (or the frame is
+        dropped), on every path."""
+        handed_to_task = False
+        try:
+            handed_to_task = await self._queue_request(
+                header, tail, frame_bytes, send, nursery, peer
+            )
+        finally:
+            if not handed_to_task:
+                self.memory_pool.release(frame_bytes)
+
+    async def _queue_request(self, header, tail, frame_bytes: int, send, nursery, peer) -> bool:
+        """Returns whether a task now completes the request (and releases its bytes)."""
         try:
             request = parse_request(header, tail)
         except ProtocolError:
@@ -159,7 +196,7 @@ class NativeServer:
             await send.send(pending)
             self.replies_pending += 1
             _finish(pending, _error_reply(ErrorCode.INVALID_REQUEST, "malformed request header"))
-            return
+            return False
         pending = PendingReply(request.correlation_id)
         await send.send(pending)
         self.replies_pending += 1
@@ -167,8 +204,9 @@ class NativeServer:
             work = await self._start(request, RequestContext(request.client_id or "", peer))
         except Exception as error:
             self._finish_with_error(pending, request, error)
-            return
-        nursery.start_soon(self._complete, work, request, pending)
+            return False
+        nursery.start_soon(self._complete, work, request, pending, frame_bytes)
+        return True
 
     async def _start(self, request, context: RequestContext):
         """Check the request and do its order-sensitive part now, in arrival order; returns
@@ -194,12 +232,14 @@ class NativeServer:
         reply = await handler(body, request.tail, context)  # done before the next request is read
         return functools.partial(_already, reply)
 
-    async def _complete(self, work, request, pending: PendingReply) -> None:
+    async def _complete(self, work, request, pending: PendingReply, frame_bytes: int) -> None:
         try:
             reply = await work()
         except Exception as error:
             self._finish_with_error(pending, request, error)
             return
+        finally:
+            self.memory_pool.release(frame_bytes)
         self.requests_handled += 1
         _finish(pending, reply)
 
@@ -259,6 +299,54 @@ class NativeServer:
 # connection (a Produce right after its CreateTopics finds the topic). Only the waiting parts
 # run concurrently: a Produce's wait for fsync, and a Fetch (which may long-poll).
 _RUN_CONCURRENTLY = frozenset({ApiKey.FETCH})
+
+
+class _ReceiveBuffer:
+    """The memory-pool reservation behind one connection's receive buffer: what has been
+    reserved for bytes read (or about to be read) and not yet handed over to a frame."""
+
+    def __init__(self, pool: MemoryPool, limits: Limits) -> None:
+        self._pool = pool
+        self._receive_bytes = limits.socket_receive_bytes  # one read, and one read-ahead
+        self._request_bytes_max = limits.largest_request_bytes
+        self.reserved = 0
+
+    async def room_for_next_read(self, decoder: FrameDecoder) -> int:
+        """How many bytes the next receive may take, after reserving them (waits while the
+        pool is spent; cancel-safe: a cancelled wait reserves nothing)."""
+        buffered = decoder.buffered_bytes
+        if buffered >= 4:  # the frame's length is known: reserve all of it at once
+            frame_bytes = buffered + decoder.bytes_wanted()
+            if self.reserved < frame_bytes:
+                await self._pool.reserve(frame_bytes - self.reserved)
+                self.reserved = frame_bytes
+        elif self.reserved <= buffered and self._pool.try_reserve(
+            self._receive_bytes, keep_free=self._request_bytes_max
+        ):
+            self.reserved += self._receive_bytes
+        if self.reserved <= buffered:  # no read-ahead granted: just the length prefix
+            return 4 - buffered
+        return min(self.reserved - buffered, self._receive_bytes)
+
+    def hand_over(self, frame_bytes: int) -> None:
+        """A whole frame of `frame_bytes` was taken from the buffer: its reservation now
+        belongs to the frame's request (released when that is handled)."""
+        assert frame_bytes <= self.reserved, (frame_bytes, self.reserved)
+        self.reserved -= frame_bytes
+
+    def close(self) -> None:
+        self._pool.release(self.reserved)
+        self.reserved = 0
+
+
+def _next_frame(decoder: FrameDecoder) -> tuple[object, memoryview, int] | None:
+    """The next whole frame's header, tail and size on the wire, or None."""
+    buffered = decoder.buffered_bytes
+    frame = decoder.next_frame()
+    if frame is None:
+        return None
+    header, tail = frame
+    return header, tail, buffered - decoder.buffered_bytes
 
 
 async def _already(reply: Reply) -> Reply:
