@@ -297,6 +297,9 @@ RESPONSES: dict[ApiKey, Struct] = {
                             client_id=(STR, ""),
                             host=(STR, ""),
                             member_epoch=INT,
+                            # time left until the member is removed unless it heartbeats (an
+                            # away static member: rejoins); -1: not said (older broker)
+                            session_expires_in_ms=(INT, -1),
                             subscribed_topic_names=(ListOf(STR), []),
                             subscribed_topic_regex=(Optional(STR), None),
                             assignment=(ListOf(_TOPIC_PARTITIONS), []),

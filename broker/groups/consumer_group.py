@@ -432,6 +432,7 @@ class ConsumerGroup:
             client_id=member.client_id,
             host=member.host,
             member_epoch=STATIC_LEAVE_EPOCH if member.away else member.member_epoch,
+            session_deadline_ms=member.session_deadline_ms,
             subscribed_topic_names=member.subscribed_topic_names,
             subscribed_topic_regex=member.subscribed_topic_regex,
             assignment=member.assigned,

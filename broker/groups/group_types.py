@@ -70,6 +70,7 @@ class MemberDescription:
     client_id: str
     host: str
     member_epoch: int  # STATIC_LEAVE_EPOCH while a static member is away
+    session_deadline_ms: int  # removed after this unless it heartbeats (or, if away, rejoins)
     subscribed_topic_names: tuple[str, ...]
     subscribed_topic_regex: str | None
     assignment: frozenset[TopicPartition]  # what the member may own now
