@@ -26,6 +26,8 @@ class PartitionInfo:
 class TopicInfo:
     name: str
     partitions: tuple[PartitionInfo, ...]
+    max_message_bytes: int = -1  # the topic's max.message.bytes; -1: the broker did not say
+    segment_bytes: int = -1  # the topic's segment.bytes; -1: the broker did not say
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,11 @@ class Cluster:
             connection = self._connections.get(key)
             if connection is None or connection.closed:
                 connection = await BrokerConnection.open(
-                    host, port, self._nursery, client_id=self.client_id
+                    host,
+                    port,
+                    self._nursery,
+                    client_id=self.client_id,
+                    send_timeout_s=self.request_timeout_ms / 1000,
                 )
                 self._connections[key] = connection
         return connection
@@ -105,7 +111,10 @@ class Cluster:
         *,
         connection: BrokerConnection | None = None,
     ) -> Response:
-        """Send one request to `connection` (or any broker), bounded by the request timeout."""
+        """Send one request to `connection` (or any broker), bounded by the request timeout.
+
+        Safe to cancel (a `trio.move_on_after` around it is fine): a request already written
+        is abandoned, its answer discarded on arrival; the shared connection stays open."""
         if connection is None:
             connection = await self.any_connection()
         with trio.move_on_after(self.request_timeout_ms / 1000) as scope:
@@ -149,6 +158,8 @@ class Cluster:
                     )
                     for p in sorted(entry["partitions"], key=lambda p: p["partition"])
                 ),
+                entry["max_message_bytes"],
+                entry["segment_bytes"],
             )
             self.topics[name] = info
             result[name] = info
