@@ -9,6 +9,7 @@ cancellation.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from broker.config import BrokerConfig
 from broker.data_dir_lock import DataDirLock
 from broker.event_log import log_event
 from broker.group_coordinator import GroupCoordinator
+from broker.memory_pool import MemoryPool
 from broker.request_handlers import RequestHandlers
 from broker.server import NativeServer
 from broker.storage import StorageError
@@ -119,13 +121,16 @@ async def _serve(
 ) -> BrokerAddresses:
     port = listeners.native[0].socket.getsockname()[1]
     handlers = RequestHandlers(config, registry, advertised_port=port, coordinator=coordinator)
-    await nursery.start(NativeServer(handlers).serve, listeners.native)
+    memory_pool = MemoryPool(config.limits.queued_request_bytes_max)  # shared by listeners
+    await nursery.start(NativeServer(handlers, memory_pool=memory_pool).serve, listeners.native)
     http_port = None
     if listeners.http:
         from broker.gateway.http_gateway import serve_http
 
         http_port = listeners.http[0].socket.getsockname()[1]
-        await nursery.start(serve_http, handlers, listeners.http)
+        await nursery.start(
+            functools.partial(serve_http, memory_pool=memory_pool), handlers, listeners.http
+        )
     return BrokerAddresses(config.host, port, http_port)
 
 

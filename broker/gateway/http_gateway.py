@@ -6,11 +6,16 @@ a time with an h11 server `Connection` (keep-alive: the same connection serves r
 request; pipelined requests wait in h11's buffer and are answered in order), hands the whole
 request to `JsonApi.handle`, and writes the response.
 
-Everything a peer can make us hold is bounded:
-- request heads by h11's ``max_incomplete_event_size`` (431; a head that arrives whole in
-  one read of RECEIVE_BYTES may exceed it by at most that much);
+Everything a peer can make us hold is bounded (the limits are in `broker.limits.Limits`):
+- request heads by ``limits.http_header_bytes_max`` (431): h11's
+  ``max_incomplete_event_size`` stops a head that is still arriving, and the size of a parsed
+  head is checked too, since one read of ``http_receive_bytes`` may complete a larger one;
 - request bodies by ``limits.http_body_bytes_max`` (413, checked against Content-Length
   before any body byte is read, and while reading chunked bodies);
+- request bodies over all connections, native ones included, by the shared `MemoryPool`: a
+  body's bytes (Content-Length, or ``http_body_bytes_max`` for a chunked body until its end)
+  are reserved before it is read, the read timeout pausing while the pool is spent, and go
+  back once the response is produced;
 - connections by ``limits.http_connections_max``: further ones get an immediate 503 (a small
   number of those are answered at once, beyond that they are simply closed);
 - time: reading a request (including keep-alive idle time), writing a response and the
@@ -26,6 +31,8 @@ from __future__ import annotations
 
 import http
 import logging
+import math
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -35,6 +42,7 @@ import trio
 from broker.event_log import log_event
 from broker.gateway.json_api import ApiRequest, ApiResponse, JsonApi
 from broker.limits import Limits
+from broker.memory_pool import MemoryPool
 from protocol import ErrorCode
 
 if TYPE_CHECKING:
@@ -42,10 +50,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("dwal.http")
 
-RECEIVE_BYTES = 64 * 1024
-HEADER_BYTES_MAX = 16 * 1024  # a request line plus headers
-REFUSALS_MAX = 64  # connections answered 503 at the same time; beyond, closed at once
-LINGER_BYTES_MAX = 1024 * 1024
 LOGGED_TARGET_CHARS_MAX = 200
 
 
@@ -68,15 +72,47 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class _BodyReservation:
+    """The memory-pool bytes held for one request's body; `release` gives back all of them
+    (idempotent), `shrink_to` what is not needed."""
+
+    def __init__(self, pool: MemoryPool) -> None:
+        self._pool = pool
+        self.byte_count = 0
+
+    async def reserve(self, byte_count: int) -> None:
+        assert self.byte_count == 0
+        await self._pool.reserve(byte_count)
+        self.byte_count = byte_count
+
+    def shrink_to(self, byte_count: int) -> None:
+        assert byte_count <= self.byte_count
+        self._pool.release(self.byte_count - byte_count)
+        self.byte_count = byte_count
+
+    def release(self) -> None:
+        self.shrink_to(0)
+
+
 class HttpGateway:
     """Serves `api` over HTTP/1.1 within `limits`. Start with `serve` (or feed it streams
-    through `handle_connection`)."""
+    through `handle_connection`). Request bodies reserve their bytes in `memory_pool` (pass
+    the native server's; default: a pool of its own of `limits.queued_request_bytes_max`)."""
 
     def __init__(
-        self, api: JsonApi, limits: Limits, *, timeouts: HttpTimeouts = HttpTimeouts()
+        self,
+        api: JsonApi,
+        limits: Limits,
+        *,
+        timeouts: HttpTimeouts = HttpTimeouts(),
+        memory_pool: MemoryPool | None = None,
     ) -> None:
         self._api = api
         self._limits = limits
+        if memory_pool is None:
+            memory_pool = MemoryPool(limits.queued_request_bytes_max)
+        assert memory_pool.bytes_max >= limits.http_body_bytes_max, "a body must fit"
+        self._memory_pool = memory_pool
         self._timeouts = timeouts
         self._connections = 0
         self._connections_accepted = 0
@@ -110,9 +146,10 @@ class HttpGateway:
             self._connections += 1
             self._connections_accepted += 1
             try:
-                await self._serve_requests(
-                    stream, h11.Connection(h11.SERVER, max_incomplete_event_size=HEADER_BYTES_MAX)
+                connection = h11.Connection(
+                    h11.SERVER, max_incomplete_event_size=self._limits.http_header_bytes_max
                 )
+                await self._serve_requests(stream, connection)
             finally:
                 self._connections -= 1
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -139,7 +176,7 @@ class HttpGateway:
             reason="http_connections_max",
             limit=self._limits.http_connections_max,
         )
-        if self._refusing >= REFUSALS_MAX:
+        if self._refusing >= self._limits.http_refusals_max:
             return
         self._refusing += 1
         try:
@@ -157,10 +194,17 @@ class HttpGateway:
 
     async def _serve_requests(self, stream: trio.abc.Stream, connection: h11.Connection) -> None:
         while True:
-            outcome = await self._read_request(stream, connection)
-            if outcome is None:
-                return
-            request, error_response = outcome
+            body_reservation = _BodyReservation(self._memory_pool)
+            try:
+                outcome = await self._read_request(stream, connection, body_reservation)
+                if outcome is None:
+                    return
+                request, error_response = outcome
+                if error_response is None:
+                    assert request is not None
+                    response = await self._respond(request)
+            finally:
+                body_reservation.release()  # the request is handled (or never will be)
             if error_response is not None:  # the request could not be read whole
                 self._log_error(request, error_response)
                 await self._send(
@@ -173,7 +217,6 @@ class HttpGateway:
                 await self._linger(stream)
                 return
             assert request is not None
-            response = await self._respond(request)
             await self._send(
                 stream, connection, response, close=False, head=request.method == "HEAD"
             )
@@ -182,13 +225,17 @@ class HttpGateway:
             connection.start_next_cycle()
 
     async def _read_request(
-        self, stream: trio.abc.Stream, connection: h11.Connection
+        self,
+        stream: trio.abc.Stream,
+        connection: h11.Connection,
+        body_reservation: _BodyReservation,
     ) -> tuple[ApiRequest | None, ApiResponse | None] | None:
-        """Read a whole request. Returns None when the connection should just close, else the
-        request (whole, or its head, or None when even that is unreadable) and, if it could
-        not be read whole, the error response to send instead of handling it."""
+        """Read a whole request, its body's bytes reserved in `body_reservation`. Returns None
+        when the connection should just close, else the request (whole, or its head, or None
+        when even that is unreadable) and, if it could not be read whole, the error response
+        to send instead of handling it."""
         head: ApiRequest | None = None
-        with trio.move_on_after(self._timeouts.request_read_s):
+        with trio.move_on_after(self._timeouts.request_read_s) as read_scope:
             try:
                 outcome = await self._read_head(stream, connection)
                 if outcome is None:
@@ -196,7 +243,8 @@ class HttpGateway:
                 head, declared_length = outcome
                 if declared_length is not None:
                     self._check_body_length(declared_length)
-                return await self._read_body(stream, connection, head), None
+                await self._reserve_body(read_scope, body_reservation, declared_length)
+                return await self._read_body(stream, connection, head, body_reservation), None
             except _BodyTooLarge:
                 message = (
                     f"the request body is larger than the limit of "
@@ -220,6 +268,21 @@ class HttpGateway:
             },
         )
 
+    async def _reserve_body(
+        self, read_scope: trio.CancelScope, reservation: _BodyReservation, length: int | None
+    ) -> None:
+        """Reserve the body's bytes (all a chunked body may have) before reading any; waiting
+        for memory does not count against the client's read timeout."""
+        byte_count = self._limits.http_body_bytes_max if length is None else length
+        if byte_count == 0:
+            return
+        time_left_s = read_scope.deadline - trio.current_time()
+        read_scope.deadline = math.inf
+        try:
+            await reservation.reserve(byte_count)
+        finally:
+            read_scope.deadline = trio.current_time() + time_left_s
+
     def _check_body_length(self, length: int) -> None:
         if length > self._limits.http_body_bytes_max:
             raise _BodyTooLarge
@@ -228,12 +291,15 @@ class HttpGateway:
         self, connection: h11.Connection, head: ApiRequest | None, error: h11.RemoteProtocolError
     ) -> tuple[ApiRequest | None, ApiResponse] | None:
         if connection.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            log_event(logger, logging.INFO, "http_protocol_error", error=str(error))
+            log_event(logger, logging.INFO, "http_protocol_error", error=_plain_text(error))
             return None  # no response possible; one answered is logged by _log_error
         if error.error_status_hint == 431:
-            message = f"the request line and headers are larger than {HEADER_BYTES_MAX} bytes"
+            message = (
+                f"the request line and headers are larger than the limit of "
+                f"{self._limits.http_header_bytes_max} bytes"
+            )
         else:
-            message = f"malformed HTTP request: {error}"
+            message = f"malformed HTTP request: {_plain_text(error)}"
         return head, ApiResponse(status=error.error_status_hint, body={"error": message})
 
     async def _read_head(
@@ -245,6 +311,9 @@ class HttpGateway:
         if isinstance(event, h11.ConnectionClosed):
             return None
         assert isinstance(event, h11.Request), event
+        if _head_bytes(event) > self._limits.http_header_bytes_max:
+            # h11 bounds only heads still incomplete; one read may bring a larger whole head
+            raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
         head = ApiRequest(
             method=event.method.decode("ascii", errors="replace"),
             target=event.target.decode("ascii", errors="replace"),
@@ -253,8 +322,14 @@ class HttpGateway:
         return head, _content_length(event)
 
     async def _read_body(
-        self, stream: trio.abc.Stream, connection: h11.Connection, head: ApiRequest
+        self,
+        stream: trio.abc.Stream,
+        connection: h11.Connection,
+        head: ApiRequest,
+        reservation: _BodyReservation,
     ) -> ApiRequest:
+        """Read the body, whose bytes `reservation` holds; what a chunked body did not use
+        goes back to the pool at its end."""
         if connection.they_are_waiting_for_100_continue:
             await self._send_bytes(
                 stream, connection.send(h11.InformationalResponse(status_code=100, headers=[]))
@@ -263,6 +338,7 @@ class HttpGateway:
         while True:
             event = await self._next_event(stream, connection)
             if isinstance(event, h11.EndOfMessage):
+                reservation.shrink_to(len(body))
                 return ApiRequest(method=head.method, target=head.target, body=bytes(body))
             assert isinstance(event, h11.Data), event
             self._check_body_length(len(body) + len(event.data))
@@ -274,7 +350,8 @@ class HttpGateway:
             if event is not h11.NEED_DATA:
                 assert isinstance(event, h11.Event), event  # PAUSED cannot happen mid-request
                 return event
-            connection.receive_data(bytes(await stream.receive_some(RECEIVE_BYTES)))
+            data = await stream.receive_some(self._limits.http_receive_bytes)
+            connection.receive_data(bytes(data))
 
     async def _respond(self, request: ApiRequest) -> ApiResponse:
         try:
@@ -348,11 +425,29 @@ class HttpGateway:
             if isinstance(stream, trio.abc.HalfCloseableStream):
                 await stream.send_eof()
             drained = 0
-            while drained < LINGER_BYTES_MAX:
-                data = await stream.receive_some(RECEIVE_BYTES)
+            while drained < self._limits.http_linger_bytes_max:
+                data = await stream.receive_some(self._limits.http_receive_bytes)
                 if not data:
                     return
                 drained += len(data)
+
+
+def _head_bytes(request: h11.Request) -> int:
+    """The size of the request line and headers as sent, give or take optional whitespace."""
+    line = len(request.method) + len(request.target) + len(b"  HTTP/1.1\r\n")
+    return line + sum(len(name) + len(value) + 4 for name, value in request.headers) + 2
+
+
+# h11 quotes the offending bytes as Python literals ("illegal request line: bytearray(b'X')")
+_PYTHON_BYTES_LITERAL = re.compile(r":?\s*(bytearray\()?b['\"].*$", re.DOTALL)
+
+
+def _plain_text(error: h11.RemoteProtocolError) -> str:
+    """What was wrong with a request, in words, without Python literals."""
+    text = _PYTHON_BYTES_LITERAL.sub("", str(error)).strip()
+    if text == "illegal request line":
+        return "illegal request line (expected a method, a target and HTTP/1.1)"
+    return text or "unreadable request"
 
 
 def _content_length(request: h11.Request) -> int | None:
@@ -366,14 +461,16 @@ async def serve_http(
     handlers: RequestHandlers,
     listeners: list[trio.SocketListener],
     *,
+    memory_pool: MemoryPool | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the JSON API of `handlers` on `listeners` until cancelled.
+    """Serve the JSON API of `handlers` on `listeners` until cancelled, request bodies
+    reserving their bytes in `memory_pool` (see `HttpGateway`).
 
     Calls `task_status.started(listeners)` once accepting connections. Every connection task
     lives in the nursery of `trio.serve_listeners`; cancelling this call ends them all.
     """
-    gateway = HttpGateway(JsonApi(handlers), handlers.config.limits)
+    gateway = HttpGateway(JsonApi(handlers), handlers.config.limits, memory_pool=memory_pool)
     await gateway.serve(listeners, task_status=task_status)
 
 
