@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import math
 import os
 import pathlib
 import signal
@@ -19,11 +20,16 @@ import trio
 
 from client.admin import Admin, GroupAdmin
 from client.cluster import connect
-from client.consumer import Consumer, TopicPartition, list_offsets
+from client.consume_command import (
+    check_consume_arguments,
+    consume_command,
+    group_consume_command,
+    verify_command,
+)
 from client.exception_groups import single_error
 from client.line_splitter import LineSplitter, OversizeLine
 from client.producer import Producer
-from protocol import EARLIEST_TIMESTAMP, LATEST_TIMESTAMP, DwalError, ErrorCode
+from protocol import DwalError, ErrorCode
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 STDIN_CHUNK_BYTES = 1024 * 1024
@@ -87,6 +93,16 @@ def _milliseconds(text: str) -> float:
         value = -1
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a number of milliseconds >= 0, not {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {text!r}")
     return value
 
 
@@ -271,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     consume.add_argument(
         "--partition",
         "-p",
-        type=int,
+        type=_partition_number,
         action="append",
         help="partition to read (repeatable; default all)",
     )
@@ -281,7 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="earliest",
         help="earliest, latest, or an offset (default earliest)",
     )
-    consume.add_argument("--num", "-n", type=int, help="exit after this many records")
+    consume.add_argument(
+        "--num", "-n", type=_positive_int, help="exit after this many records (at least 1)"
+    )
+    consume.add_argument(
+        "--exit-at-end",
+        "-e",
+        action="store_true",
+        help="exit once every partition read is at its end (high watermark), like kcat -e",
+    )
     consume.add_argument(
         "--group",
         "-g",
@@ -294,7 +318,29 @@ def build_parser() -> argparse.ArgumentParser:
         "-f",
         default="%v",
         help="output format: %%v value, %%k key, %%o offset, %%p partition, "
-        "%%t topic, %%T timestamp, %%%% percent; \\n \\t escapes (default %%v)",
+        "%%t topic, %%T timestamp, %%%% percent; \\n \\t \\\\ escapes (default %%v); "
+        "or 'json' for one JSON object per record",
+    )
+    consume.add_argument(
+        "--skip-corrupt",
+        action="store_true",
+        help="skip damaged record batches (reported on stderr) instead of exiting 1",
+    )
+    consume.add_argument(
+        "--give-up-after",
+        type=_seconds,
+        metavar="SECONDS",
+        help="exit 1 once the broker has been unreachable this long (default: retry forever)",
+    )
+
+    verify = client_command("verify", "check the CRC of every record batch of a topic")
+    verify.add_argument("topic")
+    verify.add_argument(
+        "--partition",
+        "-p",
+        type=_partition_number,
+        action="append",
+        help="partition to check (repeatable; default all)",
     )
     return parser
 
@@ -305,6 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             if args.command == "broker":
                 return run_broker_command(args)
+            if args.command == "consume":
+                check_consume_arguments(args)  # before connecting: a usage error needs no broker
             return trio.run(_run_client_command, args)
         except BaseExceptionGroup as group:
             raise single_error(group) from None
@@ -416,9 +464,11 @@ async def _dispatch(cluster, args: argparse.Namespace, stop: trio.Event) -> int:
     if args.command == "produce":
         return await _produce_command(cluster, args, stop)
     if args.command == "consume":
-        if args.group:
-            return await _group_consume_command(cluster, args, stop)
-        return await _consume_command(cluster, args, stop)
+        if args.group is not None:
+            return await group_consume_command(cluster, args, stop)
+        return await consume_command(cluster, args, stop)
+    if args.command == "verify":
+        return await verify_command(cluster, args)
     if args.command == "group":
         return await _group_command(GroupAdmin(cluster), args)
     raise UsageError(f"unknown command {args.command}")
@@ -627,170 +677,6 @@ def _drop_successes(deliveries: list) -> list:
     return [d for d in deliveries if not d.done or d.error is not None]
 
 
-_ESCAPES = {"\\n": "\n", "\\t": "\t", "\\\\": "\\"}
-
-
-def _compile_format(text: str):
-    for escape, char in _ESCAPES.items():
-        text = text.replace(escape, char)
-    fields = {
-        "v": "value",
-        "k": "key",
-        "o": "offset",
-        "p": "partition",
-        "t": "topic",
-        "T": "timestamp",
-    }
-    parts: list[tuple[str, str]] = []
-    i = 0
-    literal = ""
-    while i < len(text):
-        if text[i] == "%" and i + 1 < len(text):
-            code = text[i + 1]
-            if code == "%":
-                literal += "%"
-            elif code in fields:
-                parts.append(("lit", literal))
-                literal = ""
-                parts.append(("field", fields[code]))
-            else:
-                raise UsageError(f"unknown format code %{code}")
-            i += 2
-        else:
-            literal += text[i]
-            i += 1
-    parts.append(("lit", literal + "\n"))
-    return [(kind, value.encode() if kind == "lit" else value) for kind, value in parts if value]
-
-
-def _render(fmt, tp: TopicPartition, record) -> bytes:
-    out = []
-    for kind, value in fmt:
-        if kind == "lit":
-            out.append(value)
-        elif value == "value":
-            out.append(record.value or b"")
-        elif value == "key":
-            out.append(record.key or b"")
-        elif value == "offset":
-            out.append(str(record.offset).encode())
-        elif value == "partition":
-            out.append(str(tp.partition).encode())
-        elif value == "topic":
-            out.append(tp.topic.encode())
-        else:
-            out.append(str(record.timestamp).encode())
-    return b"".join(out)
-
-
-async def _consume_command(cluster, args: argparse.Namespace, stop: trio.Event) -> int:
-    fmt = _compile_format(args.format)
-    consumer = Consumer(cluster, auto_offset_reset="earliest")
-    info = await cluster.topic(args.topic)
-    partitions = args.partition if args.partition else [p.partition for p in info.partitions]
-    for partition in partitions:
-        if not 0 <= partition < len(info.partitions):
-            raise UsageError(f"topic {args.topic} has no partition {partition}")
-    consumer.assign([TopicPartition(args.topic, p) for p in partitions])
-    await _apply_start_offset(consumer, args.offset)
-    with trio.CancelScope() as following:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_until, stop, following)
-            await _print_records(consumer, fmt, args.num)
-            nursery.cancel_scope.cancel()
-    return 0
-
-
-async def _print_records(
-    consumer: Consumer, fmt, num: int | None, printed: dict[TopicPartition, int] | None = None
-) -> None:
-    """Print polled records until `num` are printed (forever when None). Records `printed`
-    (next offset per partition) after each write, for group commits."""
-    value_only = fmt == [("field", "value"), ("lit", b"\n")]
-    remaining = num
-    out = sys.stdout.buffer
-    while remaining is None or remaining > 0:
-        batches = await consumer.poll(timeout_ms=500)
-        chunks = []
-        done: dict[TopicPartition, int] = {}
-        for tp, records in batches.items():
-            if remaining is not None:
-                records = records[:remaining]
-                remaining -= len(records)
-            if records:
-                done[tp] = records[-1].offset + 1
-            if value_only:
-                chunks.append(b"".join([(r.value or b"") + b"\n" for r in records]))
-            else:
-                chunks.extend(_render(fmt, tp, r) for r in records)
-        if chunks:
-            out.write(b"".join(chunks))
-            out.flush()
-        if printed is not None:
-            printed.update(done)
-
-
-async def _group_consume_command(cluster, args: argparse.Namespace, stop: trio.Event) -> int:
-    """Consume as a group member. Commits exactly what was printed: every second, when the
-    group takes partitions away, and when stopped (SIGINT/SIGTERM, --num), then leaves."""
-    if args.partition or args.offset != "earliest":
-        raise UsageError(
-            "--group takes its partitions and offsets from the group: "
-            "use 'dwal group reset-offsets' to move them"
-        )
-    await cluster.topic(args.topic)  # an unknown topic is an error, not an empty group
-    fmt = _compile_format(args.format)
-    printed: dict[TopicPartition, int] = {}
-    committed: dict[TopicPartition, int] = {}
-
-    async def commit(partitions=None) -> None:
-        due = {
-            tp: o
-            for tp, o in printed.items()
-            if committed.get(tp) != o and (partitions is None or tp in partitions)
-        }
-        if due:
-            await consumer.commit(due)
-            committed.update(due)
-
-    async def on_revoked(partitions) -> None:
-        await commit(partitions)
-        for tp in partitions:
-            printed.pop(tp, None)
-
-    consumer = Consumer(
-        cluster,
-        group_id=args.group,
-        group_instance_id=args.instance_id,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        on_revoked=on_revoked,
-    )
-    async with consumer:
-        consumer.subscribe([args.topic])
-        with trio.CancelScope() as following:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_until, stop, following)
-                nursery.start_soon(_commit_every_second, commit)
-                await _print_records(consumer, fmt, args.num, printed)
-                nursery.cancel_scope.cancel()
-        with trio.CancelScope(shield=True):  # commit before leaving: then the group is ours
-            try:
-                await commit()
-            except DwalError as error:
-                print(f"warning: final commit failed: {error.message}", file=sys.stderr)
-    return 0
-
-
-async def _commit_every_second(commit) -> None:
-    while True:
-        await trio.sleep(1)
-        try:
-            await commit()
-        except DwalError as error:
-            print(f"warning: commit failed: {error.message}", file=sys.stderr)
-
-
 async def _group_command(admin: GroupAdmin, args: argparse.Namespace) -> int:
     match args.group_command:
         case "list":
@@ -814,6 +700,8 @@ def _print_group(description) -> None:
     for m in description.members:
         owned = ", ".join(f"{tp.topic}-{tp.partition}" for tp in m.assignment) or "-"
         static = f" instance={m.instance_id}" if m.instance_id else ""
+        if m.away:
+            static += f" away (session expires in {math.ceil(m.session_expires_in_ms / 1000)} s)"
         print(
             f"  {m.member_id} client={m.client_id or '-'} host={m.host or '-'}"
             f" epoch={m.member_epoch}{static} partitions: {owned}"
@@ -850,26 +738,6 @@ async def _reset_offsets(admin: GroupAdmin, args: argparse.Namespace) -> int:
     else:
         print("dry run: nothing committed (add --execute to commit these offsets)")
     return 0
-
-
-async def _apply_start_offset(consumer: Consumer, offset: str) -> None:
-    if offset == "earliest":
-        await consumer.seek_to_beginning()
-    elif offset == "latest":
-        await consumer.seek_to_end()
-    elif offset.isdigit():
-        starts = await list_offsets(consumer.cluster, consumer.assignment(), EARLIEST_TIMESTAMP)
-        ends = await list_offsets(consumer.cluster, consumer.assignment(), LATEST_TIMESTAMP)
-        for tp in consumer.assignment():
-            if not starts[tp] <= int(offset) <= ends[tp]:
-                raise DwalError(
-                    ErrorCode.OFFSET_OUT_OF_RANGE,
-                    f"offset {offset} is outside {tp.topic}-{tp.partition}'s range "
-                    f"[{starts[tp]}, {ends[tp]}]",
-                )
-            consumer.seek(tp, int(offset))
-    else:
-        raise UsageError("--offset must be earliest, latest or a non-negative offset")
 
 
 if __name__ == "__main__":
