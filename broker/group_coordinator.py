@@ -21,6 +21,7 @@ a restart members find their ids unknown and join again, resuming from the commi
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 import zlib
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from broker.config import BrokerConfig
 from broker.event_log import log_event
 from broker.wall_clock import now_ms
 from broker.groups.consumer_group import ConsumerGroup, GroupConfig, GroupError, HeartbeatRequest
+from broker.groups.group_types import STATIC_LEAVE_EPOCH, MemberDescription
 from broker.storage import PartitionLog, RecordTooLargeError, StorageError
 from broker.topic_registry import TopicRegistry
 from protocol import DwalError, ErrorCode, ProtocolError, build_batch, decode_records
@@ -361,6 +363,7 @@ class GroupCoordinator:
                 "error_message": f"group {group_id!r} does not exist",
             }
         description = group.describe()
+        now = now_ms()
         members = [
             {
                 "member_id": m.member_id,
@@ -368,6 +371,7 @@ class GroupCoordinator:
                 "client_id": m.client_id,
                 "host": m.host,
                 "member_epoch": m.member_epoch,
+                "session_expires_in_ms": max(0, m.session_deadline_ms - now),
                 "subscribed_topic_names": list(m.subscribed_topic_names or ()),
                 "subscribed_topic_regex": m.subscribed_topic_regex,
                 "assignment": _topic_partitions(m.assignment),
@@ -402,7 +406,10 @@ class GroupCoordinator:
     async def _delete_group(self, group_id: str) -> None:
         group = self.groups.get(group_id)
         if group is not None and not group.is_empty:
-            raise DwalError(ErrorCode.NON_EMPTY_GROUP, f"group {group_id!r} has active members")
+            raise DwalError(
+                ErrorCode.NON_EMPTY_GROUP,
+                _held_message(group_id, group.describe().members, now_ms()),
+            )
         if group is None and group_id not in self.offsets:
             raise DwalError(ErrorCode.GROUP_ID_NOT_FOUND, f"group {group_id!r} does not exist")
         keys = list(self.offsets.get(group_id, {}))
@@ -438,6 +445,22 @@ def _checked_group_id(group_id: str) -> str:
             ErrorCode.INVALID_GROUP_ID, f"a group id has 1 to {GROUP_ID_CHARS_MAX} characters"
         )
     return group_id
+
+
+def _held_message(group_id: str, members: tuple[MemberDescription, ...], now: int) -> str:
+    """Why a group with `members` cannot be deleted: its active members, and each away static
+    member with the time until its session expires (then it no longer holds the group)."""
+    away = [m for m in members if m.member_epoch == STATIC_LEAVE_EPOCH]
+    active = len(members) - len(away)
+    holders = [f"{active} active member{'s' if active > 1 else ''}"] if active else []
+    for m in away:
+        left_s = math.ceil(max(0, m.session_deadline_ms - now) / 1000)
+        holders.append(
+            f"static member {m.instance_id!r} (away; its session expires in {left_s} s "
+            "unless it rejoins)"
+        )
+    advice = ": stop the group's consumers first" if active else ""
+    return f"group {group_id!r} is held by {' and '.join(holders)}{advice}"
 
 
 def _topic_partitions(assignment) -> list[dict[str, Any]]:

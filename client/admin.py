@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from client.cluster import Cluster
 from client.consumer import list_offsets
+from client.group_membership import STATIC_LEAVE_EPOCH
 from client.topic_partition import TopicPartition
 from protocol import EARLIEST_TIMESTAMP, LATEST_TIMESTAMP, ApiKey, DwalError, ErrorCode
 
@@ -140,6 +142,15 @@ class GroupMemberDescription:
     subscribed_topic_names: tuple[str, ...]
     subscribed_topic_regex: str | None
     assignment: tuple[TopicPartition, ...]
+    # time left until the broker removes the member unless it heartbeats (an away static
+    # member: rejoins); -1 if the broker does not say
+    session_expires_in_ms: int = -1
+
+    @property
+    def away(self) -> bool:
+        """A static member that left for a while: it keeps its partitions until it rejoins or
+        its session expires."""
+        return self.member_epoch == STATIC_LEAVE_EPOCH
 
 
 @dataclass(frozen=True)
@@ -160,6 +171,40 @@ class GroupDescription:
     group_epoch: int
     members: tuple[GroupMemberDescription, ...]
     offsets: tuple[PartitionOffsets, ...]
+
+
+def _held_message(group_id: str, members: tuple[GroupMemberDescription, ...]) -> str:
+    """Why a group with `members` may not be changed from outside: its active members, and
+    each away static member with the time until its session expires."""
+    away = [m for m in members if m.away]
+    active = len(members) - len(away)
+    holders = [f"{active} active member{'s' if active > 1 else ''}"] if active else []
+    for m in away:
+        expires = (
+            f"its session expires in {math.ceil(m.session_expires_in_ms / 1000)} s"
+            if m.session_expires_in_ms >= 0
+            else "its session has not expired yet"
+        )
+        holders.append(f"static member {m.instance_id!r} (away; {expires} unless it rejoins)")
+    advice = ": stop the group's consumers first" if active else ""
+    return f"group {group_id!r} is held by {' and '.join(holders)}{advice}"
+
+
+def _members_of(entry: dict) -> tuple[GroupMemberDescription, ...]:
+    return tuple(
+        GroupMemberDescription(
+            m["member_id"],
+            m["instance_id"],
+            m["client_id"],
+            m["host"],
+            m["member_epoch"],
+            tuple(m["subscribed_topic_names"]),
+            m["subscribed_topic_regex"],
+            _partitions_of(m["assignment"]),
+            m["session_expires_in_ms"],
+        )
+        for m in entry["members"]
+    )
 
 
 def _partitions_of(entries: list[dict]) -> tuple[TopicPartition, ...]:
@@ -185,27 +230,19 @@ class GroupAdmin:
         ]
 
     async def describe_group(self, group_id: str) -> GroupDescription:
+        entry = await self._group_entry(group_id)
+        members = _members_of(entry)
+        offsets = await self._group_offsets(group_id, members)
+        return GroupDescription(group_id, entry["state"], entry["group_epoch"], members, offsets)
+
+    async def _group_entry(self, group_id: str) -> dict:
         response = await self._coordinator_call(
             group_id, ApiKey.CONSUMER_GROUP_DESCRIBE, {"group_ids": [group_id]}
         )
         entry = response.body["groups"][0]
         if entry["error_code"]:
             raise DwalError(ErrorCode(entry["error_code"]), entry["error_message"])
-        members = tuple(
-            GroupMemberDescription(
-                m["member_id"],
-                m["instance_id"],
-                m["client_id"],
-                m["host"],
-                m["member_epoch"],
-                tuple(m["subscribed_topic_names"]),
-                m["subscribed_topic_regex"],
-                _partitions_of(m["assignment"]),
-            )
-            for m in entry["members"]
-        )
-        offsets = await self._group_offsets(group_id, members)
-        return GroupDescription(group_id, entry["state"], entry["group_epoch"], members, offsets)
+        return entry
 
     async def committed_offsets(self, group_id: str) -> dict[TopicPartition, int]:
         response = await self._coordinator_call(
@@ -272,12 +309,9 @@ class GroupAdmin:
         ]
         plan = await self._reset_plan(targets, to, value)
         if execute:
-            description = await self._describe_or_empty(group_id)
-            if description:
-                raise DwalError(
-                    ErrorCode.NON_EMPTY_GROUP,
-                    f"group {group_id!r} has {description} active member(s): stop them first",
-                )
+            members = await self._members_or_none(group_id)
+            if members:
+                raise DwalError(ErrorCode.NON_EMPTY_GROUP, _held_message(group_id, members))
             by_topic: dict[str, list[dict]] = {}
             for tp, offset in plan.items():
                 by_topic.setdefault(tp.topic, []).append(
@@ -299,13 +333,14 @@ class GroupAdmin:
                         raise DwalError(ErrorCode(part["error_code"]), part["error_message"])
         return plan
 
-    async def _describe_or_empty(self, group_id: str) -> int:
-        """Number of active members (0 when the group does not exist)."""
-        response = await self._coordinator_call(
-            group_id, ApiKey.CONSUMER_GROUP_DESCRIBE, {"group_ids": [group_id]}
-        )
-        entry = response.body["groups"][0]
-        return 0 if entry["error_code"] else len(entry["members"])
+    async def _members_or_none(self, group_id: str) -> tuple[GroupMemberDescription, ...]:
+        """The group's members (none when the group does not exist)."""
+        try:
+            return _members_of(await self._group_entry(group_id))
+        except DwalError as error:
+            if error.code == ErrorCode.GROUP_ID_NOT_FOUND:
+                return ()
+            raise
 
     async def _reset_plan(
         self, targets: list[TopicPartition], to: str, value: int | None

@@ -550,7 +550,10 @@ async def _produce_command(cluster, args: argparse.Namespace, stop: trio.Event) 
             f"topic {args.topic} has no partition {args.partition} "
             f"(it has {count}: 0 to {count - 1})",
         )
-    record_bytes_max = await _record_bytes_max(cluster, args.topic)
+    # The broker refuses a record batch over the topic's max.message.bytes.
+    record_bytes_max = (
+        info.max_message_bytes if info.max_message_bytes >= 0 else RECORD_BYTES_MAX_UNKNOWN
+    )
     started = time.monotonic()
     tally = _ProduceTally(args, started)
     async with Producer(
@@ -568,12 +571,6 @@ async def _produce_command(cluster, args: argparse.Namespace, stop: trio.Event) 
                 await _produce_lines(producer, args, tally, record_bytes_max)
             nursery.cancel_scope.cancel()
     return tally.summarize(time.monotonic() - started, interrupted=stop.is_set())
-
-
-async def _record_bytes_max(cluster, topic: str) -> int:
-    """Return the topic's max.message.bytes: the broker refuses any larger record batch."""
-    configs = (await Admin(cluster).describe_topic(topic)).configs
-    return int(configs.get("max.message.bytes", RECORD_BYTES_MAX_UNKNOWN))
 
 
 class _ProduceTally:
