@@ -1,7 +1,9 @@
 """Reading record batches back from a segment file.
 
 Lookups read one header per batch with `os.pread` (`iterate_headers`): they start from a
-sparse index entry, so they touch a bounded number of batches. Recovery reads the file in
+sparse index entry, so they touch a bounded number of batches. `read_batch_containing`
+reads the 61-byte headers the same way, then only the one batch holding an offset, whose CRC
+it checks. Recovery reads the file in
 bounded chunks and checks every batch in full (`ValidatingScanner`): length, magic, CRC and
 that offsets strictly increase, without overlap, and stay below a bound (what the segment's
 index can hold). Gaps between batches are allowed: compaction leaves them (each kept record
@@ -23,11 +25,12 @@ from protocol.record_batch import (
     BatchHeader,
     ScannedBatch,
     check_header,
+    crc_of,
     parse_header,
     scan_batches,
 )
 
-from .errors import StorageError
+from .errors import CorruptRecordError, StorageError
 
 CHUNK_BYTES = 8 * 1024 * 1024
 
@@ -54,6 +57,61 @@ def iterate_headers(fd: int, start: int, end: int) -> Iterator[tuple[int, BatchH
             raise StorageError(f"batch at byte {position}: {error}") from None
         yield position, header
         position += header.size_bytes
+
+
+def read_batch_containing(
+    fd: int, *, start: int, end: int, offset: int, file_name: str
+) -> bytes | None:
+    """Return the whole batch of [start, end) of the file open as `fd` that holds `offset`
+    (base_offset <= offset <= last_offset), or None when no batch does (compaction removed
+    it). `start` is a batch boundary at or before the batch (an offset index entry's).
+
+    Reads only batch headers until the batch, then that batch, and checks its CRC. Raises
+    CorruptRecordError (naming `file_name` and the byte position) when a header or the
+    batch is damaged or cut short. Blocking: run it in a worker thread.
+    """
+    position = start
+    while position < end:
+        data = os.pread(fd, HEADER_BYTES, position)
+        if len(data) < HEADER_BYTES or position + HEADER_BYTES > end:
+            raise CorruptRecordError(
+                f"the batch header at byte {position} of {file_name} is cut short"
+            )
+        header = parse_header(data)
+        try:
+            check_header(header)
+        except ProtocolError as error:
+            raise CorruptRecordError(
+                f"the batch at byte {position} of {file_name} is damaged: {error}"
+            ) from None
+        if header.base_offset > offset:
+            return None
+        if header.last_offset >= offset:
+            return _read_checked_batch(fd, position, header, end, file_name)
+        position += header.size_bytes
+    return None
+
+
+def _read_checked_batch(
+    fd: int, position: int, header: BatchHeader, end: int, file_name: str
+) -> bytes:
+    """Read the batch of `header` at `position` and check its CRC; raises
+    CorruptRecordError. The length is checked against `end` before anything is read."""
+    where = f"the batch of offsets {header.base_offset}-{header.last_offset} at byte {position}"
+    if position + header.size_bytes > end:
+        raise CorruptRecordError(f"{where} of {file_name} runs past the end of the data")
+    parts = []
+    remaining = header.size_bytes
+    while remaining > 0:
+        part = os.pread(fd, remaining, position + header.size_bytes - remaining)
+        if not part:
+            raise CorruptRecordError(f"{where} of {file_name} is cut short")
+        parts.append(part)
+        remaining -= len(part)
+    batch = parts[0] if len(parts) == 1 else b"".join(parts)
+    if crc_of(batch) != header.crc:
+        raise CorruptRecordError(f"{where} of {file_name} fails its CRC check")
+    return batch
 
 
 class ValidatingScanner:

@@ -34,6 +34,7 @@ so closing or deleting a segment meanwhile cannot pull a descriptor from under t
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 import pathlib
@@ -53,6 +54,7 @@ from protocol.record_batch import (
     scan_batches,
 )
 
+from .batch_scanner import read_batch_containing
 from .checkpoint import fsync_directory, write_atomically, write_offset_checkpoint
 from .errors import CorruptRecordError, OffsetOutOfRangeError, RecordTooLargeError, StorageError
 from .fetch_slice import FetchSlice
@@ -397,7 +399,7 @@ class PartitionLog:
         if offset > self._durable_offset:
             self._durable_offset = offset
         if self._config.fsync == "always":
-            self._advance_high_watermark(offset)  # BUG-INJECTED
+            self._advance_high_watermark(offset, segment, position)
 
     def _advance_high_watermark(
         self, offset: int, segment: Segment | None = None, position: int | None = None
@@ -467,6 +469,47 @@ class PartitionLog:
                 length = min(end - position, max(max_bytes, header.size_bytes))
                 return FetchSlice(fd=os.dup(segment.log_fd), position=position, length=length)
         return FetchSlice.empty()
+
+    async def read_batch_containing(self, offset: int) -> bytes | None:
+        """Return the whole record batch holding `offset` (base_offset <= offset <=
+        last_offset), its CRC checked, or None when no batch holds it any more (compaction
+        removed the record).
+
+        Finds the segment by bisection and the scan start in its offset index (in memory),
+        then, in a worker thread, reads batch headers from there and only the one batch.
+        Raises OffsetOutOfRangeError outside [log_start_offset, high_watermark),
+        CorruptRecordError when the stored batch or a header before it is damaged (the log is
+        left as it is), OSError. Safe to cancel: the thread then finishes its read unseen.
+        """
+        assert not self._closed
+        if offset < 0:
+            raise OffsetOutOfRangeError(f"offset {offset} is negative")
+        start = self.log_start_offset
+        if offset < start:
+            raise OffsetOutOfRangeError(
+                f"offset {offset} was deleted by retention; the log now starts at offset {start}"
+            )
+        if offset >= self._high_watermark:
+            raise OffsetOutOfRangeError(
+                f"offset {offset} has not been written yet (high watermark {self._high_watermark})"
+            )
+        segment = self._segment_holding(offset)
+        end = self._readable_end(segment)
+        position = segment.index_position(offset)
+        descriptor = os.dup(segment.log_fd)  # the segment may be deleted meanwhile
+        try:
+            return await trio.to_thread.run_sync(
+                functools.partial(
+                    read_batch_containing,
+                    descriptor,
+                    start=position,
+                    end=end,
+                    offset=offset,
+                    file_name=f"{self._directory.name}/{segment.log_path.name}",
+                )
+            )
+        finally:
+            os.close(descriptor)
 
     def _check_in_range(self, offset: int) -> None:
         if not self.log_start_offset <= offset <= self._high_watermark:

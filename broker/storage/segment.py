@@ -323,6 +323,11 @@ class Segment:
 
     # Lookups.
 
+    def index_position(self, offset: int) -> int:
+        """The position of the last indexed batch at or below `offset` (0 when none): where a
+        scan of batch headers for `offset` starts. In memory, never touches the disk."""
+        return self.offset_index.lookup(offset)[1]
+
     def find_batch(self, offset: int, end_position: int) -> tuple[int, BatchHeader] | None:
         """Return (position, header) of the first batch below `end_position` holding
         `offset` or, when `offset` lies in a gap, following it; None if there is none.
