@@ -11,6 +11,18 @@ keeps that order when `max_in_flight_per_partition` is 1; with more (the default
 Kafka's), a batch that fails with a partition-level retriable error while a later batch of
 its partition succeeds is stored after it, as in Kafka without idempotence.
 Buffered bytes are bounded by `buffer_bytes_max`: `send()` waits for space when full.
+
+Retries never store a record twice unless the caller asks for it. A failure is either
+"not stored" (an error the broker answered before appending, or a connection that failed
+before the request was written whole: the broker never saw it) or "outcome unknown" (the
+request was written, then the connection broke, the answer timed out, or the broker
+reported an error after appending). Only the first kind is retried by default; the second
+fails the records with `DeliveryOutcomeUnknown` unless `retry_unknown_outcome` is set
+(at-least-once: a resent batch may be stored twice).
+
+Sizes: no batch exceeds the topic's max.message.bytes (nor segment.bytes), as the broker
+reports them in its metadata; a record that cannot fit in a batch of its own is refused by
+`send()` with MESSAGE_TOO_LARGE.
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ from protocol import (
     ACKS_ALL,
     ACKS_LEADER,
     ACKS_NONE,
+    HEADER_BYTES,
     ApiKey,
     Compression,
     DwalError,
@@ -39,10 +52,50 @@ from protocol import (
     encode_packed_batch,
     partition_for_key,
 )
+from protocol.record_batch import RECORDS_PER_BATCH_MAX
 
 RECORD_OVERHEAD_BYTES = 8
 ANSWER_MARGIN_S = 5.0
+# The broker's default max.message.bytes, assumed when its metadata does not say.
+MAX_MESSAGE_BYTES_DEFAULT = 1024 * 1024 + 12
+ARRAY_HEADER_BYTES_MAX = 5  # msgpack array header of a batch's records
 _NO_HEADERS: tuple = ()
+
+# Errors a broker may report after it appended the batch (an fsync or replication wait that
+# timed out or failed, an internal error): resending could store the records twice.
+_MAYBE_APPENDED = frozenset(
+    {
+        ErrorCode.REQUEST_TIMED_OUT,
+        ErrorCode.KAFKA_STORAGE_ERROR,
+        ErrorCode.NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+        ErrorCode.NETWORK_EXCEPTION,
+        ErrorCode.UNKNOWN_SERVER_ERROR,
+    }
+)
+
+
+class DeliveryOutcomeUnknown(DwalError):
+    """The record's Produce request was written to the broker, but no definite answer came
+    back (the connection broke, the answer timed out, or the broker reported an error that
+    may follow the append): the record may or may not be stored. The code says what
+    happened (NETWORK_EXCEPTION, REQUEST_TIMED_OUT, ...)."""
+
+
+class ProducerClosed(DwalError):
+    """The producer closed (its block raised or was cancelled) before the record was sent:
+    it was not stored."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.NETWORK_EXCEPTION, message)
+
+
+@dataclass(frozen=True, slots=True)
+class _TopicLimits:
+    record_packed_bytes_max: int  # one packed record, alone in a batch
+    batch_packed_bytes_max: int  # the packed records of one batch
+    partition_request_bytes_max: int  # one partition's batches in one Produce request
+    limit_bytes: int  # the limit these derive from, named in errors
+    limit_name: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +130,9 @@ class _Batch:
         "error",
         "done",
         "sequence",
+        "packed_bytes",
+        "in_flight",
+        "maybe_stored",
     )
 
     def __init__(self, topic: str, partition: int, base_timestamp: int, created: float) -> None:
@@ -94,6 +150,9 @@ class _Batch:
         self.error: DwalError | None = None
         self.done = trio.Event()
         self.sequence = 0  # set when sealed: batches of a partition are sent in this order
+        self.packed_bytes = 0  # exact size of the packed records (uncompressed)
+        self.in_flight = False  # written in a Produce request whose answer is awaited
+        self.maybe_stored = False  # an attempt's outcome was unknown
 
     def encode(self, compression: Compression) -> bytes:
         if self.encoded is None:
@@ -175,9 +234,12 @@ class Producer:
     """Produce records to a cluster. Use as ``async with Producer(cluster) as producer:``.
 
     Leaving the block flushes every buffered record (unless the block raised) and stops the
-    sender. Options: `acks` (0, 1 or "all"), `linger_ms`, `batch_size` (bytes),
-    `compression` ("none", "gzip", "lz4", "zstd"), `retries` of retriable errors with
-    `retry_backoff_ms`, `buffer_bytes_max` (send waits when full), `request_bytes_max`.
+    sender; records without an outcome then fail (`ProducerClosed` if never sent,
+    `DeliveryOutcomeUnknown` if their request awaited its answer). Options: `acks` (0, 1 or
+    "all"), `linger_ms`, `batch_size` (bytes), `compression` ("none", "gzip", "lz4",
+    "zstd"), `retries` of retriable errors with `retry_backoff_ms`, `retry_unknown_outcome`
+    (resend batches that may be stored already: at-least-once, may duplicate),
+    `buffer_bytes_max` (send waits when full), `request_bytes_max`.
     """
 
     def __init__(
@@ -195,6 +257,7 @@ class Producer:
         request_timeout_ms: int = 30_000,
         max_in_flight_per_partition: int = 5,
         allow_auto_topic_creation: bool = True,
+        retry_unknown_outcome: bool = False,
     ) -> None:
         if (
             batch_size < 1
@@ -216,14 +279,16 @@ class Producer:
         self.request_bytes_max = request_bytes_max
         self.request_timeout_ms = request_timeout_ms
         self.allow_auto_topic_creation = allow_auto_topic_creation
+        self.retry_unknown_outcome = retry_unknown_outcome
         self._partition_counts: dict[str, int] = {}
+        self._topic_limits: dict[str, _TopicLimits] = {}
         self._sticky: dict[str, int] = {}
         self._open: dict[tuple[str, int], _Batch] = {}
         self._queues: dict[tuple[str, int], _PartitionQueue] = collections.defaultdict(
             _PartitionQueue
         )
         self._buffered_bytes = 0
-        self._unfinished_batches = 0
+        self._unfinished: set[_Batch] = set()  # batches without an outcome yet
         self._inflight_requests = 0
         self._sealed_batches = 0
         self._records_sent = 0
@@ -236,6 +301,8 @@ class Producer:
     # -- life cycle -------------------------------------------------------------------
 
     async def __aenter__(self) -> "Producer":
+        if self._nursery is not None or self._closed:
+            raise RuntimeError("a Producer can be used in one `async with` block only")
         self._nursery_manager = trio.open_nursery()
         self._nursery = await self._nursery_manager.__aenter__()
         self._nursery.start_soon(self._sender)
@@ -250,12 +317,42 @@ class Producer:
                 exc_type, exc, tb = type(error), error, error.__traceback__
         self._closed = True
         self._nursery.cancel_scope.cancel()
-        with unwrapped_errors():
-            if await self._nursery_manager.__aexit__(exc_type, exc, tb):
-                return True
+        try:
+            with unwrapped_errors():
+                if await self._nursery_manager.__aexit__(exc_type, exc, tb):
+                    return True
+        finally:
+            self._fail_unfinished()
         if exc is not None:
             raise exc
         return None
+
+    def _fail_unfinished(self) -> None:
+        """The producer stopped: give every record still without an outcome its failure, so
+        that no `Delivery.wait()` hangs."""
+        self._open.clear()
+        self._queues.clear()
+        for batch in sorted(self._unfinished, key=_sequence_of):
+            if batch.in_flight or batch.maybe_stored:
+                error: DwalError = DeliveryOutcomeUnknown(
+                    ErrorCode.NETWORK_EXCEPTION,
+                    "the producer was closed while the record's request awaited its answer: "
+                    "the record may or may not have been stored",
+                )
+            else:
+                error = ProducerClosed("the producer was closed before the record was sent")
+            batch.error = error
+            self._batches_failed += 1
+            self._finish(batch)
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise RuntimeError("the producer is closed")
+        if self._nursery is None:
+            raise RuntimeError(
+                "the producer is not started: use it as "
+                "`async with Producer(cluster) as producer:` (it sends nothing outside)"
+            )
 
     def statistics(self) -> ProducerStatistics:
         return ProducerStatistics(
@@ -280,8 +377,10 @@ class Producer:
         timestamp_ms: int | None = None,
     ) -> Delivery:
         """Buffer one record; returns its Delivery. Waits only when the buffer is full or the
-        topic's metadata is not known yet. Raises DwalError for an unknown topic, TypeError for
-        a value or key that is not bytes, str or None."""
+        topic's metadata is not known yet. Raises DwalError for an unknown topic or a record
+        too large for the topic (MESSAGE_TOO_LARGE), TypeError for a value or key that is
+        not bytes, str or None, RuntimeError outside the producer's `async with` block."""
+        self._check_usable()
         count = self._partition_counts.get(topic)
         if count is None:
             count = await self._load_topic(topic)
@@ -310,11 +409,10 @@ class Producer:
     ) -> Delivery:
         """Like `send` but never waits: raises trio.WouldBlock when the buffer is full or the
         topic's metadata is not loaded yet (`await send()` once to load it)."""
+        self._check_usable()
         count = _count or self._partition_counts.get(topic)
         if count is None or self._buffered_bytes >= self.buffer_bytes_max:
             raise trio.WouldBlock
-        if self._closed:
-            raise RuntimeError("the producer is closed")
         if type(value) is not bytes and value is not None:
             value = _to_bytes(value, "value")
         if key is not None and type(key) is not bytes:
@@ -332,17 +430,31 @@ class Producer:
                 f"topic {topic!r} has no partition {partition}",
             )
         timestamp = timestamp_ms if timestamp_ms is not None else int(_time() * 1000)
+        record_headers = _checked_headers(headers) if headers else _NO_HEADERS
+        limits = self._topic_limits[topic]
         batch = self._open.get((topic, partition))
+        delta = timestamp - batch.base_timestamp if batch is not None else 0
+        record_bytes = _packed_record_bytes(delta, key, value, record_headers)
+        if record_bytes > limits.record_packed_bytes_max:
+            alone_bytes = _packed_record_bytes(0, key, value, record_headers)
+            if alone_bytes > limits.record_packed_bytes_max:
+                raise DwalError(
+                    ErrorCode.MESSAGE_TOO_LARGE,
+                    f"a record of {alone_bytes + HEADER_BYTES + 1} bytes (in a batch of its "
+                    f"own) exceeds {limits.limit_name} ({limits.limit_bytes}) of topic "
+                    f"{topic!r}",
+                )
+        if batch is not None and (
+            batch.packed_bytes + record_bytes > limits.batch_packed_bytes_max
+            or batch.count >= RECORDS_PER_BATCH_MAX
+        ):
+            self._seal(batch)
+            batch = None
         if batch is None:
             batch = self._open_batch(topic, partition, timestamp)
-        batch.packer.pack(
-            (
-                timestamp - batch.base_timestamp,
-                key,
-                value,
-                _checked_headers(headers) if headers else _NO_HEADERS,
-            )
-        )
+            record_bytes = _packed_record_bytes(0, key, value, record_headers)
+        batch.packer.pack((timestamp - batch.base_timestamp, key, value, record_headers))
+        batch.packed_bytes += record_bytes
         if timestamp > batch.max_timestamp:
             batch.max_timestamp = timestamp
         size = (
@@ -366,7 +478,7 @@ class Producer:
     def _open_batch(self, topic: str, partition: int, timestamp: int) -> _Batch:
         batch = _Batch(topic, partition, timestamp, trio.current_time())
         self._open[(topic, partition)] = batch
-        self._unfinished_batches += 1
+        self._unfinished.add(batch)
         if len(self._open) == 1:
             self._wakeup.set()  # the sender starts this batch's linger timer
         return batch
@@ -389,18 +501,42 @@ class Producer:
         info = await self.cluster.topic(
             topic, allow_auto_topic_creation=self.allow_auto_topic_creation
         )
+        self._topic_limits[topic] = self._limits_of(info.max_message_bytes, info.segment_bytes)
         self._partition_counts[topic] = len(info.partitions)
         return len(info.partitions)
+
+    def _limits_of(self, max_message_bytes: int, segment_bytes: int) -> _TopicLimits:
+        """A batch may not exceed max.message.bytes, nor one partition's data in a request
+        segment.bytes (the broker refuses either whole)."""
+        if max_message_bytes < 0:
+            max_message_bytes = MAX_MESSAGE_BYTES_DEFAULT
+        if 0 <= segment_bytes < max_message_bytes:
+            limit_bytes, limit_name = segment_bytes, "segment.bytes"
+        else:
+            limit_bytes, limit_name = max_message_bytes, "max.message.bytes"
+        batch_bytes = limit_bytes - HEADER_BYTES - ARRAY_HEADER_BYTES_MAX
+        if self.compression != Compression.NONE:
+            # room for a codec's expansion of incompressible data (zstd, lz4, gzip bounds)
+            batch_bytes -= batch_bytes // 128 + 64
+        return _TopicLimits(
+            record_packed_bytes_max=limit_bytes - HEADER_BYTES - 1,
+            batch_packed_bytes_max=max(batch_bytes, 1),
+            partition_request_bytes_max=segment_bytes if segment_bytes > 0 else 2**62,
+            limit_bytes=limit_bytes,
+            limit_name=limit_name,
+        )
 
     async def _wait_progress(self) -> None:
         self._wakeup.set()
         await self._progress.wait()
 
     async def flush(self) -> None:
-        """Send every buffered record and wait until each has its outcome (success or error)."""
+        """Send every buffered record and wait until each has its outcome (success or error).
+        Raises RuntimeError outside the producer's `async with` block."""
+        self._check_usable()
         for batch in list(self._open.values()):
             self._seal(batch)
-        while self._unfinished_batches:
+        while self._unfinished:
             await self._wait_progress()
 
     # -- the sender task ----------------------------------------------------------------
@@ -432,11 +568,16 @@ class Producer:
                 or request_bytes >= self.request_bytes_max
             ):
                 continue
-            batches = []
+            partition_bytes_max = self._topic_limits[topic].partition_request_bytes_max
+            batches: list[_Batch] = []
+            partition_bytes = 0
             while queue.ready and request_bytes < self.request_bytes_max:
-                batch = queue.ready.popleft()
-                batches.append(batch)
-                request_bytes += len(batch.encode(self.compression))
+                size = len(queue.ready[0].encode(self.compression))
+                if batches and partition_bytes + size > partition_bytes_max:
+                    break  # the broker refuses one partition's data above segment.bytes
+                batches.append(queue.ready.popleft())
+                partition_bytes += size
+                request_bytes += size
             queue.inflight += 1
             by_topic.setdefault(topic, []).append((partition, batches))
         return by_topic
@@ -456,32 +597,36 @@ class Producer:
                 ApiKey.PRODUCE, body, tail, expect_response=self.acks != ACKS_NONE
             )
         except DwalError as error:
+            # Nothing of this request reached the broker's request handling (ConnectionFailed
+            # from send_request means the frame was not written whole): safe to resend.
             self._request_done(by_topic, None, error)
         else:
+            for entries in by_topic.values():
+                for _, batches in entries:
+                    for batch in batches:
+                        batch.in_flight = True
             self._nursery.start_soon(self._await_answer, by_topic, pending)
 
     async def _await_answer(self, by_topic, pending) -> None:
         # The broker bounds its own wait by the request's timeout_ms; past that plus a margin
-        # it is stuck, and giving up on the answer closes the connection (retriable).
+        # it is stuck: the answer is abandoned (discarded if it comes) and the outcome unknown.
         limit_s = self.request_timeout_ms / 1000 + ANSWER_MARGIN_S
+        error: DwalError
         try:
             with trio.fail_after(limit_s):
                 response = await pending.wait()
         except trio.TooSlowError:
-            self._request_done(
-                by_topic,
-                None,
-                DwalError(
-                    ErrorCode.REQUEST_TIMED_OUT,
-                    f"no answer to a produce request in {limit_s:.0f} s",
-                ),
+            error = DwalError(
+                ErrorCode.REQUEST_TIMED_OUT, f"no answer to a produce request in {limit_s:.0f} s"
             )
-        except (DwalError, ProtocolError) as error:
-            if isinstance(error, ProtocolError):
-                error = DwalError(ErrorCode.UNKNOWN_SERVER_ERROR, f"malformed answer: {error}")
-            self._request_done(by_topic, None, error)
+        except ProtocolError as malformed:
+            error = DwalError(ErrorCode.UNKNOWN_SERVER_ERROR, f"malformed answer: {malformed}")
+        except DwalError as failed:
+            error = failed
         else:
             self._request_done(by_topic, response.body, None)
+            return
+        self._request_done(by_topic, None, _written_request_error(error))
 
     def _request_done(self, by_topic, body: dict | None, error: DwalError | None) -> None:
         self._inflight_requests -= 1
@@ -511,12 +656,8 @@ class Producer:
                         DwalError(ErrorCode.UNKNOWN_SERVER_ERROR, "broker omitted the partition"),
                     )
                 elif result["error_code"]:
-                    self._complete(
-                        topic,
-                        partition,
-                        batches,
-                        DwalError(ErrorCode(result["error_code"]), result["error_message"]),
-                    )
+                    error = DwalError(ErrorCode(result["error_code"]), result["error_message"])
+                    self._complete(topic, partition, batches, _written_request_error(error))
                 else:
                     self._complete(topic, partition, batches, None, result["base_offset"])
 
@@ -529,9 +670,14 @@ class Producer:
         base_offset: int = -1,
     ) -> None:
         queue = self._queues[(topic, partition)]
+        unknown = isinstance(error, DeliveryOutcomeUnknown)
+        for batch in batches:
+            batch.in_flight = False
+            batch.maybe_stored = batch.maybe_stored or unknown
         if (
             error is not None
             and error.retriable
+            and (self.retry_unknown_outcome or not unknown)
             and any(b.attempts < self.retries for b in batches)
         ):
             retry = [b for b in batches if b.attempts < self.retries]
@@ -547,7 +693,7 @@ class Producer:
             queue.inflight -= 1
         offset = base_offset
         for batch in batches:
-            batch.error = error
+            batch.error = _final_error(batch, error)
             if error is None:
                 batch.base_offset = offset
                 if offset >= 0:
@@ -559,7 +705,7 @@ class Producer:
 
     def _finish(self, batch: _Batch) -> None:
         self._buffered_bytes -= batch.size_bytes
-        self._unfinished_batches -= 1
+        self._unfinished.discard(batch)
         batch.done.set()
         self._progress.set()
         self._progress = trio.Event()
@@ -569,6 +715,7 @@ class Producer:
             ErrorCode.NOT_LEADER_OR_FOLLOWER,
             ErrorCode.LEADER_NOT_AVAILABLE,
             ErrorCode.UNKNOWN_TOPIC_OR_PARTITION,
+            ErrorCode.NETWORK_EXCEPTION,
         ) or isinstance(error, ConnectionFailed):
             self.cluster.invalidate(topic)
         await trio.sleep(self.retry_backoff_s)
@@ -578,6 +725,63 @@ class Producer:
 
 def _sequence_of(batch: _Batch) -> int:
     return batch.sequence
+
+
+def _written_request_error(error: DwalError) -> DwalError:
+    """Classify an error about a request that was written whole: the broker may have
+    appended its batches unless the error says it refused them before appending."""
+    if isinstance(error, DeliveryOutcomeUnknown) or error.code not in _MAYBE_APPENDED:
+        return error
+    return DeliveryOutcomeUnknown(
+        error.code,
+        f"{error.message} (the request was sent: the records may or may not have been stored)",
+    )
+
+
+def _final_error(batch: _Batch, error: DwalError | None) -> DwalError | None:
+    """The error a batch fails with: an outcome-unknown one if any attempt may have stored it."""
+    if error is None or not batch.maybe_stored or isinstance(error, DeliveryOutcomeUnknown):
+        return error
+    return DeliveryOutcomeUnknown(
+        error.code, f"{error.message} (an earlier attempt may have stored the records)"
+    )
+
+
+def _packed_record_bytes(
+    timestamp_delta: int,
+    key: bytes | None,
+    value: bytes | None,
+    headers: Sequence[tuple[str, bytes]],
+) -> int:
+    """The exact size of ``[timestamp_delta, key, value, headers]`` packed by msgpack
+    (use_bin_type=True), computed without packing."""
+    size = 1 + _packed_int_bytes(timestamp_delta) + _packed_bin_bytes(key)
+    size += _packed_bin_bytes(value)
+    count = len(headers)
+    size += 1 if count < 16 else 3 if count < 65536 else 5
+    for name, header_value in headers:
+        size += 1 + _packed_str_bytes(name) + _packed_bin_bytes(header_value)
+    return size
+
+
+def _packed_int_bytes(number: int) -> int:
+    if -32 <= number < 128:
+        return 1
+    if number >= 0:
+        return 2 if number < 2**8 else 3 if number < 2**16 else 5 if number < 2**32 else 9
+    return 2 if number >= -(2**7) else 3 if number >= -(2**15) else 5 if number >= -(2**31) else 9
+
+
+def _packed_bin_bytes(data: bytes | None) -> int:
+    if data is None:
+        return 1
+    length = len(data)
+    return length + (2 if length < 2**8 else 3 if length < 2**16 else 5)
+
+
+def _packed_str_bytes(text: str) -> int:
+    length = len(text.encode())
+    return length + (1 if length < 32 else 2 if length < 2**8 else 3 if length < 2**16 else 5)
 
 
 def _checked_headers(headers: Sequence[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
@@ -615,4 +819,11 @@ def _produce_body(by_topic, acks: int, timeout_ms: int) -> tuple[dict, list[byte
     return {"acks": acks, "timeout_ms": timeout_ms, "topics": topics}, parts
 
 
-__all__ = ["Producer", "Delivery", "RecordMetadata", "ProducerStatistics"]
+__all__ = [
+    "Producer",
+    "Delivery",
+    "DeliveryOutcomeUnknown",
+    "ProducerClosed",
+    "RecordMetadata",
+    "ProducerStatistics",
+]
