@@ -492,18 +492,39 @@ class RequestHandlers:
             raise DwalError(ErrorCode(result["error_code"]), result.get("error_message"))
         return result["base_offset"]
 
-    def read_batches(self, topic: str, partition: int, offset: int, max_bytes: int) -> bytes:
+    async def read_batches(self, topic: str, partition: int, offset: int, max_bytes: int) -> bytes:
         """Return whole batches from `offset` (the first may start before it), at most about
-        `max_bytes` (the first batch is always whole). Raises DwalError."""
+        `max_bytes` (the first batch is always whole), read in a worker thread. Raises
+        DwalError. Safe to cancel."""
         try:
             piece = self.registry.log(topic, partition).read(offset, max_bytes)
         except Exception as error:
             code, message = _error_of(error)
             raise DwalError(code, message) from None
+        with piece:
+            if not piece.length:
+                await trio.lowlevel.checkpoint()
+                return b""
+            try:
+                return await trio.to_thread.run_sync(piece.read_bytes)
+            except OSError as error:
+                code, message = _error_of(error)
+                raise DwalError(code, message) from None
+
+    async def read_batch_containing(self, topic: str, partition: int, offset: int) -> bytes | None:
+        """Return the whole record batch of a partition that holds `offset`, its CRC checked,
+        or None when no batch holds it any more (compaction removed the record). Reads only
+        that batch (and the headers before it), off the event loop.
+
+        Raises DwalError: UNKNOWN_TOPIC_OR_PARTITION, OFFSET_OUT_OF_RANGE (outside [log start
+        offset, high watermark)), CORRUPT_MESSAGE (the stored batch is damaged; it stays on
+        disk), KAFKA_STORAGE_ERROR. Safe to cancel.
+        """
         try:
-            return piece.read_bytes() if piece.length else b""
-        finally:
-            piece.close()
+            return await self.registry.log(topic, partition).read_batch_containing(offset)
+        except Exception as error:
+            code, message = _error_of(error)
+            raise DwalError(code, message) from None
 
     # -- offsets ----------------------------------------------------------------------
 

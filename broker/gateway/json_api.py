@@ -3,8 +3,8 @@
 Theory of operation. `JsonApi.handle` routes one whole request to an endpoint and returns an
 `ApiResponse`; it knows nothing about sockets or HTTP framing (the h11 shell in
 `http_gateway` does that), so tests drive it with plain values and an in-memory stand-in for
-`RequestHandlers`. The only things it awaits are the handlers' own coroutines (topic creation
-and appends). Endpoints:
+`RequestHandlers`. The only things it awaits are the handlers' own coroutines (topic creation,
+appends and reads). Endpoints:
 
 - ``POST /`` and ``GET /``: the original WAL service, backed by partition 0 of topic ``wal``.
 - ``POST /topics/{topic}/records`` and ``GET /topics/{topic}/partitions/{p}/records``.
@@ -57,7 +57,6 @@ if TYPE_CHECKING:
 
 WAL_TOPIC = "wal"
 WAL_PARTITION = 0
-WAL_READ_BYTES = 1024 * 1024
 RECORDS_PER_REQUEST_MAX = 10_000
 FETCH_RECORDS_DEFAULT = 100
 FETCH_READ_BYTES = 1024 * 1024  # one read_batches call
@@ -192,28 +191,28 @@ class JsonApi:
             offset = parse_offset_document(parse_json(request.body))
         else:
             offset = _integer_parameter(query, "offset")
-        record = self._read_wal_record(offset)
+        record = await self._read_wal_record(offset)
         body: dict[str, Any] = {"value": encode_field(record.value, "utf-8"), "offset": offset}
         if record.key is not None:
             body["key"] = encode_field(record.key, "utf-8")
         return ApiResponse(status=200, body={"record": body})
 
-    def _read_wal_record(self, offset: int) -> Record:
-        registry = self._handlers.registry
-        if WAL_TOPIC not in registry.topics:
+    async def _read_wal_record(self, offset: int) -> Record:
+        """The record at `offset` of the WAL log, from the one batch that holds it."""
+        try:
+            data = await self._handlers.read_batch_containing(WAL_TOPIC, WAL_PARTITION, offset)
+        except DwalError as error:
+            if error.code != ErrorCode.UNKNOWN_TOPIC_OR_PARTITION:
+                raise
             raise ApiError(
                 404,
                 f"offset {offset} has not been written yet: the log is empty",
                 code=ErrorCode.OFFSET_OUT_OF_RANGE,
-            )
-        log = registry.log(WAL_TOPIC, WAL_PARTITION)
-        _check_readable(offset, log.log_start_offset, log.high_watermark, end_is_readable=False)
-        data = self._handlers.read_batches(WAL_TOPIC, WAL_PARTITION, offset, WAL_READ_BYTES)
-        for record in decode_records(data, allow_partial_tail=True):
-            if record.offset == offset:
-                return record
-            if record.offset > offset:
-                break
+            ) from None
+        if data is not None:
+            for record in decode_records(data):
+                if record.offset == offset:
+                    return record
         raise ApiError(
             404,
             f"offset {offset} holds no record any more (removed by compaction)",
@@ -317,8 +316,10 @@ class JsonApi:
         log = self._handlers.registry.log(topic, partition)
         start, high_watermark = log.log_start_offset, log.high_watermark
         offset = _integer_parameter(query, "offset", start)
-        _check_readable(offset, start, high_watermark, end_is_readable=True)
-        records, next_offset = self._read_records(topic, partition, offset, high_watermark, limit)
+        _check_readable(offset, start, high_watermark)
+        records, next_offset = await self._read_records(
+            topic, partition, offset, high_watermark, limit
+        )
         return ApiResponse(
             status=200,
             body={
@@ -329,15 +330,26 @@ class JsonApi:
             },
         )
 
-    def _read_records(
+    async def _read_records(
         self, topic: str, partition: int, offset: int, end: int, limit: int
     ) -> tuple[list[Record], int]:
-        """Up to `limit` records in [offset, end) and the offset to read next."""
+        """Up to `limit` records in [offset, end) and the offset to read next.
+
+        The first read is the one batch holding `offset` (all a read of one record needs);
+        the following ones read up to FETCH_READ_BYTES of batches each."""
         records: list[Record] = []
         position = offset
         bytes_read = 0
+        first_read = True
         while position < end and len(records) < limit and bytes_read < FETCH_BYTES_MAX:
-            data = self._handlers.read_batches(topic, partition, position, FETCH_READ_BYTES)
+            data = None
+            if first_read:
+                first_read = False
+                data = await self._handlers.read_batch_containing(topic, partition, position)
+            if data is None:  # past the first read, or `offset` was removed by compaction
+                data = await self._handlers.read_batches(
+                    topic, partition, position, FETCH_READ_BYTES
+                )
             bytes_read += len(data)
             start = position
             for record in decode_records(data, allow_partial_tail=True):
@@ -369,14 +381,14 @@ def _batches_end_offset(data: bytes, default: int) -> int:
     return end
 
 
-def _check_readable(offset: int, start: int, high_watermark: int, *, end_is_readable: bool) -> None:
+def _check_readable(offset: int, start: int, high_watermark: int) -> None:
     if offset < start:
         raise ApiError(
             404,
             f"offset {offset} was deleted by retention; the log now starts at offset {start}",
             code=ErrorCode.OFFSET_OUT_OF_RANGE,
         )
-    if offset > high_watermark or (offset == high_watermark and not end_is_readable):
+    if offset > high_watermark:
         raise ApiError(
             404,
             f"offset {offset} has not been written yet (high watermark {high_watermark})",

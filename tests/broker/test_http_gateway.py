@@ -63,6 +63,25 @@ class FakeLog:
             out += batch
         return bytes(out)
 
+    def read_batch_containing(self, offset: int) -> bytes | None:
+        """The batch holding `offset`, with the range errors of the real storage."""
+        if offset < self.log_start_offset:
+            raise DwalError(
+                ErrorCode.OFFSET_OUT_OF_RANGE,
+                f"offset {offset} was deleted by retention; the log now starts at offset "
+                f"{self.log_start_offset}",
+            )
+        if offset >= self.high_watermark:
+            raise DwalError(
+                ErrorCode.OFFSET_OUT_OF_RANGE,
+                f"offset {offset} has not been written yet (high watermark {self.high_watermark})",
+            )
+        for batch in self.batches:
+            header = parse_header(batch)
+            if header.base_offset <= offset <= header.last_offset:
+                return batch
+        return None
+
 
 class FakeRegistry:
     def __init__(self) -> None:
@@ -121,8 +140,13 @@ class FakeHandlers:
         self.appends.append((topic, partition, acks))
         return log.append(batch)
 
-    def read_batches(self, topic: str, partition: int, offset: int, max_bytes: int) -> bytes:
+    async def read_batches(self, topic: str, partition: int, offset: int, max_bytes: int) -> bytes:
+        await trio.lowlevel.checkpoint()
         return self.registry.log(topic, partition).read(offset, max_bytes)
+
+    async def read_batch_containing(self, topic: str, partition: int, offset: int) -> bytes | None:
+        await trio.lowlevel.checkpoint()
+        return self.registry.log(topic, partition).read_batch_containing(offset)
 
 
 def make_api(handlers: FakeHandlers) -> JsonApi:
@@ -363,7 +387,7 @@ async def test_rest_produce_partitions_keyed_records_by_crc32_of_the_key():
     assert offsets[3]["offset"] == offsets[0]["offset"] + 1
     assert len(handlers.appends) == len({zlib.crc32(k.encode()) % 4 for k in keys})
     for index, entry in enumerate(offsets):  # every record is where the answer says
-        data = handlers.read_batches("events", entry["partition"], entry["offset"], 1 << 20)
+        data = await handlers.read_batches("events", entry["partition"], entry["offset"], 1 << 20)
         stored = {r.offset: r for r in decode_records(data)}[entry["offset"]]
         assert (stored.key, stored.value) == (keys[index].encode(), f"v{index}".encode())
 
