@@ -40,7 +40,7 @@ class LineSplitter:
     @property
     def buffered_bytes(self) -> int:
         """Bytes of the unfinished line held in memory (never more than `line_bytes_max`)."""
-        return self._pieces_bytes
+        return sum(map(len, self._pieces))
 
     def feed(self, chunk: bytes) -> list[bytes | OversizeLine]:
         """Return the lines `chunk` completes, with an `OversizeLine` in place of (and as
