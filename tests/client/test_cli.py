@@ -8,7 +8,15 @@ import signal
 import subprocess
 import sys
 
+import argparse
+import importlib.metadata
+import re
+
 import trio
+
+import client
+from client import Consumer
+from client.cli import build_parser
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -228,3 +236,83 @@ async def test_group_commands(group_broker):
     assert "cli-group" not in (await dwal("group", "list", *b)).stdout.decode()
     missing = await dwal("group", "describe", "cli-group", *b, check=False)
     assert missing.returncode == 1 and b"does not exist" in missing.stderr
+
+
+async def test_version():
+    result = await dwal("--version")
+    assert result.stdout == f"dwal {importlib.metadata.version('dwal')}\n".encode()
+
+
+async def test_unknown_options_print_the_subcommands_usage():
+    for args, usage in (
+        (["produce", "t", "--bogus"], b"usage: dwal produce "),
+        (["topic", "create", "t", "--bogus"], b"usage: dwal topic create "),
+        (["group", "delete", "g", "extra"], b"usage: dwal group delete "),
+        (["broker", "--bogus"], b"usage: dwal broker "),
+    ):
+        result = await dwal(*args, check=False)
+        assert result.returncode == 2, args
+        assert result.stderr.startswith(usage), result.stderr
+        assert b"unrecognized arguments: " in result.stderr
+
+
+def test_every_option_has_help():
+    def parsers(parser: argparse.ArgumentParser, name: str):
+        yield name, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    yield from parsers(sub, f"{name} {sub_name}")
+
+    missing = [
+        f"{name} {action.option_strings[0]}"
+        for name, parser in parsers(build_parser(), "dwal")
+        for action in parser._actions
+        if action.option_strings and not action.help
+    ]
+    assert not missing
+
+
+async def wait_for_partitions(member: Consumer, count: int) -> None:
+    with trio.fail_after(20):
+        while len(member.assignment()) != count:
+            await member.poll(timeout_ms=50)
+
+
+async def test_group_admin_names_an_away_static_member(broker):
+    b = ["--bootstrap", broker.bootstrap]
+    await dwal("topic", "create", "st", "--partitions", "2", *b)
+    session_s = broker.config.group_session_timeout_ms / 1000
+    static = rb"static member 'worker-2' \(away; its session expires in (\d+) s unless it rejoins\)"
+    delete = ["group", "delete", "sg", *b]
+    reset = ["group", "reset-offsets", "sg", "--topic", "st", "--to", "earliest", "--execute", *b]
+    async with client.connect(broker.bootstrap) as cluster:
+        active = Consumer(cluster, group_id="sg")
+        active.subscribe(["st"])
+        await wait_for_partitions(active, 2)
+        member = Consumer(cluster, group_id="sg", group_instance_id="worker-2")
+        member.subscribe(["st"])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait_for_partitions, active, 1)
+            nursery.start_soon(wait_for_partitions, member, 1)
+        await member.close()  # a static member leaves for a while: it still holds the group
+        both = re.compile(
+            rb"error: group 'sg' is held by 1 active member and "
+            + static
+            + rb": stop the group's consumers first \(NON_EMPTY_GROUP\)\n"
+        )
+        for command in (delete, reset):
+            result = await dwal(*command, check=False)
+            assert result.returncode == 1 and both.fullmatch(result.stderr), result.stderr
+        await active.close()
+    only_static = re.compile(
+        rb"error: group 'sg' is held by " + static + rb" \(NON_EMPTY_GROUP\)\n"
+    )
+    for command in (delete, reset):
+        result = await dwal(*command, check=False)
+        assert result.returncode == 1, command
+        match = only_static.fullmatch(result.stderr)
+        assert match, result.stderr
+        assert 0 < int(match.group(1)) <= session_s
+    described = (await dwal("group", "describe", "sg", *b)).stdout.decode()
+    assert re.search(r"instance=worker-2 away \(session expires in \d+ s\)", described)
