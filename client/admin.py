@@ -183,7 +183,7 @@ def _held_message(group_id: str, members: tuple[GroupMemberDescription, ...]) ->
         expires = (
             f"its session expires in {math.ceil(m.session_expires_in_ms / 1000)} s"
             if m.session_expires_in_ms >= 0
-            else "its session has not expired yet"
+            else "until its session expires"  # an older broker does not say when
         )
         holders.append(f"static member {m.instance_id!r} (away; {expires} unless it rejoins)")
     advice = ": stop the group's consumers first" if active else ""
