@@ -1,31 +1,37 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
+RUN_FLAGS ?= --host 127.0.0.1 --port 9092 --http-port 8080 --data-dir ./data
 
-.PHONY: run test bench lint clean
+.PHONY: run test bench lint sim clean
 
-$(VENV)/.installed: pyproject.toml
+# Two stamps: the runtime alone (enough to run a broker or a benchmark) and, on top of it,
+# the test tools (pytest, hypothesis, ruff, mypy). Each is redone when pyproject.toml changes.
+$(VENV)/.runtime-installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.test-installed: $(VENV)/.runtime-installed
 	$(PIP) install -q -e '.[test]'
 	touch $@
 
-run: $(VENV)/.installed
-	$(VENV)/bin/dwal broker --host 127.0.0.1 --port 9092 --http-port 8080 --data-dir ./data
+run: $(VENV)/.runtime-installed
+	$(VENV)/bin/dwal broker $(RUN_FLAGS)
 
-test: $(VENV)/.installed
+test: $(VENV)/.test-installed
 	$(PY) -m pytest -q tests
 
-lint: $(VENV)/.installed
+lint: $(VENV)/.test-installed
 	$(VENV)/bin/ruff check protocol broker client bench tests
 	$(VENV)/bin/mypy
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.runtime-installed
 	$(PY) bench/produce_consume.py
 
-clean:
-	rm -rf $(VENV) data
-
-.PHONY: sim
-sim: $(VENV)/.installed
+sim: $(VENV)/.test-installed
 	$(PY) -m pytest tests/broker/raft/test_simulation.py --sim-seeds 3000 -q
+
+clean:
+	rm -rf $(VENV) data *.egg-info
