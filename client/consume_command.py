@@ -233,17 +233,21 @@ async def group_consume_command(cluster, args: argparse.Namespace, stop: trio.Ev
     )
     async with consumer:
         consumer.subscribe([args.topic])
-        with trio.CancelScope() as following:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_until, stop, following)
-                nursery.start_soon(_commit_periodically, commit, consumer)
-                await print_records(consumer, fmt, args.num, printed, exit_at_end=args.exit_at_end)
-                nursery.cancel_scope.cancel()
-        with trio.CancelScope(shield=True):  # commit before leaving: then the group is ours
-            try:
-                await commit()
-            except DwalError as error:
-                _warn(f"warning: final commit failed: {error.message}")
+        try:
+            with trio.CancelScope() as following:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_until, stop, following)
+                    nursery.start_soon(_commit_periodically, commit, consumer)
+                    await print_records(
+                        consumer, fmt, args.num, printed, exit_at_end=args.exit_at_end
+                    )
+                    nursery.cancel_scope.cancel()
+        finally:  # also on an error (damaged batch, giving up): what was printed is done
+            with trio.CancelScope(shield=True):  # commit before leaving: the group is ours
+                try:
+                    await commit()
+                except DwalError as error:
+                    _warn(f"warning: final commit failed: {error.message}")
     return 0
 
 
