@@ -1,9 +1,12 @@
-"""A client that pipelines requests but never reads answers costs the broker a bounded
-number of pending replies (holding file slices, not record bytes); when it goes away every
-reply is released."""
+"""Backpressure of the native server. A client that pipelines requests but never reads
+answers costs the broker a bounded number of pending replies (holding file slices, not
+record bytes); when it goes away every reply is released. Clients that send large frames
+all at once cost the broker at most `queued_request_bytes_max` over all connections: the
+broker stops reading until memory comes back, and serves everyone as it does."""
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 
@@ -13,7 +16,18 @@ from broker.request_handlers import RequestHandlers
 from broker.server import NativeServer
 from broker.storage import LogConfig
 from broker.topic_registry import TopicRegistry
-from protocol import ApiKey, Request, build_batch, encode_request
+from protocol import (
+    ApiKey,
+    ErrorCode,
+    FrameDecoder,
+    Request,
+    Response,
+    build_batch,
+    encode_request,
+    parse_response,
+)
+
+pytestmark = pytest.mark.timeout(60)
 
 
 async def test_unread_replies_are_bounded_and_released(nursery, tmp_path):
@@ -77,5 +91,141 @@ async def test_unread_replies_are_bounded_and_released(nursery, tmp_path):
         await trio.testing.wait_all_tasks_blocked(cushion=0.1)
         assert server.statistics().connections == 0
         assert server.statistics().replies_pending == 0
+    finally:
+        registry.close()
+
+
+# -- one memory budget over all connections ------------------------------------------------
+
+SENDERS = 12
+FRAME_TAIL_BYTES = 900_000  # most of a 1 MiB frame
+UNSENT_BYTES = 1000  # what each sender holds back at first
+MEMORY_LIMITS = Limits(
+    frame_bytes_max=1024 * 1024,
+    frame_header_bytes_max=64 * 1024,
+    socket_receive_bytes=64 * 1024,
+    http_body_bytes_max=64 * 1024,
+    queued_request_bytes_max=2 * 1024 * 1024 + 64 * 1024,  # two large frames fit, not three
+)
+
+
+def _large_frame(correlation_id: int) -> bytes:
+    """An ApiVersions request whose tail (ignored by the broker) makes it ~900 KB."""
+    return encode_request(
+        Request(
+            api_key=ApiKey.API_VERSIONS,
+            api_version=0,
+            correlation_id=correlation_id,
+            client_id="large",
+            body={},
+            tail=b"t" * FRAME_TAIL_BYTES,
+        )
+    )
+
+
+async def _read_response(stream: trio.SocketStream, decoder: FrameDecoder) -> Response:
+    while (frame := decoder.next_frame()) is None:
+        data = await stream.receive_some(65536)
+        assert data, "the broker closed the connection"
+        decoder.feed(data)
+    return parse_response(*frame)
+
+
+async def _send_in_two_parts(stream: trio.SocketStream, frame: bytes, go_on: trio.Event):
+    await stream.send_all(frame[:-UNSENT_BYTES])  # blocks while the broker stops reading
+    await go_on.wait()
+    await stream.send_all(frame[-UNSENT_BYTES:])
+
+
+async def _start_server(nursery, tmp_path) -> tuple[NativeServer, int, TopicRegistry]:
+    assert not MEMORY_LIMITS.problems(), MEMORY_LIMITS.problems()
+    config = BrokerConfig(
+        port=0, data_dir=tmp_path, limits=MEMORY_LIMITS, log_defaults=LogConfig(fsync="never")
+    )
+    registry = TopicRegistry.open(tmp_path, config.log_defaults, MEMORY_LIMITS)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    server = NativeServer(RequestHandlers(config, registry, advertised_port=0))
+    await nursery.start(server.serve, listeners)
+    return server, listeners[0].socket.getsockname()[1], registry
+
+
+async def test_request_bytes_stay_within_one_budget_over_all_connections(nursery, tmp_path):
+    server, port, registry = await _start_server(nursery, tmp_path)
+    pool = server.memory_pool
+    budget = MEMORY_LIMITS.queued_request_bytes_max
+    try:
+        senders = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(SENDERS)]
+        frames = [_large_frame(i) for i in range(SENDERS)]
+        send_the_rest = trio.Event()
+        async with trio.open_nursery() as client_tasks:
+            for stream, frame in zip(senders, frames, strict=True):
+                client_tasks.start_soon(_send_in_two_parts, stream, frame, send_the_rest)
+            await trio.testing.wait_all_tasks_blocked()
+            # ~11 MB arrived at once; the broker holds at most its budget and reads no more
+            statistics = pool.statistics()
+            assert statistics.bytes_reserved_peak <= budget, statistics
+            assert statistics.waiters >= SENDERS - 2, statistics
+            assert server.statistics().requests_handled == 0
+
+            # a small request queues behind the large ones instead of being read at once
+            small_client = await trio.open_tcp_stream("127.0.0.1", port)
+            await small_client.send_all(
+                encode_request(
+                    Request(
+                        api_key=ApiKey.API_VERSIONS,
+                        api_version=0,
+                        correlation_id=99,
+                        client_id="small",
+                        body={},
+                    )
+                )
+            )
+            await trio.testing.wait_all_tasks_blocked()
+            assert server.statistics().requests_handled == 0
+
+            # as the large requests complete and are answered, memory comes back and
+            # everyone is served, the small client included
+            send_the_rest.set()
+            for correlation_id, stream in enumerate(senders):
+                response = await _read_response(stream, FrameDecoder())
+                assert response.correlation_id == correlation_id
+                assert response.error_code == ErrorCode.NONE
+            response = await _read_response(small_client, FrameDecoder())
+            assert (response.correlation_id, response.error_code) == (99, ErrorCode.NONE)
+        assert server.statistics().requests_handled == SENDERS + 1
+        assert pool.statistics().bytes_reserved_peak <= budget
+        # at least two frames were held at once, so the budget was really in use
+        assert pool.statistics().bytes_reserved_peak >= 2 * len(frames[0])
+
+        for stream in [*senders, small_client]:
+            await stream.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.statistics().connections == 0
+        assert pool.statistics().bytes_reserved == 0
+    finally:
+        registry.close()
+
+
+async def test_senders_that_disconnect_mid_frame_return_all_their_memory(nursery, tmp_path):
+    server, port, registry = await _start_server(nursery, tmp_path)
+    pool = server.memory_pool
+    try:
+        senders = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(SENDERS)]
+        async with trio.open_nursery() as client_tasks:
+            for correlation_id, stream in enumerate(senders):
+                frame = _large_frame(correlation_id)
+                client_tasks.start_soon(stream.send_all, frame[:-UNSENT_BYTES])
+            await trio.testing.wait_all_tasks_blocked()
+            assert pool.statistics().bytes_reserved > 0
+            assert pool.statistics().waiters >= SENDERS - 2
+            client_tasks.cancel_scope.cancel()  # senders still blocked in send_all give up
+        for stream in senders:
+            await stream.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.statistics().connections == 0
+        statistics = pool.statistics()
+        assert (statistics.bytes_reserved, statistics.waiters) == (0, 0), statistics
+        assert statistics.bytes_reserved_peak <= MEMORY_LIMITS.queued_request_bytes_max
+        assert server.statistics().requests_handled == 0
     finally:
         registry.close()
