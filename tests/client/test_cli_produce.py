@@ -119,10 +119,16 @@ async def test_a_line_of_exactly_the_limit_reaches_the_producer(broker):
     the producer (which refuses it: a record batch has a header too)."""
     b = ["--bootstrap", broker.bootstrap]
     await dwal("topic", "create", "edge", "--config", "max.message.bytes=1000", *b)
-    result = await dwal("produce", "edge", *b, stdin=b"w" * 1000 + b"\n", check=False)
+    result = await dwal("produce", "edge", *b, stdin=b"w" * 1000 + b"\nok\n", check=False)
     assert result.returncode == 1
+    assert result.stderr.startswith(b"error: line 1 of stdin: "), result.stderr
     assert b"at least" not in result.stderr, result.stderr
-    assert b"MESSAGE_TOO_LARGE" in result.stderr
+    assert result.stderr.endswith(b"(MESSAGE_TOO_LARGE)\n")
+    assert result.stderr.count(b"\n") == 1
+    assert result.stdout.startswith(b"produced 1 record to edge in "), result.stdout
+    assert result.stdout.endswith(b", 1 failed\n")
+    consumed = await dwal("consume", "edge", "--num", "1", *b)
+    assert consumed.stdout == b"ok\n"
 
 
 async def test_summary_wording(broker):
