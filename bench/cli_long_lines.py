@@ -8,6 +8,11 @@ Three figures per line size (10, 20, 40 MB by default), one line each:
                                      max.message.bytes (1 MiB): the line is refused at once
                                      and skipped, the short line after it is sent
 
+and, so that short lines do not pay for it, the two readers on 2 million 13-byte lines:
+
+    splitter_short_lines lines/s=X MB/s=Y
+    old_split_short_lines lines/s=X MB/s=Y
+
 Input arrives in 64 KiB pieces, what a read from a pipe returns. A fresh `dwal broker`
 (data in a temporary directory) serves the end-to-end runs; it is killed by PID at the end.
 Usage: python bench/cli_long_lines.py [--sizes-mb 10,20,40,200] [--old-max-mb 40]
@@ -65,6 +70,28 @@ def old_split_seconds(size_bytes: int) -> float:
     elapsed = time.perf_counter() - started
     assert len(lines) == 1 and len(lines[0]) == size_bytes
     return elapsed
+
+
+def short_lines_seconds(split) -> tuple[int, int, float]:
+    data = b"".join(b"line-%07d\n" % i for i in range(2_000_000))
+    chunks = [data[i : i + PIPE_READ_BYTES] for i in range(0, len(data), PIPE_READ_BYTES)]
+    started = time.perf_counter()
+    count = split(chunks)
+    return count, len(data), time.perf_counter() - started
+
+
+def splitter_count(chunks: list[bytes]) -> int:
+    splitter = LineSplitter(MEGABYTE)
+    return sum(len(splitter.feed(chunk)) for chunk in chunks)
+
+
+def old_split_count(chunks: list[bytes]) -> int:
+    pending, count = b"", 0
+    for chunk in chunks:
+        split = (pending + chunk).split(b"\n")
+        pending = split.pop()
+        count += len(split)
+    return count
 
 
 async def start_broker(data_dir: str, nursery: trio.Nursery) -> tuple[trio.Process, int]:
@@ -160,6 +187,12 @@ def main() -> None:
         if size_mb <= args.old_max_mb:
             seconds = old_split_seconds(size_mb * MEGABYTE)
             print(f"old_split_{size_mb}MB MB/s={size_mb / seconds:.0f}")
+    for name, split in (("splitter", splitter_count), ("old_split", old_split_count)):
+        count, size_bytes, seconds = short_lines_seconds(split)
+        print(
+            f"{name}_short_lines lines/s={count / seconds:.0f} "
+            f"MB/s={size_bytes / MEGABYTE / seconds:.0f}"
+        )
     trio.run(end_to_end, sizes_mb)
 
 

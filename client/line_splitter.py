@@ -2,10 +2,11 @@
 
 Theory of operation
 -------------------
-Chunks of input go in; complete lines and `OversizeLine` events come out. The unfinished
-tail of the stream is kept as a list of pieces and joined only once, when its newline
-arrives, so every input byte is scanned for a newline once and copied at most twice (into
-its piece, then into the line): reading is linear in the input, whatever the line lengths.
+Chunks of input go in; complete lines and `OversizeLine` events come out. Each chunk is
+split once (in C, so short lines cost little); the unfinished tail of the stream is kept as
+a list of pieces and joined only once, when its newline arrives, so every input byte is
+scanned for a newline once and copied at most twice (into its piece, then into the line):
+reading is linear in the input, whatever the line lengths.
 The pieces hold at most `line_bytes_max` bytes: once an unfinished line grows past that,
 it is dropped, one `OversizeLine` is returned at once, and the rest of that line is only
 counted (never stored) until its newline.
@@ -46,12 +47,23 @@ class LineSplitter:
         """Return the lines `chunk` completes, with an `OversizeLine` in place of (and as
         soon as we know of) each line over the limit."""
         out: list[bytes | OversizeLine] = []
-        start = 0
-        while (end := chunk.find(b"\n", start)) >= 0:
-            self._take(chunk, start, end, out)
+        lines: list = chunk.split(b"\n")  # one pass in C; the last part is not a whole line
+        tail = lines.pop()
+        if lines and (self._pieces or self._dropping):
+            self._take(lines[0], out)  # completes the unfinished line
             self._end_line(out)
-            start = end + 1
-        self._take(chunk, start, len(chunk), out)
+            del lines[0]
+        if lines and max(map(len, lines)) > self.line_bytes_max:
+            for line in lines:
+                self._take(line, out)
+                self._end_line(out)
+        elif lines:  # the common case: every line fits, hand them over as they are
+            self._line_number += len(lines)
+            if out:
+                out.extend(lines)
+            else:
+                out = lines
+        self._take(tail, out)
         return out
 
     def finish(self) -> list[bytes]:
@@ -65,23 +77,23 @@ class LineSplitter:
         self._dropping = False
         return [line for line in out if isinstance(line, bytes)]
 
-    def _take(self, chunk: bytes, start: int, end: int, out: list[bytes | OversizeLine]) -> None:
-        """Add chunk[start:end], a part of the unfinished line, to the pieces (or drop it)."""
-        if self._dropping or start == end:
+    def _take(self, part: bytes, out: list[bytes | OversizeLine]) -> None:
+        """Add `part` of the unfinished line to the pieces (or drop it)."""
+        if self._dropping or not part:
             return
-        if self._pieces_bytes + (end - start) > self.line_bytes_max:
+        if self._pieces_bytes + len(part) > self.line_bytes_max:
             out.append(
                 OversizeLine(
                     line_number=self._line_number,
-                    size_bytes_min=self._pieces_bytes + (end - start),
+                    size_bytes_min=self._pieces_bytes + len(part),
                 )
             )
             self._pieces.clear()
             self._pieces_bytes = 0
             self._dropping = True
             return
-        self._pieces.append(chunk[start:end])
-        self._pieces_bytes += end - start
+        self._pieces.append(part)
+        self._pieces_bytes += len(part)
 
     def _end_line(self, out: list[bytes | OversizeLine]) -> None:
         if not self._dropping:
