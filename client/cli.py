@@ -550,10 +550,7 @@ async def _produce_command(cluster, args: argparse.Namespace, stop: trio.Event) 
             f"topic {args.topic} has no partition {args.partition} "
             f"(it has {count}: 0 to {count - 1})",
         )
-    # The broker refuses a record batch over the topic's max.message.bytes.
-    record_bytes_max = (
-        info.max_message_bytes if info.max_message_bytes >= 0 else RECORD_BYTES_MAX_UNKNOWN
-    )
+    record_limit = _record_limit(info)
     started = time.monotonic()
     tally = _ProduceTally(args, started)
     async with Producer(
@@ -568,7 +565,7 @@ async def _produce_command(cluster, args: argparse.Namespace, stop: trio.Event) 
         async with trio.open_nursery() as nursery:
             with trio.CancelScope() as reading:
                 nursery.start_soon(_until, stop, reading)
-                await _produce_lines(producer, args, tally, record_bytes_max)
+                await _produce_lines(producer, args, tally, record_limit)
             nursery.cancel_scope.cancel()
     return tally.summarize(time.monotonic() - started, interrupted=stop.is_set())
 
@@ -625,7 +622,10 @@ def _records(count: int) -> str:
 
 
 async def _produce_lines(
-    producer: Producer, args: argparse.Namespace, tally: _ProduceTally, record_bytes_max: int
+    producer: Producer,
+    args: argparse.Namespace,
+    tally: _ProduceTally,
+    record_limit: tuple[int, str],
 ) -> None:
     """Send each line of stdin as a record. A line longer than the topic's max.message.bytes
     is skipped (and reported at once) without ever being held in memory whole."""
@@ -647,12 +647,12 @@ async def _produce_lines(
         tally.add(delivery)
 
     # The separator is not part of the record: a line may be longer by that much.
-    splitter = LineSplitter(record_bytes_max + len(separator or b""))
+    splitter = LineSplitter(record_limit[0] + len(separator or b""))
     async for chunk in _read_stdin_chunks():
         for line in splitter.feed(chunk):
             line_number += 1
             if isinstance(line, OversizeLine):
-                tally.refuse(_oversize_error(line, args.topic, record_bytes_max))
+                tally.refuse(_oversize_error(line, record_limit))
             else:
                 await send(line)
         tally.tidy()
@@ -661,11 +661,25 @@ async def _produce_lines(
         await send(line)
 
 
-def _oversize_error(line: OversizeLine, topic: str, record_bytes_max: int) -> DwalError:
+def _record_limit(info) -> tuple[int, str]:
+    """Return the size no record batch of the topic may exceed, and what sets it: the broker
+    refuses batches over max.message.bytes, and a batch must fit in a segment."""
+    limits = [
+        (info.max_message_bytes, f"topic {info.name}'s max.message.bytes"),
+        (info.segment_bytes, f"topic {info.name}'s segment.bytes"),
+    ]
+    known = [limit for limit in limits if limit[0] >= 0]
+    if not known:  # an older broker: a bound of our own, for memory
+        return RECORD_BYTES_MAX_UNKNOWN, "the line limit"
+    return min(known)
+
+
+def _oversize_error(line: OversizeLine, record_limit: tuple[int, str]) -> DwalError:
+    limit_bytes, limit_name = record_limit
     return DwalError(
         ErrorCode.MESSAGE_TOO_LARGE,
         f"line {line.line_number} of stdin has at least {line.size_bytes_min} bytes, over "
-        f"topic {topic}'s max.message.bytes of {record_bytes_max}: line skipped",
+        f"{limit_name} of {limit_bytes}: line skipped",
     )
 
 

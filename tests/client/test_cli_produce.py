@@ -114,6 +114,19 @@ async def test_lines_over_the_topic_limit_are_skipped_and_counted(broker):
     assert consumed.stdout == b"a\nb\n"
 
 
+async def test_a_segment_smaller_than_max_message_bytes_sets_the_limit(broker):
+    b = ["--bootstrap", broker.bootstrap]
+    await dwal("topic", "create", "seg", "--config", "segment.bytes=1024", *b)
+    result = await dwal("produce", "seg", *b, stdin=b"s" * 2000 + b"\nok\n", check=False)
+    assert result.returncode == 1
+    assert re.fullmatch(
+        rb"error: line 1 of stdin has at least \d+ bytes, over topic seg's segment\.bytes of "
+        rb"1024: line skipped \(MESSAGE_TOO_LARGE\)\n",
+        result.stderr,
+    ), result.stderr
+    assert result.stdout.startswith(b"produced 1 record to seg in ")
+
+
 async def test_a_line_of_exactly_the_limit_reaches_the_producer(broker):
     """The CLI drops only lines longer than max.message.bytes; one exactly that long goes to
     the producer (which refuses it: a record batch has a header too)."""
