@@ -23,11 +23,16 @@ import pytest
 import trio
 import trio.testing
 
+from broker.config import BrokerConfig
 from broker.gateway.api_error import status_for_error_code
 from broker.gateway.http_gateway import HttpGateway, HttpTimeouts, serve_http
 from broker.gateway.json_api import ApiRequest, ApiResponse, JsonApi
 from broker.gateway.json_records import partition_for_key
 from broker.limits import Limits
+from broker.memory_pool import MemoryPool
+from broker.request_handlers import RequestHandlers
+from broker.storage import LogConfig
+from broker.topic_registry import TopicRegistry
 from protocol import ACKS_LEADER, DwalError, ErrorCode, decode_records, parse_header
 
 pytestmark = pytest.mark.timeout(60)
@@ -856,22 +861,72 @@ async def test_http_head_request_gets_headers_only(nursery):
 
 
 @pytest.mark.parametrize(
-    "raw, status",
+    "raw, status, error",
     [
-        (b"THIS IS NOT HTTP\r\n\r\n", 400),
-        (b"GET / HTTP/1.1\r\nhost: x\r\ncontent-length: nope\r\n\r\n", 400),
-        (b"GET / HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 200_000 + b"\r\n\r\n", 431),
+        (b"THIS IS NOT HTTP\r\n\r\n", 400, "malformed HTTP request: illegal request line"),
+        (b"GARBAGE\r\n\r\n", 400, "malformed HTTP request: illegal request line"),
+        (b"GET / HTTP/1.1\r\nhost: x\r\nbad header\r\n\r\n", 400, "illegal header line"),
+        (b"GET / HTTP/1.1\r\nbad name: x\r\n\r\n", 400, "illegal header line"),
+        (b"GET / HTTP/1.1\r\nhost: x\r\ncontent-length: nope\r\n\r\n", 400, "Content-Length"),
+        (b"GET / HTTP/1.1\r\n\r\n", 400, "missing mandatory host: header"),
+        (
+            b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+            400,
+            "malformed HTTP request: illegal chunk header",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 200_000 + b"\r\n\r\n",
+            431,
+            "larger than the limit of 16384 bytes",
+        ),
     ],
 )
-async def test_http_malformed_requests_get_an_error_and_a_close(nursery, raw, status):
+async def test_http_malformed_requests_get_a_plain_error_and_a_close(nursery, raw, status, error):
     server = await start_gateway(nursery, FakeHandlers())
     stream = await trio.open_tcp_stream("127.0.0.1", server.port)
     await stream.send_all(raw)
     reply = await read_raw_response(stream)
-    assert reply.status == status and reply.json()["error"]
+    message = reply.json()["error"]
+    assert reply.status == status
+    assert error.lower() in message.lower()
+    for python_literal in ("bytearray", "b'", 'b"', "\\r", "\\x"):
+        assert python_literal not in message
     assert await read_until_closed(stream) == b""  # the gateway stopped sending
     await stream.aclose()  # which ends its lingering close at once
     await server.connection_ended.receive()
+
+
+def _head_of(total_bytes: int) -> bytes:
+    """A GET /healthz request whose line and headers are exactly `total_bytes` long."""
+    start = b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-pad: "
+    end = b"\r\n\r\n"
+    return start + b"p" * (total_bytes - len(start) - len(end)) + end
+
+
+@pytest.mark.parametrize("total_bytes", [16 * 1024 + 1, 17_000, 30_000, 40_000, 60_000])
+async def test_http_head_above_the_limit_is_431_even_when_it_arrives_in_one_read(total_bytes):
+    handlers = FakeHandlers()
+    gateway = memory_gateway(handlers)
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gateway.handle_connection, server_stream)
+        await client_stream.send_all(_head_of(total_bytes))  # one chunk: one read
+        reply = await read_raw_response(client_stream)
+        assert reply.status == 431, total_bytes
+        assert str(handlers.limits.http_header_bytes_max) in reply.json()["error"]
+        assert reply.headers["connection"] == "close"
+        await client_stream.aclose()
+    assert gateway.statistics().requests_handled == 0
+
+
+async def test_http_head_of_exactly_the_limit_is_served():
+    gateway = memory_gateway(FakeHandlers())
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gateway.handle_connection, server_stream)
+        await client_stream.send_all(_head_of(16 * 1024))
+        assert (await read_raw_response(client_stream)).status == 200
+        await client_stream.aclose()
 
 
 @pytest.mark.parametrize("abort", ["close", "reset"])
@@ -973,18 +1028,112 @@ async def test_peer_closing_mid_body_ends_only_its_connection_task(http_error_lo
     assert http_error_log == []
 
 
+# -- request bodies within the broker's shared memory budget ------------------------------
+
+BUDGET_LIMITS = Limits(http_body_bytes_max=1024)
+
+
+class RecordingApi:
+    """Answers every request 200, noting its body and the pool's reserved bytes meanwhile."""
+
+    def __init__(self, pool: MemoryPool) -> None:
+        self.pool = pool
+        self.seen: list[tuple[bytes, int]] = []
+
+    async def handle(self, request: ApiRequest) -> ApiResponse:
+        self.seen.append((request.body, self.pool.statistics().bytes_reserved))
+        return ApiResponse(status=200, body={})
+
+
+async def test_http_body_waits_for_memory_without_timing_out_then_gives_it_back(autojump_clock):
+    handlers = FakeHandlers(limits=BUDGET_LIMITS)
+    pool = MemoryPool(2048)  # shared with other (here: simulated) connections
+    gateway = HttpGateway(
+        make_api(handlers),
+        BUDGET_LIMITS,
+        timeouts=HttpTimeouts(request_read_s=30),
+        memory_pool=pool,
+    )
+    await pool.reserve(2000)  # what other connections hold
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gateway.handle_connection, server_stream)
+        client = HttpClient(client_stream)
+        body = {"record": {"value": "x" * 100}}
+        await client.send_head("POST", "/", body)
+        await client.send_body(body)
+        await trio.testing.wait_all_tasks_blocked()
+        statistics = pool.statistics()
+        assert (statistics.waiters, statistics.bytes_wanted) == (1, len(_encode(body)))
+        assert handlers.appends == []
+        await trio.sleep(100)  # waiting for memory is not the client being slow: no 408
+        assert handlers.appends == []
+        pool.release(2000)
+        reply = await client.read_response()
+        assert (reply.status, reply.json()) == (200, {"offset": 0})
+        await trio.testing.wait_all_tasks_blocked()
+        assert pool.statistics().bytes_reserved == 0
+        assert pool.statistics().bytes_reserved_peak <= 2048
+        await client_stream.aclose()
+
+
+async def test_http_body_bytes_are_reserved_while_handled_and_released_on_every_path():
+    pool = MemoryPool(4096)
+    api = RecordingApi(pool)
+    gateway = HttpGateway(api, BUDGET_LIMITS, memory_pool=pool)  # type: ignore[arg-type]
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gateway.handle_connection, server_stream)
+        client = HttpClient(client_stream)
+        assert (await client.request("POST", "/", b"b" * 300)).status == 200
+        assert (await client.request("GET", "/healthz")).status == 200
+        assert api.seen == [(b"b" * 300, 300), (b"", 0)]
+        assert pool.statistics().bytes_reserved == 0
+
+        # a chunked body reserves the most a body may have until it ends, then what it used
+        await client_stream.send_all(
+            b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+            + b"c8\r\n"
+            + b"c" * 200
+            + b"\r\n"
+        )
+        await trio.testing.wait_all_tasks_blocked()
+        assert pool.statistics().bytes_reserved == BUDGET_LIMITS.http_body_bytes_max
+        await client_stream.send_all(b"64\r\n" + b"d" * 100 + b"\r\n0\r\n\r\n")
+        client.connection.start_next_cycle()
+        client.connection.send(h11.Request(method="POST", target="/", headers=[("host", "x")]))
+        client.connection.send(h11.EndOfMessage())
+        assert (await client.read_response()).status == 200
+        assert api.seen[-1] == (b"c" * 200 + b"d" * 100, 300)
+        assert pool.statistics().bytes_reserved == 0
+
+        # a client that goes away in the middle of a body gives its reservation back
+        await client_stream.send_all(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 900\r\n\r\n{")
+        await trio.testing.wait_all_tasks_blocked()
+        assert pool.statistics().bytes_reserved == 900
+        await client_stream.aclose()
+    assert pool.statistics().bytes_reserved == 0
+    assert len(api.seen) == 3
+
+
+async def test_http_oversize_body_reserves_nothing():
+    pool = MemoryPool(4096)
+    gateway = HttpGateway(make_api(FakeHandlers()), BUDGET_LIMITS, memory_pool=pool)
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gateway.handle_connection, server_stream)
+        await client_stream.send_all(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 5000\r\n\r\n")
+        assert (await read_raw_response(client_stream)).status == 413
+        await client_stream.aclose()
+    statistics = pool.statistics()
+    assert (statistics.bytes_reserved, statistics.bytes_reserved_peak) == (0, 0)
+
+
 # -- end to end on the real broker storage -------------------------------------------------
 
 
 @pytest.fixture
 def real_handlers(tmp_path):
-    try:
-        from broker.config import BrokerConfig
-        from broker.request_handlers import RequestHandlers
-        from broker.storage import LogConfig
-        from broker.topic_registry import TopicRegistry
-    except ImportError as error:
-        pytest.skip(f"broker.storage is not importable yet: {error}")
     log_config = LogConfig(fsync="never")
     registry = TopicRegistry.open(tmp_path, log_config, Limits())
     config = BrokerConfig(data_dir=tmp_path, log_defaults=log_config)
