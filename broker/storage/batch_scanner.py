@@ -1,20 +1,22 @@
 """Reading record batches back from a segment file.
 
 Lookups read one header per batch with `os.pread` (`iterate_headers`): they start from a
-sparse index entry, so they touch a bounded number of batches. `read_batch_containing`
-reads the 61-byte headers the same way, then only the one batch holding an offset, whose CRC
-it checks. Recovery reads the file in
-bounded chunks and checks every batch in full (`ValidatingScanner`): length, magic, CRC and
-that offsets strictly increase, without overlap, and stay below a bound (what the segment's
-index can hold). Gaps between batches are allowed: compaction leaves them (each kept record
-keeps its offset). A batch larger than a chunk is checked with
-an incremental CRC, so memory stays bounded whatever the file holds.
+sparse index entry, so they touch a bounded number of batches. `read_batch_containing` reads
+the 61-byte headers the same way, then only the one batch holding an offset, whose CRC it
+checks; it can first be tried with `pread_cached`, which never waits for the disk (Linux
+RWF_NOWAIT), so that a read served from the page cache needs no worker thread. Recovery reads
+the file in bounded chunks and checks every batch in full (`ValidatingScanner`): length,
+magic, CRC and that offsets strictly increase, without overlap, and stay below a bound (what
+the segment's index can hold). Gaps between batches are allowed: compaction leaves them (each
+kept record keeps its offset). A batch larger than a chunk is checked with an incremental
+CRC, so memory stays bounded whatever the file holds.
 """
 
 from __future__ import annotations
 
+import errno
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 import crc32c
 
@@ -33,6 +35,12 @@ from protocol.record_batch import (
 from .errors import CorruptRecordError, StorageError
 
 CHUNK_BYTES = 8 * 1024 * 1024
+# A cached read larger than this is refused (BlockingIOError), so the caller reads it in a
+# worker thread: it bounds how long a read from the page cache holds up the event loop.
+CACHED_READ_BYTES_MAX = 256 * 1024
+_RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
+
+Read = Callable[[int, int, int], bytes]  # (fd, length, position) -> bytes, like os.pread
 
 
 def read_header(fd: int, position: int) -> BatchHeader:
@@ -59,20 +67,41 @@ def iterate_headers(fd: int, start: int, end: int) -> Iterator[tuple[int, BatchH
         position += header.size_bytes
 
 
+def pread_cached(fd: int, length: int, position: int) -> bytes:
+    """Like `os.pread`, but never waits for the disk: raises BlockingIOError unless all
+    `length` bytes are in the page cache (also past the end of the file, for more than
+    CACHED_READ_BYTES_MAX bytes, and where the system cannot tell). Raises OSError."""
+    if _RWF_NOWAIT is None or length > CACHED_READ_BYTES_MAX:
+        raise BlockingIOError("not a cached read")
+    buffer = bytearray(length)
+    try:
+        count = os.preadv(fd, [buffer], position, _RWF_NOWAIT)
+    except OSError as error:
+        if error.errno in (errno.EAGAIN, errno.EOPNOTSUPP, errno.EINVAL):
+            raise BlockingIOError(error.errno, "not in the page cache") from None
+        raise
+    if count < length:  # partly cached, or the end of the file: a blocking read settles it
+        raise BlockingIOError("not wholly in the page cache")
+    return bytes(buffer)
+
+
 def read_batch_containing(
-    fd: int, *, start: int, end: int, offset: int, file_name: str
+    fd: int, *, start: int, end: int, offset: int, file_name: str, read: Read | None = None
 ) -> bytes | None:
     """Return the whole batch of [start, end) of the file open as `fd` that holds `offset`
     (base_offset <= offset <= last_offset), or None when no batch does (compaction removed
     it). `start` is a batch boundary at or before the batch (an offset index entry's).
 
-    Reads only batch headers until the batch, then that batch, and checks its CRC. Raises
-    CorruptRecordError (naming `file_name` and the byte position) when a header or the
-    batch is damaged or cut short. Blocking: run it in a worker thread.
+    Reads, with `read` (default `os.pread`), only batch headers until the batch, then that
+    batch, and checks its CRC. Raises CorruptRecordError (naming `file_name` and the byte
+    position) when a header or the batch is damaged or cut short, and whatever `read` raises.
+    Blocking with `os.pread`: run it in a worker thread; with `pread_cached` it never waits
+    for the disk.
     """
+    read = os.pread if read is None else read
     position = start
     while position < end:
-        data = os.pread(fd, HEADER_BYTES, position)
+        data = read(fd, HEADER_BYTES, position)
         if len(data) < HEADER_BYTES or position + HEADER_BYTES > end:
             raise CorruptRecordError(
                 f"the batch header at byte {position} of {file_name} is cut short"
@@ -87,13 +116,13 @@ def read_batch_containing(
         if header.base_offset > offset:
             return None
         if header.last_offset >= offset:
-            return _read_checked_batch(fd, position, header, end, file_name)
+            return _read_checked_batch(fd, position, header, end, file_name, read)
         position += header.size_bytes
     return None
 
 
 def _read_checked_batch(
-    fd: int, position: int, header: BatchHeader, end: int, file_name: str
+    fd: int, position: int, header: BatchHeader, end: int, file_name: str, read: Read
 ) -> bytes:
     """Read the batch of `header` at `position` and check its CRC; raises
     CorruptRecordError. The length is checked against `end` before anything is read."""
@@ -103,7 +132,7 @@ def _read_checked_batch(
     parts = []
     remaining = header.size_bytes
     while remaining > 0:
-        part = os.pread(fd, remaining, position + header.size_bytes - remaining)
+        part = read(fd, remaining, position + header.size_bytes - remaining)
         if not part:
             raise CorruptRecordError(f"{where} of {file_name} is cut short")
         parts.append(part)

@@ -54,7 +54,7 @@ from protocol.record_batch import (
     scan_batches,
 )
 
-from .batch_scanner import read_batch_containing
+from .batch_scanner import pread_cached, read_batch_containing
 from .checkpoint import fsync_directory, write_atomically, write_offset_checkpoint
 from .errors import CorruptRecordError, OffsetOutOfRangeError, RecordTooLargeError, StorageError
 from .fetch_slice import FetchSlice
@@ -476,7 +476,10 @@ class PartitionLog:
         removed the record).
 
         Finds the segment by bisection and the scan start in its offset index (in memory),
-        then, in a worker thread, reads batch headers from there and only the one batch.
+        then reads batch headers from there and only the one batch: on the event loop when
+        every byte of it is in the page cache (reads that never wait for the disk), else in
+        a worker thread.
+
         Raises OffsetOutOfRangeError outside [log_start_offset, high_watermark),
         CorruptRecordError when the stored batch or a header before it is damaged (the log is
         left as it is), OSError. Safe to cancel: the thread then finishes its read unseen.
@@ -494,20 +497,23 @@ class PartitionLog:
                 f"offset {offset} has not been written yet (high watermark {self._high_watermark})"
             )
         segment = self._segment_holding(offset)
-        end = self._readable_end(segment)
-        position = segment.index_position(offset)
+        read = functools.partial(
+            read_batch_containing,
+            start=segment.index_position(offset),
+            end=self._readable_end(segment),
+            offset=offset,
+            file_name=f"{self._directory.name}/{segment.log_path.name}",
+        )
+        try:
+            batch = read(segment.log_fd, read=pread_cached)
+        except BlockingIOError:  # not in the page cache (or large): read in a worker thread
+            pass
+        else:
+            await trio.lowlevel.checkpoint()
+            return batch
         descriptor = os.dup(segment.log_fd)  # the segment may be deleted meanwhile
         try:
-            return await trio.to_thread.run_sync(
-                functools.partial(
-                    read_batch_containing,
-                    descriptor,
-                    start=position,
-                    end=end,
-                    offset=offset,
-                    file_name=f"{self._directory.name}/{segment.log_path.name}",
-                )
-            )
+            return await trio.to_thread.run_sync(read, descriptor)
         finally:
             os.close(descriptor)
 

@@ -2,7 +2,8 @@
 (issue 3), and produce requests larger than a segment (issue 13, broker side).
 
 A single read must read only the batch that holds the offset (plus the 61-byte headers the
-scan passes) off the event loop, and report a damaged batch clearly without touching it.
+scan passes), never wait for the disk on the event loop, and report a damaged batch clearly
+without touching it.
 """
 
 from __future__ import annotations
@@ -46,23 +47,30 @@ async def call(api: JsonApi, method: str, target: str, body: Any = b"") -> ApiRe
 
 
 class DiskReads:
-    """Counts the bytes the batch reader reads, checks each read runs off the event loop,
-    and forbids the multi-batch read path (`FetchSlice.read_bytes`)."""
+    """Records the length of each read of the batch reader, checks that a blocking read
+    (`os.pread`) never runs on the event loop and that a read there never waits for the disk
+    (RWF_NOWAIT), and forbids the multi-batch read path (`FetchSlice.read_bytes`)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.lengths: list[int] = []
-        original = os.pread
         event_loop_thread = threading.get_ident()
+        pread, preadv = os.pread, os.preadv
 
-        def pread(fd: int, length: int, position: int) -> bytes:
-            assert threading.get_ident() != event_loop_thread, "a disk read on the event loop"
+        def blocking_read(fd: int, length: int, position: int) -> bytes:
+            assert threading.get_ident() != event_loop_thread, "a blocking read on the event loop"
             self.lengths.append(length)
-            return original(fd, length, position)
+            return pread(fd, length, position)
+
+        def cached_read(fd: int, buffers: list[bytearray], position: int, flags: int) -> int:
+            assert flags & os.RWF_NOWAIT, "a read that may wait for the disk"
+            self.lengths.append(sum(map(len, buffers)))
+            return preadv(fd, buffers, position, flags)
 
         def read_bytes(piece: FetchSlice) -> bytes:
             raise AssertionError(f"a read of {piece.length} bytes from the offset on")
 
-        monkeypatch.setattr(batch_scanner.os, "pread", pread)
+        monkeypatch.setattr(batch_scanner.os, "pread", blocking_read)
+        monkeypatch.setattr(batch_scanner.os, "preadv", cached_read)
         monkeypatch.setattr(FetchSlice, "read_bytes", read_bytes)
 
 

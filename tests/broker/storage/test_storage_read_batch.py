@@ -3,6 +3,7 @@ start from the offset index, then batch headers only, then that batch, CRC-check
 worker thread."""
 
 import dataclasses
+import errno
 import os
 import threading
 from pathlib import Path
@@ -31,20 +32,46 @@ def build_log(directory: Path, config=CONFIG) -> tuple[PartitionLog, list]:
     return log, read_batches(log)
 
 
-def record_reads(monkeypatch) -> list[tuple[int, int]]:
-    """Record the (length, position) of every pread of the batch reader, checking that each
-    runs off the event loop's thread."""
-    reads: list[tuple[int, int]] = []
-    original = os.pread
-    event_loop_thread = threading.get_ident()
+class DiskReads:
+    """Records each read of the batch reader as (length, on the event loop, blocking), and
+    checks that a blocking read (`os.pread`) never runs on the event loop and a read there
+    never waits for the disk (RWF_NOWAIT). `cache` simulates the page cache: "real" leaves it
+    be (what a test just wrote is cached), "miss" holds nothing, "headers" only headers,
+    "half" headers and the first half of each batch; "unsupported" refuses RWF_NOWAIT."""
 
-    def pread(fd: int, length: int, position: int) -> bytes:
-        assert threading.get_ident() != event_loop_thread, "a disk read on the event loop"
-        reads.append((length, position))
-        return original(fd, length, position)
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, cache: str = "real") -> None:
+        self.reads: list[tuple[int, bool, bool]] = []
+        event_loop_thread = threading.get_ident()
+        pread, preadv = os.pread, os.preadv
 
-    monkeypatch.setattr(batch_scanner.os, "pread", pread)
-    return reads
+        def blocking_read(fd: int, length: int, position: int) -> bytes:
+            on_loop = threading.get_ident() == event_loop_thread
+            assert not on_loop, "a blocking disk read on the event loop"
+            self.reads.append((length, on_loop, True))
+            return pread(fd, length, position)
+
+        def cached_read(fd: int, buffers: list[bytearray], position: int, flags: int) -> int:
+            assert flags & os.RWF_NOWAIT
+            length = sum(map(len, buffers))
+            if cache == "unsupported":  # a file system without RWF_NOWAIT
+                raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+            if cache == "miss" or (cache == "headers" and length != HEADER_BYTES):
+                raise BlockingIOError(errno.EAGAIN, "not in the page cache (simulated)")
+            if cache == "half" and length != HEADER_BYTES:  # only the first half is cached
+                buffers = [memoryview(buffers[0])[: length // 2]]
+            count = preadv(fd, buffers, position, flags)
+            self.reads.append((count, threading.get_ident() == event_loop_thread, False))
+            return count
+
+        monkeypatch.setattr(batch_scanner.os, "pread", blocking_read)
+        monkeypatch.setattr(batch_scanner.os, "preadv", cached_read)
+
+    def clear(self) -> None:
+        self.reads.clear()
+
+    @property
+    def lengths(self) -> list[int]:
+        return [length for length, _, _ in self.reads]
 
 
 @pytest.mark.parametrize("index_interval_bytes", [1, 512, 1 << 20])
@@ -57,20 +84,45 @@ async def test_every_offset_gets_exactly_the_batch_holding_it(tmp_path, index_in
     log.close()
 
 
-async def test_only_headers_are_read_before_the_batch(tmp_path, monkeypatch):
+@pytest.mark.parametrize("cache", ["real", "miss", "headers", "half", "unsupported"])
+async def test_only_headers_are_read_before_the_batch(tmp_path, monkeypatch, cache):
     log, batches = build_log(tmp_path)
-    reads = record_reads(monkeypatch)
+    reads = DiskReads(monkeypatch, cache)
     scanned_max = 0
     for header, data in batches:
         reads.clear()
         assert await log.read_batch_containing(header.last_offset) == data
-        *headers, (length, _) = reads
-        assert length == len(data)  # the batch itself, read once
-        assert all(length == HEADER_BYTES for length, _ in headers)
+        *headers, batch = reads.lengths
+        assert batch == len(data)  # the batch itself, read once
+        if cache == "half":  # the half batch read on the event loop, then again in full
+            headers.remove(len(data) // 2)
+        assert set(headers) <= {HEADER_BYTES}
         scanned_max = max(scanned_max, len(headers))
+        places = {(on_loop, blocking) for _, on_loop, blocking in reads.reads}
+        if cache == "real":  # served from the page cache, without a thread
+            assert places == {(True, False)}
+        elif cache in ("miss", "unsupported"):
+            assert places == {(False, True)}
+        else:  # headers (and half a batch) from the cache, then everything in a thread
+            assert reads.reads[-1][1:] == (False, True)
     # The offset index bounds the scan: at most an index interval of (small) batches.
     smallest = min(len(data) for _, data in batches)
-    assert scanned_max <= CONFIG.index_interval_bytes // smallest + 2
+    bound = CONFIG.index_interval_bytes // smallest + 2
+    assert scanned_max <= (2 * bound + 1 if cache in ("headers", "half") else bound)
+    log.close()
+
+
+async def test_a_large_batch_is_read_in_a_worker_thread_even_when_cached(tmp_path, monkeypatch):
+    log = open_log(tmp_path, small_config(segment_bytes=1 << 20, max_message_bytes=1 << 20))
+    log.append(make_batch(0), now_ms=0)
+    large = make_batch(1, records=1, value_bytes=batch_scanner.CACHED_READ_BYTES_MAX)
+    log.append(large, now_ms=0)
+    reads = DiskReads(monkeypatch)
+    assert await log.read_batch_containing(2) == large
+    assert reads.reads[-1] == (len(large), False, True)
+    reads.clear()
+    assert await log.read_batch_containing(0) is not None
+    assert {(on_loop, blocking) for _, on_loop, blocking in reads.reads} == {(True, False)}
     log.close()
 
 
