@@ -360,6 +360,9 @@ async def test_a_new_topic_reaches_a_regex_subscriber_through_the_expiry_loop(
     async with trio.open_nursery() as nursery:
         await nursery.start(node.coordinator.run_expiry)
         await trio.sleep(0.3)
+        # the loop, not a heartbeat, told the group: its target already has the new topic
+        [described] = node.describe()["members"]
+        assert described["target_assignment"] == [{"topic": "new-topic", "partitions": [0, 1]}]
         member = node.heartbeat(member_id=member["member_id"], epoch=member["member_epoch"])
         nursery.cancel_scope.cancel()
     assert assigned(member) == {("new-topic", 0), ("new-topic", 1)}
