@@ -14,6 +14,8 @@ writes them) and `64KiB_batches` (batch_size=64 KiB). Prints one line per figure
     wal_read one_record_batches records=1000000 log_MB=183 get_random p50_ms=X p99_ms=Y ...
 
 Requests are sent one at a time, so each latency is the full round trip seen by a client.
+Each line ends with the machine's load average: tail latencies mean little on a busy machine
+(a process waiting for a core waits a scheduler slice, several milliseconds).
 Usage: python bench/wal_read_latency.py [--records N] [--requests N] [--fsync POLICY]
 """
 
@@ -162,7 +164,8 @@ async def measure(http: HttpConnection, method: str, bodies: list[dict]) -> list
 def figures(name: str, latencies: list[float]) -> str:
     return (
         f"{name} n={len(latencies)} p50_ms={percentile(latencies, 0.5):.2f} "
-        f"p99_ms={percentile(latencies, 0.99):.2f} max_ms={max(latencies):.2f}"
+        f"p90_ms={percentile(latencies, 0.9):.2f} p99_ms={percentile(latencies, 0.99):.2f} "
+        f"max_ms={max(latencies):.2f} loadavg_1min={os.getloadavg()[0]:.1f}"
     )
 
 
