@@ -191,3 +191,23 @@ async def test_the_offsets_topic_is_protected(group_broker):
             with pytest.raises(DwalError) as info:
                 await action
             assert info.value.code == ErrorCode.POLICY_VIOLATION
+
+
+async def test_a_member_with_stale_metadata_reads_partitions_added_elsewhere(group_broker):
+    """The partitions are added through another client, so the member's metadata cache
+    still says two partitions when the group assigns the new ones: no poll may raise."""
+    async with (
+        client.connect(group_broker.bootstrap) as cluster,
+        client.connect(group_broker.bootstrap) as other,
+    ):
+        await Admin(other).create_topic("grown", partitions=2)
+        async with Consumer(cluster, group_id="g9", auto_offset_reset="earliest") as member:
+            member.subscribe(["grown"])
+            await wait_for_assignment(member, 2)
+            await Admin(other).add_partitions("grown", 6)
+            async with Producer(other) as producer:
+                for partition in range(6):
+                    await producer.send("grown", b"p-%d" % partition, partition=partition)
+            values = await poll_until(member, 6)
+            assert sorted(values) == [b"p-%d" % p for p in range(6)]
+            assert len(member.assignment()) == 6
