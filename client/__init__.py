@@ -30,7 +30,14 @@ from client.cluster import Cluster, PartitionInfo, TopicInfo, connect
 from client.connection import ConnectionFailed
 from client.consumer import Consumer, ConsumerStatistics, list_offsets
 from client.topic_partition import TopicPartition
-from client.producer import Delivery, Producer, ProducerStatistics, RecordMetadata
+from client.producer import (
+    Delivery,
+    DeliveryOutcomeUnknown,
+    Producer,
+    ProducerClosed,
+    ProducerStatistics,
+    RecordMetadata,
+)
 from protocol import Compression, DwalError, ErrorCode, Record
 
 __all__ = [
@@ -42,6 +49,7 @@ __all__ = [
     "ConsumerStatistics",
     "CorruptRecordError",
     "Delivery",
+    "DeliveryOutcomeUnknown",
     "DwalError",
     "ErrorCode",
     "GroupAdmin",
@@ -52,6 +60,7 @@ __all__ = [
     "PartitionInfo",
     "PartitionOffsets",
     "Producer",
+    "ProducerClosed",
     "ProducerStatistics",
     "Record",
     "RecordMetadata",
