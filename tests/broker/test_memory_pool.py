@@ -7,6 +7,7 @@ import pytest
 import trio
 import trio.testing
 
+from broker.config import ConfigError, build_config
 from broker.limits import Limits
 from broker.memory_pool import MemoryPool
 
@@ -124,6 +125,13 @@ def test_limits_refuse_a_budget_smaller_than_one_request():
     assert just_enough.problems() == []
     body_too_large = Limits(http_body_bytes_max=512 * 1024 * 1024)
     assert any("http_body_bytes_max" in problem for problem in body_too_large.problems())
+
+
+def test_the_budget_is_a_limits_setting_of_the_config_file():
+    config = build_config({"limits": {"queued_request_bytes_max": 512 * 1024 * 1024}}, {})
+    assert config.limits.queued_request_bytes_max == 512 * 1024 * 1024
+    with pytest.raises(ConfigError, match="queued_request_bytes_max"):
+        build_config({"limits": {"queued_request_bytes_max": 1024 * 1024}}, {})
 
 
 @pytest.mark.parametrize("byte_count", [0, 101])
