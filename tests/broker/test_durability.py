@@ -58,6 +58,36 @@ async def test_ack_waits_for_fdatasync_and_consumers_see_only_durable_records(
         assert partition.high_watermark == 1
 
 
+@pytest.mark.parametrize("policy", ["never", "interval"])
+async def test_acks_all_waits_for_fdatasync_under_every_policy(
+    nursery, tmp_path, monkeypatch, policy
+):
+    # guarantees.md: acks=all answers "after the batches are fsynced on this broker, whatever
+    # the topic's policy"; under never/interval consumers may read the records before that.
+    bootstrap = await start_broker(nursery, tmp_path, policy)
+    entered, release = threading.Event(), threading.Event()
+    real_fdatasync = os.fdatasync
+
+    def held_fdatasync(descriptor: int) -> None:
+        entered.set()
+        release.wait(30)
+        real_fdatasync(descriptor)
+
+    async with client.connect(bootstrap) as cluster, client.connect(bootstrap) as admin_cluster:
+        admin = Admin(admin_cluster)
+        await admin.create_topic("all")
+        monkeypatch.setattr(os, "fdatasync", held_fdatasync)
+        async with Producer(cluster, acks="all", linger_ms=0) as producer:
+            delivery = await producer.send("all", b"v")
+            with trio.fail_after(10):  # acks=all must reach an fsync at all
+                await trio.to_thread.run_sync(entered.wait, 10)
+            partition = (await admin.describe_topic("all")).partitions[0]
+            assert (partition.log_end_offset, partition.high_watermark) == (1, 1)
+            assert not delivery.done
+            release.set()
+            assert (await delivery.wait()).offset == 0
+
+
 async def test_group_commit_shares_fsyncs_between_producers(nursery, tmp_path, monkeypatch):
     bootstrap = await start_broker(nursery, tmp_path, "always")
     calls = []
