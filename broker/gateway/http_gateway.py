@@ -199,18 +199,19 @@ class HttpGateway:
                 outcome = await self._read_request(stream, connection, body_reservation)
                 if outcome is None:
                     return
-                request, error_response = outcome
-                if error_response is None:
+                request, response = outcome
+                read_whole = response is None
+                if response is None:
                     assert request is not None
                     response = await self._respond(request)
             finally:
                 body_reservation.release()  # the request is handled (or never will be)
-            if error_response is not None:  # the request could not be read whole
-                self._log_error(request, error_response)
+            if not read_whole:  # answer with the error response, then close
+                self._log_error(request, response)
                 await self._send(
                     stream,
                     connection,
-                    error_response,
+                    response,
                     close=True,
                     head=request is not None and request.method == "HEAD",
                 )
