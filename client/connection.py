@@ -40,6 +40,10 @@ RESPONSE_FRAME_BYTES_MAX = 128 * 1024 * 1024
 RECEIVE_BYTES = 256 * 1024
 
 
+class _NotDwalPeer(ProtocolError):
+    """The peer answered in another protocol (an HTTP port given as a DWAL address)."""
+
+
 class ConnectionFailed(DwalError):
     """The connection to a broker failed or closed.
 
@@ -264,11 +268,15 @@ class BrokerConnection:
 
     async def _read_responses(self) -> None:
         decoder = FrameDecoder(frame_bytes_max=RESPONSE_FRAME_BYTES_MAX)
+        first = True
         try:
             while True:
                 data = await self._stream.receive_some(RECEIVE_BYTES)
                 if not data:
                     raise ConnectionError(f"broker {self.address} closed the connection")
+                if first and data.startswith(b"HTTP/"):  # where a frame length should be
+                    raise _NotDwalPeer(f"{self.address} speaks HTTP, not the DWAL protocol")
+                first = False
                 decoder.feed(data)
                 while (frame := decoder.next_frame()) is not None:
                     self._deliver(parse_response(*frame))
@@ -315,11 +323,13 @@ class BrokerConnection:
             self._closed_error = error
         while self._waiters:
             waiter = self._waiters.popleft()
-            waiter.error = ConnectionFailed(
-                f"connection to {self.address} failed after the request was sent (the broker "
-                f"may or may not have run it): {error}",
-                request_written=True,
+            message = (
+                str(error)
+                if isinstance(error, _NotDwalPeer)
+                else f"connection to {self.address} failed after the request was sent (the "
+                f"broker may or may not have run it): {error}"
             )
+            waiter.error = ConnectionFailed(message, request_written=True)
             self._release(waiter)
         self._stream.socket.close()  # wakes the reader task, which then ends
 

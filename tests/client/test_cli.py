@@ -12,7 +12,6 @@ import argparse
 import importlib.metadata
 import re
 
-import pytest
 import trio
 
 import client
@@ -319,12 +318,6 @@ async def test_group_admin_names_an_away_static_member(broker):
     assert re.search(r"instance=worker-2 away \(session expires in \d+ s\)", described)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs client/connection.py to recognise an HTTP answer (b'HTTP/' where a frame "
-    "length should be) and raise ConnectionFailed('<address> speaks HTTP, not the DWAL "
-    "protocol'); remove this marker then",
-)
 async def test_the_http_port_is_named_as_such(broker):
     address = f"127.0.0.1:{broker.http_port}"
     result = await dwal("topic", "list", "--bootstrap", address, check=False)

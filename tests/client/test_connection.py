@@ -134,3 +134,19 @@ async def test_failures_say_whether_the_request_was_written(nursery):
     with pytest.raises(ConnectionFailed) as raised:
         await connection.request(ApiKey.API_VERSIONS, {})
     assert not raised.value.request_written
+
+
+async def test_an_http_port_is_named_as_such(nursery):
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+
+    async def http_server() -> None:
+        stream = await listeners[0].accept()
+        await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    nursery.start_soon(http_server)
+    connection = await BrokerConnection.open("127.0.0.1", port, nursery)
+    with pytest.raises(ConnectionFailed) as raised:
+        await connection.request(ApiKey.API_VERSIONS, {})
+    assert raised.value.message == f"127.0.0.1:{port} speaks HTTP, not the DWAL protocol"
