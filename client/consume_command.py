@@ -3,11 +3,12 @@
 What an operator sees when things go wrong, on stderr (stdout carries only records):
 
 - broker unreachable or partitions not ready: from the RETRY_WARNING_AFTER-th failed poll in
-  a row, one ``warning: ... retrying (attempt N)`` line per attempt (the consumer's backoff
-  doubles up to 5 s, so at most one line every 5 s); once polls succeed again, one
-  ``note: reading again after N failed attempts`` line. With ``--give-up-after SECONDS`` the
-  command exits 1 once polls have failed for that long (the error names the last cause,
-  typically NETWORK_EXCEPTION).
+  a row, or once polls have failed for RETRY_WARNING_AFTER_S (an unanswered fetch takes the
+  request timeout, 30 s), one ``warning: ... retrying (attempt N)`` line per attempt (the
+  consumer's backoff doubles up to 5 s, so at most one line every 5 s); once polls succeed
+  again, one ``note: reading again after N failed attempts`` line. With ``--give-up-after
+  SECONDS`` the command exits 1 once polls have failed for that long (the error names the
+  last cause, typically NETWORK_EXCEPTION).
 - a damaged record batch: the records before it are printed, then the command exits 1 with
   an error naming topic, partition and offsets; with ``--skip-corrupt`` it prints
   ``warning: skipped damaged record batch ...`` and goes on.
@@ -33,6 +34,7 @@ from protocol import EARLIEST_TIMESTAMP, LATEST_TIMESTAMP, DwalError, ErrorCode
 
 POLL_TIMEOUT_MS = 500
 RETRY_WARNING_AFTER = 3  # failed polls in a row before the first warning (one blip is silent)
+RETRY_WARNING_AFTER_S = 2.0  # or failing this long (a timed-out fetch takes request_timeout)
 COMMIT_INTERVAL_S = 1.0
 
 
@@ -101,17 +103,22 @@ class _FailureReport:
 
     def __init__(self) -> None:
         self.reported = 0
+        self.warned = False
 
     def after_poll(self, consumer: Consumer) -> None:
         statistics = consumer.statistics()
         failed, error = statistics.failed_polls, statistics.last_error
-        if failed >= RETRY_WARNING_AFTER and failed > self.reported and error is not None:
+        since = statistics.failing_since_s
+        long_enough = since is not None and trio.current_time() - since >= RETRY_WARNING_AFTER_S
+        if (failed >= RETRY_WARNING_AFTER or long_enough) and failed > self.reported and error:
             cause = "broker unreachable: " if error.code == ErrorCode.NETWORK_EXCEPTION else ""
             _warn(
                 f"warning: {cause}{error.message} ({error.code.name}); retrying (attempt {failed})"
             )
-        elif not failed and self.reported >= RETRY_WARNING_AFTER:
+            self.warned = True
+        elif not failed and self.warned:
             _warn(f"note: reading again after {self.reported} failed attempts")
+            self.warned = False
         self.reported = failed
 
 

@@ -65,7 +65,7 @@ class ConsumerStatistics:
     fetches: int
     failed_polls: int = 0  # consecutive polls that failed with a retriable error
     last_error: DwalError | None = None  # the error of the last failed poll, if any
-    failing_since_s: float | None = None  # trio clock time of the first of those failures
+    failing_since_s: float | None = None  # trio clock time the first of those polls started
 
 
 class Consumer:
@@ -414,15 +414,15 @@ class Consumer:
         that keeps up overlaps its decoding with the broker's work and the network."""
         wait_ms = self.max_wait_ms if timeout_ms is None else max(timeout_ms, 0)
         if self._failed_polls:
-            assert self._failing_since is not None
             await trio.sleep(self._backoff_s())
         self._raise_damage()
+        started = trio.current_time()
         try:
             records = await self._poll_once(wait_ms)
         except DwalError as error:
             if isinstance(error, CorruptRecordError) or not self._is_transient(error):
                 raise
-            self._note_failure(error)
+            self._note_failure(error, started)
             return {}
         self._failed_polls, self._failing_since, self._last_error = 0, None, None
         return records
@@ -437,13 +437,14 @@ class Consumer:
         exponent = min(self._failed_polls - 1, 30)
         return min(self.retry_backoff_s * 2**exponent, self.retry_backoff_max_s)
 
-    def _note_failure(self, error: DwalError) -> None:
-        """Count a failed poll; raises the error once polls have failed for too long."""
+    def _note_failure(self, error: DwalError, poll_started: float) -> None:
+        """Count a failed poll; raises the error once polls have failed for too long (counted
+        from the start of the first failed poll: a timed-out fetch already took a while)."""
         now = trio.current_time()
         self._failed_polls += 1
         self._last_error = error
         if self._failing_since is None:
-            self._failing_since = now
+            self._failing_since = poll_started
         self.cluster.invalidate_all()  # the next poll asks where partitions are now
         self._prefetch = None
         failing_s = now - self._failing_since
@@ -478,8 +479,7 @@ class Consumer:
             await self._auto_commit(positions)
         fetch, self._prefetch = self._prefetch, None
         if fetch is None or fetch.positions != positions:
-            if fetch is not None:
-                fetch.cancel()
+            # a stale prefetch finishes on its own: cancelling it would close the connection
             fetch = self._start_fetch(positions, wait_ms)
         with trio.move_on_after(wait_ms / 1000 + self.cluster.request_timeout_ms / 1000):
             await fetch.done.wait()
