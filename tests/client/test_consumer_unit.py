@@ -7,8 +7,17 @@ import pytest
 import trio
 
 import client
-from client import Admin, Consumer, ConnectionFailed, DwalError, ErrorCode, Producer
+from client import (
+    Admin,
+    ConnectionFailed,
+    Consumer,
+    ConsumerStatistics,
+    DwalError,
+    ErrorCode,
+    Producer,
+)
 from client.cluster import PartitionInfo, TopicInfo
+from client.consume_command import _FailureReport
 from client.record_format import FormatError, compile_format, render
 from client.topic_partition import TopicPartition
 from protocol import Record
@@ -117,4 +126,44 @@ def test_json_format_encodes_bytes_as_text_or_base64():
     assert line == (
         b'{"topic": "t", "partition": 0, "offset": 1, "timestamp": 2, "key": null, '
         b'"value": {"base64": "/w=="}, "headers": [{"key": "h", "value": "x"}]}\n'
+    )
+
+
+class StatisticsOnly:
+    def __init__(self) -> None:
+        self.current = ConsumerStatistics(1, 0, 0)
+
+    def statistics(self) -> ConsumerStatistics:
+        return self.current
+
+
+async def test_consume_warns_after_three_failures_or_two_seconds_then_notes_recovery(
+    capsys, autojump_clock
+):
+    consumer = StatisticsOnly()
+    report = _FailureReport()
+    refused = ConnectionFailed("cannot connect to 127.0.0.1:9: refused")
+    now = trio.current_time()
+
+    def failing(polls: int, since_s_ago: float) -> ConsumerStatistics:
+        return ConsumerStatistics(1, 0, 0, polls, refused, now - since_s_ago)
+
+    for polls in (1, 2):  # a blip: quiet
+        consumer.current = failing(polls, 0.5)
+        report.after_poll(consumer)  # type: ignore[arg-type]
+    assert capsys.readouterr().err == ""
+    consumer.current = failing(3, 0.7)
+    report.after_poll(consumer)  # type: ignore[arg-type]
+    assert capsys.readouterr().err == (
+        "warning: broker unreachable: cannot connect to 127.0.0.1:9: refused "
+        "(NETWORK_EXCEPTION); retrying (attempt 3)\n"
+    )
+    consumer.current = ConsumerStatistics(1, 0, 0)
+    report.after_poll(consumer)  # type: ignore[arg-type]
+    assert capsys.readouterr().err == "note: reading again after 3 failed attempts\n"
+    timed_out = DwalError(ErrorCode.REQUEST_TIMED_OUT, "fetch got no answer in time")
+    consumer.current = ConsumerStatistics(1, 0, 0, 1, timed_out, now - 30.5)  # one slow failure
+    report.after_poll(consumer)  # type: ignore[arg-type]
+    assert "fetch got no answer in time (REQUEST_TIMED_OUT); retrying (attempt 1)" in (
+        capsys.readouterr().err
     )
