@@ -333,7 +333,13 @@ class BrokerConnection:
             self._release(waiter)
         self._stream.socket.close()  # wakes the reader task, which then ends
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
+        """Close now, without waiting: requests awaiting answers fail with ConnectionFailed
+        (`request_written` true). For a caller that wants a stuck broker's connection gone,
+        since cancelling a request no longer closes it."""
         self._fail(ConnectionError("connection closed by the client"))
+
+    async def aclose(self) -> None:
+        self.close()
         with trio.CancelScope(shield=True):
             await self._stream.aclose()
