@@ -150,3 +150,14 @@ async def test_an_http_port_is_named_as_such(nursery):
     with pytest.raises(ConnectionFailed) as raised:
         await connection.request(ApiKey.API_VERSIONS, {})
     assert raised.value.message == f"127.0.0.1:{port} speaks HTTP, not the DWAL protocol"
+
+
+async def test_close_fails_the_requests_awaiting_answers(nursery):
+    fake = await start_fake(nursery)
+    connection = await BrokerConnection.open("127.0.0.1", fake.port, nursery)
+    call = Call(nursery, connection)
+    await fake.next_request()
+    connection.close()
+    await call.finished.wait()
+    assert isinstance(call.error, ConnectionFailed) and call.error.request_written
+    assert connection.closed
