@@ -98,6 +98,7 @@ async def test_seek_to_beginning_end_and_timestamp(broker):
         await consumer.seek_to_timestamp(2_500)
         assert consumer.position(TP) == 2
         assert await poll_offsets(consumer) == [2, 3]
+        await consumer.seek_to_beginning()
         await consumer.seek_to_timestamp(9_000)  # after every record: the end
         assert consumer.position(TP) == 4
 

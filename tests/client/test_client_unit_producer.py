@@ -72,13 +72,18 @@ async def test_keyless_records_of_one_batch_share_a_partition(broker):
 
 
 async def test_a_broker_refusal_reaches_the_delivery(broker):
-    async with client.connect(broker.bootstrap) as cluster:
+    async with (
+        client.connect(broker.bootstrap) as cluster,
+        client.connect(broker.bootstrap) as other,
+    ):
         admin = Admin(cluster)
         await admin.create_topic("doomed")
         await admin.create_topic("fine")
         async with Producer(cluster, linger_ms=0, retries=0) as producer:
             await (await producer.send("doomed", b"first")).wait()  # metadata now cached
-            await admin.delete_topic("doomed")
+            # deleted by another client: this one still believes in the topic, so it is the
+            # broker's answer that refuses the record
+            await Admin(other).delete_topic("doomed")
             lost = await producer.send("doomed", b"second")
             kept = await producer.send("fine", b"third")
             with pytest.raises(DwalError) as caught:
