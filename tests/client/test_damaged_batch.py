@@ -143,6 +143,17 @@ async def test_library_returns_records_before_then_raises_until_sought_past(dama
                 for records in (await consumer.poll(timeout_ms=100)).values():
                     seen.extend(r.value for r in records)
         assert seen == values(i for i in range(RECORDS) if not first <= i <= last)
+        skipping = Consumer(cluster, auto_offset_reset="earliest", skip_corrupt=True)
+        skipping.assign([tp])
+        kept: list[bytes] = []
+        with trio.fail_after(30):
+            while skipping.position(tp) != RECORDS:
+                for records in (await skipping.poll(timeout_ms=100)).values():
+                    kept.extend(r.value for r in records)
+        assert kept == seen
+        [skipped] = skipping.take_skipped()
+        assert (skipped.offset, skipped.last_offset) == (first, last)
+        assert skipping.take_skipped() == []
 
 
 def test_decode_until_damage_keeps_whole_batches_before_the_damage():
