@@ -700,3 +700,54 @@ async def test_metadata_reports_unknown_topics_and_auto_creates_only_when_asked(
         assert [t["topic"] for t in reply.body["topics"]] == ["a"]
     finally:
         broker.close()
+
+
+# -- configs ----------------------------------------------------------------------------
+
+
+async def alter(broker: Broker, validate_only: bool = False, **changes) -> dict:
+    reply = await broker.call(
+        ApiKey.ALTER_CONFIGS,
+        {"topic": "t", "set": changes, "validate_only": validate_only},
+    )
+    return reply.body["configs"]
+
+
+async def described_configs(broker: Broker) -> dict:
+    reply = await broker.call(ApiKey.DESCRIBE_TOPICS, {"topics": ["t"]})
+    return reply.body["topics"][0]["configs"]
+
+
+async def test_alter_configs_checks_values_and_validate_only_changes_nothing(broker):
+    await broker.create("t")
+    before = await described_configs(broker)
+    assert (await alter(broker, True, **{"retention.ms": "1000"}))["retention.ms"] == "1000"
+    assert await described_configs(broker) == before
+    with pytest.raises(DwalError) as caught:
+        await alter(broker, **{"fsync.policy": "sometimes"})
+    assert caught.value.code == ErrorCode.INVALID_CONFIG
+    assert await described_configs(broker) == before
+    await alter(broker, **{"retention.ms": "1000"})
+    assert (await described_configs(broker))["retention.ms"] == "1000"
+    assert broker.registry.log("t", 0).config.retention_ms == 1000
+
+
+async def test_relaxing_fsync_always_makes_appended_records_visible(tmp_path, monkeypatch):
+    broker = Broker(tmp_path, fsync="always")
+    try:
+        await broker.create("t")
+        spy = FdatasyncSpy(monkeypatch)
+        spy.hold()
+        finish = await broker.start_produce("t", [batch(b"a")])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(finish)
+            await trio.to_thread.run_sync(spy.entered.wait, 10)
+            assert (await broker.fetch("t", 0))[0]["high_watermark"] == 0
+            # the record's fdatasync is still held (topics.json is written with os.fsync)
+            await alter(broker, **{"fsync.policy": "never"})
+            result, data = await broker.fetch("t", 0)
+            assert result["high_watermark"] == 1
+            assert [r.value for r in decode_records(data)] == [b"a"]
+            spy.release.set()
+    finally:
+        broker.close()
