@@ -498,10 +498,12 @@ async def test_a_fetch_that_fails_returns_at_once_despite_max_wait(broker, autoj
     with trio.fail_after(1):
         unknown, _ = await broker.fetch("nope", 0, max_wait_ms=LONG_POLL_MS)
         beyond, _ = await broker.fetch("t", 5, max_wait_ms=LONG_POLL_MS)
+        negative, _ = await broker.fetch("t", -1, max_wait_ms=LONG_POLL_MS)
         bad_size, _ = await broker.fetch("t", 0, max_wait_ms=LONG_POLL_MS, partition_max_bytes=0)
     assert unknown["error_code"] == ErrorCode.UNKNOWN_TOPIC_OR_PARTITION
     assert beyond["error_code"] == ErrorCode.OFFSET_OUT_OF_RANGE
     assert beyond["high_watermark"] == 0
+    assert negative["error_code"] == ErrorCode.OFFSET_OUT_OF_RANGE
     assert bad_size["error_code"] == ErrorCode.INVALID_FETCH_SIZE
 
 
