@@ -69,6 +69,7 @@ async def _run_locked(config: BrokerConfig, listeners: BoundListeners, task_stat
         coordinator = GroupCoordinator(config, registry)
         await trio.to_thread.run_sync(coordinator.load)
         async with trio.open_nursery() as nursery:
+            await nursery.start(registry.fsync_runner.run)
             await nursery.start(coordinator.run_expiry)
             addresses = await _serve(config, registry, coordinator, listeners, nursery)
             nursery.start_soon(_retention_loop, registry, config.retention_check_interval_ms)

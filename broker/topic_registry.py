@@ -27,7 +27,7 @@ import trio
 from broker.event_log import log_event
 from broker.wall_clock import now_ms
 from broker.limits import Limits
-from broker.storage import LogConfig, PartitionLog, StorageError
+from broker.storage import FsyncRunner, LogConfig, PartitionLog, StorageError
 from broker.storage.checkpoint import write_atomically
 from protocol import DwalError, ErrorCode, validate_topic_name
 
@@ -56,6 +56,8 @@ class TopicRegistry:
         self.logs: dict[tuple[str, int], PartitionLog] = {}
         self._metadata_lock = trio.Lock()
         self._flushed_at: dict[tuple[str, int], tuple[float, int]] = {}
+        # group-commit fsyncs of every log run here once the broker starts it
+        self.fsync_runner = FsyncRunner()
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -71,7 +73,7 @@ class TopicRegistry:
             for partition in range(topic.partitions):
                 directory = data_dir / f"{topic.name}-{partition}"
                 registry.logs[(topic.name, partition)] = PartitionLog.open(
-                    directory, config, now_ms=now_ms()
+                    directory, config, now_ms=now_ms(), fsync_runner=registry.fsync_runner
                 )
         registry._report_strays()
         log_event(
@@ -209,7 +211,12 @@ class TopicRegistry:
         self, topic: TopicMetadata, config: LogConfig, first: int = 0
     ) -> list[PartitionLog]:
         return [
-            PartitionLog.open(self.data_dir / f"{topic.name}-{p}", config, now_ms=now_ms())
+            PartitionLog.open(
+                self.data_dir / f"{topic.name}-{p}",
+                config,
+                now_ms=now_ms(),
+                fsync_runner=self.fsync_runner,
+            )
             for p in range(first, topic.partitions)
         ]
 

@@ -3,6 +3,7 @@ retention and compaction."""
 
 from .errors import CorruptRecordError, OffsetOutOfRangeError, RecordTooLargeError, StorageError
 from .fetch_slice import FetchSlice
+from .fsync_runner import FsyncRunner
 from .log_cleaner import CompactionResult
 from .log_config import TOPIC_CONFIG_KEYS, LogConfig
 from .partition_log import AppendInfo, LogStatistics, PartitionLog
@@ -12,6 +13,7 @@ __all__ = [
     "CompactionResult",
     "CorruptRecordError",
     "FetchSlice",
+    "FsyncRunner",
     "LogConfig",
     "LogStatistics",
     "OffsetOutOfRangeError",

@@ -14,12 +14,13 @@ watermark (what consumers may read). On a single node the high watermark is the 
 offset under fsync=always, and the log end offset under interval or never. Its file position
 is remembered with it, so that reads stop at it without scanning.
 
-Group commit: `wait_durable` callers share fsyncs. One caller at a time runs an fdatasync on
-a worker thread; it first captures the end of the log, so the fsync covers every batch
-appended before it started, and only when it completes does the durable offset move to
-that captured end. Callers arriving meanwhile wait for it, then run the next fsync if they
-still need one. The thread call cannot be abandoned, so a cancelled caller either never
-started the fsync (nothing changes) or its fsync completes and counts.
+Group commit: `wait_durable` callers share fsyncs. One fdatasync at a time runs on a worker
+thread; it first captures the end of the log, so the fsync covers every batch appended
+before it started, and only when it completes does the durable offset move to that captured
+end. Callers arriving meanwhile wait for it, then start the next fsync if they still need
+one. The fsync runs as a task of the broker's `FsyncRunner`, so every caller only waits on
+an event and may give up (time out, be cancelled) while the disk is slow; the thread call
+cannot be abandoned, so the fsync completes and counts all the same.
 
 Compaction (cleanup.policy=compact, see `log_cleaner`) rewrites closed segments in a worker
 thread and swaps each result in, in one synchronous step, for the segment it was made from;
@@ -42,6 +43,7 @@ import shutil
 import struct
 import threading
 from dataclasses import dataclass
+from typing import Awaitable, Callable
 
 import trio
 from sortedcontainers import SortedDict
@@ -58,6 +60,7 @@ from .batch_scanner import pread_cached, read_batch_containing
 from .checkpoint import fsync_directory, write_atomically, write_offset_checkpoint
 from .errors import CorruptRecordError, OffsetOutOfRangeError, RecordTooLargeError, StorageError
 from .fetch_slice import FetchSlice
+from .fsync_runner import FsyncRunner
 from .log_cleaner import (
     CLEANER_KEYS_MAX,
     NOTHING_CLEANED,
@@ -109,8 +112,16 @@ class PartitionLog:
     Use from one trio thread only. Create with `PartitionLog.open`.
     """
 
-    def __init__(self, directory: pathlib.Path, config: LogConfig, segments: list[Segment]):
+    def __init__(
+        self,
+        directory: pathlib.Path,
+        config: LogConfig,
+        segments: list[Segment],
+        *,
+        fsync_runner: FsyncRunner | None = None,
+    ):
         self._directory = directory
+        self._fsync_runner = fsync_runner
         self._config = config
         self._segments: SortedDict[int, Segment] = SortedDict(
             (segment.base_offset, segment) for segment in segments
@@ -142,12 +153,21 @@ class PartitionLog:
         self._closed = False
 
     @classmethod
-    def open(cls, directory: pathlib.Path, config: LogConfig, *, now_ms: int) -> PartitionLog:
+    def open(
+        cls,
+        directory: pathlib.Path,
+        config: LogConfig,
+        *,
+        now_ms: int,
+        fsync_runner: FsyncRunner | None = None,
+    ) -> PartitionLog:
         """Open the log in `directory` (created if missing), recovering it after a crash.
+        Group-commit fsyncs run in `fsync_runner` while it runs (see `wait_durable`).
 
         Returns the log with everything in it durable. Raises StorageError. Blocking.
         """
-        return cls(directory, config, load_segments(directory, config, now_ms=now_ms))
+        segments = load_segments(directory, config, now_ms=now_ms)
+        return cls(directory, config, segments, fsync_runner=fsync_runner)
 
     # Properties.
 
@@ -350,7 +370,10 @@ class PartitionLog:
         """Return once every offset below `offset` is fsynced (`durable_offset >= offset`).
 
         Concurrent callers share fsyncs. Raises StorageError if an fsync fails. Safe to
-        cancel: an fsync already started still completes and counts, and other callers go on.
+        cancel, and with an `FsyncRunner` running a cancelled caller returns at once: the
+        fsync runs in the runner's task, completes and counts for the callers still waiting.
+        Without a runner the caller that starts an fsync runs it, and a thread call cannot be
+        abandoned, so that caller returns only once the disk has answered.
         """
         assert offset <= self.log_end_offset, "cannot wait for offsets not yet appended"
         self._pending_sync_waiters += 1
@@ -359,15 +382,22 @@ class PartitionLog:
                 await trio.lowlevel.checkpoint()
             while self._durable_offset < offset:
                 self._check_usable()
-                if self._sync_done is not None:
-                    await self._sync_done.wait()
-                else:
-                    await self._sync()
+                if self._sync_done is None:
+                    sync = self._begin_sync()
+                    if self._fsync_runner is None or not self._fsync_runner.start_soon(
+                        functools.partial(sync, raise_errors=False)
+                    ):
+                        await sync(raise_errors=True)
+                        continue
+                assert self._sync_done is not None
+                await self._sync_done.wait()
         finally:
             self._pending_sync_waiters -= 1
 
-    async def _sync(self) -> None:
-        """Run one fsync covering everything appended so far. Raises StorageError."""
+    def _begin_sync(self) -> Callable[..., Awaitable[None]]:
+        """Capture what the next fsync covers (everything appended so far, with descriptors
+        of its files taken now, in the trio thread) and return the coroutine function that
+        runs it. Callers arriving meanwhile wait on `_sync_done`. Raises StorageError."""
         done = self._sync_done = trio.Event()
         target_offset = self.log_end_offset
         target_segment, target_position = self._active, self._active.size_bytes
@@ -375,25 +405,44 @@ class PartitionLog:
         directory_changed = self._directory_changed
         self._unsynced_segments, self._directory_changed = [], False
         descriptors: list[int] = []
-        synced = False
-        try:
-            for segment in (*rolled, target_segment):
-                descriptors.append(os.dup(segment.log_fd))
-            await trio.to_thread.run_sync(
-                _sync_files, descriptors, rolled, self._directory if directory_changed else None
-            )
-            synced = True
-            self._mark_durable(target_offset, target_segment, target_position)
-        except OSError as error:
-            raise self._fail(f"cannot fsync {self._directory}: {error}") from error
-        finally:
+
+        def finish(synced: bool) -> None:
             for descriptor in descriptors:
                 os.close(descriptor)
+            descriptors.clear()
             if not synced:  # cancelled before the thread started, or failed
                 self._unsynced_segments[:0] = rolled
                 self._directory_changed |= directory_changed
             self._sync_done = None
             done.set()
+
+        try:
+            for segment in (*rolled, target_segment):
+                descriptors.append(os.dup(segment.log_fd))
+        except OSError as error:
+            finish(False)
+            raise self._fail(f"cannot fsync {self._directory}: {error}") from error
+
+        async def sync(*, raise_errors: bool) -> None:
+            synced = False
+            try:
+                await trio.to_thread.run_sync(
+                    _sync_files,
+                    list(descriptors),
+                    rolled,
+                    self._directory if directory_changed else None,
+                )
+                synced = True
+                self._mark_durable(target_offset, target_segment, target_position)
+            except OSError as error:
+                failure = self._fail(f"cannot fsync {self._directory}: {error}")
+                if raise_errors:
+                    raise failure from error
+                # run by the FsyncRunner: the log is now offline, and its waiters raise that
+            finally:
+                finish(synced)
+
+        return sync
 
     def _mark_durable(self, offset: int, segment: Segment, position: int) -> None:
         if offset > self._durable_offset:

@@ -7,7 +7,7 @@ import trio
 import trio.testing
 from storage_test_support import make_batch, small_config
 
-from broker.storage import PartitionLog, StorageError
+from broker.storage import FsyncRunner, PartitionLog, StorageError
 from broker.storage.checkpoint import read_offset_checkpoint
 
 
@@ -160,3 +160,86 @@ async def test_flush_records_the_recovery_point_at_most_every_ten_seconds(tmp_pa
     await log.flush()
     assert read_offset_checkpoint(checkpoint) == 4
     log.close()
+
+
+# -- fsyncs run by the broker's FsyncRunner ----------------------------------------------
+
+
+async def test_with_a_runner_waiters_share_fsyncs_run_in_its_task(tmp_path, monkeypatch):
+    runner = FsyncRunner()
+    config = small_config(fsync="always", segment_bytes=1 << 20)
+    log = PartitionLog.open(tmp_path / "t-0", config, now_ms=0, fsync_runner=runner)
+    spy = FdatasyncSpy(monkeypatch)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(runner.run)
+
+        async def produce(number):
+            info = log.append(make_batch(number), now_ms=0)
+            await log.wait_durable(info.last_offset + 1)
+            assert log.high_watermark > info.last_offset
+
+        async with trio.open_nursery() as producers:
+            for number in range(50):
+                producers.start_soon(produce, number)
+        nursery.cancel_scope.cancel()
+    assert 1 <= spy.calls <= 5
+    assert log.durable_offset == log.log_end_offset == 100
+
+
+async def test_with_a_runner_a_cancelled_waiter_returns_while_the_disk_hangs(tmp_path, monkeypatch):
+    runner = FsyncRunner()
+    config = small_config(fsync="always", segment_bytes=1 << 20)
+    log = PartitionLog.open(tmp_path / "t-0", config, now_ms=0, fsync_runner=runner)
+    spy = FdatasyncSpy(monkeypatch, hold=True)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(runner.run)
+            log.append(make_batch(1), now_ms=0)
+            waiter_scope = trio.CancelScope()
+            waiter_done = trio.Event()
+
+            async def waiter():
+                with waiter_scope:
+                    await log.wait_durable(2)
+                waiter_done.set()
+
+            nursery.start_soon(waiter)
+            await trio.to_thread.run_sync(spy.started.wait)  # its fsync is on the disk now
+            waiter_scope.cancel()
+            try:
+                with trio.fail_after(10):  # the disk still hangs: only the runner waits for it
+                    await waiter_done.wait()
+            finally:
+                spy.release.set()  # else a waiter stuck on the disk would hold the nursery
+            assert waiter_scope.cancelled_caught
+            assert log.durable_offset == log.high_watermark == 0
+            with trio.fail_after(10):
+                await log.wait_durable(2)  # the same fsync completes and counts
+            assert spy.calls == 1 and log.durable_offset == log.high_watermark == 2
+            nursery.cancel_scope.cancel()
+    finally:
+        spy.release.set()
+
+
+async def test_with_a_runner_a_failed_fsync_fails_every_waiter(tmp_path, monkeypatch):
+    runner = FsyncRunner()
+    config = small_config(fsync="always", segment_bytes=1 << 20)
+    log = PartitionLog.open(tmp_path / "t-0", config, now_ms=0, fsync_runner=runner)
+    FdatasyncSpy(monkeypatch, error=OSError(errno.EIO, "Input/output error"))
+    failures = []
+
+    async def wait(offset):
+        try:
+            await log.wait_durable(offset)
+        except StorageError as error:
+            failures.append(str(error))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(runner.run)  # a failing fsync must not crash the runner
+        log.append(make_batch(1), now_ms=0)
+        async with trio.open_nursery() as waiters:
+            for _ in range(3):
+                waiters.start_soon(wait, 2)
+        nursery.cancel_scope.cancel()
+    assert len(failures) == 3 and all("offline" in failure for failure in failures)
+    assert log.durable_offset == log.high_watermark == 0
