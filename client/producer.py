@@ -55,6 +55,9 @@ from protocol import (
 from protocol.record_batch import RECORDS_PER_BATCH_MAX
 
 RECORD_OVERHEAD_BYTES = 8
+# msgpack's largest overhead on [timestamp_delta, key, value, []] beyond the key's and value's
+# bytes: array 1, int 9, two bin headers of 5 (or nil 1), empty array 1.
+PACKED_RECORD_OVERHEAD_BYTES_MAX = 1 + 9 + 5 + 5 + 1 - RECORD_OVERHEAD_BYTES
 ANSWER_MARGIN_S = 5.0
 # The broker's default max.message.bytes, assumed when its metadata does not say.
 MAX_MESSAGE_BYTES_DEFAULT = 1024 * 1024 + 12
@@ -130,7 +133,7 @@ class _Batch:
         "error",
         "done",
         "sequence",
-        "packed_bytes",
+        "packed_bytes_bound",
         "in_flight",
         "maybe_stored",
     )
@@ -150,9 +153,16 @@ class _Batch:
         self.error: DwalError | None = None
         self.done = trio.Event()
         self.sequence = 0  # set when sealed: batches of a partition are sent in this order
-        self.packed_bytes = 0  # exact size of the packed records (uncompressed)
+        self.packed_bytes_bound = 0  # at least the size of the packed records
         self.in_flight = False  # written in a Produce request whose answer is awaited
         self.maybe_stored = False  # an attempt's outcome was unknown
+
+    def fits(self, record_bytes: int, packed_bytes_max: int) -> bool:
+        """Whether a record of `record_bytes` packed still fits; makes the size bound exact."""
+        view = self.packer.getbuffer()
+        self.packed_bytes_bound = len(view)
+        view.release()
+        return self.packed_bytes_bound + record_bytes <= packed_bytes_max
 
     def encode(self, compression: Compression) -> bytes:
         if self.encoded is None:
@@ -409,7 +419,8 @@ class Producer:
     ) -> Delivery:
         """Like `send` but never waits: raises trio.WouldBlock when the buffer is full or the
         topic's metadata is not loaded yet (`await send()` once to load it)."""
-        self._check_usable()
+        if self._closed or self._nursery is None:
+            self._check_usable()
         count = _count or self._partition_counts.get(topic)
         if count is None or self._buffered_bytes >= self.buffer_bytes_max:
             raise trio.WouldBlock
@@ -432,10 +443,18 @@ class Producer:
         timestamp = timestamp_ms if timestamp_ms is not None else int(_time() * 1000)
         record_headers = _checked_headers(headers) if headers else _NO_HEADERS
         limits = self._topic_limits[topic]
-        batch = self._open.get((topic, partition))
-        delta = timestamp - batch.base_timestamp if batch is not None else 0
-        record_bytes = _packed_record_bytes(delta, key, value, record_headers)
-        if record_bytes > limits.record_packed_bytes_max:
+        size = (
+            (len(value) if value is not None else 0)
+            + (len(key) if key is not None else 0)
+            + RECORD_OVERHEAD_BYTES
+        )
+        # The packed size is at most `bound`; exact sizes are computed only near a limit,
+        # which keeps the per-record path cheap.
+        if record_headers:
+            bound = _packed_record_bytes(-(2**63), key, value, record_headers)
+        else:
+            bound = size + PACKED_RECORD_OVERHEAD_BYTES_MAX
+        if bound > limits.record_packed_bytes_max:
             alone_bytes = _packed_record_bytes(0, key, value, record_headers)
             if alone_bytes > limits.record_packed_bytes_max:
                 raise DwalError(
@@ -444,24 +463,27 @@ class Producer:
                     f"own) exceeds {limits.limit_name} ({limits.limit_bytes}) of topic "
                     f"{topic!r}",
                 )
+        batch = self._open.get((topic, partition))
         if batch is not None and (
-            batch.packed_bytes + record_bytes > limits.batch_packed_bytes_max
-            or batch.count >= RECORDS_PER_BATCH_MAX
+            batch.count >= RECORDS_PER_BATCH_MAX
+            or (
+                batch.packed_bytes_bound + bound > limits.batch_packed_bytes_max
+                and not batch.fits(
+                    _packed_record_bytes(
+                        timestamp - batch.base_timestamp, key, value, record_headers
+                    ),
+                    limits.batch_packed_bytes_max,
+                )
+            )
         ):
             self._seal(batch)
             batch = None
         if batch is None:
             batch = self._open_batch(topic, partition, timestamp)
-            record_bytes = _packed_record_bytes(0, key, value, record_headers)
         batch.packer.pack((timestamp - batch.base_timestamp, key, value, record_headers))
-        batch.packed_bytes += record_bytes
+        batch.packed_bytes_bound += bound
         if timestamp > batch.max_timestamp:
             batch.max_timestamp = timestamp
-        size = (
-            (len(value) if value is not None else 0)
-            + (len(key) if key is not None else 0)
-            + RECORD_OVERHEAD_BYTES
-        )
         batch.size_bytes += size
         self._buffered_bytes += size
         delivery = Delivery(batch, batch.count, timestamp)

@@ -14,7 +14,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import client
-from client.producer import DeliveryOutcomeUnknown, Producer, ProducerClosed, _packed_record_bytes
+from client.producer import (
+    PACKED_RECORD_OVERHEAD_BYTES_MAX,
+    RECORD_OVERHEAD_BYTES,
+    DeliveryOutcomeUnknown,
+    Producer,
+    ProducerClosed,
+    _packed_record_bytes,
+)
 from protocol import ApiKey, DwalError, ErrorCode, scan_batches
 
 
@@ -198,3 +205,15 @@ async def test_batches_and_requests_stay_within_the_topic_limits(
 def test_packed_record_size_is_exact(delta, key, value, headers):
     packed = msgpack.packb([delta, key, value, headers], use_bin_type=True)
     assert _packed_record_bytes(delta, key, value, headers) == len(packed)
+
+
+@given(
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.one_of(st.none(), st.binary(max_size=300)),
+    st.one_of(st.none(), st.integers(0, 70_000).map(lambda n: b"v" * n)),
+)
+def test_the_cheap_size_bound_of_a_record_without_headers_holds(delta, key, value):
+    packed = msgpack.packb([delta, key, value, ()], use_bin_type=True)
+    key_and_value = (len(key) if key is not None else 0) + (len(value) if value is not None else 0)
+    bound = key_and_value + RECORD_OVERHEAD_BYTES + PACKED_RECORD_OVERHEAD_BYTES_MAX
+    assert len(packed) <= bound
