@@ -14,7 +14,7 @@ and, so that short lines do not pay for it, the two readers on 2 million 13-byte
     old_split_short_lines lines/s=X MB/s=Y
 
 Input arrives in 64 KiB pieces, what a read from a pipe returns. A fresh `dwal broker`
-(data in a temporary directory) serves the end-to-end runs; it is killed by PID at the end.
+(data in a temporary directory) serves the end-to-end runs; it is stopped at the end.
 Usage: python bench/cli_long_lines.py [--sizes-mb 10,20,40,200] [--old-max-mb 40]
 """
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -33,9 +32,9 @@ import trio
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from bench.broker_process import run_broker  # noqa: E402
 from client.line_splitter import LineSplitter  # noqa: E402
 
-STARTED = re.compile(rb"event=broker_started .*?port=(\d+)")
 PIPE_READ_BYTES = 64 * 1024
 MEGABYTE = 1_000_000
 
@@ -94,37 +93,6 @@ def old_split_count(chunks: list[bytes]) -> int:
     return count
 
 
-async def start_broker(data_dir: str, nursery: trio.Nursery) -> tuple[trio.Process, int]:
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "client.cli", "broker", "--port", "0", "--http-port", "-1"]
-        + ["--data-dir", data_dir, "--fsync", "never"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        cwd=REPO,
-    )
-    started = trio.Event()
-    port = 0
-
-    async def drain() -> None:  # all of stderr, so the broker never blocks on it
-        nonlocal port
-        output = bytearray()
-        assert process.stderr is not None
-        while chunk := await process.stderr.receive_some(65536):
-            if not started.is_set():
-                output += chunk
-                if match := STARTED.search(output):
-                    port = int(match.group(1))
-                    started.set()
-        if not started.is_set():
-            raise RuntimeError("broker exited:\n" + output.decode(errors="replace"))
-
-    nursery.start_soon(drain)
-    with trio.fail_after(60):
-        await started.wait()
-    return process, port
-
-
 async def dwal_produce_seconds(bootstrap: str, topic: str, size_bytes: int) -> float:
     command = [sys.executable, "-m", "client.cli", "produce", topic, "--bootstrap", bootstrap]
     process = await trio.lowlevel.open_process(
@@ -153,21 +121,18 @@ async def dwal_produce_seconds(bootstrap: str, topic: str, size_bytes: int) -> f
 async def end_to_end(sizes_mb: list[int]) -> None:
     with tempfile.TemporaryDirectory() as data_dir:
         async with trio.open_nursery() as nursery:
-            process, port = await start_broker(data_dir, nursery)
-            try:
-                bootstrap = f"127.0.0.1:{port}"
-                await trio.run_process(
-                    [sys.executable, "-m", "client.cli", "topic", "create", "long"]
-                    + ["--bootstrap", bootstrap],
-                    cwd=REPO,
-                    stdout=subprocess.DEVNULL,
-                )
-                for size_mb in sizes_mb:
-                    seconds = await dwal_produce_seconds(bootstrap, "long", size_mb * MEGABYTE)
-                    print(f"dwal_produce_{size_mb}MB s={seconds:.2f} MB/s={size_mb / seconds:.0f}")
-            finally:
-                os.kill(process.pid, 9)
-                nursery.cancel_scope.cancel()
+            with trio.fail_after(60):
+                broker = await nursery.start(run_broker, data_dir, "--fsync", "never")
+            await trio.run_process(
+                [sys.executable, "-m", "client.cli", "topic", "create", "long"]
+                + ["--bootstrap", broker.bootstrap],
+                cwd=REPO,
+                stdout=subprocess.DEVNULL,
+            )
+            for size_mb in sizes_mb:
+                seconds = await dwal_produce_seconds(broker.bootstrap, "long", size_mb * MEGABYTE)
+                print(f"dwal_produce_{size_mb}MB s={seconds:.2f} MB/s={size_mb / seconds:.0f}")
+            nursery.cancel_scope.cancel()
 
 
 def main() -> None:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -46,9 +45,9 @@ import trio
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import client  # noqa: E402
+from bench.broker_process import run_broker  # noqa: E402
 from client import Admin, Consumer, GroupAdmin, Producer  # noqa: E402
 
-STARTED = re.compile(rb"event=broker_started .*?port=(\d+)")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOPIC = "bench-groups"
 PARTITIONS = 6
@@ -59,7 +58,8 @@ SAMPLE_EVERY_S = 0.020
 PARTITION_MAX_BYTES = 16 << 20
 FETCH_MAX_BYTES = 32 << 20
 
-# Every process this script starts, so that all of them are ended whatever happens.
+# Every member process this script starts, so that all of them are ended whatever happens
+# (the broker is stopped by run_broker when the nursery running it exits).
 PROCESSES: list[trio.Process] = []
 
 
@@ -74,54 +74,6 @@ async def end_processes() -> None:
                     pass
         with trio.move_on_after(10):
             for process in PROCESSES:
-                await process.wait()
-
-
-async def run_broker(data_dir: str, config: str, task_status=trio.TASK_STATUS_IGNORED):
-    process = await trio.lowlevel.open_process(
-        [
-            sys.executable,
-            "-m",
-            "client.cli",
-            "broker",
-            "--config",
-            config,
-            "--port",
-            "0",
-            "--http-port",
-            "-1",
-            "--data-dir",
-            data_dir,
-            "--fsync",
-            "never",
-        ],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        cwd=ROOT,
-    )
-    PROCESSES.append(process)
-    output = bytearray()
-    started = False
-    try:
-        while True:
-            assert process.stderr is not None
-            chunk = await process.stderr.receive_some(65536)
-            if not chunk:
-                raise RuntimeError("broker exited:\n" + output.decode(errors="replace"))
-            output += chunk
-            if not started:
-                match = STARTED.search(output)
-                if match:
-                    started = True
-                    task_status.started(int(match.group(1)))
-            del output[: -(64 << 10)]  # keep the end of the log for the error above
-    finally:
-        with trio.CancelScope(shield=True):
-            process.terminate()
-            with trio.move_on_after(10):
-                await process.wait()
-            if process.returncode is None:
-                process.kill()
                 await process.wait()
 
 
@@ -470,8 +422,10 @@ async def bench(args: argparse.Namespace) -> None:
 
                 await nursery.start(stop_on_sigterm)
                 with trio.fail_after(30):
-                    port = await nursery.start(run_broker, log_dir, config)
-                bootstrap = f"127.0.0.1:{port}"
+                    broker = await nursery.start(
+                        run_broker, log_dir, "--config", config, "--fsync", "never"
+                    )
+                bootstrap = broker.bootstrap
                 with trio.fail_after(300):
                     elapsed = await produce(bootstrap, args.records)
                 print(f"# produced {args.records} records in {elapsed:.1f} s", file=sys.stderr)

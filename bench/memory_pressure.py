@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,49 +26,10 @@ import trio
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.broker_process import run_broker  # noqa: E402
 from protocol import ApiKey, FrameDecoder, Request, encode_request, parse_response  # noqa: E402
 
-STARTED = re.compile(rb"event=broker_started .*?port=(\d+)")
 MIB = 1024 * 1024
-
-
-async def run_broker(config_path: str, data_dir: str, task_status=trio.TASK_STATUS_IGNORED):
-    process = await trio.lowlevel.open_process(
-        [
-            sys.executable,
-            "-m",
-            "client.cli",
-            "broker",
-            "--config",
-            config_path,
-            "--port",
-            "0",
-            "--http-port",
-            "-1",
-            "--data-dir",
-            data_dir,
-        ],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    )
-    output = bytearray()
-    started = False
-    try:
-        while True:
-            chunk = await process.stderr.receive_some(65536)
-            if not chunk:
-                raise RuntimeError("broker exited:\n" + output.decode(errors="replace"))
-            if not started:
-                output += chunk
-                match = STARTED.search(output)
-                if match:
-                    started = True
-                    task_status.started((process.pid, int(match.group(1))))
-    finally:
-        with trio.CancelScope(shield=True):
-            process.terminate()
-            await process.wait()
 
 
 def memory_mib(pid: int, field: str) -> float:
@@ -131,25 +90,25 @@ async def main() -> None:
                 f"queued_request_bytes_max = {args.budget_mib * MIB}\n"
             )
         async with trio.open_nursery() as nursery:
-            pid, port = await nursery.start(run_broker, config_path, directory + "/data")
+            broker = await nursery.start(run_broker, directory + "/data", "--config", config_path)
             go_on = trio.Event()
             sent = [0]
             answered = [0]
 
             async def sender() -> None:
-                ok = await send_frame(port, frame, go_on, sent)
+                ok = await send_frame(broker.port, frame, go_on, sent)
                 answered[0] += ok
 
             async with trio.open_nursery() as senders:
                 for _ in range(args.connections):
                     senders.start_soon(sender)
                 await trio.sleep(args.seconds)
-                stalled_mib = memory_mib(pid, "VmRSS")
+                stalled_mib = memory_mib(broker.pid, "VmRSS")
                 sent_while_stalled = sent[0]
                 started = time.perf_counter()
                 go_on.set()
             elapsed = time.perf_counter() - started
-            peak_mib = memory_mib(pid, "VmHWM")
+            peak_mib = memory_mib(broker.pid, "VmHWM")
             nursery.cancel_scope.cancel()
     print(
         f"dwal_memory_pressure connections={args.connections} frame_mib={args.frame_mib} "

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,49 +24,10 @@ import trio
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import client  # noqa: E402
+from bench.broker_process import run_broker  # noqa: E402
 from client import Admin, Consumer, Producer  # noqa: E402
 
-STARTED = re.compile(rb"event=broker_started .*?port=(\d+)")
 LATENCY_SAMPLE_EVERY = 997
-
-
-async def run_broker(data_dir: str, fsync: str, task_status=trio.TASK_STATUS_IGNORED):
-    process = await trio.lowlevel.open_process(
-        [
-            sys.executable,
-            "-m",
-            "client.cli",
-            "broker",
-            "--port",
-            "0",
-            "--http-port",
-            "-1",
-            "--data-dir",
-            data_dir,
-            "--fsync",
-            fsync,
-        ],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    )
-    output = bytearray()
-    started = False
-    try:
-        while True:
-            chunk = await process.stderr.receive_some(65536)
-            if not chunk:
-                raise RuntimeError("broker exited:\n" + output.decode(errors="replace"))
-            if not started:
-                output += chunk
-                match = STARTED.search(output)
-                if match:
-                    started = True
-                    task_status.started(int(match.group(1)))
-    finally:
-        with trio.CancelScope(shield=True):
-            process.terminate()
-            await process.wait()
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -158,8 +117,8 @@ async def scenario(
 ):
     with tempfile.TemporaryDirectory(prefix="dwal-bench-") as data_dir:
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(run_broker, data_dir, fsync)
-            bootstrap = f"127.0.0.1:{port}"
+            broker = await nursery.start(run_broker, data_dir, "--fsync", fsync)
+            bootstrap = broker.bootstrap
             label = f"{value_bytes}B" if value_bytes < 1024 else f"{value_bytes // 1024}KiB"
             count, elapsed, latencies = await produce(
                 bootstrap, "bench", value_bytes, seconds, records_max, buffer_bytes

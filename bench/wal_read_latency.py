@@ -25,11 +25,10 @@ import argparse
 import json
 import os
 import random
-import re
-import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 
 import h11
 import trio
@@ -37,50 +36,10 @@ import trio
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import client  # noqa: E402
+from bench.broker_process import run_broker  # noqa: E402
 from client import Admin, Producer  # noqa: E402
 
-STARTED = re.compile(rb"event=broker_started .*?port=(\d+).*?http_port=(\d+)")
 LAYOUTS = {"one_record_batches": 1, "64KiB_batches": 64 * 1024}  # producer batch_size
-
-
-async def run_broker(data_dir: str, fsync: str, task_status=trio.TASK_STATUS_IGNORED):
-    """Run `dwal broker` until cancelled; reports (native port, HTTP port) once started."""
-    process = await trio.lowlevel.open_process(
-        [
-            sys.executable,
-            "-m",
-            "client.cli",
-            "broker",
-            "--port",
-            "0",
-            "--http-port",
-            "0",
-            "--data-dir",
-            data_dir,
-            "--fsync",
-            fsync,
-        ],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    )
-    output = bytearray()
-    started = False
-    try:
-        while True:
-            chunk = await process.stderr.receive_some(65536)
-            if not chunk:
-                raise RuntimeError("broker exited:\n" + output.decode(errors="replace"))
-            if not started:
-                output += chunk
-                match = STARTED.search(output)
-                if match:
-                    started = True
-                    task_status.started((int(match.group(1)), int(match.group(2))))
-    finally:
-        with trio.CancelScope(shield=True):
-            process.terminate()
-            await process.wait()
 
 
 class HttpConnection:
@@ -174,8 +133,8 @@ async def scenario(layout: str, records: int, requests: int, value_bytes: int, f
     rng = random.Random(1)
     with tempfile.TemporaryDirectory(prefix="dwal-bench-") as data_dir:
         async with trio.open_nursery() as nursery:
-            port, http_port = await nursery.start(run_broker, data_dir, fsync)
-            bootstrap = f"127.0.0.1:{port}"
+            broker = await nursery.start(partial(run_broker, data_dir, "--fsync", fsync, http=True))
+            bootstrap = broker.bootstrap
             seconds = await produce(bootstrap, records, value, LAYOUTS[layout])
             size = await log_size_bytes(bootstrap)
             print(
@@ -184,7 +143,7 @@ async def scenario(layout: str, records: int, requests: int, value_bytes: int, f
                 f"produced_in_s={seconds:.1f}",
                 flush=True,
             )
-            http = await HttpConnection.open(http_port)
+            http = await HttpConnection.open(broker.http_port)
             await measure(http, "GET", [{"offset": 0}] * 20)  # warm the connection
             random_offsets = [{"offset": rng.randrange(records)} for _ in range(requests)]
             tail_offsets = [
