@@ -269,14 +269,31 @@ class Producer:
         allow_auto_topic_creation: bool = True,
         retry_unknown_outcome: bool = False,
     ) -> None:
-        if (
-            batch_size < 1
-            or buffer_bytes_max < batch_size
-            or linger_ms < 0
-            or retries < 0
-            or max_in_flight_per_partition < 1
-        ):
-            raise ValueError("invalid producer limits")
+        problems = [
+            message
+            for wrong, message in (
+                (batch_size < 1, f"batch_size must be at least 1, not {batch_size}"),
+                (
+                    buffer_bytes_max < batch_size,
+                    f"buffer_bytes_max ({buffer_bytes_max}) must be at least batch_size "
+                    f"({batch_size})",
+                ),
+                (linger_ms < 0, f"linger_ms must not be negative, not {linger_ms}"),
+                (retries < 0, f"retries must not be negative, not {retries}"),
+                (
+                    max_in_flight_per_partition < 1,
+                    "max_in_flight_per_partition must be at least 1, not "
+                    f"{max_in_flight_per_partition}",
+                ),
+                (
+                    request_timeout_ms < 1,
+                    f"request_timeout_ms must be at least 1, not {request_timeout_ms}",
+                ),
+            )
+            if wrong
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
         self.max_in_flight_per_partition = max_in_flight_per_partition
         self.cluster = cluster
         self.acks = _parse_acks(acks)

@@ -4,6 +4,7 @@ and size limits. Time is a MockClock (linger, backoff and timeouts pass at once)
 from __future__ import annotations
 
 import random
+import re
 
 import msgpack
 import pytest
@@ -217,3 +218,19 @@ def test_the_cheap_size_bound_of_a_record_without_headers_holds(delta, key, valu
     key_and_value = (len(key) if key is not None else 0) + (len(value) if value is not None else 0)
     bound = key_and_value + RECORD_OVERHEAD_BYTES + PACKED_RECORD_OVERHEAD_BYTES_MAX
     assert len(packed) <= bound
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"batch_size": 0}, "batch_size must be at least 1, not 0"),
+        ({"batch_size": 2048, "buffer_bytes_max": 1024}, "buffer_bytes_max (1024) must be"),
+        ({"linger_ms": -1}, "linger_ms must not be negative"),
+        ({"retries": -2}, "retries must not be negative, not -2"),
+        ({"max_in_flight_per_partition": 0}, "max_in_flight_per_partition must be at least 1"),
+        ({"request_timeout_ms": 0}, "request_timeout_ms must be at least 1"),
+    ],
+)
+def test_an_invalid_limit_is_named(options, named):
+    with pytest.raises(ValueError, match=re.escape(named)):
+        Producer(None, **options)  # type: ignore[arg-type]  # checked before the cluster is used
