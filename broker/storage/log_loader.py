@@ -77,6 +77,15 @@ def load_segments(directory: pathlib.Path, config: LogConfig, *, now_ms: int) ->
             segments[-1].activate()
         if recovered:
             _make_durable(directory, recovered, segments[-1].next_offset)
+        if not clean and bases:
+            logger.info(
+                "%s: recovered after an unclean shutdown: %d of %d segment(s) checked batch "
+                "by batch, log ends at offset %d",
+                directory,
+                len(recovered),
+                len(segments),
+                segments[-1].next_offset,
+            )
         _set_rolling_baseline(segments[-1], now_ms)
     except (OSError, StorageError) as error:
         for segment in segments:

@@ -289,3 +289,18 @@ def test_recovery_reads_in_bounded_chunks(crashed_log, tmp_path):
         assert removed in {header.size_bytes for header, _ in batches}
         assert segment.size_bytes == size - removed
         segment.close()
+
+
+def test_an_unclean_start_says_it_recovered_and_a_clean_one_says_nothing(
+    crashed_log, tmp_path, caplog
+):
+    directory, batches = crashed_log
+    copy = copy_log(directory, tmp_path)
+    with caplog.at_level(logging.INFO, logger="dwal.storage"):
+        log = PartitionLog.open(copy, CONFIG, now_ms=0)
+        log.close()  # a clean shutdown: the next open checks nothing
+        PartitionLog.open(copy, CONFIG, now_ms=0).close()
+    messages = [record.getMessage() for record in caplog.records]
+    [recovery] = [message for message in messages if "unclean shutdown" in message]
+    assert str(copy) in recovery
+    assert f"log ends at offset {batches[-1][0].next_offset}" in recovery
