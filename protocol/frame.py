@@ -25,6 +25,8 @@ PREFIX = struct.Struct(">II")
 PREFIX_BYTES = PREFIX.size
 FRAME_BYTES_MAX_DEFAULT = 64 * 1024 * 1024
 HEADER_BYTES_MAX_DEFAULT = 1024 * 1024
+# Frames at least this large (prefix included) are assembled in one buffer of their size.
+FRAME_BUFFER_BYTES_MIN_DEFAULT = 64 * 1024
 CLIENT_ID_CHARS_MAX = 255
 
 
@@ -98,10 +100,17 @@ class FrameDecoder:
     `feed()` adds bytes; `next_frame()` returns the next complete frame or None. A frame
     larger than `frame_bytes_max` raises ProtocolError as soon as its prefix arrives.
 
-    Received chunks are kept as they came and joined once per frame (or not at all when a
-    frame lies within one chunk), so a large frame costs one copy, not one per chunk. The
-    tail returned is a memoryview into that data: writable when the frame spanned several
-    chunks, read-only (a view of the received bytes) when it fit in one.
+    Small frames: received chunks are kept as they came, and a frame that lies within one
+    chunk is returned as a read-only view of it (no copy); one that spans chunks is joined
+    into writable memory (one copy). Many small frames per read thus cost no copies.
+
+    Large frames (at least `frame_buffer_bytes_min` with their prefix) are assembled in one
+    buffer of the frame's size, allocated once the frame's length is known (after it has
+    been checked): when `next_frame()` returns None for such a frame, `frame_buffer()`
+    offers the part still to come, which a caller may fill straight from a socket (then
+    `frame_buffer_filled(count)`); bytes passed to `feed()` are copied into it. A large
+    frame is so never held twice, and its tail is writable (a broker patches record
+    batches in place).
     """
 
     def __init__(
@@ -109,13 +118,18 @@ class FrameDecoder:
         *,
         frame_bytes_max: int = FRAME_BYTES_MAX_DEFAULT,
         header_bytes_max: int = HEADER_BYTES_MAX_DEFAULT,
+        frame_buffer_bytes_min: int = FRAME_BUFFER_BYTES_MIN_DEFAULT,
     ) -> None:
         assert frame_bytes_max > PREFIX_BYTES
+        assert frame_buffer_bytes_min > PREFIX_BYTES
         self._chunks: collections.deque[bytes] = collections.deque()
         self._offset = 0  # bytes of _chunks[0] already consumed
-        self._buffered = 0
+        self._buffered = 0  # bytes received and not yet returned, frame buffer included
+        self._frame: bytearray | None = None  # the large frame being assembled, if any
+        self._frame_filled = 0  # bytes of _frame received (the rest of _buffered: _chunks)
         self._frame_bytes_max = frame_bytes_max
         self._header_bytes_max = header_bytes_max
+        self._frame_buffer_bytes_min = frame_buffer_bytes_min
 
     @property
     def buffered_bytes(self) -> int:
@@ -123,31 +137,90 @@ class FrameDecoder:
 
     def bytes_wanted(self) -> int:
         """How many more bytes complete the current frame (at least 1)."""
+        if self._frame is not None:
+            return max(1, len(self._frame) - self._frame_filled)
         if self._buffered < 4:
             return 4 - self._buffered
         (length,) = struct.unpack(">I", self._peek(4))
         return max(1, 4 + length - self._buffered)
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        if data:
-            self._chunks.append(bytes(data) if type(data) is not bytes else data)
-            self._buffered += len(data)
+        if not data:
+            return
+        self._buffered += len(data)
+        if self._frame is not None:
+            view = memoryview(data)
+            count = min(len(view), len(self._frame) - self._frame_filled)
+            self._frame[self._frame_filled : self._frame_filled + count] = view[:count]
+            self._frame_filled += count
+            if count < len(view):  # the start of the frames after this one
+                self._chunks.append(bytes(view[count:]))
+            return
+        self._chunks.append(bytes(data) if type(data) is not bytes else data)
+
+    def frame_buffer(self) -> memoryview | None:
+        """The unfilled rest of the large frame being assembled (a writable view), or None
+        when there is none (then bytes go through `feed()`). Valid until the next call of
+        any other method; call `frame_buffer_filled(count)` after writing `count` bytes to
+        its start."""
+        if self._frame is None:
+            return None
+        return memoryview(self._frame)[self._frame_filled :]
+
+    def frame_buffer_filled(self, count: int) -> None:
+        """`count` bytes were written to the start of the last `frame_buffer()`."""
+        assert self._frame is not None
+        assert 0 <= count <= len(self._frame) - self._frame_filled, count
+        self._frame_filled += count
+        self._buffered += count
 
     def next_frame(self) -> tuple[Any, memoryview] | None:
+        if self._frame is not None:
+            return self._next_large_frame()
         if self._buffered < PREFIX_BYTES:
             if self._buffered >= 4:
                 self._check_length(struct.unpack(">I", self._peek(4))[0])
+                self._start_large_frame()
             return None
         frame_length, header_length = PREFIX.unpack(self._peek(PREFIX_BYTES))
         self._check_length(frame_length)
-        if header_length > frame_length - 4 or header_length > self._header_bytes_max:
-            raise ProtocolError(f"frame header length {header_length} is invalid")
+        self._check_header_length(frame_length, header_length)
         total = 4 + frame_length
         if self._buffered < total:
+            self._start_large_frame()
             return None
-        frame = self._take(total)
-        header = decode_header(frame[PREFIX_BYTES : PREFIX_BYTES + header_length])
-        return header, frame[PREFIX_BYTES + header_length :]
+        return _split(self._take(total), header_length)
+
+    def _next_large_frame(self) -> tuple[Any, memoryview] | None:
+        frame = self._frame
+        assert frame is not None
+        if self._frame_filled >= PREFIX_BYTES:
+            frame_length, header_length = PREFIX.unpack_from(frame)
+            self._check_header_length(frame_length, header_length)
+        if self._frame_filled < len(frame):
+            return None
+        self._frame = None
+        self._frame_filled = 0
+        self._buffered -= len(frame)
+        return _split(memoryview(frame), PREFIX.unpack_from(frame)[1])
+
+    def _start_large_frame(self) -> None:
+        """If the incomplete frame at the head (whose length was checked) is large, move
+        its buffered bytes into a buffer of its size; it is then filled in place."""
+        total = 4 + struct.unpack(">I", self._peek(4))[0]
+        if total < self._frame_buffer_bytes_min:
+            return
+        assert self._buffered < total
+        frame = bytearray(total)
+        filled = 0
+        for index, chunk in enumerate(self._chunks):
+            piece = memoryview(chunk)[self._offset :] if index == 0 else chunk
+            frame[filled : filled + len(piece)] = piece
+            filled += len(piece)
+        self._chunks.clear()
+        self._offset = 0
+        self._frame = frame
+        self._frame_filled = filled
 
     def _peek(self, count: int) -> bytes:
         first = self._chunks[0]
@@ -195,6 +268,16 @@ class FrameDecoder:
             )
         if frame_length < 4:
             raise ProtocolError(f"frame length {frame_length} is too small")
+
+    def _check_header_length(self, frame_length: int, header_length: int) -> None:
+        if header_length > frame_length - 4 or header_length > self._header_bytes_max:
+            raise ProtocolError(f"frame header length {header_length} is invalid")
+
+
+def _split(frame: memoryview, header_length: int) -> tuple[Any, memoryview]:
+    """A whole frame (prefix included) as its decoded header and its tail."""
+    header = decode_header(frame[PREFIX_BYTES : PREFIX_BYTES + header_length])
+    return header, frame[PREFIX_BYTES + header_length :]
 
 
 def decode_header(data: bytes | memoryview) -> Any:

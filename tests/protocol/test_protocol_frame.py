@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import tracemalloc
 
 import pytest
 from hypothesis import given
@@ -294,3 +295,101 @@ def test_random_bytes_into_decode_header(data):
     except protocol.ProtocolError:
         return
     parse_both((header, b""))
+
+
+# --- large frames: one buffer of the frame's size ----------------------------------------------
+
+
+@given(
+    items=st.lists(st.tuples(requests, st.binary(max_size=2000)), min_size=1, max_size=5),
+    sizes=chunk_sizes,
+    direct=st.lists(st.booleans(), min_size=1, max_size=8),
+)
+@fast(200)
+def test_large_frames_assembled_in_place_in_any_mix_of_feed_and_direct_fill(items, sizes, direct):
+    """With a low threshold every frame but the smallest takes the large-frame path; bytes
+    arrive through feed() or are written straight into frame_buffer(), in any chunking."""
+    sent = [
+        protocol.Request(
+            api_key=request.api_key,
+            api_version=request.api_version,
+            correlation_id=request.correlation_id,
+            client_id=request.client_id,
+            body=request.body,
+            tail=tail,
+        )
+        for request, tail in items
+    ]
+    stream = b"".join(protocol.encode_request(request) for request in sent)
+    decoder = protocol.FrameDecoder(frame_buffer_bytes_min=64)
+    frames = []
+    position = 0
+    step = 0
+    while position < len(stream):
+        size = sizes[step % len(sizes)]
+        buffer = decoder.frame_buffer()
+        if buffer is not None and direct[step % len(direct)]:
+            assert len(buffer) == decoder.bytes_wanted()
+            count = min(size, len(buffer))
+            buffer[:count] = stream[position : position + count]
+            decoder.frame_buffer_filled(count)
+        else:
+            count = size
+            decoder.feed(stream[position : position + count])
+        position += count
+        step += 1
+        while (frame := decoder.next_frame()) is not None:
+            frames.append(frame)
+    assert decoder.buffered_bytes == 0
+    assert decoder.frame_buffer() is None
+    assert [protocol.parse_request(*frame) for frame in frames] == sent
+    for _, tail in frames:
+        if len(tail) >= 64:
+            assert not tail.readonly  # a broker patches record batches in place
+
+
+def test_a_large_frame_fed_in_many_chunks_is_held_once():
+    """Peak memory while a 4 MiB frame arrives in 64 KiB reads stays near one frame: the
+    bytes go into one buffer of the frame's size as they come (joining the chunks at the
+    end would hold the frame twice)."""
+    encoded = protocol.encode_request(
+        protocol.Request(
+            api_key=0,
+            api_version=0,
+            correlation_id=1,
+            client_id=None,
+            body={},
+            tail=b"t" * (4 << 20),
+        )
+    )
+    decoder = protocol.FrameDecoder()
+    tracemalloc.start()
+    try:
+        for position in range(0, len(encoded), 65536):
+            decoder.feed(encoded[position : position + 65536])  # a new bytes object, as a read
+            frame = decoder.next_frame()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert frame is not None
+    assert bytes(frame[1]) == b"t" * (4 << 20)
+    assert not frame[1].readonly
+    assert peak < len(encoded) + 4 * 65536, (peak, len(encoded))
+
+
+def test_a_large_frame_is_checked_before_its_buffer_is_allocated():
+    decoder = protocol.FrameDecoder(frame_bytes_max=1 << 20, frame_buffer_bytes_min=1024)
+    decoder.feed(struct.pack(">I", (1 << 20) + 1))
+    with pytest.raises(protocol.ProtocolError, match="exceeds"):
+        decoder.next_frame()
+    assert decoder.frame_buffer() is None
+
+    decoder = protocol.FrameDecoder(frame_buffer_bytes_min=1024)
+    decoder.feed(struct.pack(">I", 100_000))
+    assert decoder.next_frame() is None
+    buffer = decoder.frame_buffer()
+    assert buffer is not None and len(buffer) == 100_000 == decoder.bytes_wanted()
+    buffer[:4] = struct.pack(">I", 100_000)  # header length beyond the frame
+    decoder.frame_buffer_filled(4)
+    with pytest.raises(protocol.ProtocolError, match="header length"):
+        decoder.next_frame()
