@@ -82,6 +82,7 @@ class TopicRegistry:
             "topics_loaded",
             topics=len(registry.topics),
             partitions=len(registry.logs),
+            recovered_after_crash=sum(log.recovered_after_crash for log in registry.logs.values()),
             data_dir=str(data_dir),
         )
         return registry

@@ -27,6 +27,7 @@ import logging
 import os
 import pathlib
 import re
+from dataclasses import dataclass
 
 from .checkpoint import (
     TEMPORARY_SUFFIX,
@@ -56,9 +57,14 @@ _SWAP_FILE_PATTERN = re.compile(r"([0-9]{20})\.log\.swap")
 logger = logging.getLogger("dwal.storage")
 
 
-def load_segments(directory: pathlib.Path, config: LogConfig, *, now_ms: int) -> list[Segment]:
-    """Load (creating if needed) the log in `directory`; return its segments in offset order,
-    the last one active, everything durable. Raises StorageError. Blocking."""
+@dataclass(frozen=True)
+class LoadedSegments:
+    segments: list[Segment]  # in offset order, the last one active, everything durable
+    recovered_after_crash: bool  # not shut down cleanly: segments were checked batch by batch
+
+
+def load_segments(directory: pathlib.Path, config: LogConfig, *, now_ms: int) -> LoadedSegments:
+    """Load (creating if needed) the log in `directory`. Raises StorageError. Blocking."""
     try:
         _ensure_directory(directory)
         _remove_leftovers(directory)
@@ -78,7 +84,7 @@ def load_segments(directory: pathlib.Path, config: LogConfig, *, now_ms: int) ->
         if recovered:
             _make_durable(directory, recovered, segments[-1].next_offset)
         if not clean and bases:
-            logger.info(
+            logger.debug(
                 "%s: recovered after an unclean shutdown: %d of %d segment(s) checked batch "
                 "by batch, log ends at offset %d",
                 directory,
@@ -91,7 +97,7 @@ def load_segments(directory: pathlib.Path, config: LogConfig, *, now_ms: int) ->
         for segment in segments:
             segment.close()
         raise StorageError(f"cannot load {directory}: {error}") from error
-    return segments
+    return LoadedSegments(segments, recovered_after_crash=not clean and bool(bases))
 
 
 def _interval(config: LogConfig) -> int:

@@ -151,6 +151,8 @@ class PartitionLog:
         self._cleaner_abort = threading.Event()  # set on close: stops a running cleaner
         self._failure: str | None = None
         self._closed = False
+        # opened after an unclean shutdown: its segments past the recovery point were checked
+        self.recovered_after_crash = False
 
     @classmethod
     def open(
@@ -166,8 +168,10 @@ class PartitionLog:
 
         Returns the log with everything in it durable. Raises StorageError. Blocking.
         """
-        segments = load_segments(directory, config, now_ms=now_ms)
-        return cls(directory, config, segments, fsync_runner=fsync_runner)
+        loaded = load_segments(directory, config, now_ms=now_ms)
+        log = cls(directory, config, loaded.segments, fsync_runner=fsync_runner)
+        log.recovered_after_crash = loaded.recovered_after_crash
+        return log
 
     # Properties.
 

@@ -291,16 +291,16 @@ def test_recovery_reads_in_bounded_chunks(crashed_log, tmp_path):
         segment.close()
 
 
-def test_an_unclean_start_says_it_recovered_and_a_clean_one_says_nothing(
-    crashed_log, tmp_path, caplog
-):
+def test_an_unclean_start_says_it_recovered_and_a_clean_one_does_not(crashed_log, tmp_path):
     directory, batches = crashed_log
     copy = copy_log(directory, tmp_path)
-    with caplog.at_level(logging.INFO, logger="dwal.storage"):
-        log = PartitionLog.open(copy, CONFIG, now_ms=0)
-        log.close()  # a clean shutdown: the next open checks nothing
-        PartitionLog.open(copy, CONFIG, now_ms=0).close()
-    messages = [record.getMessage() for record in caplog.records]
-    [recovery] = [message for message in messages if "unclean shutdown" in message]
-    assert str(copy) in recovery
-    assert f"log ends at offset {batches[-1][0].next_offset}" in recovery
+    log = PartitionLog.open(copy, CONFIG, now_ms=0)
+    assert log.recovered_after_crash
+    assert log.log_end_offset == batches[-1][0].next_offset
+    log.close()  # a clean shutdown: the next open checks nothing
+    log = PartitionLog.open(copy, CONFIG, now_ms=0)
+    assert not log.recovered_after_crash
+    log.close()
+    fresh = PartitionLog.open(tmp_path / "fresh-0", CONFIG, now_ms=0)  # nothing to recover
+    assert not fresh.recovered_after_crash
+    fresh.close()
