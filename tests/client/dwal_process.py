@@ -1,9 +1,11 @@
-"""Run `dwal` client commands as real processes whose output tests wait on.
+"""Run `dwal` client commands as real processes.
 
-`running_dwal(...)` starts ``python -m client.cli ARGS``, collects stdout and stderr as they
-arrive, and wakes waiters on each chunk, so tests wait for a line to appear rather than for
-time to pass. The process is SIGKILLed by PID when the block exits, whether the test passed
-or failed (a `fail_after` firing included).
+`dwal(...)` runs ``python -m client.cli ARGS`` to its end and returns its exit code and output.
+
+`running_dwal(...)` starts it, collects stdout and stderr as they arrive, and wakes waiters on
+each chunk, so tests wait for a line to appear rather than for time to pass. The process is
+SIGKILLed by PID when the block exits, whether the test passed or failed (a `fail_after`
+firing included).
 """
 
 from __future__ import annotations
@@ -19,6 +21,30 @@ from typing import AsyncIterator, Callable
 import trio
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+async def dwal(
+    *args: str,
+    stdin: bytes = b"",
+    check: bool = True,
+    timeout_s: float = 60,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    """Run ``dwal ARGS`` with `stdin` to its end; returns the CompletedProcess (stdout and
+    stderr captured). With `check`, a non-zero exit raises AssertionError with its stderr."""
+    with trio.fail_after(timeout_s):
+        result = await trio.run_process(
+            [sys.executable, "-m", "client.cli", *args],
+            stdin=stdin,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            cwd=REPO,
+            env=env,
+        )
+    if check and result.returncode != 0:
+        raise AssertionError(f"dwal {' '.join(args)} failed: {result.stderr.decode()}")
+    return result
 
 
 class DwalProcess:

@@ -2,38 +2,20 @@
 
 from __future__ import annotations
 
-import pathlib
-
+import argparse
+import importlib.metadata
+import re
 import signal
 import subprocess
 import sys
 
-import argparse
-import importlib.metadata
-import re
-
 import trio
+from client_test_support import wait_for_assignment
+from dwal_process import REPO, dwal
 
 import client
 from client import Consumer
 from client.cli import build_parser
-
-REPO = pathlib.Path(__file__).resolve().parents[2]
-
-
-async def dwal(*args: str, stdin: bytes = b"", check: bool = True, timeout_s: float = 60):
-    with trio.fail_after(timeout_s):
-        result = await trio.run_process(
-            [sys.executable, "-m", "client.cli", *args],
-            stdin=stdin,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-            cwd=REPO,
-        )
-    if check and result.returncode != 0:
-        raise AssertionError(f"dwal {' '.join(args)} failed: {result.stderr.decode()}")
-    return result
 
 
 async def test_topic_commands_and_round_trip(broker):
@@ -273,12 +255,6 @@ def test_every_option_has_help():
     assert not missing
 
 
-async def wait_for_partitions(member: Consumer, count: int) -> None:
-    with trio.fail_after(20):
-        while len(member.assignment()) != count:
-            await member.poll(timeout_ms=50)
-
-
 async def test_group_admin_names_an_away_static_member(broker):
     b = ["--bootstrap", broker.bootstrap]
     await dwal("topic", "create", "st", "--partitions", "2", *b)
@@ -289,12 +265,12 @@ async def test_group_admin_names_an_away_static_member(broker):
     async with client.connect(broker.bootstrap) as cluster:
         active = Consumer(cluster, group_id="sg")
         active.subscribe(["st"])
-        await wait_for_partitions(active, 2)
+        await wait_for_assignment(active, 2)
         member = Consumer(cluster, group_id="sg", group_instance_id="worker-2")
         member.subscribe(["st"])
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(wait_for_partitions, active, 1)
-            nursery.start_soon(wait_for_partitions, member, 1)
+            nursery.start_soon(wait_for_assignment, active, 1)
+            nursery.start_soon(wait_for_assignment, member, 1)
         await member.close()  # a static member leaves for a while: it still holds the group
         both = re.compile(
             rb"error: group 'sg' is held by 1 active member and "

@@ -9,26 +9,10 @@ import subprocess
 import sys
 
 import trio
+from dwal_process import REPO, dwal
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 MEBIBYTE = 1024 * 1024
 DEFAULT_MAX_MESSAGE_BYTES = MEBIBYTE + 12  # the broker's default max.message.bytes
-
-
-async def dwal(*args: str, stdin: bytes = b"", check: bool = True, env: dict | None = None):
-    with trio.fail_after(60):
-        result = await trio.run_process(
-            [sys.executable, "-m", "client.cli", *args],
-            stdin=stdin,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-            cwd=REPO,
-            env=env,
-        )
-    if check and result.returncode != 0:
-        raise AssertionError(f"dwal {' '.join(args)} failed: {result.stderr.decode()}")
-    return result
 
 
 def peak_memory_bytes(pid: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import trio
+from client_test_support import wait_for_assignment
 
 import client
 from client import Admin, Consumer, DwalError, ErrorCode, GroupAdmin, Producer, TopicPartition
@@ -22,13 +23,6 @@ async def poll_until(consumer: Consumer, count: int, seen: list | None = None) -
             for records in (await consumer.poll(timeout_ms=100)).values():
                 seen.extend(r.value for r in records)
     return seen
-
-
-async def wait_for_assignment(consumer: Consumer, size: int) -> None:
-    """Poll (which reconciles) until the member owns `size` partitions."""
-    with trio.fail_after(20):
-        while len(consumer.assignment()) != size:
-            await consumer.poll(timeout_ms=50)
 
 
 async def test_a_member_consumes_commits_and_a_successor_resumes(group_broker):

@@ -5,18 +5,15 @@ committed offsets never go back, and they survive the broker's crash."""
 
 from __future__ import annotations
 
-import os
-import pathlib
 import signal
 import subprocess
 import sys
 
 import trio
+from dwal_process import REPO, kill
 
 import client
 from client import Admin, GroupAdmin, Producer, TopicPartition
-
-REPO = pathlib.Path(__file__).resolve().parents[2]
 
 GROUP_CONFIG = "group_session_timeout_ms = 2000\ngroup_heartbeat_interval_ms = 200\n"
 
@@ -79,11 +76,7 @@ async def start_member(nursery, bootstrap: str, group: str, topic: str, output: 
 def kill_all(members: list[Member]) -> None:
     """SIGKILL every member still running, by PID (a test that failed leaves none behind)."""
     for member in members:
-        if member.process.returncode is None:
-            try:
-                os.kill(member.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill(member.process)
 
 
 async def watch_group(
