@@ -4,9 +4,6 @@ flushes happen under `interval` and `never`."""
 
 from __future__ import annotations
 
-import os
-import threading
-
 import pytest
 import trio
 
@@ -29,30 +26,22 @@ async def start_broker(nursery, tmp_path, fsync: str) -> str:
 
 
 async def test_ack_waits_for_fdatasync_and_consumers_see_only_durable_records(
-    nursery, tmp_path, monkeypatch
+    nursery, tmp_path, fdatasync_spy
 ):
     bootstrap = await start_broker(nursery, tmp_path, "always")
-    entered, release = threading.Event(), threading.Event()
-    real_fdatasync = os.fdatasync
-
-    def held_fdatasync(descriptor: int) -> None:
-        entered.set()
-        release.wait(30)
-        real_fdatasync(descriptor)
-
     # Responses on one connection come back in request order, so the admin (which must get
     # answers while the produce waits) has a connection of its own.
     async with client.connect(bootstrap) as cluster, client.connect(bootstrap) as admin_cluster:
         admin = Admin(admin_cluster)
         await admin.create_topic("durable")
-        monkeypatch.setattr(os, "fdatasync", held_fdatasync)
+        fdatasync = fdatasync_spy(hold=True)
         async with Producer(cluster, acks=1, linger_ms=0) as producer:
             delivery = await producer.send("durable", b"v")
-            await trio.to_thread.run_sync(entered.wait, 30)
+            await trio.to_thread.run_sync(fdatasync.entered.wait, 30)
             partition = (await admin.describe_topic("durable")).partitions[0]
             assert (partition.log_end_offset, partition.high_watermark) == (1, 0)
             assert not delivery.done
-            release.set()
+            fdatasync.release.set()
             assert (await delivery.wait()).offset == 0
         partition = (await admin.describe_topic("durable")).partitions[0]
         assert partition.high_watermark == 1
@@ -60,47 +49,32 @@ async def test_ack_waits_for_fdatasync_and_consumers_see_only_durable_records(
 
 @pytest.mark.parametrize("policy", ["never", "interval"])
 async def test_acks_all_waits_for_fdatasync_under_every_policy(
-    nursery, tmp_path, monkeypatch, policy
+    nursery, tmp_path, fdatasync_spy, policy
 ):
     # guarantees.md: acks=all answers "after the batches are fsynced on this broker, whatever
     # the topic's policy"; under never/interval consumers may read the records before that.
     bootstrap = await start_broker(nursery, tmp_path, policy)
-    entered, release = threading.Event(), threading.Event()
-    real_fdatasync = os.fdatasync
-
-    def held_fdatasync(descriptor: int) -> None:
-        entered.set()
-        release.wait(30)
-        real_fdatasync(descriptor)
-
     async with client.connect(bootstrap) as cluster, client.connect(bootstrap) as admin_cluster:
         admin = Admin(admin_cluster)
         await admin.create_topic("all")
-        monkeypatch.setattr(os, "fdatasync", held_fdatasync)
+        fdatasync = fdatasync_spy(hold=True)
         async with Producer(cluster, acks="all", linger_ms=0) as producer:
             delivery = await producer.send("all", b"v")
             with trio.fail_after(10):  # acks=all must reach an fsync at all
-                await trio.to_thread.run_sync(entered.wait, 10)
+                await trio.to_thread.run_sync(fdatasync.entered.wait, 10)
             partition = (await admin.describe_topic("all")).partitions[0]
             assert (partition.log_end_offset, partition.high_watermark) == (1, 1)
             assert not delivery.done
-            release.set()
+            fdatasync.release.set()
             assert (await delivery.wait()).offset == 0
 
 
-async def test_group_commit_shares_fsyncs_between_producers(nursery, tmp_path, monkeypatch):
+async def test_group_commit_shares_fsyncs_between_producers(nursery, tmp_path, fdatasync_spy):
     bootstrap = await start_broker(nursery, tmp_path, "always")
-    calls = []
-    real_fdatasync = os.fdatasync
-
-    def counting_fdatasync(descriptor: int) -> None:
-        calls.append(descriptor)
-        real_fdatasync(descriptor)
-
     producers, records_each = 8, 200
     async with client.connect(bootstrap) as cluster:
         await Admin(cluster).create_topic("shared")
-    monkeypatch.setattr(os, "fdatasync", counting_fdatasync)
+    fdatasync = fdatasync_spy()
     requests = []
 
     async def produce(index: int) -> None:
@@ -116,7 +90,7 @@ async def test_group_commit_shares_fsyncs_between_producers(nursery, tmp_path, m
         for index in range(producers):
             group.start_soon(produce, index)
     assert len(requests) == producers * records_each
-    assert 0 < len(calls) < len(requests), (len(calls), len(requests))
+    assert 0 < fdatasync.calls < len(requests), (fdatasync.calls, len(requests))
 
 
 @pytest.mark.parametrize("policy", ["interval", "never"])

@@ -9,9 +9,6 @@ taking longer. Tests that fsync (worker threads) use the real clock and no deadl
 
 from __future__ import annotations
 
-import os
-import threading
-
 import pytest
 import trio
 import trio.testing
@@ -155,39 +152,18 @@ def batch(*values: bytes, timestamp_ms: int = 1_000) -> bytes:
     return build_batch([(timestamp_ms, None, value) for value in values])
 
 
-class FdatasyncSpy:
-    """Counts os.fdatasync calls (which still happen); `hold()` makes them wait."""
-
-    def __init__(self, monkeypatch) -> None:
-        self.calls = 0
-        self.entered = threading.Event()
-        self.release = threading.Event()
-        self.release.set()
-        self._real = os.fdatasync
-        monkeypatch.setattr(os, "fdatasync", self)
-
-    def hold(self) -> None:
-        self.release.clear()
-
-    def __call__(self, descriptor: int) -> None:
-        self.calls += 1
-        self.entered.set()
-        self.release.wait(30)
-        self._real(descriptor)
-
-
 # -- produce: acks ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("policy", ["never", "interval"])
 async def test_acks_all_answers_only_after_an_fsync_whatever_the_policy(
-    tmp_path, monkeypatch, policy
+    tmp_path, fdatasync_spy, policy
 ):
     broker = Broker(tmp_path, fsync=policy)
     try:
         await broker.create("t")
         log = broker.registry.log("t", 0)
-        spy = FdatasyncSpy(monkeypatch)
+        spy = fdatasync_spy()
         [result] = await broker.produce("t", batch(b"a", b"b"), acks=ACKS_ALL)
         assert result["error_code"] == 0 and result["base_offset"] == 0
         assert spy.calls >= 1
@@ -196,12 +172,11 @@ async def test_acks_all_answers_only_after_an_fsync_whatever_the_policy(
         broker.close()
 
 
-async def test_acks_all_is_not_answered_while_its_fsync_runs(tmp_path, monkeypatch):
+async def test_acks_all_is_not_answered_while_its_fsync_runs(tmp_path, fdatasync_spy):
     broker = Broker(tmp_path, fsync="never")
     try:
         await broker.create("t")
-        spy = FdatasyncSpy(monkeypatch)
-        spy.hold()
+        spy = fdatasync_spy(hold=True)
         finish = await broker.start_produce("t", [batch(b"a")], acks=ACKS_ALL)
         replies: list[Reply] = []
 
@@ -221,9 +196,9 @@ async def test_acks_all_is_not_answered_while_its_fsync_runs(tmp_path, monkeypat
         broker.close()
 
 
-async def test_acks_1_under_never_is_answered_without_an_fsync(broker, monkeypatch):
+async def test_acks_1_under_never_is_answered_without_an_fsync(broker, fdatasync_spy):
     await broker.create("t")
-    spy = FdatasyncSpy(monkeypatch)
+    spy = fdatasync_spy()
     [result] = await broker.produce("t", batch(b"a"), acks=ACKS_LEADER)
     assert result["error_code"] == 0 and result["base_offset"] == 0
     assert spy.calls == 0
@@ -231,11 +206,11 @@ async def test_acks_1_under_never_is_answered_without_an_fsync(broker, monkeypat
     assert (log.high_watermark, log.durable_offset) == (1, 0)
 
 
-async def test_acks_1_under_always_waits_for_the_fsync(tmp_path, monkeypatch):
+async def test_acks_1_under_always_waits_for_the_fsync(tmp_path, fdatasync_spy):
     broker = Broker(tmp_path, fsync="always")
     try:
         await broker.create("t")
-        spy = FdatasyncSpy(monkeypatch)
+        spy = fdatasync_spy()
         [result] = await broker.produce("t", batch(b"a"), acks=ACKS_LEADER)
         assert result["error_code"] == 0 and spy.calls >= 1
         assert broker.registry.log("t", 0).durable_offset == 1
@@ -252,12 +227,12 @@ async def test_acks_0_sends_no_response_but_appends(broker):
 
 
 async def test_acks_0_under_always_still_waits_for_the_fsync_before_visibility(
-    tmp_path, monkeypatch
+    tmp_path, fdatasync_spy
 ):
     broker = Broker(tmp_path, fsync="always")
     try:
         await broker.create("t")
-        spy = FdatasyncSpy(monkeypatch)
+        spy = fdatasync_spy()
         finish = await broker.start_produce("t", [batch(b"a")], acks=ACKS_NONE)
         assert broker.registry.log("t", 0).high_watermark == 0  # appended, not durable
         reply = await finish()
@@ -277,13 +252,12 @@ async def test_other_acks_values_fail_the_request(broker, acks):
 
 
 async def test_acks_all_times_out_while_waiting_behind_a_stuck_fsync(
-    tmp_path, monkeypatch, autojump_clock
+    tmp_path, fdatasync_spy, autojump_clock
 ):
     broker = Broker(tmp_path, fsync="never")
     try:
         await broker.create("t")
-        spy = FdatasyncSpy(monkeypatch)
-        spy.hold()
+        spy = fdatasync_spy(hold=True)
         first = await broker.start_produce("t", [batch(b"a")], acks=ACKS_ALL, timeout_ms=3_600_000)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(first)  # runs the fsync, which is held
@@ -302,13 +276,13 @@ async def test_acks_all_times_out_while_waiting_behind_a_stuck_fsync(
 
 
 async def test_acks_all_times_out_even_when_its_own_fsync_is_stuck(
-    tmp_path, monkeypatch, autojump_clock
+    tmp_path, fdatasync_spy, autojump_clock
 ):
     """The fsync runs in the broker's FsyncRunner, not in the request's task, so the request
     that started it still gives up after timeout_ms while the disk hangs; the fsync then
     completes and counts."""
     broker = Broker(tmp_path, fsync="never")
-    spy = FdatasyncSpy(monkeypatch)
+    spy = fdatasync_spy()
     try:
         await broker.create("t")
         spy.hold()
@@ -438,12 +412,11 @@ async def test_a_long_poll_on_several_partitions_is_woken_by_any(broker, autojum
     replies[0].close()
 
 
-async def test_a_fetch_under_always_is_woken_by_the_fsync(tmp_path, monkeypatch):
+async def test_a_fetch_under_always_is_woken_by_the_fsync(tmp_path, fdatasync_spy):
     broker = Broker(tmp_path, fsync="always")
     try:
         await broker.create("t")
-        spy = FdatasyncSpy(monkeypatch)
-        spy.hold()
+        spy = fdatasync_spy(hold=True)
         results = []
 
         async def long_poll() -> None:
@@ -553,13 +526,12 @@ async def test_fetch_max_bytes_is_shared_by_the_partitions(broker):
     assert reply.tail_bytes == len(one)
 
 
-async def test_a_fetch_reads_nothing_above_the_high_watermark(tmp_path, monkeypatch):
+async def test_a_fetch_reads_nothing_above_the_high_watermark(tmp_path, fdatasync_spy):
     broker = Broker(tmp_path, fsync="always")
     try:
         await broker.create("t")
         await broker.produce("t", batch(b"durable"))
-        spy = FdatasyncSpy(monkeypatch)
-        spy.hold()
+        spy = fdatasync_spy(hold=True)
         finish = await broker.start_produce("t", [batch(b"pending")])
         async with trio.open_nursery() as nursery:
             nursery.start_soon(finish)
@@ -735,12 +707,11 @@ async def test_alter_configs_checks_values_and_validate_only_changes_nothing(bro
     assert broker.registry.log("t", 0).config.retention_ms == 1000
 
 
-async def test_relaxing_fsync_always_makes_appended_records_visible(tmp_path, monkeypatch):
+async def test_relaxing_fsync_always_makes_appended_records_visible(tmp_path, fdatasync_spy):
     broker = Broker(tmp_path, fsync="always")
     try:
         await broker.create("t")
-        spy = FdatasyncSpy(monkeypatch)
-        spy.hold()
+        spy = fdatasync_spy(hold=True)
         finish = await broker.start_produce("t", [batch(b"a")])
         async with trio.open_nursery() as nursery:
             nursery.start_soon(finish)

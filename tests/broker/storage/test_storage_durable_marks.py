@@ -1,9 +1,6 @@
 """What an fsync makes durable and visible under fsync=always: exactly what was appended
 before it started, never a batch appended while it ran."""
 
-import os
-import threading
-
 import trio
 from storage_test_support import make_batch, read_batches, small_config
 
@@ -11,29 +8,14 @@ from broker.storage import PartitionLog
 from protocol.record_batch import scan_batches
 
 
-class HeldFdatasync:
-    """Replaces os.fdatasync; each call waits until `release` is set."""
-
-    def __init__(self, monkeypatch) -> None:
-        self.entered = threading.Event()
-        self.release = threading.Event()
-        self._real = os.fdatasync
-        monkeypatch.setattr(os, "fdatasync", self)
-
-    def __call__(self, descriptor: int) -> None:
-        self.entered.set()
-        self.release.wait(30)
-        self._real(descriptor)
-
-
 def open_log(tmp_path, **overrides) -> PartitionLog:
     config = small_config(fsync="always", segment_bytes=1 << 20, **overrides)
     return PartitionLog.open(tmp_path / "t-0", config, now_ms=0)
 
 
-async def append_during_fsync(log: PartitionLog, fsync: HeldFdatasync, during: bytearray):
-    """Append `during` while an fsync covering everything before it is running; return
-    once that fsync has completed."""
+async def append_during_fsync(log: PartitionLog, fsync, during: bytearray):
+    """Append `during` while an fsync covering everything before it is running (held by
+    `fsync`, the test's `fdatasync_spy(hold=True)`); return once that fsync has completed."""
     end_before = log.log_end_offset
     async with trio.open_nursery() as nursery:
         nursery.start_soon(log.wait_durable, end_before)
@@ -43,11 +25,11 @@ async def append_during_fsync(log: PartitionLog, fsync: HeldFdatasync, during: b
         fsync.release.set()
 
 
-async def test_a_batch_appended_during_an_fsync_stays_invisible(tmp_path, monkeypatch):
+async def test_a_batch_appended_during_an_fsync_stays_invisible(tmp_path, fdatasync_spy):
     log = open_log(tmp_path)
     first = make_batch(1)
     log.append(first, now_ms=0)
-    fsync = HeldFdatasync(monkeypatch)
+    fsync = fdatasync_spy(hold=True)
     await append_during_fsync(log, fsync, make_batch(2))
 
     assert (log.durable_offset, log.high_watermark, log.log_end_offset) == (2, 2, 4)
@@ -64,10 +46,10 @@ async def test_a_batch_appended_during_an_fsync_stays_invisible(tmp_path, monkey
     log.close()
 
 
-async def test_a_roll_during_an_fsync_keeps_the_new_segment_invisible(tmp_path, monkeypatch):
+async def test_a_roll_during_an_fsync_keeps_the_new_segment_invisible(tmp_path, fdatasync_spy):
     log = open_log(tmp_path, segment_ms=10)
     log.append(make_batch(1), now_ms=0)
-    fsync = HeldFdatasync(monkeypatch)
+    fsync = fdatasync_spy(hold=True)
     end_before = log.log_end_offset
     async with trio.open_nursery() as nursery:
         nursery.start_soon(log.wait_durable, end_before)
@@ -86,11 +68,11 @@ async def test_a_roll_during_an_fsync_keeps_the_new_segment_invisible(tmp_path, 
 
 
 async def test_the_durable_offset_never_covers_an_append_made_during_the_fsync(
-    tmp_path, monkeypatch
+    tmp_path, fdatasync_spy
 ):
     log = open_log(tmp_path)
     log.append(make_batch(1), now_ms=0)
-    fsync = HeldFdatasync(monkeypatch)
+    fsync = fdatasync_spy(hold=True)
     await append_during_fsync(log, fsync, make_batch(2))
     assert log.durable_offset == 2
     assert log.statistics().durable_offset == 2

@@ -1,6 +1,4 @@
 import errno
-import os
-import threading
 
 import pytest
 import trio
@@ -11,36 +9,14 @@ from broker.storage import FsyncRunner, PartitionLog, StorageError
 from broker.storage.checkpoint import read_offset_checkpoint
 
 
-class FdatasyncSpy:
-    """Counts os.fdatasync calls; can hold them until released, or make them fail."""
-
-    def __init__(self, monkeypatch, *, hold=False, error=None):
-        self.calls = 0
-        self.started = threading.Event()
-        self.release = threading.Event()
-        if not hold:
-            self.release.set()
-        self._error = error
-        self._real = os.fdatasync
-        monkeypatch.setattr(os, "fdatasync", self)
-
-    def __call__(self, fd):
-        self.calls += 1
-        self.started.set()
-        self.release.wait()
-        if self._error is not None:
-            raise self._error
-        self._real(fd)
-
-
 def open_log(tmp_path, **overrides):
     config = small_config(fsync="always", segment_bytes=1 << 20, **overrides)
     return PartitionLog.open(tmp_path / "t-0", config, now_ms=0)
 
 
-async def test_concurrent_waiters_share_fsyncs(tmp_path, monkeypatch):
+async def test_concurrent_waiters_share_fsyncs(tmp_path, fdatasync_spy):
     log = open_log(tmp_path)
-    spy = FdatasyncSpy(monkeypatch)
+    spy = fdatasync_spy()
     callers = 100
     finished = []
 
@@ -61,10 +37,10 @@ async def test_concurrent_waiters_share_fsyncs(tmp_path, monkeypatch):
     log.close()
 
 
-async def test_waiting_for_what_is_durable_runs_no_fsync(tmp_path, monkeypatch):
+async def test_waiting_for_what_is_durable_runs_no_fsync(tmp_path, fdatasync_spy):
     log = open_log(tmp_path)
     log.append(make_batch(1), now_ms=0)
-    spy = FdatasyncSpy(monkeypatch)
+    spy = fdatasync_spy()
     await log.wait_durable(0)
     assert spy.calls == 0
     await log.flush()
@@ -73,9 +49,9 @@ async def test_waiting_for_what_is_durable_runs_no_fsync(tmp_path, monkeypatch):
     log.close()
 
 
-async def test_cancelled_syncer_does_not_wedge_other_waiters(tmp_path, monkeypatch):
+async def test_cancelled_syncer_does_not_wedge_other_waiters(tmp_path, fdatasync_spy):
     log = open_log(tmp_path)
-    spy = FdatasyncSpy(monkeypatch, hold=True)
+    spy = fdatasync_spy(hold=True)
     log.append(make_batch(1), now_ms=0)
     returned = []
 
@@ -87,7 +63,7 @@ async def test_cancelled_syncer_does_not_wedge_other_waiters(tmp_path, monkeypat
 
     async with trio.open_nursery() as nursery:
         syncer_scope = await nursery.start(wait, "syncer", 2)
-        await trio.to_thread.run_sync(spy.started.wait)  # its fdatasync is running
+        await trio.to_thread.run_sync(spy.entered.wait)  # its fdatasync is running
         log.append(make_batch(2), now_ms=0)
         nursery.start_soon(wait, "early", 2)
         nursery.start_soon(wait, "late", 4)
@@ -103,10 +79,10 @@ async def test_cancelled_syncer_does_not_wedge_other_waiters(tmp_path, monkeypat
     log.close()
 
 
-async def test_waiter_cancelled_before_the_fsync_changes_nothing(tmp_path, monkeypatch):
+async def test_waiter_cancelled_before_the_fsync_changes_nothing(tmp_path, fdatasync_spy):
     log = open_log(tmp_path)
     log.append(make_batch(1), now_ms=0)
-    spy = FdatasyncSpy(monkeypatch)
+    spy = fdatasync_spy()
     with trio.CancelScope() as scope:
         scope.cancel()
         await log.wait_durable(2)
@@ -117,10 +93,10 @@ async def test_waiter_cancelled_before_the_fsync_changes_nothing(tmp_path, monke
     log.close()
 
 
-async def test_failed_fsync_takes_the_log_offline(tmp_path, monkeypatch):
+async def test_failed_fsync_takes_the_log_offline(tmp_path, fdatasync_spy):
     log = open_log(tmp_path)
     log.append(make_batch(1), now_ms=0)
-    FdatasyncSpy(monkeypatch, error=OSError(errno.EIO, "input/output error"))
+    fdatasync_spy(error=OSError(errno.EIO, "input/output error"))
     with pytest.raises(StorageError, match="offline"):
         await log.wait_durable(2)
     assert log.durable_offset == 0 and log.high_watermark == 0
@@ -132,9 +108,9 @@ async def test_failed_fsync_takes_the_log_offline(tmp_path, monkeypatch):
     assert not (log.directory / ".clean-shutdown").exists()
 
 
-async def test_rolled_segments_are_synced_too(tmp_path, monkeypatch):
+async def test_rolled_segments_are_synced_too(tmp_path, fdatasync_spy):
     log = open_log(tmp_path, segment_ms=10)
-    spy = FdatasyncSpy(monkeypatch)
+    spy = fdatasync_spy()
     log.append(make_batch(1), now_ms=0)
     log.append(make_batch(2), now_ms=100)
     assert log.segment_count == 2
@@ -165,11 +141,11 @@ async def test_flush_records_the_recovery_point_at_most_every_ten_seconds(tmp_pa
 # -- fsyncs run by the broker's FsyncRunner ----------------------------------------------
 
 
-async def test_with_a_runner_waiters_share_fsyncs_run_in_its_task(tmp_path, monkeypatch):
+async def test_with_a_runner_waiters_share_fsyncs_run_in_its_task(tmp_path, fdatasync_spy):
     runner = FsyncRunner()
     config = small_config(fsync="always", segment_bytes=1 << 20)
     log = PartitionLog.open(tmp_path / "t-0", config, now_ms=0, fsync_runner=runner)
-    spy = FdatasyncSpy(monkeypatch)
+    spy = fdatasync_spy()
     async with trio.open_nursery() as nursery:
         await nursery.start(runner.run)
 
@@ -186,11 +162,13 @@ async def test_with_a_runner_waiters_share_fsyncs_run_in_its_task(tmp_path, monk
     assert log.durable_offset == log.log_end_offset == 100
 
 
-async def test_with_a_runner_a_cancelled_waiter_returns_while_the_disk_hangs(tmp_path, monkeypatch):
+async def test_with_a_runner_a_cancelled_waiter_returns_while_the_disk_hangs(
+    tmp_path, fdatasync_spy
+):
     runner = FsyncRunner()
     config = small_config(fsync="always", segment_bytes=1 << 20)
     log = PartitionLog.open(tmp_path / "t-0", config, now_ms=0, fsync_runner=runner)
-    spy = FdatasyncSpy(monkeypatch, hold=True)
+    spy = fdatasync_spy(hold=True)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(runner.run)
@@ -204,7 +182,7 @@ async def test_with_a_runner_a_cancelled_waiter_returns_while_the_disk_hangs(tmp
                 waiter_done.set()
 
             nursery.start_soon(waiter)
-            await trio.to_thread.run_sync(spy.started.wait)  # its fsync is on the disk now
+            await trio.to_thread.run_sync(spy.entered.wait)  # its fsync is on the disk now
             waiter_scope.cancel()
             try:
                 with trio.fail_after(10):  # the disk still hangs: only the runner waits for it
@@ -221,11 +199,11 @@ async def test_with_a_runner_a_cancelled_waiter_returns_while_the_disk_hangs(tmp
         spy.release.set()
 
 
-async def test_with_a_runner_a_failed_fsync_fails_every_waiter(tmp_path, monkeypatch):
+async def test_with_a_runner_a_failed_fsync_fails_every_waiter(tmp_path, fdatasync_spy):
     runner = FsyncRunner()
     config = small_config(fsync="always", segment_bytes=1 << 20)
     log = PartitionLog.open(tmp_path / "t-0", config, now_ms=0, fsync_runner=runner)
-    FdatasyncSpy(monkeypatch, error=OSError(errno.EIO, "Input/output error"))
+    fdatasync_spy(error=OSError(errno.EIO, "Input/output error"))
     failures = []
 
     async def wait(offset):
