@@ -1,6 +1,9 @@
-"""Helpers shared by the storage tests: batches to append and a reader of a whole log."""
+"""Helpers shared by the storage tests: batches to append, a reader of a whole log, and a
+byte flipper to damage a file."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from broker.storage import LogConfig, PartitionLog
 from protocol.record_batch import BatchHeader, build_batch, complete_prefix_bytes, scan_batches
@@ -51,3 +54,12 @@ def append_batches(log: PartitionLog, count: int, *, now_ms: int = 0) -> list[by
         log.append(batch, now_ms=now_ms)
         written.append(bytes(batch))
     return written
+
+
+def flip_byte(path: Path, position: int, mask: int = 0xFF) -> None:
+    """XOR the byte at `position` of the file at `path` with `mask`, in place."""
+    with open(path, "r+b") as file:
+        file.seek(position)
+        value = file.read(1)[0]
+        file.seek(position)
+        file.write(bytes([value ^ mask]))

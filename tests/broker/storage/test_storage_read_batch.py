@@ -9,7 +9,13 @@ import threading
 from pathlib import Path
 
 import pytest
-from storage_test_support import append_batches, make_batch, read_batches, small_config
+from storage_test_support import (
+    append_batches,
+    flip_byte,
+    make_batch,
+    read_batches,
+    small_config,
+)
 
 from broker.storage import CorruptRecordError, OffsetOutOfRangeError, PartitionLog
 from broker.storage import batch_scanner
@@ -145,14 +151,6 @@ async def test_offsets_outside_the_readable_range_are_refused_clearly(tmp_path):
     log.close()
 
 
-def flip_byte(path: Path, position: int) -> None:
-    with open(path, "r+b") as file:
-        file.seek(position)
-        byte = file.read(1)[0]
-        file.seek(position)
-        file.write(bytes([byte ^ 0x40]))
-
-
 def locate(log: PartitionLog, batches, number: int) -> tuple[Path, int]:
     """The segment file and byte position of batch `number`."""
     header = batches[number][0]
@@ -172,7 +170,7 @@ async def test_a_damaged_batch_is_a_clear_error_and_stays_on_disk(tmp_path):
     segment, position = locate(log, batches, victim)
     header, data = batches[victim]
     size_before = segment.stat().st_size
-    flip_byte(segment, position + len(data) - 3)  # inside the records
+    flip_byte(segment, position + len(data) - 3, mask=0x40)  # inside the records
     with pytest.raises(CorruptRecordError) as damaged:
         await log.read_batch_containing(header.base_offset)
     message = str(damaged.value)
@@ -192,7 +190,7 @@ async def test_a_damaged_header_before_the_batch_is_a_clear_error(tmp_path):
     config = dataclasses.replace(CONFIG, index_interval_bytes=1 << 20)  # scan from the start
     log, batches = build_log(tmp_path, config)
     segment, position = locate(log, batches, 1)
-    flip_byte(segment, position + 16)  # the magic byte of the second batch of a segment
+    flip_byte(segment, position + 16, mask=0x40)  # the magic byte of the second batch of a segment
     later = batches[3][0]
     assert later.base_offset < int(sorted(log.directory.glob("*.log"))[1].stem)
     with pytest.raises(CorruptRecordError, match=f"byte {position} of .*: batch magic"):

@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from storage_test_support import append_batches, make_batch, read_batches, small_config
+from storage_test_support import (
+    append_batches,
+    flip_byte,
+    make_batch,
+    read_batches,
+    small_config,
+)
 
 from broker.storage import PartitionLog
 from broker.storage.offset_index import RELATIVE_OFFSET_MAX
@@ -106,14 +112,6 @@ def test_flipping_any_byte_of_the_last_batch(crashed_log, tmp_path):
         else:
             assert kept == batches[:-1], position - batch_start
         shutil.rmtree(copy.parent)
-
-
-def flip_byte(path: Path, position: int, mask: int = 0xFF) -> None:
-    with open(path, "r+b") as file:
-        file.seek(position)
-        value = file.read(1)[0]
-        file.seek(position)
-        file.write(bytes([value ^ mask]))
 
 
 @settings(
