@@ -22,17 +22,15 @@ import h11
 import pytest
 import trio
 import trio.testing
+from broker_test_support import call, real_request_handlers
 
-from broker.config import BrokerConfig
 from broker.gateway.api_error import status_for_error_code
 from broker.gateway.http_gateway import HttpGateway, HttpTimeouts, serve_http
 from broker.gateway.json_api import ApiRequest, ApiResponse, JsonApi
 from broker.gateway.json_records import partition_for_key
 from broker.limits import Limits
 from broker.memory_pool import MemoryPool
-from broker.request_handlers import RequestHandlers
 from broker.storage import LogConfig
-from broker.topic_registry import TopicRegistry
 from protocol import ACKS_LEADER, DwalError, ErrorCode, decode_records, parse_header
 
 pytestmark = pytest.mark.timeout(60)
@@ -156,11 +154,6 @@ class FakeHandlers:
 
 def make_api(handlers: FakeHandlers) -> JsonApi:
     return JsonApi(handlers, clock_ms=lambda: CLOCK_MS)  # type: ignore[arg-type]
-
-
-async def call(api: JsonApi, method: str, target: str, body: Any = b"") -> ApiResponse:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return await api.handle(ApiRequest(method=method, target=target, body=data))
 
 
 def assert_error(response: ApiResponse, status: int, code: ErrorCode | None = None) -> str:
@@ -1134,13 +1127,8 @@ async def test_http_oversize_body_reserves_nothing():
 
 @pytest.fixture
 def real_handlers(tmp_path):
-    log_config = LogConfig(fsync="never")
-    registry = TopicRegistry.open(tmp_path, log_config, Limits())
-    config = BrokerConfig(data_dir=tmp_path, log_defaults=log_config)
-    try:
-        yield RequestHandlers(config, registry, advertised_port=0)
-    finally:
-        registry.close()
+    with real_request_handlers(tmp_path, LogConfig(fsync="never")) as handlers:
+        yield handlers
 
 
 async def start_real_gateway(nursery: trio.Nursery, handlers: Any) -> int:

@@ -8,22 +8,17 @@ without touching it.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import threading
 from pathlib import Path
-from typing import Any
 
 import pytest
+from broker_test_support import call, real_request_handlers
 
-from broker.config import BrokerConfig
-from broker.gateway.json_api import ApiRequest, ApiResponse, JsonApi
-from broker.limits import Limits
-from broker.request_handlers import RequestHandlers
+from broker.gateway.json_api import JsonApi
 from broker.storage import FetchSlice, LogConfig
 from broker.storage import batch_scanner
-from broker.topic_registry import TopicRegistry
 from protocol import ACKS_LEADER, DwalError, ErrorCode, build_batch, decode_records
 from protocol.record_batch import HEADER_BYTES, scan_batches
 
@@ -33,17 +28,8 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture
 def handlers(tmp_path):
     log_config = LogConfig(fsync="never", segment_bytes=64 * 1024)
-    registry = TopicRegistry.open(tmp_path, log_config, Limits())
-    config = BrokerConfig(data_dir=tmp_path, log_defaults=log_config)
-    try:
-        yield RequestHandlers(config, registry, advertised_port=0)
-    finally:
-        registry.close()
-
-
-async def call(api: JsonApi, method: str, target: str, body: Any = b"") -> ApiResponse:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return await api.handle(ApiRequest(method=method, target=target, body=data))
+    with real_request_handlers(tmp_path, log_config) as handlers:
+        yield handlers
 
 
 class DiskReads:
