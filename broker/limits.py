@@ -16,6 +16,13 @@ class Limits:
     partitions_per_topic_max: int = 10_000
     topics_max: int = 100_000
     socket_receive_bytes: int = 256 * 1024
+    # Once a frame's first byte has arrived, the rest must arrive within this time (time the
+    # broker spends not reading, e.g. waiting for memory, does not count); past it the
+    # connection is closed and the frame's memory reservation released (slow-loris bound).
+    request_read_timeout_ms: int = 30_000
+    # A native connection that has sent nothing and has had nothing to answer for this long
+    # is closed (Kafka's connections.max.idle.ms); it holds no request memory meanwhile.
+    connections_idle_ms_max: int = 10 * 60 * 1000
     # Bytes of requests being read or waiting to be handled, summed over every connection of
     # every listener (native frames and HTTP bodies); when spent, the broker stops reading.
     queued_request_bytes_max: int = 256 * 1024 * 1024
@@ -45,6 +52,10 @@ class Limits:
             problems.append("limits.fetch_bytes_max must be at least 1024")
         if self.socket_receive_bytes < 4096:
             problems.append("limits.socket_receive_bytes must be at least 4096")
+        if self.request_read_timeout_ms < 100:
+            problems.append("limits.request_read_timeout_ms must be at least 100")
+        if self.connections_idle_ms_max < 1000:
+            problems.append("limits.connections_idle_ms_max must be at least 1000")
         if self.queued_request_bytes_max < self.largest_request_bytes:
             problems.append(
                 "limits.queued_request_bytes_max must be at least limits.frame_bytes_max + 4 "

@@ -21,6 +21,16 @@ read-ahead granted by `try_reserve` only while a maximum frame would still fit (
 `broker.memory_pool` for why this cannot deadlock). The four bytes of a length prefix read
 without read-ahead are the only bytes not counted (at most four per connection).
 
+A large frame (64 KiB and up) is received straight into one buffer of its size (see
+`FrameDecoder.frame_buffer`), so it is never held twice; small ones are read many per receive.
+
+Time. Once a frame's first byte is in, the rest must arrive within `request_read_timeout_ms`
+of time spent waiting on the socket (a total, not a per-read timer, so trickling a byte now
+and then does not hold a frame's memory for ever; time spent waiting for memory or for room
+in the reply queue does not count). Past it the connection is closed and its reservation
+released. Between frames a connection holds no frame; one that has received nothing and had
+nothing to answer for `connections_idle_ms_max` is closed.
+
 A frame that cannot be decoded ends the connection (the byte stream cannot be resynchronised);
 a frame that decodes but carries a bad request gets an error reply and the connection goes on.
 """
@@ -135,24 +145,31 @@ class NativeServer:
 
     async def _run_connection(self, stream: trio.SocketStream, connection_id: int) -> None:
         send, receive = trio.open_memory_channel[PendingReply](self.limits.inflight_requests_max)
+        activity = _WriterActivity(trio.current_time())
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._write_replies, stream, receive, nursery.cancel_scope)
+            nursery.start_soon(self._write_replies, stream, receive, nursery.cancel_scope, activity)
             async with send:
-                await self._read_requests(stream, send, nursery, connection_id)
+                await self._read_requests(stream, send, nursery, connection_id, activity)
 
-    async def _read_requests(self, stream, send, nursery, connection_id: int) -> None:
-        peer_host = _peer_of(stream).rpartition(":")[0]
+    async def _read_requests(
+        self, stream, send, nursery, connection_id: int, activity: _WriterActivity
+    ) -> None:
+        peer = _peer_of(stream)
+        peer_host = peer.rpartition(":")[0]
         decoder = FrameDecoder(
             frame_bytes_max=self.limits.frame_bytes_max,
             header_bytes_max=self.limits.frame_header_bytes_max,
         )
         receive_buffer = _ReceiveBuffer(self.memory_pool, self.limits)
+        read_timeout_s = self.limits.request_read_timeout_ms / 1000
+        frame_time_left_s = read_timeout_s  # of the frame being received
         try:
             while True:
                 try:
                     while (frame := _next_frame(decoder)) is not None:
                         header, tail, frame_bytes = frame
                         receive_buffer.hand_over(frame_bytes)
+                        frame_time_left_s = read_timeout_s  # for the frame after it
                         await self._dispatch(header, tail, frame_bytes, send, nursery, peer_host)
                 except ProtocolError as error:
                     self.protocol_errors += 1
@@ -161,15 +178,63 @@ class NativeServer:
                         logging.WARNING,
                         "connection_protocol_error",
                         connection=connection_id,
+                        peer=peer,
                         error=str(error),
                     )
                     return
-                data = await stream.receive_some(await receive_buffer.room_for_next_read(decoder))
-                if not data:
-                    return
-                decoder.feed(data)
+                byte_count = await receive_buffer.room_for_next_read(decoder)
+                if decoder.buffered_bytes == 0:  # between frames: idle, holding no request
+                    if not await self._receive_between_frames(
+                        stream, decoder, byte_count, send, activity, connection_id, peer
+                    ):
+                        return
+                    frame_time_left_s = read_timeout_s
+                    continue
+                started_s = trio.current_time()
+                with trio.move_on_after(max(0.0, frame_time_left_s)):
+                    if not await _receive(stream, decoder, byte_count):
+                        return
+                    frame_time_left_s -= trio.current_time() - started_s
+                    continue
+                log_event(
+                    logger,
+                    logging.WARNING,
+                    "connection_read_timeout",
+                    connection=connection_id,
+                    peer=peer,
+                    frame_bytes_received=decoder.buffered_bytes,
+                    frame_bytes_wanted=decoder.bytes_wanted(),
+                    timeout_ms=self.limits.request_read_timeout_ms,
+                )
+                return
         finally:
             receive_buffer.close()
+
+    async def _receive_between_frames(
+        self, stream, decoder: FrameDecoder, byte_count: int, send, activity, connection_id, peer
+    ) -> bool:
+        """Receive the start of the next frame; returns False at the end of the stream, or
+        when the connection has been idle (nothing received, nothing to answer or written)
+        for `connections_idle_ms_max`."""
+        idle_s = self.limits.connections_idle_ms_max / 1000
+        idle_since_s = trio.current_time()
+        while True:
+            deadline_s = max(idle_since_s, activity.last_reply_written_s) + idle_s
+            with trio.move_on_at(deadline_s):
+                return await _receive(stream, decoder, byte_count) > 0
+            if activity.writing or send.statistics().current_buffer_used:
+                idle_since_s = trio.current_time()  # a reply is due: not idle
+                continue
+            if trio.current_time() >= max(idle_since_s, activity.last_reply_written_s) + idle_s:
+                log_event(
+                    logger,
+                    logging.INFO,
+                    "connection_idle_closed",
+                    connection=connection_id,
+                    peer=peer,
+                    idle_ms=self.limits.connections_idle_ms_max,
+                )
+                return False
 
     async def _dispatch(self, header, tail, frame_bytes: int, send, nursery, peer: str) -> None:
         """Queue the reply to one frame and start its work. The frame's `frame_bytes` are
@@ -257,13 +322,16 @@ class NativeServer:
         self.requests_handled += 1
         _finish(pending, reply)
 
-    async def _write_replies(self, stream: trio.SocketStream, receive, connection_scope) -> None:
+    async def _write_replies(
+        self, stream: trio.SocketStream, receive, connection_scope, activity: _WriterActivity
+    ) -> None:
         """Write replies in request order until the reader is done or the peer is gone; then
         end the connection and release every reply that will never be written."""
         current: PendingReply | None = None
         try:
             async for pending in receive:
                 current = pending
+                activity.writing = True
                 await pending.done.wait()
                 reply = pending.reply
                 assert reply is not None
@@ -276,6 +344,8 @@ class NativeServer:
                 finally:
                     reply.close()
                     self.replies_pending -= 1
+                    activity.writing = False
+                    activity.last_reply_written_s = trio.current_time()
         finally:
             connection_scope.cancel()
             if current is not None:
@@ -299,6 +369,28 @@ class NativeServer:
 # connection (a Produce right after its CreateTopics finds the topic). Only the waiting parts
 # run concurrently: a Produce's wait for fsync, and a Fetch (which may long-poll).
 _RUN_CONCURRENTLY = frozenset({ApiKey.FETCH})
+
+
+@dataclass
+class _WriterActivity:
+    """What a connection's reader needs to know of its writer to tell an idle connection."""
+
+    last_reply_written_s: float  # trio time
+    writing: bool = False  # holds a reply: waiting for it to be produced, or writing it
+
+
+async def _receive(stream: trio.SocketStream, decoder: FrameDecoder, byte_count: int) -> int:
+    """Receive into `decoder`: a large frame's rest straight into its buffer (all of it is
+    reserved), else at most `byte_count` bytes. Returns the count (0: end of stream).
+    Cancel-safe: a cancelled receive has taken nothing from the socket."""
+    frame_buffer = decoder.frame_buffer()
+    if frame_buffer is not None:
+        count = await stream.socket.recv_into(frame_buffer)
+        decoder.frame_buffer_filled(count)
+        return count
+    data = await stream.receive_some(byte_count)
+    decoder.feed(data)
+    return len(data)
 
 
 class _ReceiveBuffer:
@@ -355,10 +447,12 @@ async def _already(reply: Reply) -> Reply:
 
 def _peer_of(stream: trio.SocketStream) -> str:
     try:
-        host, port = stream.socket.getpeername()[:2]
+        address = stream.socket.getpeername()
     except OSError:
         return "unknown"
-    return f"{host}:{port}"
+    if isinstance(address, tuple):
+        return f"{address[0]}:{address[1]}"
+    return str(address) or "local"  # a Unix socket
 
 
 def _finish(pending: PendingReply, reply: Reply) -> None:
