@@ -105,12 +105,12 @@ class FrameDecoder:
     into writable memory (one copy). Many small frames per read thus cost no copies.
 
     Large frames (at least `frame_buffer_bytes_min` with their prefix) are assembled in one
-    buffer of the frame's size, allocated once the frame's length is known (after it has
-    been checked): when `next_frame()` returns None for such a frame, `frame_buffer()`
-    offers the part still to come, which a caller may fill straight from a socket (then
-    `frame_buffer_filled(count)`); bytes passed to `feed()` are copied into it. A large
-    frame is so never held twice, and its tail is writable (a broker patches record
-    batches in place).
+    buffer of the frame's size. Once `next_frame()` has returned None for such a frame (its
+    length checked), the buffer is allocated when the caller asks for it with
+    `frame_buffer()` (to fill it straight from a socket, then `frame_buffer_filled(count)`)
+    or feeds more bytes of the frame, never before: a broker reserves the frame's memory
+    between the two. A large frame is so never held twice, and its tail is writable (a
+    broker patches record batches in place).
     """
 
     def __init__(
@@ -126,6 +126,7 @@ class FrameDecoder:
         self._offset = 0  # bytes of _chunks[0] already consumed
         self._buffered = 0  # bytes received and not yet returned, frame buffer included
         self._frame: bytearray | None = None  # the large frame being assembled, if any
+        self._frame_pending = False  # the head frame is large: allocate _frame when wanted
         self._frame_filled = 0  # bytes of _frame received (the rest of _buffered: _chunks)
         self._frame_bytes_max = frame_bytes_max
         self._header_bytes_max = header_bytes_max
@@ -147,6 +148,8 @@ class FrameDecoder:
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
             return
+        if self._frame_pending:
+            self._allocate_frame()
         self._buffered += len(data)
         if self._frame is not None:
             view = memoryview(data)
@@ -160,9 +163,11 @@ class FrameDecoder:
 
     def frame_buffer(self) -> memoryview | None:
         """The unfilled rest of the large frame being assembled (a writable view), or None
-        when there is none (then bytes go through `feed()`). Valid until the next call of
-        any other method; call `frame_buffer_filled(count)` after writing `count` bytes to
-        its start."""
+        when there is none (then bytes go through `feed()`). Allocates the frame's buffer if
+        not done yet. Valid until the next call of any other method; call
+        `frame_buffer_filled(count)` after writing `count` bytes to its start."""
+        if self._frame_pending:
+            self._allocate_frame()
         if self._frame is None:
             return None
         return memoryview(self._frame)[self._frame_filled :]
@@ -175,19 +180,21 @@ class FrameDecoder:
         self._buffered += count
 
     def next_frame(self) -> tuple[Any, memoryview] | None:
+        if self._frame_pending:
+            return None
         if self._frame is not None:
             return self._next_large_frame()
         if self._buffered < PREFIX_BYTES:
             if self._buffered >= 4:
                 self._check_length(struct.unpack(">I", self._peek(4))[0])
-                self._start_large_frame()
+                self._frame_pending = self._is_large()
             return None
         frame_length, header_length = PREFIX.unpack(self._peek(PREFIX_BYTES))
         self._check_length(frame_length)
         self._check_header_length(frame_length, header_length)
         total = 4 + frame_length
         if self._buffered < total:
-            self._start_large_frame()
+            self._frame_pending = self._is_large()
             return None
         return _split(self._take(total), header_length)
 
@@ -204,13 +211,16 @@ class FrameDecoder:
         self._buffered -= len(frame)
         return _split(memoryview(frame), PREFIX.unpack_from(frame)[1])
 
-    def _start_large_frame(self) -> None:
-        """If the incomplete frame at the head (whose length was checked) is large, move
-        its buffered bytes into a buffer of its size; it is then filled in place."""
+    def _is_large(self) -> bool:
+        """Whether the incomplete frame at the head (its length checked) is a large one."""
+        return 4 + struct.unpack(">I", self._peek(4))[0] >= self._frame_buffer_bytes_min
+
+    def _allocate_frame(self) -> None:
+        """Move the buffered bytes of the large frame at the head into a buffer of its size;
+        it is then filled in place."""
         total = 4 + struct.unpack(">I", self._peek(4))[0]
-        if total < self._frame_buffer_bytes_min:
-            return
         assert self._buffered < total
+        self._frame_pending = False
         frame = bytearray(total)
         filled = 0
         for index, chunk in enumerate(self._chunks):

@@ -393,3 +393,28 @@ def test_a_large_frame_is_checked_before_its_buffer_is_allocated():
     decoder.frame_buffer_filled(4)
     with pytest.raises(protocol.ProtocolError, match="header length"):
         decoder.next_frame()
+
+
+def test_a_large_frame_buffer_is_allocated_only_when_wanted():
+    """A broker reserves a frame's memory after next_frame() has seen its length and before
+    it reads on: the buffer must not exist before it asks for it (or feeds more bytes)."""
+    frame_length = 32 << 20
+    for fill in ("frame_buffer", "feed"):
+        decoder = protocol.FrameDecoder()
+        tracemalloc.start()
+        try:
+            decoder.feed(struct.pack(">II", frame_length, 3))
+            assert decoder.next_frame() is None
+            assert decoder.next_frame() is None
+            assert decoder.bytes_wanted() == frame_length - 4
+            allocated_before, _ = tracemalloc.get_traced_memory()
+            if fill == "frame_buffer":
+                buffer = decoder.frame_buffer()
+                assert buffer is not None and len(buffer) == frame_length - 4
+            else:
+                decoder.feed(b"\x93\x01\x02")
+            allocated_after, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert allocated_before < 1 << 20, allocated_before
+        assert allocated_after > frame_length, allocated_after
