@@ -267,7 +267,7 @@ MetadataRecord = (
 
 
 def _listeners_out(listeners: tuple[Listener, ...]) -> list[list[Any]]:
-    return [[listener.name, listener.host, listener.port] for listener in listeners]
+    return [[name, host, port] for name, host, port in listeners]
 
 
 def _ids_out(ids: tuple[int, ...] | None) -> list[int] | None:
@@ -343,8 +343,14 @@ def encode_entry(
     encoded = []
     for record in records:
         record_type, fields = _ENCODERS[type(record)]
-        encoded.append([int(record_type), _VERSION, *fields(record)])
-    data: bytes = msgpack.packb(encoded, use_bin_type=True)
+        try:
+            encoded.append([int(record_type), _VERSION, *fields(record)])
+        except (TypeError, ValueError, IndexError) as error:
+            raise MetadataEncodeError(f"malformed {type(record).__name__}: {error}") from None
+    try:
+        data: bytes = msgpack.packb(encoded, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as error:
+        raise MetadataEncodeError(f"cannot encode these records: {error}") from None
     try:
         decoded = decode_entry(data, limits=limits)
     except MetadataDecodeError as error:
