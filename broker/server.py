@@ -166,11 +166,12 @@ class NativeServer:
         try:
             while True:
                 try:
+                    # No name here outlives the loop's turn: a frame handed over must not
+                    # stay alive (its bytes no longer counted) while the reader waits.
                     while (frame := _next_frame(decoder)) is not None:
-                        header, tail, frame_bytes = frame
-                        receive_buffer.hand_over(frame_bytes)
+                        receive_buffer.hand_over(frame[2])
                         frame_time_left_s = read_timeout_s  # for the frame after it
-                        await self._dispatch(header, tail, frame_bytes, send, nursery, peer_host)
+                        await self._dispatch(*frame, send, nursery, peer_host)
                 except ProtocolError as error:
                     self.protocol_errors += 1
                     log_event(

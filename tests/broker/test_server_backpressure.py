@@ -239,3 +239,32 @@ async def test_senders_that_disconnect_mid_frame_return_all_their_memory(nursery
         assert server.statistics().requests_handled == 0
     finally:
         registry.close()
+
+
+async def test_a_handled_frame_is_freed_while_its_connection_stays_open(nursery, tmp_path):
+    """The pool's count is only true if the broker lets go of a frame when it gives its bytes
+    back: a connection waiting for its next request must not keep the last one alive."""
+    server, port, registry = await _start_server(nursery, tmp_path)
+    try:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        frame = memoryview(_large_frame(5))
+        small = encode_request(
+            Request(
+                api_key=ApiKey.API_VERSIONS, api_version=0, correlation_id=4, client_id="c", body={}
+            )
+        )
+        await stream.send_all(small)  # the connection's own structures exist before tracing
+        assert (await _read_response(stream, FrameDecoder())).correlation_id == 4
+        tracemalloc.start()
+        try:
+            await stream.send_all(frame)
+            assert (await _read_response(stream, FrameDecoder())).correlation_id == 5
+            await trio.testing.wait_all_tasks_blocked()
+            allocated, allocated_peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert allocated_peak >= len(frame)  # received into one buffer of its size
+        assert allocated < len(frame) // 4, allocated
+        await stream.aclose()
+    finally:
+        registry.close()
