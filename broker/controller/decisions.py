@@ -25,6 +25,7 @@ sizes of what a request asks for are checked here and refused as errors.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -309,7 +310,7 @@ def create_topic(
     if isinstance(config_records, DwalError):
         return config_records
     refusal = _check_entry_size(
-        new_topic.partitions, new_topic.replication_factor, len(config_records) + 1, limits
+        new_topic.partitions, new_topic.replication_factor, [topic_record, *config_records], limits
     )
     if refusal is not None:
         return refusal
@@ -327,14 +328,15 @@ def create_topics(
     limits: MetadataLimits = DEFAULT_LIMITS,
 ) -> dict[str, Decision]:
     """`create_topic` for each topic in order, each placed as if the ones before it (that
-    were not refused) existed. Each result is one entry's records. A name given twice is
-    refused INVALID_REQUEST for every copy after the first, as Kafka does."""
+    were not refused) existed. Each result is one entry's records. A name given more than
+    once is refused INVALID_REQUEST (every copy), as Kafka does."""
+    counts = Counter(new_topic.name for new_topic in new_topics)
     results: dict[str, Decision] = {}
     scratch = image
     for new_topic in new_topics:
-        if new_topic.name in results:
+        if counts[new_topic.name] > 1:
             results[new_topic.name] = DwalError(
-                ErrorCode.INVALID_REQUEST, f"topic {new_topic.name!r} given twice"
+                ErrorCode.INVALID_REQUEST, f"topic {new_topic.name!r} given more than once"
             )
             continue
         decision = create_topic(scratch, new_topic, partitions_max=partitions_max, limits=limits)
@@ -382,7 +384,7 @@ def create_partitions(
     replication_factor = len(topic.partitions[0].replicas)
     refusal = _check_replication_factor(image, replication_factor, limits)
     if refusal is None:
-        refusal = _check_entry_size(count - current, replication_factor, 0, limits)
+        refusal = _check_entry_size(count - current, replication_factor, [], limits)
     if refusal is not None:
         return refusal
     return _new_partitions(image, topic.topic_id, current, count - current, replication_factor)
@@ -402,14 +404,20 @@ def _check_replication_factor(
 
 
 def _check_entry_size(
-    partitions: int, replication_factor: int, other_records: int, limits: MetadataLimits
+    partitions: int,
+    replication_factor: int,
+    other_records: list[MetadataRecord],
+    limits: MetadataLimits,
 ) -> DwalError | None:
-    # A PartitionRecord encodes in at most 50 bytes plus 10 per replica (two id lists of
-    # ints of at most 5 bytes); other records of a creation in at most 300 (a config value
-    # may be longer: encoding them checks that).
-    bytes_max = partitions * (50 + 10 * replication_factor) + 300 * other_records
+    # A PartitionRecord encodes in at most 50 bytes plus 10 per replica (two lists of ints
+    # of at most 5 bytes each); the other records are measured, plus 5 for the array header.
+    try:
+        other_bytes = len(encode_entry(other_records, limits=limits)) if other_records else 0
+    except MetadataEncodeError:
+        return DwalError(ErrorCode.INVALID_CONFIG, "the configs do not fit one metadata entry")
+    bytes_max = partitions * (50 + 10 * replication_factor) + other_bytes + 5
     if (
-        partitions + other_records > limits.records_per_entry_max
+        partitions + len(other_records) > limits.records_per_entry_max
         or bytes_max > limits.entry_bytes_max
     ):
         return DwalError(

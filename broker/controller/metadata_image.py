@@ -335,9 +335,7 @@ def _apply_fence_broker(builder: _ImageBuilder, record: FenceBrokerRecord, index
         builder.set_broker(replace(broker, fenced=True))
 
 
-def _apply_unfence_broker(
-    builder: _ImageBuilder, record: UnfenceBrokerRecord, index: int
-) -> None:
+def _apply_unfence_broker(builder: _ImageBuilder, record: UnfenceBrokerRecord, index: int) -> None:
     broker = _current_broker(builder, record)
     if broker is not None and broker.fenced and not broker.shut_down:
         builder.set_broker(replace(broker, fenced=False))

@@ -1,0 +1,111 @@
+"""Replica placement: leaders and replicas spread evenly, partitions across racks."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from controller_test_support import ImageLog
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker.controller import PlacementBroker, place_replicas
+
+
+def counts(image, broker_ids):
+    leaders = Counter({broker_id: 0 for broker_id in broker_ids})
+    replicas = Counter({broker_id: 0 for broker_id in broker_ids})
+    for topic in image.topics.values():
+        for partition in topic.partitions:
+            leaders[partition.leader] += 1
+            replicas.update(partition.replicas)
+    return leaders, replicas
+
+
+def spread(counter: Counter) -> int:
+    return max(counter.values()) - min(counter.values())
+
+
+@given(
+    broker_count=st.integers(1, 9),
+    data=st.data(),
+    topic_partitions=st.lists(st.integers(1, 12), min_size=1, max_size=25),
+)
+@settings(max_examples=150, deadline=None)
+def test_one_replication_factor_keeps_leaders_and_replicas_within_one(
+    broker_count, data, topic_partitions
+):
+    replication_factor = data.draw(st.integers(1, broker_count))
+    broker_ids = [10 * number + 1 for number in range(broker_count)]
+    log = ImageLog()
+    log.add_brokers(*broker_ids)
+    for number, partitions in enumerate(topic_partitions, start=1):
+        log.add_topic(f"t{number}", partitions, replication_factor, number=number)
+        leaders, replicas = counts(log.image, broker_ids)
+        assert spread(leaders) <= 1, leaders
+        assert spread(replicas) <= 1, replicas
+
+
+@given(
+    broker_count=st.integers(1, 9),
+    data=st.data(),
+    topic_count=st.integers(1, 25),
+)
+@settings(max_examples=100, deadline=None)
+def test_leaders_stay_within_one_whatever_the_replication_factors(broker_count, data, topic_count):
+    broker_ids = list(range(1, broker_count + 1))
+    log = ImageLog()
+    log.add_brokers(*broker_ids)
+    for number in range(1, topic_count + 1):
+        partitions = data.draw(st.integers(1, 10))
+        replication_factor = data.draw(st.integers(1, broker_count))
+        log.add_topic(f"t{number}", partitions, replication_factor, number=number)
+        leaders, _ = counts(log.image, broker_ids)
+        assert spread(leaders) <= 1, leaders
+
+
+@given(
+    racks=st.lists(st.sampled_from("abcd"), min_size=1, max_size=10),
+    data=st.data(),
+)
+@settings(max_examples=150, deadline=None)
+def test_a_partition_spans_as_many_racks_as_it_can(racks, data):
+    brokers = [PlacementBroker(broker_id=number, rack=rack) for number, rack in enumerate(racks, 1)]
+    replication_factor = data.draw(st.integers(1, len(brokers)))
+    existing = data.draw(
+        st.lists(st.permutations([broker.broker_id for broker in brokers]), max_size=5)
+    )
+    placed = place_replicas(
+        brokers,
+        [replicas[:replication_factor] for replicas in existing],
+        partition_count=data.draw(st.integers(1, 20)),
+        replication_factor=replication_factor,
+    )
+    rack_of = {broker.broker_id: broker.rack for broker in brokers}
+    for replicas in placed:
+        assert len(set(replicas)) == replication_factor
+        used = {rack_of[broker_id] for broker_id in replicas}
+        assert len(used) == min(replication_factor, len(set(racks)))
+
+
+def test_equal_racks_get_a_balanced_rack_aware_placement():
+    log = ImageLog()
+    log.add_brokers(1, 2, 3, 4, 5, 6, racks={1: "a", 2: "a", 3: "b", 4: "b", 5: "c", 6: "c"})
+    for number in range(1, 11):
+        log.add_topic(f"t{number}", 3, 3, number=number)
+    leaders, replicas = counts(log.image, range(1, 7))
+    assert spread(leaders) <= 1 and spread(replicas) <= 1
+    for topic in log.image.topics.values():
+        for partition in topic.partitions:
+            assert len({log.image.brokers[b].rack for b in partition.replicas}) == 3
+
+
+def test_placement_counts_existing_load_and_ignores_unknown_brokers():
+    brokers = [PlacementBroker(broker_id=number) for number in (1, 2, 3)]
+    # Broker 1 already leads two partitions and 9 is gone: the next two go to 2 and 3.
+    placed = place_replicas(brokers, [(1, 9), (1, 2)], partition_count=2, replication_factor=2)
+    assert [replicas[0] for replicas in placed] == [3, 2]
+    assert place_replicas(brokers, [], partition_count=3, replication_factor=1) == [
+        (1,),
+        (2,),
+        (3,),
+    ]
