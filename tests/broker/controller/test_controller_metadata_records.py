@@ -191,6 +191,7 @@ def raw(*records) -> bytes:
         (raw([3, 0, 2**31, 5]), "broker id"),
         (raw([3, 0, 1, -5]), "broker epoch"),
         (raw([3, 0, 1, 1.0]), "broker epoch"),
+        (raw([3, 0, True, 1]), "broker id"),  # a boolean is not an integer here
         (raw([2, 0, 1, TOPIC_ID, [["a", "h", 1]], None, 1]), "fenced must be a boolean"),
         (raw([2, 0, 1, TOPIC_ID, [["a", "h", 0]], None, True]), "listener port"),
         (raw([2, 0, 1, TOPIC_ID, [["a", "h", 1], ["a", "g", 2]], None, True]), "unique"),

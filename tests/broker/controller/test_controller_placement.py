@@ -50,8 +50,10 @@ def test_one_replication_factor_keeps_leaders_and_replicas_within_one(
     data=st.data(),
     topic_count=st.integers(1, 25),
 )
-@settings(max_examples=100, deadline=None)
-def test_leaders_stay_within_one_whatever_the_replication_factors(broker_count, data, topic_count):
+@settings(max_examples=150, deadline=None)
+def test_mixed_replication_factors_keep_leaders_and_replicas_within_one(
+    broker_count, data, topic_count
+):
     broker_ids = list(range(1, broker_count + 1))
     log = ImageLog()
     log.add_brokers(*broker_ids)
@@ -59,8 +61,22 @@ def test_leaders_stay_within_one_whatever_the_replication_factors(broker_count, 
         partitions = data.draw(st.integers(1, 10))
         replication_factor = data.draw(st.integers(1, broker_count))
         log.add_topic(f"t{number}", partitions, replication_factor, number=number)
-        leaders, _ = counts(log.image, broker_ids)
+        leaders, replicas = counts(log.image, broker_ids)
         assert spread(leaders) <= 1, leaders
+        assert spread(replicas) <= 1, replicas
+
+
+def test_alternating_replication_factors_on_two_brokers_stay_even():
+    # Found by simulation: choosing the least-loaded leader alone drifts here by one
+    # replica every few partitions.
+    brokers = [PlacementBroker(broker_id=1), PlacementBroker(broker_id=2)]
+    placed: list[tuple[int, ...]] = []
+    for replication_factor in [2, 2, 2, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 1, 2, 2, 2, 1, 2, 1] * 3:
+        placed += place_replicas(
+            brokers, placed, partition_count=1, replication_factor=replication_factor
+        )
+        replicas = Counter(broker_id for replica_list in placed for broker_id in replica_list)
+        assert abs(replicas[1] - replicas[2]) <= 1
 
 
 @given(
@@ -103,7 +119,7 @@ def test_placement_counts_existing_load_and_ignores_unknown_brokers():
     brokers = [PlacementBroker(broker_id=number) for number in (1, 2, 3)]
     # Broker 1 already leads two partitions and 9 is gone: the next two go to 2 and 3.
     placed = place_replicas(brokers, [(1, 9), (1, 2)], partition_count=2, replication_factor=2)
-    assert [replicas[0] for replicas in placed] == [3, 2]
+    assert sorted(replicas[0] for replicas in placed) == [2, 3]
     assert place_replicas(brokers, [], partition_count=3, replication_factor=1) == [
         (1,),
         (2,),
