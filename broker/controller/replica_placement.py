@@ -10,7 +10,8 @@ existing partitions of every topic, then the new partitions as they are placed):
    more than one (over a fixed set of brokers), whatever the replication factors.
 2. Each further replica is taken from the brokers not yet chosen for this partition: first
    those on a rack the partition does not use yet (so a partition spans as many racks as it
-   can), then those with the fewest replicas, then the lowest id.
+   can), then those with the fewest replicas, then those that lead the most (they get
+   fewer replicas as followers, which keeps both counts level), then the lowest id.
 3. Which of the least-leading brokers leads is decided by trying each kind of them (one per
    replica count and rack; the others are interchangeable) with its followers: the one that
    leaves replica counts most even wins, and among equals the one with the most replicas,
@@ -72,7 +73,7 @@ def place_replicas(
                 kinds.setdefault((replica_count[broker_id], racks[broker_id]), broker_id)
         chosen = min(
             (
-                _with_followers(leader, replication_factor, racks, replica_count)
+                _with_followers(leader, replication_factor, racks, replica_count, leader_count)
                 for leader in kinds.values()
             ),
             key=lambda replicas: (
@@ -93,6 +94,7 @@ def _with_followers(
     replication_factor: int,
     racks: dict[int, str | None],
     replica_count: dict[int, int],
+    leader_count: dict[int, int],
 ) -> tuple[int, ...]:
     chosen = [leader]
     used_racks = {racks[leader]}
@@ -102,6 +104,7 @@ def _with_followers(
             key=lambda broker_id: (
                 racks[broker_id] in used_racks,
                 replica_count[broker_id],
+                -leader_count[broker_id],
                 broker_id,
             ),
         )

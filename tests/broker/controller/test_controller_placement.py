@@ -115,6 +115,19 @@ def test_equal_racks_get_a_balanced_rack_aware_placement():
             assert len({log.image.brokers[b].rack for b in partition.replicas}) == 3
 
 
+def test_followers_prefer_brokers_that_lead_more():
+    # Found by hypothesis: without that tie-break, broker 2 ends with a replica more than
+    # its share and broker 3 with one less.
+    brokers = [PlacementBroker(broker_id=number) for number in range(1, 7)]
+    placed: list[tuple[int, ...]] = []
+    for partitions, replication_factor in [(1, 1), (4, 1), (3, 3), (4, 1)]:
+        placed += place_replicas(
+            brokers, placed, partition_count=partitions, replication_factor=replication_factor
+        )
+    replicas = Counter(broker_id for replica_list in placed for broker_id in replica_list)
+    assert set(replicas.values()) == {3}
+
+
 def test_placement_counts_existing_load_and_ignores_unknown_brokers():
     brokers = [PlacementBroker(broker_id=number) for number in (1, 2, 3)]
     # Broker 1 already leads two partitions and 9 is gone: the next two go to 2 and 3.
