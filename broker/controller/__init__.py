@@ -2,7 +2,8 @@
 
 Sans-I/O: no trio, sockets, files or clocks. The Raft driver proposes `encode_entry(records)`
 for each decision, and every node applies each committed entry's `decode_entry(data)` to its
-`MetadataImage` with `apply`.
+`MetadataImage` with `apply`; `encode_snapshot` / `decode_snapshot` are the bytes of a Raft
+snapshot of the image.
 """
 
 from .decisions import (
@@ -58,6 +59,7 @@ from .metadata_records import (
     decode_entry,
     encode_entry,
 )
+from .metadata_snapshot import decode_snapshot, encode_snapshot
 from .replica_placement import PlacementBroker, place_replicas
 
 __all__ = [
@@ -99,10 +101,12 @@ __all__ = [
     "create_topic",
     "create_topics",
     "decode_entry",
+    "decode_snapshot",
     "delete_topic",
     "elect_leaders",
     "elect_preferred_leader",
     "encode_entry",
+    "encode_snapshot",
     "fence_broker",
     "image_from_records",
     "image_to_records",
