@@ -10,11 +10,10 @@ import argparse
 import importlib.metadata
 import math
 import os
-import pathlib
 import signal
 import sys
 import time
-from typing import Any, Sequence
+from typing import NoReturn, Sequence
 
 import trio
 
@@ -125,34 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 
-    broker = commands.add_parser("broker", help="run a broker in the foreground")
-    broker.add_argument("--config", type=pathlib.Path, help="TOML configuration file")
-    broker.add_argument("--host", help="listen address (default 127.0.0.1)")
-    broker.add_argument(
-        "--advertised-host", help="host name clients are told to connect to (default: --host)"
-    )
-    broker.add_argument("--port", type=int, help="native protocol port (default 9092)")
-    broker.add_argument("--http-port", type=int, help="JSON/HTTP port (default 8080, -1 disables)")
-    broker.add_argument("--http-host", help="JSON/HTTP listen address (default: --host)")
-    broker.add_argument("--data-dir", help="data directory (default ./data)")
-    broker.add_argument(
-        "--fsync",
-        choices=["always", "interval", "never"],
-        help="durability policy default for topics (default always)",
-    )
-    broker.add_argument("--node-id", type=int, help="this broker's id (default 0)")
-    broker.add_argument(
-        "--auto-create-topics",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="create unknown topics on first produce (default off)",
-    )
-    broker.add_argument("--default-partitions", type=int, help="partitions of auto-created topics")
-    broker.add_argument(
-        "--log-level",
-        choices=["debug", "info", "warning", "error"],
-        help="least severe event logged on stderr (default info)",
-    )
+    # `dwal broker ...` is handed over to the broker package before parsing (see `main`);
+    # listed here for `dwal --help`.
+    commands.add_parser("broker", help="run a broker in the foreground (dwal broker --help)")
 
     def client_command(name: str, help_text: str, parent=commands) -> argparse.ArgumentParser:
         sub = parent.add_parser(name, help=help_text)
@@ -346,11 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["broker"]:
+        _run_broker_package(arguments[1:])
+    args = build_parser().parse_args(arguments)
     try:
         try:
-            if args.command == "broker":
-                return run_broker_command(args)
             if args.command == "consume":
                 check_consume_arguments(args)  # before connecting: a usage error needs no broker
             return trio.run(_run_client_command, args)
@@ -372,57 +347,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 # -- broker ---------------------------------------------------------------------------
 
 
-def run_broker_command(args: argparse.Namespace) -> int:
-    from broker.config import ConfigError, build_config, load_toml
-    from broker.data_dir_lock import DataDirError
-    from broker.event_log import configure
-    from broker.storage import StorageError
-
-    overrides = {
-        "host": args.host,
-        "advertised_host": args.advertised_host,
-        "port": args.port,
-        "http_port": args.http_port,
-        "http_host": args.http_host,
-        "data_dir": args.data_dir,
-        "fsync": args.fsync,
-        "node_id": args.node_id,
-        "auto_create_topics": args.auto_create_topics,
-        "default_partitions": args.default_partitions,
-        "log_level": args.log_level,
-    }
-    try:
-        file_values = load_toml(args.config) if args.config else {}
-        config = build_config(file_values, overrides)
-    except ConfigError as error:
-        raise UsageError(str(error)) from None
-    configure(config.log_level)
-    try:
-        try:
-            trio.run(_broker_main, config)
-        except BaseExceptionGroup as group:
-            raise single_error(group) from None
-    except OSError as error:  # typically: the port is in use
-        print(
-            f"error: {error.strerror or error}" + (f": {error.filename}" if error.filename else ""),
-            file=sys.stderr,
-        )
-        return 1
-    except (DataDirError, StorageError) as error:  # the data dir is locked, unusable, damaged
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
-
-
-async def _broker_main(config: Any) -> None:
-    from broker.node import run_broker
-
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(run_broker, config)
-            async for _ in signals:
-                nursery.cancel_scope.cancel()
-                break
+def _run_broker_package(arguments: list[str]) -> NoReturn:
+    """Become ``python -m broker ARGUMENTS`` (same process id, so signals and a supervisor's
+    PID reach the broker): the broker's command lives in the broker package, which the
+    client package never imports."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "broker", *arguments])
 
 
 # -- client commands --------------------------------------------------------------------

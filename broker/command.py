@@ -1,0 +1,121 @@
+"""The `dwal broker` command: parse its flags, build the configuration, run a broker in the
+foreground until SIGINT or SIGTERM.
+
+It lives in the broker package, and `dwal` (in `client`) hands `dwal broker ...` over to it by
+executing ``python -m broker ...`` in its own process, so that `client` never imports
+`broker`. Every failed start prints one ``error:`` line: exit status 2 for bad flags or
+configuration, 1 when the broker cannot start (port in use, data directory locked, unusable
+or damaged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import signal
+import sys
+from typing import Sequence
+
+import trio
+
+from broker.config import BrokerConfig, ConfigError, build_config, load_toml
+from broker.data_dir_lock import DataDirError
+from broker.event_log import configure
+from broker.node import run_broker
+from broker.storage import StorageError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dwal broker", description="run a DWAL broker in the foreground"
+    )
+    parser.add_argument("--config", type=pathlib.Path, help="TOML configuration file")
+    parser.add_argument("--host", help="listen address (default 127.0.0.1)")
+    parser.add_argument(
+        "--advertised-host", help="host name clients are told to connect to (default: --host)"
+    )
+    parser.add_argument("--port", type=int, help="native protocol port (default 9092)")
+    parser.add_argument("--http-port", type=int, help="JSON/HTTP port (default 8080, -1 disables)")
+    parser.add_argument("--http-host", help="JSON/HTTP listen address (default: --host)")
+    parser.add_argument("--data-dir", help="data directory (default ./data)")
+    parser.add_argument(
+        "--fsync",
+        choices=["always", "interval", "never"],
+        help="durability policy default for topics (default always)",
+    )
+    parser.add_argument("--node-id", type=int, help="this broker's id (default 0)")
+    parser.add_argument(
+        "--auto-create-topics",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="create unknown topics on first produce (default off)",
+    )
+    parser.add_argument("--default-partitions", type=int, help="partitions of auto-created topics")
+    parser.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="least severe event logged on stderr (default info)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `dwal broker` with `argv` (the flags after `broker`); returns the exit status."""
+    args = build_parser().parse_args(argv)
+    overrides = {
+        "host": args.host,
+        "advertised_host": args.advertised_host,
+        "port": args.port,
+        "http_port": args.http_port,
+        "http_host": args.http_host,
+        "data_dir": args.data_dir,
+        "fsync": args.fsync,
+        "node_id": args.node_id,
+        "auto_create_topics": args.auto_create_topics,
+        "default_partitions": args.default_partitions,
+        "log_level": args.log_level,
+    }
+    try:
+        file_values = load_toml(args.config) if args.config else {}
+        config = build_config(file_values, overrides)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    configure(config.log_level)
+    try:
+        try:
+            trio.run(_run_until_signalled, config)
+        except BaseExceptionGroup as group:
+            raise _single_error(group) from None
+    except OSError as error:  # typically: the port is in use
+        print(
+            f"error: {error.strerror or error}" + (f": {error.filename}" if error.filename else ""),
+            file=sys.stderr,
+        )
+        return 1
+    except (DataDirError, StorageError) as error:  # the data dir is locked, unusable, damaged
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+async def _run_until_signalled(config: BrokerConfig) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_broker, config)
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
+
+
+def _single_error(group: BaseExceptionGroup) -> BaseException:
+    """The one error inside nested exception groups (a failed start has one cause); the
+    group itself when there are several."""
+    while len(group.exceptions) == 1:
+        inner = group.exceptions[0]
+        if not isinstance(inner, BaseExceptionGroup):
+            return inner
+        group = inner
+    return group
