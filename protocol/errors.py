@@ -54,6 +54,19 @@ class ErrorCode(enum.IntEnum):
     UNKNOWN_API_KEY = 1001
     PARTITION_NOT_OWNED = 1002  # a group member committed a partition it is not assigned
     POLICY_VIOLATION = 44
+    # the cluster's control plane and replication (Kafka's numbers)
+    BROKER_NOT_AVAILABLE = 8
+    NOT_CONTROLLER = 41
+    FENCED_LEADER_EPOCH = 74
+    UNKNOWN_LEADER_EPOCH = 75
+    STALE_BROKER_EPOCH = 77
+    PREFERRED_LEADER_NOT_AVAILABLE = 80
+    ELECTION_NOT_NEEDED = 84
+    INVALID_UPDATE_VERSION = 95
+    UNKNOWN_TOPIC_ID = 100
+    DUPLICATE_BROKER_REGISTRATION = 101
+    INCONSISTENT_CLUSTER_ID = 104
+    INELIGIBLE_REPLICA = 107
 
     @property
     def retriable(self) -> bool:
@@ -74,6 +87,11 @@ _RETRIABLE = frozenset(
         ErrorCode.NOT_ENOUGH_REPLICAS,
         ErrorCode.NOT_ENOUGH_REPLICAS_AFTER_APPEND,
         ErrorCode.KAFKA_STORAGE_ERROR,
+        ErrorCode.NOT_CONTROLLER,  # look the controller up again
+        ErrorCode.FENCED_LEADER_EPOCH,  # the sender's metadata is behind: refresh it
+        ErrorCode.UNKNOWN_LEADER_EPOCH,  # the receiver's metadata is behind: wait
+        ErrorCode.PREFERRED_LEADER_NOT_AVAILABLE,
+        ErrorCode.UNKNOWN_TOPIC_ID,
     }
 )
 

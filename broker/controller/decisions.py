@@ -66,17 +66,6 @@ Decision = list[MetadataRecord] | DwalError
 
 TopicPartition = tuple[str, int]
 
-# Kafka's codes that protocol/errors.py does not have yet, with the code answered meanwhile.
-# When protocol gains them, change these lines only. Kafka's number in the comment.
-BROKER_NOT_AVAILABLE = ErrorCode.INVALID_REQUEST  # 8: the broker is not registered
-STALE_BROKER_EPOCH = ErrorCode.INVALID_REQUEST  # 77: the broker epoch is not the current one
-FENCED_LEADER_EPOCH = ErrorCode.NOT_LEADER_OR_FOLLOWER  # 74: the leader epoch is old
-INVALID_UPDATE_VERSION = ErrorCode.NOT_LEADER_OR_FOLLOWER  # 95: the partition epoch is old
-INELIGIBLE_REPLICA = ErrorCode.INVALID_REQUEST  # 107: a new ISR member is fenced or unknown
-PREFERRED_LEADER_NOT_AVAILABLE = ErrorCode.LEADER_NOT_AVAILABLE  # 80
-INCONSISTENT_CLUSTER_ID = ErrorCode.INVALID_REQUEST  # 104
-DUPLICATE_BROKER_REGISTRATION = ErrorCode.INVALID_REQUEST  # 101
-
 PARTITIONS_PER_TOPIC_MAX = 10_000  # as broker.limits.Limits.partitions_per_topic_max
 
 
@@ -123,8 +112,8 @@ def register_broker(image: MetadataImage, registration: BrokerRegistration) -> D
     Returns [] when this incarnation is already registered (a retry), else the
     RegisterBrokerRecord, preceded by the changes that move leadership and ISR membership
     away from the broker's previous incarnation (it is gone). Refuses INVALID_REQUEST for a
-    malformed registration, INCONSISTENT_CLUSTER_ID (stand-in) for another cluster's broker,
-    DUPLICATE_BROKER_REGISTRATION (stand-in) for the same incarnation with other details.
+    malformed registration, INCONSISTENT_CLUSTER_ID for another cluster's broker,
+    DUPLICATE_BROKER_REGISTRATION for the same incarnation with other details.
     Whether an older incarnation's session is still alive is the caller's to check.
     """
     if (
@@ -133,7 +122,7 @@ def register_broker(image: MetadataImage, registration: BrokerRegistration) -> D
         and registration.cluster_id != image.cluster_id
     ):
         return DwalError(
-            INCONSISTENT_CLUSTER_ID,
+            ErrorCode.INCONSISTENT_CLUSTER_ID,
             f"broker {registration.broker_id} belongs to cluster {registration.cluster_id!r}, "
             f"this is {image.cluster_id!r}",
         )
@@ -162,7 +151,7 @@ def register_broker(image: MetadataImage, registration: BrokerRegistration) -> D
     ):
         if (existing.listeners, existing.rack) != (listeners, registration.rack):
             return DwalError(
-                DUPLICATE_BROKER_REGISTRATION,
+                ErrorCode.DUPLICATE_BROKER_REGISTRATION,
                 f"broker {registration.broker_id} registered this incarnation with other "
                 "listeners or rack",
             )
@@ -177,8 +166,8 @@ def fence_broker(image: MetadataImage, broker_id: int, broker_epoch: int) -> Dec
     Returns the FenceBrokerRecord (unless already fenced) followed by one change per
     partition the broker is in the ISR of: leadership moves to the first replica in the ISR
     that is not fenced (or to no leader), and the broker leaves the ISR unless it is its last
-    member. Refuses BROKER_NOT_AVAILABLE (stand-in) for an unknown broker and
-    STALE_BROKER_EPOCH (stand-in) when `broker_epoch` is not the registered one.
+    member. Refuses BROKER_NOT_AVAILABLE for an unknown broker and
+    STALE_BROKER_EPOCH when `broker_epoch` is not the registered one.
     """
     broker = _registered(image, broker_id, broker_epoch)
     if isinstance(broker, DwalError):
@@ -208,14 +197,16 @@ def unfence_broker(image: MetadataImage, broker_id: int, broker_epoch: int) -> D
 
     Returns [] when it is not fenced, else the UnfenceBrokerRecord followed by a change
     electing it leader of every leaderless partition whose ISR holds it (leader epoch +1).
-    Refuses BROKER_NOT_AVAILABLE (stand-in) for an unknown or shut down broker (it must
-    register again) and STALE_BROKER_EPOCH (stand-in) for another epoch.
+    Refuses BROKER_NOT_AVAILABLE for an unknown or shut down broker (it must
+    register again) and STALE_BROKER_EPOCH for another epoch.
     """
     broker = _registered(image, broker_id, broker_epoch)
     if isinstance(broker, DwalError):
         return broker
     if broker.shut_down:
-        return DwalError(BROKER_NOT_AVAILABLE, f"broker {broker_id} shut down: register again")
+        return DwalError(
+            ErrorCode.BROKER_NOT_AVAILABLE, f"broker {broker_id} shut down: register again"
+        )
     if not broker.fenced:
         return []
     records: list[MetadataRecord] = [
@@ -230,10 +221,10 @@ def unfence_broker(image: MetadataImage, broker_id: int, broker_epoch: int) -> D
 def _registered(image: MetadataImage, broker_id: int, broker_epoch: int) -> BrokerInfo | DwalError:
     broker = image.brokers.get(broker_id)
     if broker is None:
-        return DwalError(BROKER_NOT_AVAILABLE, f"broker {broker_id} is not registered")
+        return DwalError(ErrorCode.BROKER_NOT_AVAILABLE, f"broker {broker_id} is not registered")
     if broker.epoch != broker_epoch:
         return DwalError(
-            STALE_BROKER_EPOCH,
+            ErrorCode.STALE_BROKER_EPOCH,
             f"broker {broker_id} has epoch {broker.epoch}, not {broker_epoch}",
         )
     return broker
@@ -512,17 +503,17 @@ def alter_partition(image: MetadataImage, request: AlterPartitionRequest) -> Dec
     """A leader's ISR change: [PartitionChangeRecord] based on the current partition epoch,
     or [] when the ISR asked for is the current one.
 
-    Refuses, in this order: STALE_BROKER_EPOCH (stand-in) when the broker or its epoch is not
+    Refuses, in this order: STALE_BROKER_EPOCH when the broker or its epoch is not
     the registered one; UNKNOWN_TOPIC_OR_PARTITION; NOT_LEADER_OR_FOLLOWER when the broker is
-    not the partition's leader; FENCED_LEADER_EPOCH (stand-in) when the leader epoch is not
-    the current one; INVALID_UPDATE_VERSION (stand-in) when the partition epoch is not the
+    not the partition's leader; FENCED_LEADER_EPOCH when the leader epoch is not
+    the current one; INVALID_UPDATE_VERSION when the partition epoch is not the
     current one (the leader must learn the current ISR first); INVALID_REQUEST when the new
     ISR has duplicates, lacks the leader or is not within the replicas; INELIGIBLE_REPLICA
-    (stand-in) when a new member is not an unfenced registered broker.
+    when a new member is not an unfenced registered broker.
     """
     broker = _registered(image, request.broker_id, request.broker_epoch)
     if isinstance(broker, DwalError):
-        return DwalError(STALE_BROKER_EPOCH, broker.message)
+        return DwalError(ErrorCode.STALE_BROKER_EPOCH, broker.message)
     topic = image.topics_by_id.get(request.topic_id)
     if topic is None or not 0 <= request.partition < len(topic.partitions):
         return DwalError(ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, "no such topic id and partition")
@@ -535,12 +526,12 @@ def alter_partition(image: MetadataImage, request: AlterPartitionRequest) -> Dec
         )
     if request.leader_epoch != partition.leader_epoch:
         return DwalError(
-            FENCED_LEADER_EPOCH,
+            ErrorCode.FENCED_LEADER_EPOCH,
             f"{where} is at leader epoch {partition.leader_epoch}, not {request.leader_epoch}",
         )
     if request.partition_epoch != partition.partition_epoch:
         return DwalError(
-            INVALID_UPDATE_VERSION,
+            ErrorCode.INVALID_UPDATE_VERSION,
             f"{where} is at partition epoch {partition.partition_epoch}, "
             f"not {request.partition_epoch}",
         )
@@ -556,7 +547,9 @@ def alter_partition(image: MetadataImage, request: AlterPartitionRequest) -> Dec
         )
     ineligible = [member for member in isr if not _eligible(image, member)]
     if ineligible:
-        return DwalError(INELIGIBLE_REPLICA, f"brokers {ineligible} are fenced or unknown")
+        return DwalError(
+            ErrorCode.INELIGIBLE_REPLICA, f"brokers {ineligible} are fenced or unknown"
+        )
     if isr == partition.isr:
         return []
     return [_change(topic, partition, isr=isr)]
@@ -568,7 +561,7 @@ def elect_preferred_leader(
     """Make the partition's first replica its leader again (preferred-leader election).
 
     Returns [] when it already leads (Kafka's ELECTION_NOT_NEEDED), else the change.
-    Refuses UNKNOWN_TOPIC_OR_PARTITION, and PREFERRED_LEADER_NOT_AVAILABLE (stand-in) when
+    Refuses UNKNOWN_TOPIC_OR_PARTITION, and PREFERRED_LEADER_NOT_AVAILABLE when
     the preferred leader is not in the ISR or not an unfenced registered broker.
     """
     topic = image.topics.get(topic_name)
@@ -582,7 +575,7 @@ def elect_preferred_leader(
         return []
     if preferred not in partition.isr or not _eligible(image, preferred):
         return DwalError(
-            PREFERRED_LEADER_NOT_AVAILABLE,
+            ErrorCode.PREFERRED_LEADER_NOT_AVAILABLE,
             f"preferred leader {preferred} of {topic_name}-{partition_number} is not an "
             "unfenced member of the ISR",
         )

@@ -36,7 +36,6 @@ from broker.controller import (
     shutdown_broker,
     unfence_broker,
 )
-from broker.controller import decisions
 from protocol.errors import DwalError, ErrorCode
 
 LISTENERS = (Listener("native", "127.0.0.1", 9092),)
@@ -94,7 +93,7 @@ def test_the_same_incarnation_registering_again_is_a_retry():
     moved = BrokerRegistration(
         broker_id=1, incarnation_id=incarnation(1), listeners=LISTENERS, rack=None
     )
-    refused(register_broker(log.image, moved), decisions.DUPLICATE_BROKER_REGISTRATION)
+    refused(register_broker(log.image, moved), ErrorCode.DUPLICATE_BROKER_REGISTRATION)
 
 
 def test_a_new_incarnation_replaces_the_old_one_and_takes_its_leadership_away():
@@ -147,7 +146,7 @@ def test_a_broker_of_another_cluster_is_refused():
     registration = BrokerRegistration(
         broker_id=1, incarnation_id=incarnation(1), listeners=LISTENERS, cluster_id="other"
     )
-    refused(register_broker(cluster().image, registration), decisions.INCONSISTENT_CLUSTER_ID)
+    refused(register_broker(cluster().image, registration), ErrorCode.INCONSISTENT_CLUSTER_ID)
 
 
 def test_fencing_moves_leadership_to_the_first_unfenced_isr_replica_with_a_new_epoch():
@@ -207,9 +206,9 @@ def test_fencing_twice_or_with_a_stale_epoch():
     epoch = log.epoch(1)
     log.commit(fence_broker(log.image, 1, epoch))
     assert fence_broker(log.image, 1, epoch) == []
-    refused(fence_broker(log.image, 1, epoch - 1), decisions.STALE_BROKER_EPOCH, "epoch")
-    refused(fence_broker(log.image, 9, 1), decisions.BROKER_NOT_AVAILABLE, "not registered")
-    refused(unfence_broker(log.image, 1, epoch + 5), decisions.STALE_BROKER_EPOCH)
+    refused(fence_broker(log.image, 1, epoch - 1), ErrorCode.STALE_BROKER_EPOCH, "epoch")
+    refused(fence_broker(log.image, 9, 1), ErrorCode.BROKER_NOT_AVAILABLE, "not registered")
+    refused(unfence_broker(log.image, 1, epoch + 5), ErrorCode.STALE_BROKER_EPOCH)
     assert unfence_broker(log.image, 2, log.epoch(2)) == []  # not fenced
 
 
@@ -221,7 +220,7 @@ def test_a_shut_down_broker_is_fenced_and_must_register_again():
     assert broker.shut_down and broker.fenced
     assert all(p.leader == 2 for p in log.image.topics["orders"].partitions)
     assert shutdown_broker(log.image, 1, log.epoch(1)) == []
-    refused(unfence_broker(log.image, 1, log.epoch(1)), decisions.BROKER_NOT_AVAILABLE, "shut")
+    refused(unfence_broker(log.image, 1, log.epoch(1)), ErrorCode.BROKER_NOT_AVAILABLE, "shut")
     refused(
         create_topic(log.image, new_topic("two", replication_factor=2, number=2)),
         ErrorCode.INVALID_REPLICATION_FACTOR,
@@ -439,7 +438,7 @@ def test_a_stale_or_wrong_alter_partition_is_refused():
     image = log.image
     refused(
         alter_partition(image, isr_request(log, replicas, broker_epoch=1)),
-        decisions.STALE_BROKER_EPOCH,
+        ErrorCode.STALE_BROKER_EPOCH,
     )
     refused(
         alter_partition(image, isr_request(log, replicas, partition=5)),
@@ -454,12 +453,12 @@ def test_a_stale_or_wrong_alter_partition_is_refused():
     )
     refused(
         alter_partition(image, isr_request(log, replicas, leader_epoch=1)),
-        decisions.FENCED_LEADER_EPOCH,
+        ErrorCode.FENCED_LEADER_EPOCH,
         "leader epoch",
     )
     refused(
         alter_partition(image, isr_request(log, replicas, partition_epoch=3)),
-        decisions.INVALID_UPDATE_VERSION,
+        ErrorCode.INVALID_UPDATE_VERSION,
         "partition epoch",
     )
     for bad_isr in ([follower], [leader, leader], [leader, outsider], []):
@@ -467,7 +466,7 @@ def test_a_stale_or_wrong_alter_partition_is_refused():
     log.commit(fence_broker(log.image, follower, log.epoch(follower)))
     refused(
         alter_partition(log.image, isr_request(log, replicas)),
-        decisions.INELIGIBLE_REPLICA,
+        ErrorCode.INELIGIBLE_REPLICA,
         "fenced",
     )
 
@@ -494,14 +493,14 @@ def test_preferred_leader_election():
     results = elect_leaders(log.image)
     assert set(results) == {("orders", p.partition) for p in moved}
     for result in results.values():
-        refused(result, decisions.PREFERRED_LEADER_NOT_AVAILABLE, "not an unfenced member")
+        refused(result, ErrorCode.PREFERRED_LEADER_NOT_AVAILABLE, "not an unfenced member")
     # Back, unfenced, and in the ISR again: now the election moves leadership back.
     log.commit(unfence_broker(log.image, 1, log.epoch(1)))
     for partition in moved:
         current = log.image.partition("orders", partition.partition)
         refused(
             elect_preferred_leader(log.image, "orders", partition.partition),
-            decisions.PREFERRED_LEADER_NOT_AVAILABLE,
+            ErrorCode.PREFERRED_LEADER_NOT_AVAILABLE,
         )
         leader = current.leader
         request = AlterPartitionRequest(
