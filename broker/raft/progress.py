@@ -130,6 +130,13 @@ class Progress:
             return True
         if self.next - 1 != rejected:
             return False
+        if rejected <= self.match:
+            # The follower refused the entry at `match`, which it had acknowledged: its disk
+            # lost acknowledged entries (fsync lied, a restore, a replaced disk). Keeping
+            # `match` would pin `next` at match + 1 and resend this probe forever; forget it
+            # (0 is the only index sure to match) and probe down from the hint. A stale
+            # duplicate of an old rejection can land here too: it costs one extra probe.
+            self.match = 0
         self.next = max(min(rejected, match_hint + 1), self.match + 1)
         self.probe_sent = False
         return True

@@ -4,7 +4,9 @@ Every node has a MemoryStorage as its disk and a list of applied data as its sta
 `stabilize()` runs the driver loop of every node (persist, send, apply, advance) and delivers
 messages until nothing moves. Faults: `cut(a, b)` and `isolate(node)` drop messages between
 nodes, `drop_if(predicate)` drops chosen messages, `crash(node)` silences a node and
-`restart(node)` brings it back from its storage; `recover()` heals every link and filter.
+`restart(node)` brings it back from its storage; `lose_entries(node, keep)` restarts a node
+whose disk lost acknowledged entries; `recover()` heals every link and filter. A network
+that never falls quiet (a livelock) raises NotStabilizedError.
 After every delivery round the network checks state-machine safety: no two nodes ever
 apply different entries at the same index, and there is at most one leader per term.
 """
@@ -20,6 +22,7 @@ from broker.raft import (
     Configuration,
     Entry,
     EntryKind,
+    HardState,
     MemoryStorage,
     Message,
     MessageType,
@@ -30,6 +33,10 @@ from broker.raft import (
 )
 
 MessageFilter = Callable[[Message], bool]
+
+
+class NotStabilizedError(AssertionError):
+    """Messages kept flowing for max_rounds delivery rounds: a livelock."""
 
 
 class Network:
@@ -110,6 +117,28 @@ class Network:
         self.nodes[node_id] = self._new_node(node_id)
         return self.nodes[node_id]
 
+    def lose_entries(self, node_id: int, keep: int, *, wipe: bool = False) -> RaftNode:
+        """Restart node_id with only its first `keep` entries, as after a disk that lied
+        about fsync (or was restored from an old copy): entries it acknowledged are gone.
+        Term and vote survive (commit is clamped to `keep`) unless `wipe`, which leaves
+        nothing but the bootstrap configuration, as a replaced disk would."""
+        old = self.storages[node_id]
+        assert old.snapshot().index == 0, "lose_entries works on uncompacted logs"
+        hard_state, configuration = old.initial_state()
+        if wipe:
+            storage = MemoryStorage(configuration)
+        else:
+            hard_state = HardState(
+                term=hard_state.term, vote=hard_state.vote, commit=min(hard_state.commit, keep)
+            )
+            storage = MemoryStorage(configuration, hard_state)
+            keep = min(keep, old.last_index())
+            if keep:
+                storage.append(old.entries(1, keep + 1))
+        self.storages[node_id] = storage
+        self.crashed.add(node_id)
+        return self.restart(node_id)
+
     def _blocked(self, message: Message) -> bool:
         if message.target not in self.nodes or message.target in self.crashed:
             return True
@@ -172,7 +201,7 @@ class Network:
                     # What a driver does once its transport sent (or failed to send) it.
                     if message.source not in self.crashed:
                         self.nodes[message.source].report_snapshot(message.target, not blocked)
-        raise AssertionError("the network did not stabilize")
+        raise NotStabilizedError(f"the network did not stabilize in {max_rounds} rounds")
 
     def send(self, *messages: Message) -> None:
         """Inject messages (as if from their sources), then stabilize."""
@@ -247,8 +276,6 @@ def decode_state(data: bytes) -> list[bytes]:
 
 def log_storage(configuration: Configuration, terms: list[int], term: int) -> MemoryStorage:
     """A MemoryStorage holding entries 1..len(terms) of the given terms, at hard state term."""
-    from broker.raft import HardState
-
     storage = MemoryStorage(configuration, HardState(term=term))
     storage.append([Entry(term=t, index=i) for i, t in enumerate(terms, start=1)])
     return storage

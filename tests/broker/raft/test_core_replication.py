@@ -272,3 +272,23 @@ def test_no_op_is_the_first_entry_of_every_leader_term():
     bootstrap = [e for e in entries if e.kind == EntryKind.CONFIG_CHANGE]
     assert [decode_config_change(e.data).node_id for e in bootstrap] == [1, 2, 3]
     assert all(e.term == 1 for e in bootstrap)
+
+
+@pytest.mark.parametrize("keep", [0, 3, 6])
+def test_a_follower_that_lost_acknowledged_entries_catches_up_in_a_few_messages(keep):
+    # The leader believes match=8 for node 3; node 3 comes back with `keep` entries. Before
+    # the fix the leader resent the probe at match forever (the network never fell quiet).
+    network = Network.create()
+    network.elect(1)
+    network.propose(1, b"a", b"b", b"c", b"d")
+    assert network.nodes[1].status().progress[3].match == 8
+    network.lose_entries(3, keep)
+    sent_before = len(network.sent_of(MessageType.APPEND, source=1, target=3))
+    network.propose(1, b"e")
+    network.propose(1, b"f")
+    appends = network.sent_of(MessageType.APPEND, source=1, target=3)[sent_before:]
+    assert len(appends) <= 10, f"{len(appends)} appends to a follower that lost entries"
+    assert network.storages[3].last_index() == network.storages[1].last_index() == 10
+    assert network.state[3] == [b"a", b"b", b"c", b"d", b"e", b"f"]
+    progress = network.nodes[1].status().progress[3]
+    assert (progress.match, progress.state) == (10, ProgressState.REPLICATE)

@@ -5,9 +5,11 @@ output it must produce, run against the synchronous network of test_core_network
     ----
     expected output (possibly empty)
 
-Commands that change things print nothing unless they fail ("error: <Type>"); `status`,
-`logs`, `state` and `reads` print what they observe. After changing the core, regenerate the
-expected outputs with RAFT_SCENARIOS_REWRITE=1 and review the diff like code.
+Commands that change things print nothing unless they fail ("error: <Type>", or
+"error: livelock" when messages are still flowing after the network's bound of delivery
+rounds); `status`, `logs`, `state`, `reads` and `progress` print what they observe. After
+changing the core, regenerate the expected outputs with RAFT_SCENARIOS_REWRITE=1 and review
+the diff like code.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pathlib
 import shlex
 
 import pytest
-from test_core_network import Network, encode_state
+from test_core_network import Network, NotStabilizedError, encode_state
 
 from broker.raft import ConfigChange, ConfigChangeKind, RaftError
 
@@ -55,6 +57,8 @@ class Scenario:
             return handler(*positional, **options) or ""
         except RaftError as error:
             return f"error: {type(error).__name__}"
+        except NotStabilizedError:
+            return "error: livelock"
 
     def do_create(self, voters: str = "1,2,3", learners: str = "", **config: str) -> None:
         settings = {key: _value(value) for key, value in config.items()}
@@ -85,6 +89,14 @@ class Scenario:
 
     def do_restart(self, node: str) -> None:
         self.net.restart(int(node))
+        self.net.stabilize()
+
+    def do_lose(self, node: str, keep: str) -> None:
+        self.net.lose_entries(int(node), int(keep))
+        self.net.stabilize()
+
+    def do_wipe(self, node: str) -> None:
+        self.net.lose_entries(int(node), 0, wipe=True)
         self.net.stabilize()
 
     def do_add_node(self, node: str) -> None:
@@ -133,6 +145,13 @@ class Scenario:
         return "\n".join(
             f"{node_id}: {' '.join(item.decode() for item in state)}".rstrip()
             for node_id, state in sorted(self.net.state.items())
+        )
+
+    def do_progress(self, leader: str) -> str:
+        progress = self.net.nodes[int(leader)].status().progress
+        return "\n".join(
+            f"{node_id}: match={item.match} next={item.next} state={item.state.value}"
+            for node_id, item in sorted(progress.items())
         )
 
     def do_reads(self) -> str:
