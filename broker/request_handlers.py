@@ -7,6 +7,7 @@ partition is reported in that partition's entry; only a malformed request fails 
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
@@ -120,6 +121,25 @@ class RequestHandlers:
             ApiKey.CONSUMER_GROUP_DESCRIBE: self.consumer_group_describe,
             ApiKey.DELETE_GROUPS: self.delete_groups,
         }
+
+    async def start(
+        self, api_key: ApiKey, body: dict, tail: bytes | memoryview, context: RequestContext
+    ) -> Callable[[], Awaitable[Reply]]:
+        """Do the request's order-sensitive part now and return the coroutine function that
+        produces its reply, which may run concurrently with later requests.
+
+        The server calls this in the order a connection's requests arrive and reads the next
+        request only once it returns, so a request sees the effects of every earlier one on
+        its connection (a Produce right after its CreateTopics finds the topic). Only the
+        waiting parts run later: a Produce's wait for fsync (its appends are done here) and a
+        Fetch, which may long-poll. Every other request is answered here."""
+        if api_key == ApiKey.PRODUCE:
+            return await self.start_produce(body, tail)
+        handler = self.table[api_key]  # only Produce carries a raw tail; others ignore one
+        if api_key in _RUN_CONCURRENTLY:
+            return functools.partial(handler, body, b"", context)
+        reply = await handler(body, b"", context)
+        return functools.partial(_already, reply)
 
     # -- admin ------------------------------------------------------------------------
 
@@ -574,3 +594,10 @@ async def _wait_any(events: list[trio.Event]) -> None:
 
 
 __all__ = ["RequestHandlers", "Reply", "ProtocolError"]
+
+
+_RUN_CONCURRENTLY = frozenset({ApiKey.FETCH})  # long-polls: answered after later requests
+
+
+async def _already(reply: Reply) -> Reply:
+    return reply

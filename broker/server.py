@@ -38,7 +38,6 @@ a frame that decodes but carries a bad request gets an error reply and the conne
 from __future__ import annotations
 
 import errno
-import functools
 import itertools
 import logging
 import os
@@ -290,13 +289,7 @@ class NativeServer:
                 f"{api_key.name} supports versions {low}..{high}, not {request.api_version}",
             )
         body = check_request(api_key, request.body)
-        if api_key == ApiKey.PRODUCE:
-            return await self.handlers.start_produce(body, request.tail)
-        handler = self.handlers.table[api_key]
-        if api_key in _RUN_CONCURRENTLY:
-            return functools.partial(handler, body, request.tail, context)
-        reply = await handler(body, request.tail, context)  # done before the next request is read
-        return functools.partial(_already, reply)
+        return await self.handlers.start(api_key, body, request.tail, context)
 
     async def _complete(self, work, request, pending: PendingReply, frame_bytes: int) -> None:
         try:
@@ -363,13 +356,6 @@ class NativeServer:
         self.replies_pending -= 1
         if pending.reply is not None:
             pending.reply.close()
-
-
-# Requests run in arrival order: the reader finishes each one (for Produce, its appends)
-# before it reads the next, so a request sees the effects of every earlier one on its
-# connection (a Produce right after its CreateTopics finds the topic). Only the waiting parts
-# run concurrently: a Produce's wait for fsync, and a Fetch (which may long-poll).
-_RUN_CONCURRENTLY = frozenset({ApiKey.FETCH})
 
 
 @dataclass
@@ -440,10 +426,6 @@ def _next_frame(decoder: FrameDecoder) -> tuple[object, memoryview, int] | None:
         return None
     header, tail = frame
     return header, tail, buffered - decoder.buffered_bytes
-
-
-async def _already(reply: Reply) -> Reply:
-    return reply
 
 
 def _peer_of(stream: trio.SocketStream) -> str:
