@@ -1,4 +1,12 @@
-"""A handle on a DWAL cluster: bootstrap, metadata cache, one connection per broker."""
+"""A handle on a DWAL cluster: bootstrap, metadata cache, one connection per broker.
+
+The metadata cache knows, per partition, its leader's node id and leader epoch, and the
+address of every broker by node id. Brokers learn metadata at different times, so an answer
+may be older than what the cache already holds: a partition's entry is never replaced by one
+of a lower leader epoch (Kafka's rule), not even after `invalidate()`, which only marks a
+topic for refreshing. Metadata requests go to the known brokers in turn, so that one broker
+with a stale view cannot keep the client from learning of a leader move.
+"""
 
 from __future__ import annotations
 
@@ -65,6 +73,9 @@ class Cluster:
         self._connect_locks: dict[tuple[str, int, str], trio.Lock] = {}
         self.brokers: dict[int, BrokerInfo] = {}
         self.topics: dict[str, TopicInfo] = {}
+        # every partition's newest entry seen, kept across invalidate(): never go back in epoch
+        self._partitions: dict[tuple[str, int], PartitionInfo] = {}
+        self._metadata_turn = 0  # which known broker the next metadata request goes to
 
     async def connection(
         self, host: str, port: int, *, purpose: str = "default"
@@ -92,9 +103,14 @@ class Cluster:
                 self._connections[key] = connection
         return connection
 
-    async def any_connection(self) -> BrokerConnection:
-        """A connection to some reachable broker (known brokers first, then bootstrap)."""
-        candidates = [(b.host, b.port) for b in self.brokers.values()] + self.bootstrap
+    async def any_connection(self, *, rotate: bool = False) -> BrokerConnection:
+        """A connection to some reachable broker (known brokers first, then bootstrap); with
+        `rotate`, starting from the next known broker each time."""
+        known = [(b.host, b.port) for b in self.brokers.values()]
+        if rotate and known:
+            self._metadata_turn = (self._metadata_turn + 1) % len(known)
+            known = known[self._metadata_turn :] + known[: self._metadata_turn]
+        candidates = known + self.bootstrap
         last_error: Exception | None = None
         for host, port in candidates:
             try:
@@ -127,35 +143,36 @@ class Cluster:
     async def refresh_metadata(
         self, topics: list[str] | None = None, *, allow_auto_topic_creation: bool = False
     ) -> dict[str, TopicInfo | DwalError]:
-        """Fetch metadata; returns per requested topic its info or the error the broker gave."""
+        """Fetch metadata; returns per requested topic its info or the error the broker gave.
+        A partition whose leader epoch is older than the cached one keeps the cached entry."""
         response = await self.call(
             ApiKey.METADATA,
             {
                 "topics": topics,
                 "allow_auto_topic_creation": allow_auto_topic_creation,
             },
+            connection=await self.any_connection(rotate=True),
         )
-        body = response.body
-        self.brokers = {
-            b["node_id"]: BrokerInfo(b["node_id"], b["host"], b["port"]) for b in body["brokers"]
-        }
+        return self.apply_metadata(response.body)
+
+    def apply_metadata(self, body: dict[str, Any]) -> dict[str, TopicInfo | DwalError]:
+        """Merge a Metadata answer into the cache (see the module docstring); returns per
+        topic of the answer its info or the error the broker gave."""
+        # a stale answer may lack a broker that a newer one named: keep known addresses
+        self.brokers.update(
+            (b["node_id"], BrokerInfo(b["node_id"], b["host"], b["port"])) for b in body["brokers"]
+        )
         result: dict[str, TopicInfo | DwalError] = {}
         for entry in body["topics"]:
             name = entry["topic"]
             if entry["error_code"]:
-                self.topics.pop(name, None)
+                self._forget(name)
                 result[name] = DwalError(ErrorCode(entry["error_code"]), entry["error_message"])
                 continue
             info = TopicInfo(
                 name,
                 tuple(
-                    PartitionInfo(
-                        p["partition"],
-                        p["leader"],
-                        p["leader_epoch"],
-                        tuple(p["replicas"]),
-                        tuple(p["isr"]),
-                    )
+                    self._newest(name, p)
                     for p in sorted(entry["partitions"], key=lambda p: p["partition"])
                 ),
                 entry["max_message_bytes"],
@@ -164,6 +181,29 @@ class Cluster:
             self.topics[name] = info
             result[name] = info
         return result
+
+    def _newest(self, topic: str, answered: dict[str, Any]) -> PartitionInfo:
+        """The answered partition entry, or the cached one if that has a newer leader epoch."""
+        key = (topic, answered["partition"])
+        cached = self._partitions.get(key)
+        if cached is not None and answered["leader_epoch"] < cached.leader_epoch:
+            return cached
+        info = PartitionInfo(
+            answered["partition"],
+            answered["leader"],
+            answered["leader_epoch"],
+            tuple(answered["replicas"]),
+            tuple(answered["isr"]),
+        )
+        self._partitions[key] = info
+        return info
+
+    def _forget(self, topic: str) -> None:
+        """The broker says the topic does not exist: a topic created again under its name
+        starts its leader epochs afresh."""
+        self.topics.pop(topic, None)
+        for key in [key for key in self._partitions if key[0] == topic]:
+            del self._partitions[key]
 
     async def topic(self, name: str, *, allow_auto_topic_creation: bool = False) -> TopicInfo:
         """Cached metadata of one topic; raises DwalError if the broker does not know it."""
@@ -177,9 +217,19 @@ class Cluster:
             raise found
         return found
 
+    def leader_of(self, topic: str, partition: int) -> BrokerInfo | None:
+        """The cached leader of a partition, or None when the cache does not know the topic
+        (call `topic()` first) or the partition has no leader (or one of unknown address)."""
+        info = self.topics.get(topic)
+        if info is None or not 0 <= partition < len(info.partitions):
+            return None
+        return self.brokers.get(info.partitions[partition].leader)
+
     async def leader_connection(
         self, topic: str, partition: int, *, purpose: str = "default"
     ) -> BrokerConnection:
+        """The connection to a partition's leader, loading the topic's metadata if needed.
+        Raises DwalError: UNKNOWN_TOPIC_OR_PARTITION, LEADER_NOT_AVAILABLE."""
         info = await self.topic(topic)
         if not 0 <= partition < len(info.partitions):
             raise DwalError(
@@ -189,7 +239,12 @@ class Cluster:
         leader = self.brokers.get(info.partitions[partition].leader)
         if leader is None:
             raise DwalError(ErrorCode.LEADER_NOT_AVAILABLE, f"{topic}-{partition} has no leader")
-        return await self.connection(leader.host, leader.port, purpose=purpose)
+        return await self.broker_connection(leader, purpose=purpose)
+
+    async def broker_connection(
+        self, broker: BrokerInfo, *, purpose: str = "default"
+    ) -> BrokerConnection:
+        return await self.connection(broker.host, broker.port, purpose=purpose)
 
     def start_task(self, function, *args) -> None:
         """Run `function(*args)` in the cluster's nursery (it ends when the cluster closes).
@@ -197,10 +252,12 @@ class Cluster:
         self._nursery.start_soon(function, *args)
 
     def invalidate_all(self) -> None:
-        """Forget all cached topic metadata (after a connection failure, for example)."""
+        """Mark all cached topic metadata for refreshing (after a connection failure, for
+        example); leader epochs seen stay known, so an older answer cannot win."""
         self.topics.clear()
 
     def invalidate(self, topic: str) -> None:
+        """Mark one topic's metadata for refreshing (the next `topic()` asks a broker)."""
         self.topics.pop(topic, None)
 
     async def aclose(self) -> None:

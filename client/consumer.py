@@ -7,6 +7,13 @@ fetched, and again if its position falls out of the log's range (retention); wit
 every assigned partition, decodes the record batches, and drops records before the position
 (a fetch starts at the batch holding the position, which may begin earlier).
 
+Leaders. Partitions are grouped by their leader as the cluster's metadata cache knows it,
+and each leader broker has at most one fetch of ours in flight (on its own connection), so
+a slow or idle leader holds up no other: a poll waits until one of the fetches answers and
+returns what every answered fetch brought. Positions move per partition. A partition whose
+leader moved (NOT_LEADER_OR_FOLLOWER) keeps its position; its topic's metadata is refreshed
+and the next poll fetches it from the new leader, from that position.
+
 With a `group_id`, `subscribe()` makes the consumer a member of a consumer group: the group's
 coordinator assigns partitions (see group_membership.py), and `poll()` applies assignment
 changes before it fetches — committing and releasing revoked partitions (on_revoked), then
@@ -149,7 +156,9 @@ class Consumer:
         self._high_watermarks: dict[TopicPartition, int] = {}
         self._records_returned = 0
         self._fetches = 0
-        self._prefetch: _Fetch | None = None
+        # per leader broker (node id; -1: not known yet), the fetch in flight or answered
+        self._fetches_by_leader: dict[int, _Fetch] = {}
+        self._fetch_answered = trio.Event()  # set (then replaced) when any fetch finishes
 
     # -- assignment and positions -------------------------------------------------------
 
@@ -449,7 +458,7 @@ class Consumer:
         if self._failing_since is None:
             self._failing_since = poll_started
         self.cluster.invalidate_all()  # the next poll asks where partitions are now
-        self._prefetch = None
+        self._fetches_by_leader.clear()  # those in flight finish on their own
         failing_s = now - self._failing_since
         if self.give_up_after_s is not None and failing_s >= self.give_up_after_s:
             raise DwalError(
@@ -473,35 +482,84 @@ class Consumer:
             raise RuntimeError("no partitions assigned")
         await self._check_metadata(list(self._positions))
         await self._resolve_missing_positions()
-        positions = dict(self._positions)
         if self.enable_auto_commit and (
             trio.current_time() - self._last_commit >= self.auto_commit_interval_s
         ):
             # The application called poll again: it has processed what earlier polls
             # returned, so the positions as they stand now are safe to commit.
-            await self._auto_commit(positions)
-        fetch, self._prefetch = self._prefetch, None
-        if fetch is None or fetch.positions != positions:
-            # a stale prefetch finishes on its own: cancelling it would close the connection
-            fetch = self._start_fetch(positions, wait_ms)
-        with trio.move_on_after(wait_ms / 1000 + self.cluster.request_timeout_ms / 1000):
-            await fetch.done.wait()
-        if not fetch.done.is_set():
-            fetch.cancel()  # closes the connection: a new one is opened next time
-            raise DwalError(ErrorCode.REQUEST_TIMED_OUT, "fetch got no answer in time")
-        if fetch.error is not None:
-            raise fetch.error
-        response = fetch.response
-        assert response is not None
-        self._fetches += 1
-        transient = self._check_partition_errors(response.body)
-        following = _positions_after(response.body, response.tail, positions)
-        if following != positions:
-            self._prefetch = self._start_fetch(following, self.max_wait_ms)
-        records = self._take_records(response.body, response.tail)
-        if transient is not None and not records:
-            raise transient  # count it, and back off, rather than ask again at once
+            await self._auto_commit(dict(self._positions))
+        await self._check_metadata(list(self._positions))  # again: a commit may take a while
+        fetches = self._start_fetches(dict(self._positions), wait_ms)
+        answered = await self._wait_fetches(fetches, wait_ms)
+        # Raise what must be raised before any position moves, so that raising loses nothing.
+        failure: Exception | None = None
+        responses = []
+        for leader, fetch in answered:
+            self._fetches_by_leader.pop(leader, None)
+            if fetch.error is not None:
+                if not self._is_transient_error(fetch.error):
+                    raise fetch.error
+                failure = failure or fetch.error
+                for tp in fetch.positions:
+                    self.cluster.invalidate(tp.topic)
+                continue
+            response = fetch.response
+            assert response is not None
+            self._fetches += 1
+            transient = self._check_partition_errors(response.body)
+            if transient is None:
+                following = _positions_after(response.body, response.tail, fetch.positions)
+                if following != fetch.positions:  # prefetch: overlaps decoding with the wait
+                    self._fetches_by_leader[leader] = self._start_fetch(following, self.max_wait_ms)
+            failure = failure or transient
+            responses.append(response)
+        records: dict[TopicPartition, list[Record]] = {}
+        damage: list[CorruptRecordError] = []
+        for response in responses:
+            records.update(self._take_records(response.body, response.tail, damage))
+        if damage and not records:
+            raise damage[0]  # nothing before it to deliver first
+        if failure is not None and not records:
+            raise failure  # count it, and back off, rather than ask again at once
         return records
+
+    def _is_transient_error(self, error: Exception) -> bool:
+        return isinstance(error, DwalError) and self._is_transient(error)
+
+    def _start_fetches(
+        self, positions: dict[TopicPartition, int | None], wait_ms: int
+    ) -> list[tuple[int, "_Fetch"]]:
+        """One fetch per leader broker of the partitions: the one in flight if it asks for
+        these very positions, else a new one (a stale one finishes on its own: cancelling
+        it would close the connection). Returns them by leader."""
+        by_leader: dict[int, dict[TopicPartition, int | None]] = {}
+        for tp, position in positions.items():
+            by_leader.setdefault(_leader_id(self.cluster, tp), {})[tp] = position
+        fetches = self._fetches_by_leader
+        for leader in [leader for leader in fetches if leader not in by_leader]:
+            del fetches[leader]
+        for leader, wanted in by_leader.items():
+            fetch = fetches.get(leader)
+            if fetch is None or fetch.positions != wanted:
+                fetches[leader] = self._start_fetch(wanted, wait_ms)
+        return list(fetches.items())
+
+    async def _wait_fetches(
+        self, fetches: list[tuple[int, "_Fetch"]], wait_ms: int
+    ) -> list[tuple[int, "_Fetch"]]:
+        """Wait until at least one of `fetches` is answered (or failed); returns those that
+        are. Raises REQUEST_TIMED_OUT (and abandons them all) if none is in time."""
+        with trio.move_on_after(wait_ms / 1000 + self.cluster.request_timeout_ms / 1000):
+            while not any(fetch.done.is_set() for _, fetch in fetches):
+                self._fetch_answered = trio.Event()
+                await self._fetch_answered.wait()
+        answered = [(leader, fetch) for leader, fetch in fetches if fetch.done.is_set()]
+        if not answered:
+            for leader, fetch in fetches:
+                fetch.cancel()  # closes the connection: a new one is opened next time
+                self._fetches_by_leader.pop(leader, None)
+            raise DwalError(ErrorCode.REQUEST_TIMED_OUT, "fetch got no answer in time")
+        return answered
 
     async def _check_metadata(self, partitions: list[TopicPartition]) -> None:
         """Refresh metadata of topics whose cached partition count is too small for an
@@ -531,7 +589,7 @@ class Consumer:
                 )
 
     def _start_fetch(self, positions: dict[TopicPartition, int | None], wait_ms: int) -> "_Fetch":
-        fetch = _Fetch(positions)
+        fetch = _Fetch(positions, self._note_fetch_answered)
         body = {
             "max_wait_ms": wait_ms,
             "min_bytes": self.min_bytes,
@@ -540,6 +598,9 @@ class Consumer:
         }
         self.cluster.start_task(fetch.run, self.cluster, body)
         return fetch
+
+    def _note_fetch_answered(self) -> None:
+        self._fetch_answered.set()
 
     def _check_partition_errors(self, body: dict) -> DwalError | None:
         """Act on partition errors before any record is taken, so that raising loses none:
@@ -566,12 +627,13 @@ class Consumer:
         return transient
 
     def _take_records(
-        self, body: dict, tail: bytes | memoryview
+        self, body: dict, tail: bytes | memoryview, damage: list[CorruptRecordError]
     ) -> dict[TopicPartition, list[Record]]:
+        """The records of one fetch answer by partition, moving their positions; damage
+        found is noted and appended to `damage`."""
         view = memoryview(tail)
         position = 0
         out: dict[TopicPartition, list[Record]] = {}
-        damage: list[CorruptRecordError] = []
         for entry in body["topics"]:
             for part in entry["partitions"]:
                 tp = TopicPartition(entry["topic"], part["partition"])
@@ -583,8 +645,6 @@ class Consumer:
                 records = self._records_from(tp, chunk, damage)
                 if records:
                     out[tp] = records
-        if damage and not out:
-            raise damage[0]  # nothing before it to deliver first
         return out
 
     def _records_from(
@@ -630,6 +690,14 @@ async def _call(
             await result
 
 
+def _leader_id(cluster: Cluster, tp: TopicPartition) -> int:
+    """The partition's leader as the metadata cache says; -1 if the cache does not know."""
+    info = cluster.topics.get(tp.topic)
+    if info is None or tp.partition >= len(info.partitions):
+        return -1
+    return info.partitions[tp.partition].leader
+
+
 def _offset_of(record: Record) -> int:
     return record.offset
 
@@ -640,9 +708,12 @@ logger = logging.getLogger("dwal.client")
 class _Fetch:
     """One Fetch request running in the cluster's nursery; its outcome waits in `done`."""
 
-    def __init__(self, positions: dict[TopicPartition, int | None]) -> None:
-        self.positions = positions
+    def __init__(
+        self, positions: dict[TopicPartition, int | None], on_done: Callable[[], None]
+    ) -> None:
+        self.positions = positions  # partitions of one leader broker
         self.done = trio.Event()
+        self._on_done = on_done
         self.response: Response | None = None
         self.error: Exception | None = None
         self._scope = trio.CancelScope()
@@ -662,6 +733,7 @@ class _Fetch:
             self.error = error
         finally:
             self.done.set()
+            self._on_done()
 
 
 def _positions_after(
@@ -706,6 +778,20 @@ async def list_offsets(
     -1 where no record is that recent. Raises DwalError on unknown topics."""
     if not partitions:
         return {}
+    for topic in sorted({tp.topic for tp in partitions}):
+        await cluster.topic(topic)
+    by_leader: dict[int, list[TopicPartition]] = {}
+    for tp in partitions:
+        by_leader.setdefault(_leader_id(cluster, tp), []).append(tp)
+    out = {}
+    for group in by_leader.values():
+        out.update(await _list_offsets_of_one_leader(cluster, group, timestamp))
+    return out
+
+
+async def _list_offsets_of_one_leader(
+    cluster: Cluster, partitions: list[TopicPartition], timestamp: int
+) -> dict[TopicPartition, int]:
     topics: dict[str, list[dict]] = {}
     for tp in partitions:
         topics.setdefault(tp.topic, []).append({"partition": tp.partition, "timestamp": timestamp})

@@ -3,14 +3,24 @@
 Theory of operation. `send()` packs a record (``[timestamp_delta, key, value, headers]``)
 into the open batch of its partition and returns a `Delivery`. A batch is sealed when it
 reaches `batch_size` bytes or has lingered `linger_ms`; the sender task encodes sealed
-batches and writes, per leader broker, Produce requests carrying the ready batches of each
-partition with fewer than `max_in_flight_per_partition` requests in flight. The sender
-writes requests one after another and the broker appends a connection's requests in the
-order they arrive, so a partition's records are stored in `send()` order. A retried batch
+batches and writes, per leader broker, one Produce request carrying the ready batches of each
+partition it leads with fewer than `max_in_flight_per_partition` requests in flight. The
+sender writes requests one after another and the broker appends a connection's requests in
+the order they arrive, so a partition's records are stored in `send()` order. A partition's
+requests in flight all go to one broker: when its leader moves, the partition waits until
+its requests to the old leader are answered before it sends to the new one. A retried batch
 keeps that order when `max_in_flight_per_partition` is 1; with more (the default, 5, as
 Kafka's), a batch that fails with a partition-level retriable error while a later batch of
 its partition succeeds is stored after it, as in Kafka without idempotence.
 Buffered bytes are bounded by `buffer_bytes_max`: `send()` waits for space when full.
+
+Leaders. Each partition's batches go to its leader as the cluster's metadata cache knows it.
+A broker that does not lead the partition (NOT_LEADER_OR_FOLLOWER), or no leader at all
+(LEADER_NOT_AVAILABLE, NOT_CONTROLLER), refuses before appending: metadata is refreshed and
+the batch sent again after `retry_backoff_ms`, as often as needed within
+`delivery_timeout_ms` (these do not count against `retries`). UNKNOWN_TOPIC_OR_PARTITION,
+which a broker answers while news of a topic spreads, refreshes and counts against `retries`,
+so that a deleted topic fails soon.
 
 Retries never store a record twice unless the caller asks for it. A failure is either
 "not stored" (an error the broker answered before appending, or a connection that failed
@@ -63,6 +73,20 @@ ANSWER_MARGIN_S = 5.0
 MAX_MESSAGE_BYTES_DEFAULT = 1024 * 1024 + 12
 ARRAY_HEADER_BYTES_MAX = 5  # msgpack array header of a batch's records
 _NO_HEADERS: tuple = ()
+
+# Refusals by a broker that does not lead the partition, or while none does: nothing was
+# appended; retried after a metadata refresh until the delivery timeout, not counted.
+# (NOT_CONTROLLER is picked up if protocol/errors.py defines it.)
+_LEADER_ERRORS = frozenset(
+    code
+    for code in ErrorCode
+    if code.name in ("NOT_LEADER_OR_FOLLOWER", "LEADER_NOT_AVAILABLE", "NOT_CONTROLLER")
+)
+# Errors after which the topic's metadata is asked for again before the retry.
+_REFRESH_ERRORS = _LEADER_ERRORS | {
+    ErrorCode.UNKNOWN_TOPIC_OR_PARTITION,
+    ErrorCode.NETWORK_EXCEPTION,
+}
 
 # Errors a broker may report after it appended the batch (an fsync or replication wait that
 # timed out or failed, an internal error): resending could store the records twice.
@@ -238,6 +262,7 @@ def _parse_acks(acks: int | str) -> int:
 class _PartitionQueue:
     ready: collections.deque = field(default_factory=collections.deque)
     inflight: int = 0  # produce requests carrying this partition's batches, or backing off
+    leader: int = -1  # the broker its requests in flight went to (while inflight > 0)
 
 
 class Producer:
@@ -249,6 +274,7 @@ class Producer:
     "all"), `linger_ms`, `batch_size` (bytes), `compression` ("none", "gzip", "lz4",
     "zstd"), `retries` of retriable errors with `retry_backoff_ms`, `retry_unknown_outcome`
     (resend batches that may be stored already: at-least-once, may duplicate),
+    `delivery_timeout_ms` (no retry starts later than this after a batch was opened),
     `buffer_bytes_max` (send waits when full), `request_bytes_max`.
     """
 
@@ -268,6 +294,7 @@ class Producer:
         max_in_flight_per_partition: int = 5,
         allow_auto_topic_creation: bool = True,
         retry_unknown_outcome: bool = False,
+        delivery_timeout_ms: int = 120_000,
     ) -> None:
         problems = [
             message
@@ -289,6 +316,10 @@ class Producer:
                     request_timeout_ms < 1,
                     f"request_timeout_ms must be at least 1, not {request_timeout_ms}",
                 ),
+                (
+                    delivery_timeout_ms < 1,
+                    f"delivery_timeout_ms must be at least 1, not {delivery_timeout_ms}",
+                ),
             )
             if wrong
         ]
@@ -307,6 +338,7 @@ class Producer:
         self.request_timeout_ms = request_timeout_ms
         self.allow_auto_topic_creation = allow_auto_topic_creation
         self.retry_unknown_outcome = retry_unknown_outcome
+        self.delivery_timeout_s = delivery_timeout_ms / 1000
         self._partition_counts: dict[str, int] = {}
         self._topic_limits: dict[str, _TopicLimits] = {}
         self._sticky: dict[str, int] = {}
@@ -314,6 +346,8 @@ class Producer:
         self._queues: dict[tuple[str, int], _PartitionQueue] = collections.defaultdict(
             _PartitionQueue
         )
+        self._topics_to_load: set[str] = set()  # ready batches wait for their metadata
+        self._unroutable: list[tuple[str, int, list[_Batch]]] = []  # taken; no leader known
         self._buffered_bytes = 0
         self._unfinished: set[_Batch] = set()  # batches without an outcome yet
         self._inflight_requests = 0
@@ -591,46 +625,115 @@ class Producer:
             now = trio.current_time()
             for batch in [b for b in self._open.values() if b.created + self.linger_s <= now]:
                 self._seal(batch)
-            while by_topic := self._take_ready():
-                await self._send(by_topic)
+            while requests := self._take_ready():
+                for leader, by_topic in requests.items():
+                    await self._send(leader, by_topic)
+            self._fail_unroutable()
+            if self._topics_to_load:
+                await self._load_topics()
             await trio.lowlevel.checkpoint()
 
-    def _take_ready(self) -> dict[str, list[tuple[int, list[_Batch]]]]:
-        """Ready batches for one request (at most `request_bytes_max`), from partitions with
-        fewer than `max_in_flight_per_partition` requests in flight."""
-        by_topic: dict[str, list[tuple[int, list[_Batch]]]] = {}
-        request_bytes = 0
-        for (topic, partition), queue in self._queues.items():
+    def _take_ready(self) -> dict[int, dict[str, list[tuple[int, list[_Batch]]]]]:
+        """Ready batches for one Produce request per leader broker (each at most
+        `request_bytes_max`), from partitions with fewer than `max_in_flight_per_partition`
+        requests in flight. A partition with requests in flight to another broker waits
+        for their answers; one whose leader is unknown goes to `_topics_to_load` (topic not
+        in the cache) or `_unroutable` (no leader)."""
+        requests: dict[int, dict[str, list[tuple[int, list[_Batch]]]]] = {}
+        request_bytes: dict[int, int] = {}
+        topics = self.cluster.topics
+        brokers = self.cluster.brokers
+        for key, queue in self._queues.items():
+            if queue.inflight >= self.max_in_flight_per_partition or not queue.ready:
+                continue
+            topic, partition = key
+            info = topics.get(topic)
+            if info is None:
+                self._topics_to_load.add(topic)
+                continue
+            partitions = info.partitions
+            leader = partitions[partition].leader if partition < len(partitions) else -1
+            if leader not in brokers:
+                queue.inflight += 1
+                batches, _ = self._take_batches(queue, topic, self.request_bytes_max)
+                self._unroutable.append((topic, partition, batches))
+                continue
+            if queue.inflight and queue.leader != leader:
+                continue  # one request stream per partition at a time: keeps its order
+            used = request_bytes.get(leader, 0)
+            if used >= self.request_bytes_max:
+                continue
+            batches, size = self._take_batches(queue, topic, self.request_bytes_max - used)
+            request_bytes[leader] = used + size
+            queue.inflight += 1
+            queue.leader = leader
+            requests.setdefault(leader, {}).setdefault(topic, []).append((partition, batches))
+        return requests
+
+    def _take_batches(
+        self, queue: _PartitionQueue, topic: str, budget_bytes: int
+    ) -> tuple[list[_Batch], int]:
+        """The partition's first ready batches, at least one, while under `budget_bytes`
+        and the topic's limit on one partition's data in a request; with their size."""
+        partition_bytes_max = self._topic_limits[topic].partition_request_bytes_max
+        batches: list[_Batch] = []
+        partition_bytes = 0
+        while queue.ready and partition_bytes < budget_bytes:
+            size = len(queue.ready[0].encode(self.compression))
+            if batches and partition_bytes + size > partition_bytes_max:
+                break  # the broker refuses one partition's data above segment.bytes
+            batches.append(queue.ready.popleft())
+            partition_bytes += size
+        return batches, partition_bytes
+
+    def _fail_unroutable(self) -> None:
+        """Batches of partitions without a leader fail this attempt (retried after a refresh)."""
+        unroutable, self._unroutable = self._unroutable, []
+        for topic, partition, batches in unroutable:
+            error = DwalError(ErrorCode.LEADER_NOT_AVAILABLE, f"{topic}-{partition} has no leader")
+            self._complete(topic, partition, batches, error)
+
+    async def _load_topics(self) -> None:
+        """Ask for the metadata of topics whose ready batches wait for it; if that fails,
+        their batches fail this attempt with the error (retried if it allows)."""
+        topics, self._topics_to_load = sorted(self._topics_to_load), set()
+        errors: dict[str, DwalError] = {}
+        try:
+            found = await self.cluster.refresh_metadata(topics)
+        except DwalError as failed:
+            errors = dict.fromkeys(topics, failed)
+        else:
+            for topic in topics:
+                info = found.get(topic)
+                if info is None:
+                    info = DwalError(ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, f"no topic {topic!r}")
+                if isinstance(info, DwalError):
+                    errors[topic] = info
+        for (topic, partition), queue in list(self._queues.items()):
+            error = errors.get(topic)
             if (
-                queue.inflight >= self.max_in_flight_per_partition
+                error is None
                 or not queue.ready
-                or request_bytes >= self.request_bytes_max
+                or queue.inflight >= self.max_in_flight_per_partition
             ):
                 continue
-            partition_bytes_max = self._topic_limits[topic].partition_request_bytes_max
-            batches: list[_Batch] = []
-            partition_bytes = 0
-            while queue.ready and request_bytes < self.request_bytes_max:
-                size = len(queue.ready[0].encode(self.compression))
-                if batches and partition_bytes + size > partition_bytes_max:
-                    break  # the broker refuses one partition's data above segment.bytes
-                batches.append(queue.ready.popleft())
-                partition_bytes += size
-                request_bytes += size
+            batches = list(queue.ready)
+            queue.ready.clear()
             queue.inflight += 1
-            by_topic.setdefault(topic, []).append((partition, batches))
-        return by_topic
+            self._complete(topic, partition, batches, error)
+        self._wakeup.set()
 
-    async def _send(self, by_topic: dict[str, list[tuple[int, list[_Batch]]]]) -> None:
-        """Write one Produce request, then await its answer in another task. Writes happen
-        here, one after another, so the broker appends a partition's batches in order."""
+    async def _send(self, leader: int, by_topic: dict[str, list[tuple[int, list[_Batch]]]]) -> None:
+        """Write one Produce request to broker `leader`, then await its answer in another
+        task. Writes happen here, one after another, so a broker appends a partition's
+        batches in order."""
         assert self._nursery is not None
         self._inflight_requests += 1
         try:
-            # Single-broker today: every partition's leader is the broker we reach. Group by
-            # leader here once partitions have different leaders.
-            topic, entries = next(iter(by_topic.items()))
-            connection = await self.cluster.leader_connection(topic, entries[0][0])
+            broker = self.cluster.brokers.get(leader)
+            if broker is None:
+                raise DwalError(ErrorCode.LEADER_NOT_AVAILABLE, f"no address of broker {leader}")
+            connection = await self.cluster.broker_connection(broker)
             body, tail = _produce_body(by_topic, self.acks, self.request_timeout_ms)
             pending = await connection.send_request(
                 ApiKey.PRODUCE, body, tail, expect_response=self.acks != ACKS_NONE
@@ -713,14 +816,18 @@ class Producer:
         for batch in batches:
             batch.in_flight = False
             batch.maybe_stored = batch.maybe_stored or unknown
+        retry: list[_Batch] = []
         if (
             error is not None
-            and error.retriable
+            and (error.retriable or error.code == ErrorCode.UNKNOWN_TOPIC_OR_PARTITION)
             and (self.retry_unknown_outcome or not unknown)
-            and any(b.attempts < self.retries for b in batches)
         ):
-            retry = [b for b in batches if b.attempts < self.retries]
-            batches = [b for b in batches if b.attempts >= self.retries]
+            now = trio.current_time()
+            counted = error.code not in _LEADER_ERRORS
+            retry = [b for b in batches if self._may_retry(b, counted, now)]
+        if retry:
+            assert error is not None
+            batches = [b for b in batches if b not in retry]
             for batch in retry:
                 batch.attempts += 1
             # Answers of several failed requests arrive in any order: keep the seal order.
@@ -742,6 +849,13 @@ class Producer:
                 self._batches_failed += 1
             self._finish(batch)
 
+    def _may_retry(self, batch: _Batch, counted: bool, now: float) -> bool:
+        """Whether a batch may be sent again: within its delivery timeout, and, for errors
+        that count, within `retries`."""
+        if now >= batch.created + self.delivery_timeout_s:
+            return False
+        return not counted or batch.attempts < self.retries
+
     def _finish(self, batch: _Batch) -> None:
         self._buffered_bytes -= batch.size_bytes
         self._unfinished.discard(batch)
@@ -750,12 +864,7 @@ class Producer:
         self._progress = trio.Event()
 
     async def _retry_after_backoff(self, topic: str, partition: int, error: DwalError) -> None:
-        if error.code in (
-            ErrorCode.NOT_LEADER_OR_FOLLOWER,
-            ErrorCode.LEADER_NOT_AVAILABLE,
-            ErrorCode.UNKNOWN_TOPIC_OR_PARTITION,
-            ErrorCode.NETWORK_EXCEPTION,
-        ) or isinstance(error, ConnectionFailed):
+        if error.code in _REFRESH_ERRORS or isinstance(error, ConnectionFailed):
             self.cluster.invalidate(topic)
         await trio.sleep(self.retry_backoff_s)
         self._queues[(topic, partition)].inflight -= 1

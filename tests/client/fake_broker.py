@@ -5,6 +5,10 @@ whether, when and what to answer (`answer()`), or breaks the connection (`close(
 Metadata requests can be answered automatically (`topics`), so producers find their topics.
 `pause_reading()` stops reading from every connection, which fills the socket buffers and
 blocks a client mid-frame; `resume_reading()` lets it go on.
+
+Several fake brokers can play one cluster: give them one `ClusterView` (their node ids and
+each partition's leader and leader epoch), which every one of them reports in its Metadata
+answers; a test moves a leader by changing the view (`FakeCluster.start` builds one).
 """
 
 from __future__ import annotations
@@ -66,11 +70,31 @@ class FakeTopic:
     segment_bytes: int = 1024 * 1024 * 1024
 
 
+@dataclass
+class ClusterView:
+    """What the fake brokers of one cluster report: brokers by node id, and per partition
+    its (leader, leader epoch); partitions not listed are led by node 0 at epoch 0."""
+
+    brokers: dict[int, "FakeBroker"] = field(default_factory=dict)
+    leaders: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
+
+    def move(self, topic: str, partition: int, leader: int, leader_epoch: int) -> None:
+        self.leaders[(topic, partition)] = (leader, leader_epoch)
+
+
 class FakeBroker:
     """Start with `await nursery.start(FakeBroker(...).serve)`; `bootstrap` is its address."""
 
-    def __init__(self, topics: dict[str, FakeTopic] | None = None) -> None:
+    def __init__(
+        self,
+        topics: dict[str, FakeTopic] | None = None,
+        *,
+        node_id: int = 0,
+        view: ClusterView | None = None,
+    ) -> None:
         self.topics = topics or {}
+        self.node_id = node_id
+        self.view = view
         self.port = 0
         self.connections: list[FakeConnection] = []
         self.connected = trio.Event()  # set at each new connection (then replaced)
@@ -139,10 +163,22 @@ class FakeBroker:
                     {"topic": name, "error_code": int(ErrorCode.UNKNOWN_TOPIC_OR_PARTITION)}
                 )
                 continue
-            partitions = [
-                {"partition": p, "leader": 0, "replicas": [0], "isr": [0]}
-                for p in range(topic.partitions)
-            ]
+            partitions = []
+            for p in range(topic.partitions):
+                leader, epoch = (
+                    self.view.leaders.get((name, p), (0, 0))
+                    if self.view is not None
+                    else (self.node_id, 0)
+                )
+                partitions.append(
+                    {
+                        "partition": p,
+                        "leader": leader,
+                        "leader_epoch": epoch,
+                        "replicas": [leader],
+                        "isr": [leader],
+                    }
+                )
             topics.append(
                 {
                     "topic": name,
@@ -151,8 +187,39 @@ class FakeBroker:
                     "segment_bytes": topic.segment_bytes,
                 }
             )
-        brokers = [{"node_id": 0, "host": "127.0.0.1", "port": self.port}]
+        members = self.view.brokers if self.view is not None else {self.node_id: self}
+        brokers = [
+            {"node_id": node_id, "host": "127.0.0.1", "port": broker.port}
+            for node_id, broker in members.items()
+        ]
         return {"brokers": brokers, "topics": topics}
+
+
+class FakeCluster:
+    """Several fake brokers (node ids 0, 1, ...) sharing one `ClusterView` and one topic
+    table: `await FakeCluster.start(nursery, 3, {"t": FakeTopic(partitions=3)})`."""
+
+    def __init__(self, view: ClusterView) -> None:
+        self.view = view
+
+    @classmethod
+    async def start(
+        cls, nursery: trio.Nursery, count: int, topics: dict[str, FakeTopic]
+    ) -> "FakeCluster":
+        view = ClusterView()
+        for node_id in range(count):
+            broker = FakeBroker(topics, node_id=node_id, view=view)
+            view.brokers[node_id] = broker
+            await nursery.start(broker.serve)
+        return cls(view)
+
+    @property
+    def brokers(self) -> dict[int, FakeBroker]:
+        return self.view.brokers
+
+    @property
+    def bootstrap(self) -> str:
+        return self.view.brokers[0].bootstrap
 
 
 def produce_answer(request: Request, base_offset: int = 0, error_code: int = 0) -> dict:
