@@ -32,6 +32,12 @@ read-index protocol: the leader confirms its leadership with a heartbeat round a
 its commit index; once this node has applied that index the query runs on the state
 machine.
 
+Leadership changes are published, not queued: `leadership()` is the (term, leader) of the
+last Ready handled, and `wait_leadership_change(previous)` returns the current one as soon
+as it differs from what the caller saw last. One trio.Event, replaced on each change, wakes
+every waiter; a slow consumer skips intermediate changes and sees the latest, so the ready
+task never waits for consumers and nothing piles up.
+
 Persisters decide how a Ready reaches stable storage: `MemoryPersister` (MemoryStorage,
 inline), `DurablePersister` (DurableStorage: page-cache writes inline, fsyncs and file
 replacement in a worker thread), and the simulation's disk in the tests.
@@ -53,7 +59,16 @@ import trio
 from .config import RaftConfig
 from .durable_storage import DurableStorage
 from .log_storage import LogStorage, MemoryStorage
-from .messages import ConfigChange, Entry, Message, MessageType, Ready, Snapshot, entry_bytes
+from .messages import (
+    NO_NODE,
+    ConfigChange,
+    Entry,
+    Message,
+    MessageType,
+    Ready,
+    Snapshot,
+    entry_bytes,
+)
 from .node import NotLeaderError, ProposalDroppedError, RaftError, RaftNode
 from .transport import Transport
 
@@ -106,6 +121,18 @@ class DriverStatistics:
     pending_proposals: int
     pending_reads: int
     snapshots_taken: int
+    leadership_changes: int  # times leadership() changed since the driver was created
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Leadership:
+    """Who leads which term, as of the last Ready this node persisted (so a leader's own
+    term and vote are durable when it sees itself here). `leader` is 0 while none is known
+    (an election, a leader that stepped down). A leader that sees itself may not have
+    committed an entry of its term yet: read through the log (`read`) before deciding."""
+
+    term: int
+    leader: int
 
 
 class StateMachine(Protocol):
@@ -258,6 +285,9 @@ class RaftDriver:
         self._stopped = False
         self._readies = self._entries_persisted = self._entries_applied = 0
         self._messages_sent = self._messages_dropped = self._snapshots_taken = 0
+        self._leadership = Leadership(term=self.node.term, leader=NO_NODE)
+        self._leadership_changed = trio.Event()
+        self._leadership_changes = 0
 
     @property
     def node_id(self) -> int:
@@ -280,6 +310,7 @@ class RaftDriver:
         finally:
             self._stopped = True
             self._fail_everything(DriverStoppedError("the raft driver stopped"))
+            self._leadership_changed.set()  # waiters wake and see that we stopped
 
     def _wake(self) -> None:
         self._wakeup.set()
@@ -325,6 +356,7 @@ class RaftDriver:
         for entry in ready.committed_entries:
             self._apply(entry)
         self.node.advance(ready)
+        self._publish_leadership(ready)
         for state in ready.read_states:
             waiter = self._reads.pop(state.request_context, None)
             if waiter is not None:
@@ -332,6 +364,17 @@ class RaftDriver:
                 self._reads_awaiting_apply.append(waiter)
         self._release_reads()
         await self._maybe_snapshot()
+
+    def _publish_leadership(self, ready: Ready) -> None:
+        previous = self._leadership
+        term = previous.term if ready.hard_state is None else ready.hard_state.term
+        leader = previous.leader if ready.soft_state is None else ready.soft_state.leader
+        if (term, leader) == (previous.term, previous.leader):
+            return
+        self._leadership = Leadership(term=term, leader=leader)
+        self._leadership_changes += 1
+        self._leadership_changed.set()
+        self._leadership_changed = trio.Event()
 
     def _send(self, messages: tuple[Message, ...]) -> None:
         config = self._raft_config
@@ -502,6 +545,24 @@ class RaftDriver:
         if self._stopped or not self._running:
             raise DriverStoppedError("the raft driver is not running")
 
+    # Leadership.
+
+    def leadership(self) -> Leadership:
+        """The term and leader as of the last Ready handled (leader 0: none known)."""
+        return self._leadership
+
+    async def wait_leadership_change(self, previous: Leadership) -> Leadership:
+        """Return the current Leadership once it differs from `previous` (at once if it
+        already does). Changes are not queued: a caller that comes back late gets the
+        latest one, having skipped those in between. Raises DriverStoppedError once the
+        driver has stopped. Safe to cancel (nothing is consumed)."""
+        while True:
+            if self._stopped:
+                raise DriverStoppedError("the raft driver stopped")
+            if self._leadership != previous:
+                return self._leadership
+            await self._leadership_changed.wait()
+
     # Pass-throughs the application needs.
 
     def campaign(self) -> None:
@@ -524,6 +585,7 @@ class RaftDriver:
             pending_proposals=len(self._proposals),
             pending_reads=len(self._reads) + len(self._reads_awaiting_apply),
             snapshots_taken=self._snapshots_taken,
+            leadership_changes=self._leadership_changes,
         )
 
 

@@ -16,6 +16,7 @@ from broker.raft.driver import (
     DriverConfig,
     coalesce_appends,
     DriverStoppedError,
+    Leadership,
     ProposalTimeoutError,
     RaftDriver,
     ReadTimeoutError,
@@ -208,6 +209,102 @@ async def test_a_failing_disk_stops_the_driver_without_advancing(nursery, autoju
             driver.campaign()
     assert caught.group_contains(OSError)
     assert driver.node.applied_index <= applied
+
+
+async def watch_leadership(driver: RaftDriver, seen: list[Leadership]) -> None:
+    """A consumer that records every leadership it is told about."""
+    current = driver.leadership()
+    while True:
+        current = await driver.wait_leadership_change(current)
+        seen.append(current)
+
+
+async def wait_for(condition, timeout_seconds: float = 10.0) -> None:
+    with trio.fail_after(timeout_seconds):
+        while not condition():
+            await trio.sleep(0.01)
+
+
+async def test_leader_and_follower_are_told_of_a_new_leader(nursery, autojump_clock):
+    cluster = await make_cluster(nursery)
+    old = await cluster.wait_leader()
+    follower = next(node for node in cluster.alive() if node is not old)
+    await follower.client().get(b"warm-up")  # the follower has heard of the leader
+    before = old.driver.leadership()
+    assert before.leader == old.node_id
+    assert follower.driver.leadership() == before
+    seen_by_old: list[Leadership] = []
+    seen_by_follower: list[Leadership] = []
+    nursery.start_soon(watch_leadership, old.driver, seen_by_old)
+    nursery.start_soon(watch_leadership, follower.driver, seen_by_follower)
+
+    cluster.network.isolate(old.node_id, cluster.node_ids)
+    # The follower is told of the new leader, in a later term.
+    await wait_for(lambda: any(s.leader not in (0, old.node_id) for s in seen_by_follower))
+    new = next(s for s in seen_by_follower if s.leader not in (0, old.node_id))
+    assert new.term > before.term
+    # The old leader, alone, steps down (check-quorum) and is told there is no leader.
+    await wait_for(lambda: Leadership(term=before.term, leader=0) in seen_by_old)
+    cluster.network.heal()
+    await wait_for(lambda: old.driver.leadership().leader not in (0, old.node_id))
+    latest = old.driver.leadership()
+    assert latest.term >= new.term and seen_by_old[-1] == latest
+    assert old.driver.statistics().leadership_changes >= 2
+
+
+async def test_a_slow_leadership_consumer_neither_blocks_the_driver_nor_queues(
+    nursery, autojump_clock
+):
+    cluster = await make_cluster(nursery)
+    leader = await cluster.wait_leader()
+    watched = next(node for node in cluster.alive() if node is not leader)
+    await watched.client().get(b"warm-up")
+    stale = watched.driver.leadership()
+    woken = trio.Event()
+
+    async def slow_consumer() -> None:
+        await watched.driver.wait_leadership_change(stale)
+        woken.set()
+        await trio.sleep_forever()  # never asks again while leadership keeps changing
+
+    nursery.start_soon(slow_consumer)
+    changes_before = watched.driver.statistics().leadership_changes
+    for round_number in range(6):
+        current = await cluster.wait_leader()
+        target = cluster.node_ids[(cluster.node_ids.index(current.node_id) + 1) % 3]
+        current.driver.transfer_leadership(target)
+        await wait_for(lambda: (cluster.leader() or current).node_id == target)
+        await cluster.nodes[target].client().put(b"round", b"%d" % round_number)
+    assert woken.is_set()
+    # Leadership moved at least six times under the parked consumer, and the driver kept
+    # applying (every put above returned): it never waited for the consumer.
+    assert watched.driver.statistics().leadership_changes - changes_before >= 6
+    await wait_for(lambda: watched.driver.leadership().leader == cluster.nodes[target].node_id)
+    # Coming back late, a consumer is told the latest leadership at once, not the backlog.
+    with trio.fail_after(0.001):
+        latest = await watched.driver.wait_leadership_change(stale)
+    assert latest == watched.driver.leadership() and latest.leader == target
+
+
+async def test_waiting_for_a_leadership_change_ends_when_the_driver_stops(nursery, autojump_clock):
+    cluster = await make_cluster(nursery, size=1)
+    node = await cluster.wait_leader()
+    await node.client().put(b"k", b"v")
+    outcome: list[BaseException] = []
+
+    async def waiter() -> None:
+        try:
+            await node.driver.wait_leadership_change(node.driver.leadership())
+        except DriverStoppedError as error:
+            outcome.append(error)
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(waiter)
+        await trio.sleep(0.1)
+        await cluster.crash(node.node_id)
+    assert len(outcome) == 1
+    with pytest.raises(DriverStoppedError):
+        await node.driver.wait_leadership_change(Leadership(term=0, leader=0))
 
 
 # A single node on DurableStorage, with real worker threads for fsync.
