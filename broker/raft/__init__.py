@@ -29,6 +29,7 @@ from .messages import (
 )
 from .node import (
     ConfigChangeError,
+    ConfigChangeInProgressError,
     NotLeaderError,
     ProposalDroppedError,
     ProposalTooLargeError,
@@ -44,6 +45,7 @@ __all__ = [
     "CompactedError",
     "ConfigChange",
     "ConfigChangeError",
+    "ConfigChangeInProgressError",
     "ConfigChangeKind",
     "Configuration",
     "Entry",

@@ -69,7 +69,13 @@ from .messages import (
     Snapshot,
     entry_bytes,
 )
-from .node import NotLeaderError, ProposalDroppedError, RaftError, RaftNode
+from .node import (
+    ConfigChangeInProgressError,
+    NotLeaderError,
+    ProposalDroppedError,
+    RaftError,
+    RaftNode,
+)
 from .transport import Transport
 
 logger = logging.getLogger("dwal.raft")
@@ -99,13 +105,19 @@ class DriverConfig:
     read_timeout_seconds: float = 5.0
     pending_proposals_max: int = 8192  # waiting callers of `propose`
     pending_reads_max: int = 4096  # waiting callers of `read`
+    # Callers of `propose_config_change` in line, the one in progress included; more are
+    # refused at once with ProposalDroppedError.
+    pending_config_changes_max: int = 64
     snapshot_interval_entries: int = 0  # snapshot and compact every N applied (0: never)
 
     def validate(self) -> None:
         """Raise ValueError for an impossible setting."""
         if self.tick_interval_seconds <= 0:
             raise ValueError("tick_interval_seconds must be positive")
-        if self.pending_proposals_max < 1 or self.pending_reads_max < 1:
+        if (
+            min(self.pending_proposals_max, self.pending_reads_max, self.pending_config_changes_max)
+            < 1
+        ):
             raise ValueError("pending limits must be >= 1")
         if self.snapshot_interval_entries < 0:
             raise ValueError("snapshot_interval_entries must be >= 0")
@@ -120,6 +132,7 @@ class DriverStatistics:
     messages_dropped: int
     pending_proposals: int
     pending_reads: int
+    pending_config_changes: int  # callers of propose_config_change in line
     snapshots_taken: int
     leadership_changes: int  # times leadership() changed since the driver was created
 
@@ -288,6 +301,9 @@ class RaftDriver:
         self._leadership = Leadership(term=self.node.term, leader=NO_NODE)
         self._leadership_changed = trio.Event()
         self._leadership_changes = 0
+        self._config_change_lock = trio.Lock()  # fair: changes go in arrival order
+        self._config_changes_pending = 0
+        self._applied_more = trio.Event()  # replaced whenever a Ready applied something
 
     @property
     def node_id(self) -> int:
@@ -311,6 +327,7 @@ class RaftDriver:
             self._stopped = True
             self._fail_everything(DriverStoppedError("the raft driver stopped"))
             self._leadership_changed.set()  # waiters wake and see that we stopped
+            self._applied_more.set()
 
     def _wake(self) -> None:
         self._wakeup.set()
@@ -357,6 +374,9 @@ class RaftDriver:
             self._apply(entry)
         self.node.advance(ready)
         self._publish_leadership(ready)
+        if ready.committed_entries or ready.snapshot is not None:
+            self._applied_more.set()
+            self._applied_more = trio.Event()
         for state in ready.read_states:
             waiter = self._reads.pop(state.request_context, None)
             if waiter is not None:
@@ -482,15 +502,53 @@ class RaftDriver:
     ) -> None:
         """Replicate a membership change and wait until it is applied (in force).
 
-        Raises what `propose` raises, and ConfigChangeError.
+        The node takes one change at a time, so concurrent callers (several learners
+        registering at once) wait in line, first come first served, at most
+        `pending_config_changes_max` of them; a change the node refuses only because an
+        earlier one (or the leader's no-op) is not applied yet is proposed again as soon as
+        more entries are applied. The timeout covers the wait in line too.
+
+        Raises what `propose` raises, ConfigChangeError, and ProposalDroppedError (it did
+        not and will not take effect) when the line is full or the timeout passes before the
+        change could be proposed. Safe to cancel (the outcome is then unknown).
         """
         self._check_running()
-        index = self.node.propose_config_change(change)
-        waiter = _Waiter(term=self.node.term, done=trio.Event())
-        self._proposals[index] = waiter
-        self._wake()
+        if self._config_changes_pending >= self.options.pending_config_changes_max:
+            raise ProposalDroppedError("too many pending configuration changes")
         timeout = _timeout(timeout_seconds, self.options.proposal_timeout_seconds)
-        await self._wait(waiter, timeout, lambda: self._forget_proposal(index, waiter))
+        deadline = trio.current_time() + timeout
+        self._config_changes_pending += 1
+        try:
+            acquired = False
+            with trio.move_on_at(deadline):
+                await self._config_change_lock.acquire()
+                acquired = True  # no checkpoint between acquiring and this line
+            if not acquired:
+                raise ProposalDroppedError("timed out behind earlier configuration changes")
+            try:
+                index = await self._propose_config_change_in_turn(change, deadline)
+                waiter = _Waiter(term=self.node.term, done=trio.Event())
+                self._proposals[index] = waiter
+                self._wake()
+                remaining = max(deadline - trio.current_time(), 0.0)
+                await self._wait(waiter, remaining, lambda: self._forget_proposal(index, waiter))
+            finally:
+                self._config_change_lock.release()
+        finally:
+            self._config_changes_pending -= 1
+
+    async def _propose_config_change_in_turn(self, change: ConfigChange, deadline: float) -> int:
+        """Propose `change`, retrying while the node still applies an earlier change."""
+        while True:
+            self._check_running()
+            try:
+                return self.node.propose_config_change(change)
+            except ConfigChangeInProgressError:
+                applied_more = self._applied_more
+            with trio.move_on_at(deadline):
+                await applied_more.wait()
+            if not applied_more.is_set():
+                raise ProposalDroppedError("an earlier configuration change was not applied")
 
     async def read(self, query: Callable[[], T], *, timeout_seconds: float | None = None) -> T:
         """Run `query` (a synchronous function reading the state machine) linearizably: after
@@ -584,6 +642,7 @@ class RaftDriver:
             messages_dropped=self._messages_dropped,
             pending_proposals=len(self._proposals),
             pending_reads=len(self._reads) + len(self._reads_awaiting_apply),
+            pending_config_changes=self._config_changes_pending,
             snapshots_taken=self._snapshots_taken,
             leadership_changes=self._leadership_changes,
         )

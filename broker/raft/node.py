@@ -89,6 +89,12 @@ class ProposalTooLargeError(ProposalDroppedError):
     """The entry can never be proposed: it is larger than max_append_bytes."""
 
 
+class ConfigChangeInProgressError(ProposalDroppedError):
+    """Retriable: an earlier configuration change (or the leader's no-op of this term) is
+    not applied yet; the node takes one change at a time. Try again once more entries are
+    applied (RaftDriver.propose_config_change does)."""
+
+
 class ConfigChangeError(RaftError):
     """The configuration change is not allowed (e.g. removing the last voter)."""
 
@@ -252,12 +258,13 @@ class RaftNode:
 
     def propose_config_change(self, change: ConfigChange) -> int:
         """Propose one membership change; returns the entry's index. Raises NotLeaderError,
-        ProposalDroppedError (an earlier change is not applied yet, or the leader's no-op
-        of this term is not applied yet, or a transfer is in progress), ConfigChangeError."""
+        ConfigChangeInProgressError (a ProposalDroppedError: an earlier change, or the
+        leader's no-op of this term, is not applied yet), ProposalDroppedError (a transfer
+        is in progress), ConfigChangeError."""
         if self._role != Role.LEADER:
             raise NotLeaderError(self._leader)
         if self._pending_config_index > self._log.applying:
-            raise ProposalDroppedError("an earlier configuration change is not applied yet")
+            raise ConfigChangeInProgressError("an earlier configuration change is not applied yet")
         _check_config_change(self._tracker.configuration, change)
         index = self._propose(EntryKind.CONFIG_CHANGE, encode_config_change(change))
         self._pending_config_index = index

@@ -8,6 +8,7 @@ from test_core_network import Network
 from broker.raft import (
     ConfigChange,
     ConfigChangeError,
+    ConfigChangeInProgressError,
     ConfigChangeKind,
     Configuration,
     EntryKind,
@@ -67,8 +68,9 @@ def test_only_one_config_change_at_a_time():
     network.isolate(1)
     leader = network.nodes[1]
     leader.propose_config_change(ConfigChange(kind=ADD_LEARNER, node_id=4))
-    with pytest.raises(ProposalDroppedError):
+    with pytest.raises(ConfigChangeInProgressError) as caught:
         leader.propose_config_change(ConfigChange(kind=ADD_LEARNER, node_id=5))
+    assert isinstance(caught.value, ProposalDroppedError)  # what callers caught before
     network.recover()
     network.tick([1])
     leader.propose_config_change(ConfigChange(kind=ADD_LEARNER, node_id=5))  # now allowed
@@ -78,7 +80,7 @@ def test_no_config_change_before_the_leaders_no_op_is_applied():
     network = Network.create()
     network.drop_if(lambda m: m.type == MessageType.APPEND)
     leader = network.elect(1)
-    with pytest.raises(ProposalDroppedError):
+    with pytest.raises(ConfigChangeInProgressError):
         leader.propose_config_change(ConfigChange(kind=ADD_LEARNER, node_id=9))
     network.recover()
     network.tick([1])

@@ -4,6 +4,7 @@ with real threads."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -34,7 +35,7 @@ from broker.raft.messages import (
     Ready,
     Role,
 )
-from broker.raft.node import NotLeaderError
+from broker.raft.node import NotLeaderError, ProposalDroppedError, RaftError
 
 OPTIONS = DriverConfig(
     tick_interval_seconds=0.01, proposal_timeout_seconds=2, read_timeout_seconds=2
@@ -451,6 +452,103 @@ async def test_membership_changes_through_the_driver(nursery, autojump_clock):
             await trio.sleep(0.01)
     await new_leader.client().put(b"after", b"removal")
     assert new_leader.driver.node.configuration.voters == {1, 2, 3, 4} - {leader.node_id}
+
+
+async def make_joining_cluster(nursery, learners: list[int], options=OPTIONS):
+    """Voters 1-3 and nodes `learners` started outside the configuration (to join)."""
+    network = MemoryNetwork(random.Random(5))
+    await nursery.start(network.run)
+    cluster = SimulatedCluster(
+        nursery,
+        network,
+        [1, 2, 3, *learners],
+        random.Random(5),
+        raft_config=raft_config,
+        driver_options=options,
+        initial_voters=[1, 2, 3],
+    )
+    await cluster.start_all()
+    return cluster
+
+
+async def change_all_at_once(driver: RaftDriver, changes: list[ConfigChange]) -> dict:
+    """Propose every change from its own task at the same moment; {node: error or None}."""
+    outcome: dict[int, BaseException | None] = {}
+
+    async def one(change: ConfigChange) -> None:
+        try:
+            await driver.propose_config_change(change)
+            outcome[change.node_id] = None
+        except RaftError as error:
+            outcome[change.node_id] = error
+
+    async with trio.open_nursery() as inner:
+        for change in changes:
+            inner.start_soon(one, change)
+    return outcome
+
+
+async def test_learners_registering_at_once_all_join_and_can_all_be_promoted(
+    nursery, autojump_clock
+):
+    newcomers = [4, 5, 6, 7, 8]
+    cluster = await make_joining_cluster(nursery, newcomers)
+    leader = await cluster.wait_leader()
+    await leader.client().put(b"before", b"join")
+    adds = [ConfigChange(kind=ConfigChangeKind.ADD_LEARNER, node_id=n) for n in newcomers]
+    outcome = await change_all_at_once(leader.driver, adds)
+    assert outcome == {node: None for node in newcomers}
+    assert leader.driver.node.configuration.learners == set(newcomers)
+    assert leader.driver.statistics().pending_config_changes == 0
+    await wait_applied(cluster, leader.driver.node.commit_index)
+    for node in newcomers:
+        assert cluster.nodes[node].driver.node.configuration.learners == set(newcomers)
+        assert cluster.nodes[node].store.data == {b"before": b"join"}
+    promotions = [ConfigChange(kind=ConfigChangeKind.ADD_VOTER, node_id=n) for n in newcomers]
+    outcome = await change_all_at_once(leader.driver, promotions)
+    assert outcome == {node: None for node in newcomers}
+    assert leader.driver.node.configuration.voters == {1, 2, 3, *newcomers}
+    await leader.client().put(b"after", b"promotion")
+
+
+async def test_a_change_proposed_as_soon_as_leading_waits_for_the_no_op(nursery, autojump_clock):
+    # The node refuses changes until its no-op of the term is applied; the driver retries.
+    cluster = await make_joining_cluster(nursery, [4])
+    joined: list[int] = []
+
+    async def join_when_leading(driver: RaftDriver, done: trio.CancelScope) -> None:
+        leadership = driver.leadership()
+        while leadership.leader != driver.node_id:
+            leadership = await driver.wait_leadership_change(leadership)
+        assert driver.node.applied_index < driver.node.last_index  # the no-op is not applied
+        await driver.propose_config_change(
+            ConfigChange(kind=ConfigChangeKind.ADD_LEARNER, node_id=4)
+        )
+        joined.append(driver.node_id)
+        done.cancel()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as inner:
+            for node_id in (1, 2, 3):
+                driver = cluster.nodes[node_id].driver
+                assert driver is not None
+                inner.start_soon(join_when_leading, driver, inner.cancel_scope)
+    assert len(joined) == 1
+    assert cluster.nodes[joined[0]].driver.node.configuration.learners == {4}
+
+
+async def test_configuration_changes_in_line_are_bounded(nursery, autojump_clock):
+    options = dataclasses.replace(OPTIONS, pending_config_changes_max=2)
+    cluster = await make_joining_cluster(nursery, [4, 5, 6, 7], options=options)
+    leader = await cluster.wait_leader()
+    await leader.client().put(b"warm", b"up")
+    adds = [ConfigChange(kind=ConfigChangeKind.ADD_LEARNER, node_id=n) for n in [4, 5, 6, 7]]
+    outcome = await change_all_at_once(leader.driver, adds)
+    joined = {node for node, error in outcome.items() if error is None}
+    refused = {node: error for node, error in outcome.items() if error is not None}
+    assert len(joined) == 2 and len(refused) == 2
+    assert all(type(error) is ProposalDroppedError for error in refused.values())
+    assert leader.driver.node.configuration.learners == joined
 
 
 async def test_three_durable_nodes_over_tcp_survive_a_leader_restart(tmp_path):
