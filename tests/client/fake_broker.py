@@ -13,18 +13,21 @@ answers; a test moves a leader by changing the view (`FakeCluster.start` builds 
 
 from __future__ import annotations
 
+import collections
 import socket
-
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
 from protocol import (
+    EARLIEST_TIMESTAMP,
     ApiKey,
     ErrorCode,
     FrameDecoder,
     Request,
+    decode_records,
+    encode_batch,
     parse_request,
     response_prefix,
 )
@@ -57,10 +60,14 @@ class ReceivedRequest:
         return ApiKey(self.request.api_key)
 
     async def answer(
-        self, body: dict[str, Any], error_code: ErrorCode = ErrorCode.NONE, message=None
+        self,
+        body: dict[str, Any],
+        error_code: ErrorCode = ErrorCode.NONE,
+        message=None,
+        tail: bytes = b"",
     ) -> None:
-        prefix = response_prefix(self.request.correlation_id, error_code, message, body)
-        await self.connection.send(prefix)
+        prefix = response_prefix(self.request.correlation_id, error_code, message, body, len(tail))
+        await self.connection.send(prefix + tail)
 
 
 @dataclass
@@ -233,3 +240,131 @@ def produce_answer(request: Request, base_offset: int = 0, error_code: int = 0) 
             partitions.append(result)
         topics.append({"topic": entry["topic"], "partitions": partitions})
     return {"topics": topics}
+
+
+class PartitionLogs:
+    """Toy storage behind a FakeCluster: each broker answers Produce, Fetch and ListOffsets
+    for the partitions it leads (by `leaders`, the truth, which the metadata view may lag
+    behind; by default the view's leader) and NOT_LEADER_OR_FOLLOWER for the others.
+    `records` holds each partition's stored values; `produced` and `fetched` say which
+    broker got which partition's data or fetch, in order; `refused` which it refused
+    (`refusal` is set at each). A closed gate (`gates[node_id] = trio.Event()`) holds that
+    broker's next Produce answer until the gate is set (`held` is set when one waits).
+    Start with `start()`."""
+
+    def __init__(self, cluster: FakeCluster) -> None:
+        self.cluster = cluster
+        self.records: dict[tuple[str, int], list[bytes | None]] = collections.defaultdict(list)
+        self.leaders: dict[tuple[str, int], int] = {}
+        self.produced: list[tuple[int, str, int, list[bytes | None]]] = []
+        self.fetched: list[tuple[int, str, int, int]] = []  # node, topic, partition, offset
+        self.refused: list[tuple[int, ApiKey, str, int]] = []
+        self.refusal = trio.Event()
+        self.gates: dict[int, trio.Event] = {}
+        self.held = trio.Event()
+
+    async def start(self, nursery: trio.Nursery) -> "PartitionLogs":
+        for node_id, broker in self.cluster.brokers.items():
+            nursery.start_soon(self._serve, node_id, broker)
+        return self
+
+    def leader(self, topic: str, partition: int) -> int:
+        key = (topic, partition)
+        if key in self.leaders:
+            return self.leaders[key]
+        return self.cluster.view.leaders.get(key, (0, 0))[0]
+
+    def move(self, topic: str, partition: int, leader: int, leader_epoch: int) -> None:
+        """Move leadership, and let the metadata view say so."""
+        self.leaders[(topic, partition)] = leader
+        self.cluster.view.move(topic, partition, leader, leader_epoch)
+
+    async def _serve(self, node_id: int, broker: FakeBroker) -> None:
+        while True:
+            received = await broker.next_request(ApiKey.METADATA)
+            if received.api_key == ApiKey.PRODUCE:
+                gate = self.gates.get(node_id)
+                if gate is not None:
+                    self.held.set()
+                    await gate.wait()
+                await received.answer(self._produce(node_id, received.request))
+            elif received.api_key == ApiKey.FETCH:
+                body, tail = self._fetch(node_id, received.request)
+                if not tail:  # a long poll with nothing to give: wait a little
+                    await trio.sleep(min(received.request.body["max_wait_ms"], 20) / 1000)
+                await received.answer(body, tail=tail)
+            elif received.api_key == ApiKey.LIST_OFFSETS:
+                await received.answer(self._list_offsets(node_id, received.request))
+            else:
+                raise AssertionError(f"PartitionLogs cannot answer {received.api_key.name}")
+
+    def _refusal(self, node_id: int, api_key: ApiKey, topic: str, partition: int) -> dict:
+        self.refused.append((node_id, api_key, topic, partition))
+        self.refusal.set()
+        return {"partition": partition, "error_code": int(ErrorCode.NOT_LEADER_OR_FOLLOWER)}
+
+    def _produce(self, node_id: int, request: Request) -> dict[str, Any]:
+        view = memoryview(request.tail)
+        start = 0
+        topics = []
+        for entry in request.body["topics"]:
+            partitions = []
+            for part in entry["partitions"]:
+                topic, partition = entry["topic"], part["partition"]
+                chunk = view[start : start + part["size"]]
+                start += part["size"]
+                if self.leader(topic, partition) != node_id:
+                    partitions.append(self._refusal(node_id, ApiKey.PRODUCE, topic, partition))
+                    continue
+                values = [record.value for record in decode_records(chunk)]
+                log = self.records[(topic, partition)]
+                partitions.append(
+                    {"partition": partition, "error_code": 0, "base_offset": len(log)}
+                )
+                log.extend(values)
+                self.produced.append((node_id, topic, partition, values))
+            topics.append({"topic": entry["topic"], "partitions": partitions})
+        return {"topics": topics}
+
+    def _fetch(self, node_id: int, request: Request) -> tuple[dict[str, Any], bytes]:
+        topics = []
+        tail = []
+        for entry in request.body["topics"]:
+            partitions = []
+            for part in entry["partitions"]:
+                topic, partition, offset = entry["topic"], part["partition"], part["fetch_offset"]
+                if self.leader(topic, partition) != node_id:
+                    partitions.append(self._refusal(node_id, ApiKey.FETCH, topic, partition))
+                    continue
+                self.fetched.append((node_id, topic, partition, offset))
+                log = self.records[(topic, partition)]
+                data = b""
+                if offset < len(log):
+                    shaped = [[0, None, value, []] for value in log[offset:]]
+                    data = encode_batch(shaped, base_timestamp=0, base_offset=offset)
+                    tail.append(data)
+                partitions.append(
+                    {
+                        "partition": partition,
+                        "error_code": 0,
+                        "high_watermark": len(log),
+                        "size": len(data),
+                    }
+                )
+            topics.append({"topic": entry["topic"], "partitions": partitions})
+        return {"topics": topics}, b"".join(tail)
+
+    def _list_offsets(self, node_id: int, request: Request) -> dict[str, Any]:
+        topics = []
+        for entry in request.body["topics"]:
+            partitions = []
+            for part in entry["partitions"]:
+                topic, partition = entry["topic"], part["partition"]
+                if self.leader(topic, partition) != node_id:
+                    partitions.append(self._refusal(node_id, ApiKey.LIST_OFFSETS, topic, partition))
+                    continue
+                end = len(self.records[(topic, partition)])
+                offset = 0 if part["timestamp"] == EARLIEST_TIMESTAMP else end
+                partitions.append({"partition": partition, "error_code": 0, "offset": offset})
+            topics.append({"topic": entry["topic"], "partitions": partitions})
+        return {"topics": topics}

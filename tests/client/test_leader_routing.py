@@ -1,0 +1,276 @@
+"""Clients route per partition leader: two or three fake brokers play one cluster whose
+metadata spreads leaders across them (fake_broker.FakeCluster), with toy storage behind
+(fake_broker.PartitionLogs) that refuses, as a real broker does, what it does not lead.
+
+The producer sends each partition's batches to its leader and nowhere else, follows a
+leader move (NOT_LEADER_OR_FOLLOWER from the old leader, then metadata naming the new one
+with a higher leader epoch) storing every record once and in order, and ignores metadata of
+an older leader epoch; the consumer fetches each partition from its leader and follows a
+move without losing or repeating a record."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+from fake_broker import FakeBroker, FakeCluster, FakeTopic, PartitionLogs, produce_answer
+
+import client
+from client import Consumer, Producer
+from client.cluster import Cluster
+from protocol import ApiKey, DwalError, ErrorCode
+
+
+async def start_cluster(
+    nursery: trio.Nursery, brokers: int, partitions: int
+) -> tuple[FakeCluster, PartitionLogs]:
+    fake = await FakeCluster.start(nursery, brokers, {"t": FakeTopic(partitions=partitions)})
+    logs = await PartitionLogs(fake).start(nursery)
+    return fake, logs
+
+
+def values(prefix: str, count: int) -> list[bytes | None]:
+    return [f"{prefix}{number}".encode() for number in range(count)]
+
+
+# -- the metadata cache -------------------------------------------------------------------
+
+
+def metadata_answer(leader: int, leader_epoch: int, *, brokers=(0, 1)) -> dict:
+    return {
+        "brokers": [{"node_id": b, "host": "127.0.0.1", "port": 9000 + b} for b in brokers],
+        "topics": [
+            {
+                "topic": "t",
+                "error_code": 0,
+                "error_message": None,
+                "partitions": [
+                    {
+                        "partition": 0,
+                        "leader": leader,
+                        "leader_epoch": leader_epoch,
+                        "replicas": [0, 1],
+                        "isr": [0, 1],
+                    }
+                ],
+                "max_message_bytes": -1,
+                "segment_bytes": -1,
+            }
+        ],
+    }
+
+
+async def test_the_cache_never_goes_back_to_an_older_leader_epoch(nursery):
+    cluster = Cluster([("127.0.0.1", 9)], nursery, "test", 1000)
+    cluster.apply_metadata(metadata_answer(leader=1, leader_epoch=5))
+    cluster.invalidate("t")  # only marks the topic for refreshing
+    cluster.apply_metadata(metadata_answer(leader=0, leader_epoch=4, brokers=(0,)))
+    leader = cluster.leader_of("t", 0)
+    assert leader is not None and (leader.node_id, leader.port) == (1, 9001)
+    assert cluster.topics["t"].partitions[0].leader_epoch == 5
+    cluster.apply_metadata(metadata_answer(leader=0, leader_epoch=6))
+    assert cluster.topics["t"].partitions[0].leader == 0
+    assert cluster.topics["t"].partitions[0].leader_epoch == 6
+    # the topic is gone: one created again under its name starts its epochs afresh
+    cluster.apply_metadata(
+        {"brokers": [], "topics": [{"topic": "t", "error_code": 3, "error_message": None}]}
+    )
+    assert "t" not in cluster.topics
+    cluster.apply_metadata(metadata_answer(leader=1, leader_epoch=0))
+    assert cluster.topics["t"].partitions[0].leader == 1
+
+
+# -- the producer -------------------------------------------------------------------------
+
+
+async def test_each_partition_goes_to_its_leader_and_nowhere_else(nursery):
+    fake, logs = await start_cluster(nursery, brokers=3, partitions=3)
+    leaders = {0: 2, 1: 0, 2: 1}
+    for partition, leader in leaders.items():
+        logs.move("t", partition, leader, 1)
+    async with client.connect(fake.bootstrap) as cluster:
+        async with Producer(cluster, linger_ms=0) as producer:
+            deliveries = [
+                await producer.send("t", f"p{n % 3}-{n // 3}".encode(), partition=n % 3)
+                for n in range(60)
+            ]
+        for delivery in deliveries:
+            await delivery.wait()
+    assert logs.refused == []
+    assert {node for node, *_ in logs.produced} == {0, 1, 2}
+    for node, _, partition, _ in logs.produced:
+        assert node == leaders[partition]
+    for partition in range(3):
+        assert logs.records[("t", partition)] == values(f"p{partition}-", 20)
+
+
+async def test_a_leader_move_is_followed_and_each_record_stored_once_in_order(nursery):
+    fake, logs = await start_cluster(nursery, brokers=2, partitions=2)
+    logs.move("t", 0, 0, 1)
+    logs.move("t", 1, 1, 1)
+
+    async def metadata_lags_behind_the_move():
+        await logs.refusal.wait()  # the old leader refused: only now does metadata say so
+        fake.view.move("t", 0, 1, 2)
+
+    async with client.connect(fake.bootstrap) as cluster:
+        # retries=0: leader errors do not count against retries; the delivery timeout bounds
+        async with Producer(
+            cluster, linger_ms=0, retries=0, retry_backoff_ms=5, delivery_timeout_ms=10_000
+        ) as producer:
+            deliveries = []
+            for number in range(60):
+                if number == 20:
+                    logs.leaders[("t", 0)] = 1  # the truth moves first
+                    nursery.start_soon(metadata_lags_behind_the_move)
+                deliveries.append(await producer.send("t", b"v%d" % number, partition=0))
+                deliveries.append(await producer.send("t", b"w%d" % number, partition=1))
+                await trio.sleep(0)
+        offsets = [(await delivery.wait()).offset for delivery in deliveries[0::2]]
+    assert offsets == list(range(60))
+    assert logs.records[("t", 0)] == values("v", 60)
+    assert logs.records[("t", 1)] == values("w", 60)
+    assert any(node == 0 and api == ApiKey.PRODUCE for node, api, *_ in logs.refused)
+    nodes = [node for node, _, partition, _ in logs.produced if partition == 0]
+    assert nodes[0] == 0 and nodes[-1] == 1
+    assert nodes == sorted(nodes)  # never back to the old leader
+
+
+async def test_a_partition_waits_for_its_requests_to_the_old_leader(nursery):
+    """Sending to the new leader while a request to the old one is unanswered could store
+    a later batch before an earlier one that the old leader then refuses."""
+    fake, logs = await start_cluster(nursery, brokers=2, partitions=1)
+    logs.move("t", 0, 0, 1)
+    async with client.connect(fake.bootstrap) as cluster:
+        async with Producer(cluster, linger_ms=0, retry_backoff_ms=5) as producer:
+            logs.gates[0] = trio.Event()
+            first = await producer.send("t", b"first")
+            await logs.held.wait()  # broker 0 has it and does not answer yet
+            logs.move("t", 0, 1, 2)
+            await cluster.refresh_metadata(["t"])
+            second = await producer.send("t", b"second")
+            await trio.sleep(0.05)
+            assert logs.produced == []  # nothing went to broker 1 meanwhile
+            logs.gates[0].set()  # broker 0 refuses "first": it is retried at broker 1
+        assert [(await first.wait()).offset, (await second.wait()).offset] == [0, 1]
+    assert logs.records[("t", 0)] == [b"first", b"second"]
+    assert {node for node, *_ in logs.produced} == {1}
+
+
+async def test_metadata_of_an_older_leader_epoch_is_ignored(nursery):
+    fake, logs = await start_cluster(nursery, brokers=2, partitions=1)
+    logs.move("t", 0, 1, 5)
+    async with client.connect(fake.bootstrap) as cluster:
+        async with Producer(cluster, linger_ms=0) as producer:
+            for number in range(5):
+                await producer.send("t", b"v%d" % number)
+            await producer.flush()
+            fake.view.move("t", 0, 0, 3)  # a broker that has not heard of epoch 5 yet
+            for _ in fake.brokers:  # metadata requests rotate: ask every broker
+                cluster.invalidate("t")
+                await cluster.refresh_metadata(["t"])
+            info = cluster.topics["t"].partitions[0]
+            assert (info.leader, info.leader_epoch) == (1, 5)
+            for number in range(5, 10):
+                await producer.send("t", b"v%d" % number)
+            await producer.flush()
+            logs.move("t", 0, 0, 6)  # a newer epoch wins
+            await cluster.refresh_metadata(["t"])
+            for number in range(10, 15):
+                await producer.send("t", b"v%d" % number)
+    assert logs.refused == []
+    assert [node for node, *_ in logs.produced][-1] == 0
+    assert {node for node, *_ in logs.produced[:-1]} == {1}
+    assert logs.records[("t", 0)] == values("v", 15)
+
+
+async def test_no_leader_within_the_delivery_timeout_fails_the_records(nursery):
+    fake, logs = await start_cluster(nursery, brokers=2, partitions=1)
+    logs.leaders[("t", 0)] = 1  # metadata keeps naming broker 0, which refuses
+    async with client.connect(fake.bootstrap) as cluster:
+        async with Producer(
+            cluster, linger_ms=0, retry_backoff_ms=20, delivery_timeout_ms=300
+        ) as producer:
+            started = trio.current_time()
+            delivery = await producer.send("t", b"v")
+            with pytest.raises(DwalError) as raised:
+                await delivery.wait()
+    assert raised.value.code == ErrorCode.NOT_LEADER_OR_FOLLOWER
+    assert trio.current_time() - started >= 0.3
+    assert len(logs.refused) > 3  # retried meanwhile, not counted against retries (5)
+    assert logs.records[("t", 0)] == []
+
+
+async def test_an_unknown_topic_while_metadata_spreads_is_retried(nursery, autojump_clock):
+    fake = FakeBroker({"t": FakeTopic()})
+    await nursery.start(fake.serve)
+    async with client.connect(fake.bootstrap) as cluster:
+        async with Producer(cluster, linger_ms=0) as producer:
+            delivery = await producer.send("t", b"v")
+            received = await fake.next_request(ApiKey.METADATA)
+            unknown = produce_answer(received.request, 0, ErrorCode.UNKNOWN_TOPIC_OR_PARTITION)
+            await received.answer(unknown)
+            with trio.fail_after(5):  # the retry
+                received = await fake.next_request(ApiKey.METADATA)
+            await received.answer(produce_answer(received.request, 7))
+        assert (await delivery.wait()).offset == 7
+
+
+# -- the consumer -------------------------------------------------------------------------
+
+
+async def poll_until(consumer: Consumer, count: int) -> list[tuple[int, int, bytes | None]]:
+    seen: list[tuple[int, int, bytes | None]] = []
+    with trio.fail_after(10):
+        while len(seen) < count:
+            for tp, records in (await consumer.poll(timeout_ms=50)).items():
+                seen.extend((tp.partition, r.offset, r.value) for r in records)
+    return seen
+
+
+async def test_the_consumer_fetches_each_partition_from_its_leader(nursery):
+    fake, logs = await start_cluster(nursery, brokers=3, partitions=3)
+    leaders = {0: 1, 1: 2, 2: 0}
+    for partition, leader in leaders.items():
+        logs.move("t", partition, leader, 1)
+        logs.records[("t", partition)].extend(values(f"p{partition}-", 10))
+    async with client.connect(fake.bootstrap) as cluster:
+        consumer = Consumer(cluster, auto_offset_reset="earliest", max_wait_ms=50)
+        await consumer.assign_topic("t")
+        seen = await poll_until(consumer, 30)
+        for partition in range(3):
+            mine = [(offset, value) for p, offset, value in seen if p == partition]
+            assert mine == list(enumerate(values(f"p{partition}-", 10)))
+            assert consumer.position(("t", partition)) == 10
+    assert logs.refused == []
+    assert {node for node, *_ in logs.fetched} == {0, 1, 2}
+    for node, _, partition, _ in logs.fetched:
+        assert node == leaders[partition]
+
+
+async def test_the_consumer_follows_a_leader_move(nursery):
+    fake, logs = await start_cluster(nursery, brokers=2, partitions=2)
+    logs.move("t", 0, 0, 1)
+    logs.move("t", 1, 1, 1)
+    for partition in range(2):
+        logs.records[("t", partition)].extend(values(f"p{partition}-", 10))
+    async with client.connect(fake.bootstrap) as cluster:
+        consumer = Consumer(cluster, auto_offset_reset="earliest", max_wait_ms=50)
+        await consumer.assign_topic("t")
+        seen = await poll_until(consumer, 20)
+        logs.leaders[("t", 0)] = 1  # the truth moves; metadata says so only after a refusal
+        for partition in range(2):
+            logs.records[("t", partition)].extend(values(f"p{partition}-", 20)[10:])
+        logs.refusal = trio.Event()
+        await trio.sleep(0)
+
+        async def metadata_lags_behind_the_move():
+            await logs.refusal.wait()
+            fake.view.move("t", 0, 1, 2)
+
+        nursery.start_soon(metadata_lags_behind_the_move)
+        seen += await poll_until(consumer, 20)
+    for partition in range(2):
+        mine = [(offset, value) for p, offset, value in seen if p == partition]
+        assert mine == list(enumerate(values(f"p{partition}-", 20)))
+    assert any(node == 0 and api == ApiKey.FETCH for node, api, *_ in logs.refused)
+    assert (1, "t", 0, 10) in logs.fetched  # the new leader, from where the old one stopped
