@@ -16,7 +16,8 @@ Buffered bytes are bounded by `buffer_bytes_max`: `send()` waits for space when 
 
 Leaders. Each partition's batches go to its leader as the cluster's metadata cache knows it.
 A broker that does not lead the partition (NOT_LEADER_OR_FOLLOWER), or no leader at all
-(LEADER_NOT_AVAILABLE, NOT_CONTROLLER), refuses before appending: metadata is refreshed and
+(LEADER_NOT_AVAILABLE, NOT_CONTROLLER), or a leader epoch mismatch (FENCED_LEADER_EPOCH,
+UNKNOWN_LEADER_EPOCH), refuses before appending: metadata is refreshed and
 the batch sent again after `retry_backoff_ms`, as often as needed within
 `delivery_timeout_ms` (these do not count against `retries`). UNKNOWN_TOPIC_OR_PARTITION,
 which a broker answers while news of a topic spreads, refreshes and counts against `retries`,
@@ -74,13 +75,17 @@ MAX_MESSAGE_BYTES_DEFAULT = 1024 * 1024 + 12
 ARRAY_HEADER_BYTES_MAX = 5  # msgpack array header of a batch's records
 _NO_HEADERS: tuple = ()
 
-# Refusals by a broker that does not lead the partition, or while none does: nothing was
-# appended; retried after a metadata refresh until the delivery timeout, not counted.
-# (NOT_CONTROLLER is picked up if protocol/errors.py defines it.)
+# Refusals by a broker that does not lead the partition, or while none does, or whose view
+# of leader epochs differs from ours: nothing was appended; retried after a metadata refresh
+# until the delivery timeout, not counted against `retries`.
 _LEADER_ERRORS = frozenset(
-    code
-    for code in ErrorCode
-    if code.name in ("NOT_LEADER_OR_FOLLOWER", "LEADER_NOT_AVAILABLE", "NOT_CONTROLLER")
+    {
+        ErrorCode.NOT_LEADER_OR_FOLLOWER,
+        ErrorCode.LEADER_NOT_AVAILABLE,
+        ErrorCode.NOT_CONTROLLER,
+        ErrorCode.FENCED_LEADER_EPOCH,
+        ErrorCode.UNKNOWN_LEADER_EPOCH,
+    }
 )
 # Errors after which the topic's metadata is asked for again before the retry.
 _REFRESH_ERRORS = _LEADER_ERRORS | {

@@ -200,6 +200,32 @@ async def test_no_leader_within_the_delivery_timeout_fails_the_records(nursery):
     assert logs.records[("t", 0)] == []
 
 
+@pytest.mark.parametrize(
+    "code",
+    [
+        ErrorCode.NOT_LEADER_OR_FOLLOWER,
+        ErrorCode.LEADER_NOT_AVAILABLE,
+        ErrorCode.NOT_CONTROLLER,
+        ErrorCode.FENCED_LEADER_EPOCH,
+        ErrorCode.UNKNOWN_LEADER_EPOCH,
+    ],
+)
+async def test_leader_errors_are_retried_without_counting(nursery, autojump_clock, code):
+    fake = FakeBroker({"t": FakeTopic()})
+    await nursery.start(fake.serve)
+    async with client.connect(fake.bootstrap) as cluster:
+        async with Producer(cluster, linger_ms=0, retries=0) as producer:
+            delivery = await producer.send("t", b"v")
+            for _ in range(3):
+                with trio.fail_after(5):
+                    received = await fake.next_request(ApiKey.METADATA)
+                await received.answer(produce_answer(received.request, 0, code))
+            with trio.fail_after(5):
+                received = await fake.next_request(ApiKey.METADATA)
+            await received.answer(produce_answer(received.request, 7))
+        assert (await delivery.wait()).offset == 7
+
+
 async def test_an_unknown_topic_while_metadata_spreads_is_retried(nursery, autojump_clock):
     fake = FakeBroker({"t": FakeTopic()})
     await nursery.start(fake.serve)
