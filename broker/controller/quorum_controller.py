@@ -21,11 +21,13 @@ applied every entry of its own log (which includes the term's no-op, so everythi
 by earlier leaders is in the image), writes the ClusterIdRecord if the log has none (a new
 cluster), and only then becomes active. Leaving the term cancels that term's tasks.
 
-Decisions (`submit`) run one at a time under a lock: each waits until the image has applied
-every entry of the leader's log (its own earlier proposals included, even one whose outcome
-was unknown), runs the pure `decide(image)`, proposes the encoded records as one entry and
-returns once that entry is committed and applied to this node's image. So no decision is
-taken on a stale image; a PartitionChangeRecord's compare-and-swap covers the rest.
+Decisions (`submit`) run one at a time, in arrival order (a fair lock): each waits until the
+image has applied every entry of the leader's log (its own earlier proposals included, even
+one whose outcome was unknown), then, with no checkpoint in between, runs the pure
+`decide(image)` and proposes the encoded records as one entry, and returns once that entry
+is committed and applied to this node's image. So no decision is taken on a stale image
+(the wait alone guarantees it; the lock keeps the order fair); a PartitionChangeRecord's
+compare-and-swap covers what a previous leader left uncommitted.
 
 Broker sessions live only in the active controller's memory, as in Kafka: `heartbeat`
 renews a broker's session (trio clock); a broker the active controller has not heard from
@@ -356,10 +358,17 @@ class QuorumController:
         return node.role == Role.LEADER and node.term == term and not self._stopped
 
     async def _wait_log_applied(self, term: int) -> None:
-        """Wait until the image has applied every entry of this leader's log as of now."""
-        if not self._leads(term):
-            raise self._not_controller()
-        await self.state.wait_image_at_least(self.driver.node.last_index)
+        """Wait until the image has applied every entry of this leader's log. Returns with
+        no checkpoint after the last check, so a synchronous decision and proposal that
+        follow see an image that includes every entry proposed before them. Raises
+        NotControllerError once this node no longer leads `term`."""
+        while True:
+            if not self._leads(term):
+                raise self._not_controller()
+            last_index = self.driver.node.last_index
+            if self.image.last_applied_index >= last_index:
+                return
+            await self.state.wait_image_at_least(last_index)
 
     def _not_controller(self) -> NotControllerError:
         leader = self.driver.leadership().leader

@@ -17,6 +17,7 @@ from broker.controller import (
     BrokerRegistration,
     Listener,
     MetadataImage,
+    MetadataRecord,
     apply,
     decode_entry,
     decode_snapshot,
@@ -53,6 +54,16 @@ def replay(storage: LogStorage, commit: int) -> MetadataImage:
                 records = decode_entry(entry.data)
             image = apply(image, records, entry_index=entry.index)
     return image
+
+
+def committed_records(storage: LogStorage, commit: int) -> list[MetadataRecord]:
+    """The records of the committed entries still in `storage`'s log (after its snapshot)."""
+    first = storage.snapshot().index + 1
+    records: list[MetadataRecord] = []
+    for entry in storage.entries(first, commit + 1) if commit >= first else []:
+        if entry.kind == EntryKind.NORMAL and entry.data:
+            records.extend(decode_entry(entry.data))
+    return records
 
 
 def incarnation(broker_id: int, generation: int = 0) -> bytes:

@@ -10,6 +10,7 @@ import random
 import pytest
 import trio
 from quorum_cluster import (
+    committed_records,
     CONFIG,
     ControllerCluster,
     raft_config,
@@ -18,10 +19,12 @@ from quorum_cluster import (
 )
 
 from broker.controller import (
+    ClusterIdRecord,
     NO_LEADER,
     MetadataImage,
     NewTopic,
     create_topic,
+    encode_entry,
     register_broker,
 )
 from broker.controller.quorum_controller import (
@@ -33,17 +36,19 @@ from broker.controller.quorum_controller import (
 )
 from broker.raft.log_storage import MemoryStorage
 from broker.raft.memory_transport import MemoryNetwork
-from broker.raft.messages import Configuration
+from broker.raft.messages import Configuration, Entry, HardState
 from broker.raft.node import RaftError
 from protocol.errors import DwalError, ErrorCode
 
 
-def new_topic(name: str, partitions: int, replication_factor: int = 1) -> NewTopic:
+def new_topic(
+    name: str, partitions: int, replication_factor: int = 1, generation: int = 1
+) -> NewTopic:
     return NewTopic(
         name=name,
         partitions=partitions,
         replication_factor=replication_factor,
-        topic_id=b"\xff" + sum(name.encode()).to_bytes(3, "big") + bytes(11) + b"\x01",
+        topic_id=b"\xff" + sum(name.encode()).to_bytes(3, "big") + bytes(11) + bytes([generation]),
     )
 
 
@@ -104,7 +109,11 @@ async def test_a_single_voter_writes_the_cluster_id_registers_and_creates_then_r
     async def second(controller: QuorumController) -> None:
         await controller.wait_image_at_least(image.last_applied_index)
         assert same_state(controller.image, image)
-        assert controller.image.cluster_id == "disk-cluster", "the cluster id is written once"
+        assert controller.image.cluster_id == "disk-cluster"
+        records = committed_records(controller.driver.storage, controller.image.last_applied_index)
+        assert [r for r in records if isinstance(r, ClusterIdRecord)] == [
+            ClusterIdRecord(cluster_id="disk-cluster")
+        ], "read through the log before deciding: the cluster id is written once"
 
     other_id = dataclasses.replace(DISK_CONFIG, cluster_id="another")
     await run_on_disk(tmp_path, other_id, second)
@@ -215,6 +224,7 @@ async def test_a_new_leader_continues_after_a_crash_and_a_partition(nursery, aut
     index = await second.submit(lambda image: create_topic(image, new_topic("b", 2, 3)))
     await trio.sleep(CONFIG.session_timeout_seconds * 2)
     assert second.image.unfenced_broker_ids() == [1, 2, 3], "heartbeating brokers stay"
+    assert second.statistics().brokers_fenced == 0, "one session of grace after failover"
 
     await cluster.start(first.node_id)
     cluster.network.isolate(second.node_id, cluster.node_ids)
@@ -229,6 +239,8 @@ async def test_a_new_leader_continues_after_a_crash_and_a_partition(nursery, aut
     images = [c.image for c in cluster.controllers()]
     assert all(same_state(image, images[0]) for image in images)
     assert sorted(images[0].topics) == ["a", "b", "c"]
+    records = committed_records(third.driver.storage, third.image.last_applied_index)
+    assert sum(isinstance(record, ClusterIdRecord) for record in records) == 1
 
 
 async def test_a_silent_broker_is_fenced_in_its_session_and_unfenced_after(nursery, autojump_clock):
@@ -284,3 +296,87 @@ async def test_a_silent_broker_is_fenced_in_its_session_and_unfenced_after(nurse
     await cluster.wait_all_applied(active.image.last_applied_index)
     cluster.check_images_equal_replay()
     assert replay(active.driver.storage, active.image.last_applied_index) == active.image
+
+
+async def registered_cluster(nursery, seed: int) -> tuple[ControllerCluster, QuorumController]:
+    cluster = await make_cluster(nursery, seed=seed)
+    for broker_id in (1, 2, 3):
+        await cluster.register(broker_id)
+        nursery.start_soon(cluster.heartbeat_forever, broker_id)
+    await trio.sleep(2)
+    return cluster, await cluster.wait_active()
+
+
+async def test_concurrent_decisions_never_share_an_image(nursery, autojump_clock):
+    cluster, active = await registered_cluster(nursery, seed=4)
+    outcomes: dict[int, object] = {}
+
+    async def create(generation: int) -> None:
+        topic = new_topic("y", 1, 1, generation)
+        try:
+            outcomes[generation] = await active.submit(lambda image: create_topic(image, topic))
+        except DwalError as error:
+            outcomes[generation] = error.code
+
+    async with trio.open_nursery() as creators:
+
+        def decide_and_start_others(image):
+            # They submit while this entry is proposed but not yet committed.
+            for generation in (2, 3):
+                creators.start_soon(create, generation)
+            return create_topic(image, new_topic("w", 1))
+
+        await active.submit(decide_and_start_others)
+    winners = [g for g, outcome in outcomes.items() if type(outcome) is int]
+    assert len(winners) == 1, outcomes
+    loser = ({2, 3} - set(winners)).pop()
+    assert outcomes[loser] == ErrorCode.TOPIC_ALREADY_EXISTS
+    assert active.image.topics["y"].topic_id == new_topic("y", 1, 1, winners[0]).topic_id
+
+
+async def test_a_decision_after_an_unknown_outcome_waits_for_that_entry(nursery, autojump_clock):
+    cluster, active = await registered_cluster(nursery, seed=5)
+    followers = [n for n in cluster.node_ids if n != active.node_id]
+    for follower in followers:  # the leader's appends arrive, their acknowledgements do not
+        cluster.network.cut(follower, active.node_id)
+    first = new_topic("z", 1, 1, 1)
+    with pytest.raises(DwalError) as caught:
+        await active.submit(lambda image: create_topic(image, first), timeout_seconds=0.03)
+    assert caught.value.code == ErrorCode.REQUEST_TIMED_OUT
+    assert "z" not in active.image.topics
+    cluster.network.heal()
+    second = new_topic("z", 1, 1, 2)
+    try:
+        index = await active.submit(lambda image: create_topic(image, second))
+    except DwalError as error:
+        # Decided once the first entry was in the image (or by a new leader after it).
+        assert error.code in (ErrorCode.TOPIC_ALREADY_EXISTS, ErrorCode.NOT_CONTROLLER)
+    else:  # only if the first entry was lost with a change of leader
+        assert active.image.topics["z"].topic_id == second.topic_id, index
+    await trio.sleep(1)
+    leader = await cluster.wait_active()
+    assert leader.image.topics["z"].topic_id == first.topic_id
+
+
+async def test_a_new_leader_reads_through_the_log_before_deciding(nursery, autojump_clock):
+    # Every voter holds an earlier term's entries, committed before a crash, but no voter
+    # stored the commit index (it is persisted lazily): a new leader learns they are
+    # committed only once its own no-op commits.
+    network = MemoryNetwork(random.Random(6))
+    await nursery.start(network.run)
+    cluster = ControllerCluster(nursery, network, [1, 2, 3], 6)
+    old_entries = [
+        Entry(term=1, index=1),
+        Entry(term=1, index=2, data=encode_entry([ClusterIdRecord(cluster_id="old")])),
+    ]
+    for node in cluster.nodes.values():
+        node.storage.append(old_entries)
+        node.storage.set_hard_state(HardState(term=1, vote=1, commit=0))
+    await cluster.start_all()
+    active = await cluster.wait_active()
+    assert active.image.cluster_id == "old"
+    await active.submit(lambda image: register_broker(image, registration(1)))
+    records = committed_records(active.driver.storage, active.image.last_applied_index)
+    assert [r for r in records if isinstance(r, ClusterIdRecord)] == [
+        ClusterIdRecord(cluster_id="old")
+    ], "the new leader decided on an image that had not read through the log"
