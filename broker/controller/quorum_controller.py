@@ -283,8 +283,10 @@ class QuorumController:
 
     @property
     def active_term(self) -> int | None:
-        """The term in which this node is the active controller, or None."""
-        return None if self._active is None else self._active.term
+        """The term in which this node is the active controller, or None (also from the
+        moment its Raft node stops leading, before the term's tasks are cancelled)."""
+        active = self._active
+        return None if active is None or not self._leads(active.term) else active.term
 
     # Lifecycle.
 
