@@ -314,6 +314,8 @@ class QuorumController:
                 try:
                     seen = await self.driver.wait_leadership_change(seen)
                 except DriverStoppedError:
+                    if term_scope is not None:
+                        term_scope.cancel()
                     return  # the driver's own error (if any) reaches run's caller
                 if term_scope is not None:
                     term_scope.cancel()
@@ -347,6 +349,8 @@ class QuorumController:
                 if not self._leads(term):
                     await trio.sleep_forever()  # cancelled by the leadership change
                 logger.info("node %d: activating in term %d: %s", self.node_id, term, error)
+                # A refusal may come at once (a leadership transfer): retry a tick later.
+                await trio.sleep(self.config.tick_interval_seconds)
         logger.info("node %d is the active controller in term %d", self.node_id, term)
         self._set_active(_ActiveTerm(term=term, since=trio.current_time()))
 
