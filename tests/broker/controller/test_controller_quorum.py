@@ -380,3 +380,19 @@ async def test_a_new_leader_reads_through_the_log_before_deciding(nursery, autoj
     assert [r for r in records if isinstance(r, ClusterIdRecord)] == [
         ClusterIdRecord(cluster_id="old")
     ], "the new leader decided on an image that had not read through the log"
+
+
+async def test_a_new_active_controller_gives_one_session_of_grace(nursery, autojump_clock):
+    cluster, first = await registered_cluster(nursery, seed=7)
+    cluster.heartbeating.discard(3)  # silent from now on, but the new controller never heard it
+    await cluster.crash(first.node_id)
+    second = await cluster.wait_active(other_than=first.node_id)
+    active_at = trio.current_time()
+    session = CONFIG.session_timeout_seconds
+    with trio.fail_after(session + 1):
+        while not second.image.brokers[3].fenced:
+            await trio.sleep(0.01)
+    fenced_after = trio.current_time() - active_at
+    assert session - 0.05 <= fenced_after <= session + 0.5
+    assert second.image.unfenced_broker_ids() == [1, 2]
+    assert second.statistics().brokers_fenced == 1
