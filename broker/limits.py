@@ -1,4 +1,4 @@
-"""Every size and count limit of the broker, in one place, units in the names."""
+"""Every size, count and time limit of the broker, in one place, units in the names."""
 
 from __future__ import annotations
 
@@ -33,6 +33,21 @@ class Limits:
     http_refusals_max: int = 64  # connections being answered 503 at once; more are just closed
     http_linger_bytes_max: int = 1024 * 1024  # drained from a client before closing on error
     http_fetch_records_max: int = 10_000
+    http_produce_records_max: int = 10_000  # records in one HTTP produce body; more: 413
+    # Bytes of batches one HTTP fetch reads (plus at most one batch); past it the answer ends
+    # early and the client asks again from the next offset.
+    http_fetch_bytes_max: int = 4 * 1024 * 1024
+    http_append_timeout_ms: int = 30_000  # an HTTP produce waiting for its fsync; then an error
+    http_query_fields_max: int = 16  # parameters in one query string; more: 400
+    # How often the broker looks for logs whose periodic flush is due (fsync=interval's
+    # flush.ms is honoured to within this).
+    flush_check_interval_ms: int = 50
+    # Under fsync=always/never, a log with new data is flushed and its recovery point recorded
+    # this often, so a restart rescans little of it.
+    recovery_point_interval_ms: int = 60_000
+    # Distinct keys one compaction of a partition maps (~150 bytes each); a log with more is
+    # compacted in several passes, each up to the offset where the map filled.
+    cleaner_keys_max: int = 1_000_000
 
     @property
     def largest_request_bytes(self) -> int:
@@ -65,4 +80,14 @@ class Limits:
             problems.append("limits.http_header_bytes_max must be at least 1024")
         if self.http_receive_bytes < 4096:
             problems.append("limits.http_receive_bytes must be at least 4096")
+        if self.http_fetch_bytes_max < 1024:
+            problems.append("limits.http_fetch_bytes_max must be at least 1024")
+        if self.http_append_timeout_ms < 100:
+            problems.append("limits.http_append_timeout_ms must be at least 100")
+        if self.flush_check_interval_ms < 10:
+            problems.append("limits.flush_check_interval_ms must be at least 10")
+        if self.recovery_point_interval_ms < 1000:
+            problems.append("limits.recovery_point_interval_ms must be at least 1000")
+        if self.cleaner_keys_max < 1000:
+            problems.append("limits.cleaner_keys_max must be at least 1000")
         return problems

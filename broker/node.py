@@ -27,8 +27,6 @@ from broker.topic_registry import TopicRegistry
 
 logger = logging.getLogger("dwal.broker")
 
-FLUSH_CHECK_INTERVAL_S = 0.05
-
 
 @dataclass(frozen=True)
 class BrokerAddresses:
@@ -155,7 +153,7 @@ async def _retention_loop(registry: TopicRegistry, interval_ms: int) -> None:
 
 async def _periodic_flush_loop(registry: TopicRegistry) -> None:
     while True:
-        await trio.sleep(FLUSH_CHECK_INTERVAL_S)
+        await trio.sleep(registry.limits.flush_check_interval_ms / 1000)
         try:
             await registry.flush_due_logs()
         except (OSError, StorageError) as error:

@@ -35,7 +35,6 @@ logger = logging.getLogger("dwal.topics")
 
 METADATA_FILE = "topics.json"
 DELETE_SUFFIX = "-delete"
-RECOVERY_POINT_INTERVAL_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -321,7 +320,7 @@ class TopicRegistry:
             if self.logs.get(key) is not log or not log.compaction_dirty_bytes:
                 continue  # deleted meanwhile, or nothing new to compact
             try:
-                result = await log.compact(now_ms())
+                result = await log.compact(now_ms(), keys_max=self.limits.cleaner_keys_max)
             except StorageError as error:
                 log_event(
                     logger,
@@ -346,7 +345,7 @@ class TopicRegistry:
 
     async def flush_due_logs(self) -> None:
         """Flush logs whose periodic flush is due: every `flush.ms` under fsync=interval; and
-        every `RECOVERY_POINT_INTERVAL_S` under the other policies, so the recovery point
+        every `limits.recovery_point_interval_ms` under the other policies, so the recovery point
         moves on (under `never` this is the only fsync; under `always` appends are already
         durable and this only records it) and a restart rescans little of the log."""
         now = trio.current_time()
@@ -358,7 +357,7 @@ class TopicRegistry:
             interval_s = (
                 log.config.flush_interval_ms / 1000
                 if log.config.fsync == "interval"
-                else RECOVERY_POINT_INTERVAL_S
+                else self.limits.recovery_point_interval_ms / 1000
             )
             if now - last_time >= interval_s:
                 self._flushed_at[key] = (now, end)

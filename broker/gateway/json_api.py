@@ -57,12 +57,8 @@ if TYPE_CHECKING:
 
 WAL_TOPIC = "wal"
 WAL_PARTITION = 0
-RECORDS_PER_REQUEST_MAX = 10_000
 FETCH_RECORDS_DEFAULT = 100
 FETCH_READ_BYTES = 1024 * 1024  # one read_batches call
-FETCH_BYTES_MAX = 4 * 1024 * 1024  # all reads of one request (plus at most one batch)
-APPEND_TIMEOUT_MS = 30_000
-QUERY_FIELDS_MAX = 16
 _DIGITS = re.compile(r"[0-9]{1,18}")
 
 
@@ -101,6 +97,7 @@ class JsonApi:
         self, handlers: RequestHandlers, *, clock_ms: Callable[[], int] = _wall_clock_ms
     ) -> None:
         self._handlers = handlers
+        self._limits = handlers.config.limits
         self._clock_ms = clock_ms
         self._keyless_records = 0  # round-robin position for records without key or partition
 
@@ -159,7 +156,11 @@ class JsonApi:
                 f"{_shorten(path)}; allowed: {allow}",
                 headers=(("allow", allow),),
             )
-        return endpoint, arguments, _parse_query(query_text, allowed_query)
+        return (
+            endpoint,
+            arguments,
+            _parse_query(query_text, allowed_query, self._limits.http_query_fields_max),
+        )
 
     # -- the original WAL service -------------------------------------------------------
 
@@ -169,7 +170,11 @@ class JsonApi:
         await self._ensure_wal_topic()
         batch = build_batch([(self._clock_ms(), record.key, record.value)])
         offset = await self._handlers.append_batch(
-            WAL_TOPIC, WAL_PARTITION, batch, acks=ACKS_LEADER, timeout_ms=APPEND_TIMEOUT_MS
+            WAL_TOPIC,
+            WAL_PARTITION,
+            batch,
+            acks=ACKS_LEADER,
+            timeout_ms=self._limits.http_append_timeout_ms,
         )
         return ApiResponse(status=200, body={"offset": offset})
 
@@ -230,7 +235,9 @@ class JsonApi:
         ``"error_code"``; when all fail, the first failure is the answer.
         """
         encoding = _encoding_parameter(query)
-        records = parse_produce_records(parse_json(request.body), encoding, RECORDS_PER_REQUEST_MAX)
+        records = parse_produce_records(
+            parse_json(request.body), encoding, self._limits.http_produce_records_max
+        )
         partitions = await self._partition_count(topic, create=True)
         chosen = self._choose_partitions(topic, records, partitions)
         groups: dict[int, list[int]] = {}
@@ -243,7 +250,11 @@ class JsonApi:
             batch = build_batch([(now, records[i].key, records[i].value) for i in indexes])
             try:
                 base_offset = await self._handlers.append_batch(
-                    topic, partition, batch, acks=ACKS_LEADER, timeout_ms=APPEND_TIMEOUT_MS
+                    topic,
+                    partition,
+                    batch,
+                    acks=ACKS_LEADER,
+                    timeout_ms=self._limits.http_append_timeout_ms,
                 )
             except DwalError as error:
                 failures.append(error)
@@ -302,7 +313,7 @@ class JsonApi:
             )
         partition = int(partition_text)
         encoding = _encoding_parameter(query)
-        records_max = self._handlers.config.limits.http_fetch_records_max
+        records_max = self._limits.http_fetch_records_max
         limit = min(_integer_parameter(query, "max", FETCH_RECORDS_DEFAULT), records_max)
         if limit < 1:
             raise bad_request("max must be at least 1")
@@ -341,7 +352,11 @@ class JsonApi:
         position = offset
         bytes_read = 0
         first_read = True
-        while position < end and len(records) < limit and bytes_read < FETCH_BYTES_MAX:
+        while (
+            position < end
+            and len(records) < limit
+            and bytes_read < self._limits.http_fetch_bytes_max
+        ):
             data = None
             if first_read:
                 first_read = False
@@ -408,14 +423,14 @@ def _path_segments(path: str) -> list[str]:
         raise bad_request("the request path is not valid percent-encoded UTF-8") from None
 
 
-def _parse_query(text: str, allowed: set[str]) -> Query:
+def _parse_query(text: str, allowed: set[str], fields_max: int) -> Query:
     try:
         pairs = urllib.parse.parse_qsl(
-            text, keep_blank_values=True, errors="strict", max_num_fields=QUERY_FIELDS_MAX
+            text, keep_blank_values=True, errors="strict", max_num_fields=fields_max
         )
     except (ValueError, UnicodeDecodeError):
         raise bad_request(
-            f"the query string is malformed or has more than {QUERY_FIELDS_MAX} parameters"
+            f"the query string is malformed or has more than {fields_max} parameters"
         ) from None
     query: Query = {}
     for name, value in pairs:

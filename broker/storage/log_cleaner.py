@@ -81,7 +81,6 @@ from .segment import (
     segment_file_name,
 )
 
-CLEANER_KEYS_MAX = 1_000_000  # distinct keys in one compaction's map (~150 bytes each)
 KEY_DIGEST_BYTES = 16
 WRITE_BUFFER_BYTES = 1024 * 1024
 SEQUENCE_MODULUS = 2**31  # producer sequence numbers wrap to 0 after the i32 maximum

@@ -62,7 +62,6 @@ from .errors import CorruptRecordError, OffsetOutOfRangeError, RecordTooLargeErr
 from .fetch_slice import FetchSlice
 from .fsync_runner import FsyncRunner
 from .log_cleaner import (
-    CLEANER_KEYS_MAX,
     NOTHING_CLEANED,
     CleanedSegment,
     CleaningOutcome,
@@ -75,6 +74,8 @@ from .log_cleaner import (
     finish_swap,
     swap_path,
 )
+from broker.limits import Limits
+
 from .log_config import LogConfig
 from .log_loader import CLEAN_SHUTDOWN_FILE, RECOVERY_POINT_FILE, load_segments
 from .segment import Segment
@@ -676,7 +677,9 @@ class PartitionLog:
             dirty_bytes += self._segments[bases[number]].size_bytes
         return dirty_bytes
 
-    async def compact(self, now_ms: int, *, keys_max: int = CLEANER_KEYS_MAX) -> CompactionResult:
+    async def compact(
+        self, now_ms: int, *, keys_max: int = Limits().cleaner_keys_max
+    ) -> CompactionResult:
         """Keep only the last record of each key in the closed segments below the high
         watermark (see `log_cleaner`), if cleanup.policy includes compact; `now_ms` dates
         tombstones against delete.retention.ms. Offsets, the log start and end offsets do not

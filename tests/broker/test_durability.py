@@ -12,7 +12,7 @@ from broker.config import BrokerConfig
 from broker.limits import Limits
 from broker.node import run_broker
 from broker.storage import LogConfig
-from broker.topic_registry import RECOVERY_POINT_INTERVAL_S, TopicRegistry
+from broker.topic_registry import TopicRegistry
 from client import Admin, Producer
 from protocol import build_batch
 
@@ -103,7 +103,7 @@ async def test_periodic_flush_moves_the_durable_offset(tmp_path, policy, mock_cl
         await registry.create_topic("p", 1)
         log = registry.log("p", 0)
         log.append(bytearray(build_batch([(1, None, b"x")])), now_ms=1)
-        interval_s = 0.2 if policy == "interval" else RECOVERY_POINT_INTERVAL_S
+        interval_s = 0.2 if policy == "interval" else Limits().recovery_point_interval_ms / 1000
         await registry.flush_due_logs()  # starts the interval
         assert log.durable_offset == 0
         clock.jump(interval_s / 2)
