@@ -33,6 +33,11 @@ class Limits:
     http_refusals_max: int = 64  # connections being answered 503 at once; more are just closed
     http_linger_bytes_max: int = 1024 * 1024  # drained from a client before closing on error
     http_fetch_records_max: int = 10_000
+    # From waiting for a request (keep-alive idle time included) to its last byte; past it the
+    # gateway answers 408 (or just closes an idle connection). Waiting for memory does not count.
+    http_request_read_timeout_ms: int = 60_000
+    http_response_write_timeout_ms: int = 60_000  # writing one response; past it: closed
+    http_linger_timeout_ms: int = 2_000  # draining a client's unread bytes before closing
     http_produce_records_max: int = 10_000  # records in one HTTP produce body; more: 413
     # Bytes of batches one HTTP fetch reads (plus at most one batch); past it the answer ends
     # early and the client asks again from the next offset.
@@ -80,6 +85,9 @@ class Limits:
             problems.append("limits.http_header_bytes_max must be at least 1024")
         if self.http_receive_bytes < 4096:
             problems.append("limits.http_receive_bytes must be at least 4096")
+        for name in ("http_request_read_timeout_ms", "http_response_write_timeout_ms"):
+            if getattr(self, name) < 100:
+                problems.append(f"limits.{name} must be at least 100")
         if self.http_fetch_bytes_max < 1024:
             problems.append("limits.http_fetch_bytes_max must be at least 1024")
         if self.http_append_timeout_ms < 100:

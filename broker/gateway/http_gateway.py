@@ -19,7 +19,7 @@ Everything a peer can make us hold is bounded (the limits are in `broker.limits.
 - connections by ``limits.http_connections_max``: further ones get an immediate 503 (a small
   number of those are answered at once, beyond that they are simply closed);
 - time: reading a request (including keep-alive idle time), writing a response and the
-  lingering close after an error response each have a timeout (`HttpTimeouts`).
+  lingering close after an error response each have a timeout (``limits.http_*_timeout_ms``).
 
 A response that leaves unread request bytes (413, malformed request) closes the connection;
 before closing we shut down our sending side and drain what the client still sends for a
@@ -51,13 +51,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("dwal.http")
 
 LOGGED_TARGET_CHARS_MAX = 200
-
-
-@dataclass(frozen=True, kw_only=True)
-class HttpTimeouts:
-    request_read_s: float = 60.0  # from waiting for a request (keep-alive idle) to its end
-    response_write_s: float = 60.0
-    linger_s: float = 2.0  # draining a client's unread bytes before closing
 
 
 @dataclass(frozen=True)
@@ -104,7 +97,6 @@ class HttpGateway:
         api: JsonApi,
         limits: Limits,
         *,
-        timeouts: HttpTimeouts = HttpTimeouts(),
         memory_pool: MemoryPool | None = None,
     ) -> None:
         self._api = api
@@ -113,7 +105,6 @@ class HttpGateway:
             memory_pool = MemoryPool(limits.queued_request_bytes_max)
         assert memory_pool.bytes_max >= limits.http_body_bytes_max, "a body must fit"
         self._memory_pool = memory_pool
-        self._timeouts = timeouts
         self._connections = 0
         self._connections_accepted = 0
         self._connections_refused = 0
@@ -159,7 +150,7 @@ class HttpGateway:
                 logger,
                 logging.INFO,
                 "http_response_write_timed_out",
-                timeout_s=self._timeouts.response_write_s,
+                timeout_s=self._limits.http_response_write_timeout_ms / 1000,
             )
         except Exception as error:  # a bug must not take the other connections down
             log_event(logger, logging.ERROR, "http_connection_failed", error=repr(error))
@@ -236,7 +227,7 @@ class HttpGateway:
         when even that is unreadable) and, if it could not be read whole, the error response
         to send instead of handling it."""
         head: ApiRequest | None = None
-        with trio.move_on_after(self._timeouts.request_read_s) as read_scope:
+        with trio.move_on_after(self._limits.http_request_read_timeout_ms / 1000) as read_scope:
             try:
                 outcome = await self._read_head(stream, connection)
                 if outcome is None:
@@ -265,7 +256,8 @@ class HttpGateway:
         return head, ApiResponse(
             status=408,
             body={
-                "error": f"the request was not received within {self._timeouts.request_read_s} s"
+                "error": "the request was not received within "
+                f"{self._limits.http_request_read_timeout_ms / 1000} s"
             },
         )
 
@@ -417,12 +409,12 @@ class HttpGateway:
         await self._send_bytes(stream, data)
 
     async def _send_bytes(self, stream: trio.abc.Stream, data: bytes) -> None:
-        with trio.fail_after(self._timeouts.response_write_s):
+        with trio.fail_after(self._limits.http_response_write_timeout_ms / 1000):
             await stream.send_all(data)
 
     async def _linger(self, stream: trio.abc.Stream) -> None:
         """Stop sending, then drain what the client still sends, briefly and up to a bound."""
-        with trio.move_on_after(self._timeouts.linger_s):
+        with trio.move_on_after(self._limits.http_linger_timeout_ms / 1000):
             if isinstance(stream, trio.abc.HalfCloseableStream):
                 await stream.send_eof()
             drained = 0
@@ -475,4 +467,4 @@ async def serve_http(
     await gateway.serve(listeners, task_status=task_status)
 
 
-__all__ = ["HttpGateway", "HttpGatewayStatistics", "HttpTimeouts", "serve_http"]
+__all__ = ["HttpGateway", "HttpGatewayStatistics", "serve_http"]

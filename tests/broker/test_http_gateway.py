@@ -9,6 +9,7 @@ reports a connection task's end; timeouts run on trio's autojump MockClock.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 import socket
@@ -25,7 +26,7 @@ import trio.testing
 from broker_test_support import call, real_request_handlers
 
 from broker.gateway.api_error import status_for_error_code
-from broker.gateway.http_gateway import HttpGateway, HttpTimeouts, serve_http
+from broker.gateway.http_gateway import HttpGateway, serve_http
 from broker.gateway.json_api import ApiRequest, ApiResponse, JsonApi
 from broker.gateway.json_records import partition_for_key
 from broker.limits import Limits
@@ -973,12 +974,13 @@ async def test_http_handler_bug_is_a_500_and_the_connection_goes_on(nursery, htt
 # -- HTTP over in-memory streams, with trio's autojump clock --------------------------------
 
 
-def memory_gateway(handlers: FakeHandlers, **timeouts: float) -> HttpGateway:
-    return HttpGateway(make_api(handlers), handlers.limits, timeouts=HttpTimeouts(**timeouts))
+def memory_gateway(handlers: FakeHandlers, **timeouts_ms: int) -> HttpGateway:
+    limits = dataclasses.replace(handlers.limits, **timeouts_ms)
+    return HttpGateway(make_api(handlers), limits)
 
 
 async def test_idle_keep_alive_connection_is_closed_after_the_read_timeout(autojump_clock):
-    gateway = memory_gateway(FakeHandlers(), request_read_s=30)
+    gateway = memory_gateway(FakeHandlers(), http_request_read_timeout_ms=30_000)
     client_stream, server_stream = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(gateway.handle_connection, server_stream)
@@ -991,7 +993,7 @@ async def test_idle_keep_alive_connection_is_closed_after_the_read_timeout(autoj
 
 
 async def test_half_sent_request_gets_408_after_the_read_timeout(autojump_clock):
-    gateway = memory_gateway(FakeHandlers(), request_read_s=30)
+    gateway = memory_gateway(FakeHandlers(), http_request_read_timeout_ms=30_000)
     client_stream, server_stream = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(gateway.handle_connection, server_stream)
@@ -1002,7 +1004,7 @@ async def test_half_sent_request_gets_408_after_the_read_timeout(autojump_clock)
 
 
 async def test_client_that_never_reads_cannot_hold_the_connection(autojump_clock):
-    gateway = memory_gateway(FakeHandlers(), response_write_s=10)
+    gateway = memory_gateway(FakeHandlers(), http_response_write_timeout_ms=10_000)
     client_stream, server_stream = trio.testing.lockstep_stream_pair()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(client_stream.send_all, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
@@ -1043,8 +1045,7 @@ async def test_http_body_waits_for_memory_without_timing_out_then_gives_it_back(
     pool = MemoryPool(2048)  # shared with other (here: simulated) connections
     gateway = HttpGateway(
         make_api(handlers),
-        BUDGET_LIMITS,
-        timeouts=HttpTimeouts(request_read_s=30),
+        dataclasses.replace(BUDGET_LIMITS, http_request_read_timeout_ms=30_000),
         memory_pool=pool,
     )
     await pool.reserve(2000)  # what other connections hold
