@@ -33,9 +33,6 @@ from .messages import Message, decode_message, encode_message
 from .transport import Inbox, TransportLimits, TransportStatistics
 
 FRAME_KIND_MESSAGE = 1
-FRAME_BYTES_MAX = 64 * 1024 * 1024  # a message with a snapshot may be large
-FRAME_HEADER_BYTES_MAX = 64
-RECEIVE_CHUNK_BYTES = 256 * 1024
 
 logger = logging.getLogger("dwal.raft")
 
@@ -47,7 +44,11 @@ class TcpTransportConfig:
     listen_port: int = 0  # 0: any free port, see `TcpTransport.listen_port`
     peers: dict[int, tuple[str, int]] = field(default_factory=dict)  # node id -> address
     limits: TransportLimits = TransportLimits()
-    frame_bytes_max: int = FRAME_BYTES_MAX
+    # Largest frame received (a message with a snapshot may be large); a peer that announces
+    # a larger one is disconnected.
+    frame_bytes_max: int = 64 * 1024 * 1024
+    frame_header_bytes_max: int = 64  # a larger frame header disconnects the peer
+    receive_bytes: int = 256 * 1024  # one read from a peer's socket
     write_batch_bytes_max: int = 1024 * 1024
     connect_timeout_seconds: float = 5.0
     reconnect_backoff_seconds_min: float = 0.05
@@ -61,6 +62,10 @@ class TcpTransportConfig:
             raise ValueError("node_id must be positive")
         if self.node_id in self.peers:
             raise ValueError("a node is not its own peer")
+        if not self.frame_bytes_max > self.frame_header_bytes_max >= 16:
+            raise ValueError("need frame_bytes_max > frame_header_bytes_max >= 16")
+        if self.receive_bytes < 1024:
+            raise ValueError("receive_bytes must be >= 1024")
         if self.write_batch_bytes_max < 1 or self.inbound_connections_max < 1:
             raise ValueError("write_batch_bytes_max and inbound_connections_max must be >= 1")
         if not 0 < self.reconnect_backoff_seconds_min <= self.reconnect_backoff_seconds_max:
@@ -264,12 +269,13 @@ class TcpTransport:
 
     async def _receive_from(self, stream: trio.SocketStream) -> None:
         decoder = FrameDecoder(
-            frame_bytes_max=self.config.frame_bytes_max, header_bytes_max=FRAME_HEADER_BYTES_MAX
+            frame_bytes_max=self.config.frame_bytes_max,
+            header_bytes_max=self.config.frame_header_bytes_max,
         )
         try:
             while True:
                 try:
-                    data = await stream.receive_some(RECEIVE_CHUNK_BYTES)
+                    data = await stream.receive_some(self.config.receive_bytes)
                 except (trio.BrokenResourceError, OSError):
                     return
                 if not data:

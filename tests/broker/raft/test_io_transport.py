@@ -467,3 +467,8 @@ def test_tcp_config_is_validated():
         TcpTransportConfig(node_id=1, peers={1: ("127.0.0.1", 1)}).validate()
     with pytest.raises(ValueError):
         TcpTransportConfig(node_id=0).validate()
+    with pytest.raises(ValueError, match="frame_header_bytes_max"):
+        TcpTransportConfig(node_id=1, frame_bytes_max=64, frame_header_bytes_max=64).validate()
+    with pytest.raises(ValueError, match="receive_bytes"):
+        TcpTransportConfig(node_id=1, receive_bytes=100).validate()
+    TcpTransportConfig(node_id=1).validate()
