@@ -58,6 +58,7 @@ from broker.controller.metadata_records import (
     encode_entry,
 )
 from broker.controller.replica_placement import PlacementBroker, place_replicas
+from broker.limits import Limits
 from protocol.errors import DwalError, ErrorCode
 from protocol.topic_name import validate_topic_name
 
@@ -66,7 +67,8 @@ Decision = list[MetadataRecord] | DwalError
 
 TopicPartition = tuple[str, int]
 
-PARTITIONS_PER_TOPIC_MAX = 10_000  # as broker.limits.Limits.partitions_per_topic_max
+# The broker's limit, until the controller is given the broker's Limits.
+PARTITIONS_PER_TOPIC_MAX = Limits().partitions_per_topic_max
 
 
 # ----------------------------------------------------------------------------- requests
