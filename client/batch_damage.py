@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from client.cluster import Cluster
+from client.limits import LIMITS
 from client.topic_partition import TopicPartition
 from protocol import (
     EARLIEST_TIMESTAMP,
@@ -29,8 +30,6 @@ from protocol import (
     parse_header,
 )
 from protocol.record_batch import LOG_OVERHEAD_BYTES, check_header
-
-VERIFY_FETCH_BYTES = 4 * 1024 * 1024  # per Fetch of `verify_partition`
 
 
 class CorruptRecordError(DwalError):
@@ -203,7 +202,7 @@ async def _fetch_raw(cluster: Cluster, tp: TopicPartition, offset: int) -> memor
         {
             "max_wait_ms": 0,
             "min_bytes": 0,
-            "max_bytes": VERIFY_FETCH_BYTES,
+            "max_bytes": LIMITS.verify_fetch_bytes,
             "topics": [
                 {
                     "topic": tp.topic,
@@ -211,7 +210,7 @@ async def _fetch_raw(cluster: Cluster, tp: TopicPartition, offset: int) -> memor
                         {
                             "partition": tp.partition,
                             "fetch_offset": offset,
-                            "max_bytes": VERIFY_FETCH_BYTES,
+                            "max_bytes": LIMITS.verify_fetch_bytes,
                         }
                     ],
                 }

@@ -27,14 +27,11 @@ from client.consume_command import (
 )
 from client.exception_groups import single_error
 from client.line_splitter import LineSplitter, OversizeLine
+from client.limits import LIMITS
 from client.producer import Producer
 from protocol import DwalError, ErrorCode
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
-STDIN_CHUNK_BYTES = 1024 * 1024
-PROGRESS_INTERVAL_S = 2.0
-PRODUCE_BUFFER_BYTES = 64 * 1024 * 1024  # the producer's buffer_bytes_max; a batch must fit
-RECORD_BYTES_MAX_UNKNOWN = 8 * 1024 * 1024  # line limit if the broker does not say its own
 
 
 class UsageError(Exception):
@@ -78,9 +75,10 @@ def _positive_int(text: str) -> int:
 
 def _batch_size(text: str) -> int:
     value = _positive_int(text)
-    if value > PRODUCE_BUFFER_BYTES:
+    if value > LIMITS.cli_produce_buffer_bytes:
         raise argparse.ArgumentTypeError(
-            f"must be at most the producer's buffer, {PRODUCE_BUFFER_BYTES} bytes, not {text!r}"
+            f"must be at most the producer's buffer, {LIMITS.cli_produce_buffer_bytes} bytes, "
+            f"not {text!r}"
         )
     return value
 
@@ -253,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=_batch_size,
         default=64 * 1024,
-        help=f"batch size in bytes, 1 to {PRODUCE_BUFFER_BYTES} (default 65536)",
+        help=f"batch size in bytes, 1 to {LIMITS.cli_produce_buffer_bytes} (default 65536)",
     )
 
     consume = client_command("consume", "print records, one per line")
@@ -464,7 +462,7 @@ async def _read_stdin_chunks():
         # raw os.read holds no lock of sys.stdin's buffer, so the abandoned thread cannot
         # block the interpreter's exit.
         chunk = await trio.to_thread.run_sync(
-            os.read, descriptor, STDIN_CHUNK_BYTES, abandon_on_cancel=True
+            os.read, descriptor, LIMITS.cli_stdin_read_bytes, abandon_on_cancel=True
         )
         if not chunk:
             return
@@ -490,7 +488,7 @@ async def _produce_command(cluster, args: argparse.Namespace, stop: trio.Event) 
         compression=args.compression,
         linger_ms=args.linger_ms,
         batch_size=args.batch_size,
-        buffer_bytes_max=PRODUCE_BUFFER_BYTES,
+        buffer_bytes_max=LIMITS.cli_produce_buffer_bytes,
         allow_auto_topic_creation=True,
     ) as producer:
         async with trio.open_nursery() as nursery:
@@ -524,7 +522,7 @@ class _ProduceTally:
     def tidy(self) -> None:
         self.deliveries = _drop_successes(self.deliveries)
         now = time.monotonic()
-        if now - self.last_progress >= PROGRESS_INTERVAL_S:
+        if now - self.last_progress >= LIMITS.cli_progress_interval_s:
             self.last_progress = now
             rate = self.count / (now - self.started)
             print(
@@ -601,7 +599,7 @@ def _record_limit(info) -> tuple[int, str]:
     ]
     known = [limit for limit in limits if limit[0] >= 0]
     if not known:  # an older broker: a bound of our own, for memory
-        return RECORD_BYTES_MAX_UNKNOWN, "the line limit"
+        return LIMITS.cli_line_bytes_max_unknown, "the line limit"
     return min(known)
 
 

@@ -16,6 +16,7 @@ from typing import Any, AsyncIterator
 
 import trio
 
+from client.limits import LIMITS
 from client.connection import BrokerConnection, ConnectionFailed
 from client.exception_groups import unwrapped_errors
 from protocol import ApiKey, DwalError, ErrorCode, Response
@@ -271,7 +272,7 @@ async def connect(
     bootstrap: str | list[str] = "127.0.0.1:9092",
     *,
     client_id: str = "dwal",
-    request_timeout_ms: int = 30_000,
+    request_timeout_ms: int = LIMITS.request_timeout_ms,
 ) -> AsyncIterator[Cluster]:
     """Open a cluster handle: ``async with connect("127.0.0.1:9092") as cluster: ...``.
 

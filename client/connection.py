@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import trio
 
+from client.limits import LIMITS
 from protocol import (
     ApiKey,
     DwalError,
@@ -35,9 +36,6 @@ from protocol import (
     frame_prefix,
     parse_response,
 )
-
-RESPONSE_FRAME_BYTES_MAX = 128 * 1024 * 1024
-RECEIVE_BYTES = 256 * 1024
 
 
 class _NotDwalPeer(ProtocolError):
@@ -111,7 +109,7 @@ class BrokerConnection:
         address: str,
         client_id: str,
         inflight_requests_max: int,
-        send_timeout_s: float = 30,
+        send_timeout_s: float = LIMITS.send_timeout_s,
     ) -> None:
         self.address = address
         self.client_id = client_id
@@ -133,9 +131,9 @@ class BrokerConnection:
         nursery: trio.Nursery,
         *,
         client_id: str = "dwal",
-        inflight_requests_max: int = 32,
-        connect_timeout_s: float = 10,
-        send_timeout_s: float = 30,
+        inflight_requests_max: int = LIMITS.inflight_requests_max,
+        connect_timeout_s: float = LIMITS.connect_timeout_s,
+        send_timeout_s: float = LIMITS.send_timeout_s,
     ) -> "BrokerConnection":
         """Connect and start the reader task in `nursery`; raises ConnectionFailed.
 
@@ -267,11 +265,11 @@ class BrokerConnection:
             self._slots.release()
 
     async def _read_responses(self) -> None:
-        decoder = FrameDecoder(frame_bytes_max=RESPONSE_FRAME_BYTES_MAX)
+        decoder = FrameDecoder(frame_bytes_max=LIMITS.response_frame_bytes_max)
         first = True
         try:
             while True:
-                data = await self._stream.receive_some(RECEIVE_BYTES)
+                data = await self._stream.receive_some(LIMITS.receive_bytes)
                 if not data:
                     raise ConnectionError(f"broker {self.address} closed the connection")
                 if first and data.startswith(b"HTTP/"):  # where a frame length should be

@@ -2,10 +2,11 @@
 
 What an operator sees when things go wrong, on stderr (stdout carries only records):
 
-- broker unreachable or partitions not ready: from the RETRY_WARNING_AFTER-th failed poll in
-  a row, or once polls have failed for RETRY_WARNING_AFTER_S (an unanswered fetch takes the
-  request timeout, 30 s), one ``warning: ... retrying (attempt N)`` line per attempt (the
-  consumer's backoff doubles up to 5 s, so at most one line every 5 s); once polls succeed
+- broker unreachable or partitions not ready: from the third failed poll in a row, or once
+  polls have failed for 2 s (`cli_failed_polls_before_warning`, `cli_failing_s_before_warning`
+  in client/limits.py; an unanswered fetch takes the request timeout, 30 s), one
+  ``warning: ... retrying (attempt N)`` line per attempt (the consumer's backoff doubles up
+  to 5 s, so at most one line every 5 s); once polls succeed
   again, one ``note: reading again after N failed attempts`` line. With ``--give-up-after
   SECONDS`` the command exits 1 once polls have failed for that long (the error names the
   last cause, typically NETWORK_EXCEPTION).
@@ -27,15 +28,11 @@ from typing import Callable
 
 import trio
 
+from client.limits import LIMITS
 from client.batch_damage import CorruptRecordError, PartitionVerification, verify_partition
 from client.consumer import Consumer, TopicPartition, list_offsets
 from client.record_format import RecordFormat, compile_format, render
 from protocol import EARLIEST_TIMESTAMP, LATEST_TIMESTAMP, DwalError, ErrorCode
-
-POLL_TIMEOUT_MS = 500
-RETRY_WARNING_AFTER = 3  # failed polls in a row before the first warning (one blip is silent)
-RETRY_WARNING_AFTER_S = 2.0  # or failing this long (a timed-out fetch takes request_timeout)
-COMMIT_INTERVAL_S = 1.0
 
 
 class ConsumeUsageError(ValueError):
@@ -109,8 +106,14 @@ class _FailureReport:
         statistics = consumer.statistics()
         failed, error = statistics.failed_polls, statistics.last_error
         since = statistics.failing_since_s
-        long_enough = since is not None and trio.current_time() - since >= RETRY_WARNING_AFTER_S
-        if (failed >= RETRY_WARNING_AFTER or long_enough) and failed > self.reported and error:
+        long_enough = (
+            since is not None and trio.current_time() - since >= LIMITS.cli_failing_s_before_warning
+        )
+        if (
+            (failed >= LIMITS.cli_failed_polls_before_warning or long_enough)
+            and failed > self.reported
+            and error
+        ):
             cause = "broker unreachable: " if error.code == ErrorCode.NETWORK_EXCEPTION else ""
             _warn(
                 f"warning: {cause}{error.message} ({error.code.name}); retrying (attempt {failed})"
@@ -143,7 +146,7 @@ async def print_records(
     failures = _FailureReport()
     while remaining is None or remaining > 0:
         try:
-            batches = await consumer.poll(timeout_ms=POLL_TIMEOUT_MS)
+            batches = await consumer.poll(timeout_ms=LIMITS.cli_poll_timeout_ms)
         except CorruptRecordError as error:
             raise DwalError(
                 error.code,
@@ -260,7 +263,7 @@ async def group_consume_command(cluster, args: argparse.Namespace, stop: trio.Ev
 
 async def _commit_periodically(commit: Callable, consumer: Consumer) -> None:
     while True:
-        await trio.sleep(COMMIT_INTERVAL_S)
+        await trio.sleep(LIMITS.cli_commit_interval_s)
         if consumer.statistics().failed_polls:
             continue  # the poll loop already says the broker is away
         try:

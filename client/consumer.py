@@ -46,6 +46,7 @@ import trio
 
 from client.batch_damage import CorruptRecordError, decode_until_damage
 from client.cluster import Cluster
+from client.limits import LIMITS
 from client.group_membership import GroupMembership
 from client.topic_partition import TopicPartition
 from protocol import (
@@ -61,8 +62,6 @@ from protocol import (
     decode_records,
     last_batch_header,
 )
-
-SKIPPED_BATCHES_MAX = 1000  # reports kept for take_skipped(); older ones are dropped
 
 
 @dataclass(frozen=True)
@@ -95,19 +94,19 @@ class Consumer:
         cluster: Cluster,
         *,
         auto_offset_reset: str = "latest",
-        fetch_max_bytes: int = 32 * 1024 * 1024,
-        partition_max_bytes: int = 4 * 1024 * 1024,
-        max_wait_ms: int = 500,
-        min_bytes: int = 1,
+        fetch_max_bytes: int = LIMITS.consumer_fetch_bytes_max,
+        partition_max_bytes: int = LIMITS.consumer_partition_bytes_max,
+        max_wait_ms: int = LIMITS.consumer_fetch_wait_ms_max,
+        min_bytes: int = LIMITS.consumer_fetch_bytes_min,
         group_id: str | None = None,
         group_instance_id: str | None = None,
         enable_auto_commit: bool = True,
-        auto_commit_interval_ms: int = 5_000,
-        rebalance_timeout_ms: int = 60_000,
+        auto_commit_interval_ms: int = LIMITS.consumer_auto_commit_interval_ms,
+        rebalance_timeout_ms: int = LIMITS.consumer_rebalance_timeout_ms,
         on_assigned: Callable[[set[TopicPartition]], Any] | None = None,
         on_revoked: Callable[[set[TopicPartition]], Any] | None = None,
-        retry_backoff_ms: int = 200,
-        retry_backoff_max_ms: int = 5_000,
+        retry_backoff_ms: int = LIMITS.consumer_retry_backoff_ms,
+        retry_backoff_max_ms: int = LIMITS.consumer_retry_backoff_ms_max,
         give_up_after_ms: int | None = None,
         skip_corrupt: bool = False,
     ) -> None:
@@ -126,7 +125,7 @@ class Consumer:
         self._last_error: DwalError | None = None
         self._damaged: dict[TopicPartition, tuple[int, CorruptRecordError]] = {}
         self._skipped: collections.deque[CorruptRecordError] = collections.deque(
-            maxlen=SKIPPED_BATCHES_MAX
+            maxlen=LIMITS.consumer_skipped_batches_max
         )
         self.group_id = group_id
         self.enable_auto_commit = enable_auto_commit and group_id is not None
@@ -224,7 +223,7 @@ class Consumer:
 
     def take_skipped(self) -> list[CorruptRecordError]:
         """The damaged batches skipped (with ``skip_corrupt``) since the last call, oldest
-        first; at most SKIPPED_BATCHES_MAX are kept."""
+        first; at most `consumer_skipped_batches_max` (client/limits.py) are kept."""
         skipped = list(self._skipped)
         self._skipped.clear()
         return skipped

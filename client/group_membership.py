@@ -18,6 +18,7 @@ from __future__ import annotations
 import trio
 
 from client.cluster import Cluster
+from client.limits import LIMITS
 from client.connection import BrokerConnection, ConnectionFailed
 from client.topic_partition import TopicPartition
 from protocol import ApiKey, DwalError, ErrorCode
@@ -25,7 +26,6 @@ from protocol import ApiKey, DwalError, ErrorCode
 JOIN_EPOCH = 0
 LEAVE_EPOCH = -1
 STATIC_LEAVE_EPOCH = -2
-RETRY_BACKOFF_S = 0.2
 _REJOIN_CODES = frozenset({ErrorCode.UNKNOWN_MEMBER_ID, ErrorCode.FENCED_MEMBER_EPOCH})
 
 
@@ -36,7 +36,7 @@ class GroupMembership:
         group_id: str,
         *,
         instance_id: str | None = None,
-        rebalance_timeout_ms: int = 60_000,
+        rebalance_timeout_ms: int = LIMITS.consumer_rebalance_timeout_ms,
     ) -> None:
         self.cluster = cluster
         self.group_id = group_id
@@ -178,8 +178,8 @@ class GroupMembership:
             self.changed.set()
             return 0
         if error.retriable:
-            return RETRY_BACKOFF_S
+            return LIMITS.group_retry_backoff_s
         self.error = error  # e.g. an invalid regex: poll() raises it
         self.changed.set()
         self.joined.set()
-        return RETRY_BACKOFF_S * 10
+        return LIMITS.group_retry_backoff_s * 10

@@ -50,6 +50,7 @@ import trio
 from client.cluster import Cluster
 from client.connection import ConnectionFailed
 from client.exception_groups import unwrapped_errors
+from client.limits import LIMITS
 from protocol import (
     ACKS_ALL,
     ACKS_LEADER,
@@ -69,9 +70,6 @@ RECORD_OVERHEAD_BYTES = 8
 # msgpack's largest overhead on [timestamp_delta, key, value, []] beyond the key's and value's
 # bytes: array 1, int 9, two bin headers of 5 (or nil 1), empty array 1.
 PACKED_RECORD_OVERHEAD_BYTES_MAX = 1 + 9 + 5 + 5 + 1 - RECORD_OVERHEAD_BYTES
-ANSWER_MARGIN_S = 5.0
-# The broker's default max.message.bytes, assumed when its metadata does not say.
-MAX_MESSAGE_BYTES_DEFAULT = 1024 * 1024 + 12
 ARRAY_HEADER_BYTES_MAX = 5  # msgpack array header of a batch's records
 _NO_HEADERS: tuple = ()
 
@@ -288,18 +286,18 @@ class Producer:
         cluster: Cluster,
         *,
         acks: int | str = 1,
-        linger_ms: float = 5,
-        batch_size: int = 64 * 1024,
+        linger_ms: float = LIMITS.producer_linger_ms,
+        batch_size: int = LIMITS.producer_batch_bytes,
         compression: str = "none",
-        retries: int = 5,
-        retry_backoff_ms: int = 100,
-        buffer_bytes_max: int = 64 * 1024 * 1024,
-        request_bytes_max: int = 8 * 1024 * 1024,
-        request_timeout_ms: int = 30_000,
-        max_in_flight_per_partition: int = 5,
+        retries: int = LIMITS.producer_retries,
+        retry_backoff_ms: int = LIMITS.producer_retry_backoff_ms,
+        buffer_bytes_max: int = LIMITS.producer_buffer_bytes_max,
+        request_bytes_max: int = LIMITS.producer_request_bytes_max,
+        request_timeout_ms: int = LIMITS.producer_request_timeout_ms,
+        max_in_flight_per_partition: int = LIMITS.producer_inflight_requests_per_partition_max,
         allow_auto_topic_creation: bool = True,
         retry_unknown_outcome: bool = False,
-        delivery_timeout_ms: int = 120_000,
+        delivery_timeout_ms: int = LIMITS.producer_delivery_timeout_ms,
     ) -> None:
         problems = [
             message
@@ -587,7 +585,7 @@ class Producer:
         """A batch may not exceed max.message.bytes, nor one partition's data in a request
         segment.bytes (the broker refuses either whole)."""
         if max_message_bytes < 0:
-            max_message_bytes = MAX_MESSAGE_BYTES_DEFAULT
+            max_message_bytes = LIMITS.producer_message_bytes_max_unknown
         if 0 <= segment_bytes < max_message_bytes:
             limit_bytes, limit_name = segment_bytes, "segment.bytes"
         else:
@@ -757,7 +755,7 @@ class Producer:
     async def _await_answer(self, by_topic, pending) -> None:
         # The broker bounds its own wait by the request's timeout_ms; past that plus a margin
         # it is stuck: the answer is abandoned (discarded if it comes) and the outcome unknown.
-        limit_s = self.request_timeout_ms / 1000 + ANSWER_MARGIN_S
+        limit_s = self.request_timeout_ms / 1000 + LIMITS.producer_answer_margin_s
         error: DwalError
         try:
             with trio.fail_after(limit_s):
