@@ -30,8 +30,15 @@ lint: $(VENV)/.test-installed
 bench: $(VENV)/.runtime-installed
 	$(PY) bench/produce_consume.py
 
+# Seeds of the Raft core simulation and of the controller quorum simulation (a controller
+# seed runs a whole cluster on a MockClock, so it costs far more than a Raft one).
+SIM_SEEDS ?= 3000
+CONTROLLER_SIM_SEEDS ?= 300
+
 sim: $(VENV)/.test-installed
-	$(PY) -m pytest tests/broker/raft/test_simulation.py --sim-seeds 3000 -q
+	$(PY) -m pytest tests/broker/raft/test_simulation.py --sim-seeds $(SIM_SEEDS) -q
+	$(PY) -m pytest tests/broker/controller/test_controller_quorum_simulation.py \
+		--controller-sim-seeds $(CONTROLLER_SIM_SEEDS) -q
 
 clean:
 	rm -rf $(VENV) data *.egg-info
