@@ -49,7 +49,6 @@ OFFSETS_TOPIC_CONFIGS = {
     "delete.retention.ms": str(24 * 3600 * 1000),
 }
 GROUP_ID_CHARS_MAX = 255
-EXPIRY_CHECK_INTERVAL_S = 0.25
 LOAD_READ_BYTES = 4 * 1024 * 1024
 
 
@@ -215,7 +214,7 @@ class GroupCoordinator:
         """Expire members that stopped heartbeating, and tell groups about topic changes."""
         task_status.started()
         while True:
-            await trio.sleep(EXPIRY_CHECK_INTERVAL_S)
+            await trio.sleep(self.config.limits.group_expiry_check_interval_ms / 1000)
             counts = self.partition_counts()
             changed = counts != self._partition_counts
             self._partition_counts = counts

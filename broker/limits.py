@@ -47,6 +47,9 @@ class Limits:
     # How often the broker looks for logs whose periodic flush is due (fsync=interval's
     # flush.ms is honoured to within this).
     flush_check_interval_ms: int = 50
+    # How often consumer groups are checked for members whose session expired and for topics
+    # whose partition count changed; an expiry is noticed up to this late.
+    group_expiry_check_interval_ms: int = 250
     # Under fsync=always/never, a log with new data is flushed and its recovery point recorded
     # this often, so a restart rescans little of it.
     recovery_point_interval_ms: int = 60_000
@@ -94,6 +97,8 @@ class Limits:
             problems.append("limits.http_append_timeout_ms must be at least 100")
         if self.flush_check_interval_ms < 10:
             problems.append("limits.flush_check_interval_ms must be at least 10")
+        if self.group_expiry_check_interval_ms < 10:
+            problems.append("limits.group_expiry_check_interval_ms must be at least 10")
         if self.recovery_point_interval_ms < 1000:
             problems.append("limits.recovery_point_interval_ms must be at least 1000")
         if self.cleaner_keys_max < 1000:

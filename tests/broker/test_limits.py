@@ -38,6 +38,7 @@ def test_the_defaults_have_no_problems():
         ("http_fetch_bytes_max", 1023),
         ("http_append_timeout_ms", 99),
         ("flush_check_interval_ms", 9),
+        ("group_expiry_check_interval_ms", 9),
         ("recovery_point_interval_ms", 999),
         ("cleaner_keys_max", 999),
     ],
