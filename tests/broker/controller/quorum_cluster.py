@@ -31,28 +31,41 @@ from broker.controller.quorum_controller import (
 from broker.raft.config import RaftConfig
 from broker.raft.log_storage import LogStorage, MemoryStorage
 from broker.raft.memory_transport import MemoryNetwork
-from broker.raft.messages import Configuration, EntryKind
+from broker.raft.messages import Configuration, Entry, EntryKind, Snapshot
 from protocol.errors import DwalError
 
 CONFIG = QuorumControllerConfig(tick_interval_seconds=0.01, cluster_id="test-cluster")
 
 
-def raft_config(node_id: int) -> RaftConfig:
-    return RaftConfig(node_id=node_id, election_ticks=10, heartbeat_ticks=2)
+def raft_config(node_id: int, election_ticks: int = 10, heartbeat_ticks: int = 2) -> RaftConfig:
+    return RaftConfig(
+        node_id=node_id, election_ticks=election_ticks, heartbeat_ticks=heartbeat_ticks
+    )
 
 
 def replay(storage: LogStorage, commit: int) -> MetadataImage:
     """The image of the committed log in `storage`: its snapshot, then each entry."""
     snapshot = storage.snapshot()
-    image = EMPTY_IMAGE
-    if snapshot.index:
-        image = decode_snapshot(snapshot.data, index=snapshot.index)
+    image = snapshot_image(snapshot)
     if commit > snapshot.index:
-        for entry in storage.entries(snapshot.index + 1, commit + 1):
-            records = []
-            if entry.kind == EntryKind.NORMAL and entry.data:
-                records = decode_entry(entry.data)
-            image = apply(image, records, entry_index=entry.index)
+        image = apply_entries(image, storage.entries(snapshot.index + 1, commit + 1))
+    return image
+
+
+def snapshot_image(snapshot: Snapshot) -> MetadataImage:
+    """The image a snapshot holds (the empty image for index 0, no snapshot)."""
+    if snapshot.index:
+        return decode_snapshot(snapshot.data, index=snapshot.index)
+    return EMPTY_IMAGE
+
+
+def apply_entries(image: MetadataImage, entries: list[Entry]) -> MetadataImage:
+    """`image` after each of `entries`, in order."""
+    for entry in entries:
+        records = []
+        if entry.kind == EntryKind.NORMAL and entry.data:
+            records = decode_entry(entry.data)
+        image = apply(image, records, entry_index=entry.index)
     return image
 
 
@@ -99,7 +112,12 @@ class ControllerCluster:
         node_ids: list[int],
         seed: int,
         config: QuorumControllerConfig = CONFIG,
+        *,
+        election_ticks: int = 10,
+        heartbeat_ticks: int = 2,
     ) -> None:
+        self.election_ticks = election_ticks
+        self.heartbeat_ticks = heartbeat_ticks
         self.nursery = nursery
         self.network = network
         self.node_ids = node_ids
@@ -120,7 +138,7 @@ class ControllerCluster:
         node = self.nodes[node_id]
         assert not node.alive
         node.controller = QuorumController(
-            raft_config(node_id),
+            raft_config(node_id, self.election_ticks, self.heartbeat_ticks),
             node.storage,
             self.network.endpoint(node_id),
             config=self.config,
