@@ -32,6 +32,12 @@ class ApiKey(enum.IntEnum):
     CONSUMER_GROUP_HEARTBEAT = 68
     CONSUMER_GROUP_DESCRIBE = 69
     DESCRIBE_TOPICS = 75
+    # the control plane (KRaft's numbers): brokers to the active controller, and operators
+    ELECT_LEADERS = 43
+    ALTER_PARTITION = 56
+    DESCRIBE_CLUSTER = 60
+    BROKER_REGISTRATION = 62
+    BROKER_HEARTBEAT = 63
 
 
 # Special timestamps of ListOffsets, as in Kafka.
@@ -49,6 +55,8 @@ _TOPIC_ERROR = Struct(
 )
 
 _TOPIC_PARTITIONS = Struct(topic=STR, partitions=ListOf(INT))
+_LISTENER = Struct(name=STR, host=STR, port=INT)
+_PARTITION_RESULT = Struct(partition=INT, error_code=INT, error_message=(Optional(STR), None))
 _GROUP_ERROR = Struct(group_id=STR, error_code=INT, error_message=(Optional(STR), None))
 
 REQUESTS: dict[ApiKey, Struct] = {
@@ -140,6 +148,40 @@ REQUESTS: dict[ApiKey, Struct] = {
     ApiKey.LIST_GROUPS: Struct(),
     ApiKey.CONSUMER_GROUP_DESCRIBE: Struct(group_ids=ListOf(STR, length_max=1000)),
     ApiKey.DELETE_GROUPS: Struct(group_ids=ListOf(STR, length_max=1000)),
+    # A broker (re)registers with the active controller at start; the answer is its epoch.
+    ApiKey.BROKER_REGISTRATION: Struct(
+        broker_id=INT,
+        cluster_id=STR,  # the cluster the broker's data dir belongs to
+        incarnation_id=STR,  # random per process start
+        listeners=ListOf(_LISTENER, length_max=16),
+        rack=(Optional(STR), None),
+    ),
+    ApiKey.BROKER_HEARTBEAT: Struct(
+        broker_id=INT,
+        broker_epoch=INT,
+        metadata_offset=INT,  # the last metadata log entry the broker's image applied
+        want_shut_down=(BOOL, False),
+    ),
+    ApiKey.DESCRIBE_CLUSTER: Struct(),
+    # None: every partition whose preferred leader does not lead
+    ApiKey.ELECT_LEADERS: Struct(
+        topics=(Optional(ListOf(_TOPIC_PARTITIONS, length_max=10_000)), None),
+    ),
+    # A partition leader asks the controller to change the ISR (compare-and-swap on the
+    # partition epoch it knows).
+    ApiKey.ALTER_PARTITION: Struct(
+        broker_id=INT,
+        broker_epoch=INT,
+        topics=ListOf(
+            Struct(
+                topic=STR,
+                partitions=ListOf(
+                    Struct(partition=INT, leader_epoch=INT, partition_epoch=INT, isr=ListOf(INT))
+                ),
+            ),
+            length_max=10_000,
+        ),
+    ),
 }
 
 _PARTITION_META = Struct(
@@ -177,6 +219,7 @@ RESPONSES: dict[ApiKey, Struct] = {
                 error_code=(INT, 0),
                 error_message=(Optional(STR), None),
                 configs=(MapOf(STR), {}),
+                topic_id=(STR, ""),
                 partitions=(
                     ListOf(
                         Struct(
@@ -188,6 +231,10 @@ RESPONSES: dict[ApiKey, Struct] = {
                             log_end_offset=INT,
                             size_bytes=INT,
                             segments=(INT, 0),
+                            replicas=(ListOf(INT), []),
+                            isr=(ListOf(INT), []),
+                            # False: the answering broker holds no copy (offsets above: -1)
+                            local=(BOOL, True),
                         )
                     ),
                     [],
@@ -312,6 +359,48 @@ RESPONSES: dict[ApiKey, Struct] = {
         )
     ),
     ApiKey.DELETE_GROUPS: Struct(groups=ListOf(_GROUP_ERROR)),
+    ApiKey.BROKER_REGISTRATION: Struct(broker_epoch=INT),
+    ApiKey.BROKER_HEARTBEAT: Struct(is_fenced=BOOL, should_shut_down=BOOL),
+    ApiKey.DESCRIBE_CLUSTER: Struct(
+        cluster_id=STR,
+        controller_id=INT,  # -1: none known to the answering node
+        metadata_offset=INT,  # the last entry the answering node's image applied
+        brokers=ListOf(
+            Struct(
+                node_id=INT,
+                epoch=INT,
+                fenced=BOOL,
+                shut_down=(BOOL, False),
+                rack=(Optional(STR), None),
+                listeners=ListOf(_LISTENER),
+            )
+        ),
+        # the controller quorum as the answering node sees it; lag (entries behind the
+        # leader's log end) is only known when the answering node is the active controller
+        voters=(ListOf(Struct(node_id=INT, match_index=(INT, -1), lag=(INT, -1))), []),
+        learners=(ListOf(Struct(node_id=INT, match_index=(INT, -1), lag=(INT, -1))), []),
+    ),
+    ApiKey.ELECT_LEADERS: Struct(
+        topics=ListOf(Struct(topic=STR, partitions=ListOf(_PARTITION_RESULT))),
+    ),
+    ApiKey.ALTER_PARTITION: Struct(
+        topics=ListOf(
+            Struct(
+                topic=STR,
+                partitions=ListOf(
+                    Struct(
+                        partition=INT,
+                        error_code=INT,
+                        error_message=(Optional(STR), None),
+                        leader=(INT, -1),
+                        leader_epoch=(INT, -1),
+                        partition_epoch=(INT, -1),
+                        isr=(ListOf(INT), []),
+                    )
+                ),
+            )
+        ),
+    ),
 }
 
 # Supported version range per api key: (min, max).
