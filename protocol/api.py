@@ -210,8 +210,10 @@ RESPONSES: dict[ApiKey, Struct] = {
             )
         ),
     ),
-    ApiKey.CREATE_TOPICS: Struct(topics=ListOf(_TOPIC_ERROR)),
-    ApiKey.DELETE_TOPICS: Struct(topics=ListOf(_TOPIC_ERROR)),
+    # metadata_offset (admin answers): the metadata log entry that holds the change; the
+    # answering broker's image has applied it. -1: not said (older broker, nothing changed)
+    ApiKey.CREATE_TOPICS: Struct(topics=ListOf(_TOPIC_ERROR), metadata_offset=(INT, -1)),
+    ApiKey.DELETE_TOPICS: Struct(topics=ListOf(_TOPIC_ERROR), metadata_offset=(INT, -1)),
     ApiKey.DESCRIBE_TOPICS: Struct(
         topics=ListOf(
             Struct(
@@ -242,7 +244,7 @@ RESPONSES: dict[ApiKey, Struct] = {
             )
         )
     ),
-    ApiKey.ALTER_CONFIGS: Struct(configs=(MapOf(STR), {})),
+    ApiKey.ALTER_CONFIGS: Struct(configs=(MapOf(STR), {}), metadata_offset=(INT, -1)),
     ApiKey.PRODUCE: Struct(
         topics=ListOf(
             Struct(
@@ -293,7 +295,7 @@ RESPONSES: dict[ApiKey, Struct] = {
             )
         )
     ),
-    ApiKey.CREATE_PARTITIONS: Struct(topics=ListOf(_TOPIC_ERROR)),
+    ApiKey.CREATE_PARTITIONS: Struct(topics=ListOf(_TOPIC_ERROR), metadata_offset=(INT, -1)),
     ApiKey.FIND_COORDINATOR: Struct(node_id=INT, host=STR, port=INT),
     ApiKey.CONSUMER_GROUP_HEARTBEAT: Struct(
         member_id=STR,
@@ -359,7 +361,7 @@ RESPONSES: dict[ApiKey, Struct] = {
         )
     ),
     ApiKey.DELETE_GROUPS: Struct(groups=ListOf(_GROUP_ERROR)),
-    ApiKey.BROKER_REGISTRATION: Struct(broker_epoch=INT),
+    ApiKey.BROKER_REGISTRATION: Struct(broker_epoch=INT),  # the registering entry's index
     ApiKey.BROKER_HEARTBEAT: Struct(is_fenced=BOOL, should_shut_down=BOOL),
     ApiKey.DESCRIBE_CLUSTER: Struct(
         cluster_id=STR,
@@ -382,8 +384,10 @@ RESPONSES: dict[ApiKey, Struct] = {
     ),
     ApiKey.ELECT_LEADERS: Struct(
         topics=ListOf(Struct(topic=STR, partitions=ListOf(_PARTITION_RESULT))),
+        metadata_offset=(INT, -1),
     ),
     ApiKey.ALTER_PARTITION: Struct(
+        metadata_offset=(INT, -1),
         topics=ListOf(
             Struct(
                 topic=STR,
