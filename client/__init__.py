@@ -17,12 +17,16 @@ async with client.connect("127.0.0.1:9092") as cluster:
 
 from client.admin import (
     Admin,
+    BrokerDescription,
+    BrokerListener,
+    ClusterDescription,
     GroupAdmin,
     GroupDescription,
     GroupListing,
     GroupMemberDescription,
     PartitionDescription,
     PartitionOffsets,
+    QuorumMember,
     TopicDescription,
 )
 from client.batch_damage import CorruptRecordError
@@ -42,7 +46,10 @@ from protocol import Compression, DwalError, ErrorCode, Record
 
 __all__ = [
     "Admin",
+    "BrokerDescription",
+    "BrokerListener",
     "Cluster",
+    "ClusterDescription",
     "Compression",
     "ConnectionFailed",
     "Consumer",
@@ -62,6 +69,7 @@ __all__ = [
     "Producer",
     "ProducerClosed",
     "ProducerStatistics",
+    "QuorumMember",
     "Record",
     "RecordMetadata",
     "TopicDescription",

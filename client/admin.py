@@ -1,9 +1,21 @@
-"""Administration: topics and their configs (`Admin`), consumer groups (`GroupAdmin`)."""
+"""Administration: topics, their configs and the cluster (`Admin`), consumer groups
+(`GroupAdmin`).
+
+Admin requests go to any broker, which forwards what needs the active controller. While the
+controller moves (an election, a restart) the answer is NOT_CONTROLLER: the request was not
+applied, so `Admin` sends it again, after a backoff that doubles from `retry_backoff_ms` up
+to `retry_backoff_max_ms` and a metadata refresh (which also learns of brokers that joined),
+until `timeout_ms` has passed since the first attempt; then it raises NOT_CONTROLLER saying
+how many attempts it made. Other errors are raised at once.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, TypeVar
+
+import trio
 
 from client.cluster import Cluster
 from client.consumer import list_offsets
@@ -11,17 +23,31 @@ from client.group_membership import STATIC_LEAVE_EPOCH
 from client.topic_partition import TopicPartition
 from protocol import EARLIEST_TIMESTAMP, LATEST_TIMESTAMP, ApiKey, DwalError, ErrorCode
 
+_Result = TypeVar("_Result")
+
+# Defaults of `Admin`'s retry of NOT_CONTROLLER answers (Kafka's admin client: 100 ms and
+# 1 s backoff; the whole operation bounded by the cluster's request timeout unless given).
+ADMIN_RETRY_BACKOFF_MS = 100
+ADMIN_RETRY_BACKOFF_MS_MAX = 1_000
+
 
 @dataclass(frozen=True)
 class PartitionDescription:
+    """One partition as the answering broker knows it. `replicas` are the brokers holding a
+    copy (the first is the preferred leader), `isr` those in sync with the leader. When the
+    answering broker holds no copy (`local` false) the offsets, size and segments are -1."""
+
     partition: int
-    leader: int
+    leader: int  # -1: no leader now
     leader_epoch: int
     log_start_offset: int
     high_watermark: int
     log_end_offset: int
     size_bytes: int
     segments: int
+    replicas: tuple[int, ...] = ()
+    isr: tuple[int, ...] = ()
+    local: bool = True
 
 
 @dataclass(frozen=True)
@@ -29,14 +55,108 @@ class TopicDescription:
     name: str
     partitions: tuple[PartitionDescription, ...]
     configs: dict[str, str]
+    topic_id: str = ""  # "" when the broker does not say
+
+
+@dataclass(frozen=True)
+class BrokerListener:
+    name: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class BrokerDescription:
+    """A registered broker: `epoch` changes at each registration (each process start);
+    a fenced broker leads no partition (it missed heartbeats, or has not caught up with the
+    metadata log since it started); `shut_down`: it asked to shut down (controlled
+    shutdown)."""
+
+    node_id: int
+    epoch: int
+    fenced: bool
+    shut_down: bool
+    rack: str | None
+    listeners: tuple[BrokerListener, ...]
+
+
+@dataclass(frozen=True)
+class QuorumMember:
+    """A member of the controller quorum: the last metadata log entry it has (`match_index`)
+    and how many entries it is behind the active controller's log end (`lag`); both -1 when
+    unknown (only the active controller knows them)."""
+
+    node_id: int
+    match_index: int
+    lag: int
+
+
+@dataclass(frozen=True)
+class ClusterDescription:
+    """The cluster as the answering broker sees it. `controller_id` is -1 when it knows of no
+    active controller; `metadata_offset` is the last metadata log entry its image applied."""
+
+    cluster_id: str
+    controller_id: int
+    metadata_offset: int
+    brokers: tuple[BrokerDescription, ...]
+    voters: tuple[QuorumMember, ...]
+    learners: tuple[QuorumMember, ...]
 
 
 class Admin:
-    """Create, list, describe, alter and delete topics. Every method raises DwalError with
-    the broker's error code and message when the broker refuses."""
+    """Create, list, describe, alter and delete topics; describe the cluster; elect leaders.
+    Every method raises DwalError with the broker's error code and message when the broker
+    refuses, after retrying NOT_CONTROLLER answers (see the module docstring). Every method
+    is safe to cancel, though a cancelled change may or may not have been applied."""
 
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        *,
+        retry_backoff_ms: int = ADMIN_RETRY_BACKOFF_MS,
+        retry_backoff_max_ms: int = ADMIN_RETRY_BACKOFF_MS_MAX,
+        timeout_ms: int | None = None,
+    ) -> None:
+        if not 0 < retry_backoff_ms <= retry_backoff_max_ms:
+            raise ValueError("need 0 < retry_backoff_ms <= retry_backoff_max_ms")
+        if timeout_ms is not None and timeout_ms < 0:
+            raise ValueError("timeout_ms must not be negative")
         self.cluster = cluster
+        self.retry_backoff_s = retry_backoff_ms / 1000
+        self.retry_backoff_max_s = retry_backoff_max_ms / 1000
+        # the whole operation, retries included
+        self.timeout_s = (cluster.request_timeout_ms if timeout_ms is None else timeout_ms) / 1000
+
+    async def _retrying(self, what: str, operation: Callable[[], Awaitable[_Result]]) -> _Result:
+        """Run `operation` (one request and the reading of its answer) until it does not fail
+        with NOT_CONTROLLER, within `timeout_s`; returns its result. Raises the first other
+        DwalError, or NOT_CONTROLLER naming the attempts once the time is up."""
+        started = trio.current_time()
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                return await operation()
+            except DwalError as error:
+                if error.code != ErrorCode.NOT_CONTROLLER:
+                    raise
+                last_error = error
+            backoff_s = min(
+                self.retry_backoff_s * 2 ** min(attempts - 1, 30), self.retry_backoff_max_s
+            )
+            elapsed_s = trio.current_time() - started
+            if elapsed_s + backoff_s > self.timeout_s:
+                raise DwalError(
+                    ErrorCode.NOT_CONTROLLER,
+                    f"{what}: gave up after {attempts} attempts in {elapsed_s:.1f} s, no active "
+                    f"controller answered: {last_error.message}",
+                ) from last_error
+            await trio.sleep(backoff_s)
+            try:  # learn of brokers that joined; the next attempt reports a broker gone
+                await self.cluster.refresh_metadata([])
+            except DwalError:
+                pass
 
     async def create_topic(
         self,
@@ -47,39 +167,43 @@ class Admin:
         configs: dict[str, str] | None = None,
         validate_only: bool = False,
     ) -> None:
-        response = await self.cluster.call(
-            ApiKey.CREATE_TOPICS,
-            {
-                "topics": [
-                    {
-                        "topic": name,
-                        "partitions": partitions,
-                        "replication_factor": replication_factor,
-                        "configs": dict(configs or {}),
-                    }
-                ],
-                "validate_only": validate_only,
-            },
-        )
-        _raise_topic_errors(response.body["topics"])
+        body = {
+            "topics": [
+                {
+                    "topic": name,
+                    "partitions": partitions,
+                    "replication_factor": replication_factor,
+                    "configs": dict(configs or {}),
+                }
+            ],
+            "validate_only": validate_only,
+        }
+
+        async def create() -> None:
+            response = await self.cluster.call(ApiKey.CREATE_TOPICS, body)
+            _raise_topic_errors(response.body["topics"])
+
+        await self._retrying(f"create topic {name!r}", create)
         self.cluster.invalidate(name)
 
     async def add_partitions(self, name: str, total: int, *, validate_only: bool = False) -> None:
         """Grow topic `name` to `total` partitions (keys may then map to other partitions)."""
-        response = await self.cluster.call(
-            ApiKey.CREATE_PARTITIONS,
-            {
-                "topics": [{"topic": name, "count": total}],
-                "validate_only": validate_only,
-            },
-        )
-        self.cluster.invalidate(name)
-        _raise_topic_errors(response.body["topics"])
+        body = {"topics": [{"topic": name, "count": total}], "validate_only": validate_only}
+
+        async def add() -> None:
+            response = await self.cluster.call(ApiKey.CREATE_PARTITIONS, body)
+            self.cluster.invalidate(name)
+            _raise_topic_errors(response.body["topics"])
+
+        await self._retrying(f"add partitions to {name!r}", add)
 
     async def delete_topic(self, name: str) -> None:
-        response = await self.cluster.call(ApiKey.DELETE_TOPICS, {"topics": [name]})
-        self.cluster.invalidate(name)
-        _raise_topic_errors(response.body["topics"])
+        async def delete() -> None:
+            response = await self.cluster.call(ApiKey.DELETE_TOPICS, {"topics": [name]})
+            self.cluster.invalidate(name)
+            _raise_topic_errors(response.body["topics"])
+
+        await self._retrying(f"delete topic {name!r}", delete)
 
     async def list_topics(self) -> list[str]:
         response = await self.cluster.call(ApiKey.METADATA, {"topics": None})
@@ -89,13 +213,64 @@ class Admin:
         return (await self.describe_topics([name]))[0]
 
     async def describe_topics(self, names: list[str] | None = None) -> list[TopicDescription]:
-        response = await self.cluster.call(ApiKey.DESCRIBE_TOPICS, {"topics": names})
+        """Every topic named (every topic when None), as the answering broker knows it."""
+
+        async def describe() -> list[TopicDescription]:
+            response = await self.cluster.call(ApiKey.DESCRIBE_TOPICS, {"topics": names})
+            return [_topic_description(entry) for entry in response.body["topics"]]
+
+        return await self._retrying("describe topics", describe)
+
+    async def describe_cluster(self) -> ClusterDescription:
+        """The cluster id, the active controller, the registered brokers and the controller
+        quorum, as the answering broker sees them."""
+
+        async def describe() -> ClusterDescription:
+            response = await self.cluster.call(ApiKey.DESCRIBE_CLUSTER, {})
+            return _cluster_description(response.body)
+
+        return await self._retrying("describe cluster", describe)
+
+    async def elect_leaders(
+        self, topics: dict[str, list[int] | None] | None = None
+    ) -> dict[TopicPartition, DwalError | None]:
+        """Make each partition's preferred replica (its first) its leader again, where it is
+        in sync. `topics` maps a topic to its partitions (None: all of them); None asks for
+        every partition whose preferred replica does not lead. Returns per partition None
+        (elected) or the error the controller gave (ELECTION_NOT_NEEDED: it already leads).
+        Raises DwalError for an unknown topic or partition."""
+        wanted = None if topics is None else await self._partitions_of(topics)
+
+        async def elect() -> dict[TopicPartition, DwalError | None]:
+            response = await self.cluster.call(ApiKey.ELECT_LEADERS, {"topics": wanted})
+            return {
+                TopicPartition(entry["topic"], result["partition"]): (
+                    DwalError(ErrorCode(result["error_code"]), result["error_message"])
+                    if result["error_code"]
+                    else None
+                )
+                for entry in response.body["topics"]
+                for result in entry["partitions"]
+            }
+
+        results = await self._retrying("elect leaders", elect)
+        for topic in topics or {}:
+            self.cluster.invalidate(topic)
+        return results
+
+    async def _partitions_of(self, topics: dict[str, list[int] | None]) -> list[dict[str, Any]]:
         out = []
-        for entry in response.body["topics"]:
-            if entry["error_code"]:
-                raise DwalError(ErrorCode(entry["error_code"]), entry["error_message"])
-            partitions = tuple(PartitionDescription(**p) for p in entry["partitions"])
-            out.append(TopicDescription(entry["topic"], partitions, entry["configs"]))
+        for topic, partitions in topics.items():
+            self.cluster.invalidate(topic)
+            count = len((await self.cluster.topic(topic)).partitions)
+            missing = sorted(set(partitions or ()) - set(range(count)))
+            if missing:
+                raise DwalError(
+                    ErrorCode.UNKNOWN_TOPIC_OR_PARTITION,
+                    f"topic {topic!r} has no partition {missing[0]}",
+                )
+            chosen = sorted(set(partitions)) if partitions is not None else list(range(count))
+            out.append({"topic": topic, "partitions": chosen})
         return out
 
     async def alter_configs(
@@ -107,16 +282,69 @@ class Admin:
         validate_only: bool = False,
     ) -> dict[str, str]:
         """Set and remove config overrides of a topic; returns the topic's overrides."""
-        response = await self.cluster.call(
-            ApiKey.ALTER_CONFIGS,
-            {
-                "topic": name,
-                "set": dict(set or {}),
-                "delete": list(delete or []),
-                "validate_only": validate_only,
-            },
+        body = {
+            "topic": name,
+            "set": dict(set or {}),
+            "delete": list(delete or []),
+            "validate_only": validate_only,
+        }
+
+        async def alter() -> dict[str, str]:
+            response = await self.cluster.call(ApiKey.ALTER_CONFIGS, body)
+            return response.body["configs"]
+
+        return await self._retrying(f"alter configs of {name!r}", alter)
+
+
+def _topic_description(entry: dict[str, Any]) -> TopicDescription:
+    if entry["error_code"]:
+        raise DwalError(ErrorCode(entry["error_code"]), entry["error_message"])
+    partitions = tuple(
+        PartitionDescription(
+            partition=p["partition"],
+            leader=p["leader"],
+            leader_epoch=p["leader_epoch"],
+            log_start_offset=p["log_start_offset"],
+            high_watermark=p["high_watermark"],
+            log_end_offset=p["log_end_offset"],
+            size_bytes=p["size_bytes"],
+            segments=p["segments"],
+            replicas=tuple(p["replicas"]),
+            isr=tuple(p["isr"]),
+            local=p["local"],
         )
-        return response.body["configs"]
+        for p in sorted(entry["partitions"], key=lambda p: p["partition"])
+    )
+    return TopicDescription(entry["topic"], partitions, entry["configs"], entry["topic_id"])
+
+
+def _cluster_description(body: dict[str, Any]) -> ClusterDescription:
+    brokers = tuple(
+        BrokerDescription(
+            node_id=b["node_id"],
+            epoch=b["epoch"],
+            fenced=b["fenced"],
+            shut_down=b["shut_down"],
+            rack=b["rack"],
+            listeners=tuple(
+                BrokerListener(li["name"], li["host"], li["port"]) for li in b["listeners"]
+            ),
+        )
+        for b in sorted(body["brokers"], key=lambda b: b["node_id"])
+    )
+
+    def members(entries: list[dict[str, Any]]) -> tuple[QuorumMember, ...]:
+        ordered = sorted(entries, key=lambda m: m["node_id"])
+        return tuple(QuorumMember(m["node_id"], m["match_index"], m["lag"]) for m in ordered)
+
+    return ClusterDescription(
+        cluster_id=body["cluster_id"],
+        controller_id=body["controller_id"],
+        metadata_offset=body["metadata_offset"],
+        brokers=brokers,
+        voters=members(body["voters"]),
+        learners=members(body["learners"]),
+    )
 
 
 def _raise_topic_errors(results: list[dict]) -> None:

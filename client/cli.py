@@ -7,7 +7,9 @@ stderr and exit with status 1 (2 for usage errors), never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
+import json
 import math
 import os
 import signal
@@ -110,6 +112,16 @@ def _key_value(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _add_output_format(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--format",
+        "-f",
+        choices=["text", "json"],
+        default="text",
+        help="text: tables for people (default); json: one JSON object",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dwal", description="DWAL, a distributed write-ahead log")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -159,8 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="topic config override (repeatable)",
     )
     client_command("list", "list topics", topic_commands)
-    describe = client_command("describe", "describe a topic", topic_commands)
+    describe = client_command(
+        "describe", "configs, and per partition leader, replicas, ISR and offsets", topic_commands
+    )
     describe.add_argument("name", help="topic name")
+    _add_output_format(describe)
     delete = client_command("delete", "delete a topic and its data", topic_commands)
     delete.add_argument("name", help="topic name")
     grow = client_command("add-partitions", "grow a topic to more partitions", topic_commands)
@@ -182,6 +197,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY",
         help="remove an override: the broker default applies again (repeatable)",
+    )
+
+    cluster = commands.add_parser("cluster", help="the cluster's brokers and controllers")
+    cluster_commands = cluster.add_subparsers(dest="cluster_command", required=True)
+    status = client_command(
+        "status", "cluster id, active controller, quorum lag, brokers", cluster_commands
+    )
+    _add_output_format(status)
+
+    leaders = commands.add_parser("leaders", help="partition leadership")
+    leaders_commands = leaders.add_subparsers(dest="leaders_command", required=True)
+    elect = client_command(
+        "elect", "move leadership back to each partition's preferred replica", leaders_commands
+    )
+    elect.add_argument("--topic", "-t", help="only this topic (default: every topic)")
+    elect.add_argument(
+        "--partition",
+        "-p",
+        type=_partition_number,
+        action="append",
+        help="only this partition of --topic (repeatable; default all)",
     )
 
     group = commands.add_parser("group", help="manage consumer groups")
@@ -400,6 +436,10 @@ async def _dispatch(cluster, args: argparse.Namespace, stop: trio.Event) -> int:
         return await verify_command(cluster, args)
     if args.command == "group":
         return await _group_command(GroupAdmin(cluster), args)
+    if args.command == "cluster":
+        return await _cluster_command(Admin(cluster), args)
+    if args.command == "leaders":
+        return await _elect_leaders(Admin(cluster), args)
     raise UsageError(f"unknown command {args.command}")
 
 
@@ -422,7 +462,11 @@ async def _topic_command(admin: Admin, args: argparse.Namespace) -> int:
             for name in await admin.list_topics():
                 print(name)
         case "describe":
-            _print_description(await admin.describe_topic(args.name))
+            description = await admin.describe_topic(args.name)
+            if args.format == "json":
+                print(json.dumps(dataclasses.asdict(description)))
+            else:
+                _print_description(description)
         case "delete":
             await admin.delete_topic(args.name)
             print(f"deleted topic {args.name}")
@@ -440,19 +484,89 @@ async def _topic_command(admin: Admin, args: argparse.Namespace) -> int:
 
 def _print_description(description) -> None:
     print(f"topic: {description.name}")
+    if description.topic_id:
+        print(f"topic id: {description.topic_id}")
     print(f"partitions: {len(description.partitions)}")
     print("configs:")
     for key, value in sorted(description.configs.items()):
         print(f"  {key}={value}")
     print(
         f"{'PARTITION':>9} {'LEADER':>6} {'LOG-START':>12} {'HIGH-WATERMARK':>15} "
-        f"{'LOG-END':>12} {'SIZE-BYTES':>12} {'SEGMENTS':>8}"
+        f"{'LOG-END':>12} {'SIZE-BYTES':>12} {'SEGMENTS':>8} {'LEADER-EPOCH':>12}  "
+        f"{'REPLICAS':<12} ISR"
     )
     for p in description.partitions:
+        # "-": the answering broker holds no copy of the partition
+        local = [p.log_start_offset, p.high_watermark, p.log_end_offset, p.size_bytes, p.segments]
+        start, high, end, size, segments = local if p.local else ["-"] * 5
         print(
-            f"{p.partition:>9} {p.leader:>6} {p.log_start_offset:>12} {p.high_watermark:>15} "
-            f"{p.log_end_offset:>12} {p.size_bytes:>12} {p.segments:>8}"
+            f"{p.partition:>9} {_node(p.leader):>6} {start:>12} {high:>15} {end:>12} "
+            f"{size:>12} {segments:>8} {p.leader_epoch:>12}  {_nodes(p.replicas):<12} "
+            f"{_nodes(p.isr)}"
         )
+
+
+def _node(node_id: int) -> str:
+    return str(node_id) if node_id >= 0 else "none"
+
+
+def _nodes(node_ids) -> str:
+    return ",".join(str(n) for n in node_ids) or "-"
+
+
+async def _cluster_command(admin: Admin, args: argparse.Namespace) -> int:
+    description = await admin.describe_cluster()
+    if args.format == "json":
+        print(json.dumps(dataclasses.asdict(description)))
+        return 0
+    controller = description.controller_id
+    print(f"cluster id: {description.cluster_id}")
+    print(f"controller: {_node(controller)}")
+    print(f"metadata offset: {description.metadata_offset}")
+    members = [("voter", m) for m in description.voters]
+    members += [("learner", m) for m in description.learners]
+    print(f"{'CONTROLLER':>10} {'ROLE':<8} {'MATCH-INDEX':>12} {'LAG':>8}")
+    for role, m in members:
+        active = " (active)" if m.node_id == controller else ""
+        match_index = m.match_index if m.match_index >= 0 else "-"
+        lag = m.lag if m.lag >= 0 else "-"  # only the active controller knows
+        print(f"{m.node_id:>10} {role:<8} {match_index:>12} {lag:>8}{active}")
+    print(f"{'BROKER':>10} {'EPOCH':>8} {'FENCED':<6} {'SHUT-DOWN':<9} {'RACK':<10} LISTENERS")
+    for b in description.brokers:
+        listeners = " ".join(f"{li.name}://{li.host}:{li.port}" for li in b.listeners) or "-"
+        print(
+            f"{b.node_id:>10} {b.epoch:>8} {_yes_no(b.fenced):<6} {_yes_no(b.shut_down):<9} "
+            f"{b.rack or '-':<10} {listeners}"
+        )
+    return 0
+
+
+def _yes_no(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+async def _elect_leaders(admin: Admin, args: argparse.Namespace) -> int:
+    if args.partition and args.topic is None:
+        raise UsageError("--partition needs --topic")
+    topics = None if args.topic is None else {args.topic: args.partition}
+    results = await admin.elect_leaders(topics)
+    failed = 0
+    print(f"{'TOPIC':<24} {'PARTITION':>9}  RESULT")
+    for tp, error in sorted(results.items()):
+        if error is None:
+            outcome = "elected its preferred replica"
+        elif error.code == ErrorCode.ELECTION_NOT_NEEDED:
+            outcome = "preferred replica already leads"
+        else:
+            failed += 1
+            outcome = f"failed: {error.message} ({error.code.name})"
+        print(f"{tp.topic:<24} {tp.partition:>9}  {outcome}")
+    if not results:
+        print("every partition's preferred replica leads: nothing to elect")
+    if failed:
+        print(f"error: {failed} election(s) failed", file=sys.stderr)
+        return 1
+    return 0
 
 
 async def _read_stdin_chunks():

@@ -9,6 +9,8 @@ blocks a client mid-frame; `resume_reading()` lets it go on.
 Several fake brokers can play one cluster: give them one `ClusterView` (their node ids and
 each partition's leader and leader epoch), which every one of them reports in its Metadata
 answers; a test moves a leader by changing the view (`FakeCluster.start` builds one).
+`FakeControlPlane` answers the admin requests of such a cluster (topics, DescribeCluster,
+ElectLeaders), with NOT_CONTROLLER as often as a test asks.
 """
 
 from __future__ import annotations
@@ -84,6 +86,13 @@ class ClusterView:
 
     brokers: dict[int, "FakeBroker"] = field(default_factory=dict)
     leaders: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
+    # per partition its replicas and ISR; not listed: the leader alone
+    replicas: dict[tuple[str, int], list[int]] = field(default_factory=dict)
+    isr: dict[tuple[str, int], list[int]] = field(default_factory=dict)
+
+    def replicas_of(self, topic: str, partition: int, leader: int) -> tuple[list[int], list[int]]:
+        key = (topic, partition)
+        return self.replicas.get(key, [leader]), self.isr.get(key, [leader])
 
     def move(self, topic: str, partition: int, leader: int, leader_epoch: int) -> None:
         self.leaders[(topic, partition)] = (leader, leader_epoch)
@@ -177,13 +186,18 @@ class FakeBroker:
                     if self.view is not None
                     else (self.node_id, 0)
                 )
+                replicas, isr = (
+                    self.view.replicas_of(name, p, leader)
+                    if self.view is not None
+                    else ([leader], [leader])
+                )
                 partitions.append(
                     {
                         "partition": p,
                         "leader": leader,
                         "leader_epoch": epoch,
-                        "replicas": [leader],
-                        "isr": [leader],
+                        "replicas": replicas,
+                        "isr": isr,
                     }
                 )
             topics.append(
@@ -227,6 +241,168 @@ class FakeCluster:
     @property
     def bootstrap(self) -> str:
         return self.view.brokers[0].bootstrap
+
+
+class FakeControlPlane:
+    """Admin answers behind a FakeCluster, from any of its brokers (as a real broker forwards
+    to the controller): CreateTopics (adds to the shared topic table), DescribeTopics (leader,
+    epoch, replicas and ISR from the view; offsets only from brokers holding a copy),
+    DescribeCluster (from the attributes below) and ElectLeaders (`elections` gives a
+    partition's error code; not listed: elected). The next `not_controller` requests are
+    answered NOT_CONTROLLER instead; `received` lists (node id, api key) of every request in
+    order (Metadata included, which the brokers answer), `refused` how many got
+    NOT_CONTROLLER. Start with `start()`; give the cluster at least one topic, so that its
+    brokers answer Metadata."""
+
+    def __init__(self, cluster: FakeCluster, topics: dict[str, FakeTopic]) -> None:
+        self.cluster = cluster
+        self.topics = topics  # the table the brokers' Metadata answers read
+        self.cluster_id = "fake-cluster-id"
+        self.controller_id = 0
+        self.metadata_offset = 42
+        self.epochs: dict[int, int] = {}  # broker epoch by node id; not listed: 10 + node id
+        self.fenced: set[int] = set()
+        self.shut_down: set[int] = set()
+        self.voters: dict[int, tuple[int, int]] = {0: (42, 0)}  # node id: (match index, lag)
+        self.learners: dict[int, tuple[int, int]] = {}
+        self.elections: dict[tuple[str, int], ErrorCode] = {}
+        self.not_controller = 0
+        self.refused = 0
+        self.received: list[tuple[int, ApiKey]] = []
+
+    async def start(self, nursery: trio.Nursery) -> "FakeControlPlane":
+        for node_id, broker in self.cluster.brokers.items():
+            nursery.start_soon(self._serve, node_id, broker)
+        return self
+
+    async def _serve(self, node_id: int, broker: FakeBroker) -> None:
+        answers = {
+            ApiKey.CREATE_TOPICS: self._create_topics,
+            ApiKey.DESCRIBE_TOPICS: self._describe_topics,
+            ApiKey.DESCRIBE_CLUSTER: self._describe_cluster,
+            ApiKey.ELECT_LEADERS: self._elect_leaders,
+        }
+        while True:
+            received = await broker.requests.receive()
+            self.received.append((node_id, received.api_key))
+            if received.api_key == ApiKey.METADATA:
+                continue  # the broker answered it
+            if received.api_key not in answers:
+                raise AssertionError(f"FakeControlPlane cannot answer {received.api_key.name}")
+            if self.not_controller > 0:
+                self.not_controller -= 1
+                self.refused += 1
+                message = f"node {node_id} is not the active controller"
+                await received.answer({}, ErrorCode.NOT_CONTROLLER, message)
+                continue
+            await received.answer(answers[received.api_key](node_id, received.request.body))
+
+    def _create_topics(self, node_id: int, body: dict[str, Any]) -> dict[str, Any]:
+        results = []
+        for entry in body["topics"]:
+            name = entry["topic"]
+            code = ErrorCode.TOPIC_ALREADY_EXISTS if name in self.topics else ErrorCode.NONE
+            if not code and not body["validate_only"]:
+                self.topics[name] = FakeTopic(partitions=entry["partitions"])
+                brokers = sorted(self.cluster.brokers)
+                for p in range(entry["partitions"]):
+                    chosen = [
+                        brokers[(p + i) % len(brokers)] for i in range(entry["replication_factor"])
+                    ]
+                    self.cluster.view.move(name, p, chosen[0], 0)
+                    self.cluster.view.replicas[(name, p)] = chosen
+                    self.cluster.view.isr[(name, p)] = list(chosen)
+            results.append({"topic": name, "error_code": int(code)})
+        return {"topics": results}
+
+    def _describe_topics(self, node_id: int, body: dict[str, Any]) -> dict[str, Any]:
+        view = self.cluster.view
+        entries = []
+        for name in body["topics"] or sorted(self.topics):
+            topic = self.topics.get(name)
+            if topic is None:
+                code = int(ErrorCode.UNKNOWN_TOPIC_OR_PARTITION)
+                entries.append({"topic": name, "error_code": code})
+                continue
+            partitions = []
+            for p in range(topic.partitions):
+                leader, epoch = view.leaders.get((name, p), (0, 0))
+                replicas, isr = view.replicas_of(name, p, leader)
+                local = node_id in replicas
+                offset = 100 + p if local else -1
+                partitions.append(
+                    {
+                        "partition": p,
+                        "leader": leader,
+                        "leader_epoch": epoch,
+                        "log_start_offset": 0 if local else -1,
+                        "high_watermark": offset,
+                        "log_end_offset": offset,
+                        "size_bytes": 1000 * (p + 1) if local else -1,
+                        "segments": 1 if local else -1,
+                        "replicas": replicas,
+                        "isr": isr,
+                        "local": local,
+                    }
+                )
+            entries.append(
+                {
+                    "topic": name,
+                    "topic_id": f"id-of-{name}",
+                    "configs": {"retention.ms": "86400000"},
+                    "partitions": partitions,
+                }
+            )
+        return {"topics": entries}
+
+    def _describe_cluster(self, node_id: int, body: dict[str, Any]) -> dict[str, Any]:
+        brokers = [
+            {
+                "node_id": other,
+                "epoch": self.epochs.get(other, 10 + other),
+                "fenced": other in self.fenced,
+                "shut_down": other in self.shut_down,
+                "rack": None,
+                "listeners": [{"name": "CLIENT", "host": "127.0.0.1", "port": broker.port}],
+            }
+            for other, broker in self.cluster.brokers.items()
+        ]
+
+        def members(table: dict[int, tuple[int, int]]) -> list[dict[str, int]]:
+            return [
+                {"node_id": member, "match_index": match_index, "lag": lag}
+                for member, (match_index, lag) in table.items()
+            ]
+
+        return {
+            "cluster_id": self.cluster_id,
+            "controller_id": self.controller_id,
+            "metadata_offset": self.metadata_offset,
+            "brokers": brokers,
+            "voters": members(self.voters),
+            "learners": members(self.learners),
+        }
+
+    def _elect_leaders(self, node_id: int, body: dict[str, Any]) -> dict[str, Any]:
+        wanted = body["topics"]
+        if wanted is None:  # the partitions whose preferred replica does not lead
+            wanted = []
+            for name, topic in self.topics.items():
+                moved = [p for p in range(topic.partitions) if not self._preferred_leads(name, p)]
+                if moved:
+                    wanted.append({"topic": name, "partitions": moved})
+        results = []
+        for entry in wanted:
+            partitions = []
+            for p in entry["partitions"]:
+                code = self.elections.get((entry["topic"], p), ErrorCode.NONE)
+                partitions.append({"partition": p, "error_code": int(code)})
+            results.append({"topic": entry["topic"], "partitions": partitions})
+        return {"topics": results}
+
+    def _preferred_leads(self, topic: str, partition: int) -> bool:
+        leader = self.cluster.view.leaders.get((topic, partition), (0, 0))[0]
+        return self.cluster.view.replicas_of(topic, partition, leader)[0][0] == leader
 
 
 def produce_answer(request: Request, base_offset: int = 0, error_code: int = 0) -> dict:
