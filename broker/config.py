@@ -24,7 +24,7 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True, kw_only=True)
 class BrokerConfig:
-    node_id: int = 0
+    node_id: int = 1
     host: str = "127.0.0.1"
     port: int = 9092
     advertised_host: str | None = None  # what Metadata tells clients; None: `host`
@@ -39,8 +39,31 @@ class BrokerConfig:
     group_session_timeout_ms: int = 30_000
     group_heartbeat_interval_ms: int = 3_000
     group_members_max: int = 1000
+    # The cluster. None: an embedded single-voter controller (a cluster of one node).
+    # Else "ID@HOST:PORT,...": the controller voters and their controller ports.
+    controller_quorum: str | None = None
+    controller_host: str | None = None  # the controller port's listen address; None: host
+    controller_port: int = 9192  # Raft between nodes (cluster only; 0 picks a free port)
+    roles: str = "broker,controller"  # "broker": follows the metadata log as a learner
+    rack: str | None = None
+    broker_heartbeat_interval_ms: int = 1_000
+    broker_session_timeout_ms: int = 6_000  # a broker silent this long is fenced
+    default_replication_factor: int = 1  # of topics created without one
     log_defaults: LogConfig = field(default_factory=LogConfig)
     limits: Limits = field(default_factory=Limits)
+
+    @property
+    def controller_bind_host(self) -> str:
+        return self.controller_host or self.host
+
+    @property
+    def is_controller(self) -> bool:
+        return "controller" in self.roles.split(",")
+
+    def quorum_voters(self) -> dict[int, tuple[str, int]]:
+        """The controller voters by node id ({} for the embedded single voter). The string
+        was checked by `build_config`."""
+        return parse_quorum(self.controller_quorum) if self.controller_quorum else {}
 
     @property
     def http_bind_host(self) -> str:
@@ -73,7 +96,36 @@ _SIMPLE_KEYS = {
     "group_session_timeout_ms": int,
     "group_heartbeat_interval_ms": int,
     "group_members_max": int,
+    "controller_quorum": str,
+    "controller_host": str,
+    "controller_port": int,
+    "roles": str,
+    "rack": str,
+    "broker_heartbeat_interval_ms": int,
+    "broker_session_timeout_ms": int,
+    "default_replication_factor": int,
 }
+
+
+def parse_quorum(text: str) -> dict[int, tuple[str, int]]:
+    """Parse "1@host:9192,2@host:9193" into {1: ("host", 9192), ...}; raises ConfigError."""
+    voters: dict[int, tuple[str, int]] = {}
+    for item in text.split(","):
+        node, at, address = item.strip().partition("@")
+        host, colon, port = address.rpartition(":")
+        try:
+            node_id, port_number = int(node), int(port)
+        except ValueError:
+            node_id = port_number = -1
+        if not at or not colon or not host or node_id < 1 or not 0 < port_number <= 65535:
+            raise ConfigError(
+                f"controller_quorum: {item.strip()!r} is not ID@HOST:PORT (a positive id, a "
+                "port between 1 and 65535)"
+            )
+        if node_id in voters:
+            raise ConfigError(f"controller_quorum: node {node_id} is listed twice")
+        voters[node_id] = (host.strip("[]"), port_number)
+    return voters
 
 
 def _check_type(key: str, value: Any, kind: type) -> Any:
@@ -176,7 +228,36 @@ def _validate(config: BrokerConfig) -> None:
         )
     if config.group_members_max < 1:
         raise ConfigError("group_members_max must be positive")
-    if config.node_id < 0:
-        raise ConfigError("node_id must not be negative")
+    if config.node_id < 1:
+        raise ConfigError(f"node_id must be a positive integer, got {config.node_id}")
+    if config.roles not in ("broker,controller", "controller,broker", "broker"):
+        raise ConfigError(
+            f"roles must be 'broker,controller' or 'broker' (a controller is also a broker), "
+            f"got {config.roles!r}"
+        )
+    if config.controller_quorum is not None:
+        voters = parse_quorum(config.controller_quorum)
+        if config.is_controller and config.node_id not in voters:
+            raise ConfigError(
+                f"node {config.node_id} has the controller role but is not in controller_quorum"
+                f" ({', '.join(map(str, sorted(voters)))}); list it there or use --roles broker"
+            )
+        if not config.is_controller and config.node_id in voters:
+            raise ConfigError(
+                f"node {config.node_id} is a voter in controller_quorum: give it the "
+                "controller role"
+            )
+        if not 0 <= config.controller_port <= 65535:
+            raise ConfigError("controller_port must be between 0 and 65535")
+    elif not config.is_controller:
+        raise ConfigError("a broker-only node (--roles broker) needs --controller-quorum")
+    if not 10 <= config.broker_heartbeat_interval_ms < config.broker_session_timeout_ms:
+        raise ConfigError(
+            "broker_heartbeat_interval_ms must be at least 10 and below broker_session_timeout_ms"
+        )
+    if not 1 <= config.default_replication_factor <= 128:
+        raise ConfigError("default_replication_factor must be between 1 and 128")
+    if config.rack is not None and not 0 < len(config.rack) <= 255:
+        raise ConfigError("rack must be 1 to 255 characters")
     for problem in config.limits.problems():
         raise ConfigError(problem)

@@ -13,9 +13,13 @@ records are fsynced. The in-memory view applies a commit only after that, and on
 record lies later in the log than the one already applied for the key, so concurrent
 commits resolve in log order and a committed offset never moves back to an older commit.
 
-Committed offsets survive restarts: at start the coordinator reads every partition of
-``__consumer_offsets`` from its start and replays the records. Membership is soft state: after
-a restart members find their ids unknown and join again, resuming from the committed offsets.
+This broker coordinates the groups of the offsets partitions it leads (the metadata image
+says which); a request for another group gets NOT_COORDINATOR and the client looks the
+coordinator up again. When the publisher shows that this broker now leads an offsets
+partition, the coordinator reads it from its start and replays its records (off the event
+loop, into a fresh map merged afterwards); when it stops leading one, that partition's groups
+and offsets are dropped from memory. Membership is soft state: after a restart or a move
+members find their ids unknown and join again, resuming from the committed offsets.
 """
 
 from __future__ import annotations
@@ -30,12 +34,16 @@ from typing import Any
 import msgpack
 import trio
 
+from collections.abc import Awaitable, Callable
+
 from broker.config import BrokerConfig
+from broker.controller.metadata_image import MetadataImage
 from broker.event_log import log_event
 from broker.wall_clock import now_ms
 from broker.groups.consumer_group import ConsumerGroup, GroupConfig, GroupError, HeartbeatRequest
 from broker.groups.group_types import STATIC_LEAVE_EPOCH, MemberDescription
 from broker.storage import PartitionLog, RecordTooLargeError, StorageError
+from broker.replication import ReplicaManager
 from broker.topic_registry import TopicRegistry
 from protocol import DwalError, ErrorCode, ProtocolError, build_batch, decode_records
 
@@ -67,9 +75,20 @@ def offset_key(group_id: str, topic: str, partition: int) -> bytes:
 class GroupCoordinator:
     """Create, `load()` (blocking, before serving), then run `run_expiry` in a nursery."""
 
-    def __init__(self, config: BrokerConfig, registry: TopicRegistry) -> None:
+    def __init__(
+        self,
+        config: BrokerConfig,
+        registry: TopicRegistry,
+        replicas: ReplicaManager,
+        create_offsets_topic: Callable[[], Awaitable[None]],
+    ) -> None:
+        """`create_offsets_topic` has the controller create __consumer_offsets and returns
+        once this broker's image has it (TOPIC_ALREADY_EXISTS is success)."""
         self.config = config
         self.registry = registry
+        self.replicas = replicas
+        self._create_offsets_topic = create_offsets_topic
+        self.loaded_partitions: set[int] = set()  # offsets partitions led and loaded here
         self.group_config = GroupConfig(
             session_timeout_ms=config.group_session_timeout_ms,
             heartbeat_interval_ms=config.group_heartbeat_interval_ms,
@@ -96,29 +115,73 @@ class GroupCoordinator:
         async with self._offsets_topic_lock:
             if OFFSETS_TOPIC in self.registry.topics:
                 return
-            await self.registry.create_topic(
-                OFFSETS_TOPIC, self.config.offsets_topic_partitions, 1, OFFSETS_TOPIC_CONFIGS
+            await self._create_offsets_topic()
+
+    def check_coordinator(self, group_id: str) -> None:
+        """Raise DwalError NOT_COORDINATOR unless this broker coordinates the group (once
+        __consumer_offsets exists; before, every broker answers for an empty group)."""
+        if OFFSETS_TOPIC not in self.registry.topics:
+            return
+        partition = self.partition_of(group_id)
+        if partition not in self.loaded_partitions:
+            raise DwalError(
+                ErrorCode.NOT_COORDINATOR,
+                f"broker {self.config.node_id} is not the coordinator of group {group_id!r} "
+                f"(partition {partition} of {OFFSETS_TOPIC})",
             )
 
-    def _offsets_log(self, group_id: str) -> PartitionLog:
-        return self.registry.log(OFFSETS_TOPIC, self.partition_of(group_id))
+    def _append_offsets(self, group_id: str, batch: bytes, now: int):
+        """Append to the group's offsets partition (which this broker leads); returns (log,
+        AppendInfo). Raises NOT_COORDINATOR when it no longer leads it."""
+        try:
+            return self.replicas.append(
+                OFFSETS_TOPIC, self.partition_of(group_id), bytearray(batch), now_ms=now
+            )
+        except DwalError as error:
+            if error.code in (ErrorCode.NOT_LEADER_OR_FOLLOWER, ErrorCode.LEADER_NOT_AVAILABLE):
+                raise DwalError(ErrorCode.NOT_COORDINATOR, error.message) from None
+            raise
 
     # -- loading --------------------------------------------------------------------------
 
-    def load(self) -> int:
-        """Replay every committed offset from __consumer_offsets (blocking); returns the
-        number of records read."""
-        if OFFSETS_TOPIC not in self.registry.topics:
-            return 0
-        count = 0
-        for partition in range(self.registry.topics[OFFSETS_TOPIC].partitions):
-            count += self._load_partition(self.registry.log(OFFSETS_TOPIC, partition))
-        log_event(
-            logger, logging.INFO, "group_offsets_loaded", records=count, groups=len(self.offsets)
-        )
-        return count
+    async def apply_image(self, previous: MetadataImage, image: MetadataImage) -> None:
+        """Load the offsets partitions this broker now leads, drop those it no longer does."""
+        topic = image.topics.get(OFFSETS_TOPIC)
+        led = set()
+        if topic is not None:
+            led = {p.partition for p in topic.partitions if p.leader == self.config.node_id}
+        for partition in sorted(self.loaded_partitions - led):
+            self._unload_partition(partition)
+        for partition in sorted(led - self.loaded_partitions):
+            log = self.registry.logs.get((OFFSETS_TOPIC, partition))
+            if log is None:
+                continue  # not opened (reported by the registry): not coordinated here
+            loaded: dict[str, dict[tuple[str, int], CommittedOffset]] = {}
+            count = await trio.to_thread.run_sync(self._load_partition, log, loaded)
+            for group_id, offsets in loaded.items():
+                self.offsets[group_id] = offsets
+            self.loaded_partitions.add(partition)
+            log_event(
+                logger,
+                logging.INFO,
+                "group_offsets_loaded",
+                partition=partition,
+                records=count,
+                groups=len(loaded),
+            )
 
-    def _load_partition(self, log: PartitionLog) -> int:
+    def _unload_partition(self, partition: int) -> None:
+        self.loaded_partitions.discard(partition)
+        for group_id in [g for g in self.groups if self.partition_of(g) == partition]:
+            del self.groups[group_id]
+        for group_id in [g for g in self.offsets if self.partition_of(g) == partition]:
+            del self.offsets[group_id]
+        log_event(logger, logging.INFO, "group_offsets_unloaded", partition=partition)
+
+    def _load_partition(
+        self, log: PartitionLog, into: dict[str, dict[tuple[str, int], CommittedOffset]]
+    ) -> int:
+        """Replay a partition's commits into `into` (blocking; touches nothing else)."""
         position = log.log_start_offset
         count = 0
         while position < log.high_watermark:
@@ -133,30 +196,10 @@ class GroupCoordinator:
             if not records:
                 break
             for record in records:
-                self._replay(record.key, record.value, record.offset)
+                _replay(into, record.key, record.value, record.offset)
             count += len(records)
             position = records[-1].offset + 1
         return count
-
-    def _replay(self, key: bytes | None, value: bytes | None, log_offset: int) -> None:
-        parsed = _parse_offset_key(key)
-        if parsed is None:
-            return  # not a record this version writes: skip it
-        group_id, topic, partition = parsed
-        offsets = self.offsets.setdefault(group_id, {})
-        if value is None:
-            offsets.pop((topic, partition), None)
-            if not offsets:
-                del self.offsets[group_id]
-            return
-        try:
-            entry = msgpack.unpackb(value)
-            offset = entry["offset"]
-        except Exception:  # msgpack raises several types on bad input
-            return
-        offsets[(topic, partition)] = CommittedOffset(
-            offset, entry.get("metadata"), entry.get("timestamp", -1), log_offset
-        )
 
     # -- membership -----------------------------------------------------------------------
 
@@ -166,6 +209,7 @@ class GroupCoordinator:
     def heartbeat(self, body: dict, client_id: str, client_host: str) -> dict[str, Any]:
         """Answer a ConsumerGroupHeartbeat; raises DwalError."""
         group_id = _checked_group_id(body["group_id"])
+        self.check_coordinator(group_id)
         group = self.groups.get(group_id)
         new_group = group is None
         if group is None:
@@ -235,6 +279,7 @@ class GroupCoordinator:
     async def commit(self, body: dict) -> dict[str, Any]:
         """Answer an OffsetCommit: check the member, append, fsync, apply; raises DwalError."""
         group_id = _checked_group_id(body["group_id"])
+        self.check_coordinator(group_id)
         group = self.groups.get(group_id)
         member_id = body["member_id"] or None
         if group is not None:
@@ -245,6 +290,7 @@ class GroupCoordinator:
         elif member_id is not None:
             raise DwalError(ErrorCode.UNKNOWN_MEMBER_ID, f"group {group_id!r} has no members")
         await self.ensure_offsets_topic()
+        self.check_coordinator(group_id)
         owner_check = group if group is not None and member_id is not None else None
         results, records = self._commit_records(group_id, body["topics"], owner_check, member_id)
         if records:
@@ -305,8 +351,7 @@ class GroupCoordinator:
                 for (topic, partition), offset, metadata in records
             ]
         )
-        log = self._offsets_log(group_id)
-        info = log.append(bytearray(batch), now_ms=now)
+        log, info = self._append_offsets(group_id, batch, now)
         await log.wait_durable(info.last_offset + 1)
         offsets = self.offsets.setdefault(group_id, {})
         for index, ((topic, partition), offset, metadata) in enumerate(records):
@@ -317,6 +362,7 @@ class GroupCoordinator:
 
     def fetch_offsets(self, body: dict) -> dict[str, Any]:
         group_id = _checked_group_id(body["group_id"])
+        self.check_coordinator(group_id)
         offsets = self.offsets.get(group_id, {})
         wanted = body["topics"]
         if wanted is None:
@@ -352,6 +398,14 @@ class GroupCoordinator:
         return {"groups": [self._describe(group_id) for group_id in body["group_ids"]]}
 
     def _describe(self, group_id: str) -> dict[str, Any]:
+        try:
+            self.check_coordinator(group_id)
+        except DwalError as error:
+            return {
+                "group_id": group_id,
+                "error_code": int(error.code),
+                "error_message": error.message,
+            }
         group = self.groups.get(group_id)
         if group is None:
             if group_id in self.offsets:
@@ -403,6 +457,7 @@ class GroupCoordinator:
         return {"groups": results}
 
     async def _delete_group(self, group_id: str) -> None:
+        self.check_coordinator(group_id)
         group = self.groups.get(group_id)
         if group is not None and not group.is_empty:
             raise DwalError(
@@ -415,8 +470,7 @@ class GroupCoordinator:
         if keys:
             now = now_ms()
             batch = build_batch([(now, offset_key(group_id, t, p), None) for t, p in keys])
-            log = self._offsets_log(group_id)
-            info = log.append(bytearray(batch), now_ms=now)
+            log, info = self._append_offsets(group_id, batch, now)
             await log.wait_durable(info.last_offset + 1)
         self.offsets.pop(group_id, None)
         self.groups.pop(group_id, None)
@@ -470,3 +524,29 @@ def _topic_partitions(assignment) -> list[dict[str, Any]]:
 
 
 __all__ = ["GroupCoordinator", "OFFSETS_TOPIC", "ProtocolError"]
+
+
+def _replay(
+    into: dict[str, dict[tuple[str, int], CommittedOffset]],
+    key: bytes | None,
+    value: bytes | None,
+    log_offset: int,
+) -> None:
+    parsed = _parse_offset_key(key)
+    if parsed is None:
+        return  # not a record this version writes: skip it
+    group_id, topic, partition = parsed
+    offsets = into.setdefault(group_id, {})
+    if value is None:
+        offsets.pop((topic, partition), None)
+        if not offsets:
+            del into[group_id]
+        return
+    try:
+        entry = msgpack.unpackb(value)
+        offset = entry["offset"]
+    except Exception:  # msgpack raises several types on bad input
+        return
+    offsets[(topic, partition)] = CommittedOffset(
+        offset, entry.get("metadata"), entry.get("timestamp", -1), log_offset
+    )

@@ -1,6 +1,7 @@
-"""One broker process: locks the data directory, opens the logs, serves the native protocol
-and the HTTP gateway, and runs background maintenance (retention, interval flushes), all
-under one nursery.
+"""One broker process: locks the data directory, joins the cluster (its member of the
+metadata quorum: see `broker.cluster_member`), opens the logs the metadata image places
+here, serves the native protocol and the HTTP gateway, and runs background maintenance
+(retention, interval flushes), all under one nursery.
 
 `run_broker` is cancellation-safe: cancelling it stops the listeners, lets the root nursery
 unwind, then closes every log (final fsync and recovery-point checkpoint) shielded from the
@@ -9,21 +10,28 @@ cancellation.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import trio
 
+from broker.broker_lifecycle import HTTP_LISTENER, NATIVE_LISTENER, ListenerAddress
+from broker.cluster_member import ClusterMember
 from broker.config import BrokerConfig
 from broker.data_dir_lock import DataDirLock
 from broker.event_log import log_event
-from broker.group_coordinator import GroupCoordinator
+from broker.group_coordinator import OFFSETS_TOPIC, OFFSETS_TOPIC_CONFIGS, GroupCoordinator
 from broker.memory_pool import MemoryPool
+from broker.replication import ReplicaManager
 from broker.request_handlers import RequestHandlers
 from broker.server import NativeServer
 from broker.storage import StorageError
 from broker.topic_registry import TopicRegistry
+from protocol import DwalError, ErrorCode
+from protocol.api import ApiKey
 
 logger = logging.getLogger("dwal.broker")
 
@@ -55,26 +63,26 @@ async def run_broker(config: BrokerConfig, *, task_status=trio.TASK_STATUS_IGNOR
         finally:
             lock.release()  # after every log is closed
     finally:
-        for listener in (*listeners.native, *listeners.http):
+        for listener in listeners.all():
             listener.socket.close()  # idempotent: serving closes them too
 
 
 async def _run_locked(config: BrokerConfig, listeners: BoundListeners, task_status) -> None:
-    registry = await trio.to_thread.run_sync(
-        TopicRegistry.open, config.data_dir, config.log_defaults, config.limits
-    )
-    try:
-        coordinator = GroupCoordinator(config, registry)
-        await trio.to_thread.run_sync(coordinator.load)
+    native_port = listeners.native[0].socket.getsockname()[1]
+    http_port = listeners.http[0].socket.getsockname()[1] if listeners.http else None
+    async with open_broker_node(
+        config,
+        native_port=native_port,
+        http_port=http_port,
+        controller_listeners=listeners.controller,
+    ) as node:
         async with trio.open_nursery() as nursery:
-            await nursery.start(registry.fsync_runner.run)
-            await nursery.start(coordinator.run_expiry)
-            addresses = await _serve(config, registry, coordinator, listeners, nursery)
-            nursery.start_soon(_retention_loop, registry, config.retention_check_interval_ms)
-            nursery.start_soon(_periodic_flush_loop, registry)
+            addresses = await _serve(config, node.handlers, listeners, nursery)
             ports = {"port": addresses.port}
             if addresses.http_port is not None:
                 ports["http_port"] = addresses.http_port
+            if listeners.controller:
+                ports["controller_port"] = listeners.controller[0].socket.getsockname()[1]
             log_event(
                 logger,
                 logging.INFO,
@@ -85,41 +93,124 @@ async def _run_locked(config: BrokerConfig, listeners: BoundListeners, task_stat
                 data_dir=str(config.data_dir),
             )
             task_status.started(addresses)
+
+
+@dataclass
+class BrokerNode:
+    """Everything of a running broker but its network listeners."""
+
+    config: BrokerConfig
+    registry: TopicRegistry
+    member: ClusterMember
+    replicas: ReplicaManager
+    coordinator: GroupCoordinator
+    handlers: RequestHandlers
+
+
+@contextlib.asynccontextmanager
+async def open_broker_node(
+    config: BrokerConfig,
+    *,
+    native_port: int,
+    http_port: int | None = None,
+    controller_listeners: list[trio.SocketListener] | None = None,
+) -> AsyncIterator[BrokerNode]:
+    """Join the cluster, open the logs, start the background tasks; yield the node once it
+    may serve (registered, unfenced, logs open); stop everything and close every log when
+    the block exits. The caller holds the data directory's lock. `native_port` and
+    `http_port` are what the broker registers as its listeners."""
+    registry = await trio.to_thread.run_sync(
+        TopicRegistry.open, config.data_dir, config.log_defaults, config.limits
+    )
+    started = False
+    try:
+        advertised = [ListenerAddress(NATIVE_LISTENER, config.client_host, native_port)]
+        if http_port is not None:
+            advertised.append(ListenerAddress(HTTP_LISTENER, config.client_host, http_port))
+        member = ClusterMember(config, registry, advertised=advertised)
+        replicas = ReplicaManager(config.node_id, registry, lambda: member.image)
+
+        async def create_offsets_topic() -> None:
+            body = {
+                "topics": [
+                    {
+                        "topic": OFFSETS_TOPIC,
+                        "partitions": config.offsets_topic_partitions,
+                        "replication_factor": -1,
+                        "configs": OFFSETS_TOPIC_CONFIGS,
+                    }
+                ],
+                "validate_only": False,
+            }
+            reply = await member.call_controller(ApiKey.CREATE_TOPICS, body)
+            result = reply["topics"][0]
+            if result["error_code"] and result["error_code"] != ErrorCode.TOPIC_ALREADY_EXISTS:
+                raise DwalError(ErrorCode(result["error_code"]), result.get("error_message"))
+
+        coordinator = GroupCoordinator(config, registry, replicas, create_offsets_topic)
+        member.add_image_listener(coordinator.apply_image)
+        handlers = RequestHandlers(
+            config,
+            registry,
+            member=member,
+            replicas=replicas,
+            coordinator=coordinator,
+            advertised_port=native_port,
+        )
+        node = BrokerNode(config, registry, member, replicas, coordinator, handlers)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(registry.fsync_runner.run)
+            await nursery.start(member.run, controller_listeners or [])
+            await nursery.start(coordinator.run_expiry)
+            nursery.start_soon(_retention_loop, registry, config.retention_check_interval_ms)
+            nursery.start_soon(_periodic_flush_loop, registry)
+            started = True
+            yield node
+            nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(registry.close)
-        log_event(logger, logging.INFO, "broker_stopped", node_id=config.node_id)
+        if started:  # a refused start says so in one error line, nothing else
+            log_event(logger, logging.INFO, "broker_stopped", node_id=config.node_id)
 
 
 @dataclass(frozen=True)
 class BoundListeners:
     native: list[trio.SocketListener]
     http: list[trio.SocketListener]  # empty when the HTTP gateway is disabled
+    controller: list[trio.SocketListener]  # empty for the embedded single voter
+
+    def all(self) -> list[trio.SocketListener]:
+        return [*self.native, *self.http, *self.controller]
 
 
 async def _bind_listeners(config: BrokerConfig) -> BoundListeners:
     """Bind (and listen on) every port; raises OSError naming the address that failed."""
-    native = await _listen(config.host, config.port)
-    if config.http_port < 0:
-        return BoundListeners(native, [])
+    bound: list[trio.SocketListener] = []
     try:
-        http = await _listen(config.http_bind_host, config.http_port)
+        native = await _listen(config.host, config.port)
+        bound.extend(native)
+        http = []
+        if config.http_port >= 0:
+            http = await _listen(config.http_bind_host, config.http_port)
+            bound.extend(http)
+        controller = []
+        if config.controller_quorum is not None:
+            controller = await _listen(config.controller_bind_host, config.controller_port)
     except BaseException:
-        for listener in native:
+        for listener in bound:
             listener.socket.close()
         raise
-    return BoundListeners(native, http)
+    return BoundListeners(native, http, controller)
 
 
 async def _serve(
     config: BrokerConfig,
-    registry: TopicRegistry,
-    coordinator: GroupCoordinator,
+    handlers: RequestHandlers,
     listeners: BoundListeners,
     nursery: trio.Nursery,
 ) -> BrokerAddresses:
     port = listeners.native[0].socket.getsockname()[1]
-    handlers = RequestHandlers(config, registry, advertised_port=port, coordinator=coordinator)
     memory_pool = MemoryPool(config.limits.queued_request_bytes_max)  # shared by listeners
     await nursery.start(NativeServer(handlers, memory_pool=memory_pool).serve, listeners.native)
     http_port = None

@@ -1,8 +1,13 @@
 """The broker's answer to each API: checked request body in, `Reply` out.
 
-Handlers never decode records: produce hands whole batches to the partition log, fetch hands
-back file slices that the connection sends with sendfile. Every failure that concerns one
-partition is reported in that partition's entry; only a malformed request fails as a whole.
+Handlers never decode records: produce hands whole batches to the replica layer (which
+checks leadership and stamps the leader epoch), fetch hands back file slices that the
+connection sends with sendfile. Who leads what, which topics and brokers exist: the
+published metadata image (`ClusterMember.image`), nothing else. Admin requests go to the
+active controller (`ClusterMember.call_controller`: in process on its node, forwarded from
+the others) and are answered once this broker's image has the change. Every failure that
+concerns one partition is reported in that partition's entry; only a malformed request
+fails as a whole.
 """
 
 from __future__ import annotations
@@ -10,11 +15,14 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import trio
 
+from broker.broker_lifecycle import NATIVE_LISTENER
 from broker.config import BrokerConfig
+from broker.controller.metadata_image import BrokerInfo
+from broker.controller.metadata_records import NO_LEADER
 from broker.event_log import log_event
 from broker.wall_clock import now_ms
 from broker.group_coordinator import OFFSETS_TOPIC, GroupCoordinator
@@ -26,6 +34,7 @@ from broker.storage import (
     RecordTooLargeError,
     StorageError,
 )
+from broker.replication import ReplicaManager
 from broker.topic_registry import TopicRegistry
 from protocol import (
     ACKS_ALL,
@@ -40,6 +49,9 @@ from protocol import (
     ProtocolError,
     check_tail_sizes,
 )
+
+if TYPE_CHECKING:
+    from broker.cluster_member import ClusterMember
 
 logger = logging.getLogger("dwal.requests")
 
@@ -96,13 +108,18 @@ class RequestHandlers:
         self,
         config: BrokerConfig,
         registry: TopicRegistry,
+        *,
+        member: ClusterMember,
+        replicas: ReplicaManager,
+        coordinator: GroupCoordinator,
         advertised_port: int,
-        coordinator: GroupCoordinator | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
+        self.member = member
+        self.replicas = replicas
+        self.coordinator = coordinator
         self.advertised_port = advertised_port
-        self.coordinator = coordinator or GroupCoordinator(config, registry)
         self.table: dict[ApiKey, Callable[[dict, bytes, RequestContext], Awaitable[Reply]]] = {
             ApiKey.API_VERSIONS: self.api_versions,
             ApiKey.METADATA: self.metadata,
@@ -120,6 +137,11 @@ class RequestHandlers:
             ApiKey.LIST_GROUPS: self.list_groups,
             ApiKey.CONSUMER_GROUP_DESCRIBE: self.consumer_group_describe,
             ApiKey.DELETE_GROUPS: self.delete_groups,
+            ApiKey.DESCRIBE_CLUSTER: self.forward_to_controller,
+            ApiKey.ELECT_LEADERS: self.forward_to_controller_elect,
+            ApiKey.BROKER_REGISTRATION: self.forward_registration,
+            ApiKey.BROKER_HEARTBEAT: self.forward_heartbeat,
+            ApiKey.ALTER_PARTITION: self.forward_alter_partition,
         }
 
     async def start(
@@ -147,18 +169,26 @@ class RequestHandlers:
         versions = [[int(key), low, high] for key, (low, high) in API_VERSIONS.items()]
         return Reply({"api_versions": versions})
 
+    def _broker_address(self, broker: BrokerInfo) -> tuple[str, int] | None:
+        for listener in broker.listeners:
+            if listener.name == NATIVE_LISTENER:
+                return listener.host, listener.port
+        return None
+
     async def metadata(self, body: dict, tail: bytes, context: RequestContext) -> Reply:
         names = body["topics"]
+        if names is not None and body["allow_auto_topic_creation"]:
+            if self.config.auto_create_topics:
+                for name in names:
+                    await self._auto_create(name)
+        image = self.member.image
         if names is None:
-            names = sorted(self.registry.topics)
-        elif body["allow_auto_topic_creation"] and self.config.auto_create_topics:
-            for name in names:
-                await self._auto_create(name)
-        node = self.config.node_id
+            names = sorted(image.topics)
         topics = []
         for name in names:
-            topic = self.registry.topics.get(name)
-            if topic is None:
+            info = image.topics.get(name)
+            held = self.registry.topics.get(name)
+            if info is None or held is None:
                 topics.append(
                     {
                         "topic": name,
@@ -170,16 +200,18 @@ class RequestHandlers:
                 continue
             partitions = [
                 {
-                    "partition": p,
-                    "error_code": 0,
-                    "leader": node,
-                    "leader_epoch": 0,
-                    "replicas": [node],
-                    "isr": [node],
+                    "partition": p.partition,
+                    "error_code": int(
+                        ErrorCode.LEADER_NOT_AVAILABLE if p.leader == NO_LEADER else 0
+                    ),
+                    "leader": p.leader,
+                    "leader_epoch": p.leader_epoch,
+                    "replicas": list(p.replicas),
+                    "isr": list(p.isr),
                 }
-                for p in range(topic.partitions)
+                for p in info.partitions
             ]
-            log_config = self.registry.log_config(topic)
+            log_config = self.registry.log_config(held)
             topics.append(
                 {
                     "topic": name,
@@ -189,114 +221,172 @@ class RequestHandlers:
                     "segment_bytes": log_config.segment_bytes,
                 }
             )
-        brokers = [{"node_id": node, "host": self.config.client_host, "port": self.advertised_port}]
-        return Reply({"brokers": brokers, "controller_id": node, "topics": topics})
+        brokers = []
+        for broker in image.brokers.values():
+            address = self._broker_address(broker)
+            if address is not None and not broker.fenced:
+                brokers.append(
+                    {"node_id": broker.broker_id, "host": address[0], "port": address[1]}
+                )
+        controller = self.member.channel.controller_hint() if self.member.channel else None
+        return Reply(
+            {
+                "brokers": brokers,
+                "controller_id": -1 if controller is None else controller,
+                "topics": topics,
+            }
+        )
 
     async def _auto_create(self, name: str) -> None:
-        if name in self.registry.topics:
+        await self.ensure_topic(name, self.config.default_partitions)
+
+    async def ensure_topic(self, name: str, partitions: int) -> None:
+        """Create the topic (default replication factor) unless it exists; returns once
+        this broker's image has it. Raises DwalError."""
+        if name in self.member.image.topics:
             return
-        try:
-            await self.registry.create_topic(name, self.config.default_partitions)
-        except DwalError as error:
-            if error.code != ErrorCode.TOPIC_ALREADY_EXISTS:
-                raise
+        body = {
+            "topics": [
+                {
+                    "topic": name,
+                    "partitions": partitions,
+                    "replication_factor": -1,
+                    "configs": {},
+                }
+            ],
+            "validate_only": False,
+        }
+        reply = await self.member.call_controller(ApiKey.CREATE_TOPICS, body)
+        result = reply["topics"][0]
+        if result["error_code"] and result["error_code"] != ErrorCode.TOPIC_ALREADY_EXISTS:
+            raise DwalError(ErrorCode(result["error_code"]), result.get("error_message"))
+
+    async def _forward_topics(
+        self, api_key: ApiKey, body: dict, entries: list, name_of, action: str
+    ) -> Reply:
+        """Forward the entries that pass the local check to the controller; results in the
+        order of the request."""
+        refused: dict[int, dict[str, Any]] = {}
+        passing = []
+        for index, entry in enumerate(entries):
+            name = name_of(entry)
+            try:
+                _refuse_internal(name, action)
+                passing.append(entry)
+            except DwalError as error:
+                refused[index] = {
+                    "topic": name,
+                    "error_code": int(error.code),
+                    "error_message": error.message,
+                }
+        answered: list[dict[str, Any]] = []
+        offset = -1
+        if passing:
+            reply = await self.member.call_controller(api_key, {**body, "topics": passing})
+            answered = reply["topics"]
+            offset = reply.get("metadata_offset", -1)
+        results = []
+        answers = iter(answered)
+        for index in range(len(entries)):
+            results.append(refused[index] if index in refused else next(answers))
+        return Reply({"topics": results, "metadata_offset": offset})
 
     async def create_topics(self, body: dict, tail: bytes, context: RequestContext) -> Reply:
-        results = []
-        for entry in body["topics"]:
-            name = entry["topic"]
-            try:
-                _refuse_internal(name, "created by clients")
-                if body["validate_only"]:
-                    self.registry.check_new_topic(
-                        name, entry["partitions"], entry["replication_factor"], entry["configs"]
-                    )
-                else:
-                    await self.registry.create_topic(
-                        name, entry["partitions"], entry["replication_factor"], entry["configs"]
-                    )
-                results.append({"topic": name, "error_code": 0})
-            except DwalError as error:
-                results.append(
-                    {"topic": name, "error_code": int(error.code), "error_message": error.message}
-                )
-        return Reply({"topics": results})
+        return await self._forward_topics(
+            ApiKey.CREATE_TOPICS, body, body["topics"], lambda e: e["topic"], "created by clients"
+        )
 
     async def delete_topics(self, body: dict, tail: bytes, context: RequestContext) -> Reply:
-        results = []
-        for name in body["topics"]:
-            try:
-                _refuse_internal(name, "deleted")
-                await self.registry.delete_topic(name)
-                results.append({"topic": name, "error_code": 0})
-            except DwalError as error:
-                results.append(
-                    {"topic": name, "error_code": int(error.code), "error_message": error.message}
-                )
-        return Reply({"topics": results})
+        return await self._forward_topics(
+            ApiKey.DELETE_TOPICS, body, body["topics"], lambda name: name, "deleted"
+        )
 
     async def create_partitions(self, body: dict, tail: bytes, context: RequestContext) -> Reply:
-        results = []
-        for entry in body["topics"]:
-            try:
-                # its partition count decides where each group's offsets live
-                _refuse_internal(entry["topic"], "given more partitions")
-                if body["validate_only"]:
-                    topic = self.registry.topic(entry["topic"])
-                    limit = self.config.limits.partitions_per_topic_max
-                    if not topic.partitions < entry["count"] <= limit:
-                        raise DwalError(
-                            ErrorCode.INVALID_PARTITIONS,
-                            f"the new partition count must be larger, and at most {limit}",
-                        )
-                else:
-                    await self.registry.add_partitions(entry["topic"], entry["count"])
-                results.append({"topic": entry["topic"], "error_code": 0})
-            except DwalError as error:
-                results.append(
-                    {
-                        "topic": entry["topic"],
-                        "error_code": int(error.code),
-                        "error_message": error.message,
-                    }
-                )
-        return Reply({"topics": results})
+        # the internal topic's partition count decides where each group's offsets live
+        return await self._forward_topics(
+            ApiKey.CREATE_PARTITIONS,
+            body,
+            body["topics"],
+            lambda e: e["topic"],
+            "given more partitions",
+        )
 
     async def describe_topics(self, body: dict, tail: bytes, context: RequestContext) -> Reply:
-        names = body["topics"] if body["topics"] is not None else sorted(self.registry.topics)
+        image = self.member.image
+        names = body["topics"] if body["topics"] is not None else sorted(image.topics)
         return Reply({"topics": [self._describe_topic(name) for name in names]})
 
     def _describe_topic(self, name: str) -> dict[str, Any]:
-        topic = self.registry.topics.get(name)
-        if topic is None:
+        info = self.member.image.topics.get(name)
+        held = self.registry.topics.get(name)
+        if info is None or held is None:
             return {
                 "topic": name,
                 "error_code": int(ErrorCode.UNKNOWN_TOPIC_OR_PARTITION),
                 "error_message": f"unknown topic {name!r}",
             }
         partitions = []
-        for partition in range(topic.partitions):
-            log = self.registry.logs[(name, partition)]
-            partitions.append(
-                {
-                    "partition": partition,
-                    "leader": self.config.node_id,
-                    "leader_epoch": 0,
-                    "log_start_offset": log.log_start_offset,
-                    "high_watermark": log.high_watermark,
-                    "log_end_offset": log.log_end_offset,
-                    "size_bytes": log.size_bytes,
-                    "segments": log.segment_count,
-                }
-            )
-        configs = self.registry.log_config(topic).to_topic_configs()
-        return {"topic": name, "error_code": 0, "configs": configs, "partitions": partitions}
+        for state in info.partitions:
+            entry: dict[str, Any] = {
+                "partition": state.partition,
+                "leader": state.leader,
+                "leader_epoch": state.leader_epoch,
+                "replicas": list(state.replicas),
+                "isr": list(state.isr),
+            }
+            log = self.registry.logs.get((name, state.partition))
+            if log is None:
+                entry.update(
+                    local=False,
+                    log_start_offset=-1,
+                    high_watermark=-1,
+                    log_end_offset=-1,
+                    size_bytes=-1,
+                    segments=0,
+                )
+            else:
+                entry.update(
+                    local=True,
+                    log_start_offset=log.log_start_offset,
+                    high_watermark=log.high_watermark,
+                    log_end_offset=log.log_end_offset,
+                    size_bytes=log.size_bytes,
+                    segments=log.segment_count,
+                )
+            partitions.append(entry)
+        configs = self.registry.log_config(held).to_topic_configs()
+        return {
+            "topic": name,
+            "error_code": 0,
+            "topic_id": info.topic_id.hex(),
+            "configs": configs,
+            "partitions": partitions,
+        }
 
     async def alter_configs(self, body: dict, tail: bytes, context: RequestContext) -> Reply:
-        configs = await self.registry.alter_configs(
-            body["topic"], body["set"], body["delete"], body["validate_only"]
-        )
-        return Reply({"configs": configs})
+        reply = await self.member.call_controller(ApiKey.ALTER_CONFIGS, body)
+        return Reply(reply)
+
+    async def forward_to_controller(
+        self, body: dict, tail: bytes, context: RequestContext
+    ) -> Reply:
+        return Reply(await self.member.call_controller(ApiKey.DESCRIBE_CLUSTER, body))
+
+    async def forward_to_controller_elect(
+        self, body: dict, tail: bytes, context: RequestContext
+    ) -> Reply:
+        return Reply(await self.member.call_controller(ApiKey.ELECT_LEADERS, body))
+
+    async def forward_registration(self, body: dict, tail: bytes, context: RequestContext) -> Reply:
+        return Reply(await self.member.call_controller(ApiKey.BROKER_REGISTRATION, body))
+
+    async def forward_heartbeat(self, body: dict, tail: bytes, context: RequestContext) -> Reply:
+        return Reply(await self.member.call_controller(ApiKey.BROKER_HEARTBEAT, body))
+
+    async def forward_alter_partition(
+        self, body: dict, tail: bytes, context: RequestContext
+    ) -> Reply:
+        return Reply(await self.member.call_controller(ApiKey.ALTER_PARTITION, body))
 
     # -- produce ----------------------------------------------------------------------
 
@@ -342,12 +432,13 @@ class RequestHandlers:
 
     def _append(self, topic: str, partition: int, chunk: memoryview, acks: int):
         try:
-            log = self.registry.log(topic, partition)
             if len(chunk) == 0:
                 raise DwalError(ErrorCode.INVALID_RECORD, "a partition's record data is empty")
             # Appending patches offsets in place: a large frame arrives in writable memory
             # (see FrameDecoder); a small one, a view of received bytes, is copied here.
-            info = log.append(bytearray(chunk) if chunk.readonly else chunk, now_ms=now_ms())
+            log, info = self.replicas.append(
+                topic, partition, bytearray(chunk) if chunk.readonly else chunk, now_ms=now_ms()
+            )
         except Exception as error:
             code, message = _error_of(error)
             if code == ErrorCode.KAFKA_STORAGE_ERROR:
@@ -430,7 +521,7 @@ class RequestHandlers:
                 result = {"partition": part["partition"], "error_code": 0, "size": 0}
                 results.append(result)
                 try:
-                    log = self.registry.log(entry["topic"], part["partition"])
+                    log = self.replicas.leader_log(entry["topic"], part["partition"])[0]
                     result["high_watermark"] = log.high_watermark
                     result["log_start_offset"] = log.log_start_offset
                     budget = min(part["max_bytes"], max_bytes - total)
@@ -455,15 +546,21 @@ class RequestHandlers:
     # -- consumer groups (see broker/group_coordinator.py) ------------------------------
 
     async def find_coordinator(self, body: dict, tail: bytes, context: RequestContext) -> Reply:
-        # Every group's coordinator is this node; the internal topic is created on first use.
+        # The leader of the group's partition of the internal topic (created on first use).
         await self.coordinator.ensure_offsets_topic()
-        return Reply(
-            {
-                "node_id": self.config.node_id,
-                "host": self.config.client_host,
-                "port": self.advertised_port,
-            }
-        )
+        image = self.member.image
+        partition = self.coordinator.partition_of(body["key"])
+        state = image.partition(OFFSETS_TOPIC, partition)
+        broker = None
+        if state is not None and state.leader != NO_LEADER:
+            broker = image.brokers.get(state.leader)
+        address = None if broker is None else self._broker_address(broker)
+        if broker is None or address is None:
+            raise DwalError(
+                ErrorCode.COORDINATOR_NOT_AVAILABLE,
+                f"partition {partition} of {OFFSETS_TOPIC} has no leader",
+            )
+        return Reply({"node_id": broker.broker_id, "host": address[0], "port": address[1]})
 
     async def consumer_group_heartbeat(
         self, body: dict, tail: bytes, context: RequestContext
@@ -512,12 +609,25 @@ class RequestHandlers:
             raise DwalError(ErrorCode(result["error_code"]), result.get("error_message"))
         return result["base_offset"]
 
+    def partition_count(self, topic: str) -> int:
+        """The topic's partition count; raises DwalError UNKNOWN_TOPIC_OR_PARTITION."""
+        info = self.member.image.topics.get(topic)
+        if info is None:
+            raise DwalError(ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, f"unknown topic {topic!r}")
+        return len(info.partitions)
+
+    def readable_range(self, topic: str, partition: int) -> tuple[int, int]:
+        """(log start offset, high watermark) of a partition this broker leads; raises
+        DwalError as the replica layer does."""
+        log = self.replicas.leader_log(topic, partition)[0]
+        return log.log_start_offset, log.high_watermark
+
     async def read_batches(self, topic: str, partition: int, offset: int, max_bytes: int) -> bytes:
         """Return whole batches from `offset` (the first may start before it), at most about
         `max_bytes` (the first batch is always whole), read in a worker thread. Raises
         DwalError. Safe to cancel."""
         try:
-            piece = self.registry.log(topic, partition).read(offset, max_bytes)
+            piece = self.replicas.leader_log(topic, partition)[0].read(offset, max_bytes)
         except Exception as error:
             code, message = _error_of(error)
             raise DwalError(code, message) from None
@@ -541,7 +651,8 @@ class RequestHandlers:
         disk), KAFKA_STORAGE_ERROR. Safe to cancel.
         """
         try:
-            return await self.registry.log(topic, partition).read_batch_containing(offset)
+            log = self.replicas.leader_log(topic, partition)[0]
+            return await log.read_batch_containing(offset)
         except Exception as error:
             code, message = _error_of(error)
             raise DwalError(code, message) from None
@@ -556,7 +667,7 @@ class RequestHandlers:
             for part in entry["partitions"]:
                 result = {"partition": part["partition"], "error_code": 0}
                 try:
-                    log = self.registry.log(entry["topic"], part["partition"])
+                    log = self.replicas.leader_log(entry["topic"], part["partition"])[0]
                     result.update(self._offset_for(log, part["timestamp"]))
                 except DwalError as error:
                     result.update(error_code=int(error.code), error_message=error.message)

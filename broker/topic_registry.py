@@ -1,15 +1,21 @@
-"""The topics this broker hosts: their partition logs, their configs, their metadata file.
+"""The partition logs this broker holds, kept in line with the metadata image.
 
-Theory of operation. Topic metadata (name, partition count, config overrides) lives in
-``<data_dir>/topics.json``, replaced atomically (write temp, fsync, rename, fsync dir) on
-every change; it is the single-node stand-in for the metadata log that the controller
-quorum will own. Each partition's records live in ``<data_dir>/<topic>-<partition>/``.
+Theory of operation. Which topics exist, their partitions, replicas and configs is decided by
+the controller quorum and lives in the metadata image; this registry holds this broker's
+copies: each partition it is a replica of has a log in ``<data_dir>/<topic>-<partition>/``.
+The metadata publisher calls `apply_image` with each new image: logs of new partitions are
+created (or opened, recovering what a crash left), logs of removed topics (or of a topic
+recreated under the same name: another topic id) are removed, config changes reach the open
+logs. `topics` mirrors every topic of the image (name, partition count, configs), local or
+not.
 
-Creation writes the partition directories first and the metadata last, so a crash in
-between leaves stray directories (reported at start, never served) rather than a topic
-without logs. Deletion removes the topic from the metadata first, then renames its
-directories to ``*.<id>-delete`` and removes them in a worker thread; leftovers of a crash
-are removed at the next start.
+Deletion renames a topic's directories to ``*.<id>-delete`` and removes them in a worker
+thread; leftovers of a crash are removed at the next start. Directories that no image
+claims are reported as strays, never served or removed.
+
+``topics.json`` is the topic list of a single-node data directory from before the metadata
+quorum; `read_legacy_topics` reads it so that the node can adopt those topics (see
+`broker.cluster_member`).
 """
 
 from __future__ import annotations
@@ -20,20 +26,21 @@ import os
 import pathlib
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
+from broker.controller.metadata_image import MetadataImage
+from broker.controller.metadata_records import ConfigResourceType
 from broker.event_log import log_event
 from broker.wall_clock import now_ms
 from broker.limits import Limits
 from broker.storage import FsyncRunner, LogConfig, PartitionLog, StorageError
-from broker.storage.checkpoint import write_atomically
-from protocol import DwalError, ErrorCode, validate_topic_name
+from protocol import DwalError, ErrorCode
 
 logger = logging.getLogger("dwal.topics")
 
-METADATA_FILE = "topics.json"
+LEGACY_TOPICS_FILE = "topics.json"
 DELETE_SUFFIX = "-delete"
 
 
@@ -42,6 +49,8 @@ class TopicMetadata:
     name: str
     partitions: int
     configs: dict[str, str]
+    topic_id: bytes = b""
+    local_partitions: frozenset[int] = field(default_factory=frozenset)  # replicas held here
 
 
 class TopicRegistry:
@@ -53,7 +62,6 @@ class TopicRegistry:
         self.limits = limits
         self.topics: dict[str, TopicMetadata] = {}
         self.logs: dict[tuple[str, int], PartitionLog] = {}
-        self._metadata_lock = trio.Lock()
         self._flushed_at: dict[tuple[str, int], tuple[float, int]] = {}
         # group-commit fsyncs of every log run here once the broker starts it
         self.fsync_runner = FsyncRunner()
@@ -62,29 +70,25 @@ class TopicRegistry:
 
     @classmethod
     def open(cls, data_dir: pathlib.Path, defaults: LogConfig, limits: Limits) -> "TopicRegistry":
-        """Load metadata and open (recovering) every partition log. Blocking."""
+        """Create the registry of `data_dir` (no log is open until `apply_image`) and remove
+        the leftovers of interrupted deletions. Blocking."""
         registry = cls(data_dir, defaults, limits)
         data_dir.mkdir(parents=True, exist_ok=True)
         registry._remove_deleted_leftovers()
-        registry.topics = registry._read_metadata()
-        for topic in registry.topics.values():
-            config = registry.log_config(topic)
-            for partition in range(topic.partitions):
-                directory = data_dir / f"{topic.name}-{partition}"
-                registry.logs[(topic.name, partition)] = PartitionLog.open(
-                    directory, config, now_ms=now_ms(), fsync_runner=registry.fsync_runner
-                )
-        registry._report_strays()
+        return registry
+
+    def report_loaded(self) -> None:
+        """Log what the first image opened (and any stray directory). Blocking."""
+        self._report_strays()
         log_event(
             logger,
             logging.INFO,
             "topics_loaded",
-            topics=len(registry.topics),
-            partitions=len(registry.logs),
-            recovered_after_crash=sum(log.recovered_after_crash for log in registry.logs.values()),
-            data_dir=str(data_dir),
+            topics=len(self.topics),
+            partitions=len(self.logs),
+            recovered_after_crash=sum(log.recovered_after_crash for log in self.logs.values()),
+            data_dir=str(self.data_dir),
         )
-        return registry
 
     def close(self) -> None:
         """Flush and close every log (blocking)."""
@@ -92,35 +96,69 @@ class TopicRegistry:
             log.close()
         self.logs.clear()
 
-    def _read_metadata(self) -> dict[str, TopicMetadata]:
-        path = self.data_dir / METADATA_FILE
-        try:
-            raw = json.loads(path.read_text())
-            return {
-                name: TopicMetadata(name, int(entry["partitions"]), dict(entry.get("configs", {})))
-                for name, entry in raw["topics"].items()
-            }
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as error:
-            raise StorageError(f"cannot read topic metadata {path}: {error}") from None
-        except (LookupError, TypeError, AttributeError) as error:
-            raise StorageError(
-                f"cannot read topic metadata {path}: bad structure ({error!r})"
-            ) from None
+    # -- following the metadata image -----------------------------------------------------
 
-    def _encode_metadata(self, topics: dict[str, TopicMetadata]) -> bytes:
-        body = {
-            "version": 1,
-            "topics": {
-                t.name: {"partitions": t.partitions, "configs": t.configs} for t in topics.values()
-            },
-        }
-        return json.dumps(body, indent=1, sort_keys=True).encode()
+    async def apply_image(self, image: MetadataImage, node_id: int) -> None:
+        """Make the logs match `image`: remove removed topics' logs, open or create the logs
+        of the partitions `node_id` holds a replica of, apply config changes. A log that
+        cannot be opened is reported and left out (its partition answers as unknown here);
+        the others go on."""
+        for name, removed in list(self.topics.items()):
+            gone = image.topics.get(name)
+            if gone is None or gone.topic_id != removed.topic_id:
+                await self._remove_topic(name)
+        for name, info in image.topics.items():
+            configs = dict(image.configs.get((ConfigResourceType.TOPIC, name), {}))
+            held = self.topics.get(name)
+            local = frozenset(p.partition for p in info.partitions if node_id in p.replicas)
+            if (
+                held is not None
+                and held.configs == configs
+                and held.partitions == len(info.partitions)
+                and held.local_partitions == local
+            ):
+                continue
+            topic = TopicMetadata(name, len(info.partitions), configs, info.topic_id, local)
+            config = self.log_config(topic)
+            if held is not None and held.configs != configs:
+                for partition in held.local_partitions:
+                    log = self.logs.get((name, partition))
+                    if log is not None:
+                        log.update_config(config)
+            missing = sorted(p for p in local if (name, p) not in self.logs)
+            if missing:
+                opened = await trio.to_thread.run_sync(self._open_logs, name, missing, config)
+                for partition, log in opened.items():
+                    self.logs[(name, partition)] = log
+            self.topics[name] = topic
 
-    async def _write_metadata(self, topics: dict[str, TopicMetadata]) -> None:
-        data = self._encode_metadata(topics)
-        await trio.to_thread.run_sync(write_atomically, self.data_dir / METADATA_FILE, data)
+    def _open_logs(
+        self, name: str, partitions: list[int], config: LogConfig
+    ) -> dict[int, PartitionLog]:
+        opened = {}
+        for partition in partitions:
+            directory = self.data_dir / f"{name}-{partition}"
+            try:
+                opened[partition] = PartitionLog.open(
+                    directory, config, now_ms=now_ms(), fsync_runner=self.fsync_runner
+                )
+            except (OSError, StorageError) as error:
+                log_event(
+                    logger,
+                    logging.ERROR,
+                    "partition_open_failed",
+                    path=str(directory),
+                    error=str(error),
+                )
+        return opened
+
+    async def _remove_topic(self, name: str) -> None:
+        topic = self.topics.pop(name)
+        logs = [log for p in topic.local_partitions if (log := self.logs.pop((name, p), None))]
+        for log in logs:
+            log.new_data_event.set()  # long-polling fetches re-check and find the topic gone
+        await trio.to_thread.run_sync(self._remove_logs, logs)
+        log_event(logger, logging.INFO, "topic_logs_removed", topic=name, partitions=len(logs))
 
     def _remove_deleted_leftovers(self) -> None:
         for entry in self.data_dir.iterdir():
@@ -138,7 +176,16 @@ class TopicRegistry:
     # -- lookups ----------------------------------------------------------------------
 
     def log_config(self, topic: TopicMetadata) -> LogConfig:
-        return LogConfig.from_topic_configs(topic.configs, self.defaults)
+        """The topic's LogConfig. Overrides are checked before the controller accepts
+        them; one that still does not parse (a newer broker's setting) is reported and the
+        broker defaults apply."""
+        try:
+            return LogConfig.from_topic_configs(topic.configs, self.defaults)
+        except ValueError as error:
+            log_event(
+                logger, logging.ERROR, "topic_config_invalid", topic=topic.name, error=str(error)
+            )
+            return self.defaults
 
     def topic(self, name: str) -> TopicMetadata:
         """Return the topic's metadata; raises DwalError UNKNOWN_TOPIC_OR_PARTITION."""
@@ -159,103 +206,6 @@ class TopicRegistry:
             raise DwalError(ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, f"unknown topic {name!r}")
         return log
 
-    # -- changes ----------------------------------------------------------------------
-
-    def check_new_topic(
-        self, name: str, partitions: int, replication_factor: int, configs: dict[str, str]
-    ) -> LogConfig:
-        """Validate a creation; returns the topic's LogConfig or raises DwalError."""
-        reason = validate_topic_name(name)
-        if reason is not None:
-            raise DwalError(ErrorCode.INVALID_TOPIC, reason)
-        if name in self.topics:
-            raise DwalError(ErrorCode.TOPIC_ALREADY_EXISTS, f"topic {name!r} already exists")
-        if not 1 <= partitions <= self.limits.partitions_per_topic_max:
-            raise DwalError(
-                ErrorCode.INVALID_PARTITIONS,
-                f"partitions must be between 1 and {self.limits.partitions_per_topic_max}",
-            )
-        if replication_factor not in (1, -1):
-            raise DwalError(
-                ErrorCode.INVALID_REPLICATION_FACTOR,
-                f"replication factor {replication_factor} is larger than the 1 available broker",
-            )
-        if len(self.topics) >= self.limits.topics_max:
-            raise DwalError(ErrorCode.POLICY_VIOLATION, "the broker hosts the maximum of topics")
-        try:
-            return LogConfig.from_topic_configs(configs, self.defaults)
-        except ValueError as error:
-            raise DwalError(ErrorCode.INVALID_CONFIG, str(error)) from None
-
-    async def create_topic(
-        self,
-        name: str,
-        partitions: int,
-        replication_factor: int = 1,
-        configs: dict[str, str] | None = None,
-    ) -> TopicMetadata:
-        """Create a topic durably; raises DwalError when it is invalid or exists."""
-        configs = dict(configs or {})
-        async with self._metadata_lock:
-            config = self.check_new_topic(name, partitions, replication_factor, configs)
-            topic = TopicMetadata(name, partitions, configs)
-            logs = await trio.to_thread.run_sync(self._open_logs, topic, config)
-            await self._write_metadata({**self.topics, name: topic})
-            self.topics[name] = topic
-            for partition, log in enumerate(logs):
-                self.logs[(name, partition)] = log
-        log_event(logger, logging.INFO, "topic_created", topic=name, partitions=partitions)
-        return topic
-
-    def _open_logs(
-        self, topic: TopicMetadata, config: LogConfig, first: int = 0
-    ) -> list[PartitionLog]:
-        return [
-            PartitionLog.open(
-                self.data_dir / f"{topic.name}-{p}",
-                config,
-                now_ms=now_ms(),
-                fsync_runner=self.fsync_runner,
-            )
-            for p in range(first, topic.partitions)
-        ]
-
-    async def add_partitions(self, name: str, total: int) -> TopicMetadata:
-        """Grow a topic to `total` partitions (never shrink: existing keys would move and
-        records would be lost). Raises DwalError UNKNOWN_TOPIC_OR_PARTITION or
-        INVALID_PARTITIONS."""
-        async with self._metadata_lock:
-            topic = self.topic(name)
-            if not topic.partitions < total <= self.limits.partitions_per_topic_max:
-                raise DwalError(
-                    ErrorCode.INVALID_PARTITIONS,
-                    f"topic {name!r} has {topic.partitions} partitions: the new count must be "
-                    f"above that and at most {self.limits.partitions_per_topic_max}",
-                )
-            grown = TopicMetadata(name, total, topic.configs)
-            logs = await trio.to_thread.run_sync(
-                self._open_logs, grown, self.log_config(topic), topic.partitions
-            )
-            await self._write_metadata({**self.topics, name: grown})
-            self.topics[name] = grown
-            for partition, log in enumerate(logs, start=topic.partitions):
-                self.logs[(name, partition)] = log
-        log_event(logger, logging.INFO, "topic_partitions_added", topic=name, partitions=total)
-        return grown
-
-    async def delete_topic(self, name: str) -> None:
-        """Delete a topic and its data; raises DwalError if unknown."""
-        async with self._metadata_lock:
-            topic = self.topic(name)
-            remaining = {k: v for k, v in self.topics.items() if k != name}
-            await self._write_metadata(remaining)
-            del self.topics[name]
-            logs = [self.logs.pop((name, p)) for p in range(topic.partitions)]
-        for log in logs:
-            log.new_data_event.set()  # long-polling fetches re-check and find the topic gone
-        await trio.to_thread.run_sync(self._remove_logs, logs)
-        log_event(logger, logging.INFO, "topic_deleted", topic=name)
-
     def _remove_logs(self, logs: list[PartitionLog]) -> None:
         for log in logs:
             log.close()
@@ -264,28 +214,6 @@ class TopicRegistry:
             )
             os.rename(log.directory, target)
             shutil.rmtree(target, ignore_errors=True)
-
-    async def alter_configs(
-        self, name: str, set_configs: dict[str, str], delete: list[str], validate_only: bool = False
-    ) -> dict[str, str]:
-        """Change a topic's config overrides; returns the new overrides."""
-        async with self._metadata_lock:
-            topic = self.topic(name)
-            configs = {k: v for k, v in topic.configs.items() if k not in delete}
-            configs.update(set_configs)
-            try:
-                config = LogConfig.from_topic_configs(configs, self.defaults)
-            except ValueError as error:
-                raise DwalError(ErrorCode.INVALID_CONFIG, str(error)) from None
-            if validate_only:
-                return configs
-            updated = TopicMetadata(name, topic.partitions, configs)
-            await self._write_metadata({**self.topics, name: updated})
-            self.topics[name] = updated
-            for partition in range(topic.partitions):
-                self.logs[(name, partition)].update_config(config)
-        log_event(logger, logging.INFO, "topic_configs_altered", topic=name)
-        return configs
 
     # -- background maintenance -------------------------------------------------------
 
@@ -362,3 +290,23 @@ class TopicRegistry:
             if now - last_time >= interval_s:
                 self._flushed_at[key] = (now, end)
                 await log.flush()
+
+
+def read_legacy_topics(data_dir: pathlib.Path) -> dict[str, TopicMetadata] | None:
+    """The topics of a pre-quorum single-node data directory (``topics.json``), or None
+    when there is no such file. Raises StorageError for a file that does not parse."""
+    path = data_dir / LEGACY_TOPICS_FILE
+    try:
+        raw = json.loads(path.read_text())
+        return {
+            name: TopicMetadata(name, int(entry["partitions"]), dict(entry.get("configs", {})))
+            for name, entry in raw["topics"].items()
+        }
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        raise StorageError(f"cannot read topic metadata {path}: {error}") from None
+    except (LookupError, TypeError, AttributeError) as error:
+        raise StorageError(
+            f"cannot read topic metadata {path}: bad structure ({error!r})"
+        ) from None

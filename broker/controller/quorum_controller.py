@@ -282,6 +282,11 @@ class QuorumController:
         return self.state.image
 
     @property
+    def stopped(self) -> bool:
+        """True once `run` has ended (waiters then get DriverStoppedError)."""
+        return self._stopped
+
+    @property
     def active_term(self) -> int | None:
         """The term in which this node is the active controller, or None (also from the
         moment its Raft node stops leading, before the term's tasks are cancelled)."""
@@ -381,6 +386,11 @@ class QuorumController:
         if leader == self.node_id and not self._stopped:
             return NotControllerError(leader, f"node {leader} is becoming the active controller")
         return NotControllerError(None if leader == NO_NODE else leader)
+
+    def require_active(self) -> None:
+        """Raise NotControllerError (with the hint) unless this node is the active
+        controller."""
+        self._require_active()
 
     def _require_active(self) -> _ActiveTerm:
         active = self._active

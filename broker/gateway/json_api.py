@@ -179,14 +179,7 @@ class JsonApi:
         return ApiResponse(status=200, body={"offset": offset})
 
     async def _ensure_wal_topic(self) -> None:
-        registry = self._handlers.registry
-        if WAL_TOPIC in registry.topics:
-            return
-        try:
-            await registry.create_topic(WAL_TOPIC, 1)
-        except DwalError as error:
-            if error.code != ErrorCode.TOPIC_ALREADY_EXISTS:  # lost a race: fine
-                raise
+        await self._handlers.ensure_topic(WAL_TOPIC, 1)
 
     async def _read_wal(self, request: ApiRequest, query: Query) -> ApiResponse:
         """``{"offset": N}`` (or ``?offset=N`` with an empty body) -> the record at N."""
@@ -299,9 +292,9 @@ class JsonApi:
         if reason is not None:
             raise ApiError(400, f"invalid topic name: {reason}", code=ErrorCode.INVALID_TOPIC)
         handlers = self._handlers
-        if create and topic not in handlers.registry.topics and handlers.config.auto_create_topics:
-            await handlers._auto_create(topic)
-        return handlers.registry.topic(topic).partitions
+        if create and handlers.config.auto_create_topics:
+            await handlers.ensure_topic(topic, handlers.config.default_partitions)
+        return handlers.partition_count(topic)
 
     async def _fetch_records(
         self, request: ApiRequest, query: Query, topic: str, partition_text: str
@@ -324,8 +317,7 @@ class JsonApi:
                 f"topic {topic!r} has no partition {partition} (it has {partitions})",
                 code=ErrorCode.UNKNOWN_TOPIC_OR_PARTITION,
             )
-        log = self._handlers.registry.log(topic, partition)
-        start, high_watermark = log.log_start_offset, log.high_watermark
+        start, high_watermark = self._handlers.readable_range(topic, partition)
         offset = _integer_parameter(query, "offset", start)
         _check_readable(offset, start, high_watermark)
         records, next_offset = await self._read_records(

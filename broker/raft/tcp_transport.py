@@ -54,6 +54,9 @@ class TcpTransportConfig:
     reconnect_backoff_seconds_min: float = 0.05
     reconnect_backoff_seconds_max: float = 2.0
     inbound_connections_max: int = 64
+    # False: `run` binds no port; the owner accepts connections and hands the peers' ones
+    # to `serve_inbound` (a listener shared with other protocols).
+    listen: bool = True
 
     def validate(self) -> None:
         """Raise ValueError for an impossible setting."""
@@ -165,11 +168,14 @@ class TcpTransport:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen and send until cancelled; `started()` once the listener is bound. Raises
         OSError if the address cannot be bound. Closes every connection when cancelled."""
-        listeners = await trio.open_tcp_listeners(
-            self.config.listen_port, host=self.config.listen_host
-        )
+        listeners = []
+        if self.config.listen:
+            listeners = await trio.open_tcp_listeners(
+                self.config.listen_port, host=self.config.listen_host
+            )
         try:
-            self._listen_port = listeners[0].socket.getsockname()[1]
+            if listeners:
+                self._listen_port = listeners[0].socket.getsockname()[1]
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 for listener in listeners:
@@ -266,6 +272,17 @@ class TcpTransport:
                 continue
             self._inbound_connections += 1
             nursery.start_soon(self._receive_from, stream)
+
+    async def serve_inbound(self, stream: trio.SocketStream) -> None:
+        """Receive a peer's messages from a connection accepted elsewhere, until it ends
+        (closing it). Connections over `inbound_connections_max` are closed at once."""
+        if self._closed or self._inbound_connections >= self.config.inbound_connections_max:
+            logger.warning("raft %d: refusing a connection over the limit", self.node_id)
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            return
+        self._inbound_connections += 1
+        await self._receive_from(stream)
 
     async def _receive_from(self, stream: trio.SocketStream) -> None:
         decoder = FrameDecoder(

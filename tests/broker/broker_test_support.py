@@ -1,33 +1,61 @@
-"""Helpers shared by the tests in tests/broker: request handlers on real storage and a call of
-the JSON API with a JSON body."""
+"""Helpers shared by the tests in tests/broker: a whole broker node in process (its embedded
+single-voter controller, publisher, registry, coordinator and handlers: the production code
+path, without sockets), request handlers on real storage, and a call of the JSON API with a
+JSON body."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import pathlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 from broker.config import BrokerConfig
 from broker.gateway.json_api import ApiRequest, ApiResponse, JsonApi
-from broker.limits import Limits
-from broker.request_handlers import RequestHandlers
+from broker.node import BrokerNode, open_broker_node
+from broker.request_handlers import RequestContext, RequestHandlers
 from broker.storage import LogConfig
-from broker.topic_registry import TopicRegistry
+from protocol import ApiKey, DwalError, ErrorCode, check_request
+
+TEST_CONTEXT = RequestContext(client_id="test", client_host="127.0.0.1")
 
 
-@contextlib.contextmanager
-def real_request_handlers(
+@contextlib.asynccontextmanager
+async def running_node(
+    data_dir: pathlib.Path, log_config: LogConfig | None = None, **config: Any
+) -> AsyncIterator[BrokerNode]:
+    """A broker node over `data_dir` (no listeners), stopped when the block exits. `config`:
+    BrokerConfig fields (port=0, http_port=-1 unless given)."""
+    settings: dict[str, Any] = {"port": 0, "http_port": -1, **config}
+    if log_config is not None:
+        settings["log_defaults"] = log_config
+    broker_config = BrokerConfig(data_dir=data_dir, **settings)
+    async with open_broker_node(broker_config, native_port=9092) as node:
+        yield node
+
+
+@contextlib.asynccontextmanager
+async def real_request_handlers(
     data_dir: pathlib.Path, log_config: LogConfig
-) -> Iterator[RequestHandlers]:
-    """RequestHandlers over a TopicRegistry in `data_dir`, closed when the block exits."""
-    registry = TopicRegistry.open(data_dir, log_config, Limits())
-    config = BrokerConfig(data_dir=data_dir, log_defaults=log_config)
-    try:
-        yield RequestHandlers(config, registry, advertised_port=0)
-    finally:
-        registry.close()
+) -> AsyncIterator[RequestHandlers]:
+    """RequestHandlers of a running node in `data_dir`, stopped when the block exits."""
+    async with running_node(data_dir, log_config) as node:
+        yield node.handlers
+
+
+async def create_topic(
+    node: BrokerNode, name: str, partitions: int = 1, configs: dict[str, str] | None = None
+) -> None:
+    """Create a topic through the node's handlers (the controller); raise DwalError if refused."""
+    body = check_request(
+        ApiKey.CREATE_TOPICS,
+        {"topics": [{"topic": name, "partitions": partitions, "configs": configs or {}}]},
+    )
+    reply = await node.handlers.create_topics(body, b"", TEST_CONTEXT)
+    result = reply.body["topics"][0]
+    if result["error_code"]:
+        raise DwalError(ErrorCode(result["error_code"]), result.get("error_message"))
 
 
 async def call(api: JsonApi, method: str, target: str, body: Any = b"") -> ApiResponse:

@@ -12,13 +12,12 @@ from typing import NamedTuple
 
 import pytest
 import trio
+from broker_test_support import create_topic, running_node
 from storage_test_support import small_config
 
-from broker.limits import Limits
 from broker.storage import CompactionResult, LogConfig, PartitionLog
 from broker.storage import log_cleaner, partition_log
 from broker.storage.segment import Segment
-from broker.topic_registry import TopicRegistry
 from protocol.record_batch import (
     BatchHeader,
     Compression,
@@ -623,14 +622,12 @@ async def test_closing_the_log_during_a_compaction_discards_it(tmp_path, monkeyp
 
 
 async def test_the_registry_compacts_only_compact_topics(tmp_path, caplog):
-    registry = TopicRegistry.open(
-        tmp_path, LogConfig(fsync="never"), Limits(partitions_per_topic_max=4)
-    )
-    try:
-        await registry.create_topic(
-            "table", 1, configs={"cleanup.policy": "compact", "segment.bytes": "1024"}
+    async with running_node(tmp_path, LogConfig(fsync="never")) as node:
+        registry = node.registry
+        await create_topic(
+            node, "table", 1, configs={"cleanup.policy": "compact", "segment.bytes": "1024"}
         )
-        await registry.create_topic("events", 1, configs={"segment.bytes": "1024"})
+        await create_topic(node, "events", 1, configs={"segment.bytes": "1024"})
         logs = [registry.log("table", 0), registry.log("events", 0)]
         for log in logs:
             many_updates(log, batches=40)
@@ -643,5 +640,3 @@ async def test_the_registry_compacts_only_compact_topics(tmp_path, caplog):
         assert await registry.compact_logs() == 0  # no segment rolled since
         many_updates(logs[0], batches=20, start=40)
         assert await registry.compact_logs() == 1
-    finally:
-        registry.close()

@@ -1,0 +1,358 @@
+"""The requests the active controller answers, as request body -> reply body.
+
+Brokers send these (registration, heartbeats, ISR changes) or forward them (an admin's
+create/delete topics, create partitions, alter configs, elect leaders) to the active
+controller; on the controller's own node the broker calls them in process, on the same
+code path (see `ControllerChannel`). Every change is a pure decision of
+`broker.controller.decisions` submitted to the `QuorumController`; each reply that changed
+something carries `metadata_offset`, the index of the last entry it committed, so the
+broker that forwarded it answers its client only once its own image has applied it.
+
+A node that is not the active controller raises NotControllerError (with the hint).
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from broker.controller.decisions import (
+    AlterPartitionRequest,
+    BrokerRegistration,
+    Decision,
+    NewTopic,
+    alter_configs,
+    alter_partition,
+    create_partitions,
+    create_topic,
+    delete_topic,
+    elect_leaders,
+    register_broker,
+    shutdown_broker,
+)
+from broker.controller.metadata_image import MetadataImage
+from broker.controller.metadata_records import ConfigResourceType, Listener
+from broker.controller.quorum_controller import QuorumController
+from broker.limits import Limits
+from broker.storage import LogConfig
+from protocol import DwalError, ErrorCode
+from protocol.api import ApiKey
+
+OFFSETS_TOPIC = "__consumer_offsets"
+
+
+def _error_fields(error: DwalError) -> dict[str, Any]:
+    return {"error_code": int(error.code), "error_message": error.message}
+
+
+class ControllerApis:
+    """Answers controller requests on the node of `controller` (only while it is active)."""
+
+    def __init__(
+        self,
+        controller: QuorumController,
+        *,
+        log_defaults: LogConfig,
+        limits: Limits,
+        default_replication_factor: int = 1,
+    ) -> None:
+        self.controller = controller
+        self.log_defaults = log_defaults
+        self.limits = limits
+        self.default_replication_factor = default_replication_factor
+        self.table: dict[ApiKey, Callable[[dict[str, Any]], Any]] = {
+            ApiKey.BROKER_REGISTRATION: self.register_broker,
+            ApiKey.BROKER_HEARTBEAT: self.broker_heartbeat,
+            ApiKey.CREATE_TOPICS: self.create_topics,
+            ApiKey.DELETE_TOPICS: self.delete_topics,
+            ApiKey.CREATE_PARTITIONS: self.create_partitions,
+            ApiKey.ALTER_CONFIGS: self.alter_configs,
+            ApiKey.ELECT_LEADERS: self.elect_leaders,
+            ApiKey.ALTER_PARTITION: self.alter_partition,
+            ApiKey.DESCRIBE_CLUSTER: self.describe_cluster,
+        }
+
+    async def handle(self, api_key: ApiKey, body: dict[str, Any]) -> dict[str, Any]:
+        """Answer one request (its body already checked against the schema). Raises
+        NotControllerError, and DwalError for a refusal of the whole request."""
+        return await self.table[api_key](body)
+
+    # -- brokers ------------------------------------------------------------------------
+
+    async def register_broker(self, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            incarnation = uuid.UUID(body["incarnation_id"]).bytes
+        except ValueError:
+            raise DwalError(ErrorCode.INVALID_REQUEST, "incarnation_id must be a uuid") from None
+        registration = BrokerRegistration(
+            broker_id=body["broker_id"],
+            incarnation_id=incarnation,
+            listeners=tuple(
+                Listener(item["name"], item["host"], item["port"]) for item in body["listeners"]
+            ),
+            rack=body["rack"],
+            cluster_id=body["cluster_id"] or None,
+        )
+        await self.controller.submit(lambda image: register_broker(image, registration))
+        broker = self.controller.image.brokers.get(registration.broker_id)
+        if broker is None or broker.incarnation_id != incarnation:
+            raise DwalError(ErrorCode.REQUEST_TIMED_OUT, "registration superseded: register again")
+        return {"broker_epoch": broker.epoch}
+
+    async def broker_heartbeat(self, body: dict[str, Any]) -> dict[str, Any]:
+        broker_id, epoch = body["broker_id"], body["broker_epoch"]
+        if body["want_shut_down"]:
+            await self.controller.submit(lambda image: shutdown_broker(image, broker_id, epoch))
+        reply = await self.controller.heartbeat(
+            broker_id, epoch, metadata_offset=body["metadata_offset"]
+        )
+        return {"is_fenced": reply.fenced, "should_shut_down": reply.shut_down}
+
+    async def alter_partition(self, body: dict[str, Any]) -> dict[str, Any]:
+        topics = []
+        last = -1
+        for entry in body["topics"]:
+            results: list[dict[str, Any]] = []
+            topics.append({"topic": entry["topic"], "partitions": results})
+            for part in entry["partitions"]:
+                result: dict[str, Any] = {"partition": part["partition"], "error_code": 0}
+                results.append(result)
+                topic = self.controller.image.topics.get(entry["topic"])
+                if topic is None:
+                    result.update(
+                        _error_fields(
+                            DwalError(ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, "unknown topic")
+                        )
+                    )
+                    continue
+                request = AlterPartitionRequest(
+                    broker_id=body["broker_id"],
+                    broker_epoch=body["broker_epoch"],
+                    topic_id=topic.topic_id,
+                    partition=part["partition"],
+                    leader_epoch=part["leader_epoch"],
+                    partition_epoch=part["partition_epoch"],
+                    isr=tuple(part["isr"]),
+                )
+                try:
+                    last = await self.controller.submit(
+                        functools.partial(_alter_partition, request=request)
+                    )
+                except DwalError as error:
+                    if error.code == ErrorCode.NOT_CONTROLLER:
+                        raise
+                    result.update(_error_fields(error))
+                    continue
+                info = self.controller.image.partition(entry["topic"], part["partition"])
+                if info is not None:
+                    result.update(
+                        leader=info.leader,
+                        leader_epoch=info.leader_epoch,
+                        partition_epoch=info.partition_epoch,
+                        isr=list(info.isr),
+                    )
+        return {"topics": topics, "metadata_offset": last}
+
+    async def describe_cluster(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The cluster as the active controller sees it: brokers, and the quorum's members
+        with how far each has replicated the log."""
+        self.controller.require_active()
+        image = self.controller.image
+        status = self.controller.driver.node.status()
+
+        def member(node_id: int) -> dict[str, Any]:
+            progress = status.progress.get(node_id)
+            if node_id == status.node_id:
+                return {"node_id": node_id, "match_index": status.last_index, "lag": 0}
+            if progress is None:
+                return {"node_id": node_id, "match_index": -1, "lag": -1}
+            return {
+                "node_id": node_id,
+                "match_index": progress.match,
+                "lag": max(status.last_index - progress.match, 0),
+            }
+
+        return {
+            "cluster_id": image.cluster_id or "",
+            "controller_id": status.node_id,
+            "metadata_offset": image.last_applied_index,
+            "brokers": [
+                {
+                    "node_id": broker.broker_id,
+                    "epoch": broker.epoch,
+                    "fenced": broker.fenced,
+                    "shut_down": broker.shut_down,
+                    "rack": broker.rack,
+                    "listeners": [
+                        {"name": item.name, "host": item.host, "port": item.port}
+                        for item in broker.listeners
+                    ],
+                }
+                for broker in sorted(image.brokers.values(), key=lambda b: b.broker_id)
+            ],
+            "voters": [member(n) for n in sorted(status.configuration.voters)],
+            "learners": [member(n) for n in sorted(status.configuration.learners)],
+        }
+
+    # -- topics -------------------------------------------------------------------------
+
+    def new_topic(self, entry: dict[str, Any]) -> NewTopic:
+        """The NewTopic of a CreateTopics entry; raises DwalError for a bad config or an
+        internal topic name."""
+        configs = dict(entry["configs"])
+        check_topic_configs(configs, self.log_defaults)
+        factor = entry["replication_factor"]
+        return NewTopic(
+            name=entry["topic"],
+            partitions=entry["partitions"],
+            replication_factor=self.default_replication_factor if factor == -1 else factor,
+            topic_id=uuid.uuid4().bytes,
+            configs=configs,
+        )
+
+    def decide_new_topic(self, image: MetadataImage, new_topic: NewTopic) -> Decision:
+        """create_topic with this broker's limits (topics_max included)."""
+        if new_topic.name not in image.topics and len(image.topics) >= self.limits.topics_max:
+            return DwalError(
+                ErrorCode.POLICY_VIOLATION,
+                f"the cluster has the maximum of {self.limits.topics_max} topics",
+            )
+        return create_topic(image, new_topic, partitions_max=self.limits.partitions_per_topic_max)
+
+    async def create_topics(self, body: dict[str, Any]) -> dict[str, Any]:
+        results = []
+        last = -1
+        names = [entry["topic"] for entry in body["topics"]]
+        for entry in body["topics"]:
+            name = entry["topic"]
+            try:
+                if names.count(name) > 1:
+                    raise DwalError(ErrorCode.INVALID_REQUEST, f"topic {name!r} given twice")
+                new_topic = self.new_topic(entry)
+                if body["validate_only"]:
+                    decision = self.decide_new_topic(self.controller.image, new_topic)
+                    if isinstance(decision, DwalError):
+                        raise decision
+                else:
+                    last = await self.controller.submit(
+                        functools.partial(self.decide_new_topic, new_topic=new_topic)
+                    )
+                results.append({"topic": name, "error_code": 0})
+            except DwalError as error:
+                if error.code == ErrorCode.NOT_CONTROLLER:
+                    raise
+                results.append({"topic": name, **_error_fields(error)})
+        return {"topics": results, "metadata_offset": last}
+
+    async def delete_topics(self, body: dict[str, Any]) -> dict[str, Any]:
+        results = []
+        last = -1
+        for name in body["topics"]:
+            try:
+                last = await self.controller.submit(functools.partial(_delete_topic, name=name))
+                results.append({"topic": name, "error_code": 0})
+            except DwalError as error:
+                if error.code == ErrorCode.NOT_CONTROLLER:
+                    raise
+                results.append({"topic": name, **_error_fields(error)})
+        return {"topics": results, "metadata_offset": last}
+
+    async def create_partitions(self, body: dict[str, Any]) -> dict[str, Any]:
+        results = []
+        last = -1
+        for entry in body["topics"]:
+            name, count = entry["topic"], entry["count"]
+
+            def decide(image: MetadataImage, name: str = name, count: int = count) -> Decision:
+                return create_partitions(
+                    image, name, count, partitions_max=self.limits.partitions_per_topic_max
+                )
+
+            try:
+                if body["validate_only"]:
+                    decision = decide(self.controller.image)
+                    if isinstance(decision, DwalError):
+                        raise decision
+                else:
+                    last = await self.controller.submit(decide)
+                results.append({"topic": name, "error_code": 0})
+            except DwalError as error:
+                if error.code == ErrorCode.NOT_CONTROLLER:
+                    raise
+                results.append({"topic": name, **_error_fields(error)})
+        return {"topics": results, "metadata_offset": last}
+
+    async def alter_configs(self, body: dict[str, Any]) -> dict[str, Any]:
+        name = body["topic"]
+        image = self.controller.image
+        if name not in image.topics:
+            raise DwalError(ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, f"unknown topic {name!r}")
+        current = dict(image.configs.get((ConfigResourceType.TOPIC, name), {}))
+        wanted = {k: v for k, v in current.items() if k not in body["delete"]}
+        wanted.update(body["set"])
+        check_topic_configs(wanted, self.log_defaults)
+        if body["validate_only"]:
+            return {"configs": wanted, "metadata_offset": -1}
+        changes: dict[str, str | None] = {key: None for key in body["delete"] if key in current}
+        changes.update(body["set"])
+        last = await self.controller.submit(
+            lambda image: alter_configs(image, ConfigResourceType.TOPIC, name, changes)
+        )
+        configs = dict(self.controller.image.configs.get((ConfigResourceType.TOPIC, name), {}))
+        return {"configs": configs, "metadata_offset": last}
+
+    async def elect_leaders(self, body: dict[str, Any]) -> dict[str, Any]:
+        wanted = (
+            None
+            if body["topics"] is None
+            else [(entry["topic"], p) for entry in body["topics"] for p in entry["partitions"]]
+        )
+        outcomes: dict[tuple[str, int], DwalError | None] = {}
+
+        def decide(image: MetadataImage) -> Decision:
+            records = []
+            outcomes.clear()
+            for key, decision in elect_leaders(image, wanted).items():
+                if isinstance(decision, DwalError):
+                    outcomes[key] = decision
+                else:
+                    outcomes[key] = (
+                        None
+                        if decision
+                        else DwalError(
+                            ErrorCode.ELECTION_NOT_NEEDED,
+                            "the preferred leader already leads",
+                        )
+                    )
+                    records.extend(decision)
+            return records
+
+        last = await self.controller.submit(decide)
+        by_topic: dict[str, list[dict[str, Any]]] = {}
+        for (topic, partition), error in sorted(outcomes.items()):
+            result: dict[str, Any] = {"partition": partition, "error_code": 0}
+            if error is not None:
+                result.update(_error_fields(error))
+            by_topic.setdefault(topic, []).append(result)
+        return {
+            "topics": [{"topic": t, "partitions": parts} for t, parts in by_topic.items()],
+            "metadata_offset": last,
+        }
+
+
+def check_topic_configs(configs: dict[str, str], defaults: LogConfig) -> None:
+    """Raise DwalError INVALID_CONFIG unless `configs` are valid topic overrides."""
+    try:
+        LogConfig.from_topic_configs(configs, defaults)
+    except ValueError as error:
+        raise DwalError(ErrorCode.INVALID_CONFIG, str(error)) from None
+
+
+def _alter_partition(image: MetadataImage, *, request: AlterPartitionRequest) -> Decision:
+    return alter_partition(image, request)
+
+
+def _delete_topic(image: MetadataImage, *, name: str) -> Decision:
+    return delete_topic(image, name)
