@@ -46,7 +46,7 @@ class BrokerLifecycle:
         node_id: int,
         channel: ControllerChannel,
         *,
-        cluster_id: Callable[[], str],
+        cluster_id: Callable[[], str],  # "" while unknown
         listeners: list[ListenerAddress],
         rack: str | None,
         metadata_offset: Callable[[], int],
@@ -69,9 +69,11 @@ class BrokerLifecycle:
         self.registrations = 0
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        """Register, catch up, get unfenced: `started(broker_epoch)`; then heartbeat until
-        cancelled."""
-        await self._register()
+        """Register (unless `register` was called), catch up, get unfenced:
+        `started(broker_epoch)`; then heartbeat until cancelled."""
+        if self.broker_epoch < 0:
+            await self.register()
+        await self._catch_up()
         while self.fenced:
             await self._heartbeat()
             if self.fenced:
@@ -81,7 +83,10 @@ class BrokerLifecycle:
             await trio.sleep(self.heartbeat_interval_seconds)
             await self._heartbeat()
 
-    async def _register(self) -> None:
+    async def register(self) -> int:
+        """Register this incarnation with the active controller (retrying what is
+        retriable); returns the broker epoch. A learner registers before its image has
+        anything: the controller then adds it as a learner, and the log reaches it."""
         body = {
             "broker_id": self.node_id,
             "cluster_id": self.cluster_id(),
@@ -104,7 +109,10 @@ class BrokerLifecycle:
         self.broker_epoch = reply["broker_epoch"]
         self.fenced = True
         self.registrations += 1
-        # Caught up once this node's image holds its own registration.
+        return self.broker_epoch
+
+    async def _catch_up(self) -> None:
+        """Wait until this node's image holds its own registration."""
         await self.wait_metadata_offset(self.broker_epoch)
         log_event(
             logger,
@@ -128,14 +136,16 @@ class BrokerLifecycle:
         except DwalError as error:
             if error.code in _REREGISTER:
                 log_event(logger, logging.WARNING, "broker_reregistering", reason=error.message)
-                await self._register()
+                await self.register()
+                await self._catch_up()
                 return
             if not error.code.retriable:
                 raise
             log_event(logger, logging.WARNING, "broker_heartbeat_failed", error=error.message)
             return
         if reply["should_shut_down"]:
-            await self._register()
+            await self.register()
+            await self._catch_up()
             return
         was_fenced, self.fenced = self.fenced, reply["is_fenced"]
         if was_fenced != self.fenced:

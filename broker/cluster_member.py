@@ -206,7 +206,9 @@ class ClusterMember:
         self.lifecycle = BrokerLifecycle(
             self.node_id,
             self.channel,
-            cluster_id=lambda: controller.image.cluster_id or "",
+            cluster_id=lambda: (
+                identity.cluster_id if identity is not None else controller.image.cluster_id or ""
+            ),
             listeners=self._registered_listeners(controller_listeners),
             rack=config.rack,
             metadata_offset=lambda: self.image.last_applied_index,
@@ -228,6 +230,8 @@ class ClusterMember:
                     await nursery.start(listener.serve, controller_listeners)
             else:
                 controller.driver.campaign()  # the only voter: no need to wait for a timeout
+            # Register first: a learner receives the log only once it is registered.
+            await self.lifecycle.register()
             cluster_id = await self._wait_cluster_id()
             check_cluster_id(config.data_dir, identity, cluster_id)
             if identity is None:
@@ -236,6 +240,7 @@ class ClusterMember:
                 )
             await nursery.start(self.publisher.run)
             epoch = await nursery.start(self.lifecycle.run)
+            await self._wait_unfenced_locally(epoch)
             if self.embedded:
                 await self._adopt_legacy_topics()
             await trio.to_thread.run_sync(self.registry.report_loaded)
@@ -260,6 +265,15 @@ class ClusterMember:
             host = self.advertised[0].host
             listeners.append(ListenerAddress(CONTROLLER_LISTENER, host, port))
         return listeners
+
+    async def _wait_unfenced_locally(self, epoch: int) -> None:
+        """Wait until the published image shows this broker unfenced (the entry that
+        unfenced it also gave it back the leadership of its leaderless partitions)."""
+        while True:
+            broker = self.image.brokers.get(self.node_id)
+            if broker is not None and (broker.epoch != epoch or not broker.fenced):
+                return
+            await self.wait_published(self.image.last_applied_index + 1)
 
     async def _wait_cluster_id(self) -> str:
         assert self.controller is not None

@@ -43,7 +43,35 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["always", "interval", "never"],
         help="durability policy default for topics (default always)",
     )
-    parser.add_argument("--node-id", type=int, help="this broker's id (default 0)")
+    parser.add_argument(
+        "--node-id", type=int, help="this node's id, a positive integer (default 1)"
+    )
+    parser.add_argument(
+        "--controller-quorum",
+        metavar="ID@HOST:PORT,...",
+        help="the controller voters and their controller ports; without it the broker runs "
+        "an embedded single-voter controller (a cluster of one)",
+    )
+    parser.add_argument(
+        "--controller-port",
+        type=int,
+        help="port for Raft and brokers' controller requests (cluster only; default 9192)",
+    )
+    parser.add_argument(
+        "--controller-host", help="controller port's listen address (default: --host)"
+    )
+    parser.add_argument(
+        "--roles",
+        choices=["broker,controller", "broker"],
+        help="broker,controller (default): a voter of the controller quorum too; broker: "
+        "follows the metadata log as a learner",
+    )
+    parser.add_argument("--rack", help="this broker's rack, for rack-aware replica placement")
+    parser.add_argument(
+        "--default-replication-factor",
+        type=int,
+        help="replication factor of topics created without one (default 1)",
+    )
     parser.add_argument(
         "--auto-create-topics",
         action=argparse.BooleanOptionalAction,
@@ -71,6 +99,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "data_dir": args.data_dir,
         "fsync": args.fsync,
         "node_id": args.node_id,
+        "controller_quorum": args.controller_quorum,
+        "controller_port": args.controller_port,
+        "controller_host": args.controller_host,
+        "roles": args.roles,
+        "rack": args.rack,
+        "default_replication_factor": args.default_replication_factor,
         "auto_create_topics": args.auto_create_topics,
         "default_partitions": args.default_partitions,
         "log_level": args.log_level,

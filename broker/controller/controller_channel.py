@@ -4,8 +4,9 @@ and request forwarding, KIP-590).
 
 Every node follows the metadata quorum, so it knows the Raft leader (the active controller
 or the node about to become it) from its own driver, and every voter's controller port from
-`--controller-quorum`. `call` retries, until its deadline, what says "not here, not yet":
-NOT_CONTROLLER, no known or reachable controller. Anything else (a refusal, a timeout whose
+`--controller-quorum`; a node that knows no leader (a learner not yet registered, so not yet
+sent the log) tries the voters in turn. `call` retries, until its deadline, what says "not
+here, not yet": NOT_CONTROLLER, no known or reachable controller. Anything else (a refusal, a timeout whose
 outcome is unknown) goes back to the caller as is.
 """
 
@@ -66,8 +67,13 @@ class ControllerChannel:
         deadline = trio.current_time() + timeout_seconds
         delay = RETRY_DELAY_SECONDS_MIN
         last_problem = "no active controller is known"
+        rotation = itertools.cycle(sorted(self.voters) or [self.node_id])
         while True:
+            # The known leader; a node that knows none (a learner before the log reaches it)
+            # tries the voters in turn: the active one answers, the others NOT_CONTROLLER.
             leader = self.controller_hint()
+            if leader is None and self.voters:
+                leader = next(rotation)
             try:
                 if leader == self.node_id and self.apis is not None:
                     return await self.apis.handle(api_key, body)

@@ -283,7 +283,7 @@ def create_topic(
     if problem is not None:
         return DwalError(ErrorCode.INVALID_TOPIC, problem)
     if new_topic.name in image.topics:
-        return DwalError(ErrorCode.TOPIC_ALREADY_EXISTS, f"topic {new_topic.name!r} exists")
+        return DwalError(ErrorCode.TOPIC_ALREADY_EXISTS, f"topic {new_topic.name!r} already exists")
     if not 1 <= new_topic.partitions <= partitions_max:
         return DwalError(
             ErrorCode.INVALID_PARTITIONS,
