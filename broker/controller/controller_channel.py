@@ -6,8 +6,8 @@ Every node follows the metadata quorum, so it knows the Raft leader (the active 
 or the node about to become it) from its own driver, and every voter's controller port from
 `--controller-quorum`; a node that knows no leader (a learner not yet registered, so not yet
 sent the log) tries the voters in turn. `call` retries, until its deadline, what says "not
-here, not yet": NOT_CONTROLLER, no known or reachable controller. Anything else (a refusal, a timeout whose
-outcome is unknown) goes back to the caller as is.
+here, not yet": NOT_CONTROLLER, no known or reachable controller. Anything else (a
+refusal, a timeout whose outcome is unknown) goes back to the caller as is.
 """
 
 from __future__ import annotations
