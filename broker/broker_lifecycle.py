@@ -83,6 +83,31 @@ class BrokerLifecycle:
             await trio.sleep(self.heartbeat_interval_seconds)
             await self._heartbeat()
 
+    async def shut_down(self, timeout_seconds: float) -> bool:
+        """Controlled shutdown: tell the active controller this broker is leaving, so it
+        moves leadership away now instead of after the session timeout. Best effort within
+        `timeout_seconds`; returns whether the controller took it. Shielded from the
+        cancellation that stops the broker."""
+        if self.broker_epoch < 0:
+            return False
+        body = {
+            "broker_id": self.node_id,
+            "broker_epoch": self.broker_epoch,
+            "metadata_offset": self.metadata_offset(),
+            "want_shut_down": True,
+        }
+        with trio.CancelScope(shield=True), trio.move_on_after(timeout_seconds):
+            try:
+                await self.channel.call(
+                    ApiKey.BROKER_HEARTBEAT, body, timeout_seconds=timeout_seconds
+                )
+            except DwalError as error:
+                log_event(logger, logging.WARNING, "broker_shutdown_failed", error=error.message)
+                return False
+            log_event(logger, logging.INFO, "broker_shut_down", node_id=self.node_id)
+            return True
+        return False
+
     async def register(self) -> int:
         """Register this incarnation with the active controller (retrying what is
         retriable); returns the broker epoch. A learner registers before its image has

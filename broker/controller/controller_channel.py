@@ -20,14 +20,16 @@ import trio
 
 from broker.controller.controller_apis import ControllerApis
 from broker.controller.quorum_controller import NotControllerError, QuorumController
+from broker.raft.driver import DriverStoppedError
 from broker.raft.messages import NO_NODE
 from protocol import DwalError, ErrorCode, ProtocolError
 from protocol.api import ApiKey, check_response
-from protocol.frame import FrameDecoder, Request, encode_request, parse_response
+from protocol.frame import FrameDecoder, Request, Response, encode_request, parse_response
 
 logger = logging.getLogger("dwal.controller")
 
 RESPONSE_BYTES_MAX = 16 * 1024 * 1024  # a controller's answer is small; this bounds it
+IDLE_CONNECTIONS_MAX = 2  # per controller address, kept open between calls
 RETRY_DELAY_SECONDS_MIN = 0.02
 RETRY_DELAY_SECONDS_MAX = 0.5
 
@@ -52,6 +54,8 @@ class ControllerChannel:
         self.voters = voters
         self.connect_timeout_seconds = connect_timeout_seconds
         self._correlation = itertools.count(1)
+        self._idle: dict[tuple[str, int], list[trio.SocketStream]] = {}
+        self._closed = False
         self.forwarded = 0  # requests sent to another node
 
     def controller_hint(self) -> int | None:
@@ -67,11 +71,16 @@ class ControllerChannel:
         deadline = trio.current_time() + timeout_seconds
         delay = RETRY_DELAY_SECONDS_MIN
         last_problem = "no active controller is known"
-        rotation = itertools.cycle(sorted(self.voters) or [self.node_id])
+        stopped = self.controller.stopped  # this node's member is gone (its broker stops)
+        others = sorted(v for v in self.voters if not (stopped and v == self.node_id))
+        rotation = itertools.cycle(others or [self.node_id])
         while True:
-            # The known leader; a node that knows none (a learner before the log reaches it)
-            # tries the voters in turn: the active one answers, the others NOT_CONTROLLER.
+            # The known leader; a node that knows none (a learner before the log reaches it,
+            # a stopping node) tries the voters in turn: the active one answers, the others
+            # NOT_CONTROLLER.
             leader = self.controller_hint()
+            if stopped and leader == self.node_id:
+                leader = None
             if leader is None and self.voters:
                 leader = next(rotation)
             try:
@@ -99,9 +108,12 @@ class ControllerChannel:
             # A leadership change (or a short delay: the leader may not have registered its
             # listeners yet, or be reading through its log) is worth another try.
             with trio.move_on_at(min(deadline, now + delay)):
-                await self.controller.driver.wait_leadership_change(
-                    self.controller.driver.leadership()
-                )
+                try:
+                    await self.controller.driver.wait_leadership_change(
+                        self.controller.driver.leadership()
+                    )
+                except DriverStoppedError:
+                    await trio.sleep_forever()  # no leadership news any more: just the delay
             delay = min(delay * 2, RETRY_DELAY_SECONDS_MAX)
 
     async def _send(self, leader: int, api_key: ApiKey, body: dict[str, Any]) -> dict[str, Any]:
@@ -109,34 +121,60 @@ class ControllerChannel:
         if address is None:
             raise _Unreachable(f"node {leader} is not a known voter")
         self.forwarded += 1
-        with trio.fail_after(self.connect_timeout_seconds):
-            stream = await trio.open_tcp_stream(*address)
-        async with stream:
-            correlation_id = next(self._correlation)
-            request = Request(
-                api_key=int(api_key),
-                api_version=0,
-                correlation_id=correlation_id,
-                client_id=f"dwal-broker-{self.node_id}",
-                body=body,
-            )
-            await stream.send_all(encode_request(request))
-            decoder = FrameDecoder(frame_bytes_max=RESPONSE_BYTES_MAX)
-            while True:
-                frame = decoder.next_frame()
-                if frame is not None:
-                    break
-                data = await stream.receive_some(64 * 1024)
-                if not data:
-                    raise _Unreachable(f"node {leader} closed the connection")
-                decoder.feed(data)
+        idle = self._idle.setdefault(address, [])
+        stream = idle.pop() if idle else None
+        if stream is None:
+            with trio.move_on_after(self.connect_timeout_seconds):
+                stream = await trio.open_tcp_stream(*address)
+            if stream is None:
+                raise _Unreachable(f"no connection to node {leader} at {address[0]}:{address[1]}")
+        try:
+            response = await self._exchange(stream, leader, api_key, body)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            raise
+        if len(idle) < IDLE_CONNECTIONS_MAX and not self._closed:
+            idle.append(stream)  # kept for the next call (heartbeats come every second)
+        else:
+            await stream.aclose()
+        if response.error_code != ErrorCode.NONE:
+            raise DwalError(response.error_code, response.error_message)
+        return check_response(api_key, response.body)
+
+    async def _exchange(
+        self, stream: trio.SocketStream, leader: int, api_key: ApiKey, body: dict[str, Any]
+    ) -> Response:
+        correlation_id = next(self._correlation)
+        request = Request(
+            api_key=int(api_key),
+            api_version=0,
+            correlation_id=correlation_id,
+            client_id=f"dwal-broker-{self.node_id}",
+            body=body,
+        )
+        await stream.send_all(encode_request(request))
+        decoder = FrameDecoder(frame_bytes_max=RESPONSE_BYTES_MAX)
+        while True:
+            frame = decoder.next_frame()
+            if frame is not None:
+                break
+            data = await stream.receive_some(64 * 1024)
+            if not data:
+                raise _Unreachable(f"node {leader} closed the connection")
+            decoder.feed(data)
         header, tail = frame
         response = parse_response(header, tail)
         if response.correlation_id != correlation_id:
             raise ProtocolError("the controller answered another request")
-        if response.error_code != ErrorCode.NONE:
-            raise DwalError(response.error_code, response.error_message)
-        return check_response(api_key, response.body)
+        return response
+
+    async def aclose(self) -> None:
+        """Close the idle connections; no call may be made afterwards."""
+        self._closed = True
+        for streams in self._idle.values():
+            while streams:
+                await streams.pop().aclose()
 
 
 class _Unreachable(Exception):
