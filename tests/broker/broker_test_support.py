@@ -7,13 +7,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import os
 import pathlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
+
+import pytest
+import trio
+import trio.testing
 
 from broker.config import BrokerConfig
 from broker.gateway.json_api import ApiRequest, ApiResponse, JsonApi
 from broker.node import BrokerNode, open_broker_node
+from broker.raft import durable_storage
 from broker.request_handlers import RequestContext, RequestHandlers
 from broker.storage import LogConfig
 from protocol import ApiKey, DwalError, ErrorCode, check_request
@@ -62,3 +69,43 @@ async def call(api: JsonApi, method: str, target: str, body: Any = b"") -> ApiRe
     """`body` as is if bytes, else encoded as JSON."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     return await api.handle(ApiRequest(method=method, target=target, body=data))
+
+
+_REAL_FDATASYNC = os.fdatasync  # captured before any test replaces os.fdatasync
+
+
+class _OsWithRealFdatasync:
+    """The `os` module, but for a real fdatasync whatever a test puts in `os.fdatasync`."""
+
+    fdatasync = staticmethod(_REAL_FDATASYNC)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+
+def partition_fdatasyncs_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the metadata log's fdatasyncs real (and out of sight) while a test replaces
+    `os.fdatasync` (the `fdatasync_spy` fixture): a spy then sees, counts and holds only
+    the partition logs', and holding them never stalls the node's controller."""
+    monkeypatch.setattr(durable_storage, "os", _OsWithRealFdatasync())
+
+
+@contextlib.contextmanager
+def at_real_pace() -> Iterator[None]:
+    """Within the block, an autojumping MockClock runs at the real clock's pace and does not
+    jump (a no-op under any other clock). A node's controller calls, registration and
+    heartbeats time out in trio time, and the metadata log's fsyncs run in worker threads:
+    while one runs the event loop looks idle to autojump, which would jump past those
+    deadlines. Start nodes and change metadata inside; measure virtual time outside."""
+    clock = trio.lowlevel.current_clock()
+    if not isinstance(clock, trio.testing.MockClock):
+        yield
+        return
+    rate, threshold = clock.rate, clock.autojump_threshold
+    clock.autojump_threshold = math.inf
+    clock.rate = 1.0
+    try:
+        yield
+    finally:
+        clock.rate = rate
+        clock.autojump_threshold = threshold

@@ -4,50 +4,43 @@ and replayed at start. The group state machine has its own tests (tests/broker/g
 check what the shell adds: ownership checks on commits, durability and replay of offsets
 and tombstones, expiry driven by its loop, and the translation of requests.
 
+The coordinator is that of a whole running node (`running_node`): __consumer_offsets is
+created through its controller, and the coordinator coordinates the groups of the offsets
+partitions the node leads, loaded as the metadata publisher shows it leads them. A restart
+is a new node on the same data directory, which replays the offsets at start.
+
 The shell reads the wall clock through `broker.group_coordinator.now_ms`; tests that need
 time to pass replace it with trio's (MockClock) clock, so sessions expire in virtual time.
+Nodes start and topics are created at the real clock's pace (`at_real_pace`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import pathlib
+from collections.abc import AsyncIterator
+
 import pytest
 import trio
 import trio.testing
+from broker_test_support import at_real_pace, create_topic, running_node
 
 import broker.group_coordinator as group_coordinator_module
-from broker.config import BrokerConfig
-from broker.group_coordinator import OFFSETS_TOPIC, GroupCoordinator, offset_key
-from broker.limits import Limits
+from broker.group_coordinator import OFFSETS_TOPIC, offset_key
+from broker.node import BrokerNode
 from broker.storage import LogConfig
-from broker.topic_registry import TopicRegistry
 from protocol import ApiKey, DwalError, ErrorCode, build_batch, check_request
 
 SESSION_TIMEOUT_MS = 1_000
 
 
 class Coordinator:
-    """A GroupCoordinator over a TopicRegistry in a data directory that outlives it."""
+    """The GroupCoordinator of a running node, with helpers to call it."""
 
-    def __init__(self, data_dir) -> None:
-        self.config = BrokerConfig(
-            port=0,
-            http_port=-1,
-            data_dir=data_dir,
-            log_defaults=LogConfig(fsync="never"),
-            offsets_topic_partitions=2,
-            group_session_timeout_ms=SESSION_TIMEOUT_MS,
-            group_heartbeat_interval_ms=100,
-        )
-        self.registry = TopicRegistry.open(data_dir, self.config.log_defaults, Limits())
-        self.coordinator = GroupCoordinator(self.config, self.registry)
-        self.loaded = self.coordinator.load()
-
-    def restart(self) -> Coordinator:
-        self.close()
-        return Coordinator(self.config.data_dir)
-
-    def close(self) -> None:
-        self.registry.close()
+    def __init__(self, node: BrokerNode) -> None:
+        self.node = node
+        self.coordinator = node.coordinator
 
     def heartbeat(self, group_id="g", member_id=None, epoch=0, **fields) -> dict:
         body = {"group_id": group_id, "member_id": member_id, "member_epoch": epoch, **fields}
@@ -109,15 +102,43 @@ class Coordinator:
         return self.coordinator.describe_groups(body)["groups"][0]
 
 
+@contextlib.asynccontextmanager
+async def open_coordinator(data_dir: pathlib.Path) -> AsyncIterator[Coordinator]:
+    """A running node over `data_dir` (kept across restarts), with topics "a" (2 partitions)
+    and "b" (1) and __consumer_offsets (2 partitions, both led here: created up front, as
+    the handlers do before a group's first heartbeat); stopped when the block exits."""
+    async with contextlib.AsyncExitStack() as stack:
+        with at_real_pace():
+            node = await stack.enter_async_context(
+                running_node(
+                    data_dir,
+                    LogConfig(fsync="never"),
+                    offsets_topic_partitions=2,
+                    group_session_timeout_ms=SESSION_TIMEOUT_MS,
+                    group_heartbeat_interval_ms=100,
+                )
+            )
+            for name, partitions in (("a", 2), ("b", 1)):
+                if name not in node.registry.topics:
+                    await create_topic(node, name, partitions)
+            await node.coordinator.ensure_offsets_topic()
+        assert node.coordinator.loaded_partitions == {0, 1}
+        yield Coordinator(node)
+
+
 @pytest.fixture
-async def node(tmp_path):
-    node = Coordinator(tmp_path / "data")
-    await node.registry.create_topic("a", 2)
-    await node.registry.create_topic("b", 1)
-    try:
+async def node(tmp_path) -> AsyncIterator[Coordinator]:
+    async with open_coordinator(tmp_path / "data") as node:
         yield node
-    finally:
-        node.close()
+
+
+def replayed_records(caplog: pytest.LogCaptureFixture) -> int:
+    """How many __consumer_offsets records the coordinator replayed, as it reports them."""
+    return sum(
+        record.fields["records"]  # type: ignore[attr-defined]
+        for record in caplog.records
+        if record.getMessage() == "group_offsets_loaded"
+    )
 
 
 def assigned(response: dict) -> set[tuple[str, int]]:
@@ -202,25 +223,25 @@ async def test_commit_checks_every_partition(node):
 # -- offsets survive restarts, deletions too ---------------------------------------------
 
 
-async def test_committed_offsets_survive_a_restart_and_the_latest_wins(node):
-    await node.commit({("a", 0): 5, ("a", 1): 6})
-    await node.commit({("a", 0): 7})
-    await node.commit({("b", 0): 1}, group_id="other")
-    node = node.restart()
-    try:
-        assert node.loaded == 4
+async def test_committed_offsets_survive_a_restart_and_the_latest_wins(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="dwal.groups")
+    async with open_coordinator(tmp_path / "data") as node:
+        await node.commit({("a", 0): 5, ("a", 1): 6})
+        await node.commit({("a", 0): 7})
+        await node.commit({("b", 0): 1}, group_id="other")
+    caplog.clear()
+    async with open_coordinator(tmp_path / "data") as node:  # a restart: replays the offsets
+        assert replayed_records(caplog) == 4
         assert node.committed(("a", 0), ("a", 1)) == {("a", 0): 7, ("a", 1): 6}
         assert node.committed(group_id="other") == {("b", 0): 1}
-    finally:
-        node.close()
 
 
-async def test_a_deleted_group_stays_deleted_after_a_restart(node):
-    await node.commit({("a", 0): 5, ("b", 0): 6}, group_id="gone")
-    await node.commit({("a", 0): 9}, group_id="kept")
-    assert await node.delete("gone") == [ErrorCode.NONE]
-    node = node.restart()
-    try:
+async def test_a_deleted_group_stays_deleted_after_a_restart(tmp_path):
+    async with open_coordinator(tmp_path / "data") as node:
+        await node.commit({("a", 0): 5, ("b", 0): 6}, group_id="gone")
+        await node.commit({("a", 0): 9}, group_id="kept")
+        assert await node.delete("gone") == [ErrorCode.NONE]
+    async with open_coordinator(tmp_path / "data") as node:
         assert node.committed(("a", 0), ("b", 0), group_id="gone") == {
             ("a", 0): -1,
             ("b", 0): -1,
@@ -230,38 +251,34 @@ async def test_a_deleted_group_stays_deleted_after_a_restart(node):
         assert node.describe("gone")["error_code"] == ErrorCode.GROUP_ID_NOT_FOUND
         assert await node.delete("gone") == [ErrorCode.GROUP_ID_NOT_FOUND]
         assert node.committed(("a", 0), group_id="kept") == {("a", 0): 9}
-    finally:
-        node.close()
 
 
-async def test_a_commit_after_a_deletion_survives_a_restart(node):
-    await node.commit({("a", 0): 5})
-    assert await node.delete("g") == [ErrorCode.NONE]
-    await node.commit({("a", 1): 2})
-    node = node.restart()
-    try:
+async def test_a_commit_after_a_deletion_survives_a_restart(tmp_path):
+    async with open_coordinator(tmp_path / "data") as node:
+        await node.commit({("a", 0): 5})
+        assert await node.delete("g") == [ErrorCode.NONE]
+        await node.commit({("a", 1): 2})
+    async with open_coordinator(tmp_path / "data") as node:
         assert node.committed() == {("a", 1): 2}
-    finally:
-        node.close()
 
 
-async def test_replay_skips_records_it_does_not_understand(node):
-    await node.commit({("a", 0): 5})
-    partition = node.coordinator.partition_of("g")
-    log = node.registry.log(OFFSETS_TOPIC, partition)
-    foreign = build_batch(
-        [
-            (0, b"not msgpack \xc1", b"x"),
-            (0, None, b"keyless"),
-            (0, offset_key("g", "a", 1), b"\xc1 not msgpack"),
-        ]
-    )
-    log.append(bytearray(foreign), now_ms=0)
-    node = node.restart()
-    try:
+async def test_replay_skips_records_it_does_not_understand(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="dwal.groups")
+    async with open_coordinator(tmp_path / "data") as node:
+        await node.commit({("a", 0): 5})
+        partition = node.coordinator.partition_of("g")
+        foreign = build_batch(
+            [
+                (0, b"not msgpack \xc1", b"x"),
+                (0, None, b"keyless"),
+                (0, offset_key("g", "a", 1), b"\xc1 not msgpack"),
+            ]
+        )
+        node.node.replicas.append(OFFSETS_TOPIC, partition, bytearray(foreign), now_ms=0)
+    caplog.clear()
+    async with open_coordinator(tmp_path / "data") as node:
+        assert replayed_records(caplog) == 4  # read past the foreign records, not stopped
         assert node.committed(("a", 0), ("a", 1)) == {("a", 0): 5, ("a", 1): -1}
-    finally:
-        node.close()
 
 
 # -- fetching offsets, administering groups ----------------------------------------------
@@ -332,12 +349,9 @@ async def test_a_member_that_stops_heartbeating_expires(node, autojump_clock, mo
     quiet = node.join("a")
     steady = node.join("a")
     assert assigned(quiet) and not assigned(steady)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(node.coordinator.run_expiry)
-        for _ in range(3 * SESSION_TIMEOUT_MS // 100):  # `steady` heartbeats, `quiet` does not
-            await trio.sleep(0.1)
-            steady = node.heartbeat(member_id=steady["member_id"], epoch=steady["member_epoch"])
-        nursery.cancel_scope.cancel()
+    for _ in range(3 * SESSION_TIMEOUT_MS // 100):  # `steady` heartbeats, `quiet` does not
+        await trio.sleep(0.1)  # virtual time: the node's expiry loop runs meanwhile
+        steady = node.heartbeat(member_id=steady["member_id"], epoch=steady["member_epoch"])
     members = [m["member_id"] for m in node.describe()["members"]]
     assert members == [steady["member_id"]]
     assert assigned(steady) == {("a", 0), ("a", 1)}
@@ -348,21 +362,17 @@ async def test_a_member_that_stops_heartbeating_expires(node, autojump_clock, mo
 async def test_a_new_topic_reaches_a_regex_subscriber_through_the_expiry_loop(
     node, autojump_clock, monkeypatch
 ):
-    monkeypatch.setattr(group_coordinator_module, "now_ms", lambda: int(trio.current_time() * 1000))
+    # Group time stands still: the member, which does not heartbeat until the end, cannot
+    # expire while the topic is created (at the real clock's pace, however long that takes).
+    monkeypatch.setattr(group_coordinator_module, "now_ms", lambda: 0)
     member = node.heartbeat(subscribed_topic_regex="new-.*", rebalance_timeout_ms=5_000)
     assert assigned(member) == set()
-    async with trio.open_nursery() as nursery:  # the loop learns the topics there are
-        await nursery.start(node.coordinator.run_expiry)
-        await trio.sleep(0.3)  # virtual time: one pass of the loop
-        nursery.cancel_scope.cancel()
-    # Created with no timer pending: the MockClock must not jump during its worker threads.
-    await node.registry.create_topic("new-topic", 2)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(node.coordinator.run_expiry)
-        await trio.sleep(0.3)
-        # the loop, not a heartbeat, told the group: its target already has the new topic
-        [described] = node.describe()["members"]
-        assert described["target_assignment"] == [{"topic": "new-topic", "partitions": [0, 1]}]
-        member = node.heartbeat(member_id=member["member_id"], epoch=member["member_epoch"])
-        nursery.cancel_scope.cancel()
+    await trio.sleep(0.3)  # virtual time: a pass of the node's loop learns the topics there are
+    with at_real_pace():  # a controller call: see at_real_pace
+        await create_topic(node.node, "new-topic", 2)
+    await trio.sleep(0.3)  # virtual time: the next pass of the loop, no heartbeat
+    # the loop, not a heartbeat, told the group: its target already has the new topic
+    [described] = node.describe()["members"]
+    assert described["target_assignment"] == [{"topic": "new-topic", "partitions": [0, 1]}]
+    member = node.heartbeat(member_id=member["member_id"], epoch=member["member_epoch"])
     assert assigned(member) == {("new-topic", 0), ("new-topic", 1)}

@@ -2,22 +2,34 @@
 out. Each test pins one promise of docs/guarantees.md or docs/protocol.md that a small
 change to `broker/request_handlers.py` (or the log under it) could break silently.
 
+The handlers are those of a whole running node (`running_node`: its embedded single-voter
+controller, metadata publisher, registry, replica manager and coordinator), so topics are
+created, deleted and altered through the controller and the published image, as in
+production. The spy on os.fdatasync observes only the partition logs: the metadata log's
+fdatasyncs stay real (`partition_fdatasyncs_only`), so holding a partition's fsync never
+holds the controller.
+
 Time: the long-poll tests run on trio's MockClock (autojump), with fail_after bounds far
 below the fetch's max_wait, so a fetch that is not woken fails at once instead of merely
-taking longer. Tests that fsync (worker threads) use the real clock and no deadline races.
+taking longer; the node starts and topics are created at the real clock's pace
+(`at_real_pace`), only what is measured runs on virtual time. Tests that fsync (worker
+threads) use the real clock and no deadline races.
 """
 
 from __future__ import annotations
 
+import contextlib
+import pathlib
+from collections.abc import AsyncIterator
+
 import pytest
 import trio
 import trio.testing
+from broker_test_support import at_real_pace, partition_fdatasyncs_only, running_node
 
-from broker.config import BrokerConfig
-from broker.limits import Limits
-from broker.request_handlers import Reply, RequestContext, RequestHandlers
+from broker.node import BrokerNode
+from broker.request_handlers import Reply, RequestContext
 from broker.storage import LogConfig
-from broker.topic_registry import TopicRegistry
 from protocol import (
     ACKS_ALL,
     ACKS_LEADER,
@@ -37,28 +49,23 @@ LONG_POLL_MS = 60_000  # the fetch's max_wait: far beyond every bound the tests 
 
 
 class Broker:
-    """RequestHandlers over a TopicRegistry in a temporary directory."""
+    """The request handlers of a running node, with helpers to call them."""
 
-    def __init__(self, tmp_path, *, fsync: str = "never", auto_create: bool = False) -> None:
-        data_dir = tmp_path / "data"
-        self.config = BrokerConfig(
-            port=0,
-            http_port=-1,
-            data_dir=data_dir,
-            log_defaults=LogConfig(fsync=fsync),
-            auto_create_topics=auto_create,
-        )
-        self.registry = TopicRegistry.open(data_dir, self.config.log_defaults, Limits())
-        self.handlers = RequestHandlers(self.config, self.registry, advertised_port=9092)
+    def __init__(self, node: BrokerNode) -> None:
+        self.node = node
+        self.config = node.config
+        self.registry = node.registry
+        self.handlers = node.handlers
 
     async def call(self, api_key: ApiKey, body: dict) -> Reply:
         return await self.handlers.table[api_key](check_request(api_key, body), b"", CONTEXT)
 
     async def create(self, name: str, partitions: int = 1, **configs: str) -> None:
-        reply = await self.call(
-            ApiKey.CREATE_TOPICS,
-            {"topics": [{"topic": name, "partitions": partitions, "configs": configs}]},
-        )
+        with at_real_pace():  # a controller call: see at_real_pace
+            reply = await self.call(
+                ApiKey.CREATE_TOPICS,
+                {"topics": [{"topic": name, "partitions": partitions, "configs": configs}]},
+            )
         assert reply.body["topics"][0]["error_code"] == 0, reply.body
 
     async def start_produce(
@@ -135,17 +142,34 @@ class Broker:
         reply = await self.call(ApiKey.LIST_OFFSETS, body)
         return reply.body["topics"][0]["partitions"][0]
 
-    def close(self) -> None:
-        self.registry.close()
+
+@contextlib.asynccontextmanager
+async def open_broker(
+    tmp_path: pathlib.Path, *, fsync: str = "never", auto_create: bool = False
+) -> AsyncIterator[Broker]:
+    """A running node in `tmp_path`/data (started at the real clock's pace: see
+    `at_real_pace`), stopped, its logs closed, when the block exits."""
+    async with contextlib.AsyncExitStack() as stack:
+        with at_real_pace():
+            node = await stack.enter_async_context(
+                running_node(
+                    tmp_path / "data", LogConfig(fsync=fsync), auto_create_topics=auto_create
+                )
+            )
+        yield Broker(node)
 
 
 @pytest.fixture
-def broker(tmp_path):
-    broker = Broker(tmp_path)
-    try:
+async def broker(tmp_path) -> AsyncIterator[Broker]:
+    async with open_broker(tmp_path) as broker:
         yield broker
-    finally:
-        broker.close()
+
+
+@pytest.fixture
+def fdatasync_spy(fdatasync_spy, monkeypatch):
+    """The conftest's spy, seeing only the partition logs' fdatasyncs."""
+    partition_fdatasyncs_only(monkeypatch)
+    return fdatasync_spy
 
 
 def batch(*values: bytes, timestamp_ms: int = 1_000) -> bytes:
@@ -159,8 +183,7 @@ def batch(*values: bytes, timestamp_ms: int = 1_000) -> bytes:
 async def test_acks_all_answers_only_after_an_fsync_whatever_the_policy(
     tmp_path, fdatasync_spy, policy
 ):
-    broker = Broker(tmp_path, fsync=policy)
-    try:
+    async with open_broker(tmp_path, fsync=policy) as broker:
         await broker.create("t")
         log = broker.registry.log("t", 0)
         spy = fdatasync_spy()
@@ -168,13 +191,10 @@ async def test_acks_all_answers_only_after_an_fsync_whatever_the_policy(
         assert result["error_code"] == 0 and result["base_offset"] == 0
         assert spy.calls >= 1
         assert log.durable_offset == 2  # the answer came after the fsync covering it
-    finally:
-        broker.close()
 
 
 async def test_acks_all_is_not_answered_while_its_fsync_runs(tmp_path, fdatasync_spy):
-    broker = Broker(tmp_path, fsync="never")
-    try:
+    async with open_broker(tmp_path, fsync="never") as broker:
         await broker.create("t")
         spy = fdatasync_spy(hold=True)
         finish = await broker.start_produce("t", [batch(b"a")], acks=ACKS_ALL)
@@ -192,8 +212,6 @@ async def test_acks_all_is_not_answered_while_its_fsync_runs(tmp_path, fdatasync
             assert replies == []  # ...but acks=all is not answered yet
             spy.release.set()
         assert replies[0].body["topics"][0]["partitions"][0]["error_code"] == 0
-    finally:
-        broker.close()
 
 
 async def test_acks_1_under_never_is_answered_without_an_fsync(broker, fdatasync_spy):
@@ -207,15 +225,12 @@ async def test_acks_1_under_never_is_answered_without_an_fsync(broker, fdatasync
 
 
 async def test_acks_1_under_always_waits_for_the_fsync(tmp_path, fdatasync_spy):
-    broker = Broker(tmp_path, fsync="always")
-    try:
+    async with open_broker(tmp_path, fsync="always") as broker:
         await broker.create("t")
         spy = fdatasync_spy()
         [result] = await broker.produce("t", batch(b"a"), acks=ACKS_LEADER)
         assert result["error_code"] == 0 and spy.calls >= 1
         assert broker.registry.log("t", 0).durable_offset == 1
-    finally:
-        broker.close()
 
 
 async def test_acks_0_sends_no_response_but_appends(broker):
@@ -229,8 +244,7 @@ async def test_acks_0_sends_no_response_but_appends(broker):
 async def test_acks_0_under_always_still_waits_for_the_fsync_before_visibility(
     tmp_path, fdatasync_spy
 ):
-    broker = Broker(tmp_path, fsync="always")
-    try:
+    async with open_broker(tmp_path, fsync="always") as broker:
         await broker.create("t")
         spy = fdatasync_spy()
         finish = await broker.start_produce("t", [batch(b"a")], acks=ACKS_NONE)
@@ -238,8 +252,6 @@ async def test_acks_0_under_always_still_waits_for_the_fsync_before_visibility(
         reply = await finish()
         assert reply.send is False and spy.calls >= 1
         assert broker.registry.log("t", 0).high_watermark == 1
-    finally:
-        broker.close()
 
 
 @pytest.mark.parametrize("acks", [2, -2, 5])
@@ -254,8 +266,7 @@ async def test_other_acks_values_fail_the_request(broker, acks):
 async def test_acks_all_times_out_while_waiting_behind_a_stuck_fsync(
     tmp_path, fdatasync_spy, autojump_clock
 ):
-    broker = Broker(tmp_path, fsync="never")
-    try:
+    async with open_broker(tmp_path, fsync="never") as broker:
         await broker.create("t")
         spy = fdatasync_spy(hold=True)
         first = await broker.start_produce("t", [batch(b"a")], acks=ACKS_ALL, timeout_ms=3_600_000)
@@ -271,8 +282,6 @@ async def test_acks_all_times_out_while_waiting_behind_a_stuck_fsync(
         assert result["error_code"] == ErrorCode.REQUEST_TIMED_OUT
         assert result["base_offset"] == -1
         assert broker.registry.log("t", 0).log_end_offset == 2  # appended all the same
-    finally:
-        broker.close()
 
 
 async def test_acks_all_times_out_even_when_its_own_fsync_is_stuck(
@@ -281,13 +290,11 @@ async def test_acks_all_times_out_even_when_its_own_fsync_is_stuck(
     """The fsync runs in the broker's FsyncRunner, not in the request's task, so the request
     that started it still gives up after timeout_ms while the disk hangs; the fsync then
     completes and counts."""
-    broker = Broker(tmp_path, fsync="never")
     spy = fdatasync_spy()
     try:
-        await broker.create("t")
-        spy.hold()
-        async with trio.open_nursery() as runner_nursery:
-            await runner_nursery.start(broker.registry.fsync_runner.run)
+        async with open_broker(tmp_path, fsync="never") as broker:  # its FsyncRunner runs
+            await broker.create("t")
+            spy.hold()
             finish = await broker.start_produce("t", [batch(b"a")], acks=ACKS_ALL, timeout_ms=100)
             start = trio.current_time()
             with trio.fail_after(3600):  # a stuck disk would hold the request this long
@@ -300,10 +307,8 @@ async def test_acks_all_times_out_even_when_its_own_fsync_is_stuck(
             spy.release.set()  # the disk answers: the fsync completes and counts
             await log.wait_durable(1)
             assert log.durable_offset == 1
-            runner_nursery.cancel_scope.cancel()
     finally:
         spy.release.set()
-        broker.close()
 
 
 # -- produce: what is checked before writing ---------------------------------------------
@@ -332,13 +337,10 @@ async def test_produce_to_an_unknown_topic_or_partition_is_refused(broker):
 
 
 async def test_produce_auto_creates_a_topic_only_when_enabled(tmp_path):
-    broker = Broker(tmp_path, auto_create=True)
-    try:
+    async with open_broker(tmp_path, auto_create=True) as broker:
         [result] = await broker.produce("fresh", batch(b"a"))
         assert result["error_code"] == 0
         assert broker.registry.topics["fresh"].partitions == broker.config.default_partitions
-    finally:
-        broker.close()
 
 
 async def test_a_batch_above_max_message_bytes_is_refused(broker):
@@ -413,8 +415,7 @@ async def test_a_long_poll_on_several_partitions_is_woken_by_any(broker, autojum
 
 
 async def test_a_fetch_under_always_is_woken_by_the_fsync(tmp_path, fdatasync_spy):
-    broker = Broker(tmp_path, fsync="always")
-    try:
+    async with open_broker(tmp_path, fsync="always") as broker:
         await broker.create("t")
         spy = fdatasync_spy(hold=True)
         results = []
@@ -433,8 +434,6 @@ async def test_a_fetch_under_always_is_woken_by_the_fsync(tmp_path, fdatasync_sp
                 spy.release.set()
         assert results[0][0]["high_watermark"] == 1
         assert [r.value for r in decode_records(results[0][1])] == [b"a"]
-    finally:
-        broker.close()
 
 
 async def test_min_bytes_holds_the_fetch_until_enough_data(broker, autojump_clock):
@@ -527,8 +526,7 @@ async def test_fetch_max_bytes_is_shared_by_the_partitions(broker):
 
 
 async def test_a_fetch_reads_nothing_above_the_high_watermark(tmp_path, fdatasync_spy):
-    broker = Broker(tmp_path, fsync="always")
-    try:
+    async with open_broker(tmp_path, fsync="always") as broker:
         await broker.create("t")
         await broker.produce("t", batch(b"durable"))
         spy = fdatasync_spy(hold=True)
@@ -543,8 +541,6 @@ async def test_a_fetch_reads_nothing_above_the_high_watermark(tmp_path, fdatasyn
             assert latest["offset"] == 1  # the high watermark, not the log end offset
             spy.release.set()
         assert (await broker.list_offset("t", LATEST_TIMESTAMP))["offset"] == 2
-    finally:
-        broker.close()
 
 
 # -- list offsets -----------------------------------------------------------------------
@@ -660,8 +656,7 @@ async def test_create_partitions_only_grows(broker):
 
 
 async def test_metadata_reports_unknown_topics_and_auto_creates_only_when_asked(tmp_path):
-    broker = Broker(tmp_path, auto_create=True)
-    try:
+    async with open_broker(tmp_path, auto_create=True) as broker:
         reply = await broker.call(ApiKey.METADATA, {"topics": ["a"]})
         assert reply.body["topics"][0]["error_code"] == ErrorCode.UNKNOWN_TOPIC_OR_PARTITION
         assert "a" not in broker.registry.topics
@@ -673,8 +668,6 @@ async def test_metadata_reports_unknown_topics_and_auto_creates_only_when_asked(
         assert topic["partitions"][0]["leader"] == broker.config.node_id
         reply = await broker.call(ApiKey.METADATA, {})
         assert [t["topic"] for t in reply.body["topics"]] == ["a"]
-    finally:
-        broker.close()
 
 
 # -- configs ----------------------------------------------------------------------------
@@ -708,8 +701,7 @@ async def test_alter_configs_checks_values_and_validate_only_changes_nothing(bro
 
 
 async def test_relaxing_fsync_always_makes_appended_records_visible(tmp_path, fdatasync_spy):
-    broker = Broker(tmp_path, fsync="always")
-    try:
+    async with open_broker(tmp_path, fsync="always") as broker:
         await broker.create("t")
         spy = fdatasync_spy(hold=True)
         finish = await broker.start_produce("t", [batch(b"a")])
@@ -717,11 +709,9 @@ async def test_relaxing_fsync_always_makes_appended_records_visible(tmp_path, fd
             nursery.start_soon(finish)
             await trio.to_thread.run_sync(spy.entered.wait, 10)
             assert (await broker.fetch("t", 0))[0]["high_watermark"] == 0
-            # the record's fdatasync is still held (topics.json is written with os.fsync)
+            # the record's fdatasync is still held (the metadata log's are not spied on)
             await alter(broker, **{"fsync.policy": "never"})
             result, data = await broker.fetch("t", 0)
             assert result["high_watermark"] == 1
             assert [r.value for r in decode_records(data)] == [b"a"]
             spy.release.set()
-    finally:
-        broker.close()
