@@ -114,6 +114,13 @@ class ClusterMember:
         assert self.publisher is not None, "the cluster member is not running"
         return await self.publisher.wait_published(index)
 
+    async def ask_controller(
+        self, api_key: ApiKey, body: dict, *, timeout_seconds: float = ADMIN_TIMEOUT_SECONDS
+    ) -> dict:
+        """Have the active controller answer a read; return its answer. Raises DwalError."""
+        assert self.channel is not None, "the cluster member is not running"
+        return await self.channel.call(api_key, body, timeout_seconds=timeout_seconds)
+
     async def call_controller(
         self, api_key: ApiKey, body: dict, *, timeout_seconds: float = ADMIN_TIMEOUT_SECONDS
     ) -> dict:
@@ -247,7 +254,16 @@ class ClusterMember:
             else:
                 controller.driver.campaign()  # the only voter: no need to wait for a timeout
             # Register first: a learner receives the log only once it is registered.
-            await self.lifecycle.register()
+            try:
+                await self.lifecycle.register()
+            except DwalError as error:
+                if error.code != ErrorCode.INCONSISTENT_CLUSTER_ID or identity is None:
+                    raise
+                raise DataDirError(
+                    f"data directory {config.data_dir} belongs to cluster "
+                    f"{identity.cluster_id}, not to the cluster of --controller-quorum "
+                    f"({error.message}); give this node an empty --data-dir to join it"
+                ) from None
             cluster_id = await self._wait_cluster_id()
             check_cluster_id(config.data_dir, identity, cluster_id)
             if identity is None:

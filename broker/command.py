@@ -23,6 +23,7 @@ from broker.data_dir_lock import DataDirError
 from broker.event_log import configure
 from broker.node import run_broker
 from broker.storage import StorageError
+from protocol import DwalError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--controller-port",
         type=int,
-        help="port for Raft and brokers' controller requests (cluster only; default 9192)",
+        help="port for Raft and brokers' controller requests (cluster only; default: this "
+        "node's port in --controller-quorum, any free port for a broker-only node)",
     )
     parser.add_argument(
         "--controller-host", help="controller port's listen address (default: --host)"
@@ -127,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    except (DataDirError, StorageError) as error:  # the data dir is locked, unusable, damaged
+    except (DataDirError, StorageError, DwalError) as error:
+        # the data dir is locked, unusable, damaged; the cluster refused this node
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

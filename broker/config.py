@@ -43,7 +43,9 @@ class BrokerConfig:
     # Else "ID@HOST:PORT,...": the controller voters and their controller ports.
     controller_quorum: str | None = None
     controller_host: str | None = None  # the controller port's listen address; None: host
-    controller_port: int = 9192  # Raft between nodes (cluster only; 0 picks a free port)
+    # Raft and brokers' controller requests (cluster only). None: a voter's port in
+    # controller_quorum; for a broker-only node any free port (it registers the one bound).
+    controller_port: int | None = None
     roles: str = "broker,controller"  # "broker": follows the metadata log as a learner
     rack: str | None = None
     broker_heartbeat_interval_ms: int = 1_000
@@ -55,6 +57,14 @@ class BrokerConfig:
     @property
     def controller_bind_host(self) -> str:
         return self.controller_host or self.host
+
+    @property
+    def controller_listen_port(self) -> int:
+        """The port to bind for the controller listener (cluster only)."""
+        if self.controller_port is not None:
+            return self.controller_port
+        own = self.quorum_voters().get(self.node_id)
+        return own[1] if own is not None else 0
 
     @property
     def is_controller(self) -> bool:
@@ -247,8 +257,16 @@ def _validate(config: BrokerConfig) -> None:
                 f"node {config.node_id} is a voter in controller_quorum: give it the "
                 "controller role"
             )
-        if not 0 <= config.controller_port <= 65535:
-            raise ConfigError("controller_port must be between 0 and 65535")
+        if config.controller_port is not None:
+            if not 0 <= config.controller_port <= 65535:
+                raise ConfigError("controller_port must be between 0 and 65535")
+            own = voters.get(config.node_id)
+            if own is not None and own[1] != config.controller_port:
+                raise ConfigError(
+                    f"controller_port {config.controller_port} is not node {config.node_id}'s "
+                    f"port in controller_quorum ({own[0]}:{own[1]}): the other voters could "
+                    "not reach it"
+                )
     elif not config.is_controller:
         raise ConfigError("a broker-only node (--roles broker) needs --controller-quorum")
     if not 10 <= config.broker_heartbeat_interval_ms < config.broker_session_timeout_ms:

@@ -196,7 +196,7 @@ async def _bind_listeners(config: BrokerConfig) -> BoundListeners:
             bound.extend(http)
         controller = []
         if config.controller_quorum is not None:
-            controller = await _listen(config.controller_bind_host, config.controller_port)
+            controller = await _listen(config.controller_bind_host, config.controller_listen_port)
     except BaseException:
         for listener in bound:
             listener.socket.close()

@@ -139,9 +139,9 @@ class RequestHandlers:
             ApiKey.DELETE_GROUPS: self.delete_groups,
             ApiKey.DESCRIBE_CLUSTER: self.forward_to_controller,
             ApiKey.ELECT_LEADERS: self.forward_to_controller_elect,
-            ApiKey.BROKER_REGISTRATION: self.forward_registration,
-            ApiKey.BROKER_HEARTBEAT: self.forward_heartbeat,
-            ApiKey.ALTER_PARTITION: self.forward_alter_partition,
+            ApiKey.BROKER_REGISTRATION: self.refuse_broker_request,
+            ApiKey.BROKER_HEARTBEAT: self.refuse_broker_request,
+            ApiKey.ALTER_PARTITION: self.refuse_broker_request,
         }
 
     async def start(
@@ -370,23 +370,23 @@ class RequestHandlers:
     async def forward_to_controller(
         self, body: dict, tail: bytes, context: RequestContext
     ) -> Reply:
-        return Reply(await self.member.call_controller(ApiKey.DESCRIBE_CLUSTER, body))
+        # A read: the controller's answer as is (no wait for this broker's image).
+        return Reply(await self.member.ask_controller(ApiKey.DESCRIBE_CLUSTER, body))
 
     async def forward_to_controller_elect(
         self, body: dict, tail: bytes, context: RequestContext
     ) -> Reply:
         return Reply(await self.member.call_controller(ApiKey.ELECT_LEADERS, body))
 
-    async def forward_registration(self, body: dict, tail: bytes, context: RequestContext) -> Reply:
-        return Reply(await self.member.call_controller(ApiKey.BROKER_REGISTRATION, body))
-
-    async def forward_heartbeat(self, body: dict, tail: bytes, context: RequestContext) -> Reply:
-        return Reply(await self.member.call_controller(ApiKey.BROKER_HEARTBEAT, body))
-
-    async def forward_alter_partition(
+    async def refuse_broker_request(
         self, body: dict, tail: bytes, context: RequestContext
     ) -> Reply:
-        return Reply(await self.member.call_controller(ApiKey.ALTER_PARTITION, body))
+        # Only brokers send these, to the controller port: a client cannot pose as one here.
+        raise DwalError(
+            ErrorCode.INVALID_REQUEST,
+            "brokers send registrations, heartbeats and ISR changes to a controller's "
+            "controller port, not to the native port",
+        )
 
     # -- produce ----------------------------------------------------------------------
 

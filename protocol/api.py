@@ -365,7 +365,7 @@ RESPONSES: dict[ApiKey, Struct] = {
     ApiKey.BROKER_HEARTBEAT: Struct(is_fenced=BOOL, should_shut_down=BOOL),
     ApiKey.DESCRIBE_CLUSTER: Struct(
         cluster_id=STR,
-        controller_id=INT,  # -1: none known to the answering node
+        controller_id=INT,  # the active controller (which answers it, forwarded if need be)
         metadata_offset=INT,  # the last entry the answering node's image applied
         brokers=ListOf(
             Struct(

@@ -41,6 +41,9 @@ from protocol import DwalError, ErrorCode
 from protocol.api import ApiKey
 
 OFFSETS_TOPIC = "__consumer_offsets"
+# Until partitions replicate (followers fetching, ISR, high watermark), a second replica would
+# be an empty log that a failover hands leadership to: more than one copy is refused.
+REPLICATION_FACTOR_MAX = 1
 
 
 def _error_fields(error: DwalError) -> dict[str, Any]:
@@ -204,6 +207,13 @@ class ControllerApis:
         configs = dict(entry["configs"])
         check_topic_configs(configs, self.log_defaults)
         factor = entry["replication_factor"]
+        if factor > REPLICATION_FACTOR_MAX:
+            raise DwalError(
+                ErrorCode.INVALID_REPLICATION_FACTOR,
+                f"replication factor {factor}: this version keeps one copy of each partition "
+                "(partition replication comes next); followers would hold nothing to fail over "
+                f"to. Use --replication-factor {REPLICATION_FACTOR_MAX}",
+            )
         return NewTopic(
             name=entry["topic"],
             partitions=entry["partitions"],
