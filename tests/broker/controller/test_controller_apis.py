@@ -11,6 +11,7 @@ import pytest
 import trio
 from quorum_cluster import CONFIG, raft_config
 
+from broker.controller import NewTopic, create_topic
 from broker.controller.controller_apis import ControllerApis
 from broker.controller.metadata_records import ConfigResourceType
 from broker.controller.quorum_controller import NotControllerError, QuorumController
@@ -184,7 +185,7 @@ async def test_create_topics_answers_each_topic_in_order(nursery, autojump_clock
     await add_brokers(apis, 1, 2)
     reply = await create(
         apis,
-        topic_entry("good", 2, 2),
+        topic_entry("good", 2, 1),
         topic_entry("bad-config", **{"retention.ms": "soon"}),
         topic_entry("twice"),
         topic_entry("unknown-key", **{"no.such.key": "1"}),
@@ -205,7 +206,7 @@ async def test_create_topics_answers_each_topic_in_order(nursery, autojump_clock
     image = apis.controller.image
     assert sorted(image.topics) == ["good", "last"]
     assert reply["metadata_offset"] == image.last_applied_index, "the last change's entry"
-    assert [len(p.replicas) for p in image.topics["good"].partitions] == [2, 2]
+    assert [len(p.replicas) for p in image.topics["good"].partitions] == [1, 1]
 
     again = await create(apis, topic_entry("good"))
     assert codes(again) == [("good", ErrorCode.TOPIC_ALREADY_EXISTS)]
@@ -354,7 +355,10 @@ async def test_alter_partition_and_elect_leaders(nursery, autojump_clock):
     preferred-leader election gives it its partition back."""
     apis = await active_apis(nursery)
     epochs = await add_brokers(apis, 1, 2)
-    await create(apis, topic_entry("t", 1, 2))
+    # Two replicas, committed directly: this test is about ISR changes and elections, not
+    # about which replication factors CreateTopics accepts.
+    new_topic = NewTopic(name="t", partitions=1, replication_factor=2, topic_id=uuid.uuid4().bytes)
+    await apis.controller.submit(lambda image: create_topic(image, new_topic))
     preferred = apis.controller.image.topics["t"].partitions[0].replicas[0]
     other = 3 - preferred
     elect_body = {"topics": [{"topic": "t", "partitions": [0]}]}
