@@ -30,6 +30,8 @@ NATIVE_LISTENER = "NATIVE"  # the names of the listeners a broker registers
 HTTP_LISTENER = "HTTP"
 CONTROLLER_LISTENER = "CONTROLLER"  # a learner's controller port
 
+REGISTRATION_RETRY_DELAY_SECONDS = 0.1
+
 _REREGISTER = frozenset({ErrorCode.STALE_BROKER_EPOCH, ErrorCode.BROKER_NOT_AVAILABLE})
 
 
@@ -131,6 +133,7 @@ class BrokerLifecycle:
                 if not error.code.retriable:
                     raise
                 log_event(logger, logging.WARNING, "broker_registration_retry", error=error.message)
+                await trio.sleep(REGISTRATION_RETRY_DELAY_SECONDS)
         self.broker_epoch = reply["broker_epoch"]
         self.fenced = True
         self.registrations += 1

@@ -80,6 +80,9 @@ class ControllerApis:
     async def handle(self, api_key: ApiKey, body: dict[str, Any]) -> dict[str, Any]:
         """Answer one request (its body already checked against the schema). Raises
         NotControllerError, and DwalError for a refusal of the whole request."""
+        # Even what only reads the image (validate_only, unknown-topic refusals) needs the
+        # active controller's: another node's image may be behind.
+        self.controller.require_active()
         return await self.table[api_key](body)
 
     # -- brokers ------------------------------------------------------------------------
@@ -207,6 +210,8 @@ class ControllerApis:
         configs = dict(entry["configs"])
         check_topic_configs(configs, self.log_defaults)
         factor = entry["replication_factor"]
+        if factor == -1:
+            factor = self.default_replication_factor
         if factor > REPLICATION_FACTOR_MAX:
             raise DwalError(
                 ErrorCode.INVALID_REPLICATION_FACTOR,
@@ -217,7 +222,7 @@ class ControllerApis:
         return NewTopic(
             name=entry["topic"],
             partitions=entry["partitions"],
-            replication_factor=self.default_replication_factor if factor == -1 else factor,
+            replication_factor=factor,
             topic_id=uuid.uuid4().bytes,
             configs=configs,
         )

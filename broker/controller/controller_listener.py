@@ -109,5 +109,23 @@ async def _peek_header_byte(stream: trio.SocketStream) -> int | None:
         if len(head) > _PREFIX_BYTES:
             return head[_PREFIX_BYTES]
         # Fewer bytes than a prefix and a header byte arrived (rare: a frame's first bytes
-        # come in one segment): give the rest a moment rather than spin on readability.
+        # come in one segment). A peek cannot see the peer's close behind buffered bytes;
+        # the TCP state can (Linux). Else give the rest a moment rather than spin.
+        if _peer_closed(stream):
+            return None
         await trio.sleep(0.001)
+
+
+_TCP_CLOSE_WAIT = 8  # Linux tcp_states.h: the peer has sent its FIN
+
+
+def _peer_closed(stream: trio.SocketStream) -> bool:
+    """True when the peer has closed its side (known on Linux only; else False)."""
+    tcp_info = getattr(socket, "TCP_INFO", None)
+    if tcp_info is None:
+        return False
+    try:
+        state = stream.socket.getsockopt(socket.IPPROTO_TCP, tcp_info, 1)
+    except OSError:
+        return False
+    return bool(state) and state[0] == _TCP_CLOSE_WAIT

@@ -182,6 +182,9 @@ class TcpTransport:
                     nursery.start_soon(self._accept_loop, listener, nursery)
                 for peer in list(self._peers.values()):
                     nursery.start_soon(self._run_sender, peer)
+                # Run until cancelled even with nothing to do yet: peers (learners) may be
+                # added, and connections accepted elsewhere handed in, at any time.
+                nursery.start_soon(trio.sleep_forever)
                 task_status.started()
         finally:
             self._nursery = None

@@ -222,12 +222,16 @@ async def test_create_topics_keeps_valid_configs(nursery, autojump_clock):
 
 
 async def test_replication_factor_minus_one_takes_the_default(nursery, autojump_clock):
-    apis = await active_apis(nursery, default_replication_factor=3)
+    apis = await active_apis(nursery, default_replication_factor=1)
     await add_brokers(apis, 1, 2, 3)
     reply = await create(apis, topic_entry("t", 2, -1))
     assert codes(reply) == [("t", 0)]
     partitions = apis.controller.image.topics["t"].partitions
-    assert [sorted(p.replicas) for p in partitions] == [[1, 2, 3], [1, 2, 3]]
+    assert [len(p.replicas) for p in partitions] == [1, 1]
+    # The default is capped like an explicit factor while partitions do not replicate.
+    apis.default_replication_factor = 3
+    refused = await create(apis, topic_entry("u", 2, -1))
+    assert codes(refused) == [("u", ErrorCode.INVALID_REPLICATION_FACTOR)]
 
 
 async def test_topics_max_is_a_policy_violation(nursery, autojump_clock):
@@ -485,11 +489,10 @@ async def test_a_node_that_is_not_active_raises_not_controller(api_key, nursery,
     assert caught.value.code == ErrorCode.NOT_CONTROLLER and caught.value.retriable
 
 
-# Known bug (kept failing on purpose): these requests are answered from the image of a node
-# that is not the active controller, which may be stale, instead of NOT_CONTROLLER as the
-# module docstring promises. A forwarded request that reaches a node that has just lost
-# the leadership gets a definitive (and possibly wrong) answer, which ControllerChannel
-# does not retry.
+# Regression (fixed): these requests were answered from the image of a node that is not the
+# active controller, which may be stale, instead of NOT_CONTROLLER as the module docstring
+# promises; a forwarded request reaching a node that had just lost the leadership got a
+# definitive (and possibly wrong) answer, which ControllerChannel does not retry.
 STALE_IMAGE_BODIES = {
     "alter_configs_unknown_topic": (
         ApiKey.ALTER_CONFIGS,
@@ -526,7 +529,7 @@ STALE_IMAGE_BODIES = {
 
 
 @pytest.mark.parametrize("case", list(STALE_IMAGE_BODIES))
-async def test_bug_a_non_active_node_answers_from_its_own_image_instead_of_not_controller(
+async def test_a_non_active_node_answers_not_controller_even_where_its_image_would_do(
     case, nursery, autojump_clock
 ):
     apis = await inactive_apis(nursery)

@@ -105,8 +105,8 @@ async def test_a_raft_peer_connection_reaches_the_transport(nursery, tmp_path):
     assert port.listener.refused == 0
 
 
-async def test_bug_raft_peers_reach_a_transport_that_has_no_peers_of_its_own(nursery, tmp_path):
-    """Known bug (kept failing on purpose), broker/raft/tcp_transport.py TcpTransport.run:
+async def test_raft_peers_reach_a_transport_that_has_no_peers_of_its_own(nursery, tmp_path):
+    """Regression (fixed), broker/raft/tcp_transport.py TcpTransport.run:
     with listen=False and no peers, run's nursery has no task, so run returns at once and
     marks the transport closed. A single-voter quorum given with --controller-quorum has
     exactly that transport: it refuses every inbound Raft connection ("over the limit"),
@@ -187,10 +187,10 @@ async def test_a_connection_closed_before_its_first_byte_is_refused(nursery, tmp
     assert port.listener.refused == 1
 
 
-async def test_bug_a_connection_closed_after_a_partial_prefix_is_held_until_the_timeout(
+async def test_a_connection_closed_after_a_partial_prefix_is_noticed_at_once(
     nursery, tmp_path, monkeypatch
 ):
-    """Known bug (kept failing on purpose), controller_listener._peek_header_byte: with
+    """Regression (fixed), controller_listener._peek_header_byte: with
     fewer than 9 bytes buffered, MSG_PEEK keeps returning them after the peer closed, so
     the close is not seen ("None when the peer closes first" does not hold) and the task
     polls every millisecond until ROUTE_TIMEOUT_SECONDS (10 s in production)."""
