@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 RUN_FLAGS ?= --host 127.0.0.1 --port 9092 --http-port 8080 --data-dir ./data
 
-.PHONY: run test bench lint sim clean
+.PHONY: run cluster test bench lint sim clean
 
 # Two stamps: the runtime alone (enough to run a broker or a benchmark) and, on top of it,
 # the test tools (pytest, hypothesis, ruff, mypy). Each is redone when pyproject.toml changes.
@@ -19,6 +19,24 @@ $(VENV)/.test-installed: $(VENV)/.runtime-installed
 
 run: $(VENV)/.runtime-installed
 	$(VENV)/bin/dwal broker $(RUN_FLAGS)
+
+# Three nodes, each a broker and a controller voter, in the foreground on 127.0.0.1: node N
+# has native port 9091+N, HTTP port 8079+N, controller port 9191+N and data in ./cluster/N.
+# Ctrl-C (or any node exiting) stops all three: the EXIT trap SIGTERMs every PID started.
+CLUSTER_QUORUM := 1@127.0.0.1:9192,2@127.0.0.1:9193,3@127.0.0.1:9194
+
+cluster: SHELL := /bin/bash
+cluster: $(VENV)/.runtime-installed
+	@pids=""; \
+	stop() { kill $$pids 2>/dev/null; wait; }; \
+	trap stop EXIT; trap 'exit 130' INT TERM; \
+	for n in 1 2 3; do \
+		$(VENV)/bin/dwal broker --node-id $$n --controller-quorum $(CLUSTER_QUORUM) \
+			--host 127.0.0.1 --port $$((9091 + n)) --http-port $$((8079 + n)) \
+			--controller-port $$((9191 + n)) --data-dir ./cluster/$$n & \
+		pids="$$pids $$!"; \
+	done; \
+	wait -n
 
 test: $(VENV)/.test-installed
 	$(PY) -m pytest -q tests
@@ -41,4 +59,4 @@ sim: $(VENV)/.test-installed
 		--controller-sim-seeds $(CONTROLLER_SIM_SEEDS) -q
 
 clean:
-	rm -rf $(VENV) data *.egg-info
+	rm -rf $(VENV) data cluster *.egg-info
