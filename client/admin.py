@@ -452,10 +452,25 @@ class GroupAdmin:
         return await self.cluster.call(api_key, body, connection=connection)
 
     async def list_groups(self) -> list[GroupListing]:
-        response = await self.cluster.call(ApiKey.LIST_GROUPS, {})
-        return [
-            GroupListing(g["group_id"], g["state"], g["members"]) for g in response.body["groups"]
-        ]
+        """Every group of the cluster: each broker lists the groups it coordinates, so every
+        broker in the metadata is asked (as Kafka's admin client does). Raises DwalError
+        when a broker cannot answer: a partial list would silently miss groups."""
+        await self.cluster.refresh_metadata([])
+        brokers = list(self.cluster.brokers.values())
+        listings: dict[str, GroupListing] = {}
+        if not brokers:  # an answer without brokers: the one bootstrap broker lists them all
+            responses = [await self.cluster.call(ApiKey.LIST_GROUPS, {})]
+        else:
+            responses = []
+            for broker in sorted(brokers, key=lambda b: b.node_id):
+                connection = await self.cluster.broker_connection(broker)
+                responses.append(
+                    await self.cluster.call(ApiKey.LIST_GROUPS, {}, connection=connection)
+                )
+        for response in responses:
+            for g in response.body["groups"]:
+                listings[g["group_id"]] = GroupListing(g["group_id"], g["state"], g["members"])
+        return [listings[name] for name in sorted(listings)]
 
     async def describe_group(self, group_id: str) -> GroupDescription:
         entry = await self._group_entry(group_id)
