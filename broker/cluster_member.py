@@ -71,9 +71,6 @@ from protocol.api import ApiKey
 
 logger = logging.getLogger("dwal.broker")
 
-ADMIN_TIMEOUT_SECONDS = 30.0  # a forwarded admin request's time to reach a controller
-CONTROLLED_SHUTDOWN_SECONDS = 2.0  # a stopping broker's wait for the controller's answer
-
 
 class ClusterMember:
     def __init__(
@@ -114,19 +111,17 @@ class ClusterMember:
         assert self.publisher is not None, "the cluster member is not running"
         return await self.publisher.wait_published(index)
 
-    async def ask_controller(
-        self, api_key: ApiKey, body: dict, *, timeout_seconds: float = ADMIN_TIMEOUT_SECONDS
-    ) -> dict:
+    async def ask_controller(self, api_key: ApiKey, body: dict) -> dict:
         """Have the active controller answer a read; return its answer. Raises DwalError."""
         assert self.channel is not None, "the cluster member is not running"
+        timeout_seconds = self.config.limits.controller_request_timeout_ms / 1000
         return await self.channel.call(api_key, body, timeout_seconds=timeout_seconds)
 
-    async def call_controller(
-        self, api_key: ApiKey, body: dict, *, timeout_seconds: float = ADMIN_TIMEOUT_SECONDS
-    ) -> dict:
+    async def call_controller(self, api_key: ApiKey, body: dict) -> dict:
         """Have the active controller answer; return once this node's published image
         includes the change it made. Raises DwalError."""
         assert self.channel is not None, "the cluster member is not running"
+        timeout_seconds = self.config.limits.controller_request_timeout_ms / 1000
         reply = await self.channel.call(api_key, body, timeout_seconds=timeout_seconds)
         offset = reply.get("metadata_offset", -1)
         if offset > 0:
@@ -210,7 +205,13 @@ class ClusterMember:
                 limits=config.limits,
                 default_replication_factor=config.default_replication_factor,
             )
-        self.channel = ControllerChannel(self.node_id, controller, apis, voters=self.voters)
+        self.channel = ControllerChannel(
+            self.node_id,
+            controller,
+            apis,
+            voters=self.voters,
+            response_bytes_max=config.limits.controller_response_bytes_max,
+        )
         self.publisher = MetadataPublisher(
             controller,
             [self._apply_to_registry, self._follow_learner_addresses, *self._image_listeners],
@@ -232,24 +233,35 @@ class ClusterMember:
             await self._run_tasks(controller, apis, identity, controller_listeners, task_status)
         finally:
             if not self.embedded and self.lifecycle.broker_epoch >= 0:
-                await self.lifecycle.shut_down(CONTROLLED_SHUTDOWN_SECONDS)
+                await self.lifecycle.shut_down(
+                    self.config.limits.controlled_shutdown_timeout_ms / 1000
+                )
             with trio.CancelScope(shield=True):
                 await self.channel.aclose()
 
     async def _run_tasks(self, controller, apis, identity, controller_listeners, task_status):
         config = self.config
         assert self.lifecycle is not None and self.publisher is not None
+        first_frame_timeout = config.limits.controller_first_frame_timeout_ms / 1000
         async with trio.open_nursery() as nursery:
             await nursery.start(controller.run)
             if not self.embedded:
                 assert apis is not None or not config.is_controller
                 if apis is not None and self.transport is not None:
                     rpc_server = NativeServer(ControllerRequestHandlers(config, apis))  # type: ignore[arg-type]
-                    listener = ControllerListener(self.transport, rpc_server)
+                    listener = ControllerListener(
+                        self.transport,
+                        rpc_server,
+                        first_frame_timeout_seconds=first_frame_timeout,
+                    )
                     await nursery.start(listener.serve, controller_listeners)
                     nursery.start_soon(self._keep_brokers_as_learners)
                 elif self.transport is not None:
-                    listener = ControllerListener(self.transport, _no_rpc_server(config))
+                    listener = ControllerListener(
+                        self.transport,
+                        _no_rpc_server(config),
+                        first_frame_timeout_seconds=first_frame_timeout,
+                    )
                     await nursery.start(listener.serve, controller_listeners)
             else:
                 controller.driver.campaign()  # the only voter: no need to wait for a timeout

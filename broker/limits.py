@@ -56,6 +56,15 @@ class Limits:
     # Distinct keys one compaction of a partition maps (~150 bytes each); a log with more is
     # compacted in several passes, each up to the offset where the map filled.
     cleaner_keys_max: int = 1_000_000
+    # The cluster. An admin request (forwarded or in process) reaching the active controller
+    # and, once decided, this broker's image applying the change.
+    controller_request_timeout_ms: int = 30_000
+    # A stopping broker's wait for the controller to take its controlled shutdown.
+    controlled_shutdown_timeout_ms: int = 2_000
+    # A connection to the controller port must show its first frame within this; else closed.
+    controller_first_frame_timeout_ms: int = 10_000
+    # The largest answer a broker accepts from the controller (they are small).
+    controller_response_bytes_max: int = 16 * 1024 * 1024
 
     @property
     def largest_request_bytes(self) -> int:
@@ -103,4 +112,13 @@ class Limits:
             problems.append("limits.recovery_point_interval_ms must be at least 1000")
         if self.cleaner_keys_max < 1000:
             problems.append("limits.cleaner_keys_max must be at least 1000")
+        for name in (
+            "controller_request_timeout_ms",
+            "controlled_shutdown_timeout_ms",
+            "controller_first_frame_timeout_ms",
+        ):
+            if getattr(self, name) < 100:
+                problems.append(f"limits.{name} must be at least 100")
+        if self.controller_response_bytes_max < 64 * 1024:
+            problems.append("limits.controller_response_bytes_max must be at least 65536")
         return problems

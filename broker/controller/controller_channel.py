@@ -28,7 +28,6 @@ from protocol.frame import FrameDecoder, Request, Response, encode_request, pars
 
 logger = logging.getLogger("dwal.controller")
 
-RESPONSE_BYTES_MAX = 16 * 1024 * 1024  # a controller's answer is small; this bounds it
 IDLE_CONNECTIONS_MAX = 2  # per controller address, kept open between calls
 RETRY_DELAY_SECONDS_MIN = 0.02
 RETRY_DELAY_SECONDS_MAX = 0.5
@@ -45,6 +44,7 @@ class ControllerChannel:
         *,
         voters: dict[int, tuple[str, int]],
         connect_timeout_seconds: float = 2.0,
+        response_bytes_max: int = 16 * 1024 * 1024,
     ) -> None:
         """`apis` answers in process when this node is the active controller (None for a
         node that is no voter); `voters` gives the other voters' controller ports."""
@@ -53,6 +53,7 @@ class ControllerChannel:
         self.apis = apis
         self.voters = voters
         self.connect_timeout_seconds = connect_timeout_seconds
+        self.response_bytes_max = response_bytes_max  # see Limits.controller_response_bytes_max
         self._correlation = itertools.count(1)
         self._idle: dict[tuple[str, int], list[trio.SocketStream]] = {}
         self._closed = False
@@ -154,7 +155,7 @@ class ControllerChannel:
             body=body,
         )
         await stream.send_all(encode_request(request))
-        decoder = FrameDecoder(frame_bytes_max=RESPONSE_BYTES_MAX)
+        decoder = FrameDecoder(frame_bytes_max=self.response_bytes_max)
         while True:
             frame = decoder.next_frame()
             if frame is not None:

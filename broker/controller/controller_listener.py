@@ -34,7 +34,7 @@ logger = logging.getLogger("dwal.controller")
 _PREFIX_BYTES = 8  # u32 frame length, u32 header length
 _RAFT_HEADER_BYTE = 0x91  # msgpack fixarray of 1
 _REQUEST_HEADER_BYTE = 0x95  # msgpack fixarray of 5
-ROUTE_TIMEOUT_SECONDS = 10.0  # a connection must show its first frame within this
+ROUTE_TIMEOUT_SECONDS = 10.0  # default first-frame timeout (Limits.controller_first_frame...)
 
 
 class ControllerRequestHandlers:
@@ -68,9 +68,18 @@ async def _already(reply: Any) -> Any:
 
 
 class ControllerListener:
-    def __init__(self, transport: TcpTransport, rpc_server: NativeServer) -> None:
+    def __init__(
+        self,
+        transport: TcpTransport,
+        rpc_server: NativeServer,
+        *,
+        first_frame_timeout_seconds: float | None = None,
+    ) -> None:
+        """A connection that shows no first frame within `first_frame_timeout_seconds`
+        (None: ROUTE_TIMEOUT_SECONDS) is closed."""
         self.transport = transport
         self.rpc_server = rpc_server
+        self.first_frame_timeout_seconds = first_frame_timeout_seconds
         self.refused = 0
 
     async def serve(
@@ -83,7 +92,8 @@ class ControllerListener:
 
     async def _route(self, stream: trio.SocketStream) -> None:
         kind = None
-        with trio.move_on_after(ROUTE_TIMEOUT_SECONDS):
+        timeout = self.first_frame_timeout_seconds
+        with trio.move_on_after(ROUTE_TIMEOUT_SECONDS if timeout is None else timeout):
             kind = await _peek_header_byte(stream)
         if kind == _RAFT_HEADER_BYTE:
             await self.transport.serve_inbound(stream)
