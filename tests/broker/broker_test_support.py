@@ -71,6 +71,23 @@ async def call(api: JsonApi, method: str, target: str, body: Any = b"") -> ApiRe
     return await api.handle(ApiRequest(method=method, target=target, body=data))
 
 
+async def create_topic_on(
+    handlers: RequestHandlers,
+    name: str,
+    partitions: int = 1,
+    configs: dict[str, str] | None = None,
+) -> None:
+    """`create_topic` for a test that holds only the node's handlers."""
+    body = check_request(
+        ApiKey.CREATE_TOPICS,
+        {"topics": [{"topic": name, "partitions": partitions, "configs": configs or {}}]},
+    )
+    reply = await handlers.create_topics(body, b"", TEST_CONTEXT)
+    result = reply.body["topics"][0]
+    if result["error_code"]:
+        raise DwalError(ErrorCode(result["error_code"]), result.get("error_message"))
+
+
 _REAL_FDATASYNC = os.fdatasync  # captured before any test replaces os.fdatasync
 
 

@@ -4,17 +4,19 @@ flushes happen under `interval` and `never`."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import trio
 
 import client
+from broker_test_support import create_topic, running_node
 from broker.config import BrokerConfig
 from broker.limits import Limits
 from broker.node import run_broker
 from broker.storage import LogConfig
-from broker.topic_registry import TopicRegistry
 from client import Admin, Producer
-from protocol import build_batch
+from protocol import ACKS_LEADER, build_batch
 
 
 async def start_broker(nursery, tmp_path, fsync: str) -> str:
@@ -96,13 +98,15 @@ async def test_group_commit_shares_fsyncs_between_producers(nursery, tmp_path, f
 @pytest.mark.parametrize("policy", ["interval", "never"])
 async def test_periodic_flush_moves_the_durable_offset(tmp_path, policy, mock_clock):
     clock = mock_clock
-    registry = TopicRegistry.open(
-        tmp_path, LogConfig(fsync=policy, flush_interval_ms=200), Limits()
-    )
-    try:
-        await registry.create_topic("p", 1)
+    log_config = LogConfig(fsync=policy, flush_interval_ms=200)
+    clock.autojump_threshold = 0  # the node's start waits on timers (heartbeats) of its own
+    async with running_node(tmp_path, log_config) as node:
+        await create_topic(node, "p", 1)
+        clock.autojump_threshold = math.inf  # from here, time moves only when the test says
+        registry = node.registry
+        batch = build_batch([(1, None, b"x")])
+        assert await node.handlers.append_batch("p", 0, batch, acks=ACKS_LEADER) == 0
         log = registry.log("p", 0)
-        log.append(bytearray(build_batch([(1, None, b"x")])), now_ms=1)
         interval_s = 0.2 if policy == "interval" else Limits().recovery_point_interval_ms / 1000
         await registry.flush_due_logs()  # starts the interval
         assert log.durable_offset == 0
@@ -112,5 +116,4 @@ async def test_periodic_flush_moves_the_durable_offset(tmp_path, policy, mock_cl
         clock.jump(interval_s)
         await registry.flush_due_logs()
         assert log.durable_offset == 1
-    finally:
-        registry.close()
+        clock.autojump_threshold = 0  # and so does its stop

@@ -23,7 +23,7 @@ import h11
 import pytest
 import trio
 import trio.testing
-from broker_test_support import call, real_request_handlers
+from broker_test_support import call, create_topic_on, real_request_handlers
 
 from broker.gateway.api_error import status_for_error_code
 from broker.gateway.http_gateway import HttpGateway, serve_http
@@ -91,7 +91,6 @@ class FakeRegistry:
     def __init__(self) -> None:
         self.topics: dict[str, SimpleNamespace] = {}
         self.logs: dict[tuple[str, int], FakeLog] = {}
-        self.lose_creation_race = False  # create, then report that someone else did
 
     async def create_topic(self, name: str, partitions: int) -> SimpleNamespace:
         await trio.lowlevel.checkpoint()
@@ -100,8 +99,6 @@ class FakeRegistry:
         self.topics[name] = SimpleNamespace(name=name, partitions=partitions)
         for partition in range(partitions):
             self.logs[(name, partition)] = FakeLog()
-        if self.lose_creation_race:
-            raise DwalError(ErrorCode.TOPIC_ALREADY_EXISTS, f"topic {name!r} already exists")
         return self.topics[name]
 
     def topic(self, name: str) -> SimpleNamespace:
@@ -130,9 +127,18 @@ class FakeHandlers:
             limits=self.limits, auto_create_topics=self.auto_create_topics, default_partitions=2
         )
 
-    async def _auto_create(self, name: str) -> None:
-        if name not in self.registry.topics:
-            await self.registry.create_topic(name, 2)
+    async def ensure_topic(self, name: str, partitions: int) -> None:
+        if name in self.registry.topics:
+            await trio.lowlevel.checkpoint()
+            return
+        await self.registry.create_topic(name, partitions)
+
+    def partition_count(self, topic: str) -> int:
+        return self.registry.topic(topic).partitions
+
+    def readable_range(self, topic: str, partition: int) -> tuple[int, int]:
+        log = self.registry.log(topic, partition)
+        return log.log_start_offset, log.high_watermark
 
     async def append_batch(
         self, topic: str, partition: int, batch: bytes, *, acks: int, timeout_ms: int
@@ -195,13 +201,6 @@ async def test_wal_post_stores_utf8_value_key_and_timestamp():
     assert (record.key, record.value, record.timestamp) == (b"k", "héllo ✓".encode(), CLOCK_MS)
     response = await call(api, "GET", "/", {"offset": 0})
     assert response.body == {"record": {"value": "héllo ✓", "offset": 0, "key": "k"}}
-
-
-async def test_wal_topic_creation_race_is_tolerated():
-    handlers = FakeHandlers()
-    handlers.registry.lose_creation_race = True
-    response = await call(make_api(handlers), "POST", "/", {"record": {"value": VALUE}})
-    assert (response.status, response.body) == (200, {"offset": 0})
 
 
 @pytest.mark.parametrize(
@@ -1127,8 +1126,8 @@ async def test_http_oversize_body_reserves_nothing():
 
 
 @pytest.fixture
-def real_handlers(tmp_path):
-    with real_request_handlers(tmp_path, LogConfig(fsync="never")) as handlers:
+async def real_handlers(tmp_path):
+    async with real_request_handlers(tmp_path, LogConfig(fsync="never")) as handlers:
         yield handlers
 
 
@@ -1157,7 +1156,7 @@ async def test_end_to_end_wal_service(nursery, real_handlers):
 
 
 async def test_end_to_end_rest_produce_and_fetch_with_keys_and_partitions(nursery, real_handlers):
-    await real_handlers.registry.create_topic("orders", 3)
+    await create_topic_on(real_handlers, "orders", 3)
     client = await HttpClient.connect(await start_real_gateway(nursery, real_handlers))
     records = [{"key": f"customer-{i % 4}", "value": f"order-{i}"} for i in range(12)]
     records.append({"value": "pinned", "partition": 2})
@@ -1185,3 +1184,25 @@ async def test_end_to_end_rest_produce_and_fetch_with_keys_and_partitions(nurser
     reply = await client.request("GET", "/topics/missing/partitions/0/records")
     assert reply.status == 404
     await client.aclose()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="broker bug: a CreateTopics refused with TOPIC_ALREADY_EXISTS answers "
+    "metadata_offset -1, so RequestHandlers.ensure_topic returns before this broker's image "
+    "has the topic the winner created, and the loser's append is UNKNOWN_TOPIC_OR_PARTITION",
+)
+async def test_end_to_end_concurrent_first_wal_posts_both_succeed(real_handlers):
+    # Both find no "wal" topic and ask the controller to create it; the one that loses the
+    # race gets TOPIC_ALREADY_EXISTS, which is no error for it: its record is stored too.
+    api = JsonApi(real_handlers)
+    responses: list[ApiResponse] = []
+
+    async def post(value: str) -> None:
+        responses.append(await call(api, "POST", "/", {"record": {"value": value}}))
+
+    async with trio.open_nursery() as group:
+        group.start_soon(post, "a")
+        group.start_soon(post, "b")
+    assert sorted((r.status, r.body["offset"]) for r in responses) == [(200, 0), (200, 1)]
+    assert len(real_handlers.member.image.topics["wal"].partitions) == 1

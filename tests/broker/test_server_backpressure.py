@@ -6,18 +6,19 @@ broker stops reading until memory comes back, and serves everyone as it does."""
 
 from __future__ import annotations
 
+import contextlib
 import tracemalloc
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
 import trio.testing
+from broker_test_support import create_topic, running_node
 
-from broker.config import BrokerConfig
 from broker.limits import Limits
-from broker.request_handlers import RequestHandlers
+from broker.node import BrokerNode
 from broker.server import NativeServer
 from broker.storage import LogConfig
-from broker.topic_registry import TopicRegistry
 from protocol import (
     ApiKey,
     ErrorCode,
@@ -31,22 +32,18 @@ from protocol import (
 
 pytestmark = pytest.mark.timeout(60)
 
+# How long nothing must run for the broker to count as settled: short, because the node's
+# background tasks (Raft and controller ticks every 0.1 s, flush checks) wake up often.
+QUIET_S = 0.01
 
-async def test_unread_replies_are_bounded_and_released(nursery, tmp_path):
+
+async def test_unread_replies_are_bounded_and_released(tmp_path):
     limits = Limits(inflight_requests_max=8)
-    config = BrokerConfig(
-        port=0, data_dir=tmp_path, limits=limits, log_defaults=LogConfig(fsync="never")
-    )
-    registry = TopicRegistry.open(tmp_path, config.log_defaults, limits)
-    try:
-        await registry.create_topic("big", 1)
+    async with _serving(tmp_path, limits) as (server, port, node):
+        await create_topic(node, "big", 1)
         value = b"v" * 60_000
         for _ in range(40):
-            registry.log("big", 0).append(bytearray(build_batch([(1, None, value)] * 10)), now_ms=1)
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        server = NativeServer(RequestHandlers(config, registry, advertised_port=0))
-        await nursery.start(server.serve, listeners)
-        port = listeners[0].socket.getsockname()[1]
+            await node.handlers.append_batch("big", 0, build_batch([(1, None, value)] * 10))
 
         # padding (an unknown field, ignored by the broker) makes the requests outgrow the
         # socket buffers, so the sender must block once the broker stops reading
@@ -83,18 +80,16 @@ async def test_unread_replies_are_bounded_and_released(nursery, tmp_path):
 
         async with trio.open_nursery() as client_tasks:
             client_tasks.start_soon(send_everything)
-            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+            await trio.testing.wait_all_tasks_blocked(cushion=QUIET_S)
             # Each fetch answers ~24 MB; 2000 of them unread would be ~48 GB if buffered.
             pending = server.statistics().replies_pending
             assert 1 <= pending <= limits.inflight_requests_max + 2, pending
             assert not sender_blocked.is_set()
             client_tasks.cancel_scope.cancel()
         await stream.aclose()
-        await trio.testing.wait_all_tasks_blocked(cushion=0.1)
+        await trio.testing.wait_all_tasks_blocked(cushion=QUIET_S)
         assert server.statistics().connections == 0
         assert server.statistics().replies_pending == 0
-    finally:
-        registry.close()
 
 
 # -- one memory budget over all connections ------------------------------------------------
@@ -140,23 +135,23 @@ async def _send_in_two_parts(stream: trio.SocketStream, frame: bytes, go_on: tri
     await stream.send_all(view[-UNSENT_BYTES:])
 
 
-async def _start_server(nursery, tmp_path) -> tuple[NativeServer, int, TopicRegistry]:
-    assert not MEMORY_LIMITS.problems(), MEMORY_LIMITS.problems()
-    config = BrokerConfig(
-        port=0, data_dir=tmp_path, limits=MEMORY_LIMITS, log_defaults=LogConfig(fsync="never")
-    )
-    registry = TopicRegistry.open(tmp_path, config.log_defaults, MEMORY_LIMITS)
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    server = NativeServer(RequestHandlers(config, registry, advertised_port=0))
-    await nursery.start(server.serve, listeners)
-    return server, listeners[0].socket.getsockname()[1], registry
+@contextlib.asynccontextmanager
+async def _serving(tmp_path, limits: Limits) -> AsyncIterator[tuple[NativeServer, int, BrokerNode]]:
+    """A NativeServer on 127.0.0.1 serving the handlers of a running node, and its port."""
+    assert not limits.problems(), limits.problems()
+    async with running_node(tmp_path, LogConfig(fsync="never"), limits=limits) as node:
+        async with trio.open_nursery() as nursery:
+            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            server = NativeServer(node.handlers)
+            await nursery.start(server.serve, listeners)
+            yield server, listeners[0].socket.getsockname()[1], node
+            nursery.cancel_scope.cancel()
 
 
-async def test_request_bytes_stay_within_one_budget_over_all_connections(nursery, tmp_path):
-    server, port, registry = await _start_server(nursery, tmp_path)
-    pool = server.memory_pool
-    budget = MEMORY_LIMITS.queued_request_bytes_max
-    try:
+async def test_request_bytes_stay_within_one_budget_over_all_connections(tmp_path):
+    async with _serving(tmp_path, MEMORY_LIMITS) as (server, port, _):
+        pool = server.memory_pool
+        budget = MEMORY_LIMITS.queued_request_bytes_max
         senders = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(SENDERS)]
         frames = [_large_frame(i) for i in range(SENDERS)]
         send_the_rest = trio.Event()
@@ -212,14 +207,11 @@ async def test_request_bytes_stay_within_one_budget_over_all_connections(nursery
         await trio.testing.wait_all_tasks_blocked()
         assert server.statistics().connections == 0
         assert pool.statistics().bytes_reserved == 0
-    finally:
-        registry.close()
 
 
-async def test_senders_that_disconnect_mid_frame_return_all_their_memory(nursery, tmp_path):
-    server, port, registry = await _start_server(nursery, tmp_path)
-    pool = server.memory_pool
-    try:
+async def test_senders_that_disconnect_mid_frame_return_all_their_memory(tmp_path):
+    async with _serving(tmp_path, MEMORY_LIMITS) as (server, port, _):
+        pool = server.memory_pool
         senders = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(SENDERS)]
         async with trio.open_nursery() as client_tasks:
             for correlation_id, stream in enumerate(senders):
@@ -237,15 +229,12 @@ async def test_senders_that_disconnect_mid_frame_return_all_their_memory(nursery
         assert (statistics.bytes_reserved, statistics.waiters) == (0, 0), statistics
         assert statistics.bytes_reserved_peak <= MEMORY_LIMITS.queued_request_bytes_max
         assert server.statistics().requests_handled == 0
-    finally:
-        registry.close()
 
 
-async def test_a_handled_frame_is_freed_while_its_connection_stays_open(nursery, tmp_path):
+async def test_a_handled_frame_is_freed_while_its_connection_stays_open(tmp_path):
     """The pool's count is only true if the broker lets go of a frame when it gives its bytes
     back: a connection waiting for its next request must not keep the last one alive."""
-    server, port, registry = await _start_server(nursery, tmp_path)
-    try:
+    async with _serving(tmp_path, MEMORY_LIMITS) as (server, port, _):
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         frame = memoryview(_large_frame(5))
         small = encode_request(
@@ -266,5 +255,3 @@ async def test_a_handled_frame_is_freed_while_its_connection_stays_open(nursery,
         assert allocated_peak >= len(frame)  # received into one buffer of its size
         assert allocated < len(frame) // 4, allocated
         await stream.aclose()
-    finally:
-        registry.close()

@@ -10,18 +10,19 @@ condition (`sleep_until` only moves the mock clock to the instant a test looks a
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
+from broker_test_support import create_topic_on, running_node
 
-from broker.config import BrokerConfig, ConfigError, build_config
+from broker.config import ConfigError, build_config
 from broker.limits import Limits
 from broker.memory_pool import MemoryPool
-from broker.request_handlers import RequestHandlers
 from broker.server import NativeServer
 from broker.storage import LogConfig
-from broker.topic_registry import TopicRegistry
 from protocol import (
     ApiKey,
     ErrorCode,
@@ -84,22 +85,22 @@ class Harness:
 
 
 @pytest.fixture
-async def harness(nursery, tmp_path):
-    async for harness in _harness(nursery, tmp_path, LIMITS):
+async def harness(tmp_path):
+    async with _harness(tmp_path, LIMITS) as harness:
         yield harness
 
 
-async def _harness(nursery, tmp_path, limits: Limits, pool: MemoryPool | None = None):
+@contextlib.asynccontextmanager
+async def _harness(
+    tmp_path, limits: Limits, pool: MemoryPool | None = None
+) -> AsyncIterator[Harness]:
+    """A NativeServer on the handlers of a running node (its embedded controller, registry
+    and replica layer), serving the connections of `Harness.connect` until the block ends."""
     assert not limits.problems(), limits.problems()
-    config = BrokerConfig(
-        port=0, data_dir=tmp_path, limits=limits, log_defaults=LogConfig(fsync="never")
-    )
-    registry = TopicRegistry.open(tmp_path, config.log_defaults, limits)
-    server = NativeServer(RequestHandlers(config, registry, advertised_port=0), memory_pool=pool)
-    try:
-        yield Harness(server, nursery)
-    finally:
-        registry.close()
+    async with running_node(tmp_path, LogConfig(fsync="never"), limits=limits) as node:
+        async with trio.open_nursery() as connections:
+            yield Harness(NativeServer(node.handlers, memory_pool=pool), connections)
+            connections.cancel_scope.cancel()
 
 
 async def _read_responses(stream: trio.SocketStream, count: int) -> list[Response]:
@@ -192,9 +193,9 @@ async def test_a_slow_sender_within_the_limit_is_served(harness, tail_bytes, aut
     assert harness.server.statistics().connections == 1
 
 
-async def test_time_spent_waiting_for_memory_does_not_count(nursery, tmp_path, autojump_clock):
+async def test_time_spent_waiting_for_memory_does_not_count(tmp_path, autojump_clock):
     pool = MemoryPool(LIMITS.queued_request_bytes_max)
-    async for harness in _harness(nursery, tmp_path, LIMITS, pool):
+    async with _harness(tmp_path, LIMITS, pool) as harness:
         held = pool.bytes_max - 100_000
         await pool.reserve(held)  # as if other connections held the budget
         frame = _api_versions(7, tail_bytes=500_000)
@@ -229,11 +230,11 @@ async def test_a_connection_idle_between_frames_stays_until_the_idle_limit(
     assert any(r.getMessage() == "connection_idle_closed" for r in caplog.records)
 
 
-async def test_a_connection_with_a_reply_due_is_not_idle(nursery, tmp_path, autojump_clock):
+async def test_a_connection_with_a_reply_due_is_not_idle(tmp_path, autojump_clock):
     """A long-poll Fetch keeps the connection busy though its client sends nothing."""
     limits = Limits(connections_idle_ms_max=1000, request_read_timeout_ms=1000)
-    async for harness in _harness(nursery, tmp_path, limits):
-        await harness.server.handlers.registry.create_topic("quiet", 1)
+    async with _harness(tmp_path, limits) as harness:
+        await create_topic_on(harness.server.handlers, "quiet", 1)
         stream, _ = harness.connect()
         fetch = {
             "max_wait_ms": 5000,

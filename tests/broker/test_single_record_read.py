@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from broker_test_support import call, real_request_handlers
+from broker_test_support import call, create_topic_on, real_request_handlers
 
 from broker.gateway.json_api import JsonApi
 from broker.storage import FetchSlice, LogConfig
@@ -26,9 +26,9 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
-def handlers(tmp_path):
+async def handlers(tmp_path):
     log_config = LogConfig(fsync="never", segment_bytes=64 * 1024)
-    with real_request_handlers(tmp_path, log_config) as handlers:
+    async with real_request_handlers(tmp_path, log_config) as handlers:
         yield handlers
 
 
@@ -84,7 +84,7 @@ async def test_wal_get_reads_only_the_batch_holding_the_offset(handlers, monkeyp
 
 async def test_wal_get_in_a_large_batch_reads_that_batch_only(handlers, monkeypatch):
     api = JsonApi(handlers)
-    await handlers.registry.create_topic("wal", 1)
+    await create_topic_on(handlers, "wal", 1)
     batch_records = [{"value": f"v{number}-" + "y" * 100} for number in range(500)]
     for _ in range(3):  # three batches of about 55 KB, one per segment
         assert (await call(api, "POST", "/topics/wal/records", batch_records)).status == 200
@@ -97,7 +97,7 @@ async def test_wal_get_in_a_large_batch_reads_that_batch_only(handlers, monkeypa
 
 async def test_rest_read_of_one_record_reads_one_batch(handlers, monkeypatch):
     api = JsonApi(handlers)
-    await handlers.registry.create_topic("events", 1)
+    await create_topic_on(handlers, "events", 1)
     for number in range(300):
         body = [{"value": f"e{number}", "partition": 0}]
         assert (await call(api, "POST", "/topics/events/records", body)).status == 200
@@ -110,7 +110,7 @@ async def test_rest_read_of_one_record_reads_one_batch(handlers, monkeypatch):
 
 async def test_rest_reads_of_many_records_read_off_the_event_loop(handlers, monkeypatch):
     api = JsonApi(handlers)
-    await handlers.registry.create_topic("events", 1)
+    await create_topic_on(handlers, "events", 1)
     for number in range(50):
         body = [{"value": f"e{number}", "partition": 0}]
         assert (await call(api, "POST", "/topics/events/records", body)).status == 200
@@ -171,7 +171,7 @@ async def test_a_damaged_batch_is_a_clear_500_and_nothing_is_dropped(handlers):
 
 
 async def test_handler_read_batch_containing_errors(handlers):
-    await handlers.registry.create_topic("t", 1)
+    await create_topic_on(handlers, "t", 1)
     await handlers.append_batch("t", 0, build_batch([(1, None, b"a"), (2, None, b"b")]))
     with pytest.raises(DwalError) as unknown:
         await handlers.read_batch_containing("missing", 0, 0)
@@ -189,7 +189,7 @@ async def test_handler_read_batch_containing_errors(handlers):
 
 
 async def test_a_produce_request_larger_than_a_segment_is_stored_whole(handlers):
-    await handlers.registry.create_topic("small", 1, configs={"segment.bytes": "4096"})
+    await create_topic_on(handlers, "small", 1, configs={"segment.bytes": "4096"})
     batches = [
         build_batch([(1, None, b"%d-%d" % (n, i) + b"." * 1000) for i in range(3)])
         for n in range(40)
@@ -214,7 +214,7 @@ async def test_a_produce_request_larger_than_a_segment_is_stored_whole(handlers)
 
 
 async def test_a_single_batch_above_segment_bytes_is_message_too_large(handlers):
-    await handlers.registry.create_topic("small", 1, configs={"segment.bytes": "4096"})
+    await create_topic_on(handlers, "small", 1, configs={"segment.bytes": "4096"})
     batch = build_batch([(1, None, b"z" * 5000)])
     with pytest.raises(DwalError) as refused:
         await handlers.append_batch("small", 0, batch)
