@@ -434,9 +434,10 @@ def _new_partitions(
 ) -> list[MetadataRecord]:
     placements = place_replicas(
         _placement_brokers(image),
-        (partition.replicas for _, partition in _partitions(image)),
         partition_count=count,
         replication_factor=replication_factor,
+        replica_counts=image.replica_counts,
+        leader_counts=image.preferred_leader_counts,
     )
     return [
         PartitionRecord(

@@ -106,6 +106,11 @@ class MetadataImage:
     configs: Mapping[ConfigResource, Mapping[str, str]] = field(default_factory=_empty_mapping)
     next_producer_id: int = 0
     last_applied_index: int = 0  # the Raft index of the last entry applied (0: none)
+    # Derived from the partitions (kept by `apply`, so placement need not count them): per
+    # broker id, the replicas it holds and the partitions it is the preferred leader of.
+    # Brokers with none are absent.
+    replica_counts: Mapping[int, int] = field(default_factory=_empty_mapping)
+    preferred_leader_counts: Mapping[int, int] = field(default_factory=_empty_mapping)
 
     def unfenced_broker_ids(self) -> list[int]:
         """Ids of the brokers that may lead and host new replicas, ascending."""
@@ -207,6 +212,8 @@ class _ImageBuilder:
         self._topics: dict[str, TopicInfo] | None = None
         self._topics_by_id: dict[bytes, TopicInfo] | None = None
         self._configs: dict[ConfigResource, Mapping[str, str]] | None = None
+        self._replica_counts: dict[int, int] | None = None
+        self._leader_counts: dict[int, int] | None = None
         # Partitions of the topics this entry changes, frozen into their TopicInfo by build():
         # a fence that moves a thousand partitions of one topic copies its tuple once.
         self._partitions: dict[bytes, list[PartitionInfo]] = {}
@@ -223,7 +230,27 @@ class _ImageBuilder:
         if partition.partition == len(partitions):
             partitions.append(partition)
         else:
+            self._count(partitions[partition.partition].replicas, -1)
             partitions[partition.partition] = partition
+        self._count(partition.replicas, +1)
+
+    def _count(self, replicas: tuple[int, ...], step: int) -> None:
+        """Add `step` to the load counts of a partition's replicas (and preferred leader)."""
+        if not replicas:
+            return
+        if self._replica_counts is None or self._leader_counts is None:
+            self._replica_counts = dict(self.base.replica_counts)
+            self._leader_counts = dict(self.base.preferred_leader_counts)
+        for counts, brokers in (
+            (self._replica_counts, replicas),
+            (self._leader_counts, replicas[:1]),
+        ):
+            for broker_id in brokers:
+                count = counts.get(broker_id, 0) + step
+                if count:
+                    counts[broker_id] = count
+                else:
+                    del counts[broker_id]
 
     def set_broker(self, broker: BrokerInfo) -> None:
         if self._brokers is None:
@@ -237,6 +264,8 @@ class _ImageBuilder:
         topics_by_id[topic.topic_id] = topic
 
     def remove_topic(self, topic: TopicInfo) -> None:
+        for partition in self.partitions(topic):
+            self._count(partition.replicas, -1)
         topics, topics_by_id = self._writable_topics()
         del topics[topic.name]
         del topics_by_id[topic.topic_id]
@@ -273,6 +302,10 @@ class _ImageBuilder:
             configs=_read_only(self._configs, self.base.configs),
             next_producer_id=self.next_producer_id,
             last_applied_index=entry_index,
+            replica_counts=_read_only(self._replica_counts, self.base.replica_counts),
+            preferred_leader_counts=_read_only(
+                self._leader_counts, self.base.preferred_leader_counts
+            ),
         )
 
 

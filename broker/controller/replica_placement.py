@@ -28,7 +28,7 @@ rack. Pure: the same inputs give the same placement on every node.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -42,22 +42,26 @@ class PlacementBroker:
 
 def place_replicas(
     brokers: Sequence[PlacementBroker],
-    existing_replicas: Iterable[Sequence[int]],
+    existing_replicas: Iterable[Sequence[int]] = (),
     *,
     partition_count: int,
     replication_factor: int,
+    replica_counts: Mapping[int, int] | None = None,
+    leader_counts: Mapping[int, int] | None = None,
 ) -> list[tuple[int, ...]]:
     """Return the replica lists of `partition_count` new partitions, preferred leader first.
 
-    `existing_replicas` are the replica lists of every partition already placed (the load);
-    ids of brokers not in `brokers` are ignored there. Needs 1 <= replication_factor <=
-    len(brokers) and distinct broker ids (asserted: the caller validates requests).
+    The load already placed is `existing_replicas` (the replica lists of every partition)
+    plus, if given, `replica_counts` and `leader_counts` (replicas and preferred leaderships
+    per broker id, as `MetadataImage` keeps them, so a caller need not walk every
+    partition); ids of brokers not in `brokers` are ignored. Needs 1 <= replication_factor
+    <= len(brokers) and distinct broker ids (asserted: the caller validates requests).
     """
     assert 1 <= replication_factor <= len(brokers), "the caller checks the replication factor"
     assert len({broker.broker_id for broker in brokers}) == len(brokers)
     racks = {broker.broker_id: broker.rack for broker in brokers}
-    replica_count = dict.fromkeys(racks, 0)
-    leader_count = dict.fromkeys(racks, 0)
+    replica_count = {b: (replica_counts or {}).get(b, 0) for b in racks}
+    leader_count = {b: (leader_counts or {}).get(b, 0) for b in racks}
     for replicas in existing_replicas:
         if replicas and replicas[0] in leader_count:
             leader_count[replicas[0]] += 1

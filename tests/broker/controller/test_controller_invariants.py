@@ -42,6 +42,15 @@ TOPICS = st.sampled_from(["a", "b", "c", "d"])
 
 def check_invariants(image: MetadataImage) -> None:
     """The rules every committed image obeys (see decisions' module doc)."""
+    replicas: Counter[int] = Counter()
+    preferred: Counter[int] = Counter()
+    for topic in image.topics.values():
+        for partition in topic.partitions:
+            replicas.update(partition.replicas)
+            preferred[partition.replicas[0]] += 1
+    # The load counts placement uses are what the partitions say, whatever was applied.
+    assert dict(image.replica_counts) == dict(replicas)
+    assert dict(image.preferred_leader_counts) == dict(preferred)
     for topic in image.topics.values():
         assert image.topics_by_id[topic.topic_id] is topic
         for number, partition in enumerate(topic.partitions):
