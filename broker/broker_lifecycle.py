@@ -108,6 +108,12 @@ class BrokerLifecycle:
                 return False
             log_event(logger, logging.INFO, "broker_shut_down", node_id=self.node_id)
             return True
+        log_event(
+            logger,
+            logging.WARNING,
+            "broker_shutdown_failed",
+            error=f"no controller answered within {timeout_seconds:g} s",
+        )
         return False
 
     async def register(self) -> int:

@@ -83,7 +83,14 @@ class ControllerApis:
         # Even what only reads the image (validate_only, unknown-topic refusals) needs the
         # active controller's: another node's image may be behind.
         self.controller.require_active()
-        return await self.table[api_key](body)
+        reply = await self.table[api_key](body)
+        if "metadata_offset" in reply and api_key != ApiKey.DESCRIBE_CLUSTER:
+            # Refusals too: a broker that forwarded "create t" and got TOPIC_ALREADY_EXISTS
+            # (another request won a race) must see `t` before it answers its client.
+            reply["metadata_offset"] = max(
+                reply["metadata_offset"], self.controller.image.last_applied_index
+            )
+        return reply
 
     # -- brokers ------------------------------------------------------------------------
 

@@ -153,6 +153,10 @@ def open_metadata_storage(data_dir: pathlib.Path, voters: Iterable[int]) -> Dura
 class MetadataStateMachine:
     """The driver's state machine: committed entries in, `MetadataImage`s out."""
 
+    # Images are immutable (apply replaces them): encoding one for a snapshot (~75 ms at
+    # 1,000 topics x 10 partitions) runs in a worker thread, off the event loop.
+    snapshot_off_loop = True
+
     def __init__(self) -> None:
         self.image: MetadataImage = EMPTY_IMAGE
         # broker id -> index of the entry that fenced (or registered fenced) its current

@@ -158,7 +158,10 @@ class StateMachine(Protocol):
         ...
 
     def snapshot(self) -> bytes:
-        """The state after the last applied entry."""
+        """The state after the last applied entry. A state machine with a true attribute
+        `snapshot_off_loop` has it called in a worker thread (nothing is applied meanwhile:
+        the driver waits for it between Readies), so encoding a large state does not stall
+        the event loop; it must then only read state that `apply` replaces, never mutates."""
         ...
 
     def restore(self, snapshot: Snapshot) -> None:
@@ -455,7 +458,13 @@ class RaftDriver:
         Call only from the ready task (between Readies) or while the driver is not
         running: the state machine must be exactly at the applied index."""
         before = self.storage.snapshot().index
-        self.node.compact(self.node.applied_index, self.state_machine.snapshot())
+        applied = self.node.applied_index
+        if getattr(self.state_machine, "snapshot_off_loop", False):
+            data = await trio.to_thread.run_sync(self.state_machine.snapshot)
+        else:
+            data = self.state_machine.snapshot()
+        assert self.node.applied_index == applied, "applied while the snapshot was taken"
+        self.node.compact(applied, data)
         snapshot = self.storage.snapshot()
         if snapshot.index > before:
             self._snapshots_taken += 1

@@ -1186,12 +1186,6 @@ async def test_end_to_end_rest_produce_and_fetch_with_keys_and_partitions(nurser
     await client.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="broker bug: a CreateTopics refused with TOPIC_ALREADY_EXISTS answers "
-    "metadata_offset -1, so RequestHandlers.ensure_topic returns before this broker's image "
-    "has the topic the winner created, and the loser's append is UNKNOWN_TOPIC_OR_PARTITION",
-)
 async def test_end_to_end_concurrent_first_wal_posts_both_succeed(real_handlers):
     # Both find no "wal" topic and ask the controller to create it; the one that loses the
     # race gets TOPIC_ALREADY_EXISTS, which is no error for it: its record is stored too.
