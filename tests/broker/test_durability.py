@@ -4,13 +4,14 @@ flushes happen under `interval` and `never`."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
 import trio
 
 import client
-from broker_test_support import create_topic, running_node
+from broker_test_support import at_real_pace, create_topic, running_node
 from broker.config import BrokerConfig
 from broker.limits import Limits
 from broker.node import run_broker
@@ -99,9 +100,10 @@ async def test_group_commit_shares_fsyncs_between_producers(nursery, tmp_path, f
 async def test_periodic_flush_moves_the_durable_offset(tmp_path, policy, mock_clock):
     clock = mock_clock
     log_config = LogConfig(fsync=policy, flush_interval_ms=200)
-    clock.autojump_threshold = 0  # the node's start waits on timers (heartbeats) of its own
-    async with running_node(tmp_path, log_config) as node:
-        await create_topic(node, "p", 1)
+    async with contextlib.AsyncExitStack() as stack:
+        with at_real_pace():  # the node's start and a topic creation wait on real fsyncs
+            node = await stack.enter_async_context(running_node(tmp_path, log_config))
+            await create_topic(node, "p", 1)
         clock.autojump_threshold = math.inf  # from here, time moves only when the test says
         registry = node.registry
         batch = build_batch([(1, None, b"x")])

@@ -144,6 +144,9 @@ class ControllerCluster:
             config=self.config,
             random_source=random.Random(self.random.random()),
         )
+        # Deterministic replay: a snapshot encoded in a worker thread would let the autojump
+        # clock move by however long the thread takes (elections would depend on the host).
+        node.controller.state.snapshot_off_loop = False
         node.stopped = trio.Event()
         node.scope = await self.nursery.start(self._run, node)
 

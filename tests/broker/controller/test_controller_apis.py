@@ -210,7 +210,10 @@ async def test_create_topics_answers_each_topic_in_order(nursery, autojump_clock
 
     again = await create(apis, topic_entry("good"))
     assert codes(again) == [("good", ErrorCode.TOPIC_ALREADY_EXISTS)]
-    assert again["metadata_offset"] == -1, "nothing committed"
+    # Nothing committed; the offset is the image the refusal was decided on (a forwarding
+    # broker waits for it, so it sees the topic that made the creation fail).
+    assert apis.controller.image is image
+    assert again["metadata_offset"] == image.last_applied_index
 
 
 async def test_create_topics_keeps_valid_configs(nursery, autojump_clock):
@@ -261,7 +264,7 @@ async def test_validate_only_commits_nothing(nursery, autojump_clock):
         ("bad", ErrorCode.INVALID_CONFIG),
         ("too-many", ErrorCode.INVALID_REPLICATION_FACTOR),
     ]
-    assert reply["metadata_offset"] == -1
+    assert reply["metadata_offset"] == before.last_applied_index, "nothing new committed"
     assert apis.controller.image is before
 
 
@@ -299,7 +302,8 @@ async def test_create_partitions_grows_refuses_and_validates(nursery, autojump_c
 
     body = {"topics": [{"topic": "b", "count": 5}], "validate_only": True}
     checked = await call(apis, ApiKey.CREATE_PARTITIONS, body)
-    assert codes(checked) == [("b", 0)] and checked["metadata_offset"] == -1
+    assert codes(checked) == [("b", 0)]
+    assert checked["metadata_offset"] == image.last_applied_index, "nothing new committed"
     assert apis.controller.image is image
 
 
@@ -318,7 +322,7 @@ async def test_alter_configs_sets_deletes_and_validates(nursery, autojump_clock)
     )
     assert checked == {
         "configs": {"retention.ms": "2000", "segment.ms": "5000"},
-        "metadata_offset": -1,
+        "metadata_offset": before.last_applied_index,  # nothing new committed
     }
     assert apis.controller.image is before
 
@@ -392,7 +396,7 @@ async def test_alter_partition_and_elect_leaders(nursery, autojump_clock):
     )
     result = stale["topics"][0]["partitions"][0]
     assert result["error_code"] == ErrorCode.INVALID_UPDATE_VERSION
-    assert stale["metadata_offset"] == -1
+    assert stale["metadata_offset"] == apis.controller.image.last_applied_index
     assert apis.controller.image.topics["t"].partitions[0] == state, "refused: unchanged"
 
     grown = await alter_partition(

@@ -5,6 +5,7 @@ with real threads."""
 from __future__ import annotations
 
 import dataclasses
+import threading
 import random
 
 import pytest
@@ -618,3 +619,43 @@ async def test_three_durable_nodes_over_tcp_survive_a_leader_restart(tmp_path):
                 await trio.sleep(0.01)
         assert len(restarted_store.data) == 21
         nursery.cancel_scope.cancel()
+
+
+class _ThreadRecordingStore(KeyValueStore):
+    """A KeyValueStore whose snapshots say which thread encoded them."""
+
+    def __init__(self, *, off_loop: bool) -> None:
+        super().__init__()
+        self.snapshot_off_loop = off_loop
+        self.snapshot_threads: list[bool] = []  # True: the trio (main) thread
+
+    def snapshot(self) -> bytes:
+        self.snapshot_threads.append(threading.current_thread() is threading.main_thread())
+        return super().snapshot()
+
+
+@pytest.mark.parametrize("off_loop", [True, False])
+async def test_a_snapshot_is_encoded_off_the_loop_when_the_state_machine_says_so(
+    tmp_path, off_loop
+):
+    storage = DurableStorage.open(tmp_path, Configuration(voters=frozenset({1})))
+    store = _ThreadRecordingStore(off_loop=off_loop)
+    driver = RaftDriver(
+        raft_config(1), storage, MemoryNetwork(random.Random(1)).endpoint(1), store, options=OPTIONS
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(driver.run)
+            driver.campaign()
+            with trio.fail_after(10):
+                while driver.node.role != Role.LEADER:
+                    await trio.sleep(0.01)
+                client = KeyValueClient(driver, store)
+                for i in range(5):
+                    await client.put(b"k%d" % i, b"v%d" % i)
+                await driver.snapshot_now()
+            nursery.cancel_scope.cancel()
+        assert store.snapshot_threads == [not off_loop]
+        assert storage.snapshot().index == driver.node.applied_index
+    finally:
+        storage.close()
