@@ -8,8 +8,9 @@ process the launcher ever started is SIGKILLed by PID at `kill_all` (the fixture
 whether the test passed or failed.
 
 The controller ports must be known before the first process starts (they are the
-``--controller-quorum``), so all ports are picked up front by binding port 0 and closing the
-socket; the listeners set SO_REUSEADDR, so a restarted node gets its ports back at once.
+``--controller-quorum``), so all ports are picked up front by binding (below the ephemeral
+port range) and closing the socket; the listeners set SO_REUSEADDR, so a restarted node gets
+its ports back at once.
 
 `wait_for` polls a condition with a bounded loop and short waits: the state it waits on
 (fencing, leadership) lives in other processes and no output announces it to the test.
@@ -18,6 +19,7 @@ socket; the listeners set SO_REUSEADDR, so a restarted node gets its ports back 
 from __future__ import annotations
 
 import os
+import random
 import pathlib
 import re
 import signal
@@ -50,15 +52,32 @@ POLL_INTERVAL_S = 0.05
 _Result = TypeVar("_Result")
 
 
+# Ports are picked below the kernel's ephemeral range (32768-60999 by default): a port the
+# kernel may hand to any outgoing connection (a client's, another test's broker's) could be
+# taken between picking it here and the node binding it.
+_PORT_LOW, _PORT_HIGH = 20_000, 32_000
+_port_turn = random.Random(os.getpid()).randrange(_PORT_LOW, _PORT_HIGH)
+
+
 def free_ports(count: int) -> list[int]:
-    """`count` distinct ports that were free on 127.0.0.1 a moment ago (all sockets are held
-    open until every port is picked, so no two are the same)."""
+    """`count` distinct ports that were free on 127.0.0.1 a moment ago, outside the ephemeral
+    range (all sockets are held open until every port is picked, so no two are the same)."""
+    global _port_turn
     sockets = []
     try:
-        for _ in range(count):
+        for _ in range(_PORT_HIGH - _PORT_LOW):
+            if len(sockets) == count:
+                break
+            port = _port_turn
+            _port_turn = _PORT_LOW + (_port_turn + 1 - _PORT_LOW) % (_PORT_HIGH - _PORT_LOW)
             held = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            held.bind(("127.0.0.1", 0))
+            try:
+                held.bind(("127.0.0.1", port))
+            except OSError:
+                held.close()
+                continue
             sockets.append(held)
+        assert len(sockets) == count, "no free ports below the ephemeral range"
         return [held.getsockname()[1] for held in sockets]
     finally:
         for held in sockets:
