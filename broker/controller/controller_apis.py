@@ -243,68 +243,66 @@ class ControllerApis:
             )
         return create_topic(image, new_topic, partitions_max=self.limits.partitions_per_topic_max)
 
-    async def create_topics(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def _each_topic(
+        self, entries: list[Any], name_of: Callable[[Any], str], act: Callable[[Any], Any]
+    ) -> dict[str, Any]:
+        """Run `act(entry)` (an awaitable returning the committed entry's index, or None when
+        nothing was committed) for each entry in order; one result per topic, a refusal
+        alone in its entry. NOT_CONTROLLER stops the whole request (the caller retries)."""
         results = []
         last = -1
-        names = [entry["topic"] for entry in body["topics"]]
-        for entry in body["topics"]:
-            name = entry["topic"]
+        for entry in entries:
+            name = name_of(entry)
             try:
-                if names.count(name) > 1:
-                    raise DwalError(ErrorCode.INVALID_REQUEST, f"topic {name!r} given twice")
-                new_topic = self.new_topic(entry)
-                if body["validate_only"]:
-                    decision = self.decide_new_topic(self.controller.image, new_topic)
-                    if isinstance(decision, DwalError):
-                        raise decision
-                else:
-                    last = await self.controller.submit(
-                        functools.partial(self.decide_new_topic, new_topic=new_topic)
-                    )
+                committed = await act(entry)
+                if committed is not None:
+                    last = committed
                 results.append({"topic": name, "error_code": 0})
             except DwalError as error:
                 if error.code == ErrorCode.NOT_CONTROLLER:
                     raise
                 results.append({"topic": name, **_error_fields(error)})
         return {"topics": results, "metadata_offset": last}
+
+    async def _commit_or_check(
+        self, decide: Callable[[MetadataImage], Decision], validate_only: bool
+    ) -> int | None:
+        """Commit the decision; with `validate_only`, only raise its refusal."""
+        if not validate_only:
+            return await self.controller.submit(decide)
+        decision = decide(self.controller.image)
+        if isinstance(decision, DwalError):
+            raise decision
+        return None
+
+    async def create_topics(self, body: dict[str, Any]) -> dict[str, Any]:
+        names = [entry["topic"] for entry in body["topics"]]
+
+        async def act(entry: dict[str, Any]) -> int | None:
+            if names.count(entry["topic"]) > 1:
+                raise DwalError(ErrorCode.INVALID_REQUEST, f"topic {entry['topic']!r} given twice")
+            decide = functools.partial(self.decide_new_topic, new_topic=self.new_topic(entry))
+            return await self._commit_or_check(decide, body["validate_only"])
+
+        return await self._each_topic(body["topics"], lambda entry: entry["topic"], act)
 
     async def delete_topics(self, body: dict[str, Any]) -> dict[str, Any]:
-        results = []
-        last = -1
-        for name in body["topics"]:
-            try:
-                last = await self.controller.submit(functools.partial(_delete_topic, name=name))
-                results.append({"topic": name, "error_code": 0})
-            except DwalError as error:
-                if error.code == ErrorCode.NOT_CONTROLLER:
-                    raise
-                results.append({"topic": name, **_error_fields(error)})
-        return {"topics": results, "metadata_offset": last}
+        async def act(name: str) -> int | None:
+            return await self.controller.submit(functools.partial(_delete_topic, name=name))
+
+        return await self._each_topic(body["topics"], lambda name: name, act)
 
     async def create_partitions(self, body: dict[str, Any]) -> dict[str, Any]:
-        results = []
-        last = -1
-        for entry in body["topics"]:
-            name, count = entry["topic"], entry["count"]
+        async def act(entry: dict[str, Any]) -> int | None:
+            decide = functools.partial(
+                create_partitions,
+                name=entry["topic"],
+                count=entry["count"],
+                partitions_max=self.limits.partitions_per_topic_max,
+            )
+            return await self._commit_or_check(decide, body["validate_only"])
 
-            def decide(image: MetadataImage, name: str = name, count: int = count) -> Decision:
-                return create_partitions(
-                    image, name, count, partitions_max=self.limits.partitions_per_topic_max
-                )
-
-            try:
-                if body["validate_only"]:
-                    decision = decide(self.controller.image)
-                    if isinstance(decision, DwalError):
-                        raise decision
-                else:
-                    last = await self.controller.submit(decide)
-                results.append({"topic": name, "error_code": 0})
-            except DwalError as error:
-                if error.code == ErrorCode.NOT_CONTROLLER:
-                    raise
-                results.append({"topic": name, **_error_fields(error)})
-        return {"topics": results, "metadata_offset": last}
+        return await self._each_topic(body["topics"], lambda entry: entry["topic"], act)
 
     async def alter_configs(self, body: dict[str, Any]) -> dict[str, Any]:
         name = body["topic"]
