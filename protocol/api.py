@@ -97,11 +97,25 @@ REQUESTS: dict[ApiKey, Struct] = {
         max_wait_ms=(INT, 500),
         min_bytes=(INT, 1),
         max_bytes=(INT, 50 * 1024 * 1024),
+        # A follower broker: its id and broker epoch (consumers: -1). A follower reads up to
+        # the log end, a consumer below the high watermark.
+        replica_id=(INT, -1),
+        broker_epoch=(INT, -1),
         topics=ListOf(
             Struct(
                 topic=STR,
                 partitions=ListOf(
-                    Struct(partition=INT, fetch_offset=INT, max_bytes=(INT, 1024 * 1024))
+                    Struct(
+                        partition=INT,
+                        fetch_offset=INT,
+                        max_bytes=(INT, 1024 * 1024),
+                        # the leader epoch the fetcher believes current (-1: not checked);
+                        # older: FENCED_LEADER_EPOCH, newer: UNKNOWN_LEADER_EPOCH
+                        current_leader_epoch=(INT, -1),
+                        # a follower: the epoch of its last batch (-1: none); a log that
+                        # diverged gets diverging_epoch in the answer instead of records
+                        last_fetched_epoch=(INT, -1),
+                    )
                 ),
             ),
             length_max=10_000,
@@ -274,6 +288,13 @@ RESPONSES: dict[ApiKey, Struct] = {
                         high_watermark=(INT, -1),
                         log_start_offset=(INT, -1),
                         size=(INT, 0),
+                        # to a follower whose log diverged: the largest epoch of the leader
+                        # not above its last fetched epoch, and where that epoch ends; the
+                        # follower truncates there and fetches again
+                        diverging_epoch=(Optional(Struct(epoch=INT, end_offset=INT)), None),
+                        # the leader as this broker knows it (-1: not said)
+                        leader_id=(INT, -1),
+                        leader_epoch=(INT, -1),
                     )
                 ),
             )

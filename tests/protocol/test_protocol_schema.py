@@ -229,6 +229,8 @@ def test_bool_is_not_an_int_in_a_nested_field():
         "partition": 1,
         "fetch_offset": 0,
         "max_bytes": 1024 * 1024,
+        "current_leader_epoch": -1,
+        "last_fetched_epoch": -1,
     }
     assert checked["max_wait_ms"] == 500
 
