@@ -18,7 +18,11 @@ Theory of operation. Loading runs explicit passes over the directory:
    later segment is deleted; so are they when a recovered segment's offsets run into the next
    segment's. Gaps in offsets are not damage: compaction leaves them;
 4. make what recovery kept durable (fdatasync, directory fsync) and record the new recovery
-   point, so that the whole log is durable when loading returns.
+   point, so that the whole log is durable when loading returns;
+5. load the leader-epoch cache from its checkpoint (rebuilt from the batch headers when the
+   file is missing or unreadable) and the high watermark checkpoint, and clip both to the
+   recovered log: epochs starting at or after its end are dropped, the first one starts at
+   the log start, and the high watermark lies in [log start, log end].
 """
 
 from __future__ import annotations
@@ -32,10 +36,13 @@ from dataclasses import dataclass
 from .checkpoint import (
     TEMPORARY_SUFFIX,
     fsync_directory,
+    write_atomically,
     read_offset_checkpoint,
     write_offset_checkpoint,
 )
+from .batch_scanner import iterate_headers
 from .errors import StorageError
+from .leader_epoch_cache import LeaderEpochCache, parse_checkpoint
 from .log_config import LogConfig
 from .segment import (
     CLEANED_SUFFIX,
@@ -51,6 +58,8 @@ from .segment import (
 
 CLEAN_SHUTDOWN_FILE = ".clean-shutdown"
 RECOVERY_POINT_FILE = "recovery-point"
+HIGH_WATERMARK_FILE = "high-watermark"
+LEADER_EPOCH_CHECKPOINT_FILE = "leader-epoch-checkpoint"
 _SEGMENT_FILE_PATTERN = re.compile(r"([0-9]{20})(\.log|\.index|\.timeindex)")
 _SWAP_FILE_PATTERN = re.compile(r"([0-9]{20})\.log\.swap")
 
@@ -61,6 +70,8 @@ logger = logging.getLogger("dwal.storage")
 class LoadedSegments:
     segments: list[Segment]  # in offset order, the last one active, everything durable
     recovered_after_crash: bool  # not shut down cleanly: segments were checked batch by batch
+    leader_epochs: LeaderEpochCache  # clipped to the log, and checkpointed as it is
+    high_watermark: int | None  # the checkpointed one clipped to the log, None if none
 
 
 def load_segments(directory: pathlib.Path, config: LogConfig, *, now_ms: int) -> LoadedSegments:
@@ -93,11 +104,50 @@ def load_segments(directory: pathlib.Path, config: LogConfig, *, now_ms: int) ->
                 segments[-1].next_offset,
             )
         _set_rolling_baseline(segments[-1], now_ms)
+        leader_epochs = _load_leader_epochs(directory, segments)
+        high_watermark = read_offset_checkpoint(directory / HIGH_WATERMARK_FILE)
     except (OSError, StorageError) as error:
         for segment in segments:
             segment.close()
         raise StorageError(f"cannot load {directory}: {error}") from error
-    return LoadedSegments(segments, recovered_after_crash=not clean and bool(bases))
+    if high_watermark is not None:
+        high_watermark = min(max(high_watermark, segments[0].base_offset), segments[-1].next_offset)
+    return LoadedSegments(
+        segments,
+        recovered_after_crash=not clean and bool(bases),
+        leader_epochs=leader_epochs,
+        high_watermark=high_watermark,
+    )
+
+
+def _load_leader_epochs(directory: pathlib.Path, segments: list[Segment]) -> LeaderEpochCache:
+    """Read the leader-epoch checkpoint, or rebuild it from the batch headers; clip it to
+    the log and rewrite it if that changed anything."""
+    path = directory / LEADER_EPOCH_CHECKPOINT_FILE
+    try:
+        cache = parse_checkpoint(path.read_bytes())
+    except FileNotFoundError:
+        cache = None
+    changed = cache is None
+    if cache is None:
+        cache = _rebuild_leader_epochs(segments)
+        logger.debug("%s: rebuilt the leader-epoch cache from the batch headers", directory)
+    changed |= cache.truncate_from_end(segments[-1].next_offset)
+    changed |= cache.truncate_from_start(segments[0].base_offset)
+    if changed:
+        write_atomically(path, cache.checkpoint_bytes())
+    return cache
+
+
+def _rebuild_leader_epochs(segments: list[Segment]) -> LeaderEpochCache:
+    """Scan every batch header: each epoch starts at its first batch. An epoch below the
+    latest one (a log written before epochs were checked) is skipped, as Kafka does."""
+    cache = LeaderEpochCache()
+    for segment in segments:
+        for _, header in iterate_headers(segment.log_fd, 0, segment.size_bytes):
+            if header.partition_leader_epoch > cache.latest_epoch:
+                cache.assign(header.partition_leader_epoch, header.base_offset)
+    return cache
 
 
 def _interval(config: LogConfig) -> int:

@@ -56,6 +56,12 @@ class OffsetIndex:
             return None
         return self.base_offset + self._relative_offsets[-1], self._positions[-1]
 
+    def truncate_to(self, offset: int) -> None:
+        """Forget the entries at or above `offset`, in memory (rewrite the file next)."""
+        keep = bisect.bisect_left(self._relative_offsets, max(offset - self.base_offset, 0))
+        del self._relative_offsets[keep:]
+        del self._positions[keep:]
+
     def clear(self) -> None:
         """Forget every entry in memory (the file is rewritten later with `write_file`)."""
         del self._relative_offsets[:]

@@ -27,6 +27,23 @@ thread and swaps each result in, in one synchronous step, for the segment it was
 retention (cleanup.policy=delete) deletes the oldest segments. Offsets strictly increase
 but, after compaction, may have gaps: a read of an offset in a gap starts at the next batch.
 
+Replicas. By default the log derives its high watermark as above (a single node). Opened
+with `high_watermark_managed_externally` (or switched by `manage_high_watermark_externally`)
+it leaves that to the replica layer: appends and fsyncs never move it, `set_high_watermark`
+moves it forward (clipped to the log end) and only `truncate_to` moves it back. The layer
+learns that the log end or the durable offset moved from `progress_event`. The high
+watermark is checkpointed (`high-watermark`) at `flush` (with the recovery point, at most
+every 10 s), at `write_high_watermark_checkpoint`, at truncation and at close, and restored
+on open, clipped to the recovered log: a stale checkpoint only lags, which is safe (the
+leader tells followers the real one; a leader recomputes it from its followers). The
+leader-epoch cache (`leader_epoch_cache`) records where each leader epoch starts; it is
+checkpointed (`leader-epoch-checkpoint`) at every change, before the batches that carry a
+new epoch are written, so that after a crash it can only hold too much, which loading clips
+to the recovered log end. A leader appends with `append(..., leader_epoch=E)`; a follower
+copies the leader's batches with `append_as_follower` (offsets and epochs kept) and reads
+nothing itself, while the leader serves it with `read(..., up_to="log_end")`; a follower
+whose log diverged cuts it with `truncate_to` (fsynced before it returns).
+
 All state changes happen in synchronous code in the trio thread; worker threads only run
 blocking system calls on duplicated file descriptors (or on files they create themselves),
 so closing or deleting a segment meanwhile cannot pull a descriptor from under them.
@@ -43,7 +60,7 @@ import shutil
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Literal
 
 import trio
 from sortedcontainers import SortedDict
@@ -61,6 +78,7 @@ from .checkpoint import fsync_directory, write_atomically, write_offset_checkpoi
 from .errors import CorruptRecordError, OffsetOutOfRangeError, RecordTooLargeError, StorageError
 from .fetch_slice import FetchSlice
 from .fsync_runner import FsyncRunner
+from .leader_epoch_cache import LeaderEpochCache
 from .log_cleaner import (
     NOTHING_CLEANED,
     CleanedSegment,
@@ -77,13 +95,20 @@ from .log_cleaner import (
 from broker.limits import Limits
 
 from .log_config import LogConfig
-from .log_loader import CLEAN_SHUTDOWN_FILE, RECOVERY_POINT_FILE, load_segments
+from .log_loader import (
+    CLEAN_SHUTDOWN_FILE,
+    HIGH_WATERMARK_FILE,
+    LEADER_EPOCH_CHECKPOINT_FILE,
+    RECOVERY_POINT_FILE,
+    load_segments,
+)
 from .segment import Segment
 
 RECOVERY_POINT_INTERVAL_SECONDS = 10.0
 logger = logging.getLogger("dwal.storage")
 _BASE_OFFSET = struct.Struct(">q")
 _LEADER_EPOCH = struct.Struct(">i")
+ReadLimit = Literal["high_watermark", "log_end"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -105,6 +130,7 @@ class LogStatistics:
     size_bytes: int
     segment_count: int
     pending_sync_waiters: int
+    latest_leader_epoch: int  # -1 while no batch carries one
 
 
 class PartitionLog:
@@ -120,6 +146,9 @@ class PartitionLog:
         segments: list[Segment],
         *,
         fsync_runner: FsyncRunner | None = None,
+        leader_epochs: LeaderEpochCache | None = None,
+        high_watermark_managed_externally: bool = False,
+        restored_high_watermark: int | None = None,
     ):
         self._directory = directory
         self._fsync_runner = fsync_runner
@@ -134,7 +163,17 @@ class PartitionLog:
         self._high_watermark = end
         self._high_watermark_segment = self._active
         self._high_watermark_position = self._active.size_bytes
+        self._leader_epochs = leader_epochs if leader_epochs is not None else LeaderEpochCache()
+        self._high_watermark_managed_externally = high_watermark_managed_externally
+        self.restored_high_watermark = restored_high_watermark
+        if high_watermark_managed_externally:
+            restored = self.log_start_offset
+            if restored_high_watermark is not None:
+                restored = min(max(restored_high_watermark, restored), end)
+            self._place_high_watermark(restored)
         self._new_data_event = trio.Event()
+        self._progress_event = trio.Event()
+        self._truncation_generation = 0  # counts truncate_to calls
         self._sync_done: trio.Event | None = None
         self._unsynced_segments: list[Segment] = []  # rolled since the last fsync
         self._directory_changed = False  # a segment was created since the last fsync
@@ -163,14 +202,27 @@ class PartitionLog:
         *,
         now_ms: int,
         fsync_runner: FsyncRunner | None = None,
+        high_watermark_managed_externally: bool = False,
     ) -> PartitionLog:
         """Open the log in `directory` (created if missing), recovering it after a crash.
-        Group-commit fsyncs run in `fsync_runner` while it runs (see `wait_durable`).
+        Group-commit fsyncs run in `fsync_runner` while it runs (see `wait_durable`). With
+        `high_watermark_managed_externally` the log starts in replica-managed mode (see
+        `manage_high_watermark_externally`) at its checkpointed high watermark, clipped to
+        [log start, log end] (the log start without a checkpoint); otherwise the high
+        watermark starts at the log end, as everything is durable.
 
         Returns the log with everything in it durable. Raises StorageError. Blocking.
         """
         loaded = load_segments(directory, config, now_ms=now_ms)
-        log = cls(directory, config, loaded.segments, fsync_runner=fsync_runner)
+        log = cls(
+            directory,
+            config,
+            loaded.segments,
+            fsync_runner=fsync_runner,
+            leader_epochs=loaded.leader_epochs,
+            high_watermark_managed_externally=high_watermark_managed_externally,
+            restored_high_watermark=loaded.high_watermark,
+        )
         log.recovered_after_crash = loaded.recovered_after_crash
         return log
 
@@ -220,6 +272,34 @@ class PartitionLog:
         """An event set (and then replaced by a fresh one) when the high watermark advances."""
         return self._new_data_event
 
+    @property
+    def progress_event(self) -> trio.Event:
+        """An event set (and then replaced by a fresh one) whenever the log end offset or the
+        durable offset moves (an append, an fsync completing, a truncation). The replica
+        layer of a leader waits on it to recompute the high watermark: take the event, read
+        the offsets, then `await event.wait()` - no change between the two can be missed."""
+        return self._progress_event
+
+    @property
+    def high_watermark_managed_externally(self) -> bool:
+        return self._high_watermark_managed_externally
+
+    @property
+    def leader_epochs(self) -> LeaderEpochCache:
+        """The log's leader-epoch history. Read it only: the log changes it (appends,
+        truncations, retention) and checkpoints every change."""
+        return self._leader_epochs
+
+    @property
+    def latest_leader_epoch(self) -> int:
+        """The epoch of the last batch that carried one, or -1."""
+        return self._leader_epochs.latest_epoch
+
+    def end_offset_for_leader_epoch(self, epoch: int) -> tuple[int, int]:
+        """OffsetsForLeaderEpoch: (largest epoch <= `epoch`, its end offset); see
+        `LeaderEpochCache.end_offset_for`. (-1, -1) when undefined."""
+        return self._leader_epochs.end_offset_for(epoch, self.log_end_offset)
+
     def statistics(self) -> LogStatistics:
         return LogStatistics(
             log_start_offset=self.log_start_offset,
@@ -229,13 +309,14 @@ class PartitionLog:
             size_bytes=self._size_bytes,
             segment_count=len(self._segments),
             pending_sync_waiters=self._pending_sync_waiters,
+            latest_leader_epoch=self._leader_epochs.latest_epoch,
         )
 
     def update_config(self, config: LogConfig) -> None:
         """Apply new settings; they govern the next appends, rolls and retention passes."""
         self._config = config
         self._active.index_interval_bytes = config.index_interval_bytes
-        if config.fsync != "always":
+        if config.fsync != "always" and not self._high_watermark_managed_externally:
             self._advance_high_watermark(self.log_end_offset)
 
     # Appending.
@@ -251,7 +332,12 @@ class PartitionLog:
         max.message.bytes is refused. Returns where they went. Raises CorruptRecordError (bad
         length, magic or CRC), RecordTooLargeError (a batch above a limit; nothing written),
         or StorageError (the disk failed; the log is then offline, unless nothing was
+        written), LeaderEpochError (`leader_epoch` is below the log's latest epoch; nothing
         written).
+
+        `leader_epoch` is stamped in every batch and, when it is new (above the latest),
+        recorded in the leader-epoch cache at the first appended offset; the cache's
+        checkpoint is written (blocking, once per new epoch) before the batches.
         """
         # patched in place: a bytearray, or a writable view (a received frame's tail)
         assert isinstance(batches, bytearray) or not batches.readonly
@@ -259,10 +345,10 @@ class PartitionLog:
         self._check_usable()
         scanned = self._validate(batches)
         base_offset = self.log_end_offset
+        self._leader_epochs.check_assignable(leader_epoch, base_offset)
         headers = _assign_offsets(batches, scanned, base_offset, leader_epoch)
-        self._write_rolling(memoryview(batches), headers, now_ms)
-        if self._config.fsync != "always":
-            self._advance_high_watermark(self.log_end_offset)
+        self._update_leader_epochs(lambda cache: cache.assign(leader_epoch, base_offset))
+        self._write_appended(memoryview(batches), headers, now_ms)
         return AppendInfo(
             base_offset=base_offset,
             last_offset=self.log_end_offset - 1,
@@ -270,7 +356,97 @@ class PartitionLog:
             log_start_offset=self.log_start_offset,
         )
 
-    def _validate(self, batches: bytearray | memoryview) -> list[ScannedBatch]:
+    def append_as_follower(
+        self, batches: bytes | bytearray | memoryview, *, now_ms: int
+    ) -> AppendInfo:
+        """Append batches copied from the leader as they are: their offsets and leader
+        epochs are kept (nothing is patched), and each new epoch goes to the leader-epoch
+        cache (checkpointed before the batches are written).
+
+        Every batch is checked before anything is written, as by `append` (length, magic,
+        CRC, sizes); offsets must strictly increase, and the first batch must start at the
+        log end offset or after it (a gap only arises where compaction on the leader removed
+        records; never an overlap). In replica-managed mode the high watermark does not move
+        (the leader tells it); otherwise it moves as after `append`. Returns the offsets of
+        the first and last appended records. Raises CorruptRecordError, RecordTooLargeError,
+        StorageError (offsets that overlap the log or go back; a failing disk, as `append`),
+        LeaderEpochError (an epoch below the log's latest, or going back between batches).
+        """
+        self._check_usable()
+        scanned = self._validate(batches)
+        headers = [(batch.position, batch.header) for batch in scanned]
+        self._check_follower_offsets(headers)
+        epochs = LeaderEpochCache(self._leader_epochs.entries())
+        for _, header in headers:
+            epochs.assign(header.partition_leader_epoch, header.base_offset)  # may raise
+
+        def assign_epochs(cache: LeaderEpochCache) -> bool:
+            changed = False
+            for _, header in headers:
+                changed |= cache.assign(header.partition_leader_epoch, header.base_offset)
+            return changed
+
+        self._update_leader_epochs(assign_epochs)
+        self._write_appended(memoryview(batches), headers, now_ms)
+        return AppendInfo(
+            base_offset=headers[0][1].base_offset,
+            last_offset=headers[-1][1].last_offset,
+            log_append_time=-1,
+            log_start_offset=self.log_start_offset,
+        )
+
+    def _check_follower_offsets(self, headers: list[tuple[int, BatchHeader]]) -> None:
+        """Raise StorageError unless the batches' offsets strictly increase from the log end
+        offset on."""
+        expected = self.log_end_offset
+        for _, header in headers:
+            if header.base_offset < expected:
+                raise StorageError(
+                    f"a follower append at offset {header.base_offset} overlaps "
+                    f"{self._directory.name}, which expects offset {expected} or above"
+                )
+            expected = header.next_offset
+        if expected > 2**63 - 1:
+            raise StorageError(f"offset {expected - 1} is beyond the largest offset")
+
+    def _write_appended(
+        self, data: memoryview, headers: list[tuple[int, BatchHeader]], now_ms: int
+    ) -> None:
+        """Write the batches (offsets assigned), then publish them: the high watermark moves
+        in the default mode unless fsync=always, and progress is signalled. Raises
+        StorageError; a write that stored nothing drops the epochs it recorded."""
+        end_before = self.log_end_offset
+        try:
+            self._write_rolling(data, headers, now_ms)
+        except StorageError:
+            if self._failure is None and self.log_end_offset == end_before:
+                self._update_leader_epochs(lambda cache: cache.truncate_from_end(end_before))
+            raise
+        finally:
+            if self.log_end_offset != end_before:
+                self._signal_progress()
+        if self._config.fsync != "always" and not self._high_watermark_managed_externally:
+            self._advance_high_watermark(self.log_end_offset)
+
+    def _update_leader_epochs(self, change: Callable[[LeaderEpochCache], bool]) -> None:
+        """Apply `change` to the leader-epoch cache and, if it changed anything, write the
+        checkpoint. Blocking (a small file, fsynced) but rare: once per new epoch or
+        truncation. Raises StorageError (the log is then offline)."""
+        if not change(self._leader_epochs):
+            return
+        try:
+            write_atomically(
+                self._directory / LEADER_EPOCH_CHECKPOINT_FILE,
+                self._leader_epochs.checkpoint_bytes(),
+            )
+        except OSError as error:
+            raise self._fail(f"cannot write the leader-epoch checkpoint: {error}") from error
+
+    def _signal_progress(self) -> None:
+        self._progress_event.set()
+        self._progress_event = trio.Event()
+
+    def _validate(self, batches: bytes | bytearray | memoryview) -> list[ScannedBatch]:
         """Return the scanned batches. Raises CorruptRecordError or RecordTooLargeError."""
         if not batches:
             raise CorruptRecordError("an append needs at least one record batch")
@@ -303,13 +479,15 @@ class PartitionLog:
         run: list[tuple[int, BatchHeader]] = []  # (position in the run, header)
         for position, header in headers:
             fill = self._active.size_bytes + position - run_start
-            if fill > 0 and (
-                fill + header.size_bytes > self._config.segment_bytes
-                or not self._active.fits_offsets(header.last_offset)
-                or (position == 0 and self._is_old(self._active, now_ms))
-            ):
+            if (
+                fill > 0
+                and (
+                    fill + header.size_bytes > self._config.segment_bytes
+                    or (position == 0 and self._is_old(self._active, now_ms))
+                )
+            ) or not self._active.fits_offsets(header.last_offset):
                 self._write_run(data[run_start:position], run, now_ms, partial=run_start > 0)
-                self._roll()
+                self._roll(header.base_offset)  # a follower's batch may follow a gap
                 run_start, run = position, []
             run.append((position - run_start, header))
         self._write_run(data[run_start:], run, now_ms, partial=run_start > 0)
@@ -352,14 +530,15 @@ class PartitionLog:
         self._roll()
         return True
 
-    def _roll(self) -> None:
-        """Start a new active segment at the log end offset. Raises StorageError."""
+    def _roll(self, base_offset: int | None = None) -> None:
+        """Start a new active segment at `base_offset` (by default the log end offset).
+        Raises StorageError."""
         previous = self._active
         try:
             previous.finalize()
             segment = Segment.create(
                 self._directory,
-                previous.next_offset,
+                previous.next_offset if base_offset is None else base_offset,
                 index_interval_bytes=self._config.index_interval_bytes,
             )
         except OSError as error:
@@ -381,12 +560,18 @@ class PartitionLog:
         abandoned, so that caller returns only once the disk has answered.
         """
         assert offset <= self.log_end_offset, "cannot wait for offsets not yet appended"
+        generation = self._truncation_generation
         self._pending_sync_waiters += 1
         try:
             if self._durable_offset >= offset:
                 await trio.lowlevel.checkpoint()
             while self._durable_offset < offset:
                 self._check_usable()
+                if self._truncation_generation != generation:
+                    # truncate_to makes everything it keeps durable: `offset` was removed
+                    raise StorageError(
+                        f"offset {offset - 1} of {self._directory.name} was truncated away"
+                    )
                 if self._sync_done is None:
                     sync = self._begin_sync()
                     if self._fsync_runner is None or not self._fsync_runner.start_soon(
@@ -404,6 +589,7 @@ class PartitionLog:
         of its files taken now, in the trio thread) and return the coroutine function that
         runs it. Callers arriving meanwhile wait on `_sync_done`. Raises StorageError."""
         done = self._sync_done = trio.Event()
+        generation = self._truncation_generation
         target_offset = self.log_end_offset
         target_segment, target_position = self._active, self._active.size_bytes
         rolled = [segment for segment in self._unsynced_segments if not segment.is_closed]
@@ -438,7 +624,8 @@ class PartitionLog:
                     self._directory if directory_changed else None,
                 )
                 synced = True
-                self._mark_durable(target_offset, target_segment, target_position)
+                if generation == self._truncation_generation:  # else what it covered may be gone
+                    self._mark_durable(target_offset, target_segment, target_position)
             except OSError as error:
                 failure = self._fail(f"cannot fsync {self._directory}: {error}")
                 if raise_errors:
@@ -452,7 +639,8 @@ class PartitionLog:
     def _mark_durable(self, offset: int, segment: Segment, position: int) -> None:
         if offset > self._durable_offset:
             self._durable_offset = offset
-        if self._config.fsync == "always":
+            self._signal_progress()
+        if self._config.fsync == "always" and not self._high_watermark_managed_externally:
             self._advance_high_watermark(offset, segment, position)
 
     def _advance_high_watermark(
@@ -470,9 +658,61 @@ class PartitionLog:
         self._new_data_event.set()
         self._new_data_event = trio.Event()
 
+    # The high watermark in replica-managed mode.
+
+    def manage_high_watermark_externally(self, *, high_watermark: int | None = None) -> None:
+        """Switch to replica-managed mode: from now on appends and fsyncs never move the
+        high watermark; only `set_high_watermark` (forward) and `truncate_to` (back) do.
+        `high_watermark`, if given, is where it starts (clipped to [log start, log end]; it
+        may be below the current one: a log opened in the default mode whose replica layer
+        restores `restored_high_watermark`); otherwise it stays where it is. Idempotent."""
+        self._high_watermark_managed_externally = True
+        if high_watermark is not None:
+            offset = min(max(high_watermark, self.log_start_offset), self.log_end_offset)
+            self._place_high_watermark(offset)
+
+    def set_high_watermark(self, offset: int) -> int:
+        """Move the high watermark forward to `offset`, clipped to the log end offset (never
+        back: a lower offset changes nothing), and wake the fetchers waiting on
+        `new_data_event`. Replica-managed mode only. Returns the high watermark. Reads the
+        batch headers from the closest index entry when `offset` is not the log end. The
+        checkpoint is written by `flush`, `write_high_watermark_checkpoint` and `close`."""
+        assert self._high_watermark_managed_externally, "the log manages its high watermark"
+        offset = min(offset, self.log_end_offset)
+        if offset > self._high_watermark:
+            self._place_high_watermark(offset)
+            self._new_data_event.set()
+            self._new_data_event = trio.Event()
+        return self._high_watermark
+
+    def _place_high_watermark(self, offset: int) -> None:
+        """Put the high watermark at `offset` (forward or back) with its file position: the
+        start of the batch holding it (a batch straddling it is not readable yet)."""
+        assert self.log_start_offset <= offset <= self.log_end_offset
+        self._high_watermark = offset
+        if offset == self.log_end_offset:
+            segment, position = self._active, self._active.size_bytes
+        else:
+            segment = self._segment_holding(offset)
+            found = segment.find_batch(offset, segment.size_bytes)
+            position = segment.size_bytes if found is None else found[0]
+        self._high_watermark_segment = segment
+        self._high_watermark_position = position
+
+    async def write_high_watermark_checkpoint(self) -> None:
+        """Record the high watermark in the `high-watermark` file (in a worker thread).
+        Raises StorageError. Safe to cancel (the write then completes unseen)."""
+        self._check_usable()
+        path = self._directory / HIGH_WATERMARK_FILE
+        try:
+            await trio.to_thread.run_sync(write_offset_checkpoint, path, self._high_watermark)
+        except OSError as error:
+            raise StorageError(f"cannot checkpoint {self._directory}: {error}") from error
+
     async def flush(self) -> None:
         """Make the whole log durable (`wait_durable(log_end_offset)`), then record the
-        recovery point if it was last recorded 10 s ago or more. Raises StorageError."""
+        recovery point and the high watermark if they were last recorded 10 s ago or more.
+        Raises StorageError."""
         await self.wait_durable(self.log_end_offset)
         now = trio.current_time()
         last = self._last_checkpoint_time
@@ -482,8 +722,9 @@ class PartitionLog:
             return
         self._checkpoint_running = True
         try:
-            path = self._directory / RECOVERY_POINT_FILE
-            await trio.to_thread.run_sync(write_offset_checkpoint, path, self._durable_offset)
+            await trio.to_thread.run_sync(
+                _write_checkpoints, self._directory, self._durable_offset, self._high_watermark
+            )
             self._last_checkpoint_time = now
         except OSError as error:
             raise StorageError(
@@ -492,28 +733,112 @@ class PartitionLog:
         finally:
             self._checkpoint_running = False
 
+    # Truncation.
+
+    def truncate_to(self, offset: int) -> None:
+        """Remove every batch at or after `offset`, which must be a batch's base offset, the
+        log end (nothing to do), or an offset in a gap left by compaction (the log then ends
+        after the last batch before it). The later segments are deleted (renamed `.deleted`,
+        removed by `delete_pending_files`), the segment holding `offset` is cut and becomes
+        the active one, its indexes keep their entries below `offset` and are rewritten;
+        then everything left is fsynced (log files, indexes, directory), so the durable
+        offset and the recovery point become the new log end. The leader-epoch cache drops
+        the epochs starting at or after the new end, and the high watermark comes down to
+        it if it was above (the one way it goes back); both checkpoints are written.
+
+        An fsync already running when truncation starts no longer counts; `wait_durable`
+        callers waiting for removed offsets raise StorageError; a compaction running meanwhile
+        installs nothing. Readers holding slices of removed batches may see them cut short.
+
+        Raises OffsetOutOfRangeError outside [log_start_offset, log_end_offset], StorageError
+        for an offset inside a batch (nothing is changed), or a failing disk (the log is then
+        offline). Blocking: ftruncate and a few fsyncs; call it only when logs diverge.
+        """
+        self._check_usable()
+        self._check_in_range(offset)
+        if offset == self.log_end_offset:
+            return
+        segment = self._segment_holding(offset)
+        found = segment.find_batch(offset, segment.size_bytes)
+        position, cut_offset = segment.size_bytes, offset
+        if found is not None:
+            position, header = found
+            if header.base_offset < offset:
+                raise StorageError(
+                    f"cannot truncate {self._directory.name} to offset {offset}: it is inside "
+                    f"the batch of offsets {header.base_offset}-{header.last_offset}"
+                )
+            cut_offset = header.base_offset
+        self._truncation_generation += 1
+        try:
+            self._cut_segments(segment, position, cut_offset)
+            self._sync_after_truncation()
+        except (OSError, StorageError) as error:
+            raise self._fail(f"cannot truncate to offset {offset}: {error}") from error
+        end = self.log_end_offset
+        self._durable_offset = end
+        self._first_dirty_offset = min(self._first_dirty_offset, end)
+        self._update_leader_epochs(lambda cache: cache.truncate_from_end(end))
+        self._place_high_watermark(min(self._high_watermark, end))
+        if not self._high_watermark_managed_externally:
+            self._advance_high_watermark(end)  # everything left is durable
+        try:
+            _write_checkpoints(self._directory, end, self._high_watermark)
+        except OSError as error:
+            raise self._fail(f"cannot checkpoint after truncation: {error}") from error
+        self._signal_progress()
+
+    def _cut_segments(self, segment: Segment, position: int, cut_offset: int) -> None:
+        """Delete the segments after `segment`, cut it at `position` (where `cut_offset`
+        starts) and make it the active segment. Raises OSError, StorageError."""
+        for base_offset in list(self._segments.irange(minimum=segment.base_offset + 1)):
+            self._remove_segment(self._segments[base_offset], now_ms=0)
+        self._size_bytes -= segment.size_bytes
+        segment.truncate_to(position, cut_offset)
+        self._size_bytes += segment.size_bytes
+        if segment in self._unsynced_segments:
+            self._unsynced_segments.remove(segment)
+        segment.activate()
+        self._active = segment
+        self._directory_changed = True
+
+    def _sync_after_truncation(self) -> None:
+        """fsync every segment not yet synced, the cut one and the directory. Blocking."""
+        for segment in (*self._unsynced_segments, self._active):
+            if not segment.is_closed:
+                os.fdatasync(segment.log_fd)
+                segment.sync_index_files()
+        fsync_directory(self._directory)
+        self._unsynced_segments, self._directory_changed = [], False
+
     # Reading.
 
-    def read(self, fetch_offset: int, max_bytes: int) -> FetchSlice:
+    def read(
+        self, fetch_offset: int, max_bytes: int, *, up_to: ReadLimit = "high_watermark"
+    ) -> FetchSlice:
         """Return a slice of one segment starting at the batch holding `fetch_offset` (or the
         first batch after it, when compaction removed it).
 
         The slice holds whole batches up to `max_bytes`, except that the first batch is
-        always whole and the last one may be cut short; it never goes past the high
-        watermark. It is empty at the high watermark. The caller must `close()` it. Raises
-        OffsetOutOfRangeError outside [log_start_offset, high_watermark], StorageError if
-        the file is inconsistent.
+        always whole and the last one may be cut short; it never goes past `up_to`: the
+        high watermark (consumers) or the log end (followers: everything appended, durable
+        or not). It is empty from that limit to the log end (a consumer at or above the high
+        watermark waits for it). The caller must `close()` it. Raises OffsetOutOfRangeError
+        outside [log_start_offset, log_end_offset], StorageError if the file is
+        inconsistent.
         """
         assert max_bytes >= 0 and not self._closed
+        assert up_to in ("high_watermark", "log_end")
         self._check_in_range(fetch_offset)
-        if fetch_offset == self._high_watermark:
+        limit = self._high_watermark if up_to == "high_watermark" else self.log_end_offset
+        if fetch_offset >= limit:
             return FetchSlice.empty()
         first_base = self._segment_holding(fetch_offset).base_offset
         for base_offset in self._segments.irange(minimum=first_base):
-            if base_offset >= self._high_watermark:
+            if base_offset >= limit:
                 break
             segment = self._segments[base_offset]
-            end = self._readable_end(segment)
+            end = self._readable_end(segment) if up_to == "high_watermark" else segment.size_bytes
             # An offset in a gap left by compaction reads from the next batch, maybe in the
             # next segment. None at all below the high watermark only when compaction removed
             # the end of the segment that holds the high watermark: the slice is then empty.
@@ -572,9 +897,9 @@ class PartitionLog:
             os.close(descriptor)
 
     def _check_in_range(self, offset: int) -> None:
-        if not self.log_start_offset <= offset <= self._high_watermark:
+        if not self.log_start_offset <= offset <= self.log_end_offset:
             raise OffsetOutOfRangeError(
-                f"offset {offset} is outside [{self.log_start_offset}, {self._high_watermark}]"
+                f"offset {offset} is outside [{self.log_start_offset}, {self.log_end_offset}]"
                 f" in {self._directory.name}"
             )
 
@@ -626,6 +951,9 @@ class PartitionLog:
                 break
             self._remove_segment(oldest, now_ms)
             removed += 1
+        if removed:
+            start = self.log_start_offset
+            self._update_leader_epochs(lambda cache: cache.truncate_from_start(start))
         return removed
 
     def _is_expired(self, segment: Segment, now_ms: int) -> bool:
@@ -697,6 +1025,7 @@ class PartitionLog:
         async with self._compaction_lock:
             self._check_usable()
             originals = list(self._segments.values())
+            generation = self._truncation_generation
             plan = self._plan_compaction(now_ms, keys_max)
             if plan is None:
                 return NOTHING_CLEANED
@@ -711,6 +1040,10 @@ class PartitionLog:
             finally:
                 for source in plan.sources:
                     os.close(source.fd)
+            if generation != self._truncation_generation:  # truncate_to changed the segments
+                for cleaned in outcome.cleaned:
+                    discard_cleaned(self._directory, cleaned)
+                return NOTHING_CLEANED
             return self._install_cleaned(plan, originals, outcome)
 
     def _plan_compaction(self, now_ms: int, keys_max: int) -> CleaningPlan | None:
@@ -841,7 +1174,7 @@ class PartitionLog:
                 segment.sync_index_files()
         fsync_directory(self._directory)
         self._durable_offset = self.log_end_offset
-        write_offset_checkpoint(self._directory / RECOVERY_POINT_FILE, self._durable_offset)
+        _write_checkpoints(self._directory, self._durable_offset, self._high_watermark)
         write_atomically(self._directory / CLEAN_SHUTDOWN_FILE, b"")
 
     def delete(self) -> None:
@@ -887,6 +1220,12 @@ def _assign_offsets(
         headers.append((batch.position, header))
         offset = header.next_offset
     return headers
+
+
+def _write_checkpoints(directory: pathlib.Path, recovery_point: int, high_watermark: int) -> None:
+    """Record the recovery point and the high watermark. Blocking. Raises OSError."""
+    write_offset_checkpoint(directory / RECOVERY_POINT_FILE, recovery_point)
+    write_offset_checkpoint(directory / HIGH_WATERMARK_FILE, high_watermark)
 
 
 def _sync_files(

@@ -255,6 +255,30 @@ class Segment:
         self.write_index_files()
         return removed
 
+    def truncate_to(self, position: int, offset: int) -> None:
+        """Remove the batches from `position` on: a batch boundary, where the batch at
+        `offset` starts. Both indexes keep their entries below `offset` and are rewritten
+        (fsynced) with the index files closed; the batches after the last kept offset index
+        entry are checked again (at most about an index interval) to find the end and the
+        largest timestamp. The caller fsyncs the log file and calls `activate` if the
+        segment goes on taking appends. Raises OSError, StorageError (a damaged batch)."""
+        assert 0 <= position <= self._size_bytes
+        self.offset_index.file.close()
+        self.time_index.file.close()
+        os.ftruncate(self._log_fd, position)
+        self.offset_index.truncate_to(offset)
+        self.time_index.truncate_to(offset)
+        start_offset, start = self.offset_index.last_entry() or (self.base_offset, 0)
+        self._size_bytes = position
+        self._max_timestamp = self.time_index.last_timestamp or NO_TIMESTAMP
+        self._last_batch_offset = None
+        self._bytes_since_index_entry = 0
+        if not self._check_tail(start_offset, start):
+            raise StorageError(f"{self.log_path} is damaged before byte {position}")
+        if self._size_bytes == 0:
+            self.rolling_baseline_ms = None
+        self.write_index_files(sync=True)
+
     def write_index_files(self, suffix: str = "", *, sync: bool = False) -> None:
         """Write both index files from memory, to their names plus `suffix`, and fsync them
         if `sync`. The index files must not be open for appending. Raises OSError."""

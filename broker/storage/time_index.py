@@ -61,6 +61,14 @@ class TimeIndex:
             return self.base_offset
         return self.base_offset + self._relative_offsets[index]
 
+    def truncate_to(self, offset: int) -> None:
+        """Forget the entries for offsets at or above `offset`, in memory (rewrite the file
+        next); the entries kept only describe batches below `offset`."""
+        relative = max(offset - self.base_offset, 0)
+        keep = bisect.bisect_left(self._relative_offsets, relative)
+        del self._timestamps[keep:]
+        del self._relative_offsets[keep:]
+
     def clear(self) -> None:
         del self._timestamps[:]
         del self._relative_offsets[:]

@@ -114,8 +114,9 @@ async def test_reads_are_capped_at_the_high_watermark_until_durable(tmp_path):
     log.append(make_batch(1), now_ms=0)
     assert log.high_watermark == 0 and log.durable_offset == 0
     assert log.read(0, 1000).length == 0
+    assert log.read(1, 1000).length == 0  # between the high watermark and the log end: empty
     with pytest.raises(OffsetOutOfRangeError):
-        log.read(1, 1000)
+        log.read(3, 1000)
     event = log.new_data_event
     await log.wait_durable(log.log_end_offset)
     assert event.is_set() and not log.new_data_event.is_set()
@@ -199,6 +200,7 @@ def test_open_creates_the_directory_and_an_empty_segment(tmp_path):
         "00000000000000000000.index",
         "00000000000000000000.log",
         "00000000000000000000.timeindex",
+        "leader-epoch-checkpoint",  # empty: written once, so that no later open scans
         "recovery-point",
     ]
     assert (log.log_start_offset, log.log_end_offset, log.segment_count) == (0, 0, 1)

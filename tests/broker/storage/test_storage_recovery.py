@@ -164,8 +164,9 @@ def test_damage_in_an_earlier_segment_removes_the_later_ones(crashed_log, tmp_pa
     flip_byte(segments[1], batches[first_in_second][0].size_bytes + 30)
     check_recovered(copy, batches[:damaged])
     assert sorted(copy.glob("*.log")) == segments[:2]
-    # Two segments, the recovery point, the clean-shutdown marker.
-    assert len(list(copy.iterdir())) == 2 * 3 + 2
+    # Two segments, the recovery point, the high watermark, the leader-epoch checkpoint and
+    # the clean-shutdown marker.
+    assert len(list(copy.iterdir())) == 2 * 3 + 4
 
 
 def write_base_offset(batches, segment: Path, in_segment: list[int], victim: int, base: int):
@@ -268,6 +269,8 @@ def test_leftovers_are_removed_on_open(tmp_path):
         "00000000000000000000.index",
         "00000000000000000000.log",
         "00000000000000000000.timeindex",
+        "high-watermark",
+        "leader-epoch-checkpoint",
         "recovery-point",
     ]
     reopened.close()
