@@ -163,10 +163,13 @@ class Admin:
         name: str,
         partitions: int = 1,
         *,
-        replication_factor: int = 1,
+        replication_factor: int = -1,
         configs: dict[str, str] | None = None,
         validate_only: bool = False,
     ) -> None:
+        """Create topic `name` with `partitions` partitions, each with `replication_factor`
+        copies on different brokers; -1 (the default) leaves it to the broker, whose default
+        is min(3, number of brokers)."""
         body = {
             "topics": [
                 {

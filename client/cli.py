@@ -158,8 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--replication-factor",
         "-r",
         type=_positive_int,
-        default=1,
-        help="copies of each partition, on different brokers (default 1)",
+        default=-1,
+        help="copies of each partition, on different brokers (default: the broker's default, "
+        "min(3, number of brokers))",
     )
     create.add_argument(
         "--config",

@@ -10,6 +10,13 @@ What an operator sees when things go wrong, on stderr (stdout carries only recor
   again, one ``note: reading again after N failed attempts`` line. With ``--give-up-after
   SECONDS`` the command exits 1 once polls have failed for that long (the error names the
   last cause, typically NETWORK_EXCEPTION).
+- one partition without a leader (its leader died, LEADER_NOT_AVAILABLE) or whose leader
+  moved, while others are readable: the others are read and printed as usual; the same
+  thresholds apply to that partition's failed attempts, with lines
+  ``warning: ev-1: ... retrying (attempt N)`` and, once it is read again,
+  ``note: ev-1 readable again after N failed attempts``. Its start offset (``--offset
+  earliest|latest``) is resolved once it has a leader; ``--offset N`` is checked against
+  its range only if it has a leader at the start (else a warning says so).
 - a damaged record batch: the records before it are printed, then the command exits 1 with
   an error naming topic, partition and offsets; with ``--skip-corrupt`` it prints
   ``warning: skipped damaged record batch ...`` and goes on.
@@ -30,7 +37,7 @@ import trio
 
 from client.limits import LIMITS
 from client.batch_damage import CorruptRecordError, PartitionVerification, verify_partition
-from client.consumer import Consumer, TopicPartition, list_offsets
+from client.consumer import Consumer, TopicPartition, list_offsets_where_possible
 from client.record_format import RecordFormat, compile_format, render
 from protocol import EARLIEST_TIMESTAMP, LATEST_TIMESTAMP, DwalError, ErrorCode
 
@@ -96,13 +103,54 @@ async def _until(stop: trio.Event, scope: trio.CancelScope) -> None:
 
 
 class _FailureReport:
-    """Turns the consumer's count of failed polls into warning and recovery lines."""
+    """Turns the consumer's count of failed polls, and of each partition's failed attempts,
+    into warning and recovery lines."""
 
     def __init__(self) -> None:
         self.reported = 0
         self.warned = False
+        self.partitions_reported: dict[TopicPartition, int] = {}
+        self.partitions_warned: set[TopicPartition] = set()
 
     def after_poll(self, consumer: Consumer) -> None:
+        self._after_poll(consumer)
+        self._partitions_after_poll(consumer)
+
+    def _partitions_after_poll(self, consumer: Consumer) -> None:
+        """Per partition set aside while the poll itself works (when every partition fails,
+        the poll's own lines say so)."""
+        statistics = consumer.statistics()
+        failing = statistics.failing_partitions
+        now = trio.current_time()
+        for tp, failure in sorted(failing.items()):
+            long_enough = now - failure.failing_since_s >= LIMITS.cli_failing_s_before_warning
+            if (
+                not statistics.failed_polls
+                and (failure.attempts >= LIMITS.cli_failed_polls_before_warning or long_enough)
+                and failure.attempts > self.partitions_reported.get(tp, 0)
+            ):
+                name = f"{tp.topic}-{tp.partition}"
+                error = failure.last_error
+                message = (
+                    error.message
+                    if error.message.startswith(name)
+                    else (f"{name}: {error.message}")
+                )
+                _warn(
+                    f"warning: {message} ({error.code.name}); retrying (attempt {failure.attempts})"
+                )
+                self.partitions_warned.add(tp)
+            self.partitions_reported[tp] = failure.attempts
+        for tp in sorted(self.partitions_warned - set(failing)):
+            attempts = self.partitions_reported.get(tp, 0)
+            _warn(
+                f"note: {tp.topic}-{tp.partition} readable again after {attempts} failed attempts"
+            )
+            self.partitions_warned.discard(tp)
+        for tp in set(self.partitions_reported) - set(failing):
+            del self.partitions_reported[tp]
+
+    def _after_poll(self, consumer: Consumer) -> None:
         statistics = consumer.statistics()
         failed, error = statistics.failed_polls, statistics.last_error
         since = statistics.failing_since_s
@@ -278,9 +326,26 @@ async def apply_start_offset(consumer: Consumer, offset: str) -> None:
     elif offset == "latest":
         await consumer.seek_to_end()
     elif offset.isdigit():
-        starts = await list_offsets(consumer.cluster, consumer.assignment(), EARLIEST_TIMESTAMP)
-        ends = await list_offsets(consumer.cluster, consumer.assignment(), LATEST_TIMESTAMP)
-        for tp in consumer.assignment():
+        assignment = consumer.assignment()
+        starts, failed = await list_offsets_where_possible(
+            consumer.cluster, assignment, EARLIEST_TIMESTAMP
+        )
+        ends, failed_end = await list_offsets_where_possible(
+            consumer.cluster, [tp for tp in assignment if tp not in failed], LATEST_TIMESTAMP
+        )
+        failed.update(failed_end)
+        for tp in assignment:
+            error = failed.get(tp)
+            if error is not None:
+                if not error.retriable:
+                    raise error
+                _warn(
+                    f"warning: {tp.topic}-{tp.partition}: cannot check offset {offset} against "
+                    f"its range now ({error.code.name}); reading from it once it has a leader "
+                    "(from its earliest offset if it is out of range)"
+                )
+                consumer.seek(tp, int(offset))
+                continue
             if not starts[tp] <= int(offset) <= ends[tp]:
                 raise DwalError(
                     ErrorCode.OFFSET_OUT_OF_RANGE,

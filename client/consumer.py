@@ -21,13 +21,21 @@ taking new ones from their committed offsets (on_assigned). Committed offsets ar
 offset to read". With `enable_auto_commit`, positions are committed every
 `auto_commit_interval_ms` (inside poll), before partitions are revoked, and on close.
 
-Failures. A retriable error anywhere in a poll (broker unreachable, leader moved, a partition
-the group assigned that this client's metadata does not know yet, as right after `dwal topic
-add-partitions`) makes that poll return nothing: metadata is refreshed and the next poll
-tries again, after a backoff that doubles from `retry_backoff_ms` up to
-`retry_backoff_max_ms`. `statistics()` counts the consecutive failed polls and keeps the last
-error, so an application can say so; with `give_up_after_ms` a poll raises the last error
-once polls have failed for that long. A damaged record batch (CRC mismatch) is not retried:
+Failures are per partition. A retriable error about one partition (its leader moved:
+NOT_LEADER_OR_FOLLOWER, FENCED_LEADER_EPOCH, UNKNOWN_LEADER_EPOCH; it has no leader for now:
+LEADER_NOT_AVAILABLE, leader -1 in metadata; its leader is unreachable; a partition the group
+assigned that this client's metadata does not know yet) sets that partition aside: it keeps
+its position (or its pending offset reset, resolved through ListOffsets once it has a
+leader), and after a backoff that doubles from `retry_backoff_ms` up to
+`retry_backoff_max_ms` its topic's metadata is refreshed and it is tried again, while the
+other partitions are fetched as usual. `statistics().failing_partitions` says which
+partitions are set aside, since when, how many attempts and the last error. Only when a poll
+reads nothing at all because every partition it tried failed (the cluster is unreachable,
+say) does the poll fail: it returns nothing, cached metadata is dropped, and the next poll
+waits out the same backoff first; `statistics()` counts the consecutive failed polls and
+keeps the last error, so an application can say so; with `give_up_after_ms` a poll raises
+the last error once polls have failed for that long (a single leaderless partition among
+readable ones never makes a poll fail). A damaged record batch (CRC mismatch) is not retried:
 the records before it are returned, then poll raises CorruptRecordError until the
 application seeks past it, or, with `skip_corrupt`, the consumer skips it and reports it in
 `take_skipped()`.
@@ -39,8 +47,8 @@ import bisect
 import collections
 import inspect
 import logging
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
 
 import trio
 
@@ -65,6 +73,15 @@ from protocol import (
 
 
 @dataclass(frozen=True)
+class PartitionFailure:
+    """A partition set aside after retriable errors (no leader, leader moved, unreachable)."""
+
+    attempts: int  # consecutive failed attempts to read it
+    last_error: DwalError
+    failing_since_s: float  # trio clock time of the first of those attempts
+
+
+@dataclass(frozen=True)
 class ConsumerStatistics:
     assigned_partitions: int
     records_returned: int
@@ -72,6 +89,16 @@ class ConsumerStatistics:
     failed_polls: int = 0  # consecutive polls that failed with a retriable error
     last_error: DwalError | None = None  # the error of the last failed poll, if any
     failing_since_s: float | None = None  # trio clock time the first of those polls started
+    # assigned partitions set aside after retriable errors, while others are read
+    failing_partitions: Mapping[TopicPartition, PartitionFailure] = field(default_factory=dict)
+
+
+@dataclass
+class _Trouble:
+    attempts: int
+    last_error: DwalError
+    failing_since_s: float
+    retry_at_s: float  # not tried again (nor its metadata refreshed) before this time
 
 
 class Consumer:
@@ -158,6 +185,13 @@ class Consumer:
         # per leader broker (node id; -1: not known yet), the fetch in flight or answered
         self._fetches_by_leader: dict[int, _Fetch] = {}
         self._fetch_answered = trio.Event()  # set (then replaced) when any fetch finishes
+        # per partition: retriable failures in a row, and when to try it again
+        self._troubles: dict[TopicPartition, _Trouble] = {}
+        # positions to resolve through ListOffsets (with this timestamp) once possible
+        self._pending_resets: dict[TopicPartition, int] = {}
+        self._failed_now: set[TopicPartition] = set()  # partitions that failed in this poll
+        self._all_failing = False  # every assigned partition was failing when the poll began
+        self._poll_error: DwalError | None = None  # the last partition failure of this poll
 
     # -- assignment and positions -------------------------------------------------------
 
@@ -165,6 +199,10 @@ class Consumer:
         """Read exactly these partitions; keeps known positions of ones already assigned."""
         wanted = [TopicPartition(*tp) for tp in partitions]
         self._positions = {tp: self._positions.get(tp) for tp in wanted}
+        self._troubles = {tp: t for tp, t in self._troubles.items() if tp in self._positions}
+        self._pending_resets = {
+            tp: t for tp, t in self._pending_resets.items() if tp in self._positions
+        }
 
     async def assign_topic(self, topic: str) -> list[TopicPartition]:
         """Assign every partition of `topic`; raises DwalError if it does not exist."""
@@ -183,11 +221,16 @@ class Consumer:
         if offset < 0:
             raise ValueError("offset must not be negative")
         self._positions[tp] = offset
+        self._pending_resets.pop(tp, None)
 
     async def seek_to_beginning(self, partitions: Iterable[TopicPartition] | None = None) -> None:
+        """Position at each partition's first offset; a partition without a leader now is
+        positioned by a later poll, once it has one (so are the other seeks below)."""
+        self._failed_now = set()
         await self._reset(list(partitions or self._positions), EARLIEST_TIMESTAMP)
 
     async def seek_to_end(self, partitions: Iterable[TopicPartition] | None = None) -> None:
+        self._failed_now = set()
         await self._reset(list(partitions or self._positions), LATEST_TIMESTAMP)
 
     async def seek_to_timestamp(
@@ -195,14 +238,8 @@ class Consumer:
     ) -> None:
         """Position each partition at its first record with timestamp >= `timestamp_ms`
         (at the end when there is none)."""
-        targets = list(partitions or self._positions)
-        found = await list_offsets(self.cluster, targets, timestamp_ms)
-        missing = [tp for tp, offset in found.items() if offset < 0]
-        for tp, offset in found.items():
-            if offset >= 0:
-                self._positions[tp] = offset
-        if missing:
-            await self._reset(missing, LATEST_TIMESTAMP)
+        self._failed_now = set()
+        await self._reset(list(partitions or self._positions), timestamp_ms)
 
     def position(self, partition: TopicPartition | tuple[str, int]) -> int | None:
         return self._positions.get(TopicPartition(*partition))
@@ -219,6 +256,11 @@ class Consumer:
             self._failed_polls,
             self._last_error,
             self._failing_since,
+            {
+                tp: PartitionFailure(t.attempts, t.last_error, t.failing_since_s)
+                for tp, t in self._troubles.items()
+                if tp in self._positions
+            },
         )
 
     def take_skipped(self) -> list[CorruptRecordError]:
@@ -229,23 +271,111 @@ class Consumer:
         return skipped
 
     async def _reset(self, partitions: list[TopicPartition], timestamp: int) -> None:
-        for tp, offset in (await list_offsets(self.cluster, partitions, timestamp)).items():
+        """Position `partitions` by ListOffsets for `timestamp` (at the end where no record is
+        that recent). A partition whose leader cannot answer now (a retriable error) keeps no
+        position: the reset is resolved by a later poll, once it has a leader. Raises
+        DwalError for errors that are not retriable."""
+        found, failed = await list_offsets_where_possible(self.cluster, partitions, timestamp)
+        too_recent = []
+        for tp, offset in found.items():
+            if offset < 0 and timestamp not in (EARLIEST_TIMESTAMP, LATEST_TIMESTAMP):
+                too_recent.append(tp)
+                continue
             self._positions[tp] = offset
+            self._pending_resets.pop(tp, None)
+        for tp, error in failed.items():
+            if not self._is_transient(error):
+                raise error
+        for tp, error in failed.items():
+            if tp in self._positions:
+                self._positions[tp] = None
+                self._pending_resets[tp] = timestamp
+                self._note_partition_failure(tp, error)
+        if too_recent:
+            await self._reset(too_recent, LATEST_TIMESTAMP)
 
     async def _resolve_missing_positions(self) -> None:
-        missing = [tp for tp, position in self._positions.items() if position is None]
+        missing = [
+            tp for tp, position in self._positions.items() if position is None and self._may_try(tp)
+        ]
         if not missing:
             return
-        if self.auto_offset_reset == "error":
+        default = [tp for tp in missing if tp not in self._pending_resets]
+        if default and self.auto_offset_reset == "error":
             raise DwalError(
                 ErrorCode.OFFSET_OUT_OF_RANGE,
-                f"no position for {missing[0].topic}-{missing[0].partition} "
+                f"no position for {default[0].topic}-{default[0].partition} "
                 "and auto_offset_reset is 'error'",
             )
-        await self._reset(
-            missing,
-            EARLIEST_TIMESTAMP if self.auto_offset_reset == "earliest" else LATEST_TIMESTAMP,
-        )
+        reset = EARLIEST_TIMESTAMP if self.auto_offset_reset == "earliest" else LATEST_TIMESTAMP
+        by_timestamp: dict[int, list[TopicPartition]] = {}
+        for tp in missing:
+            by_timestamp.setdefault(self._pending_resets.get(tp, reset), []).append(tp)
+        for timestamp, partitions in by_timestamp.items():
+            await self._reset(partitions, timestamp)
+
+    # -- partitions set aside -------------------------------------------------------------
+
+    def _may_try(self, tp: TopicPartition) -> bool:
+        """Whether this poll may try the partition: not failed in this poll already, and
+        past its backoff (when every partition is failing, the poll's own backoff paces
+        them all)."""
+        if tp in self._failed_now:
+            return False
+        trouble = self._troubles.get(tp)
+        return trouble is None or self._all_failing or trouble.retry_at_s <= trio.current_time()
+
+    def _note_partition_failure(self, tp: TopicPartition, error: DwalError) -> None:
+        """Set a partition aside after a retriable error, until its backoff has passed."""
+        if tp not in self._positions:
+            return
+        self._poll_error = error
+        trouble = self._troubles.get(tp)
+        if tp in self._failed_now and trouble is not None:
+            trouble.last_error = error  # one attempt per poll
+            return
+        self._failed_now.add(tp)
+        now = trio.current_time()
+        attempts = trouble.attempts + 1 if trouble is not None else 1
+        backoff = min(self.retry_backoff_s * 2 ** min(attempts - 1, 30), self.retry_backoff_max_s)
+        since = trouble.failing_since_s if trouble is not None else now
+        self._troubles[tp] = _Trouble(attempts, error, since, now + backoff)
+
+    async def _refresh_failing(self) -> None:
+        """Ask for the metadata of the topics of partitions set aside whose backoff has
+        passed (a leader may have been elected meanwhile). When every partition is failing,
+        the failed polls drop all cached metadata anyway."""
+        if self._all_failing:
+            return
+        now = trio.current_time()
+        due = [
+            tp
+            for tp, trouble in self._troubles.items()
+            if trouble.retry_at_s <= now and tp in self._positions
+        ]
+        if not due:
+            return
+        try:
+            await self.cluster.refresh_metadata(sorted({tp.topic for tp in due}))
+        except DwalError as error:
+            if not self._is_transient(error):
+                raise
+            for tp in due:
+                self._note_partition_failure(tp, error)
+
+    def _fetchable(self) -> dict[TopicPartition, int | None]:
+        """The positions to fetch in this poll: partitions with a position and a leader that
+        are not set aside; a partition without a leader is set aside here."""
+        positions: dict[TopicPartition, int | None] = {}
+        for tp, position in self._positions.items():
+            if position is None or not self._may_try(tp):
+                continue
+            if _leader_id(self.cluster, tp) < 0:
+                message = f"{tp.topic}-{tp.partition} has no leader"
+                self._note_partition_failure(tp, DwalError(ErrorCode.LEADER_NOT_AVAILABLE, message))
+                continue
+            positions[tp] = position
+        return positions
 
     # -- consumer groups ----------------------------------------------------------------
 
@@ -314,6 +444,8 @@ class Consumer:
             for tp in revoked:
                 del self._positions[tp]
                 self._committed_positions.pop(tp, None)
+                self._troubles.pop(tp, None)
+                self._pending_resets.pop(tp, None)
             await _call(self.on_revoked, revoked)
         if added:
             committed = await self.committed(added)
@@ -479,6 +611,11 @@ class Consumer:
                 return {}
         elif not self._positions:
             raise RuntimeError("no partitions assigned")
+        self._failed_now = set()
+        self._poll_error = None
+        self._troubles = {tp: t for tp, t in self._troubles.items() if tp in self._positions}
+        self._all_failing = all(tp in self._troubles for tp in self._positions)
+        await self._refresh_failing()
         await self._check_metadata(list(self._positions))
         await self._resolve_missing_positions()
         if self.enable_auto_commit and (
@@ -488,38 +625,59 @@ class Consumer:
             # returned, so the positions as they stand now are safe to commit.
             await self._auto_commit(dict(self._positions))
         await self._check_metadata(list(self._positions))  # again: a commit may take a while
-        fetches = self._start_fetches(dict(self._positions), wait_ms)
-        answered = await self._wait_fetches(fetches, wait_ms)
+        wanted = self._fetchable()
+        if not wanted:
+            if self._poll_error is not None:
+                raise self._poll_error  # nothing could be tried: the poll failed
+            # every partition is set aside (or has no position yet): wait, but not past
+            # the first backoff to end
+            retry_at = min((t.retry_at_s for t in self._troubles.values()), default=float("inf"))
+            await trio.sleep_until(min(retry_at, trio.current_time() + wait_ms / 1000))
+            return {}
+        fetches = self._start_fetches(wanted, wait_ms)
+        deadline = trio.current_time() + wait_ms / 1000 + self.cluster.request_timeout_ms / 1000
         # Raise what must be raised before any position moves, so that raising loses nothing.
-        failure: Exception | None = None
         responses = []
-        for leader, fetch in answered:
-            self._fetches_by_leader.pop(leader, None)
-            if fetch.error is not None:
-                if not self._is_transient_error(fetch.error):
-                    raise fetch.error
-                failure = failure or fetch.error
-                for tp in fetch.positions:
-                    self.cluster.invalidate(tp.topic)
-                continue
-            response = fetch.response
-            assert response is not None
-            self._fetches += 1
-            transient = self._check_partition_errors(response.body)
-            if transient is None:
-                following = _positions_after(response.body, response.tail, fetch.positions)
-                if following != fetch.positions:  # prefetch: overlaps decoding with the wait
-                    self._fetches_by_leader[leader] = self._start_fetch(following, self.max_wait_ms)
-            failure = failure or transient
-            responses.append(response)
+        read_some = False  # some partition's fetch was answered without error
+        while True:
+            answered = await self._wait_fetches(fetches, deadline)
+            for leader, fetch in answered:
+                self._fetches_by_leader.pop(leader, None)
+                if fetch.error is not None:
+                    if not self._is_transient_error(fetch.error):
+                        raise fetch.error
+                    assert isinstance(fetch.error, DwalError)
+                    for tp in fetch.positions:
+                        self._note_partition_failure(tp, fetch.error)
+                    continue
+                response = fetch.response
+                assert response is not None
+                self._fetches += 1
+                failed = self._check_partition_errors(response.body)
+                read = [tp for tp in _partitions_answered(response.body) if tp not in failed]
+                for tp in read:
+                    self._troubles.pop(tp, None)
+                read_some = read_some or bool(read)
+                if not failed:
+                    following = _positions_after(response.body, response.tail, fetch.positions)
+                    if following != fetch.positions:  # prefetch: overlaps decoding and waiting
+                        self._fetches_by_leader[leader] = self._start_fetch(
+                            following, self.max_wait_ms
+                        )
+                responses.append(response)
+            # A fetch that failed at once (no leader, its leader unreachable) must not cut
+            # short the wait for the other leaders' answers.
+            fetches = [(leader, fetch) for leader, fetch in fetches if not fetch.done.is_set()]
+            if responses or not fetches:
+                break
         records: dict[TopicPartition, list[Record]] = {}
         damage: list[CorruptRecordError] = []
         for response in responses:
             records.update(self._take_records(response.body, response.tail, damage))
         if damage and not records:
             raise damage[0]  # nothing before it to deliver first
-        if failure is not None and not records:
-            raise failure  # count it, and back off, rather than ask again at once
+        if self._poll_error is not None and not records and not read_some:
+            raise self._poll_error  # count it, and back off, rather than ask again at once
         return records
 
     def _is_transient_error(self, error: Exception) -> bool:
@@ -544,11 +702,11 @@ class Consumer:
         return list(fetches.items())
 
     async def _wait_fetches(
-        self, fetches: list[tuple[int, "_Fetch"]], wait_ms: int
+        self, fetches: list[tuple[int, "_Fetch"]], deadline: float
     ) -> list[tuple[int, "_Fetch"]]:
         """Wait until at least one of `fetches` is answered (or failed); returns those that
-        are. Raises REQUEST_TIMED_OUT (and abandons them all) if none is in time."""
-        with trio.move_on_after(wait_ms / 1000 + self.cluster.request_timeout_ms / 1000):
+        are. Raises REQUEST_TIMED_OUT (and abandons them all) if none is by `deadline`."""
+        with trio.move_on_at(deadline):
             while not any(fetch.done.is_set() for _, fetch in fetches):
                 self._fetch_answered = trio.Event()
                 await self._fetch_answered.wait()
@@ -601,11 +759,11 @@ class Consumer:
     def _note_fetch_answered(self) -> None:
         self._fetch_answered.set()
 
-    def _check_partition_errors(self, body: dict) -> DwalError | None:
+    def _check_partition_errors(self, body: dict) -> set[TopicPartition]:
         """Act on partition errors before any record is taken, so that raising loses none:
-        out of range resets the position (with auto_offset_reset), retriable ones refresh
-        metadata (the first is returned), others raise."""
-        transient = None
+        out of range resets the position (with auto_offset_reset), retriable ones set their
+        partition aside (returned), others raise."""
+        transient: set[TopicPartition] = set()
         for entry in body["topics"]:
             for part in entry["partitions"]:
                 if not part["error_code"]:
@@ -619,8 +777,8 @@ class Consumer:
                     position = self._positions.get(tp) or 0
                     raise CorruptRecordError(tp.topic, tp.partition, position, None, message)
                 elif self._is_transient(DwalError(code)):
-                    self.cluster.invalidate(tp.topic)
-                    transient = transient or DwalError(code, message)
+                    self._note_partition_failure(tp, DwalError(code, message))
+                    transient.add(tp)
                 else:
                     raise DwalError(code, message)
         return transient
@@ -701,6 +859,14 @@ def _offset_of(record: Record) -> int:
     return record.offset
 
 
+def _partitions_answered(body: dict) -> list[TopicPartition]:
+    return [
+        TopicPartition(entry["topic"], part["partition"])
+        for entry in body["topics"]
+        for part in entry["partitions"]
+    ]
+
+
 logger = logging.getLogger("dwal.client")
 
 
@@ -774,23 +940,51 @@ async def list_offsets(
     cluster: Cluster, partitions: list[TopicPartition], timestamp: int
 ) -> dict[TopicPartition, int]:
     """Offsets for `timestamp` (or EARLIEST_TIMESTAMP / LATEST_TIMESTAMP) per partition;
-    -1 where no record is that recent. Raises DwalError on unknown topics."""
+    -1 where no record is that recent. Raises DwalError on unknown topics, and the error of
+    the first partition that could not be answered (LEADER_NOT_AVAILABLE while it has no
+    leader, for example)."""
+    found, failed = await list_offsets_where_possible(cluster, partitions, timestamp)
+    for error in failed.values():
+        raise error
+    return found
+
+
+async def list_offsets_where_possible(
+    cluster: Cluster, partitions: list[TopicPartition], timestamp: int
+) -> tuple[dict[TopicPartition, int], dict[TopicPartition, DwalError]]:
+    """Like `list_offsets`, but per partition: returns the offsets found and, for every
+    other partition, the error that kept it from an answer (no leader, leader moved, leader
+    unreachable, unknown topic ...); each leader broker is asked for its partitions."""
+    found: dict[TopicPartition, int] = {}
+    failed: dict[TopicPartition, DwalError] = {}
     if not partitions:
-        return {}
+        return found, failed
     for topic in sorted({tp.topic for tp in partitions}):
-        await cluster.topic(topic)
+        try:
+            await cluster.topic(topic)
+        except DwalError as error:
+            failed.update((tp, error) for tp in partitions if tp.topic == topic)
     by_leader: dict[int, list[TopicPartition]] = {}
     for tp in partitions:
-        by_leader.setdefault(_leader_id(cluster, tp), []).append(tp)
-    out = {}
+        if tp not in failed:
+            by_leader.setdefault(_leader_id(cluster, tp), []).append(tp)
     for group in by_leader.values():
-        out.update(await _list_offsets_of_one_leader(cluster, group, timestamp))
-    return out
+        try:
+            answered = await _list_offsets_of_one_leader(cluster, group, timestamp)
+        except DwalError as error:
+            failed.update((tp, error) for tp in group)
+            continue
+        for tp, outcome in answered.items():
+            if isinstance(outcome, DwalError):
+                failed[tp] = outcome
+            else:
+                found[tp] = outcome
+    return found, failed
 
 
 async def _list_offsets_of_one_leader(
     cluster: Cluster, partitions: list[TopicPartition], timestamp: int
-) -> dict[TopicPartition, int]:
+) -> dict[TopicPartition, int | DwalError]:
     topics: dict[str, list[dict]] = {}
     for tp in partitions:
         topics.setdefault(tp.topic, []).append({"partition": tp.partition, "timestamp": timestamp})
@@ -800,13 +994,24 @@ async def _list_offsets_of_one_leader(
         {"topics": [{"topic": t, "partitions": p} for t, p in topics.items()]},
         connection=connection,
     )
-    out = {}
+    out: dict[TopicPartition, int | DwalError] = {}
     for entry in response.body["topics"]:
         for part in entry["partitions"]:
+            tp = TopicPartition(entry["topic"], part["partition"])
             if part["error_code"]:
-                raise DwalError(ErrorCode(part["error_code"]), part["error_message"])
-            out[TopicPartition(entry["topic"], part["partition"])] = part["offset"]
+                code = ErrorCode(part["error_code"])
+                message = part.get("error_message") or f"{tp.topic}-{tp.partition}: {code.name}"
+                out[tp] = DwalError(code, message)
+            else:
+                out[tp] = part["offset"]
     return out
 
 
-__all__ = ["Consumer", "TopicPartition", "ConsumerStatistics", "list_offsets"]
+__all__ = [
+    "Consumer",
+    "TopicPartition",
+    "ConsumerStatistics",
+    "PartitionFailure",
+    "list_offsets",
+    "list_offsets_where_possible",
+]

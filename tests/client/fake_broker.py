@@ -251,8 +251,9 @@ class FakeControlPlane:
     partition's error code; not listed: elected). The next `not_controller` requests are
     answered NOT_CONTROLLER instead; `received` lists (node id, api key) of every request in
     order (Metadata included, which the brokers answer), `refused` how many got
-    NOT_CONTROLLER. Start with `start()`; give the cluster at least one topic, so that its
-    brokers answer Metadata."""
+    NOT_CONTROLLER, `created` the topic entries of every CreateTopics request (replication
+    factor -1 places min(3, brokers) replicas, as a real broker's default does). Start with
+    `start()`; give the cluster at least one topic, so that its brokers answer Metadata."""
 
     def __init__(self, cluster: FakeCluster, topics: dict[str, FakeTopic]) -> None:
         self.cluster = cluster
@@ -269,6 +270,7 @@ class FakeControlPlane:
         self.not_controller = 0
         self.refused = 0
         self.received: list[tuple[int, ApiKey]] = []
+        self.created: list[dict[str, Any]] = []
 
     async def start(self, nursery: trio.Nursery) -> "FakeControlPlane":
         for node_id, broker in self.cluster.brokers.items():
@@ -300,15 +302,17 @@ class FakeControlPlane:
     def _create_topics(self, node_id: int, body: dict[str, Any]) -> dict[str, Any]:
         results = []
         for entry in body["topics"]:
+            self.created.append(dict(entry))
             name = entry["topic"]
             code = ErrorCode.TOPIC_ALREADY_EXISTS if name in self.topics else ErrorCode.NONE
             if not code and not body["validate_only"]:
                 self.topics[name] = FakeTopic(partitions=entry["partitions"])
                 brokers = sorted(self.cluster.brokers)
+                factor = entry["replication_factor"]
+                if factor == -1:
+                    factor = min(3, len(brokers))
                 for p in range(entry["partitions"]):
-                    chosen = [
-                        brokers[(p + i) % len(brokers)] for i in range(entry["replication_factor"])
-                    ]
+                    chosen = [brokers[(p + i) % len(brokers)] for i in range(factor)]
                     self.cluster.view.move(name, p, chosen[0], 0)
                     self.cluster.view.replicas[(name, p)] = chosen
                     self.cluster.view.isr[(name, p)] = list(chosen)
@@ -424,7 +428,8 @@ class PartitionLogs:
     behind; by default the view's leader) and NOT_LEADER_OR_FOLLOWER for the others.
     `records` holds each partition's stored values; `produced` and `fetched` say which
     broker got which partition's data or fetch, in order; `refused` which it refused
-    (`refusal` is set at each). A closed gate (`gates[node_id] = trio.Event()`) holds that
+    (`refusal` is set at each) with NOT_LEADER_OR_FOLLOWER, or the partition's code in
+    `refusal_codes`. A closed gate (`gates[node_id] = trio.Event()`) holds that
     broker's next Produce answer until the gate is set (`held` is set when one waits).
     Start with `start()`."""
 
@@ -436,6 +441,7 @@ class PartitionLogs:
         self.fetched: list[tuple[int, str, int, int]] = []  # node, topic, partition, offset
         self.refused: list[tuple[int, ApiKey, str, int]] = []
         self.refusal = trio.Event()
+        self.refusal_codes: dict[tuple[str, int], ErrorCode] = {}
         self.gates: dict[int, trio.Event] = {}
         self.held = trio.Event()
 
@@ -477,7 +483,8 @@ class PartitionLogs:
     def _refusal(self, node_id: int, api_key: ApiKey, topic: str, partition: int) -> dict:
         self.refused.append((node_id, api_key, topic, partition))
         self.refusal.set()
-        return {"partition": partition, "error_code": int(ErrorCode.NOT_LEADER_OR_FOLLOWER)}
+        code = self.refusal_codes.get((topic, partition), ErrorCode.NOT_LEADER_OR_FOLLOWER)
+        return {"partition": partition, "error_code": int(code)}
 
     def _produce(self, node_id: int, request: Request) -> dict[str, Any]:
         view = memoryview(request.tail)

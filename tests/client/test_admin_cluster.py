@@ -103,6 +103,13 @@ async def test_not_controller_is_retried_after_a_backoff_and_a_metadata_refresh(
     assert 0.7 <= elapsed_s < 1  # backoffs of 0.1, 0.2 and 0.4 s
 
 
+async def test_create_topic_leaves_the_replication_factor_to_the_broker(nursery):
+    plane = await start_control_plane(nursery)
+    async with client.connect(plane.cluster.bootstrap) as cluster:
+        await Admin(cluster).create_topic("dflt", 2)
+    assert [entry["replication_factor"] for entry in plane.created] == [-1]
+
+
 async def test_not_controller_gives_up_with_a_clear_error_after_the_timeout(
     nursery, autojump_clock
 ):

@@ -1,6 +1,7 @@
-"""`dwal topic describe`, `dwal cluster status` and `dwal leaders elect` as a user runs them:
-real `dwal` processes against a fake cluster (fake_broker.FakeCluster with a
-FakeControlPlane) served by this test's trio run."""
+"""`dwal topic describe`, `dwal cluster status`, `dwal leaders elect`, `dwal topic create`
+and `dwal consume` as a user runs them: real `dwal` processes against a fake cluster
+(fake_broker.FakeCluster with a FakeControlPlane or PartitionLogs) served by this test's trio
+run."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import json
 import re
 
 import trio
-from dwal_process import REPO, dwal
-from fake_broker import FakeCluster, FakeControlPlane, FakeTopic
+from dwal_process import REPO, dwal, running_dwal
+from fake_broker import FakeCluster, FakeControlPlane, FakeTopic, PartitionLogs
 
 from client.cli import build_parser
 from protocol import ApiKey, ErrorCode
@@ -123,6 +124,44 @@ async def test_topic_create_passes_the_replication_factor(nursery):
     b = ["--bootstrap", plane.cluster.bootstrap]
     await dwal("topic", "create", "r3", "--partitions", "2", "--replication-factor", "3", *b)
     assert plane.cluster.view.replicas[("r3", 1)] == [1, 2, 0]
+
+
+async def test_topic_create_without_a_replication_factor_leaves_it_to_the_broker(nursery):
+    plane = await start_control_plane(nursery)
+    b = ["--bootstrap", plane.cluster.bootstrap]
+    await dwal("topic", "create", "rd", "--partitions", "2", *b)
+    assert [entry["replication_factor"] for entry in plane.created] == [-1]
+    assert plane.cluster.view.replicas[("rd", 1)] == [1, 2, 0]  # the broker's default: 3
+    help_text = (await dwal("topic", "create", "--help")).stdout.decode()
+    assert "the broker's default" in " ".join(help_text.split())
+
+
+async def test_consume_reads_the_other_partitions_while_one_has_no_leader(nursery):
+    topics = {"ev": FakeTopic(partitions=3)}
+    fake = await FakeCluster.start(nursery, 3, topics)
+    logs = await PartitionLogs(fake).start(nursery)
+    for partition in range(3):
+        logs.move("ev", partition, partition, 1)
+        logs.records[("ev", partition)].extend(b"p%d-%d" % (partition, n) for n in range(10))
+    logs.move("ev", 1, -1, 2)  # its leader died; no other is elected yet
+    fake.view.replicas[("ev", 1)] = fake.view.isr[("ev", 1)] = [1, 2, 0]
+    async with running_dwal(
+        "consume", "ev", "--offset", "earliest", "--bootstrap", fake.bootstrap
+    ) as process:
+        await process.wait_until(lambda p: len(p.stdout_lines) >= 20)
+        assert sorted(process.stdout_lines) == sorted(
+            b"p%d-%d" % (partition, n) for partition in (0, 2) for n in range(10)
+        )
+        await process.wait_until(lambda p: "warning: ev-1" in p.stderr_text)
+        assert not process.finished
+        assert "LEADER_NOT_AVAILABLE" in process.stderr_text
+        assert "error" not in process.stderr_text
+        logs.move("ev", 1, 2, 3)  # a leader is elected
+        await process.wait_until(lambda p: len(p.stdout_lines) >= 30)
+        await process.wait_until(lambda p: "note: ev-1 readable again" in p.stderr_text)
+        assert not process.finished
+    assert process.stdout_lines[20:] == [b"p1-%d" % n for n in range(10)]
+    assert "error" not in process.stderr_text
 
 
 async def test_leaders_elect(nursery):

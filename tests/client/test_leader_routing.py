@@ -300,3 +300,114 @@ async def test_the_consumer_follows_a_leader_move(nursery):
         assert mine == list(enumerate(values(f"p{partition}-", 20)))
     assert any(node == 0 and api == ApiKey.FETCH for node, api, *_ in logs.refused)
     assert (1, "t", 0, 10) in logs.fetched  # the new leader, from where the old one stopped
+
+
+# -- a partition without a leader for a while (its leader died) -------------------------
+
+
+def leaderless(fake: FakeCluster, logs: PartitionLogs, partition: int) -> None:
+    """Partition `partition` of "t" loses its leader: metadata says leader -1, and every
+    broker refuses it (NOT_LEADER_OR_FOLLOWER)."""
+    logs.move("t", partition, -1, 1)
+    fake.view.replicas[("t", partition)] = [0, 1, 2]
+    fake.view.isr[("t", partition)] = [0, 1, 2]
+
+
+async def test_the_producer_sends_other_partitions_while_one_has_no_leader(nursery):
+    fake, logs = await start_cluster(nursery, brokers=3, partitions=3)
+    leaderless(fake, logs, 1)
+    async with client.connect(fake.bootstrap) as cluster:
+        async with Producer(
+            cluster, linger_ms=0, retry_backoff_ms=20, delivery_timeout_ms=20_000
+        ) as producer:
+            deliveries = {
+                partition: [
+                    await producer.send("t", b"p%d-%d" % (partition, n), partition=partition)
+                    for n in range(10)
+                ]
+                for partition in range(3)
+            }
+            with trio.fail_after(10):
+                for partition in (0, 2):
+                    offsets = [(await d.wait()).offset for d in deliveries[partition]]
+                    assert offsets == list(range(10))
+            await trio.sleep(0.2)  # several retries of partition 1 meanwhile
+            assert not any(d.done for d in deliveries[1])
+            assert logs.records[("t", 1)] == []
+            logs.move("t", 1, 2, 2)  # a leader is elected
+            with trio.fail_after(10):
+                offsets = [(await d.wait()).offset for d in deliveries[1]]
+    assert offsets == list(range(10))
+    for partition in range(3):
+        assert logs.records[("t", partition)] == values(f"p{partition}-", 10)
+
+
+async def test_the_consumer_reads_the_other_partitions_while_one_has_no_leader(nursery):
+    fake, logs = await start_cluster(nursery, brokers=3, partitions=3)
+    for partition in range(3):
+        logs.records[("t", partition)].extend(values(f"p{partition}-", 10))
+    leaderless(fake, logs, 1)
+    async with client.connect(fake.bootstrap) as cluster:
+        consumer = Consumer(
+            cluster, auto_offset_reset="latest", max_wait_ms=50, retry_backoff_ms=20
+        )
+        await consumer.assign_topic("t")
+        await consumer.seek_to_beginning()  # partition 1's waits until it has a leader
+        assert consumer.position(("t", 1)) is None
+        seen = await poll_until(consumer, 20)
+        assert sorted(seen) == sorted(
+            (p, offset, value) for p in (0, 2) for offset, value in enumerate(values(f"p{p}-", 10))
+        )
+        for _ in range(5):  # partition 1 keeps failing; the polls do not
+            assert await consumer.poll(timeout_ms=50) == {}
+        statistics = consumer.statistics()
+        assert statistics.failed_polls == 0
+        failure = statistics.failing_partitions[client.TopicPartition("t", 1)]
+        assert failure.attempts >= 2
+        assert failure.last_error.code == ErrorCode.LEADER_NOT_AVAILABLE
+        assert set(statistics.failing_partitions) == {client.TopicPartition("t", 1)}
+        logs.records[("t", 0)].append(b"p0-10")
+        logs.move("t", 1, 0, 2)  # a leader is elected
+        seen = await poll_until(consumer, 11)
+        assert sorted(seen) == sorted(
+            [(0, 10, b"p0-10")] + [(1, o, v) for o, v in enumerate(values("p1-", 10))]
+        )
+        assert consumer.statistics().failing_partitions == {}
+        assert consumer.position(("t", 1)) == 10
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        ErrorCode.NOT_LEADER_OR_FOLLOWER,
+        ErrorCode.FENCED_LEADER_EPOCH,
+        ErrorCode.UNKNOWN_LEADER_EPOCH,
+        ErrorCode.LEADER_NOT_AVAILABLE,
+    ],
+)
+async def test_a_leader_error_sets_only_its_partition_aside(nursery, code):
+    fake, logs = await start_cluster(nursery, brokers=2, partitions=2)
+    logs.move("t", 0, 0, 1)
+    logs.move("t", 1, 1, 1)
+    for partition in range(2):
+        logs.records[("t", partition)].extend(values(f"p{partition}-", 5))
+    logs.refusal_codes[("t", 1)] = code  # broker 1 refuses partition 1 with `code`
+    logs.leaders[("t", 1)] = 0  # ... which no broker serves for now
+    async with client.connect(fake.bootstrap) as cluster:
+        consumer = Consumer(cluster, max_wait_ms=50, retry_backoff_ms=20)
+        consumer.assign([("t", 0), ("t", 1)])
+        consumer.seek(("t", 0), 0)
+        consumer.seek(("t", 1), 0)
+        seen = await poll_until(consumer, 5)
+        assert [p for p, *_ in seen] == [0] * 5
+        with trio.fail_after(10):
+            while ("t", 1) not in [(t, p) for t, p in consumer.statistics().failing_partitions]:
+                await consumer.poll(timeout_ms=50)
+        statistics = consumer.statistics()
+        assert statistics.failed_polls == 0
+        assert statistics.last_error is None
+        [failure] = statistics.failing_partitions.values()
+        assert failure.last_error.code == code
+        logs.move("t", 1, 0, 2)  # the new leader, named by metadata
+        seen = await poll_until(consumer, 5)
+    assert seen == [(1, o, v) for o, v in enumerate(values("p1-", 5))]
