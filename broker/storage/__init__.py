@@ -4,6 +4,13 @@ retention and compaction."""
 from .errors import CorruptRecordError, OffsetOutOfRangeError, RecordTooLargeError, StorageError
 from .fetch_slice import FetchSlice
 from .fsync_runner import FsyncRunner
+from .leader_epoch_cache import (
+    UNDEFINED_EPOCH,
+    UNDEFINED_OFFSET,
+    EpochEntry,
+    LeaderEpochCache,
+    LeaderEpochError,
+)
 from .log_cleaner import CompactionResult
 from .log_config import TOPIC_CONFIG_KEYS, LogConfig
 from .partition_log import AppendInfo, LogStatistics, PartitionLog
@@ -12,8 +19,11 @@ __all__ = [
     "AppendInfo",
     "CompactionResult",
     "CorruptRecordError",
+    "EpochEntry",
     "FetchSlice",
     "FsyncRunner",
+    "LeaderEpochCache",
+    "LeaderEpochError",
     "LogConfig",
     "LogStatistics",
     "OffsetOutOfRangeError",
@@ -21,4 +31,6 @@ __all__ = [
     "RecordTooLargeError",
     "StorageError",
     "TOPIC_CONFIG_KEYS",
+    "UNDEFINED_EPOCH",
+    "UNDEFINED_OFFSET",
 ]

@@ -676,8 +676,11 @@ class PartitionLog:
         back: a lower offset changes nothing), and wake the fetchers waiting on
         `new_data_event`. Replica-managed mode only. Returns the high watermark. Reads the
         batch headers from the closest index entry when `offset` is not the log end. The
-        checkpoint is written by `flush`, `write_high_watermark_checkpoint` and `close`."""
+        checkpoint is written by `flush`, `write_high_watermark_checkpoint` and `close`.
+        After `close` it changes nothing (a replica task may outlive the log briefly)."""
         assert self._high_watermark_managed_externally, "the log manages its high watermark"
+        if self._closed:
+            return self._high_watermark
         offset = min(offset, self.log_end_offset)
         if offset > self._high_watermark:
             self._place_high_watermark(offset)
@@ -1034,8 +1037,8 @@ class PartitionLog:
             except CompactionAborted:
                 return NOTHING_CLEANED
             except (OSError, StorageError) as error:
-                if self._closed:
-                    return NOTHING_CLEANED
+                if self._closed or generation != self._truncation_generation:
+                    return NOTHING_CLEANED  # closed, or truncated under the cleaner's reads
                 raise StorageError(f"cannot compact {self._directory}: {error}") from error
             finally:
                 for source in plan.sources:

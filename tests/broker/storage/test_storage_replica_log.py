@@ -135,6 +135,7 @@ async def test_the_high_watermark_is_checkpointed_and_restored_clipped(tmp_path)
     (log.directory / "high-watermark").write_text("0\n1000\n")
     reopened = open_log(log.directory)
     assert reopened.high_watermark == reopened.log_end_offset
+    assert reopened.restored_high_watermark == reopened.log_end_offset
     reopened.close()
     # The default mode ignores it: everything is durable after opening.
     (log.directory / "high-watermark").write_text("0\n3\n")
@@ -203,9 +204,12 @@ def test_append_records_each_new_epoch_at_its_first_offset(tmp_path):
     checkpoint = (log.directory / "leader-epoch-checkpoint").read_bytes()
     assert checkpoint == b"0\n3\n0 0\n2 3\n5 9\n"
     end = log.log_end_offset
+    refused = make_batch(9)
+    original = bytes(refused)
     with pytest.raises(LeaderEpochError):
-        log.append(make_batch(9), now_ms=0, leader_epoch=4)
+        log.append(refused, now_ms=0, leader_epoch=4)
     assert log.log_end_offset == end  # nothing written
+    assert refused == original  # not even patched
     log.close()
 
 
@@ -288,6 +292,13 @@ def test_follower_append_refuses_bad_input_and_writes_nothing(tmp_path):
     stale[12:16] = (0).to_bytes(4, "big")  # epoch 0 after epoch 1 (outside the CRC)
     with pytest.raises(LeaderEpochError):
         follower.append_as_follower(bytes(stale), now_ms=0)
+    # A new epoch (5) followed by one going back (2): refused as a whole, the cache intact.
+    new_then_back = bytearray(batches[3])
+    new_then_back[0:8] = parse_header(batches[2]).base_offset.to_bytes(8, "big")
+    back = bytearray(batches[2])
+    back[0:8] = parse_header(batches[3]).base_offset.to_bytes(8, "big")
+    with pytest.raises(LeaderEpochError):
+        follower.append_as_follower(bytes(new_then_back + back), now_ms=0)
     after = (follower.log_end_offset, follower.size_bytes, follower.leader_epochs.entries())
     assert after == before
     follower.append_as_follower(batches[2] + batches[3], now_ms=0)

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from storage_test_support import make_batch, small_config
 
-from broker.storage import OffsetOutOfRangeError, PartitionLog, StorageError
+from broker.storage import OffsetOutOfRangeError, PartitionLog, StorageError, partition_log
 from broker.storage.leader_epoch_cache import EpochEntry, LeaderEpochCache
 from protocol.record_batch import complete_prefix_bytes, parse_header, scan_batches
 
@@ -251,3 +251,50 @@ def test_random_appends_truncations_and_reopens_match_a_model(data):
                 check_log(log, model, high_watermark)
         finally:
             log.close()
+
+
+def test_truncation_makes_what_it_keeps_durable(tmp_path):
+    log = open_log(tmp_path / "t-0")  # fsync=never: nothing appended is synced yet
+    for number in range(30):
+        log.append(make_batch(number), now_ms=0, leader_epoch=1)  # 2 records each
+    assert log.durable_offset == 0 and log.segment_count > 1
+    log.truncate_to(20)
+    assert log.durable_offset == log.log_end_offset == 20
+    assert (log.directory / "recovery-point").read_text() == "0\n20\n"
+    log.close()
+
+
+async def test_a_compaction_running_during_a_truncation_installs_nothing(tmp_path, monkeypatch):
+    config = dict(cleanup_policy="compact", segment_bytes=1024, index_interval_bytes=100)
+    log = open_log(tmp_path / "t-0", **config)
+    for number in range(60):  # 5 keys rewritten over and over: plenty to compact
+        batch = make_batch(number % 5, records=2, timestamp_ms=1_000)
+        log.append(batch, now_ms=0, leader_epoch=1)
+    log.set_high_watermark(log.log_end_offset)
+    assert log.segment_count >= 4
+    started, release = threading.Event(), threading.Event()
+    real_clean_segments = partition_log.clean_segments
+
+    def held_clean_segments(*arguments):
+        outcome = real_clean_segments(*arguments)  # copies of the segments as they were
+        started.set()
+        release.wait(10)
+        return outcome
+
+    monkeypatch.setattr(partition_log, "clean_segments", held_clean_segments)
+    async with trio.open_nursery() as nursery:
+        results = []
+
+        async def compact():
+            results.append(await log.compact(now_ms=10**9))
+
+        nursery.start_soon(compact)
+        await trio.to_thread.run_sync(started.wait, 10)
+        log.truncate_to(40)  # inside a segment the cleaner has rewritten
+        release.set()
+    assert results[0].segments_cleaned == 0  # installing would bring back removed batches
+    assert log.log_end_offset == 40
+    kept = read_all(log)
+    assert [parse_header(batch).base_offset for batch in kept] == list(range(0, 40, 2))
+    assert not list(log.directory.glob("*.cleaned")) and not list(log.directory.glob("*.swap"))
+    log.close()
