@@ -50,7 +50,8 @@ class BrokerConfig:
     rack: str | None = None
     broker_heartbeat_interval_ms: int = 1_000
     broker_session_timeout_ms: int = 6_000  # a broker silent this long is fenced
-    default_replication_factor: int = 1  # of topics created without one
+    # of topics created without one; None: min(3, unfenced brokers)
+    default_replication_factor: int | None = None
     log_defaults: LogConfig = field(default_factory=LogConfig)
     limits: Limits = field(default_factory=Limits)
 
@@ -273,7 +274,8 @@ def _validate(config: BrokerConfig) -> None:
         raise ConfigError(
             "broker_heartbeat_interval_ms must be at least 10 and below broker_session_timeout_ms"
         )
-    if not 1 <= config.default_replication_factor <= 128:
+    factor = config.default_replication_factor
+    if factor is not None and not 1 <= factor <= 128:
         raise ConfigError("default_replication_factor must be between 1 and 128")
     if config.rack is not None and not 0 < len(config.rack) <= 255:
         raise ConfigError("rack must be 1 to 255 characters")

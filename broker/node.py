@@ -128,7 +128,19 @@ async def open_broker_node(
         if http_port is not None:
             advertised.append(ListenerAddress(HTTP_LISTENER, config.client_host, http_port))
         member = ClusterMember(config, registry, advertised=advertised)
-        replicas = ReplicaManager(config.node_id, registry, lambda: member.image)
+
+        async def alter_partition(body: dict) -> dict:
+            return await member.call_controller(ApiKey.ALTER_PARTITION, body)
+
+        replicas = ReplicaManager(
+            config.node_id,
+            registry,
+            lambda: member.image,
+            broker_epoch=lambda: member.lifecycle.broker_epoch if member.lifecycle else -1,
+            alter_partition=alter_partition,
+            frame_bytes_max=config.limits.frame_bytes_max,
+        )
+        member.add_image_listener(replicas.apply_image)
 
         async def create_offsets_topic() -> None:
             body = {
@@ -160,6 +172,7 @@ async def open_broker_node(
         node = BrokerNode(config, registry, member, replicas, coordinator, handlers)
         async with trio.open_nursery() as nursery:
             await nursery.start(registry.fsync_runner.run)
+            await nursery.start(replicas.run)  # before the first image is published
             await nursery.start(member.run, controller_listeners or [])
             await nursery.start(coordinator.run_expiry)
             nursery.start_soon(_retention_loop, registry, config.retention_check_interval_ms)

@@ -411,7 +411,7 @@ class RequestHandlers:
         view = memoryview(tail)
         position = 0
         topics: list[dict[str, Any]] = []
-        waits: list[tuple[PartitionLog, int, dict[str, Any]]] = []
+        waits: list[_Wait] = []
         for entry in body["topics"]:
             results: list[dict[str, Any]] = []
             topics.append({"topic": entry["topic"], "partitions": results})
@@ -434,6 +434,8 @@ class RequestHandlers:
         try:
             if len(chunk) == 0:
                 raise DwalError(ErrorCode.INVALID_RECORD, "a partition's record data is empty")
+            if acks == ACKS_ALL:  # NOT_ENOUGH_REPLICAS refuses it before anything is written
+                self.replicas.check_acks(topic, partition, acks)
             # Appending patches offsets in place: a large frame arrives in writable memory
             # (see FrameDecoder); a small one, a view of received bytes, is copied here.
             log, info = self.replicas.append(
@@ -460,28 +462,39 @@ class RequestHandlers:
         }
         # fsync=always: nothing is visible or acknowledged before it is durable, so even acks=0
         # waits (in this handler, off the connection's read path) for the group commit.
+        # acks=all: durable on this broker (whatever the policy) and in every in-sync replica
+        # (the high watermark passed it).
         needs_sync = log.config.fsync == "always" or acks == ACKS_ALL
-        return result, ((log, info.last_offset + 1, result) if needs_sync else None)
+        if not needs_sync:
+            return result, None
+        wait = _Wait(topic, partition, log, info.last_offset + 1, result, acks == ACKS_ALL)
+        return result, wait
 
-    async def _wait_durable(self, waits, timeout_ms: int) -> None:
-        pending = {id(result): result for _, _, result in waits}
+    async def _wait_durable(self, waits: list[_Wait], timeout_ms: int) -> None:
+        pending = {id(wait.result): wait for wait in waits}
 
-        async def wait_one(log: PartitionLog, offset: int, result: dict) -> None:
+        async def wait_one(wait: _Wait) -> None:
             try:
-                await log.wait_durable(offset)
-            except (StorageError, OSError) as error:
+                await wait.log.wait_durable(wait.end_offset)
+                if wait.replicated:
+                    await self.replicas.wait_replicated(wait.topic, wait.partition, wait.end_offset)
+            except (StorageError, OSError, DwalError) as error:
                 code, message = _error_of(error)
-                result.update(error_code=int(code), error_message=message, base_offset=-1)
-            pending.pop(id(result), None)
+                wait.result.update(error_code=int(code), error_message=message, base_offset=-1)
+            pending.pop(id(wait.result), None)
 
         with trio.move_on_after(max(timeout_ms, 0) / 1000):
             async with trio.open_nursery() as nursery:
-                for log, offset, result in waits:
-                    nursery.start_soon(wait_one, log, offset, result)
-        for result in pending.values():
-            result.update(
+                for wait in waits:
+                    nursery.start_soon(wait_one, wait)
+        for wait in pending.values():
+            wait.result.update(
                 error_code=int(ErrorCode.REQUEST_TIMED_OUT),
-                error_message="timed out waiting for fsync",
+                error_message=(
+                    "timed out waiting for the in-sync replicas"
+                    if wait.replicated and wait.log.durable_offset >= wait.end_offset
+                    else "timed out waiting for fsync"
+                ),
                 base_offset=-1,
             )
 
@@ -492,23 +505,68 @@ class RequestHandlers:
         max_wait_ms = min(max(body["max_wait_ms"], 0), limits.fetch_wait_ms_max)
         max_bytes = min(max(body["max_bytes"], 1), limits.fetch_bytes_max)
         deadline = trio.current_time() + max_wait_ms / 1000
+        replica = body["replica_id"] >= 0  # a follower broker: reads to the log end
         while True:
-            events = self._events_of(body)
-            reply, total, failed = self._read_partitions(body, max_bytes)
+            events = self._events_of(body, replica)
+            if replica:
+                reply, total, failed = self._read_for_follower(body, max_bytes)
+            else:
+                reply, total, failed = self._read_partitions(body, max_bytes)
             if total >= body["min_bytes"] or failed or trio.current_time() >= deadline:
                 return reply
             reply.close()
             with trio.move_on_at(deadline):
                 await _wait_any(events)
 
-    def _events_of(self, body: dict) -> list[trio.Event]:
+    def _events_of(self, body: dict, replica: bool) -> list[trio.Event]:
+        """What a long poll waits on: the high watermark moving (a consumer), the log end
+        moving (a follower)."""
         events = []
         for entry in body["topics"]:
             for part in entry["partitions"]:
                 log = self.registry.logs.get((entry["topic"], part["partition"]))
                 if log is not None:
-                    events.append(log.new_data_event)
+                    events.append(log.progress_event if replica else log.new_data_event)
         return events
+
+    def _read_for_follower(self, body: dict, max_bytes: int) -> tuple[Reply, int, bool]:
+        """A follower's fetch: each partition's new batches up to the log end, or why not
+        (a diverging epoch, a fenced or unknown leader epoch); see ReplicaManager."""
+        reply = Reply({"topics": []})
+        total = 0
+        failed = False
+        for entry in body["topics"]:
+            results: list[dict[str, Any]] = []
+            reply.body["topics"].append({"topic": entry["topic"], "partitions": results})
+            for part in entry["partitions"]:
+                result: dict[str, Any] = {"partition": part["partition"], "error_code": 0}
+                results.append(result)
+                budget = max(min(part["max_bytes"], max_bytes - total), 0)
+                try:
+                    fields, piece = self.replicas.follower_fetch(
+                        entry["topic"],
+                        part["partition"],
+                        replica_id=body["replica_id"],
+                        fetch_offset=part["fetch_offset"],
+                        current_leader_epoch=part["current_leader_epoch"],
+                        last_fetched_epoch=part["last_fetched_epoch"],
+                        max_bytes=budget if total == 0 else min(budget, max_bytes - total),
+                    )
+                except Exception as error:
+                    code, message = _error_of(error)
+                    result.update(error_code=int(code), error_message=message, size=0)
+                    failed = True
+                    continue
+                result.update(fields, size=0)
+                if "diverging_epoch" in fields:
+                    failed = True  # answer at once: the follower must truncate first
+                if piece is not None and piece.length:
+                    reply.parts.append(piece)
+                    result["size"] = piece.length
+                    total += piece.length
+                elif piece is not None:
+                    piece.close()
+        return reply, total, failed
 
     def _read_partitions(self, body: dict, max_bytes: int) -> tuple[Reply, int, bool]:
         reply = Reply({"topics": []})
@@ -702,6 +760,18 @@ async def _wait_any(events: list[trio.Event]) -> None:
 
         for event in set(events):
             nursery.start_soon(wait_one, event)
+
+
+@dataclass
+class _Wait:
+    """A produce answer waiting: for its fsync, and with acks=all for the in-sync replicas."""
+
+    topic: str
+    partition: int
+    log: PartitionLog
+    end_offset: int  # the last appended offset + 1
+    result: dict[str, Any]
+    replicated: bool
 
 
 __all__ = ["RequestHandlers", "Reply", "ProtocolError"]

@@ -41,9 +41,6 @@ from protocol import DwalError, ErrorCode
 from protocol.api import ApiKey
 
 OFFSETS_TOPIC = "__consumer_offsets"
-# Until partitions replicate (followers fetching, ISR, high watermark), a second replica would
-# be an empty log that a failover hands leadership to: more than one copy is refused.
-REPLICATION_FACTOR_MAX = 1
 
 
 def _error_fields(error: DwalError) -> dict[str, Any]:
@@ -59,7 +56,7 @@ class ControllerApis:
         *,
         log_defaults: LogConfig,
         limits: Limits,
-        default_replication_factor: int = 1,
+        default_replication_factor: int | None = None,
     ) -> None:
         self.controller = controller
         self.log_defaults = log_defaults
@@ -212,20 +209,21 @@ class ControllerApis:
     # -- topics -------------------------------------------------------------------------
 
     def new_topic(self, entry: dict[str, Any]) -> NewTopic:
-        """The NewTopic of a CreateTopics entry; raises DwalError for a bad config or an
-        internal topic name."""
+        """The NewTopic of a CreateTopics entry; raises DwalError for a bad config.
+
+        Replication factor -1 takes the broker's default_replication_factor, or, when that is
+        not set, min(3, unfenced brokers) (Kafka's advice: 3 where there are 3). A topic with
+        3 or more replicas gets min.insync.replicas=2 unless the request sets it, so that
+        acks=all survives one broker down and still means two copies."""
         configs = dict(entry["configs"])
-        check_topic_configs(configs, self.log_defaults)
         factor = entry["replication_factor"]
         if factor == -1:
-            factor = self.default_replication_factor
-        if factor > REPLICATION_FACTOR_MAX:
-            raise DwalError(
-                ErrorCode.INVALID_REPLICATION_FACTOR,
-                f"replication factor {factor}: this version keeps one copy of each partition "
-                "(partition replication comes next); followers would hold nothing to fail over "
-                f"to. Use --replication-factor {REPLICATION_FACTOR_MAX}",
+            factor = self.default_replication_factor or min(
+                3, max(len(self.controller.image.unfenced_broker_ids()), 1)
             )
+        if factor >= 3 and "min.insync.replicas" not in configs:
+            configs["min.insync.replicas"] = "2"
+        check_topic_configs(configs, self.log_defaults)
         return NewTopic(
             name=entry["topic"],
             partitions=entry["partitions"],

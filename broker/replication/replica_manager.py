@@ -1,45 +1,134 @@
-"""The one write path: every append (Produce, the group coordinator, the gateways) and every
-read by a consumer goes through `ReplicaManager`, which checks in the published metadata
-image that this broker leads the partition and stamps the leader epoch into each batch.
+"""The replica layer: the one write path, and this broker's part in replicating partitions.
 
-Leadership answers, as Kafka gives them: an unknown topic or partition number ->
-UNKNOWN_TOPIC_OR_PARTITION; a partition with no leader (its replicas are fenced) ->
-LEADER_NOT_AVAILABLE; another broker leads -> NOT_LEADER_OR_FOLLOWER. All but the first
-are retriable: the client refreshes its metadata and goes to the leader.
+Every append (Produce, the group coordinator, the gateways) and every read by a consumer
+goes through `ReplicaManager`, which checks in the published metadata image that this
+broker leads the partition and stamps the leader epoch into each batch. Leadership answers,
+as Kafka gives them: an unknown topic or partition number -> UNKNOWN_TOPIC_OR_PARTITION; a
+partition with no leader -> LEADER_NOT_AVAILABLE; another broker leads ->
+NOT_LEADER_OR_FOLLOWER (retriable: the client refreshes its metadata).
+
+Theory of operation. `apply_image` (a publisher listener, after the registry opened the
+logs) makes this broker the leader or a follower of each partition it holds a replica of:
+
+- Leader (in a leader epoch): the log's high watermark becomes replica-managed, and a
+  `PartitionReplicas` (sans-I/O) tracks the followers. The HW is the minimum, over the
+  maximal ISR, of what each member acknowledged: the leader its durable offset under
+  fsync=always and its log end otherwise (recomputed after each append, and by a task that
+  follows the log's `progress_event` for fsyncs), a follower its fetch offset. Followers'
+  fetches reach `follower_fetch`. A task checks every second whether the ISR should
+  shrink (a follower behind for `replica.lag.time.max.ms`) or expand (one caught up), and
+  sends one AlterPartition at a time through the controller; the change counts once the
+  image shows it. acks=all writes wait until the HW passes them (`wait_replicated`).
+- Follower: the partition is handed to the `ReplicaFetcher` of its leader (one per leader
+  broker), which copies batches, truncates a diverging log and sets the HW the leader says.
+
+With one replica (a single node, or replication factor 1) the leader is its whole ISR and
+the HW is its own acknowledged offset, which is what the log alone used to compute: the
+same code path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
 
-from broker.controller.metadata_image import MetadataImage
+import trio
+
+from broker.broker_lifecycle import NATIVE_LISTENER
+from broker.controller.metadata_image import MetadataImage, PartitionInfo
 from broker.controller.metadata_records import NO_LEADER
-from broker.storage import AppendInfo, PartitionLog
+from broker.event_log import log_event
+from broker.replication.broker_link import BrokerLink
+from broker.replication.partition_replicas import PartitionReplicas
+from broker.replication.replica_fetcher import ReplicaFetcher
+from broker.storage import AppendInfo, FetchSlice, PartitionLog
 from broker.topic_registry import TopicRegistry
-from protocol import DwalError, ErrorCode
+from protocol import ACKS_ALL, DwalError, ErrorCode
+
+logger = logging.getLogger("dwal.replication")
+
+TopicPartition = tuple[str, int]
+ISR_CHECK_INTERVAL_SECONDS = 1.0
+REPLICA_LAG_TIME_MAX_MS = 10_000  # Kafka's replica.lag.time.max.ms default
+FETCH_BYTES_MAX = 8 * 1024 * 1024  # a follower's fetch: the bytes in flight per leader
+PARTITION_FETCH_BYTES_MAX = 2 * 1024 * 1024
+
+
+def _now_ms() -> int:
+    return int(trio.current_time() * 1000)
+
+
+def _manage_high_watermark(log: PartitionLog) -> None:
+    """Hand the log's high watermark to the replica layer. The first time after opening, it
+    restarts from its checkpoint (a follower's must not pretend its whole log is committed:
+    it could then not truncate a diverging tail); a log without one (written by a single
+    node before replication) keeps its log end, which that node had acknowledged."""
+    if not log.high_watermark_managed_externally:
+        log.manage_high_watermark_externally(high_watermark=log.restored_high_watermark)
+
+
+@dataclass(eq=False)
+class _Leading:
+    """A partition this broker leads, in one leader epoch."""
+
+    topic: str
+    partition: int
+    log: PartitionLog
+    replicas: PartitionReplicas
+    hw_changed: trio.Event = field(default_factory=trio.Event)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    gone: bool = False  # leadership lost: waiters answer NOT_LEADER_OR_FOLLOWER
+
+    @property
+    def leader_epoch(self) -> int:
+        return self.replicas.leader_epoch
+
+    def wake(self) -> None:
+        self.hw_changed.set()
+        self.hw_changed = trio.Event()
+
+
+@dataclass(eq=False)
+class _Follower:
+    fetcher: ReplicaFetcher
+    address: tuple[str, int]
+    scope: trio.CancelScope
 
 
 class ReplicaManager:
     def __init__(
-        self, node_id: int, registry: TopicRegistry, image: Callable[[], MetadataImage]
+        self,
+        node_id: int,
+        registry: TopicRegistry,
+        image: Callable[[], MetadataImage],
+        *,
+        broker_epoch: Callable[[], int] = lambda: -1,
+        alter_partition: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None,
+        frame_bytes_max: int = 64 * 1024 * 1024,
+        replica_lag_time_max_ms: int = REPLICA_LAG_TIME_MAX_MS,
     ) -> None:
-        """`image` returns the published image (whose logs the registry has opened)."""
+        """`image` returns the published image (whose logs the registry has opened);
+        `alter_partition` sends an AlterPartition body to the controller."""
         self.node_id = node_id
         self.registry = registry
         self.image = image
+        self.broker_epoch = broker_epoch
+        self.alter_partition = alter_partition
+        self.frame_bytes_max = frame_bytes_max
+        self.replica_lag_time_max_ms = replica_lag_time_max_ms
+        self._leading: dict[TopicPartition, _Leading] = {}
+        self._followed: dict[TopicPartition, int] = {}  # partition -> leader it follows
+        self._fetchers: dict[int, _Follower] = {}
+        self._nursery: trio.Nursery | None = None
+
+    # -- leadership ------------------------------------------------------------------------
 
     def leader_epoch(self, topic: str, partition: int) -> int:
         """The leader epoch this broker leads the partition in; raises DwalError
         UNKNOWN_TOPIC_OR_PARTITION, LEADER_NOT_AVAILABLE or NOT_LEADER_OR_FOLLOWER."""
-        info = self.image().topics.get(topic)
-        if info is None:
-            raise DwalError(ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, f"unknown topic {topic!r}")
-        if not 0 <= partition < len(info.partitions):
-            raise DwalError(
-                ErrorCode.UNKNOWN_TOPIC_OR_PARTITION,
-                f"topic {topic!r} has no partition {partition}",
-            )
-        state = info.partitions[partition]
+        state = self._partition_state(topic, partition)
         if state.leader == NO_LEADER:
             raise DwalError(
                 ErrorCode.LEADER_NOT_AVAILABLE,
@@ -54,6 +143,17 @@ class ReplicaManager:
             )
         return state.leader_epoch
 
+    def _partition_state(self, topic: str, partition: int) -> PartitionInfo:
+        info = self.image().topics.get(topic)
+        if info is None:
+            raise DwalError(ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, f"unknown topic {topic!r}")
+        if not 0 <= partition < len(info.partitions):
+            raise DwalError(
+                ErrorCode.UNKNOWN_TOPIC_OR_PARTITION,
+                f"topic {topic!r} has no partition {partition}",
+            )
+        return info.partitions[partition]
+
     def leader_log(self, topic: str, partition: int) -> tuple[PartitionLog, int]:
         """The log of a partition this broker leads, and the leader epoch; raises DwalError
         as `leader_epoch` does, or KAFKA_STORAGE_ERROR when its log could not be opened."""
@@ -66,10 +166,351 @@ class ReplicaManager:
             )
         return log, epoch
 
+    # -- the write path --------------------------------------------------------------------
+
+    def check_acks(self, topic: str, partition: int, acks: int) -> None:
+        """Refuse an acks=all write while the ISR is smaller than min.insync.replicas
+        (NOT_ENOUGH_REPLICAS), before anything is appended; raises as `leader_log` does."""
+        log, _ = self.leader_log(topic, partition)
+        leading = self._leading.get((topic, partition))
+        if acks == ACKS_ALL and leading is not None:
+            code = leading.replicas.check_append(acks, log.config.min_insync_replicas)
+            if code is not None:
+                raise DwalError(
+                    code,
+                    f"{topic}-{partition} has {len(leading.replicas.isr)} in-sync replicas "
+                    f"{list(leading.replicas.isr)}, below min.insync.replicas="
+                    f"{log.config.min_insync_replicas}",
+                )
+
     def append(
         self, topic: str, partition: int, batches: bytearray | memoryview, *, now_ms: int
     ) -> tuple[PartitionLog, AppendInfo]:
         """Append record batches to a partition this broker leads, stamped with its leader
         epoch. Raises DwalError (leadership) and what PartitionLog.append raises."""
         log, epoch = self.leader_log(topic, partition)
-        return log, log.append(batches, now_ms=now_ms, leader_epoch=epoch)
+        info = log.append(batches, now_ms=now_ms, leader_epoch=epoch)
+        leading = self._leading.get((topic, partition))
+        if leading is not None and leading.log is log:
+            self._leader_progress(leading)
+        return log, info
+
+    async def wait_replicated(self, topic: str, partition: int, end_offset: int) -> None:
+        """Return once the HW of a partition this broker leads has passed `end_offset` (the
+        last appended offset + 1) with enough in-sync replicas. Raises DwalError
+        NOT_ENOUGH_REPLICAS_AFTER_APPEND (the ISR shrank below min.insync.replicas
+        meanwhile) or NOT_LEADER_OR_FOLLOWER (leadership lost: the outcome is unknown).
+        Safe to cancel."""
+        leading = self._leading.get((topic, partition))
+        if leading is None:
+            raise DwalError(
+                ErrorCode.NOT_LEADER_OR_FOLLOWER,
+                f"broker {self.node_id} no longer leads {topic}-{partition}",
+            )
+        min_isr = leading.log.config.min_insync_replicas
+        while True:
+            if leading.gone:
+                raise DwalError(
+                    ErrorCode.NOT_LEADER_OR_FOLLOWER,
+                    f"broker {self.node_id} lost the leadership of {topic}-{partition} while "
+                    "the write was being replicated: it may or may not be kept",
+                )
+            result = leading.replicas.acks_all_result(end_offset, min_isr)
+            if result == ErrorCode.NONE:
+                return
+            if result is not None:
+                raise DwalError(
+                    result,
+                    f"{topic}-{partition}: written, but the ISR "
+                    f"{list(leading.replicas.maximal_isr)} is below "
+                    f"min.insync.replicas={min_isr}",
+                )
+            await leading.hw_changed.wait()
+
+    def _acknowledged(self, log: PartitionLog) -> int:
+        return log.durable_offset if log.config.fsync == "always" else log.log_end_offset
+
+    def _leader_progress(self, leading: _Leading) -> None:
+        log = leading.log
+        moved = leading.replicas.leader_progress(log.log_end_offset, self._acknowledged(log))
+        self._publish_hw(leading, moved)
+
+    def _publish_hw(self, leading: _Leading, moved: int | None) -> None:
+        if moved is not None:
+            leading.log.set_high_watermark(moved)
+            leading.wake()
+
+    # -- followers' fetches (on the leader) ----------------------------------------------------
+
+    def follower_fetch(
+        self,
+        topic: str,
+        partition: int,
+        *,
+        replica_id: int,
+        fetch_offset: int,
+        current_leader_epoch: int,
+        last_fetched_epoch: int,
+        max_bytes: int,
+    ) -> tuple[dict[str, Any], FetchSlice | None]:
+        """Serve one partition of a follower's fetch: (the answer's fields, the slice to
+        send or None). Raises DwalError for a partition this broker does not lead in that
+        epoch (FENCED_LEADER_EPOCH: the follower is behind; UNKNOWN_LEADER_EPOCH: this
+        broker is)."""
+        log, epoch = self.leader_log(topic, partition)
+        if current_leader_epoch >= 0 and current_leader_epoch != epoch:
+            code = (
+                ErrorCode.FENCED_LEADER_EPOCH
+                if current_leader_epoch < epoch
+                else ErrorCode.UNKNOWN_LEADER_EPOCH
+            )
+            raise DwalError(
+                code, f"{topic}-{partition} is in leader epoch {epoch}, not {current_leader_epoch}"
+            )
+        leading = self._leading.get((topic, partition))
+        if leading is None:
+            raise DwalError(
+                ErrorCode.NOT_LEADER_OR_FOLLOWER, f"{topic}-{partition} is becoming led here"
+            )
+        fields: dict[str, Any] = {"leader_id": self.node_id, "leader_epoch": epoch}
+        if last_fetched_epoch >= 0:
+            known_epoch, end = log.end_offset_for_leader_epoch(last_fetched_epoch)
+            if known_epoch < last_fetched_epoch or end < fetch_offset:
+                fields["diverging_epoch"] = {"epoch": known_epoch, "end_offset": end}
+                fields["high_watermark"] = log.high_watermark
+                return fields, None
+        if fetch_offset > log.log_end_offset:
+            # ahead without epochs to tell where it diverged: back to this log's end
+            fields["diverging_epoch"] = {
+                "epoch": log.latest_leader_epoch,
+                "end_offset": log.log_end_offset,
+            }
+            fields["high_watermark"] = log.high_watermark
+            return fields, None
+        moved = leading.replicas.follower_fetched(replica_id, fetch_offset, _now_ms())
+        self._publish_hw(leading, moved)
+        fields["high_watermark"] = log.high_watermark
+        fields["log_start_offset"] = log.log_start_offset
+        piece = log.read(fetch_offset, max_bytes, up_to="log_end") if max_bytes > 0 else None
+        return fields, piece
+
+    def follower_wait_event(self, topic: str, partition: int) -> trio.Event | None:
+        """What a follower's long-polling fetch waits on: the log end moving."""
+        log = self.registry.logs.get((topic, partition))
+        return None if log is None else log.progress_event
+
+    # -- following the image ---------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the fetchers, the leaders' progress tasks and the ISR checks until
+        cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._check_isrs)
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def apply_image(self, previous: MetadataImage, image: MetadataImage) -> None:
+        """Lead or follow each local partition as `image` says (a publisher listener, after
+        the registry's)."""
+        await trio.lowlevel.checkpoint()
+        local = set()
+        for (topic, partition), log in list(self.registry.logs.items()):
+            state = image.partition(topic, partition)
+            if state is None:
+                continue
+            local.add((topic, partition))
+            if state.leader == self.node_id:
+                self._lead(topic, partition, log, state)
+            else:
+                self._follow(topic, partition, log, state, image)
+        for tp in [tp for tp in self._leading if tp not in local]:
+            self._stop_leading(tp)
+        for tp in [tp for tp in self._followed if tp not in local]:
+            self._stop_following(tp)
+
+    def _lead(self, topic: str, partition: int, log: PartitionLog, state: PartitionInfo) -> None:
+        tp = (topic, partition)
+        leading = self._leading.get(tp)
+        if (
+            leading is not None
+            and leading.log is log
+            and leading.leader_epoch == state.leader_epoch
+        ):
+            if state.partition_epoch > leading.replicas.partition_epoch:
+                moved = leading.replicas.isr_change_committed(state.isr, state.partition_epoch)
+                self._publish_hw(leading, moved)
+            self._leader_progress(leading)  # a config change (fsync policy) may move it
+            return
+        self._stop_leading(tp)
+        self._stop_following(tp)
+        _manage_high_watermark(log)
+        replicas = PartitionReplicas(
+            leader_id=self.node_id,
+            leader_epoch=state.leader_epoch,
+            partition_epoch=state.partition_epoch,
+            replicas=state.replicas,
+            isr=state.isr,
+            log_end_offset=log.log_end_offset,
+            high_watermark=log.high_watermark,
+            leader_epoch_start_offset=log.log_end_offset,
+            now_ms=_now_ms(),
+            acknowledged_offset=self._acknowledged(log),
+            replica_lag_time_max_ms=self.replica_lag_time_max_ms,
+        )
+        leading = _Leading(topic, partition, log, replicas)
+        self._leading[tp] = leading
+        log.set_high_watermark(replicas.high_watermark)
+        if self._nursery is not None:
+            self._nursery.start_soon(self._follow_progress, leading)
+        log_event(
+            logger,
+            logging.INFO,
+            "partition_led",
+            partition=f"{topic}-{partition}",
+            leader_epoch=state.leader_epoch,
+            isr=",".join(map(str, state.isr)),
+        )
+
+    def _stop_leading(self, tp: TopicPartition) -> None:
+        leading = self._leading.pop(tp, None)
+        if leading is not None:
+            leading.gone = True
+            leading.scope.cancel()
+            leading.wake()
+
+    async def _follow_progress(self, leading: _Leading) -> None:
+        """A leader's own acknowledged offset moves with its fsyncs too: recompute the HW."""
+        with leading.scope:
+            while not leading.gone:
+                event = leading.log.progress_event
+                self._leader_progress(leading)
+                await event.wait()
+
+    def _follow(
+        self,
+        topic: str,
+        partition: int,
+        log: PartitionLog,
+        state: PartitionInfo,
+        image: MetadataImage,
+    ) -> None:
+        tp = (topic, partition)
+        self._stop_leading(tp)
+        _manage_high_watermark(log)
+        leader = state.leader
+        broker = image.brokers.get(leader) if leader != NO_LEADER else None
+        address = None
+        if broker is not None and not broker.fenced:
+            address = next(
+                (
+                    (item.host, item.port)
+                    for item in broker.listeners
+                    if item.name == NATIVE_LISTENER
+                ),
+                None,
+            )
+        if address is None or self._nursery is None:
+            self._stop_following(tp)
+            return
+        follower = self._fetchers.get(leader)
+        if follower is None or follower.address != address:
+            if follower is not None:
+                follower.scope.cancel()
+            follower = self._start_fetcher(leader, address)
+        previous = self._followed.get(tp)
+        if previous is not None and previous != leader:
+            self._stop_following(tp)
+        current = follower.fetcher.partitions.get(tp)
+        if current is None or current.leader_epoch != state.leader_epoch or current.log is not log:
+            follower.fetcher.follow(tp, log, state.leader_epoch)
+        self._followed[tp] = leader
+
+    def _start_fetcher(self, leader: int, address: tuple[str, int]) -> _Follower:
+        assert self._nursery is not None
+        link = BrokerLink(
+            address,
+            client_id=f"dwal-replica-{self.node_id}",
+            frame_bytes_max=self.frame_bytes_max,
+        )
+        fetcher = ReplicaFetcher(
+            self.node_id,
+            leader,
+            link,
+            broker_epoch=self.broker_epoch,
+            fetch_bytes_max=FETCH_BYTES_MAX,
+            partition_fetch_bytes_max=PARTITION_FETCH_BYTES_MAX,
+        )
+        follower = _Follower(fetcher, address, trio.CancelScope())
+        self._fetchers[leader] = follower
+
+        async def run() -> None:
+            with follower.scope:
+                await fetcher.run()
+
+        self._nursery.start_soon(run)
+        return follower
+
+    def _stop_following(self, tp: TopicPartition) -> None:
+        leader = self._followed.pop(tp, None)
+        if leader is None:
+            return
+        follower = self._fetchers.get(leader)
+        if follower is not None:
+            follower.fetcher.unfollow(tp)
+
+    # -- ISR changes -----------------------------------------------------------------------
+
+    async def _check_isrs(self) -> None:
+        while True:
+            await trio.sleep(ISR_CHECK_INTERVAL_SECONDS)
+            now = _now_ms()
+            for leading in list(self._leading.values()):
+                proposal = leading.replicas.isr_change_wanted(now)
+                if proposal is None or self.alter_partition is None or self._nursery is None:
+                    continue
+                leading.replicas.isr_change_sent(proposal)
+                self._nursery.start_soon(self._send_isr_change, leading, proposal)
+
+    async def _send_isr_change(self, leading: _Leading, isr: tuple[int, ...]) -> None:
+        assert self.alter_partition is not None
+        replicas = leading.replicas
+        body = {
+            "broker_id": self.node_id,
+            "broker_epoch": self.broker_epoch(),
+            "topics": [
+                {
+                    "topic": leading.topic,
+                    "partitions": [
+                        {
+                            "partition": leading.partition,
+                            "leader_epoch": replicas.leader_epoch,
+                            "partition_epoch": replicas.partition_epoch,
+                            "isr": list(isr),
+                        }
+                    ],
+                }
+            ],
+        }
+        error = None
+        try:
+            reply = await self.alter_partition(body)
+            result = reply["topics"][0]["partitions"][0]
+            if result["error_code"]:
+                error = f"{ErrorCode(result['error_code']).name}: {result.get('error_message')}"
+        except DwalError as failure:
+            error = str(failure)
+        log_event(
+            logger,
+            logging.INFO if error is None else logging.WARNING,
+            "isr_change" if error is None else "isr_change_failed",
+            partition=f"{leading.topic}-{leading.partition}",
+            isr=",".join(map(str, isr)),
+            error=error,
+        )
+        if leading.gone:
+            return
+        # Accepted changes reached the image before the answer (the controller call waits
+        # for it); anything still pending was refused or changed nothing.
+        if replicas.pending_isr is not None:
+            self._publish_hw(leading, replicas.isr_change_failed())

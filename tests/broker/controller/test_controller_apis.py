@@ -225,16 +225,23 @@ async def test_create_topics_keeps_valid_configs(nursery, autojump_clock):
 
 
 async def test_replication_factor_minus_one_takes_the_default(nursery, autojump_clock):
-    apis = await active_apis(nursery, default_replication_factor=1)
-    await add_brokers(apis, 1, 2, 3)
-    reply = await create(apis, topic_entry("t", 2, -1))
-    assert codes(reply) == [("t", 0)]
-    partitions = apis.controller.image.topics["t"].partitions
-    assert [len(p.replicas) for p in partitions] == [1, 1]
-    # The default is capped like an explicit factor while partitions do not replicate.
-    apis.default_replication_factor = 3
-    refused = await create(apis, topic_entry("u", 2, -1))
-    assert codes(refused) == [("u", ErrorCode.INVALID_REPLICATION_FACTOR)]
+    apis = await active_apis(nursery)  # no default set: min(3, unfenced brokers)
+    await add_brokers(apis, 1, 2)
+    reply = await create(apis, topic_entry("two", 2, -1))
+    assert codes(reply) == [("two", 0)]
+    image = apis.controller.image
+    assert [len(p.replicas) for p in image.topics["two"].partitions] == [2, 2]
+    assert "min.insync.replicas" not in image.configs.get((ConfigResourceType.TOPIC, "two"), {})
+    await add_brokers(apis, 3, 4)
+    reply = await create(apis, topic_entry("three", 2, -1))
+    image = apis.controller.image
+    assert [len(p.replicas) for p in image.topics["three"].partitions] == [3, 3]
+    # three copies: acks=all means two of them unless the request says otherwise
+    configs = image.configs[(ConfigResourceType.TOPIC, "three")]
+    assert configs["min.insync.replicas"] == "2"
+    apis.default_replication_factor = 1  # the broker's default_replication_factor setting
+    reply = await create(apis, topic_entry("one", 1, -1))
+    assert [len(p.replicas) for p in apis.controller.image.topics["one"].partitions] == [1]
 
 
 async def test_topics_max_is_a_policy_violation(nursery, autojump_clock):

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import pytest
 import trio
+import trio.testing
 from broker_test_support import create_topic, running_node
 from storage_test_support import small_config
 
@@ -631,6 +632,8 @@ async def test_the_registry_compacts_only_compact_topics(tmp_path, caplog):
         logs = [registry.log("table", 0), registry.log("events", 0)]
         for log in logs:
             many_updates(log, batches=40)
+        # appended to the logs directly: the leader's replica task moves the HW over them
+        await trio.testing.wait_all_tasks_blocked()
         sizes = [log.size_bytes for log in logs]
         with caplog.at_level(logging.INFO, logger="dwal.topics"):
             assert await registry.compact_logs() == 1
@@ -639,4 +642,5 @@ async def test_the_registry_compacts_only_compact_topics(tmp_path, caplog):
         assert [r.fields["partition"] for r in compacted] == ["table-0"]
         assert await registry.compact_logs() == 0  # no segment rolled since
         many_updates(logs[0], batches=20, start=40)
+        await trio.testing.wait_all_tasks_blocked()
         assert await registry.compact_logs() == 1
