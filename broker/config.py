@@ -52,6 +52,11 @@ class BrokerConfig:
     broker_session_timeout_ms: int = 6_000  # a broker silent this long is fenced
     # of topics created without one; None: min(3, unfenced brokers)
     default_replication_factor: int | None = None
+    # Where this broker reaches other brokers' native ports for replication, by node id,
+    # instead of the address they registered (a TOML table only): for networks where a
+    # broker's advertised address is not the one its peers use, and for fault-injection
+    # tests that put a proxy on each directed link.
+    peer_native_addresses: dict[int, tuple[str, int]] = field(default_factory=dict)
     log_defaults: LogConfig = field(default_factory=LogConfig)
     limits: Limits = field(default_factory=Limits)
 
@@ -118,6 +123,25 @@ _SIMPLE_KEYS = {
 }
 
 
+def _peer_addresses(value: Any) -> dict[int, tuple[str, int]]:
+    """The [peer_native_addresses] table: {"2" = "host:port", ...}; raises ConfigError."""
+    if not isinstance(value, dict):
+        raise ConfigError('[peer_native_addresses] must be a table of node id = "host:port"')
+    addresses: dict[int, tuple[str, int]] = {}
+    for node, address in value.items():
+        host, colon, port = str(address).rpartition(":")
+        try:
+            node_id, port_number = int(node), int(port)
+        except ValueError:
+            node_id = port_number = -1
+        if node_id < 1 or not colon or not host or not 0 < port_number <= 65535:
+            raise ConfigError(
+                f'peer_native_addresses: {node!r} = {address!r} is not a node id = "host:port"'
+            )
+        addresses[node_id] = (host.strip("[]"), port_number)
+    return addresses
+
+
 def parse_quorum(text: str) -> dict[int, tuple[str, int]]:
     """Parse "1@host:9192,2@host:9193" into {1: ("host", 9192), ...}; raises ConfigError."""
     voters: dict[int, tuple[str, int]] = {}
@@ -169,6 +193,8 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any]) -> Brok
             if not isinstance(value, dict):
                 raise ConfigError("[topic_defaults] must be a table")
             topic_defaults.update({k: _config_string(v) for k, v in value.items()})
+        elif key == "peer_native_addresses":
+            values["peer_native_addresses"] = _peer_addresses(value)
         elif key == "limits":
             if not isinstance(value, dict):
                 raise ConfigError("[limits] must be a table")

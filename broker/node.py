@@ -139,6 +139,7 @@ async def open_broker_node(
             broker_epoch=lambda: member.lifecycle.broker_epoch if member.lifecycle else -1,
             alter_partition=alter_partition,
             frame_bytes_max=config.limits.frame_bytes_max,
+            peer_addresses=config.peer_native_addresses,
         )
         member.add_image_listener(replicas.apply_image)
 

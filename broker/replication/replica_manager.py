@@ -108,6 +108,7 @@ class ReplicaManager:
         alter_partition: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None,
         frame_bytes_max: int = 64 * 1024 * 1024,
         replica_lag_time_max_ms: int = REPLICA_LAG_TIME_MAX_MS,
+        peer_addresses: dict[int, tuple[str, int]] | None = None,
     ) -> None:
         """`image` returns the published image (whose logs the registry has opened);
         `alter_partition` sends an AlterPartition body to the controller."""
@@ -118,6 +119,7 @@ class ReplicaManager:
         self.alter_partition = alter_partition
         self.frame_bytes_max = frame_bytes_max
         self.replica_lag_time_max_ms = replica_lag_time_max_ms
+        self.peer_addresses = peer_addresses or {}  # overrides of registered listeners
         self._leading: dict[TopicPartition, _Leading] = {}
         self._followed: dict[TopicPartition, int] = {}  # partition -> leader it follows
         self._fetchers: dict[int, _Follower] = {}
@@ -402,7 +404,7 @@ class ReplicaManager:
         broker = image.brokers.get(leader) if leader != NO_LEADER else None
         address = None
         if broker is not None and not broker.fenced:
-            address = next(
+            address = self.peer_addresses.get(leader) or next(
                 (
                     (item.host, item.port)
                     for item in broker.listeners
