@@ -58,6 +58,7 @@ OFFSETS_TOPIC_CONFIGS = {
 }
 GROUP_ID_CHARS_MAX = 255
 LOAD_READ_BYTES = 4 * 1024 * 1024
+LOAD_INLINE_BYTES_MAX = 1024 * 1024  # smaller offsets partitions load before serving
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +90,8 @@ class GroupCoordinator:
         self.replicas = replicas
         self._create_offsets_topic = create_offsets_topic
         self.loaded_partitions: set[int] = set()  # offsets partitions led and loaded here
+        self._loading: dict[int, object] = {}  # partition -> the load under way (a token)
+        self._nursery: trio.Nursery | None = None  # background loads (set by run_expiry)
         self.group_config = GroupConfig(
             session_timeout_ms=config.group_session_timeout_ms,
             heartbeat_interval_ms=config.group_heartbeat_interval_ms,
@@ -123,6 +126,12 @@ class GroupCoordinator:
         if OFFSETS_TOPIC not in self.registry.topics:
             return
         partition = self.partition_of(group_id)
+        if partition in self._loading:
+            raise DwalError(
+                ErrorCode.COORDINATOR_LOAD_IN_PROGRESS,
+                f"broker {self.config.node_id} is loading the offsets of group {group_id!r} "
+                f"(partition {partition} of {OFFSETS_TOPIC})",
+            )
         if partition not in self.loaded_partitions:
             raise DwalError(
                 ErrorCode.NOT_COORDINATOR,
@@ -142,52 +151,93 @@ class GroupCoordinator:
                 raise DwalError(ErrorCode.NOT_COORDINATOR, error.message) from None
             raise
 
+    async def _wait_committed(self, group_id: str, log: PartitionLog, end_offset: int) -> None:
+        """Wait until the records are durable here and in every in-sync replica (acks=all):
+        a commit answered is a commit a new coordinator will find. Raises DwalError."""
+        await log.wait_durable(end_offset)
+        try:
+            await self.replicas.wait_replicated(
+                OFFSETS_TOPIC, self.partition_of(group_id), end_offset
+            )
+        except DwalError as error:
+            if error.code == ErrorCode.NOT_LEADER_OR_FOLLOWER:
+                raise DwalError(ErrorCode.NOT_COORDINATOR, error.message) from None
+            raise
+
     # -- loading --------------------------------------------------------------------------
 
     async def apply_image(self, previous: MetadataImage, image: MetadataImage) -> None:
-        """Load the offsets partitions this broker now leads, drop those it no longer does."""
+        """Load the offsets partitions this broker now leads, drop those it no longer does.
+        A small partition (a new one, most of all) is loaded before this returns; a larger
+        one in the background, its groups answered COORDINATOR_LOAD_IN_PROGRESS meanwhile."""
         topic = image.topics.get(OFFSETS_TOPIC)
         led = set()
         if topic is not None:
             led = {p.partition for p in topic.partitions if p.leader == self.config.node_id}
-        for partition in sorted(self.loaded_partitions - led):
+        for partition in sorted((self.loaded_partitions | set(self._loading)) - led):
             self._unload_partition(partition)
-        for partition in sorted(led - self.loaded_partitions):
+        for partition in sorted(led - self.loaded_partitions - set(self._loading)):
             log = self.registry.logs.get((OFFSETS_TOPIC, partition))
             if log is None:
                 continue  # not opened (reported by the registry): not coordinated here
-            loaded: dict[str, dict[tuple[str, int], CommittedOffset]] = {}
-            count = await trio.to_thread.run_sync(self._load_partition, log, loaded)
-            for group_id, offsets in loaded.items():
-                self.offsets[group_id] = offsets
-            self.loaded_partitions.add(partition)
+            token = object()
+            self._loading[partition] = token
+            if log.size_bytes <= LOAD_INLINE_BYTES_MAX or self._nursery is None:
+                await self._load(partition, log, token)
+            else:
+                self._nursery.start_soon(self._load, partition, log, token)
+
+    async def _load(self, partition: int, log: PartitionLog, token: object) -> None:
+        loaded: dict[str, dict[tuple[str, int], CommittedOffset]] = {}
+        try:
+            count = await self._load_partition(log, loaded)
+        except (StorageError, OSError) as error:
             log_event(
                 logger,
-                logging.INFO,
-                "group_offsets_loaded",
+                logging.ERROR,
+                "group_offsets_load_failed",
                 partition=partition,
-                records=count,
-                groups=len(loaded),
+                error=str(error),
             )
+            if self._loading.get(partition) is token:
+                del self._loading[partition]
+            return
+        if self._loading.get(partition) is not token:
+            return  # unloaded (leadership lost) while loading
+        del self._loading[partition]
+        for group_id, offsets in loaded.items():
+            self.offsets[group_id] = offsets
+        self.loaded_partitions.add(partition)
+        log_event(
+            logger,
+            logging.INFO,
+            "group_offsets_loaded",
+            partition=partition,
+            records=count,
+            groups=len(loaded),
+        )
 
     def _unload_partition(self, partition: int) -> None:
         self.loaded_partitions.discard(partition)
+        self._loading.pop(partition, None)
         for group_id in [g for g in self.groups if self.partition_of(g) == partition]:
             del self.groups[group_id]
         for group_id in [g for g in self.offsets if self.partition_of(g) == partition]:
             del self.offsets[group_id]
         log_event(logger, logging.INFO, "group_offsets_unloaded", partition=partition)
 
-    def _load_partition(
+    async def _load_partition(
         self, log: PartitionLog, into: dict[str, dict[tuple[str, int], CommittedOffset]]
     ) -> int:
-        """Replay a partition's commits into `into` (blocking; touches nothing else)."""
+        """Replay a partition's commits into `into`, to the log end (this broker leads it:
+        what lies past the high watermark will be committed by it), the file reads in a
+        worker thread. Touches nothing but `into`."""
         position = log.log_start_offset
         count = 0
-        while position < log.high_watermark:
-            piece = log.read(position, LOAD_READ_BYTES)
+        while position < log.log_end_offset:
+            piece = log.read(position, LOAD_READ_BYTES, up_to="log_end")
             try:
-                data = piece.read_bytes()
+                data = await trio.to_thread.run_sync(piece.read_bytes)
             finally:
                 piece.close()
             records = [
@@ -255,8 +305,14 @@ class GroupCoordinator:
         }
 
     async def run_expiry(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Expire members that stopped heartbeating, and tell groups about topic changes."""
-        task_status.started()
+        """Expire members that stopped heartbeating, and tell groups about topic changes;
+        background loads of offsets partitions run in this task's nursery."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._expire_members)
+            task_status.started()
+
+    async def _expire_members(self) -> None:
         while True:
             await trio.sleep(self.config.limits.group_expiry_check_interval_ms / 1000)
             counts = self.partition_counts()
@@ -352,7 +408,7 @@ class GroupCoordinator:
             ]
         )
         log, info = self._append_offsets(group_id, batch, now)
-        await log.wait_durable(info.last_offset + 1)
+        await self._wait_committed(group_id, log, info.last_offset + 1)
         offsets = self.offsets.setdefault(group_id, {})
         for index, ((topic, partition), offset, metadata) in enumerate(records):
             log_offset = info.base_offset + index
@@ -471,7 +527,7 @@ class GroupCoordinator:
             now = now_ms()
             batch = build_batch([(now, offset_key(group_id, t, p), None) for t, p in keys])
             log, info = self._append_offsets(group_id, batch, now)
-            await log.wait_durable(info.last_offset + 1)
+            await self._wait_committed(group_id, log, info.last_offset + 1)
         self.offsets.pop(group_id, None)
         self.groups.pop(group_id, None)
         log_event(logger, logging.INFO, "group_deleted", group=group_id)

@@ -376,3 +376,34 @@ async def test_a_new_topic_reaches_a_regex_subscriber_through_the_expiry_loop(
     assert described["target_assignment"] == [{"topic": "new-topic", "partitions": [0, 1]}]
     member = node.heartbeat(member_id=member["member_id"], epoch=member["member_epoch"])
     assert assigned(member) == {("new-topic", 0), ("new-topic", 1)}
+
+
+async def test_a_large_offsets_partition_loads_in_the_background(node, monkeypatch):
+    """Past LOAD_INLINE_BYTES_MAX a newly led offsets partition loads off the publisher's
+    path: its groups get COORDINATOR_LOAD_IN_PROGRESS (retriable) until it is loaded, then
+    their committed offsets are there."""
+    await node.commit({("a", 0): 7})
+    coordinator = node.coordinator
+    partition = coordinator.partition_of("g")
+    release = trio.Event()
+    real_load = coordinator._load_partition
+
+    async def held_load(log, into):
+        await release.wait()
+        return await real_load(log, into)
+
+    monkeypatch.setattr(group_coordinator_module, "LOAD_INLINE_BYTES_MAX", 0)
+    monkeypatch.setattr(coordinator, "_load_partition", held_load)
+    coordinator._unload_partition(partition)  # as when leadership moved away and came back
+    image = node.node.member.image
+    await coordinator.apply_image(image, image)
+    with pytest.raises(DwalError) as caught:
+        node.heartbeat("g")
+    assert caught.value.code == ErrorCode.COORDINATOR_LOAD_IN_PROGRESS
+    assert caught.value.retriable
+    release.set()
+    with trio.fail_after(10):
+        while partition not in coordinator.loaded_partitions:
+            await trio.sleep(0.01)
+    assert coordinator.offsets["g"][("a", 0)].offset == 7
+    assert node.heartbeat("g")["member_epoch"] >= 1  # served again
