@@ -35,6 +35,7 @@ from broker.storage import (
     StorageError,
 )
 from broker.replication import ReplicaManager
+from broker.replication.broker_link import BrokerLink, BrokerLinkError
 from broker.topic_registry import TopicRegistry
 from protocol import (
     ACKS_ALL,
@@ -49,11 +50,15 @@ from protocol import (
     ProtocolError,
     check_tail_sizes,
 )
+from protocol.frame import Response
+from protocol.record_batch import scan_batches
 
 if TYPE_CHECKING:
     from broker.cluster_member import ClusterMember
 
 logger = logging.getLogger("dwal.requests")
+
+FORWARD_LINKS_IDLE_MAX = 4  # per leader: connections kept for the gateways' forwarding
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,7 @@ class RequestHandlers:
         self.replicas = replicas
         self.coordinator = coordinator
         self.advertised_port = advertised_port
+        self._links: dict[tuple[str, int], list[BrokerLink]] = {}  # idle, for forwarding
         self.table: dict[ApiKey, Callable[[dict, bytes, RequestContext], Awaitable[Reply]]] = {
             ApiKey.API_VERSIONS: self.api_versions,
             ApiKey.METADATA: self.metadata,
@@ -660,9 +666,28 @@ class RequestHandlers:
         """
         if self.config.auto_create_topics:
             await self._auto_create(topic)
+        leader = self._leader_elsewhere(topic, partition)
+        if leader is not None:
+            return await self._forward_append(leader, topic, partition, batch, acks, timeout_ms)
         result, wait = self._append(topic, partition, memoryview(batch), acks)
         if wait is not None:
             await self._wait_durable([wait], timeout_ms)
+        if result["error_code"]:
+            raise DwalError(ErrorCode(result["error_code"]), result.get("error_message"))
+        return result["base_offset"]
+
+    async def _forward_append(
+        self, leader: int, topic: str, partition: int, batch: bytes, acks: int, timeout_ms: int
+    ) -> int:
+        body = {
+            "acks": acks if acks != ACKS_NONE else ACKS_LEADER,  # an answer is needed here
+            "timeout_ms": timeout_ms,
+            "topics": [
+                {"topic": topic, "partitions": [{"partition": partition, "size": len(batch)}]}
+            ],
+        }
+        response = await self._forward(leader, ApiKey.PRODUCE, body, batch, timeout_ms)
+        result = response.body["topics"][0]["partitions"][0]
         if result["error_code"]:
             raise DwalError(ErrorCode(result["error_code"]), result.get("error_message"))
         return result["base_offset"]
@@ -674,16 +699,105 @@ class RequestHandlers:
             raise DwalError(ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, f"unknown topic {topic!r}")
         return len(info.partitions)
 
-    def readable_range(self, topic: str, partition: int) -> tuple[int, int]:
-        """(log start offset, high watermark) of a partition this broker leads; raises
-        DwalError as the replica layer does."""
-        log = self.replicas.leader_log(topic, partition)[0]
-        return log.log_start_offset, log.high_watermark
+    async def readable_range(self, topic: str, partition: int) -> tuple[int, int]:
+        """(log start offset, high watermark) of a partition (asked of its leader when that
+        is another broker); raises DwalError as the replica layer does."""
+        leader = self._leader_elsewhere(topic, partition)
+        if leader is None:
+            log = self.replicas.leader_log(topic, partition)[0]
+            return log.log_start_offset, log.high_watermark
+        body = {
+            "topics": [
+                {
+                    "topic": topic,
+                    "partitions": [
+                        {"partition": partition, "timestamp": EARLIEST_TIMESTAMP},
+                        {"partition": partition, "timestamp": LATEST_TIMESTAMP},
+                    ],
+                }
+            ]
+        }
+        response = await self._forward(leader, ApiKey.LIST_OFFSETS, body)
+        earliest, latest = response.body["topics"][0]["partitions"]
+        for result in (earliest, latest):
+            if result["error_code"]:
+                raise DwalError(ErrorCode(result["error_code"]), result.get("error_message"))
+        return earliest["offset"], latest["offset"]
+
+    # The gateways call these for any partition: when another broker leads it, the request
+    # is forwarded there over the native protocol (the seed's curl commands work on every
+    # node of a cluster).
+
+    def _leader_elsewhere(self, topic: str, partition: int) -> int | None:
+        """The broker leading a partition when it is not this one (else None)."""
+        state = self.member.image.partition(topic, partition)
+        if state is None or state.leader in (NO_LEADER, self.config.node_id):
+            return None
+        return state.leader
+
+    async def _forward(
+        self, leader: int, api_key: ApiKey, body: dict, tail: bytes = b"", timeout_ms: int = 30_000
+    ) -> Response:
+        broker = self.member.image.brokers.get(leader)
+        address = None if broker is None else self._broker_address(broker)
+        if address is None:
+            raise DwalError(ErrorCode.LEADER_NOT_AVAILABLE, f"no address of broker {leader}")
+        idle = self._links.setdefault(address, [])
+        link = (
+            idle.pop()
+            if idle
+            else BrokerLink(
+                address,
+                client_id=f"dwal-gateway-{self.config.node_id}",
+                frame_bytes_max=self.config.limits.frame_bytes_max,
+            )
+        )
+        try:
+            response = await link.request(
+                api_key, body, tail=tail, timeout_seconds=timeout_ms / 1000 + 5
+            )
+        except BrokerLinkError as error:
+            raise DwalError(
+                ErrorCode.NETWORK_EXCEPTION, f"forwarding to broker {leader}: {error}"
+            ) from None
+        except BaseException:
+            await link.aclose()
+            raise
+        if len(idle) < FORWARD_LINKS_IDLE_MAX:
+            idle.append(link)
+        else:
+            await link.aclose()
+        return response
+
+    async def _forward_fetch(
+        self, leader: int, topic: str, partition: int, offset: int, max_bytes: int
+    ) -> bytes:
+        body = {
+            "max_wait_ms": 0,
+            "min_bytes": 0,
+            "max_bytes": max_bytes,
+            "topics": [
+                {
+                    "topic": topic,
+                    "partitions": [
+                        {"partition": partition, "fetch_offset": offset, "max_bytes": max_bytes}
+                    ],
+                }
+            ],
+        }
+        response = await self._forward(leader, ApiKey.FETCH, body)
+        result = response.body["topics"][0]["partitions"][0]
+        if result["error_code"]:
+            raise DwalError(ErrorCode(result["error_code"]), result.get("error_message"))
+        return bytes(response.tail)
 
     async def read_batches(self, topic: str, partition: int, offset: int, max_bytes: int) -> bytes:
         """Return whole batches from `offset` (the first may start before it), at most about
         `max_bytes` (the first batch is always whole), read in a worker thread. Raises
         DwalError. Safe to cancel."""
+        leader = self._leader_elsewhere(topic, partition)
+        if leader is not None:
+            return await self._forward_fetch(leader, topic, partition, offset, max_bytes)
         try:
             piece = self.replicas.leader_log(topic, partition)[0].read(offset, max_bytes)
         except Exception as error:
@@ -708,12 +822,38 @@ class RequestHandlers:
         offset, high watermark)), CORRUPT_MESSAGE (the stored batch is damaged; it stays on
         disk), KAFKA_STORAGE_ERROR. Safe to cancel.
         """
+        leader = self._leader_elsewhere(topic, partition)
+        if leader is not None:
+            return await self._forwarded_batch_containing(leader, topic, partition, offset)
         try:
             log = self.replicas.leader_log(topic, partition)[0]
             return await log.read_batch_containing(offset)
         except Exception as error:
             code, message = _error_of(error)
             raise DwalError(code, message) from None
+
+    async def _forwarded_batch_containing(
+        self, leader: int, topic: str, partition: int, offset: int
+    ) -> bytes | None:
+        """read_batch_containing on the leader: its fetch from `offset` starts with the batch
+        holding it (or the next one, when compaction removed it)."""
+        data = await self._forward_fetch(
+            leader, topic, partition, offset, self.config.limits.frame_bytes_max // 2
+        )
+        if not data:
+            raise DwalError(ErrorCode.OFFSET_OUT_OF_RANGE, f"offset {offset} is not written yet")
+        try:
+            first = next(scan_batches(data))
+        except (ProtocolError, StopIteration) as error:
+            raise DwalError(ErrorCode.CORRUPT_MESSAGE, f"forwarded batch: {error}") from None
+        header = first.header
+        if not header.base_offset <= offset <= header.last_offset:
+            return None
+        return data[: header.size_bytes]
+
+    def readable_range_or_forward(self, topic: str, partition: int) -> int | None:
+        """The leader to ask for a partition's readable range, when it is not this broker."""
+        return self._leader_elsewhere(topic, partition)
 
     # -- offsets ----------------------------------------------------------------------
 

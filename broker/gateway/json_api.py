@@ -40,6 +40,7 @@ from broker.gateway.json_records import (
     record_to_json,
 )
 from protocol import (
+    ACKS_ALL,
     ACKS_LEADER,
     DwalError,
     ErrorCode,
@@ -165,7 +166,7 @@ class JsonApi:
     # -- the original WAL service -------------------------------------------------------
 
     async def _produce_wal(self, request: ApiRequest, query: Query) -> ApiResponse:
-        """``{"record": {"value": "..."}}`` -> ``{"offset": N}``, appended with acks=1."""
+        """``{"record": {"value": "..."}}`` -> ``{"offset": N}``, appended with acks=all."""
         record = parse_wal_record(parse_json(request.body))
         await self._ensure_wal_topic()
         batch = build_batch([(self._clock_ms(), record.key, record.value)])
@@ -173,7 +174,7 @@ class JsonApi:
             WAL_TOPIC,
             WAL_PARTITION,
             batch,
-            acks=ACKS_LEADER,
+            acks=ACKS_ALL,  # in every in-sync replica (and durable on the leader)
             timeout_ms=self._limits.http_append_timeout_ms,
         )
         return ApiResponse(status=200, body={"offset": offset})
@@ -317,7 +318,7 @@ class JsonApi:
                 f"topic {topic!r} has no partition {partition} (it has {partitions})",
                 code=ErrorCode.UNKNOWN_TOPIC_OR_PARTITION,
             )
-        start, high_watermark = self._handlers.readable_range(topic, partition)
+        start, high_watermark = await self._handlers.readable_range(topic, partition)
         offset = _integer_parameter(query, "offset", start)
         _check_readable(offset, start, high_watermark)
         records, next_offset = await self._read_records(

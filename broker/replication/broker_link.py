@@ -43,14 +43,19 @@ class BrokerLink:
         self._correlation = itertools.count(1)
 
     async def request(
-        self, api_key: ApiKey, body: dict[str, Any], *, timeout_seconds: float
+        self,
+        api_key: ApiKey,
+        body: dict[str, Any],
+        *,
+        timeout_seconds: float,
+        tail: bytes | memoryview = b"",
     ) -> Response:
         """Send one request and return its answer (body checked against the schema, tail
         as received). Raises DwalError for an error answer, BrokerLinkError when there is
         none. Safe to cancel (the connection is then closed)."""
         try:
             with trio.fail_after(timeout_seconds):
-                response = await self._exchange(api_key, body)
+                response = await self._exchange(api_key, body, tail)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as error:
             await self.aclose()
             raise BrokerLinkError(f"{self.address[0]}:{self.address[1]}: {error}") from None
@@ -77,7 +82,9 @@ class BrokerLink:
             tail=response.tail,
         )
 
-    async def _exchange(self, api_key: ApiKey, body: dict[str, Any]) -> Response:
+    async def _exchange(
+        self, api_key: ApiKey, body: dict[str, Any], tail: bytes | memoryview
+    ) -> Response:
         if self._stream is None:
             with trio.move_on_after(self.connect_timeout_seconds):
                 self._stream = await trio.open_tcp_stream(*self.address)
@@ -91,6 +98,7 @@ class BrokerLink:
             correlation_id=correlation_id,
             client_id=self.client_id,
             body=body,
+            tail=tail,
         )
         await stream.send_all(encode_request(request))
         decoder = FrameDecoder(frame_bytes_max=self.frame_bytes_max)

@@ -32,7 +32,7 @@ from broker.gateway.json_records import partition_for_key
 from broker.limits import Limits
 from broker.memory_pool import MemoryPool
 from broker.storage import LogConfig
-from protocol import ACKS_LEADER, DwalError, ErrorCode, decode_records, parse_header
+from protocol import ACKS_ALL, ACKS_LEADER, DwalError, ErrorCode, decode_records, parse_header
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -136,7 +136,7 @@ class FakeHandlers:
     def partition_count(self, topic: str) -> int:
         return self.registry.topic(topic).partitions
 
-    def readable_range(self, topic: str, partition: int) -> tuple[int, int]:
+    async def readable_range(self, topic: str, partition: int) -> tuple[int, int]:
         log = self.registry.log(topic, partition)
         return log.log_start_offset, log.high_watermark
 
@@ -189,7 +189,7 @@ async def test_wal_post_then_get_round_trips_offsets_0_1_2():
         assert response.status == 200
         assert response.body == {"record": {"value": f"{VALUE}{offset}", "offset": offset}}
     assert handlers.registry.topics["wal"].partitions == 1
-    assert handlers.appends == [("wal", 0, ACKS_LEADER)] * 3
+    assert handlers.appends == [("wal", 0, ACKS_ALL)] * 3  # the WAL is acks=all
 
 
 async def test_wal_post_stores_utf8_value_key_and_timestamp():
