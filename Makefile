@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 RUN_FLAGS ?= --host 127.0.0.1 --port 9092 --http-port 8080 --data-dir ./data
 
-.PHONY: run cluster test bench lint sim clean
+.PHONY: run cluster test bench lint sim nemesis clean
 
 # Two stamps: the runtime alone (enough to run a broker or a benchmark) and, on top of it,
 # the test tools (pytest, hypothesis, ruff, mypy). Each is redone when pyproject.toml changes.
@@ -57,6 +57,16 @@ sim: $(VENV)/.test-installed
 	$(PY) -m pytest tests/broker/raft/test_simulation.py --sim-seeds $(SIM_SEEDS) -q
 	$(PY) -m pytest tests/broker/controller/test_controller_quorum_simulation.py \
 		--controller-sim-seeds $(CONTROLLER_SIM_SEEDS) -q
+
+# Seeded fault injection against a real three-node cluster whose inter-broker links go
+# through proxies (tests/cluster/nemesis.py): SEEDS is N (seeds 1..N) or a list "4,7,9";
+# DURATION is the seconds of faults per seed. One line per seed; a failed seed keeps its
+# temp directory (data and every node's output) and makes the target fail.
+SEEDS ?= 3
+DURATION ?= 60
+
+nemesis: $(VENV)/.test-installed
+	$(PY) tests/cluster/nemesis.py --seeds $(SEEDS) --duration $(DURATION)
 
 clean:
 	rm -rf $(VENV) data cluster *.egg-info

@@ -12,6 +12,14 @@ The controller ports must be known before the first process starts (they are the
 port range) and closing the socket; the listeners set SO_REUSEADDR, so a restarted node gets
 its ports back at once.
 
+With ``proxied=True`` every inter-broker link goes through a `FaultProxy` of its own: node
+i's view of node j's controller port (its ``--controller-quorum``, where node i's own entry
+stays its real port) and of node j's native port (its ``[peer_native_addresses]``, in a
+config file of its own) is the proxy of the directed link i -> j. Clients still connect to
+the brokers directly. `partition` blackholes every link across a cut (both directions);
+`heal` lets every link pass again. Broker-only nodes (learners) are reached by the active
+controller at their registered controller port, not through a proxy.
+
 `wait_for` polls a condition with a bounded loop and short waits: the state it waits on
 (fencing, leadership) lives in other processes and no output announces it to the test.
 """
@@ -33,6 +41,7 @@ from typing import Awaitable, Callable, TypeVar
 import trio
 
 import client
+from fault_proxy import FaultProxy
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 # The whole line (up to its newline), so that a port is never read from a partial chunk.
@@ -139,17 +148,40 @@ class ClusterNode:
         return bool(self.runs) and self.current.returncode is None
 
 
+@dataclass
+class Link:
+    """The proxies of the directed link source -> target: to its controller and native
+    ports."""
+
+    source: int
+    target: int
+    controller: FaultProxy
+    native: FaultProxy
+
+    @property
+    def proxies(self) -> tuple[FaultProxy, FaultProxy]:
+        return (self.controller, self.native)
+
+
 class ClusterLauncher:
     """Declares, starts, signals and restarts the nodes of one cluster; see the module
-    docstring. `config_path` is a TOML file given to every node with ``--config``."""
+    docstring. `config_path` is a TOML file given to every node with ``--config`` (with
+    `proxied`, each node's copy adds its [peer_native_addresses])."""
 
     def __init__(
-        self, nursery: trio.Nursery, tmp_path: pathlib.Path, config_path: pathlib.Path
+        self,
+        nursery: trio.Nursery,
+        tmp_path: pathlib.Path,
+        config_path: pathlib.Path,
+        *,
+        proxied: bool = False,
     ) -> None:
         self.nursery = nursery
         self.tmp_path = tmp_path
         self.config_path = config_path
+        self.proxied = proxied
         self.nodes: dict[int, ClusterNode] = {}
+        self.links: dict[tuple[int, int], Link] = {}  # (source, target) -> its proxies
         self.processes: list[NodeProcess] = []  # every process ever started, for teardown
 
     def add_node(
@@ -176,9 +208,80 @@ class ClusterLauncher:
 
     @property
     def quorum(self) -> str:
-        """The --controller-quorum of every node: the voters declared so far."""
+        """The --controller-quorum of every node without proxies: the voters declared so
+        far."""
         voters = [node for node in self.nodes.values() if node.is_voter]
         return ",".join(f"{n.node_id}@127.0.0.1:{n.controller_port}" for n in voters)
+
+    def quorum_seen_by(self, node_id: int) -> str:
+        """Node `node_id`'s --controller-quorum: with proxies, every other voter at the
+        proxy of the link to it (its own entry is always its real port)."""
+        if not self.proxied:
+            return self.quorum
+        entries = []
+        for voter in self.nodes.values():
+            if not voter.is_voter:
+                continue
+            port = voter.controller_port
+            if voter.node_id != node_id:
+                port = self.links[node_id, voter.node_id].controller.listen_port
+            entries.append(f"{voter.node_id}@127.0.0.1:{port}")
+        return ",".join(entries)
+
+    def config_of(self, node_id: int) -> pathlib.Path:
+        """The --config file of node `node_id`: with proxies, a copy that sends its
+        replica fetches to each peer through the proxy of the link."""
+        if not self.proxied:
+            return self.config_path
+        lines = [self.config_path.read_text(), "", "[peer_native_addresses]"]
+        for (source, target), link in sorted(self.links.items()):
+            if source == node_id:
+                lines.append(f'"{target}" = "127.0.0.1:{link.native.listen_port}"')
+        path = self.tmp_path / f"node-{node_id}.toml"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    async def _open_links(self) -> None:
+        """Start a proxy pair for every directed link between declared nodes that has none."""
+        for source in self.nodes:
+            for target, node in self.nodes.items():
+                if source == target or (source, target) in self.links:
+                    continue
+                controller_port, native_port = free_ports(2)
+                link = Link(
+                    source,
+                    target,
+                    FaultProxy(
+                        ("127.0.0.1", node.controller_port),
+                        listen_port=controller_port,
+                        name=f"{source}->{target} controller",
+                    ),
+                    FaultProxy(
+                        ("127.0.0.1", node.port),
+                        listen_port=native_port,
+                        name=f"{source}->{target} native",
+                    ),
+                )
+                for proxy in link.proxies:
+                    await self.nursery.start(proxy.serve)
+                self.links[source, target] = link
+
+    def links_across(self, side: set[int]) -> list[Link]:
+        """Every link between a node in `side` and one outside it, both directions."""
+        return [link for (a, b), link in self.links.items() if (a in side) != (b in side)]
+
+    def partition(self, side: set[int]) -> None:
+        """Blackhole every link across the cut between `side` and the other nodes."""
+        assert self.proxied, "partitions need ClusterLauncher(proxied=True)"
+        for link in self.links_across(side):
+            for proxy in link.proxies:
+                proxy.blackhole()
+
+    def heal(self) -> None:
+        """Every link passes again (connections that lost bytes are reset)."""
+        for link in self.links.values():
+            for proxy in link.proxies:
+                proxy.pass_through()
 
     def command(self, node: ClusterNode, data_dir: pathlib.Path) -> list[str]:
         command = [
@@ -186,11 +289,11 @@ class ClusterLauncher:
             "-m",
             "broker",
             "--config",
-            str(self.config_path),
+            str(self.config_of(node.node_id)),
             "--node-id",
             str(node.node_id),
             "--controller-quorum",
-            self.quorum,
+            self.quorum_seen_by(node.node_id),
             "--host",
             "127.0.0.1",
             "--port",
@@ -214,6 +317,8 @@ class ClusterLauncher:
         """Start node `node_id` (on `data_dir`, by default its own) without waiting."""
         node = self.nodes[node_id]
         assert not node.running, f"node {node_id} is running already"
+        if self.proxied:
+            await self._open_links()
         process = await trio.lowlevel.open_process(
             self.command(node, data_dir or node.data_dir),
             stdin=subprocess.DEVNULL,
@@ -295,6 +400,19 @@ class ClusterLauncher:
 
     async def stop(self, node_id: int) -> int:
         return await self.signal(node_id, signal.SIGTERM)
+
+    def pause(self, node_id: int) -> None:
+        """SIGSTOP the current run of `node_id` (it keeps its sockets, answers nothing)."""
+        os.kill(self.nodes[node_id].current.pid, signal.SIGSTOP)
+
+    def resume(self, node_id: int) -> None:
+        """SIGCONT the current run of `node_id` (harmless if it was not stopped)."""
+        run = self.nodes[node_id].current
+        if run.returncode is None:
+            try:
+                os.kill(run.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
 
     async def restart(self, node_id: int, *, timeout_s: float = START_TIMEOUT_S) -> None:
         """Stop `node_id` if it runs (SIGTERM), start it again, wait until it serves."""
