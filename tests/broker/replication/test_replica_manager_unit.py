@@ -1,0 +1,708 @@
+"""ReplicaManager (the leader side) and ReplicaFetcher (the follower side) in process, on
+real PartitionLogs in tmp dirs, with metadata images built by the controller's pure
+decisions and a fake BrokerLink that serves a follower's fetches from a leader's
+ReplicaManager through the request handlers' own follower read (`_read_for_follower`).
+
+What is proven here:
+- the high watermark waits for every member of the (maximal) ISR and never exceeds what
+  each of them acknowledged; an acks=all write waits for it (`wait_replicated`);
+- acks=all is refused with NOT_ENOUGH_REPLICAS while the ISR is below min.insync.replicas,
+  and answered NOT_ENOUGH_REPLICAS_AFTER_APPEND when it shrank meanwhile;
+- the leader's answers to followers with a wrong epoch (FENCED_LEADER_EPOCH,
+  UNKNOWN_LEADER_EPOCH, NOT_LEADER_OR_FOLLOWER);
+- a diverged follower is told the diverging epoch and truncates to where the epochs agree,
+  never below its high watermark, then copies the leader's batches (byte for byte);
+- a consumer fetching between the HW and the log end gets an empty answer.
+"""
+
+from __future__ import annotations
+
+import random
+import types
+from typing import Any
+
+import pytest
+import trio
+
+from broker.controller import (
+    EMPTY_IMAGE,
+    AlterPartitionRequest,
+    BrokerRegistration,
+    Decision,
+    Listener,
+    MetadataImage,
+    NewTopic,
+    alter_partition,
+    apply,
+    create_topic,
+    fence_broker,
+    register_broker,
+    unfence_broker,
+)
+from broker.limits import Limits
+from broker.replication.replica_fetcher import ReplicaFetcher
+from broker.replication.replica_manager import ReplicaManager
+from broker.request_handlers import RequestHandlers
+from broker.storage import FetchSlice, LogConfig, PartitionLog
+from broker.topic_registry import TopicRegistry
+from protocol import ACKS_ALL, ACKS_LEADER, ApiKey, DwalError, ErrorCode, check_request
+from protocol.api import check_response
+from protocol.frame import Response
+from protocol.record_batch import build_batch, scan_batches
+
+pytestmark = pytest.mark.timeout(30)
+
+TOPIC = "t"
+TP = (TOPIC, 0)
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def commit(image: MetadataImage, decision: Decision) -> MetadataImage:
+    assert not isinstance(decision, DwalError), decision
+    return apply(image, decision, entry_index=image.last_applied_index + 1)
+
+
+def with_brokers(*broker_ids: int) -> MetadataImage:
+    image = EMPTY_IMAGE
+    for broker_id in broker_ids:
+        registration = BrokerRegistration(
+            broker_id=broker_id,
+            incarnation_id=bytes([1]) + broker_id.to_bytes(15, "big"),
+            listeners=(Listener("native", "127.0.0.1", 9000 + broker_id),),
+        )
+        image = commit(image, register_broker(image, registration))
+        image = commit(image, unfence_broker(image, broker_id, image.brokers[broker_id].epoch))
+    return image
+
+
+def with_topic(image: MetadataImage, partitions: int = 1, factor: int = 3) -> MetadataImage:
+    new_topic = NewTopic(
+        name=TOPIC,
+        partitions=partitions,
+        replication_factor=factor,
+        topic_id=b"\xff" + (len(image.topics) + 1).to_bytes(15, "big"),
+    )
+    return commit(image, create_topic(image, new_topic))
+
+
+def fenced(image: MetadataImage, broker_id: int) -> MetadataImage:
+    return commit(image, fence_broker(image, broker_id, image.brokers[broker_id].epoch))
+
+
+def unfenced(image: MetadataImage, broker_id: int) -> MetadataImage:
+    return commit(image, unfence_broker(image, broker_id, image.brokers[broker_id].epoch))
+
+
+def with_isr(image: MetadataImage, isr: tuple[int, ...]) -> MetadataImage:
+    state = image.topics[TOPIC].partitions[0]
+    request = AlterPartitionRequest(
+        broker_id=state.leader,
+        broker_epoch=image.brokers[state.leader].epoch,
+        topic_id=image.topics[TOPIC].topic_id,
+        partition=0,
+        leader_epoch=state.leader_epoch,
+        partition_epoch=state.partition_epoch,
+        isr=isr,
+    )
+    return commit(image, alter_partition(image, request))
+
+
+def three_brokers() -> MetadataImage:
+    image = with_topic(with_brokers(1, 2, 3))
+    state = image.topics[TOPIC].partitions[0]
+    assert sorted(state.isr) == [1, 2, 3] and state.leader_epoch == 0, state
+    return image
+
+
+class Node:
+    """One broker's registry and ReplicaManager over its own data dir, following an image
+    the test sets (`publish`)."""
+
+    def __init__(self, registry: TopicRegistry, node_id: int, image: MetadataImage) -> None:
+        self.node_id = node_id
+        self.registry = registry
+        self.image = image
+        self.manager = ReplicaManager(node_id, registry, lambda: self.image)
+
+    @classmethod
+    async def open(cls, tmp_path, node_id: int, image: MetadataImage, **log_config) -> "Node":
+        config = LogConfig(**{"fsync": "never", **log_config})
+        registry = TopicRegistry.open(tmp_path / f"node-{node_id}", config, Limits())
+        node = cls(registry, node_id, EMPTY_IMAGE)
+        await node.publish(image)
+        return node
+
+    async def publish(self, image: MetadataImage) -> None:
+        previous, self.image = self.image, image
+        await self.registry.apply_image(image, self.node_id)
+        await self.manager.apply_image(previous, image)
+
+    @property
+    def log(self) -> PartitionLog:
+        return self.registry.logs[TP]
+
+    def close(self) -> None:
+        self.registry.close()
+
+
+def leader_of(image: MetadataImage) -> int:
+    return image.topics[TOPIC].partitions[0].leader
+
+
+def followers_of(image: MetadataImage) -> list[int]:
+    state = image.topics[TOPIC].partitions[0]
+    return [r for r in state.replicas if r != state.leader]
+
+
+def batch(count: int = 2, tag: bytes = b"v") -> bytearray:
+    return bytearray(build_batch([(1000, None, b"%s-%d" % (tag, n)) for n in range(count)]))
+
+
+def fetch(node: Node, replica_id: int, fetch_offset: int, **overrides: Any):
+    args = dict(
+        replica_id=replica_id,
+        fetch_offset=fetch_offset,
+        current_leader_epoch=node.manager.leader_epoch(*TP),
+        last_fetched_epoch=-1,
+        max_bytes=1 << 20,
+    )
+    args.update(overrides)
+    fields, piece = node.manager.follower_fetch(*TP, **args)  # type: ignore[arg-type]
+    data = b""
+    if piece is not None:
+        with piece:
+            data = piece.read_bytes()
+    return fields, data
+
+
+def code_of_fetch(node: Node, replica_id: int, fetch_offset: int, **overrides: Any) -> ErrorCode:
+    with pytest.raises(DwalError) as caught:
+        fetch(node, replica_id, fetch_offset, **overrides)
+    return caught.value.code
+
+
+def stored_batches(log: PartitionLog) -> list[tuple[int, int, int, bytes]]:
+    """(base offset, last offset, leader epoch, raw bytes) of every batch of `log` (read
+    segment by segment: a read stops at the end of a segment)."""
+    found: list[tuple[int, int, int, bytes]] = []
+    offset = log.log_start_offset
+    while offset < log.log_end_offset:
+        with log.read(offset, 1 << 30, up_to="log_end") as piece:
+            data = piece.read_bytes()
+        assert data, (offset, log.log_end_offset)
+        for scanned in scan_batches(data):
+            h = scanned.header
+            raw = data[scanned.position : scanned.position + h.size_bytes]
+            found.append((h.base_offset, h.last_offset, h.partition_leader_epoch, bytes(raw)))
+            offset = h.last_offset + 1
+    return found
+
+
+@pytest.fixture
+async def cluster3(tmp_path):
+    """The leader of an RF 3 partition (epoch 0, ISR of 3) as a Node, and its image."""
+    image = three_brokers()
+    node = await Node.open(tmp_path, leader_of(image), image)
+    try:
+        yield node
+    finally:
+        node.close()
+
+
+# ----------------------------------------------------------------------------- HW / acks
+
+
+async def test_hw_waits_for_every_isr_member(cluster3):
+    node = cluster3
+    a, b = followers_of(node.image)
+    node.manager.append(*TP, batch(2), now_ms=1)
+    node.manager.append(*TP, batch(2), now_ms=1)
+    node.manager.append(*TP, batch(2), now_ms=1)
+    assert node.log.log_end_offset == 6
+    assert node.log.high_watermark == 0, "no follower has fetched yet"
+
+    fields, data = fetch(node, a, 6)
+    assert data == b"" and fields["high_watermark"] == 0, "b is still unknown"
+    fields, data = fetch(node, b, 2)
+    assert [h.header.base_offset for h in scan_batches(data)] == [2, 4]
+    assert fields["high_watermark"] == 2 == node.log.high_watermark
+    fetch(node, b, 4)
+    assert node.log.high_watermark == 4
+    fetch(node, b, 6)
+    assert node.log.high_watermark == 6
+
+
+async def test_hw_never_exceeds_what_every_isr_member_acknowledged(cluster3):
+    """Random appends and follower fetches (each follower's offset only grows and stays at
+    a batch boundary within the leader's log): after every step the HW is at most the
+    minimum over the ISR and never goes back."""
+    node = cluster3
+    followers = followers_of(node.image)
+    rng = random.Random(9)
+    boundaries = [0]
+    offsets = {f: -1 for f in followers}
+    previous_hw = 0
+    for _ in range(300):
+        if rng.random() < 0.4:
+            node.manager.append(*TP, batch(rng.randint(1, 3)), now_ms=1)
+            boundaries.append(node.log.log_end_offset)
+        else:
+            f = rng.choice(followers)
+            choices = [o for o in boundaries if o >= max(offsets[f], 0)]
+            offsets[f] = rng.choice(choices)
+            fetch(node, f, offsets[f])
+        hw = node.log.high_watermark
+        floor = min(node.log.log_end_offset, *offsets.values())
+        assert hw <= max(floor, 0), (hw, offsets, node.log.log_end_offset)
+        assert hw >= previous_hw
+        previous_hw = hw
+    for f in followers:
+        fetch(node, f, node.log.log_end_offset)
+    assert node.log.high_watermark == node.log.log_end_offset
+
+
+async def test_acks_all_waits_for_the_isr(cluster3):
+    node = cluster3
+    a, b = followers_of(node.image)
+    node.manager.check_acks(*TP, ACKS_ALL)
+    _, info = node.manager.append(*TP, batch(3), now_ms=1)
+    end = info.last_offset + 1
+    done = trio.Event()
+
+    async def waiter() -> None:
+        await node.manager.wait_replicated(*TP, end)
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        fetch(node, a, end)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not done.is_set(), "acknowledged before every ISR member had it"
+        fetch(node, b, end - 1 if end > 1 else 0)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not done.is_set()
+        fetch(node, b, end)
+        with trio.fail_after(5):
+            await done.wait()
+
+
+async def test_acks_all_refused_below_min_isr_and_acks_1_accepted(tmp_path):
+    image = three_brokers()
+    leader = leader_of(image)
+    a, b = followers_of(image)
+    node = await Node.open(tmp_path, leader, image, min_insync_replicas=2)
+    try:
+        # ISR {leader, a}: 2 >= min.insync.replicas, acks=all still works with a only
+        await node.publish(with_isr(node.image, (leader, a)))
+        node.manager.check_acks(*TP, ACKS_ALL)
+        _, info = node.manager.append(*TP, batch(), now_ms=1)
+        fetch(node, a, info.last_offset + 1)
+        with trio.fail_after(5):
+            await node.manager.wait_replicated(*TP, info.last_offset + 1)
+
+        # ISR {leader}: refused before anything is written; acks=1 is not
+        await node.publish(with_isr(node.image, (leader,)))
+        with pytest.raises(DwalError) as caught:
+            node.manager.check_acks(*TP, ACKS_ALL)
+        assert caught.value.code == ErrorCode.NOT_ENOUGH_REPLICAS
+        node.manager.check_acks(*TP, ACKS_LEADER)
+        before = node.log.log_end_offset
+        node.manager.append(*TP, batch(), now_ms=1)
+        assert node.log.log_end_offset > before
+    finally:
+        node.close()
+
+
+async def test_acks_all_answered_not_enough_replicas_after_append_when_the_isr_shrank(
+    tmp_path,
+):
+    image = three_brokers()
+    leader = leader_of(image)
+    a, b = followers_of(image)
+    node = await Node.open(tmp_path, leader, image, min_insync_replicas=2)
+    try:
+        fetch(node, a, 0)
+        fetch(node, b, 0)
+        node.manager.check_acks(*TP, ACKS_ALL)
+        _, info = node.manager.append(*TP, batch(), now_ms=1)
+        end = info.last_offset + 1
+        outcome: list[Any] = []
+
+        async def waiter() -> None:
+            try:
+                await node.manager.wait_replicated(*TP, end)
+                outcome.append(ErrorCode.NONE)
+            except DwalError as error:
+                outcome.append(error.code)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            await node.publish(with_isr(node.image, (leader, a)))
+            await node.publish(with_isr(node.image, (leader,)))
+            await trio.testing.wait_all_tasks_blocked()
+            assert outcome in ([], [ErrorCode.NOT_ENOUGH_REPLICAS_AFTER_APPEND]), outcome
+        assert outcome == [ErrorCode.NOT_ENOUGH_REPLICAS_AFTER_APPEND], outcome
+    finally:
+        node.close()
+
+
+async def test_leadership_lost_while_waiting_answers_not_leader(tmp_path):
+    image = three_brokers()
+    leader = leader_of(image)
+    node = await Node.open(tmp_path, leader, image)
+    try:
+        _, info = node.manager.append(*TP, batch(), now_ms=1)
+        outcome: list[Any] = []
+
+        async def waiter() -> None:
+            try:
+                await node.manager.wait_replicated(*TP, info.last_offset + 1)
+                outcome.append(ErrorCode.NONE)
+            except DwalError as error:
+                outcome.append(error.code)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            await node.publish(fenced(node.image, leader))
+        assert outcome == [ErrorCode.NOT_LEADER_OR_FOLLOWER]
+    finally:
+        node.close()
+
+
+# ----------------------------------------------------------------------------- epochs
+
+
+async def test_followers_with_a_wrong_epoch_are_refused(tmp_path):
+    image = three_brokers()
+    first = leader_of(image)
+    image = fenced(image, first)  # a new leader in epoch 1
+    leader = leader_of(image)
+    state = image.topics[TOPIC].partitions[0]
+    assert state.leader_epoch == 1 and leader != first
+    other = next(r for r in state.replicas if r not in (first, leader))
+    node = await Node.open(tmp_path, leader, image)
+    follower_node = await Node.open(tmp_path, other, image)
+    try:
+        node.manager.append(*TP, batch(), now_ms=1)
+        assert code_of_fetch(node, other, 0, current_leader_epoch=0) == (
+            ErrorCode.FENCED_LEADER_EPOCH
+        )
+        assert code_of_fetch(node, other, 0, current_leader_epoch=2) == (
+            ErrorCode.UNKNOWN_LEADER_EPOCH
+        )
+        fields, _ = fetch(node, other, 0, current_leader_epoch=1)
+        assert fields["leader_epoch"] == 1
+        # not a replica of the partition at all
+        assert code_of_fetch(node, 99, 0) == ErrorCode.NOT_LEADER_OR_FOLLOWER
+        # a follower asked as if it led
+        assert code_of_fetch(follower_node, first, 0, current_leader_epoch=1) == (
+            ErrorCode.NOT_LEADER_OR_FOLLOWER
+        )
+    finally:
+        node.close()
+        follower_node.close()
+
+
+async def test_the_fetcher_pauses_a_partition_the_leader_refused(tmp_path):
+    log = PartitionLog.open(
+        tmp_path / "f", LogConfig(fsync="never"), now_ms=0, high_watermark_managed_externally=True
+    )
+    try:
+        fetcher = ReplicaFetcher(
+            2,
+            1,
+            None,
+            broker_epoch=lambda: 1,
+            fetch_bytes_max=1 << 20,  # type: ignore[arg-type]
+            partition_fetch_bytes_max=1 << 20,
+        )
+        for code in (
+            ErrorCode.FENCED_LEADER_EPOCH,
+            ErrorCode.UNKNOWN_LEADER_EPOCH,
+            ErrorCode.NOT_LEADER_OR_FOLLOWER,
+        ):
+            fetcher.follow(TP, log, 3)
+            followed = fetcher.partitions[TP]
+            part = {"error_code": int(code), "diverging_epoch": None, "high_watermark": -1}
+            assert fetcher._apply(TP, followed, part, memoryview(b"")) is None
+            assert followed.paused_until > trio.current_time(), code
+            assert log.log_end_offset == 0
+    finally:
+        log.close()
+
+
+# ----------------------------------------------------------------------------- divergence
+
+
+def open_log(path, *epochs_and_counts: tuple[int, int]) -> PartitionLog:
+    """A standalone log (replica-managed HW) with one batch per (epoch, record count)."""
+    log = PartitionLog.open(
+        path, LogConfig(fsync="never"), now_ms=0, high_watermark_managed_externally=True
+    )
+    for n, (epoch, count) in enumerate(epochs_and_counts):
+        log.append(batch(count, b"%d-%d" % (epoch, n)), now_ms=1, leader_epoch=epoch)
+    return log
+
+
+async def diverged_pair(tmp_path):
+    """Broker `leader` leads epoch 2 (ISR: itself and the first leader) with
+    [epoch 0: 0-1, 2-3][epoch 2: 4-5, 6-8]; broker `follower` has the same epoch-0 prefix,
+    then its own epoch 1 batches [4-6][7-7] that the leader never had (it led epoch 1, and
+    those writes never reached the rest of its ISR). Both HWs are at 4."""
+    image = three_brokers()
+    first = leader_of(image)
+    image = fenced(image, first)  # epoch 1
+    second = leader_of(image)
+    image = unfenced(image, first)
+    image = fenced(image, second)  # epoch 2
+    leader = leader_of(image)
+    image = with_isr(image, (leader, first))  # the diverged follower is out of the ISR
+    assert image.topics[TOPIC].partitions[0].leader_epoch == 2, image.topics[TOPIC]
+    assert leader != second
+    node = await Node.open(tmp_path, leader, EMPTY_IMAGE)
+    follower = await Node.open(tmp_path, second, EMPTY_IMAGE)
+    # the registry opens logs only for the image's topics: create them in place first
+    await node.registry.apply_image(image, leader)
+    await follower.registry.apply_image(image, second)
+    for n, (epoch, count) in enumerate([(0, 2), (0, 2), (2, 2), (2, 3)]):
+        node.log.append(batch(count, b"L%d" % n), now_ms=1, leader_epoch=epoch)
+    for n, (epoch, count) in enumerate([(0, 2), (0, 2), (1, 3), (1, 1)]):
+        data = batch(count, b"L%d" % n) if epoch == 0 else batch(count, b"F%d" % n)
+        follower.log.append(data, now_ms=1, leader_epoch=epoch)
+    # both had acknowledged the common prefix only (the follower led epoch 1 but its writes
+    # never reached the rest of its ISR)
+    node.log.manage_high_watermark_externally(high_watermark=4)
+    follower.log.manage_high_watermark_externally(high_watermark=4)
+    await node.publish(image)
+    return node, follower, image
+
+
+async def test_leader_reports_the_diverging_epoch(tmp_path):
+    node, follower, image = await diverged_pair(tmp_path)
+    try:
+        assert follower.log.log_end_offset == 8 and follower.log.latest_leader_epoch == 1
+        fields, data = fetch(
+            node, follower.node_id, 8, current_leader_epoch=2, last_fetched_epoch=1
+        )
+        assert data == b""
+        assert fields["diverging_epoch"] == {"epoch": 0, "end_offset": 4}, fields
+        # a follower whose last epoch the leader has, but which is ahead of its end of it
+        fields, _ = fetch(node, follower.node_id, 8, current_leader_epoch=2, last_fetched_epoch=0)
+        assert fields["diverging_epoch"] == {"epoch": 0, "end_offset": 4}, fields
+        # in agreement: records, no divergence
+        fields, data = fetch(
+            node, follower.node_id, 4, current_leader_epoch=2, last_fetched_epoch=0
+        )
+        assert "diverging_epoch" not in fields
+        assert [s.header.base_offset for s in scan_batches(data)] == [4, 6]
+        # ahead of the leader's log end without epochs: back to the log end
+        fields, _ = fetch(node, follower.node_id, 50, current_leader_epoch=2)
+        assert fields["diverging_epoch"] == {"epoch": 2, "end_offset": 9}, fields
+    finally:
+        node.close()
+        follower.close()
+
+
+async def test_follower_truncates_to_the_common_prefix(tmp_path):
+    log = open_log(tmp_path / "f", (0, 2), (0, 2), (1, 3), (1, 1))
+    try:
+        log.set_high_watermark(2)
+        fetcher = ReplicaFetcher(
+            2,
+            1,
+            None,
+            broker_epoch=lambda: 1,
+            fetch_bytes_max=1 << 20,  # type: ignore[arg-type]
+            partition_fetch_bytes_max=1 << 20,
+        )
+        fetcher.follow(TP, log, 2)
+        followed = fetcher.partitions[TP]
+        part = {
+            "error_code": 0,
+            "diverging_epoch": {"epoch": 0, "end_offset": 4},
+            "high_watermark": 6,
+        }
+        assert fetcher._apply(TP, followed, part, memoryview(b"")) is None
+        assert log.log_end_offset == 4
+        assert log.latest_leader_epoch == 0
+        assert log.high_watermark == 2, "the HW does not move on a divergence answer"
+        assert followed.truncations == 1
+    finally:
+        log.close()
+
+
+async def test_follower_truncation_uses_its_own_end_of_the_epoch(tmp_path):
+    """The leader's epoch 0 ends at 6, the follower's at 4: truncate to min = 4."""
+    log = open_log(tmp_path / "f", (0, 2), (0, 2), (1, 3))
+    try:
+        fetcher = ReplicaFetcher(
+            2,
+            1,
+            None,
+            broker_epoch=lambda: 1,
+            fetch_bytes_max=1 << 20,  # type: ignore[arg-type]
+            partition_fetch_bytes_max=1 << 20,
+        )
+        fetcher.follow(TP, log, 2)
+        fetcher._truncate(TP, fetcher.partitions[TP], 0, 6)
+        assert log.log_end_offset == 4
+    finally:
+        log.close()
+
+
+async def test_follower_never_truncates_below_its_high_watermark(tmp_path):
+    log = open_log(tmp_path / "f", (0, 2), (0, 2), (1, 3), (1, 1))
+    try:
+        log.set_high_watermark(7)  # a batch boundary inside the diverging epoch
+        fetcher = ReplicaFetcher(
+            2,
+            1,
+            None,
+            broker_epoch=lambda: 1,
+            fetch_bytes_max=1 << 20,  # type: ignore[arg-type]
+            partition_fetch_bytes_max=1 << 20,
+        )
+        fetcher.follow(TP, log, 2)
+        fetcher._truncate(TP, fetcher.partitions[TP], 0, 4)
+        assert log.log_end_offset == 7
+        assert log.high_watermark == 7
+    finally:
+        log.close()
+
+
+class FakeLink:
+    """A BrokerLink to an in-process leader: each fetch is served by the request handlers'
+    follower read over the leader's ReplicaManager, the answer checked against the schema as
+    the real link does. An answer with nothing new waits (briefly) for the leader's log."""
+
+    def __init__(self, leader: Node) -> None:
+        self.leader = leader
+        self.requests = 0
+
+    async def request(self, api_key: ApiKey, body: dict[str, Any], *, timeout_seconds: float):
+        assert api_key == ApiKey.FETCH
+        self.requests += 1
+        body = check_request(ApiKey.FETCH, body)
+        shell = types.SimpleNamespace(replicas=self.leader.manager)
+        events = [self.leader.log.progress_event]
+        reply, total, failed = RequestHandlers._read_for_follower(  # type: ignore[arg-type]
+            shell, body, body["max_bytes"]
+        )
+        if total == 0 and not failed:
+            reply.close()
+            with trio.move_on_after(0.05):
+                await events[0].wait()
+            reply, total, failed = RequestHandlers._read_for_follower(  # type: ignore[arg-type]
+                shell, body, body["max_bytes"]
+            )
+        await trio.lowlevel.checkpoint()
+        tail = b"".join(p.read_bytes() if isinstance(p, FetchSlice) else p for p in reply.parts)
+        reply.close()
+        return Response(
+            correlation_id=self.requests,
+            error_code=ErrorCode.NONE,
+            error_message=None,
+            body=check_response(ApiKey.FETCH, reply.body),
+            tail=tail,
+        )
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_diverged_follower_converges_to_the_leader_through_fetches(tmp_path):
+    node, follower, image = await diverged_pair(tmp_path)
+    try:
+        fetcher = ReplicaFetcher(
+            follower.node_id,
+            node.node_id,
+            FakeLink(node),  # type: ignore[arg-type]
+            broker_epoch=lambda: 1,
+            fetch_bytes_max=1 << 20,
+            partition_fetch_bytes_max=1 << 20,
+        )
+        fetcher.follow(TP, follower.log, 2)
+        truncated_to: list[int] = []
+        original = follower.log.truncate_to
+
+        def spy(offset: int) -> None:
+            truncated_to.append(offset)
+            original(offset)
+
+        follower.log.truncate_to = spy  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetcher.run)
+            with trio.fail_after(10):
+                while follower.log.log_end_offset != node.log.log_end_offset or (
+                    stored_batches(follower.log) != stored_batches(node.log)
+                ):
+                    await trio.sleep(0.01)
+            # the leader counted it: with the third replica too, the HW reaches the end
+            third = next(
+                r
+                for r in image.topics[TOPIC].partitions[0].replicas
+                if r not in (node.node_id, follower.node_id)
+            )
+            fetch(node, third, node.log.log_end_offset)
+            with trio.fail_after(10):
+                while node.log.high_watermark != node.log.log_end_offset:
+                    await trio.sleep(0.01)
+            # and the follower learns the HW from its next fetch
+            node.manager.append(*TP, batch(1), now_ms=1)
+            fetch(node, third, node.log.log_end_offset)
+            with trio.fail_after(10):
+                while follower.log.high_watermark < 9:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert truncated_to == [4], truncated_to
+        assert fetcher.partitions[TP].truncations == 1
+        assert stored_batches(follower.log) == stored_batches(node.log)
+    finally:
+        node.close()
+        follower.close()
+
+
+# ----------------------------------------------------------------------------- consumers
+
+
+async def test_a_consumer_fetch_between_hw_and_log_end_is_empty(cluster3):
+    node = cluster3
+    a, b = followers_of(node.image)
+    node.manager.append(*TP, batch(2), now_ms=1)
+    fetch(node, a, 2)
+    fetch(node, b, 2)
+    node.manager.append(*TP, batch(3), now_ms=1)  # 2-4: not replicated
+    assert (node.log.high_watermark, node.log.log_end_offset) == (2, 5)
+    shell = types.SimpleNamespace(replicas=node.manager)
+    for offset in (2, 3, 4, 5):
+        body = check_request(
+            ApiKey.FETCH,
+            {
+                "max_wait_ms": 0,
+                "min_bytes": 1,
+                "max_bytes": 1 << 20,
+                "topics": [
+                    {
+                        "topic": TOPIC,
+                        "partitions": [
+                            {"partition": 0, "fetch_offset": offset, "max_bytes": 1 << 20}
+                        ],
+                    }
+                ],
+            },
+        )
+        reply, total, failed = RequestHandlers._read_partitions(  # type: ignore[arg-type]
+            shell, body, 1 << 20
+        )
+        reply.close()
+        part = reply.body["topics"][0]["partitions"][0]
+        assert part["error_code"] == 0, (offset, part)
+        assert total == 0 and part["high_watermark"] == 2, (offset, part)
+    # offset 1 reads only the replicated batch
+    with node.log.read(1, 1 << 20) as piece:
+        assert [s.header.base_offset for s in scan_batches(piece.read_bytes())] == [0]
