@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--default-replication-factor",
         type=int,
-        help="replication factor of topics created without one (default 1)",
+        help="replication factor of topics created without one (default: min(3, brokers))",
     )
     parser.add_argument(
         "--auto-create-topics",

@@ -50,6 +50,9 @@ class BrokerConfig:
     rack: str | None = None
     broker_heartbeat_interval_ms: int = 1_000
     broker_session_timeout_ms: int = 6_000  # a broker silent this long is fenced
+    # a follower that has not caught up with its leader for this long leaves the ISR
+    # (Kafka's replica.lag.time.max.ms)
+    replica_lag_time_max_ms: int = 10_000
     # of topics created without one; None: min(3, unfenced brokers)
     default_replication_factor: int | None = None
     # Where this broker reaches other brokers' native ports for replication, by node id,
@@ -120,6 +123,7 @@ _SIMPLE_KEYS = {
     "broker_heartbeat_interval_ms": int,
     "broker_session_timeout_ms": int,
     "default_replication_factor": int,
+    "replica_lag_time_max_ms": int,
 }
 
 
@@ -300,6 +304,8 @@ def _validate(config: BrokerConfig) -> None:
         raise ConfigError(
             "broker_heartbeat_interval_ms must be at least 10 and below broker_session_timeout_ms"
         )
+    if config.replica_lag_time_max_ms < 100:
+        raise ConfigError("replica_lag_time_max_ms must be at least 100")
     factor = config.default_replication_factor
     if factor is not None and not 1 <= factor <= 128:
         raise ConfigError("default_replication_factor must be between 1 and 128")

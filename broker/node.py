@@ -140,6 +140,7 @@ async def open_broker_node(
             alter_partition=alter_partition,
             frame_bytes_max=config.limits.frame_bytes_max,
             peer_addresses=config.peer_native_addresses,
+            replica_lag_time_max_ms=config.replica_lag_time_max_ms,
         )
         member.add_image_listener(replicas.apply_image)
 

@@ -553,6 +553,7 @@ class RequestHandlers:
                         entry["topic"],
                         part["partition"],
                         replica_id=body["replica_id"],
+                        broker_epoch=body["broker_epoch"],
                         fetch_offset=part["fetch_offset"],
                         current_leader_epoch=part["current_leader_epoch"],
                         last_fetched_epoch=part["last_fetched_epoch"],

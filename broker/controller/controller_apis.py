@@ -221,7 +221,11 @@ class ControllerApis:
             factor = self.default_replication_factor or min(
                 3, max(len(self.controller.image.unfenced_broker_ids()), 1)
             )
-        if factor >= 3 and "min.insync.replicas" not in configs:
+        if (
+            factor >= 3
+            and "min.insync.replicas" not in configs
+            and self.log_defaults.min_insync_replicas == 1  # not set in [topic_defaults]
+        ):
             configs["min.insync.replicas"] = "2"
         check_topic_configs(configs, self.log_defaults)
         return NewTopic(

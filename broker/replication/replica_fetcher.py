@@ -197,7 +197,19 @@ class ReplicaFetcher:
             )
             return None
         if code != ErrorCode.NONE:
-            return None  # transient (storage error on the leader...): fetch again
+            # transient on the leader (storage error), or this log is below the leader's log
+            # start (OFFSET_OUT_OF_RANGE: it cannot catch up by fetching; an operator must
+            # replace it): rest rather than ask again at once
+            followed.paused_until = trio.current_time() + PAUSE_SECONDS
+            log_event(
+                logger,
+                logging.WARNING,
+                "replica_fetch_refused",
+                partition=f"{tp[0]}-{tp[1]}",
+                leader=self.leader_id,
+                error=f"{code.name}: {part.get('error_message')}",
+            )
+            return None
         try:
             diverging = part["diverging_epoch"]
             if diverging is not None:
@@ -227,6 +239,22 @@ class ReplicaFetcher:
         target = end if own_epoch < 0 else min(end, own_end)
         # Never below the high watermark: those records are on every ISR member.
         target = min(max(target, log.high_watermark), log.log_end_offset)
+        if target >= log.log_end_offset:
+            # The leader lacks records below this log's high watermark (an unclean history:
+            # a leader that lost acknowledged data). Truncating committed records is not
+            # this follower's call: it stays out of the ISR and says so.
+            followed.paused_until = trio.current_time() + PAUSE_SECONDS
+            log_event(
+                logger,
+                logging.ERROR,
+                "replica_diverged_below_high_watermark",
+                partition=f"{tp[0]}-{tp[1]}",
+                leader=self.leader_id,
+                high_watermark=log.high_watermark,
+                leader_epoch=epoch,
+                leader_end_offset=end,
+            )
+            return
         log_event(
             logger,
             logging.WARNING,

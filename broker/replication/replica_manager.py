@@ -250,6 +250,7 @@ class ReplicaManager:
         partition: int,
         *,
         replica_id: int,
+        broker_epoch: int,
         fetch_offset: int,
         current_leader_epoch: int,
         last_fetched_epoch: int,
@@ -260,6 +261,14 @@ class ReplicaManager:
         epoch (FENCED_LEADER_EPOCH: the follower is behind; UNKNOWN_LEADER_EPOCH: this
         broker is)."""
         log, epoch = self.leader_log(topic, partition)
+        broker = self.image().brokers.get(replica_id)
+        if broker is None or broker.epoch != broker_epoch:
+            # only a registered broker, in its current incarnation, counts toward the HW
+            raise DwalError(
+                ErrorCode.STALE_BROKER_EPOCH,
+                f"replica {replica_id} with broker epoch {broker_epoch} is not a registered "
+                "broker's current incarnation",
+            )
         if current_leader_epoch >= 0 and current_leader_epoch != epoch:
             code = (
                 ErrorCode.FENCED_LEADER_EPOCH
@@ -471,6 +480,10 @@ class ReplicaManager:
                 proposal = leading.replicas.isr_change_wanted(now)
                 if proposal is None or self.alter_partition is None or self._nursery is None:
                     continue
+                brokers = self.image().brokers
+                joining = set(proposal) - set(leading.replicas.isr)
+                if any(b not in brokers or brokers[b].fenced for b in joining):
+                    continue  # a returning broker fetches before it is unfenced: not yet
                 leading.replicas.isr_change_sent(proposal)
                 self._nursery.start_soon(self._send_isr_change, leading, proposal)
 

@@ -161,8 +161,10 @@ def batch(count: int = 2, tag: bytes = b"v") -> bytearray:
 
 
 def fetch(node: Node, replica_id: int, fetch_offset: int, **overrides: Any):
+    broker = node.manager.image().brokers.get(replica_id)
     args = dict(
         replica_id=replica_id,
+        broker_epoch=broker.epoch if broker is not None else -1,
         fetch_offset=fetch_offset,
         current_leader_epoch=node.manager.leader_epoch(*TP),
         last_fetched_epoch=-1,
@@ -397,8 +399,10 @@ async def test_followers_with_a_wrong_epoch_are_refused(tmp_path):
         )
         fields, _ = fetch(node, other, 0, current_leader_epoch=1)
         assert fields["leader_epoch"] == 1
-        # not a replica of the partition at all
-        assert code_of_fetch(node, 99, 0) == ErrorCode.NOT_LEADER_OR_FOLLOWER
+        # no registered broker: it cannot count toward the HW
+        assert code_of_fetch(node, 99, 0) == ErrorCode.STALE_BROKER_EPOCH
+        # a replica's previous incarnation (another broker epoch)
+        assert code_of_fetch(node, other, 0, broker_epoch=-5) == ErrorCode.STALE_BROKER_EPOCH
         # a follower asked as if it led
         assert code_of_fetch(follower_node, first, 0, current_leader_epoch=1) == (
             ErrorCode.NOT_LEADER_OR_FOLLOWER
@@ -622,7 +626,7 @@ async def test_a_diverged_follower_converges_to_the_leader_through_fetches(tmp_p
             follower.node_id,
             node.node_id,
             FakeLink(node),  # type: ignore[arg-type]
-            broker_epoch=lambda: 1,
+            broker_epoch=lambda: image.brokers[follower.node_id].epoch,
             fetch_bytes_max=1 << 20,
             partition_fetch_bytes_max=1 << 20,
         )
