@@ -72,7 +72,7 @@ def free_ports(count: int) -> list[int]:
     """`count` distinct ports that were free on 127.0.0.1 a moment ago, outside the ephemeral
     range (all sockets are held open until every port is picked, so no two are the same)."""
     global _port_turn
-    sockets = []
+    sockets: list[socket.socket] = []
     try:
         for _ in range(_PORT_HIGH - _PORT_LOW):
             if len(sockets) == count:

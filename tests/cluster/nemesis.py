@@ -65,7 +65,7 @@ REQUEST_TIMEOUT_MS = 5_000
 DELIVERY_TIMEOUT_MS = 15_000
 FAULT_HOLD_S = (1.5, 5.0)
 QUIET_S = (1.0, 3.0)
-RECOVERY_S = 3.0  # writers keep writing this long after the heal
+RECOVERY_S = 2.0  # writers keep writing this long after the heal
 HEALTHY_TIMEOUT_S = 40.0
 FINAL_READ_TIMEOUT_S = 60.0
 COMMITTED_INTERVAL_S = 0.5
@@ -421,7 +421,12 @@ async def run_nemesis(
             await trio.sleep(1.0)  # consumers read what was written last
             run.reading = False
         run.note("writers and readers stopping")
-    run.note("clients stopped")
+    stats = [proxy.statistics() for link in launcher.links.values() for proxy in link.proxies]
+    run.note(
+        f"clients stopped; proxies forwarded {sum(s.bytes_forwarded for s in stats)} bytes, "
+        f"dropped {sum(s.bytes_dropped for s in stats)}, "
+        f"reset {sum(s.connections_reset for s in stats)} connections"
+    )
     final = await read_all(run.bootstraps)
     return check(run.history, final), run
 

@@ -12,7 +12,7 @@ from history_checker import Acknowledged, Consumed, History, OffsetSample, check
 from nemesis import run_nemesis, save_outputs
 
 CI_SEEDS = (1, 2)
-CI_DURATION_S = 20
+CI_DURATION_S = 16
 ACKNOWLEDGED_MIN = 200
 
 
