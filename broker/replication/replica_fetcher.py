@@ -40,6 +40,7 @@ from broker.storage import PartitionLog, StorageError
 from broker.wall_clock import now_ms
 from protocol import DwalError, ErrorCode
 from protocol.api import ApiKey
+from protocol.record_batch import HEADER_BYTES, parse_header
 
 logger = logging.getLogger("dwal.replication")
 
@@ -215,6 +216,7 @@ class ReplicaFetcher:
             if diverging is not None:
                 self._truncate(tp, followed, diverging["epoch"], diverging["end_offset"])
                 return None
+            chunk = _whole_batches(chunk)
             if chunk.nbytes:
                 log.append_as_follower(chunk, now_ms=now_ms())
             if part["high_watermark"] >= 0:
@@ -267,3 +269,15 @@ class ReplicaFetcher:
         )
         log.truncate_to(target)
         followed.truncations += 1
+
+
+def _whole_batches(chunk: memoryview) -> memoryview:
+    """The chunk up to the end of its last whole batch: a leader's read may end inside a batch
+    (its byte budget ran out there); that batch comes whole with the next fetch."""
+    position = 0
+    while chunk.nbytes - position >= HEADER_BYTES:
+        size = parse_header(chunk, position).size_bytes
+        if size <= 0 or position + size > chunk.nbytes:
+            break
+        position += size
+    return chunk[:position]

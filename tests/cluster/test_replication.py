@@ -21,7 +21,7 @@ import pytest
 import trio
 
 import client
-from protocol import ApiKey
+from protocol import ApiKey, DwalError
 from cluster_client import ADMIN_TIMEOUT_MS, describe_partitions
 from cluster_launcher import ClusterLauncher, wait_for
 
@@ -51,8 +51,16 @@ async def fully_replicated(bootstrap: str, topic: str, factor: int = 3):
 
 
 async def send(bootstrap: str, topic: str, partition: int, value: bytes, **options) -> int:
-    """Write one record; returns its offset or raises the DwalError it failed with."""
+    """Write one record; returns its offset or raises the DwalError it failed with. The
+    topic is first awaited in `bootstrap`'s metadata (news of a new topic spreads to each
+    broker's image on its own schedule)."""
     async with client.connect(bootstrap) as cluster:
+        with trio.fail_after(10):
+            while True:
+                known = (await cluster.refresh_metadata([topic])).get(topic)
+                if not isinstance(known, DwalError):
+                    break
+                await trio.sleep(0.05)
         async with client.Producer(cluster, **options) as producer:
             delivery = await producer.send(topic, value, partition=partition)
             await producer.flush()

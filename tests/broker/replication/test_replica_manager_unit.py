@@ -40,7 +40,7 @@ from broker.controller import (
     unfence_broker,
 )
 from broker.limits import Limits
-from broker.replication.replica_fetcher import ReplicaFetcher
+from broker.replication.replica_fetcher import ReplicaFetcher, _whole_batches
 from broker.replication.replica_manager import ReplicaManager
 from broker.request_handlers import RequestHandlers
 from broker.storage import FetchSlice, LogConfig, PartitionLog
@@ -710,3 +710,47 @@ async def test_a_consumer_fetch_between_hw_and_log_end_is_empty(cluster3):
     # offset 1 reads only the replicated batch
     with node.log.read(1, 1 << 20) as piece:
         assert [s.header.base_offset for s in scan_batches(piece.read_bytes())] == [0]
+
+
+def test_a_fetched_chunk_is_cut_to_its_whole_batches():
+    """A leader's read may end inside a batch (its byte budget ran out there): the follower
+    appends the whole batches and fetches the rest again, rather than refusing the chunk
+    for ever (seen stalling every follower of 1 KiB-record partitions)."""
+    first, second = batch(3, b"a"), batch(4, b"b")
+    data = memoryview(bytes(first + second))
+    assert _whole_batches(data).tobytes() == bytes(first + second)
+    for cut in range(1, len(second)):
+        assert _whole_batches(data[: len(first) + cut]).tobytes() == bytes(first)
+    assert _whole_batches(data[: len(first) - 1]).nbytes == 0
+    assert _whole_batches(memoryview(b"")).nbytes == 0
+
+
+async def test_a_follower_fetching_with_a_small_budget_still_converges(tmp_path):
+    image = three_brokers()
+    leader_id = leader_of(image)
+    follower_id = followers_of(image)[0]
+    node = await Node.open(tmp_path, leader_id, image)
+    follower = await Node.open(tmp_path, follower_id, image)
+    try:
+        for tag in (b"x", b"y", b"z"):
+            node.manager.append(*TP, batch(50, tag), now_ms=1)
+        one_batch = len(batch(50, b"x"))
+        fetcher = ReplicaFetcher(
+            follower_id,
+            leader_id,
+            FakeLink(node),  # type: ignore[arg-type]
+            broker_epoch=lambda: image.brokers[follower_id].epoch,
+            fetch_bytes_max=1 << 20,
+            partition_fetch_bytes_max=one_batch + one_batch // 2,  # every read ends mid-batch
+        )
+        fetcher.follow(TP, follower.log, image.topics[TOPIC].partitions[0].leader_epoch)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetcher.run)
+            with trio.fail_after(10):
+                while follower.log.log_end_offset != node.log.log_end_offset:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert stored_batches(follower.log) == stored_batches(node.log)
+    finally:
+        node.close()
+        follower.close()
