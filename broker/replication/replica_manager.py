@@ -62,11 +62,16 @@ def _now_ms() -> int:
 
 def _manage_high_watermark(log: PartitionLog) -> None:
     """Hand the log's high watermark to the replica layer. The first time after opening, it
-    restarts from its checkpoint (a follower's must not pretend its whole log is committed:
-    it could then not truncate a diverging tail); a log without one (written by a single
-    node before replication) keeps its log end, which that node had acknowledged."""
+    restarts from its checkpoint, or from the log start when there is none (a broker killed
+    before its first checkpoint): never from the log end, since a follower must not pretend
+    its whole log is committed - it could then not truncate a tail the new leader lacks, and
+    would stay out of the ISR for good (found by the nemesis). A leader recomputes its HW from
+    its ISR at once (alone: its own acknowledged offset), so a single node loses nothing."""
     if not log.high_watermark_managed_externally:
-        log.manage_high_watermark_externally(high_watermark=log.restored_high_watermark)
+        restored = log.restored_high_watermark
+        log.manage_high_watermark_externally(
+            high_watermark=log.log_start_offset if restored is None else restored
+        )
 
 
 @dataclass(eq=False)

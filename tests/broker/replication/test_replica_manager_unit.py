@@ -41,6 +41,8 @@ from broker.controller import (
 )
 from broker.limits import Limits
 from broker.replication.replica_fetcher import ReplicaFetcher, _whole_batches
+from broker.replication.replica_manager import _manage_high_watermark
+from broker.storage.log_loader import HIGH_WATERMARK_FILE
 from broker.replication.replica_manager import ReplicaManager
 from broker.request_handlers import RequestHandlers
 from broker.storage import FetchSlice, LogConfig, PartitionLog
@@ -754,3 +756,29 @@ async def test_a_follower_fetching_with_a_small_budget_still_converges(tmp_path)
     finally:
         node.close()
         follower.close()
+
+
+@pytest.mark.parametrize("checkpointed", [True, False])
+def test_a_reopened_log_hands_over_its_checkpointed_high_watermark_never_its_end(
+    tmp_path, checkpointed
+):
+    """A broker killed before its first HW checkpoint must not come back believing its whole
+    log committed: as a follower it could then never truncate a tail the new leader lacks
+    (found by the nemesis: the ISR never became full again)."""
+    directory = tmp_path / "t-0"
+    log = PartitionLog.open(
+        directory, LogConfig(fsync="never"), now_ms=1, high_watermark_managed_externally=True
+    )
+    for tag in (b"a", b"b", b"c"):
+        log.append(batch(2, tag), now_ms=1)
+    log.set_high_watermark(4)
+    log.close()  # writes the HW checkpoint (4)
+    if not checkpointed:
+        (directory / HIGH_WATERMARK_FILE).unlink()  # as if killed before any checkpoint
+    reopened = PartitionLog.open(directory, LogConfig(fsync="never"), now_ms=1)
+    try:
+        assert reopened.log_end_offset == 6
+        _manage_high_watermark(reopened)
+        assert reopened.high_watermark == (4 if checkpointed else 0)
+    finally:
+        reopened.close()
