@@ -665,10 +665,12 @@ class Consumer:
                             following, self.max_wait_ms
                         )
                 responses.append(response)
-            # A fetch that failed at once (no leader, its leader unreachable) must not cut
-            # short the wait for the other leaders' answers.
+            # A fetch that failed at once (no leader, its leader unreachable), or whose
+            # answer carries only partition errors, must not cut short the wait for the
+            # other leaders' answers: ending the poll there, before a healthy partition's
+            # long poll answers, would count it as failed though that partition is fine.
             fetches = [(leader, fetch) for leader, fetch in fetches if not fetch.done.is_set()]
-            if responses or not fetches:
+            if read_some or not fetches:
                 break
         records: dict[TopicPartition, list[Record]] = {}
         damage: list[CorruptRecordError] = []

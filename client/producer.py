@@ -19,7 +19,9 @@ A broker that does not lead the partition (NOT_LEADER_OR_FOLLOWER), or no leader
 (LEADER_NOT_AVAILABLE, NOT_CONTROLLER), or a leader epoch mismatch (FENCED_LEADER_EPOCH,
 UNKNOWN_LEADER_EPOCH), refuses before appending: metadata is refreshed and
 the batch sent again after `retry_backoff_ms`, as often as needed within
-`delivery_timeout_ms` (these do not count against `retries`). UNKNOWN_TOPIC_OR_PARTITION,
+`delivery_timeout_ms` (these do not count against `retries`). So is a leader that cannot be
+reached (the connection is refused or times out: its broker died and metadata still names
+it), since nothing was sent to it. UNKNOWN_TOPIC_OR_PARTITION,
 which a broker answers while news of a topic spreads, refreshes and counts against `retries`,
 so that a deleted topic fails soon.
 
@@ -826,7 +828,9 @@ class Producer:
             and (self.retry_unknown_outcome or not unknown)
         ):
             now = trio.current_time()
-            counted = error.code not in _LEADER_ERRORS
+            # A leader that moved, or that cannot be reached (its broker died: the request
+            # was never written), is waited out within the delivery timeout, not `retries`.
+            counted = error.code not in _LEADER_ERRORS and not _never_sent(error)
             retry = [b for b in batches if self._may_retry(b, counted, now)]
         if retry:
             assert error is not None
@@ -876,6 +880,13 @@ class Producer:
 
 def _sequence_of(batch: _Batch) -> int:
     return batch.sequence
+
+
+def _never_sent(error: DwalError) -> bool:
+    """Whether the error says the request never reached the broker: no connection to it
+    could be made (refused, timed out), or the frame was not written whole. The broker
+    cannot have run it, so it is as safe to resend as after NOT_LEADER_OR_FOLLOWER."""
+    return isinstance(error, ConnectionFailed) and not error.request_written
 
 
 def _written_request_error(error: DwalError) -> DwalError:

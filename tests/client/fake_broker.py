@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import socket
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,8 +95,15 @@ class ClusterView:
         key = (topic, partition)
         return self.replicas.get(key, [leader]), self.isr.get(key, [leader])
 
+    # set (then replaced) at each Metadata answer of any broker of the view
+    metadata_answered: trio.Event = field(default_factory=trio.Event)
+
     def move(self, topic: str, partition: int, leader: int, leader_epoch: int) -> None:
         self.leaders[(topic, partition)] = (leader, leader_epoch)
+
+    def note_metadata_answered(self) -> None:
+        self.metadata_answered.set()
+        self.metadata_answered = trio.Event()
 
 
 class FakeBroker:
@@ -165,6 +173,8 @@ class FakeBroker:
                     received = ReceivedRequest(connection, parse_request(header, bytes(tail)))
                     if received.api_key == ApiKey.METADATA and self.topics:
                         await received.answer(self.metadata(received.request.body))
+                        if self.view is not None:
+                            self.view.note_metadata_answered()
                     self._requests_in.send_nowait(received)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
@@ -222,6 +232,19 @@ class FakeCluster:
 
     def __init__(self, view: ClusterView) -> None:
         self.view = view
+        self._unreachable: list[socket.socket] = []
+
+    def add_unreachable(self, node_id: int) -> None:
+        """Add broker `node_id` to the metadata at an address that refuses connections, as a
+        killed broker's does: a socket bound there but not listening (kept open, so that
+        nothing else takes the port) answers a connection attempt with a reset."""
+        bound = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        bound.bind(("127.0.0.1", 0))
+        self._unreachable.append(bound)
+        weakref.finalize(self, bound.close)
+        dead = FakeBroker(node_id=node_id, view=self.view)
+        dead.port = bound.getsockname()[1]
+        self.view.brokers[node_id] = dead
 
     @classmethod
     async def start(
@@ -430,7 +453,9 @@ class PartitionLogs:
     broker got which partition's data or fetch, in order; `refused` which it refused
     (`refusal` is set at each) with NOT_LEADER_OR_FOLLOWER, or the partition's code in
     `refusal_codes`. A closed gate (`gates[node_id] = trio.Event()`) holds that
-    broker's next Produce answer until the gate is set (`held` is set when one waits).
+    broker's next Produce answer until the gate is set (`held` is set when one waits);
+    `fetch_gates` does the same for Fetch answers. A Fetch with nothing to give waits a
+    little (a long poll), unless it refuses a partition: errors are answered at once.
     Start with `start()`."""
 
     def __init__(self, cluster: FakeCluster) -> None:
@@ -443,6 +468,7 @@ class PartitionLogs:
         self.refusal = trio.Event()
         self.refusal_codes: dict[tuple[str, int], ErrorCode] = {}
         self.gates: dict[int, trio.Event] = {}
+        self.fetch_gates: dict[int, trio.Event] = {}
         self.held = trio.Event()
 
     async def start(self, nursery: trio.Nursery) -> "PartitionLogs":
@@ -471,8 +497,13 @@ class PartitionLogs:
                     await gate.wait()
                 await received.answer(self._produce(node_id, received.request))
             elif received.api_key == ApiKey.FETCH:
+                fetch_gate = self.fetch_gates.get(node_id)
+                if fetch_gate is not None:
+                    await fetch_gate.wait()
+                refusals = len(self.refused)
                 body, tail = self._fetch(node_id, received.request)
-                if not tail:  # a long poll with nothing to give: wait a little
+                if not tail and len(self.refused) == refusals:
+                    # a long poll with nothing to give: wait a little
                     await trio.sleep(min(received.request.body["max_wait_ms"], 20) / 1000)
                 await received.answer(body, tail=tail)
             elif received.api_key == ApiKey.LIST_OFFSETS:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import trio
+import trio.testing
 from fake_broker import FakeBroker, FakeCluster, FakeTopic, PartitionLogs, produce_answer
 
 import client
@@ -198,6 +199,52 @@ async def test_no_leader_within_the_delivery_timeout_fails_the_records(nursery):
     assert trio.current_time() - started >= 0.3
     assert len(logs.refused) > 3  # retried meanwhile, not counted against retries (5)
     assert logs.records[("t", 0)] == []
+
+
+async def test_a_leader_that_refuses_connections_is_waited_out_like_a_moved_one(nursery):
+    """The leader of partition 0 died: its address refuses connections, and metadata keeps
+    naming it until a new leader is elected. Nothing was sent to it, so, as after
+    NOT_LEADER_OR_FOLLOWER, the producer refreshes metadata after a backoff and retries
+    within the delivery timeout, not counting against `retries`: every record is stored
+    once and in order at the new leader, none fails."""
+    fake, logs = await start_cluster(nursery, brokers=2, partitions=2)
+    fake.add_unreachable(2)
+    logs.move("t", 0, 2, 1)
+    logs.move("t", 1, 0, 1)
+    async with client.connect(fake.bootstrap) as cluster:
+        async with Producer(
+            cluster,
+            acks="all",
+            linger_ms=0,
+            retries=0,
+            retry_backoff_ms=5,
+            delivery_timeout_ms=20_000,
+        ) as producer:
+            deliveries = {partition: [] for partition in range(2)}
+            for number in range(30):
+                for partition in range(2):
+                    deliveries[partition].append(
+                        await producer.send(
+                            "t", b"p%d-%d" % (partition, number), partition=partition
+                        )
+                    )
+            with trio.fail_after(10):
+                assert [(await d.wait()).offset for d in deliveries[1]] == list(range(30))
+            assert not any(d.done for d in deliveries[0])  # no attempt has failed them
+            for _ in range(3):  # it keeps asking where partition 0 is; metadata says broker 2
+                with trio.fail_after(10):
+                    await fake.view.metadata_answered.wait()
+                assert not any(d.done for d in deliveries[0])
+            assert logs.records[("t", 0)] == []
+            logs.move("t", 0, 1, 2)  # a new leader is elected
+            with trio.fail_after(10):
+                offsets = [(await d.wait()).offset for d in deliveries[0]]
+        assert producer.statistics().batches_failed == 0
+    assert offsets == list(range(30))
+    for partition in range(2):
+        assert logs.records[("t", partition)] == values(f"p{partition}-", 30)
+    assert {node for node, _, partition, _ in logs.produced if partition == 0} == {1}
+    assert logs.refused == []
 
 
 @pytest.mark.parametrize(
@@ -411,3 +458,41 @@ async def test_a_leader_error_sets_only_its_partition_aside(nursery, code):
         logs.move("t", 1, 0, 2)  # the new leader, named by metadata
         seen = await poll_until(consumer, 5)
     assert seen == [(1, o, v) for o, v in enumerate(values("p1-", 5))]
+
+
+async def test_a_poll_that_read_a_healthy_partition_is_not_failed(nursery):
+    """Partition 1's leader refuses at once while partition 0's leader is still long-polling
+    (nothing new to read): the poll waits for partition 0's answer instead of ending on the
+    refusal alone, and a poll in which a partition was fetched without error (even with no
+    new data) does not count as failed."""
+    fake, logs = await start_cluster(nursery, brokers=2, partitions=2)
+    logs.move("t", 0, 0, 1)
+    logs.move("t", 1, 1, 1)
+    logs.leaders[("t", 1)] = 0  # broker 1 refuses partition 1, which no broker serves
+    gate = logs.fetch_gates[0] = trio.Event()  # broker 0 holds its fetch answers
+    async with client.connect(fake.bootstrap) as cluster:
+        consumer = Consumer(cluster, max_wait_ms=50, retry_backoff_ms=20)
+        consumer.assign([("t", 0), ("t", 1)])
+        consumer.seek(("t", 0), 0)
+        consumer.seek(("t", 1), 0)
+        polled: list[dict] = []
+        async with trio.open_nursery() as polls:
+
+            async def poll_once():
+                polled.append(await consumer.poll(timeout_ms=50))
+
+            polls.start_soon(poll_once)
+            with trio.fail_after(10):
+                await logs.refusal.wait()
+            # every answer sent has been read and acted on; broker 0 still holds its own
+            await trio.testing.wait_all_tasks_blocked()
+            statistics = consumer.statistics()
+            assert set(statistics.failing_partitions) == {client.TopicPartition("t", 1)}
+            assert statistics.failed_polls == 0
+            assert polled == []  # still waiting for partition 0's leader
+            gate.set()
+        assert polled == [{}]
+        statistics = consumer.statistics()
+        assert statistics.failed_polls == 0
+        assert statistics.last_error is None
+        assert set(statistics.failing_partitions) == {client.TopicPartition("t", 1)}
