@@ -117,12 +117,6 @@ def test_unavailability_counts_from_the_start_to_the_end_of_the_workload():
     assert check(history, {}).max_unavailable_s == pytest.approx(9.5)
 
 
-# Known broker bug (issue 9, open): a leader's high watermark can pass what a member of its
-# ISR holds, found by seed 1 at 16 s (a paused follower, then the controller-and-leader
-# killed: the restarted ex-leader's HW is above the new leader's log end and it never rejoins
-# the ISR). Until it is fixed these runs may fail; they still run (and print their line) so
-# that a crash or a hang shows, and `make nemesis` runs them as a hard check.
-@pytest.mark.xfail(strict=False, reason="HW above an ISR member's log end: issue 9, open")
 @pytest.mark.parametrize("seed", CI_SEEDS)
 async def test_nemesis_finds_no_violation(nursery, tmp_path, seed):
     config_path = tmp_path / "cluster.toml"
