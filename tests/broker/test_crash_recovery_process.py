@@ -55,8 +55,15 @@ async def test_sigkill_loses_no_acknowledged_record(broker_launcher, tmp_path, s
         async with trio.open_nursery() as nursery:
             nursery.start_soon(collect_acknowledgements, receive_channel)
             async with send_channel:
+                # a dead broker: records not yet sent wait for a leader until their delivery
+                # timeout, kept short here so that the producer gives up soon after the kill
                 async with Producer(
-                    cluster, acks=1, retries=0, linger_ms=1, batch_size=4096
+                    cluster,
+                    acks=1,
+                    retries=0,
+                    linger_ms=1,
+                    batch_size=4096,
+                    delivery_timeout_ms=3000,
                 ) as producer:
                     while not broker.exited.is_set() and sent < 500_000:
                         value = b"value-%d" % sent
