@@ -468,12 +468,14 @@ class RequestHandlers:
         }
         # fsync=always: nothing is visible or acknowledged before it is durable, so even acks=0
         # waits (in this handler, off the connection's read path) for the group commit.
-        # acks=all: durable on this broker (whatever the policy) and in every in-sync replica
-        # (the high watermark passed it).
-        needs_sync = log.config.fsync == "always" or acks == ACKS_ALL
-        if not needs_sync:
+        # acks=all: in every in-sync replica (the high watermark passed it); when this broker
+        # is the only one, on its disk too, whatever the policy: one copy's only protection.
+        durable = log.config.fsync == "always" or (
+            acks == ACKS_ALL and self.replicas.isr_size(topic, partition) <= 1
+        )
+        if not durable and acks != ACKS_ALL:
             return result, None
-        wait = _Wait(topic, partition, log, info.last_offset + 1, result, acks == ACKS_ALL)
+        wait = _Wait(topic, partition, log, info.last_offset + 1, result, acks == ACKS_ALL, durable)
         return result, wait
 
     async def _wait_durable(self, waits: list[_Wait], timeout_ms: int) -> None:
@@ -481,7 +483,8 @@ class RequestHandlers:
 
         async def wait_one(wait: _Wait) -> None:
             try:
-                await wait.log.wait_durable(wait.end_offset)
+                if wait.durable:
+                    await wait.log.wait_durable(wait.end_offset)
                 if wait.replicated:
                     await self.replicas.wait_replicated(wait.topic, wait.partition, wait.end_offset)
             except (StorageError, OSError, DwalError) as error:
@@ -498,7 +501,8 @@ class RequestHandlers:
                 error_code=int(ErrorCode.REQUEST_TIMED_OUT),
                 error_message=(
                     "timed out waiting for the in-sync replicas"
-                    if wait.replicated and wait.log.durable_offset >= wait.end_offset
+                    if wait.replicated
+                    and (not wait.durable or wait.log.durable_offset >= wait.end_offset)
                     else "timed out waiting for fsync"
                 ),
                 base_offset=-1,
@@ -913,6 +917,7 @@ class _Wait:
     end_offset: int  # the last appended offset + 1
     result: dict[str, Any]
     replicated: bool
+    durable: bool  # wait for this broker's fsync too
 
 
 __all__ = ["RequestHandlers", "Reply", "ProtocolError"]

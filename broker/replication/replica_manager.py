@@ -190,6 +190,11 @@ class ReplicaManager:
                     f"{log.config.min_insync_replicas}",
                 )
 
+    def isr_size(self, topic: str, partition: int) -> int:
+        """The committed ISR's size of a partition this broker leads (1 when unknown)."""
+        leading = self._leading.get((topic, partition))
+        return 1 if leading is None else len(leading.replicas.isr)
+
     def append(
         self, topic: str, partition: int, batches: bytearray | memoryview, *, now_ms: int
     ) -> tuple[PartitionLog, AppendInfo]:

@@ -782,3 +782,16 @@ def test_a_reopened_log_hands_over_its_checkpointed_high_watermark_never_its_end
         assert reopened.high_watermark == (4 if checkpointed else 0)
     finally:
         reopened.close()
+
+
+async def test_isr_size_tells_whether_acks_all_must_fsync_the_leader(tmp_path):
+    """acks=all fsyncs the leader only when it is the partition's only in-sync replica
+    (request_handlers: a single copy's only protection); with followers in sync the high
+    watermark (their page caches) answers, as in Kafka."""
+    image = three_brokers()
+    node = await Node.open(tmp_path, leader_of(image), image)
+    try:
+        assert node.manager.isr_size(*TP) == 3
+        assert node.manager.isr_size("other", 0) == 1  # not led here: the safe answer
+    finally:
+        node.close()
