@@ -30,6 +30,7 @@ logger = logging.getLogger("dwal.controller")
 
 IDLE_CONNECTIONS_MAX = 2  # per controller address, kept open between calls
 RETRY_DELAY_SECONDS_MIN = 0.02
+ATTEMPT_SECONDS_MIN = 0.2  # the least time one request to the controller is given
 RETRY_DELAY_SECONDS_MAX = 0.5
 
 
@@ -88,7 +89,11 @@ class ControllerChannel:
                 if leader == self.node_id and self.apis is not None:
                     return await self.apis.handle(api_key, body)
                 if leader is not None:
-                    with trio.fail_after(max(deadline - trio.current_time(), 0.001)):
+                    # An attempt started gets its answer's time even past the deadline (by
+                    # at most ATTEMPT_SECONDS_MIN): cutting it would turn a quick "not me"
+                    # into an "outcome unknown" only because the caller's time ran out.
+                    remaining = deadline - trio.current_time()
+                    with trio.fail_after(max(remaining, ATTEMPT_SECONDS_MIN)):
                         return await self._send(leader, api_key, body)
             except NotControllerError as error:
                 last_problem = error.message
