@@ -187,29 +187,14 @@ class ReplicaFetcher:
         log = followed.log
         code = ErrorCode(part["error_code"])
         if code in _WAIT_FOR_IMAGE:
-            followed.paused_until = trio.current_time() + PAUSE_SECONDS
-            log_event(
-                logger,
-                logging.INFO,
-                "replica_fetch_paused",
-                partition=f"{tp[0]}-{tp[1]}",
-                leader=self.leader_id,
-                error=code.name,
-            )
+            self._rest(tp, followed, logging.INFO, "replica_fetch_paused", error=code.name)
             return None
         if code != ErrorCode.NONE:
             # transient on the leader (storage error), or this log is below the leader's log
             # start (OFFSET_OUT_OF_RANGE: it cannot catch up by fetching; an operator must
             # replace it): rest rather than ask again at once
-            followed.paused_until = trio.current_time() + PAUSE_SECONDS
-            log_event(
-                logger,
-                logging.WARNING,
-                "replica_fetch_refused",
-                partition=f"{tp[0]}-{tp[1]}",
-                leader=self.leader_id,
-                error=f"{code.name}: {part.get('error_message')}",
-            )
+            error = f"{code.name}: {part.get('error_message')}"
+            self._rest(tp, followed, logging.WARNING, "replica_fetch_refused", error=error)
             return None
         try:
             diverging = part["diverging_epoch"]
@@ -222,18 +207,20 @@ class ReplicaFetcher:
             if part["high_watermark"] >= 0:
                 log.set_high_watermark(min(part["high_watermark"], log.log_end_offset))
         except (StorageError, ValueError, OSError) as error:
-            followed.paused_until = trio.current_time() + PAUSE_SECONDS
-            log_event(
-                logger,
-                logging.ERROR,
-                "replica_append_failed",
-                partition=f"{tp[0]}-{tp[1]}",
-                error=str(error),
-            )
+            self._rest(tp, followed, logging.ERROR, "replica_append_failed", error=str(error))
             return None
         if chunk.nbytes and log.config.fsync == "always":
             return log, log.log_end_offset
         return None
+
+    def _rest(
+        self, tp: TopicPartition, followed: _Followed, level: int, event: str, **fields: Any
+    ) -> None:
+        """Leave the partition out of fetches for PAUSE_SECONDS, and say why."""
+        followed.paused_until = trio.current_time() + PAUSE_SECONDS
+        log_event(
+            logger, level, event, partition=f"{tp[0]}-{tp[1]}", leader=self.leader_id, **fields
+        )
 
     def _truncate(self, tp: TopicPartition, followed: _Followed, epoch: int, end: int) -> None:
         log = followed.log
@@ -245,13 +232,11 @@ class ReplicaFetcher:
             # The leader lacks records below this log's high watermark (an unclean history:
             # a leader that lost acknowledged data). Truncating committed records is not
             # this follower's call: it stays out of the ISR and says so.
-            followed.paused_until = trio.current_time() + PAUSE_SECONDS
-            log_event(
-                logger,
+            self._rest(
+                tp,
+                followed,
                 logging.ERROR,
                 "replica_diverged_below_high_watermark",
-                partition=f"{tp[0]}-{tp[1]}",
-                leader=self.leader_id,
                 high_watermark=log.high_watermark,
                 leader_epoch=epoch,
                 leader_end_offset=end,
