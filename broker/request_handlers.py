@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import trio
 
+from broker.answers import error_of, wait_any
 from broker.broker_lifecycle import NATIVE_LISTENER
 from broker.config import BrokerConfig
 from broker.controller.metadata_image import BrokerInfo
@@ -26,14 +27,7 @@ from broker.controller.metadata_records import NO_LEADER
 from broker.event_log import log_event
 from broker.wall_clock import now_ms
 from broker.group_coordinator import OFFSETS_TOPIC, GroupCoordinator
-from broker.storage import (
-    CorruptRecordError,
-    FetchSlice,
-    OffsetOutOfRangeError,
-    PartitionLog,
-    RecordTooLargeError,
-    StorageError,
-)
+from broker.storage import FetchSlice, PartitionLog, StorageError
 from broker.replication import ReplicaManager
 from broker.replication.broker_link import BrokerLink, BrokerLinkError
 from broker.topic_registry import TopicRegistry
@@ -87,20 +81,6 @@ class Reply:
         for part in self.parts:
             if isinstance(part, FetchSlice):
                 part.close()
-
-
-def _error_of(error: BaseException) -> tuple[ErrorCode, str]:
-    if isinstance(error, DwalError):
-        return error.code, error.message
-    if isinstance(error, CorruptRecordError):
-        return ErrorCode.CORRUPT_MESSAGE, str(error)
-    if isinstance(error, RecordTooLargeError):
-        return ErrorCode.MESSAGE_TOO_LARGE, str(error)
-    if isinstance(error, OffsetOutOfRangeError):
-        return ErrorCode.OFFSET_OUT_OF_RANGE, str(error)
-    if isinstance(error, (StorageError, OSError)):
-        return ErrorCode.KAFKA_STORAGE_ERROR, f"storage error: {error}"
-    raise error
 
 
 def _refuse_internal(name: str, action: str) -> None:
@@ -448,7 +428,7 @@ class RequestHandlers:
                 topic, partition, bytearray(chunk) if chunk.readonly else chunk, now_ms=now_ms()
             )
         except Exception as error:
-            code, message = _error_of(error)
+            code, message = error_of(error)
             if code == ErrorCode.KAFKA_STORAGE_ERROR:
                 log_event(
                     logger,
@@ -488,7 +468,7 @@ class RequestHandlers:
                 if wait.replicated:
                     await self.replicas.wait_replicated(wait.topic, wait.partition, wait.end_offset)
             except (StorageError, OSError, DwalError) as error:
-                code, message = _error_of(error)
+                code, message = error_of(error)
                 wait.result.update(error_code=int(code), error_message=message, base_offset=-1)
             pending.pop(id(wait.result), None)
 
@@ -514,70 +494,30 @@ class RequestHandlers:
         limits = self.config.limits
         max_wait_ms = min(max(body["max_wait_ms"], 0), limits.fetch_wait_ms_max)
         max_bytes = min(max(body["max_bytes"], 1), limits.fetch_bytes_max)
+        if body["replica_id"] >= 0:  # a follower broker: reads to the log end
+            answer, parts = await self.replicas.serve_replica_fetch(
+                body, max_bytes=max_bytes, max_wait_ms=max_wait_ms
+            )
+            return Reply(answer, list(parts))
         deadline = trio.current_time() + max_wait_ms / 1000
-        replica = body["replica_id"] >= 0  # a follower broker: reads to the log end
         while True:
-            events = self._events_of(body, replica)
-            if replica:
-                reply, total, failed = self._read_for_follower(body, max_bytes)
-            else:
-                reply, total, failed = self._read_partitions(body, max_bytes)
+            events = self._events_of(body)
+            reply, total, failed = self._read_partitions(body, max_bytes)
             if total >= body["min_bytes"] or failed or trio.current_time() >= deadline:
                 return reply
             reply.close()
             with trio.move_on_at(deadline):
-                await _wait_any(events)
+                await wait_any(events)
 
-    def _events_of(self, body: dict, replica: bool) -> list[trio.Event]:
-        """What a long poll waits on: the high watermark moving (a consumer), the log end
-        moving (a follower)."""
+    def _events_of(self, body: dict) -> list[trio.Event]:
+        """What a consumer's long poll waits on: the high watermark moving."""
         events = []
         for entry in body["topics"]:
             for part in entry["partitions"]:
                 log = self.registry.logs.get((entry["topic"], part["partition"]))
                 if log is not None:
-                    events.append(log.progress_event if replica else log.new_data_event)
+                    events.append(log.new_data_event)
         return events
-
-    def _read_for_follower(self, body: dict, max_bytes: int) -> tuple[Reply, int, bool]:
-        """A follower's fetch: each partition's new batches up to the log end, or why not
-        (a diverging epoch, a fenced or unknown leader epoch); see ReplicaManager."""
-        reply = Reply({"topics": []})
-        total = 0
-        failed = False
-        for entry in body["topics"]:
-            results: list[dict[str, Any]] = []
-            reply.body["topics"].append({"topic": entry["topic"], "partitions": results})
-            for part in entry["partitions"]:
-                result: dict[str, Any] = {"partition": part["partition"], "error_code": 0}
-                results.append(result)
-                budget = max(min(part["max_bytes"], max_bytes - total), 0)
-                try:
-                    fields, piece = self.replicas.follower_fetch(
-                        entry["topic"],
-                        part["partition"],
-                        replica_id=body["replica_id"],
-                        broker_epoch=body["broker_epoch"],
-                        fetch_offset=part["fetch_offset"],
-                        current_leader_epoch=part["current_leader_epoch"],
-                        last_fetched_epoch=part["last_fetched_epoch"],
-                        max_bytes=budget if total == 0 else min(budget, max_bytes - total),
-                    )
-                except Exception as error:
-                    code, message = _error_of(error)
-                    result.update(error_code=int(code), error_message=message, size=0)
-                    failed = True
-                    continue
-                result.update(fields, size=0)
-                if "diverging_epoch" in fields:
-                    failed = True  # answer at once: the follower must truncate first
-                if piece is not None and piece.length:
-                    reply.parts.append(piece)
-                    result["size"] = piece.length
-                    total += piece.length
-                elif piece is not None:
-                    piece.close()
-        return reply, total, failed
 
     def _read_partitions(self, body: dict, max_bytes: int) -> tuple[Reply, int, bool]:
         reply = Reply({"topics": []})
@@ -600,7 +540,7 @@ class RequestHandlers:
                         raise DwalError(ErrorCode.INVALID_FETCH_SIZE, "max_bytes must be positive")
                     piece = log.read(part["fetch_offset"], max(budget, 1))
                 except Exception as error:
-                    code, message = _error_of(error)
+                    code, message = error_of(error)
                     result.update(error_code=int(code), error_message=message)
                     failed = True
                     continue
@@ -806,7 +746,7 @@ class RequestHandlers:
         try:
             piece = self.replicas.leader_log(topic, partition)[0].read(offset, max_bytes)
         except Exception as error:
-            code, message = _error_of(error)
+            code, message = error_of(error)
             raise DwalError(code, message) from None
         with piece:
             if not piece.length:
@@ -815,7 +755,7 @@ class RequestHandlers:
             try:
                 return await trio.to_thread.run_sync(piece.read_bytes)
             except OSError as error:
-                code, message = _error_of(error)
+                code, message = error_of(error)
                 raise DwalError(code, message) from None
 
     async def read_batch_containing(self, topic: str, partition: int, offset: int) -> bytes | None:
@@ -834,7 +774,7 @@ class RequestHandlers:
             log = self.replicas.leader_log(topic, partition)[0]
             return await log.read_batch_containing(offset)
         except Exception as error:
-            code, message = _error_of(error)
+            code, message = error_of(error)
             raise DwalError(code, message) from None
 
     async def _forwarded_batch_containing(
@@ -888,23 +828,6 @@ class RequestHandlers:
         if found is None or found[0] >= log.high_watermark:
             return {"offset": -1, "timestamp": -1}
         return {"offset": found[0], "timestamp": found[1]}
-
-
-async def _wait_any(events: list[trio.Event]) -> None:
-    """Return when any of `events` is set (immediately when there are none... never)."""
-    if not events:
-        await trio.sleep_forever()
-    if len(events) == 1:
-        await events[0].wait()
-        return
-    async with trio.open_nursery() as nursery:
-
-        async def wait_one(event: trio.Event) -> None:
-            await event.wait()
-            nursery.cancel_scope.cancel()
-
-        for event in set(events):
-            nursery.start_soon(wait_one, event)
 
 
 @dataclass

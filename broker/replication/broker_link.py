@@ -10,7 +10,7 @@ its `max_bytes`, this is the belt to those braces).
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -24,6 +24,23 @@ RECEIVE_BYTES = 256 * 1024
 class BrokerLinkError(Exception):
     """The request did not get an answer (connect failed, connection broke, timed out, bad
     frame). The connection is closed; the next request reconnects."""
+
+
+class FetchLink(Protocol):
+    """What a replica fetcher sends its requests over: a `BrokerLink`, or the cluster
+    simulation's link over its in-memory network. `request` raises DwalError for an error
+    answer and BrokerLinkError when there is none."""
+
+    async def request(
+        self,
+        api_key: ApiKey,
+        body: dict[str, Any],
+        *,
+        timeout_seconds: float,
+        tail: bytes | memoryview = b"",
+    ) -> Response: ...
+
+    async def aclose(self) -> None: ...
 
 
 class BrokerLink:

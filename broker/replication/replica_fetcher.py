@@ -3,8 +3,8 @@ partition this broker follows from it.
 
 Theory of operation. The replica manager tells the fetcher of a leader which partitions to
 follow and in which leader epoch (`follow` / `unfollow`, as the metadata image changes).
-The task sends one Fetch at a time over its `BrokerLink` (so the bytes in flight are bounded
-by the request's `max_bytes`), as a replica: `replica_id`, `broker_epoch`, and per partition
+The task sends one Fetch at a time over its link (a `BrokerLink`), so the bytes in flight
+are bounded by the request's `max_bytes`; it fetches as a replica: `replica_id`, `broker_epoch`, and per partition
 the fetch offset (this log's end: everything below is here), the leader epoch it follows
 in and the epoch of its last batch. For each partition of the answer:
 
@@ -35,7 +35,7 @@ from typing import Any
 import trio
 
 from broker.event_log import log_event
-from broker.replication.broker_link import BrokerLink, BrokerLinkError
+from broker.replication.broker_link import BrokerLinkError, FetchLink
 from broker.storage import PartitionLog, StorageError
 from broker.wall_clock import now_ms
 from protocol import DwalError, ErrorCode
@@ -72,7 +72,7 @@ class ReplicaFetcher:
         self,
         node_id: int,
         leader_id: int,
-        link: BrokerLink,
+        link: FetchLink,
         *,
         broker_epoch: Callable[[], int],
         fetch_bytes_max: int,

@@ -36,11 +36,12 @@ from typing import Any
 
 import trio
 
+from broker.answers import error_of, wait_any
 from broker.broker_lifecycle import NATIVE_LISTENER
 from broker.controller.metadata_image import MetadataImage, PartitionInfo
 from broker.controller.metadata_records import NO_LEADER
 from broker.event_log import log_event
-from broker.replication.broker_link import BrokerLink
+from broker.replication.broker_link import BrokerLink, FetchLink
 from broker.replication.partition_replicas import PartitionReplicas
 from broker.replication.replica_fetcher import ReplicaFetcher
 from broker.storage import AppendInfo, FetchSlice, PartitionLog
@@ -50,6 +51,8 @@ from protocol import ACKS_ALL, DwalError, ErrorCode
 logger = logging.getLogger("dwal.replication")
 
 TopicPartition = tuple[str, int]
+# (leader id, its address) -> the link a fetcher sends its fetches over
+LinkFactory = Callable[[int, tuple[str, int]], FetchLink]
 ISR_CHECK_INTERVAL_SECONDS = 1.0
 REPLICA_LAG_TIME_MAX_MS = 10_000  # Kafka's replica.lag.time.max.ms default
 FETCH_BYTES_MAX = 8 * 1024 * 1024  # a follower's fetch: the bytes in flight per leader
@@ -114,9 +117,12 @@ class ReplicaManager:
         frame_bytes_max: int = 64 * 1024 * 1024,
         replica_lag_time_max_ms: int = REPLICA_LAG_TIME_MAX_MS,
         peer_addresses: dict[int, tuple[str, int]] | None = None,
+        link_factory: LinkFactory | None = None,
     ) -> None:
         """`image` returns the published image (whose logs the registry has opened);
-        `alter_partition` sends an AlterPartition body to the controller."""
+        `alter_partition` sends an AlterPartition body to the controller; `link_factory`
+        makes a fetcher's link to a leader (default: a `BrokerLink` to its native port; the
+        cluster simulation passes links over its in-memory network)."""
         self.node_id = node_id
         self.registry = registry
         self.image = image
@@ -125,6 +131,7 @@ class ReplicaManager:
         self.frame_bytes_max = frame_bytes_max
         self.replica_lag_time_max_ms = replica_lag_time_max_ms
         self.peer_addresses = peer_addresses or {}  # overrides of registered listeners
+        self.link_factory = link_factory or self._broker_link
         self._leading: dict[TopicPartition, _Leading] = {}
         self._followed: dict[TopicPartition, int] = {}  # partition -> leader it follows
         self._fetchers: dict[int, _Follower] = {}
@@ -315,10 +322,71 @@ class ReplicaManager:
         piece = log.read(fetch_offset, max_bytes, up_to="log_end") if max_bytes > 0 else None
         return fields, piece
 
-    def follower_wait_event(self, topic: str, partition: int) -> trio.Event | None:
-        """What a follower's long-polling fetch waits on: the log end moving."""
-        log = self.registry.logs.get((topic, partition))
-        return None if log is None else log.progress_event
+    async def serve_replica_fetch(
+        self, body: dict[str, Any], *, max_bytes: int, max_wait_ms: int
+    ) -> tuple[dict[str, Any], list[FetchSlice]]:
+        """Answer a follower's Fetch (`replica_id` >= 0): each partition's batches from its
+        fetch offset up to the log end, or why not (a diverging epoch, a fenced or unknown
+        leader epoch, ...). Long-polls until `min_bytes` are there, a partition needs an
+        answer at once (an error, a diverging epoch) or `max_wait_ms` passed. Returns the
+        answer's body and its slices, in the order of the body's partitions (the caller
+        closes them)."""
+        deadline = trio.current_time() + max_wait_ms / 1000
+        while True:
+            events = []
+            for entry in body["topics"]:
+                for part in entry["partitions"]:
+                    log = self.registry.logs.get((entry["topic"], part["partition"]))
+                    if log is not None:
+                        events.append(log.progress_event)  # the log end moving
+            answer, parts, total, failed = self._read_for_follower(body, max_bytes)
+            if total >= body["min_bytes"] or failed or trio.current_time() >= deadline:
+                return answer, parts
+            for piece in parts:
+                piece.close()
+            with trio.move_on_at(deadline):
+                await wait_any(events)
+
+    def _read_for_follower(
+        self, body: dict[str, Any], max_bytes: int
+    ) -> tuple[dict[str, Any], list[FetchSlice], int, bool]:
+        answer: dict[str, Any] = {"topics": []}
+        parts: list[FetchSlice] = []
+        total = 0
+        failed = False
+        for entry in body["topics"]:
+            results: list[dict[str, Any]] = []
+            answer["topics"].append({"topic": entry["topic"], "partitions": results})
+            for part in entry["partitions"]:
+                result: dict[str, Any] = {"partition": part["partition"], "error_code": 0}
+                results.append(result)
+                budget = max(min(part["max_bytes"], max_bytes - total), 0)
+                try:
+                    fields, piece = self.follower_fetch(
+                        entry["topic"],
+                        part["partition"],
+                        replica_id=body["replica_id"],
+                        broker_epoch=body["broker_epoch"],
+                        fetch_offset=part["fetch_offset"],
+                        current_leader_epoch=part["current_leader_epoch"],
+                        last_fetched_epoch=part["last_fetched_epoch"],
+                        max_bytes=budget,
+                    )
+                except Exception as error:
+                    code, message = error_of(error)
+                    result.update(error_code=int(code), error_message=message, size=0)
+                    failed = True
+                    continue
+                result.update(fields, size=0)
+                if "diverging_epoch" in fields:
+                    failed = True  # answer at once: the follower must truncate first
+                if piece is not None and piece.length:
+                    parts.append(piece)
+                    result["size"] = piece.length
+                    total += piece.length
+                elif piece is not None:
+                    piece.close()
+        return answer, parts, total, failed
 
     # -- following the image ---------------------------------------------------------------
 
@@ -449,11 +517,7 @@ class ReplicaManager:
 
     def _start_fetcher(self, leader: int, address: tuple[str, int]) -> _Follower:
         assert self._nursery is not None
-        link = BrokerLink(
-            address,
-            client_id=f"dwal-replica-{self.node_id}",
-            frame_bytes_max=self.frame_bytes_max,
-        )
+        link = self.link_factory(leader, address)
         fetcher = ReplicaFetcher(
             self.node_id,
             leader,
@@ -471,6 +535,11 @@ class ReplicaManager:
 
         self._nursery.start_soon(run)
         return follower
+
+    def _broker_link(self, leader: int, address: tuple[str, int]) -> FetchLink:
+        return BrokerLink(
+            address, client_id=f"dwal-replica-{self.node_id}", frame_bytes_max=self.frame_bytes_max
+        )
 
     def _stop_following(self, tp: TopicPartition) -> None:
         leader = self._followed.pop(tp, None)

@@ -1,7 +1,7 @@
 """ReplicaManager (the leader side) and ReplicaFetcher (the follower side) in process, on
 real PartitionLogs in tmp dirs, with metadata images built by the controller's pure
 decisions and a fake BrokerLink that serves a follower's fetches from a leader's
-ReplicaManager through the request handlers' own follower read (`_read_for_follower`).
+ReplicaManager through its own follower-fetch serving (`serve_replica_fetch`).
 
 What is proven here:
 - the high watermark waits for every member of the (maximal) ISR and never exceeds what
@@ -45,7 +45,7 @@ from broker.replication.replica_manager import _manage_high_watermark
 from broker.storage.log_loader import HIGH_WATERMARK_FILE
 from broker.replication.replica_manager import ReplicaManager
 from broker.request_handlers import RequestHandlers
-from broker.storage import FetchSlice, LogConfig, PartitionLog
+from broker.storage import LogConfig, PartitionLog
 from broker.topic_registry import TopicRegistry
 from protocol import ACKS_ALL, ACKS_LEADER, ApiKey, DwalError, ErrorCode, check_request
 from protocol.api import check_response
@@ -582,9 +582,10 @@ async def test_follower_never_truncates_below_its_high_watermark(tmp_path):
 
 
 class FakeLink:
-    """A BrokerLink to an in-process leader: each fetch is served by the request handlers'
-    follower read over the leader's ReplicaManager, the answer checked against the schema as
-    the real link does. An answer with nothing new waits (briefly) for the leader's log."""
+    """A BrokerLink to an in-process leader: each fetch is served by the leader's
+    ReplicaManager (`serve_replica_fetch`, what the request handlers call), the answer
+    checked against the schema as the real link does. An answer with nothing new waits
+    (briefly) for the leader's log."""
 
     def __init__(self, leader: Node) -> None:
         self.leader = leader
@@ -594,26 +595,18 @@ class FakeLink:
         assert api_key == ApiKey.FETCH
         self.requests += 1
         body = check_request(ApiKey.FETCH, body)
-        shell = types.SimpleNamespace(replicas=self.leader.manager)
-        events = [self.leader.log.progress_event]
-        reply, total, failed = RequestHandlers._read_for_follower(  # type: ignore[arg-type]
-            shell, body, body["max_bytes"]
+        answer, parts = await self.leader.manager.serve_replica_fetch(
+            body, max_bytes=body["max_bytes"], max_wait_ms=50
         )
-        if total == 0 and not failed:
-            reply.close()
-            with trio.move_on_after(0.05):
-                await events[0].wait()
-            reply, total, failed = RequestHandlers._read_for_follower(  # type: ignore[arg-type]
-                shell, body, body["max_bytes"]
-            )
         await trio.lowlevel.checkpoint()
-        tail = b"".join(p.read_bytes() if isinstance(p, FetchSlice) else p for p in reply.parts)
-        reply.close()
+        tail = b"".join(p.read_bytes() for p in parts)
+        for piece in parts:
+            piece.close()
         return Response(
             correlation_id=self.requests,
             error_code=ErrorCode.NONE,
             error_message=None,
-            body=check_response(ApiKey.FETCH, reply.body),
+            body=check_response(ApiKey.FETCH, answer),
             tail=tail,
         )
 
