@@ -1,5 +1,5 @@
 """Partition storage: segmented logs with sparse indexes, group commit, crash recovery,
-retention and compaction."""
+retention and compaction; and an in-memory log with a model of the disk for simulations."""
 
 from .errors import CorruptRecordError, OffsetOutOfRangeError, RecordTooLargeError, StorageError
 from .fetch_slice import FetchSlice
@@ -13,12 +13,14 @@ from .leader_epoch_cache import (
 )
 from .log_cleaner import CompactionResult
 from .log_config import TOPIC_CONFIG_KEYS, LogConfig
+from .memory_log import DurableImage, MemoryPartitionLog
 from .partition_log import AppendInfo, LogStatistics, PartitionLog
 
 __all__ = [
     "AppendInfo",
     "CompactionResult",
     "CorruptRecordError",
+    "DurableImage",
     "EpochEntry",
     "FetchSlice",
     "FsyncRunner",
@@ -26,6 +28,7 @@ __all__ = [
     "LeaderEpochError",
     "LogConfig",
     "LogStatistics",
+    "MemoryPartitionLog",
     "OffsetOutOfRangeError",
     "PartitionLog",
     "RecordTooLargeError",

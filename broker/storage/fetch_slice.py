@@ -1,4 +1,5 @@
-"""A byte range of one segment file handed to a fetch, ready for `os.sendfile`."""
+"""A byte range of one segment file handed to a fetch, ready for `os.sendfile`; or, from an
+in-memory log (`MemoryPartitionLog`), the bytes themselves."""
 
 from __future__ import annotations
 
@@ -14,20 +15,32 @@ class FetchSlice:
     close it under a reader; the receiver must call `close()` (or use `with`). An empty slice
     has fd -1 and length 0. The slice starts at a batch boundary; its last batch may be cut
     short (readers ignore a partial trailing batch).
+
+    An in-memory slice (`of_bytes`) holds its bytes in `data`, with fd -1, position 0 and
+    length len(data): it cannot be sent with `os.sendfile` (which fails on fd -1), only read
+    with `read_bytes`.
     """
 
     fd: int
     position: int
     length: int
+    data: bytes | None = field(default=None, repr=False)
     _open: list[bool] = field(default_factory=lambda: [True], repr=False, compare=False)
 
     @classmethod
     def empty(cls) -> FetchSlice:
         return cls(fd=-1, position=0, length=0)
 
+    @classmethod
+    def of_bytes(cls, data: bytes) -> FetchSlice:
+        """An in-memory slice holding `data`."""
+        return cls(fd=-1, position=0, length=len(data), data=data)
+
     def read_bytes(self) -> bytes:
         """Return the slice's bytes (fewer if the file is shorter). Raises OSError."""
         assert self._open[0]
+        if self.data is not None:
+            return self.data
         parts = []
         position, remaining = self.position, self.length
         while remaining > 0:
