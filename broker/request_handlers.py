@@ -530,7 +530,11 @@ class RequestHandlers:
                 result = {"partition": part["partition"], "error_code": 0, "size": 0}
                 results.append(result)
                 try:
-                    log = self.replicas.leader_log(entry["topic"], part["partition"])[0]
+                    log = self.replicas.leader_log(
+                        entry["topic"],
+                        part["partition"],
+                        current_leader_epoch=part["current_leader_epoch"],
+                    )[0]
                     result["high_watermark"] = log.high_watermark
                     result["log_start_offset"] = log.log_start_offset
                     budget = min(part["max_bytes"], max_bytes - total)

@@ -753,7 +753,9 @@ class Consumer:
             "max_wait_ms": wait_ms,
             "min_bytes": self.min_bytes,
             "max_bytes": self.fetch_max_bytes,
-            "topics": _group_by_topic(list(positions), positions, self.partition_max_bytes),
+            "topics": _group_by_topic(
+                self.cluster, list(positions), positions, self.partition_max_bytes
+            ),
         }
         self.cluster.start_task(fetch.run, self.cluster, body)
         return fetch
@@ -857,6 +859,17 @@ def _leader_id(cluster: Cluster, tp: TopicPartition) -> int:
     return info.partitions[tp.partition].leader
 
 
+def _leader_epoch(cluster: Cluster, tp: TopicPartition) -> int:
+    """The leader epoch the metadata cache knows for the partition; -1 if it knows none. The
+    cache never goes back to an older epoch, so a fetch carrying it is refused by a broker
+    that still thinks it leads in an older one (UNKNOWN_LEADER_EPOCH) instead of being
+    answered from its stale log, whose end may lie below this consumer's position."""
+    info = cluster.topics.get(tp.topic)
+    if info is None or tp.partition >= len(info.partitions):
+        return -1
+    return info.partitions[tp.partition].leader_epoch
+
+
 def _offset_of(record: Record) -> int:
     return record.offset
 
@@ -928,12 +941,17 @@ def _positions_after(
 
 
 def _group_by_topic(
-    partitions: list[TopicPartition], positions: dict, max_bytes: int
+    cluster: Cluster, partitions: list[TopicPartition], positions: dict, max_bytes: int
 ) -> list[dict]:
     topics: dict[str, list[dict]] = {}
     for tp in partitions:
         topics.setdefault(tp.topic, []).append(
-            {"partition": tp.partition, "fetch_offset": positions[tp], "max_bytes": max_bytes}
+            {
+                "partition": tp.partition,
+                "fetch_offset": positions[tp],
+                "max_bytes": max_bytes,
+                "current_leader_epoch": _leader_epoch(cluster, tp),
+            }
         )
     return [{"topic": topic, "partitions": parts} for topic, parts in topics.items()]
 

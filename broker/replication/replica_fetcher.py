@@ -4,9 +4,10 @@ partition this broker follows from it.
 Theory of operation. The replica manager tells the fetcher of a leader which partitions to
 follow and in which leader epoch (`follow` / `unfollow`, as the metadata image changes).
 The task sends one Fetch at a time over its link (a `BrokerLink`), so the bytes in flight
-are bounded by the request's `max_bytes`; it fetches as a replica: `replica_id`, `broker_epoch`, and per partition
-the fetch offset (this log's end: everything below is here), the leader epoch it follows
-in and the epoch of its last batch. For each partition of the answer:
+are bounded by the request's `max_bytes`; it fetches as a replica: `replica_id`,
+`broker_epoch`, and per partition the fetch offset (this log's end: everything below is
+here), the leader epoch it follows in and the epoch of its last batch. For each partition
+of the answer:
 
 - records: appended as they are (the leader's offsets and epochs kept); under
   fsync=always the next fetch waits until they are durable, so that the offset this

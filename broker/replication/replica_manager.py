@@ -44,7 +44,7 @@ from broker.event_log import log_event
 from broker.replication.broker_link import BrokerLink, FetchLink
 from broker.replication.partition_replicas import PartitionReplicas
 from broker.replication.replica_fetcher import ReplicaFetcher
-from broker.storage import AppendInfo, FetchSlice, PartitionLog
+from broker.storage import AppendInfo, FetchSlice, PartitionLog, StorageError
 from broker.topic_registry import TopicRegistry
 from protocol import ACKS_ALL, DwalError, ErrorCode
 
@@ -168,10 +168,27 @@ class ReplicaManager:
             )
         return info.partitions[partition]
 
-    def leader_log(self, topic: str, partition: int) -> tuple[PartitionLog, int]:
+    def leader_log(
+        self, topic: str, partition: int, *, current_leader_epoch: int = -1
+    ) -> tuple[PartitionLog, int]:
         """The log of a partition this broker leads, and the leader epoch; raises DwalError
-        as `leader_epoch` does, or KAFKA_STORAGE_ERROR when its log could not be opened."""
+        as `leader_epoch` does, or KAFKA_STORAGE_ERROR when its log could not be opened.
+        With `current_leader_epoch` (a client's, >= 0) that differs from this broker's:
+        FENCED_LEADER_EPOCH when the client's is older (its metadata is behind),
+        UNKNOWN_LEADER_EPOCH when it is newer (this broker has not yet learned that it lost
+        the leadership: its log may lack what the client read from the new leader)."""
         epoch = self.leader_epoch(topic, partition)
+        if current_leader_epoch >= 0 and current_leader_epoch != epoch:
+            code = (
+                ErrorCode.FENCED_LEADER_EPOCH
+                if current_leader_epoch < epoch
+                else ErrorCode.UNKNOWN_LEADER_EPOCH
+            )
+            raise DwalError(
+                code,
+                f"{topic}-{partition} is in leader epoch {epoch} on broker {self.node_id}, "
+                f"not {current_leader_epoch}",
+            )
         log = self.registry.logs.get((topic, partition))
         if log is None:
             raise DwalError(
@@ -429,6 +446,7 @@ class ReplicaManager:
             if state.partition_epoch > leading.replicas.partition_epoch:
                 moved = leading.replicas.isr_change_committed(state.isr, state.partition_epoch)
                 self._publish_hw(leading, moved)
+                self._protect_sole_copy(leading)
             self._leader_progress(leading)  # a config change (fsync policy) may move it
             return
         self._stop_leading(tp)
@@ -452,6 +470,7 @@ class ReplicaManager:
         log.set_high_watermark(replicas.high_watermark)
         if self._nursery is not None:
             self._nursery.start_soon(self._follow_progress, leading)
+        self._protect_sole_copy(leading)
         log_event(
             logger,
             logging.INFO,
@@ -467,6 +486,32 @@ class ReplicaManager:
             leading.gone = True
             leading.scope.cancel()
             leading.wake()
+
+    def _protect_sole_copy(self, leading: _Leading) -> None:
+        """When the ISR is the leader alone, fsync its log now: every committed record may
+        be in its page cache only (under fsync=interval or never the followers counted
+        toward the HW with their page caches), and no other in-sync replica holds them any
+        more, so a power loss of this machine would otherwise lose them (found by the
+        cluster simulation: one broker cut off, then the leader losing power)."""
+        if (
+            len(leading.replicas.isr) == 1
+            and leading.log.config.fsync != "always"
+            and self._nursery is not None
+        ):
+            self._nursery.start_soon(self._flush_sole_copy, leading)
+
+    async def _flush_sole_copy(self, leading: _Leading) -> None:
+        try:
+            await leading.log.wait_durable(leading.log.log_end_offset)
+        except StorageError as error:  # the log failed, or was truncated or closed meanwhile
+            if not leading.gone:
+                log_event(
+                    logger,
+                    logging.ERROR,
+                    "sole_copy_flush_failed",
+                    partition=f"{leading.topic}-{leading.partition}",
+                    error=str(error),
+                )
 
     async def _follow_progress(self, leading: _Leading) -> None:
         """A leader's own acknowledged offset moves with its fsyncs too: recompute the HW."""

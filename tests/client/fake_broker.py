@@ -464,6 +464,8 @@ class PartitionLogs:
         self.leaders: dict[tuple[str, int], int] = {}
         self.produced: list[tuple[int, str, int, list[bytes | None]]] = []
         self.fetched: list[tuple[int, str, int, int]] = []  # node, topic, partition, offset
+        # (partition, the current_leader_epoch the fetch carried), per fetched partition
+        self.fetch_epochs: list[tuple[int, int]] = []
         self.refused: list[tuple[int, ApiKey, str, int]] = []
         self.refusal = trio.Event()
         self.refusal_codes: dict[tuple[str, int], ErrorCode] = {}
@@ -551,6 +553,7 @@ class PartitionLogs:
                     partitions.append(self._refusal(node_id, ApiKey.FETCH, topic, partition))
                     continue
                 self.fetched.append((node_id, topic, partition, offset))
+                self.fetch_epochs.append((partition, part["current_leader_epoch"]))
                 log = self.records[(topic, partition)]
                 data = b""
                 if offset < len(log):

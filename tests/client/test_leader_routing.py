@@ -320,6 +320,22 @@ async def test_the_consumer_fetches_each_partition_from_its_leader(nursery):
         assert node == leaders[partition]
 
 
+async def test_the_consumer_fetches_in_the_leader_epoch_its_metadata_knows(nursery):
+    """KIP-320: each fetch carries the partition's leader epoch from the metadata cache, so
+    a broker that missed its loss of leadership refuses it instead of serving a stale log."""
+    fake, logs = await start_cluster(nursery, brokers=2, partitions=2)
+    logs.move("t", 0, 1, 3)
+    logs.move("t", 1, 0, 7)
+    for partition in range(2):
+        logs.records[("t", partition)].extend(values(f"p{partition}-", 5))
+    async with client.connect(fake.bootstrap) as cluster:
+        consumer = Consumer(cluster, auto_offset_reset="earliest", max_wait_ms=50)
+        await consumer.assign_topic("t")
+        await poll_until(consumer, 10)
+    assert logs.fetch_epochs
+    assert set(logs.fetch_epochs) == {(0, 3), (1, 7)}
+
+
 async def test_the_consumer_follows_a_leader_move(nursery):
     fake, logs = await start_cluster(nursery, brokers=2, partitions=2)
     logs.move("t", 0, 0, 1)

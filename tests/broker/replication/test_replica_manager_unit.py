@@ -788,3 +788,87 @@ async def test_isr_size_tells_whether_acks_all_must_fsync_the_leader(tmp_path):
         assert node.manager.isr_size("other", 0) == 1  # not led here: the safe answer
     finally:
         node.close()
+
+
+def consumer_fetch_code(node: Node, current_leader_epoch: int) -> ErrorCode:
+    """The error of a consumer's fetch at offset 0 carrying `current_leader_epoch`."""
+    body = check_request(
+        ApiKey.FETCH,
+        {
+            "max_wait_ms": 0,
+            "min_bytes": 1,
+            "max_bytes": 1 << 20,
+            "topics": [
+                {
+                    "topic": TOPIC,
+                    "partitions": [
+                        {
+                            "partition": 0,
+                            "fetch_offset": 0,
+                            "max_bytes": 1 << 20,
+                            "current_leader_epoch": current_leader_epoch,
+                        }
+                    ],
+                }
+            ],
+        },
+    )
+    shell = types.SimpleNamespace(replicas=node.manager)
+    reply, _, _ = RequestHandlers._read_partitions(  # type: ignore[arg-type]
+        shell, body, 1 << 20
+    )
+    reply.close()
+    return ErrorCode(reply.body["topics"][0]["partitions"][0]["error_code"])
+
+
+async def test_a_consumer_fetch_in_another_leader_epoch_is_refused(tmp_path):
+    """KIP-320: a consumer sends the leader epoch its metadata knows. A broker that still
+    thinks it leads in an older epoch answers UNKNOWN_LEADER_EPOCH rather than serving its
+    stale log (whose end may lie below the consumer's position: OFFSET_OUT_OF_RANGE would
+    make the consumer reset); a consumer behind gets FENCED_LEADER_EPOCH."""
+    image = three_brokers()
+    old_leader = leader_of(image)
+    image = fenced(image, old_leader)  # leadership moves: leader epoch 1
+    leader = leader_of(image)
+    assert leader != old_leader and image.topics[TOPIC].partitions[0].leader_epoch == 1
+    node = await Node.open(tmp_path, leader, image)
+    try:
+        node.manager.append(*TP, batch(2), now_ms=1)
+        assert consumer_fetch_code(node, 1) == ErrorCode.NONE
+        assert consumer_fetch_code(node, -1) == ErrorCode.NONE  # not checked
+        assert consumer_fetch_code(node, 2) == ErrorCode.UNKNOWN_LEADER_EPOCH
+        assert consumer_fetch_code(node, 0) == ErrorCode.FENCED_LEADER_EPOCH
+    finally:
+        node.close()
+
+
+async def test_a_leader_left_alone_in_its_isr_fsyncs_its_log(tmp_path):
+    """Under fsync=never the followers' page caches counted toward the HW; once the ISR is
+    the leader alone, its page cache holds the only in-sync copy of every committed record,
+    so it fsyncs at once (a power loss would otherwise lose them)."""
+    image = three_brokers()
+    leader = leader_of(image)
+    a, b = followers_of(image)
+    node = await Node.open(tmp_path, leader, image, fsync="never")
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.manager.run)
+            node.manager.append(*TP, batch(2), now_ms=1)
+            fetch(node, a, 2)
+            fetch(node, b, 2)
+            node.manager.append(*TP, batch(2), now_ms=1)
+            fetch(node, a, 4)
+            fetch(node, b, 4)
+            assert node.log.high_watermark == 4
+            await trio.testing.wait_all_tasks_blocked()
+            assert node.log.durable_offset < 4, "nothing made it durable yet"
+            await node.publish(with_isr(node.image, (leader, a)))
+            await trio.testing.wait_all_tasks_blocked()
+            assert node.log.durable_offset < 4, "another in-sync replica holds the records"
+            await node.publish(with_isr(node.image, (leader,)))
+            with trio.fail_after(5):
+                while node.log.durable_offset < 4:
+                    await node.log.progress_event.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        node.close()
