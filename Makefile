@@ -48,15 +48,22 @@ lint: $(VENV)/.test-installed
 bench: $(VENV)/.runtime-installed
 	$(PY) bench/produce_consume.py
 
-# Seeds of the Raft core simulation and of the controller quorum simulation (a controller
-# seed runs a whole cluster on a MockClock, so it costs far more than a Raft one).
+# Seeds of the Raft core simulation, of the controller quorum simulation (a controller
+# seed runs a whole quorum on a MockClock, so it costs far more than a Raft one) and of the
+# whole-cluster simulation (brokers, controllers and replicas; about 2 s a seed, each with
+# CLUSTER_SIM_DURATION simulated seconds of faults). One seed replays with
+# `pytest tests/cluster/test_cluster_simulation.py --sim-seed N`.
 SIM_SEEDS ?= 3000
 CONTROLLER_SIM_SEEDS ?= 300
+CLUSTER_SIM_SEEDS ?= 100
+CLUSTER_SIM_DURATION ?= 60
 
 sim: $(VENV)/.test-installed
 	$(PY) -m pytest tests/broker/raft/test_simulation.py --sim-seeds $(SIM_SEEDS) -q
 	$(PY) -m pytest tests/broker/controller/test_controller_quorum_simulation.py \
 		--controller-sim-seeds $(CONTROLLER_SIM_SEEDS) -q
+	$(PY) -m pytest tests/cluster/test_cluster_simulation.py -q -k "test_cluster_simulation[" \
+		--sim-seeds $(CLUSTER_SIM_SEEDS) --sim-duration $(CLUSTER_SIM_DURATION)
 
 # Seeded fault injection against a real three-node cluster whose inter-broker links go
 # through proxies (tests/cluster/nemesis.py): SEEDS is N (seeds 1..N) or a list "4,7,9";

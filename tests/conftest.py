@@ -40,6 +40,21 @@ class InProcessBroker:
         return f"127.0.0.1:{self.port}"
 
 
+def pytest_addoption(parser):
+    """Options of the deterministic simulations: the Raft core's
+    (tests/broker/raft/test_simulation.py) and the whole cluster's
+    (tests/cluster/test_cluster_simulation.py). A failing seed prints the option that
+    replays it."""
+    group = parser.getgroup("simulations")
+    group.addoption("--sim-seed", type=int, default=None, help="replay one simulation seed")
+    group.addoption("--sim-seeds", type=int, default=None, help="number of simulation seeds")
+    group.addoption("--sim-first-seed", type=int, default=0, help="first simulation seed")
+    group.addoption("--sim-steps", type=int, default=None, help="Raft faults per seed")
+    group.addoption(
+        "--sim-duration", type=float, default=None, help="cluster simulation seconds under faults"
+    )
+
+
 @pytest.fixture
 async def broker(nursery, tmp_path) -> InProcessBroker:
     """A broker running inside the test's trio run, fsync=never for speed."""

@@ -1,0 +1,971 @@
+"""The whole-cluster deterministic simulation: brokers, controllers and partition replicas of
+three combined nodes in one trio run, under MockClock, on the in-memory network.
+
+Theory of operation (FoundationDB's simulator, TigerBeetle's VOPR, and our own Raft and
+controller simulations). Each node runs the real components a broker process runs, wired as
+`broker/node.py` and `ClusterMember` wire them: a `QuorumController` (a voter of the
+metadata quorum, on a `MemoryNetwork` endpoint, its Raft log in a `MemoryStorage` that
+survives crashes), the `ControllerApis` it answers with while active, a `ControllerChannel`
+to the active controller, a `MetadataPublisher` whose listeners open the partition logs and
+then drive the `ReplicaManager` (leaders, followers with their `ReplicaFetcher`s, ISR
+changes through AlterPartition), and a `BrokerLifecycle` that registers and heartbeats.
+What differs is only the I/O underneath:
+
+- partition logs are `MemoryPartitionLog`s: a crash keeps what the page cache had (a
+  process crash) or only what was fsynced (a power loss), and a restart recovers from that;
+- every request between nodes (controller calls, followers' fetches) and from clients
+  (produce, consume) goes through `SimNetwork.call`: it crosses the `MemoryNetwork`'s links
+  (cut links and lost messages never answer; the caller's deadline ends the wait), and is
+  served by a task of the target node, so a crash of the target cancels it unanswered;
+- the clock is `MockClock(autojump_threshold=0)` and trio's scheduler is seeded, so a seed
+  replays a run exactly (`History.digest()`).
+
+The workload: acks=all writers sending unique values ``w<writer>-<n>`` (one record per
+batch) to the leaders of an RF 3, min.insync.replicas 2 topic, and readers following every
+partition from offset 0 at its leader (below the high watermark). The nemesis injects one
+fault at a time: crash and restart a node (a process crash, or a power loss when the
+settings' fsync policy makes that safe for the guarantee checked), crash every node at once,
+isolate a node (a random one, the active controller, or a partition leader), cut one link
+one way. Then it heals, restarts what is down, waits for every ISR to be full and every
+replica at the leader's log end, reads every log, and hands the history to
+`history_checker.check` (lost, reused, phantom, regressions), plus two checks only a
+simulation can make: every replica holds the same bytes as its leader, and no reader was
+ever answered OFFSET_OUT_OF_RANGE.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextvars
+import hashlib
+import logging
+import random
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import trio
+import trio.testing
+
+from history_checker import Acknowledged, Consumed, FinalLogs, History, OffsetSample, Verdict, check
+
+from broker.broker_lifecycle import NATIVE_LISTENER, BrokerLifecycle, ListenerAddress
+from broker.controller.controller_apis import ControllerApis
+from broker.controller.controller_channel import ControllerChannel
+from broker.controller.metadata_image import MetadataImage
+from broker.controller.metadata_records import NO_LEADER
+from broker.controller.quorum_controller import (
+    NotControllerError,
+    QuorumController,
+    QuorumControllerConfig,
+)
+from broker.limits import Limits
+from broker.metadata_publisher import MetadataPublisher
+from broker.raft.config import RaftConfig
+from broker.raft.log_storage import MemoryStorage
+from broker.raft.memory_transport import FaultModel, MemoryNetwork
+from broker.raft.messages import Configuration
+from broker.replication.broker_link import BrokerLinkError
+from broker.replication.replica_manager import ReplicaManager
+from broker.storage import LogConfig, OffsetOutOfRangeError, StorageError
+from broker.storage.memory_log import DurableImage, MemoryPartitionLog
+from protocol import ACKS_ALL, ApiKey, DwalError, ErrorCode, check_request
+from protocol.api import check_response
+from protocol.frame import Response
+from protocol.record_batch import build_batch, complete_prefix_bytes, decode_records
+
+T = TypeVar("T")
+
+# The node a task works for (set by each node's tasks and by the requests it serves), so that
+# the broker's log events can be told apart in a run's story.
+SIM_NODE: contextvars.ContextVar[int] = contextvars.ContextVar("sim_node", default=0)
+STORY_LINES_MAX = 5000
+
+NODES = (1, 2, 3)
+TOPIC = "sim"
+TICK_SECONDS = 0.02
+ELECTION_TICKS, HEARTBEAT_TICKS = 5, 2
+SESSION_TIMEOUT_SECONDS = 3.0
+HEARTBEAT_INTERVAL_SECONDS = 0.5
+REPLICA_LAG_TIME_MAX_MS = 3_000
+FLUSH_INTERVAL_SECONDS = 10.0  # the background fsync (the real broker's is 60 s)
+PRODUCE_TIMEOUT_SECONDS = 3.0
+CONVERGE_SECONDS_MAX = 120.0
+RESEND_DELAY_S = (0.2, 1.0)  # a request or answer whose packet was lost arrives this late
+FAULTS = FaultModel(loss_probability=0.005, delay_seconds_min=0.0, delay_seconds_max=0.004)
+# refusals that come before anything is appended: the write is certainly not stored
+REFUSED = frozenset(
+    {
+        ErrorCode.NOT_LEADER_OR_FOLLOWER,
+        ErrorCode.LEADER_NOT_AVAILABLE,
+        ErrorCode.NOT_ENOUGH_REPLICAS,
+        ErrorCode.UNKNOWN_TOPIC_OR_PARTITION,
+        ErrorCode.KAFKA_STORAGE_ERROR,
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SimSettings:
+    fsync: str = "never"  # the topic's fsync.policy
+    duration_s: float = 30.0  # of simulated time under faults
+    partitions: int = 3
+    writers: int = 3
+    readers: int = 1
+    fault_gap_s: tuple[float, float] = (1.0, 3.0)  # quiet time between faults
+    fault_hold_s: tuple[float, float] = (0.5, 4.0)  # how long a fault lasts
+
+
+def settings_for_seed(seed: int, duration_s: float = 30.0) -> SimSettings:
+    """Odd seeds fsync every write (then power losses may hit any nodes, even all at once);
+    even seeds never fsync (then a power loss hits one node while the others run)."""
+    return SimSettings(fsync="always" if seed % 2 else "never", duration_s=duration_s)
+
+
+class Unanswered(Exception):
+    """A request to a node that is down: refused at once, as a closed port is."""
+
+
+# -- the network ------------------------------------------------------------------------
+
+
+class SimNetwork:
+    """Requests over the MemoryNetwork's links, served by tasks of the target node."""
+
+    def __init__(self, cluster: SimCluster, network: MemoryNetwork, rng: random.Random) -> None:
+        self.cluster = cluster
+        self.network = network
+        self.rng = rng
+        self.requests = 0
+
+    async def _cross(self, source: int, target: int) -> None:
+        """One way across the link: a random delay, longer for a lost packet (TCP resends
+        it); a cut link never delivers (the caller's deadline ends the wait)."""
+        faults = self.network.faults
+        delay = self.rng.uniform(faults.delay_seconds_min, faults.delay_seconds_max)
+        if self.rng.random() < faults.loss_probability:
+            delay += self.rng.uniform(*RESEND_DELAY_S)
+        await trio.sleep(delay)
+        if self.network.is_cut(source, target):
+            await trio.sleep_forever()
+
+    async def call(
+        self,
+        source: int,
+        target: int,
+        serve: Callable[[SimNode], Awaitable[T]],
+        *,
+        broker_port: bool = True,
+    ) -> T:
+        """Have node `target` run `serve(node)` for `source` and return its result (or raise
+        its exception). Raises Unanswered when the target is down; never returns when the
+        request or the answer is lost, or the target crashes meanwhile. A request to the
+        broker port (not the controller port) waits until the node serves it, as a
+        connection waits in the listen backlog of a broker still starting. Cancel it (a
+        deadline) to give up."""
+        self.requests += 1
+        node = self.cluster.nodes.get(target)
+        if node is None or node.nursery is None:
+            await trio.sleep(0.001)
+            raise Unanswered(f"node {target} is down")
+        await self._cross(source, target)
+        nursery, generation = node.nursery, node.generation
+        if node.nursery is None or node.generation != generation:
+            raise Unanswered(f"node {target} is down")
+        done = trio.Event()
+        box: dict[str, Any] = {}
+
+        async def run() -> None:
+            SIM_NODE.set(target)
+            if broker_port:
+                await node.serving.wait()
+            try:
+                box["result"] = await serve(node)
+            except (DwalError, StorageError, OffsetOutOfRangeError) as error:
+                box["error"] = error
+            done.set()  # not when cancelled by the node's crash: no answer then
+
+        nursery.start_soon(run)
+        await done.wait()
+        await self._cross(target, source)
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
+
+
+class SimControllerChannel(ControllerChannel):
+    """The real channel (its leader hint, rotation and retries); only `_send` differs."""
+
+    def __init__(self, sim: SimCluster, node_id: int, controller: QuorumController, apis) -> None:
+        super().__init__(node_id, controller, apis, voters={n: ("sim", n) for n in NODES})
+        self.sim = sim
+
+    async def _send(self, leader: int, api_key: ApiKey, body: dict[str, Any]) -> dict[str, Any]:
+        body = check_request(api_key, body)
+
+        async def serve(node: SimNode) -> dict[str, Any]:
+            if node.apis is None:
+                raise DwalError(ErrorCode.NOT_CONTROLLER, f"node {node.node_id} is starting")
+            try:
+                return check_response(api_key, await node.apis.handle(api_key, body))
+            except NotControllerError as error:
+                raise DwalError(ErrorCode.NOT_CONTROLLER, error.message) from None
+
+        try:
+            return await self.sim.net.call(self.node_id, leader, serve, broker_port=False)
+        except Unanswered as error:
+            raise DwalError(ErrorCode.NOT_CONTROLLER, str(error)) from None
+
+
+class SimLink:
+    """A follower's link to a leader (the FetchLink a ReplicaFetcher sends over)."""
+
+    def __init__(self, sim: SimCluster, source: int, target: int) -> None:
+        self.sim = sim
+        self.source = source
+        self.target = target
+        self.correlation = 0
+
+    async def request(
+        self,
+        api_key: ApiKey,
+        body: dict[str, Any],
+        *,
+        timeout_seconds: float,
+        tail: bytes | memoryview = b"",
+    ) -> Response:
+        assert api_key == ApiKey.FETCH
+        body = check_request(api_key, body)
+        limits = Limits()
+
+        async def serve(node: SimNode) -> tuple[dict[str, Any], bytes]:
+            assert node.replicas is not None
+            answer, parts = await node.replicas.serve_replica_fetch(
+                body,
+                max_bytes=min(max(body["max_bytes"], 1), limits.fetch_bytes_max),
+                max_wait_ms=min(max(body["max_wait_ms"], 0), limits.fetch_wait_ms_max),
+            )
+            try:
+                return check_response(api_key, answer), b"".join(p.read_bytes() for p in parts)
+            finally:
+                for piece in parts:
+                    piece.close()
+
+        self.correlation += 1
+        try:
+            with trio.fail_after(timeout_seconds):
+                answer, data = await self.sim.net.call(self.source, self.target, serve)
+        except (trio.TooSlowError, Unanswered) as error:
+            raise BrokerLinkError(f"node {self.target}: {error or 'no answer in time'}") from None
+        return Response(
+            correlation_id=self.correlation,
+            error_code=ErrorCode.NONE,
+            error_message=None,
+            body=answer,
+            tail=data,
+        )
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+# -- the nodes --------------------------------------------------------------------------
+
+
+class SimRegistry:
+    """The node's partition logs (`logs`, what ReplicaManager reads), opened from its disk as
+    the image makes this node a replica: the publisher's first listener, as
+    TopicRegistry.apply_image is in the broker."""
+
+    def __init__(self, node_id: int, disk: dict[tuple[str, int], DurableImage], fsync: str):
+        self.node_id = node_id
+        self.disk = disk
+        self.config = LogConfig(fsync=fsync, min_insync_replicas=2)
+        self.logs: dict[tuple[str, int], MemoryPartitionLog] = {}
+
+    async def apply_image(self, previous: MetadataImage, image: MetadataImage) -> None:
+        await trio.lowlevel.checkpoint()
+        info = image.topics.get(TOPIC)
+        if info is None:
+            return
+        for state in info.partitions:
+            tp = (TOPIC, state.partition)
+            if self.node_id not in state.replicas or tp in self.logs:
+                continue
+            name = f"{TOPIC}-{state.partition}@{self.node_id}"
+            saved = self.disk.pop(tp, None)
+            self.logs[tp] = (
+                MemoryPartitionLog(name, self.config)
+                if saved is None
+                else MemoryPartitionLog.recover(name, self.config, saved)
+            )
+
+    def crash(self, *, power_loss: bool) -> None:
+        for tp, log in self.logs.items():
+            self.disk[tp] = log.crash(power_loss=power_loss)
+        self.logs.clear()
+
+
+@dataclass(eq=False)
+class SimNode:
+    node_id: int
+    storage: MemoryStorage
+    disk: dict[tuple[str, int], DurableImage] = field(default_factory=dict)
+    generation: int = 0
+    nursery: trio.Nursery | None = None  # while up
+    scope: trio.CancelScope | None = None
+    stopped: trio.Event = field(default_factory=trio.Event)
+    controller: QuorumController | None = None
+    apis: ControllerApis | None = None
+    channel: SimControllerChannel | None = None
+    publisher: MetadataPublisher | None = None
+    lifecycle: BrokerLifecycle | None = None
+    registry: SimRegistry | None = None
+    replicas: ReplicaManager | None = None
+    power_lost: bool = False  # its last crash lost unsynced writes
+    serving: trio.Event = field(default_factory=trio.Event)  # its broker port answers
+
+    @property
+    def up(self) -> bool:
+        return self.nursery is not None
+
+    @property
+    def image(self) -> MetadataImage | None:
+        return None if self.publisher is None else self.publisher.image
+
+
+# -- the cluster ------------------------------------------------------------------------
+
+
+class SimCluster:
+    def __init__(self, nursery: trio.Nursery, seed: int, settings: SimSettings) -> None:
+        self.nursery = nursery
+        self.seed = seed
+        self.settings = settings
+        self.rngs = {name: random.Random(f"{seed}:{name}") for name in ("net", "raft", "nemesis")}
+        self.network = MemoryNetwork(self.rngs["net"], FAULTS)
+        self.net = SimNetwork(self, self.network, random.Random(f"{seed}:calls"))
+        voters = Configuration(voters=frozenset(NODES))
+        self.nodes = {n: SimNode(n, MemoryStorage(voters)) for n in NODES}
+        self.log_lines: collections.deque[str] = collections.deque(maxlen=STORY_LINES_MAX)
+
+    def note(self, text: str, node: int = 0) -> None:
+        where = f"[{node}] " if node else ""
+        self.log_lines.append(f"{trio.current_time():8.3f} {where}{text}")
+
+    # -- lifecycle of a node --------------------------------------------------------------
+
+    async def start(self, node_id: int) -> None:
+        node = self.nodes[node_id]
+        assert not node.up
+        node.generation += 1
+        node.stopped = trio.Event()
+        node.serving = trio.Event()
+        node.scope = trio.CancelScope()
+        ready = trio.Event()
+        self.nursery.start_soon(self._run_node, node, ready)
+        await ready.wait()
+        self.note(f"node {node_id} started (generation {node.generation})")
+
+    async def _run_node(self, node: SimNode, ready: trio.Event) -> None:
+        SIM_NODE.set(node.node_id)
+        rng = random.Random(f"{self.seed}:node{node.node_id}:{node.generation}")
+        controller = QuorumController(
+            RaftConfig(
+                node_id=node.node_id,
+                election_ticks=ELECTION_TICKS,
+                heartbeat_ticks=HEARTBEAT_TICKS,
+            ),
+            node.storage,
+            self.network.endpoint(node.node_id),
+            config=QuorumControllerConfig(
+                tick_interval_seconds=TICK_SECONDS,
+                session_timeout_seconds=SESSION_TIMEOUT_SECONDS,
+                heartbeat_interval_seconds=HEARTBEAT_INTERVAL_SECONDS,
+                snapshot_interval_entries=200,
+                cluster_id="sim",
+            ),
+            random_source=rng,
+        )
+        controller.state.snapshot_off_loop = False  # no worker thread: replayable
+        apis = ControllerApis(
+            controller,
+            log_defaults=LogConfig(fsync=self.settings.fsync),
+            limits=Limits(),
+            default_replication_factor=3,
+        )
+        channel = SimControllerChannel(self, node.node_id, controller, apis)
+        registry = SimRegistry(node.node_id, node.disk, self.settings.fsync)
+        lifecycle: BrokerLifecycle | None = None
+
+        async def alter_partition(body: dict[str, Any]) -> dict[str, Any]:
+            return await channel.call(ApiKey.ALTER_PARTITION, body, timeout_seconds=5.0)
+
+        replicas = ReplicaManager(
+            node.node_id,
+            registry,  # type: ignore[arg-type]
+            lambda: publisher.image,
+            broker_epoch=lambda: lifecycle.broker_epoch if lifecycle else -1,
+            alter_partition=alter_partition,
+            replica_lag_time_max_ms=REPLICA_LAG_TIME_MAX_MS,
+            link_factory=lambda leader, address: SimLink(self, node.node_id, leader),
+        )
+        publisher = MetadataPublisher(controller, [registry.apply_image, replicas.apply_image])
+        lifecycle = BrokerLifecycle(
+            node.node_id,
+            channel,
+            cluster_id=lambda: controller.image.cluster_id or "",
+            listeners=[ListenerAddress(NATIVE_LISTENER, "sim", node.node_id)],
+            rack=None,
+            metadata_offset=lambda: publisher.image.last_applied_index,
+            wait_metadata_offset=publisher.wait_published,
+            heartbeat_interval_seconds=HEARTBEAT_INTERVAL_SECONDS,
+            request_timeout_seconds=5.0,
+        )
+        lifecycle.incarnation_id = str(uuid.UUID(int=rng.getrandbits(128)))
+        node.controller, node.apis, node.channel = controller, apis, channel
+        node.registry, node.replicas, node.publisher = registry, replicas, publisher
+        node.lifecycle = lifecycle
+        assert node.scope is not None
+        try:
+            with node.scope:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(controller.run)
+                    await nursery.start(replicas.run)
+                    node.nursery = nursery
+                    ready.set()
+                    await lifecycle.register()
+                    await nursery.start(publisher.run)
+                    epoch = await nursery.start(lifecycle.run)
+                    nursery.start_soon(self._flush_periodically, registry)
+                    # As ClusterMember does before the broker serves its port: wait until
+                    # the published image shows this incarnation unfenced, so no request is
+                    # answered from the stale image a restart begins with.
+                    while True:
+                        broker = publisher.image.brokers.get(node.node_id)
+                        if broker is not None and (broker.epoch != epoch or not broker.fenced):
+                            break
+                        await publisher.wait_published(publisher.image.last_applied_index + 1)
+                    node.serving.set()
+                    self.note(f"node {node.node_id} serving (broker epoch {epoch})")
+        finally:
+            node.nursery = None
+            ready.set()
+            node.stopped.set()
+
+    async def _flush_periodically(self, registry: SimRegistry) -> None:
+        while True:
+            await trio.sleep(FLUSH_INTERVAL_SECONDS)
+            for log in list(registry.logs.values()):
+                try:
+                    await log.flush()
+                except StorageError:
+                    pass  # crashed meanwhile
+
+    async def crash(self, node_id: int, *, power_loss: bool) -> None:
+        node = self.nodes[node_id]
+        if not node.up:
+            return
+        assert node.scope is not None and node.registry is not None
+        node.scope.cancel()
+        await node.stopped.wait()
+        node.registry.crash(power_loss=power_loss)
+        node.power_lost = power_loss
+        self.network.detach(node_id)
+        self.note(f"node {node_id} {'lost power' if power_loss else 'crashed'}")
+
+    # -- views ------------------------------------------------------------------------------
+
+    async def watch(self) -> None:
+        """Note every change of the partitions' leader, epoch and ISR, and of fenced
+        brokers, as the active controller's image shows them (for a failing seed's story)."""
+        last = None
+        while True:
+            active = self.active_controller()
+            image = None if active is None else self.nodes[active].image
+            if image is not None and TOPIC in image.topics:
+                parts = tuple(
+                    (p.partition, p.leader, p.leader_epoch, p.isr)
+                    for p in image.topics[TOPIC].partitions
+                )
+                fenced = tuple(sorted(b for b, info in image.brokers.items() if info.fenced))
+                if (parts, fenced) != last:
+                    last = (parts, fenced)
+                    shown = " ".join(
+                        f"p{p}:L{leader}e{epoch}isr{','.join(map(str, isr))}"
+                        for p, leader, epoch, isr in parts
+                    )
+                    self.note(f"controller {active}: {shown} fenced={list(fenced)}")
+            await trio.sleep(0.05)
+
+    def up_nodes(self) -> list[SimNode]:
+        return [node for node in self.nodes.values() if node.up]
+
+    def active_controller(self) -> int | None:
+        active = [
+            (node.controller.active_term or 0, node.node_id)
+            for node in self.up_nodes()
+            if node.controller is not None and node.controller.active_term is not None
+        ]
+        return max(active)[1] if active else None
+
+    def leader_of(self, partition: int, rng: random.Random) -> int | None:
+        """The leader a client learns from a random live node's published image."""
+        found = self.metadata_of(partition, rng)
+        return None if found is None else found[0]
+
+    def metadata_of(self, partition: int, rng: random.Random) -> tuple[int, int] | None:
+        """(leader, leader epoch) of the partition in a random live node's published image
+        (None when it knows no leader): what a client's metadata request returns."""
+        nodes = self.up_nodes()
+        if not nodes:
+            return None
+        image = rng.choice(nodes).image
+        state = None if image is None else image.partition(TOPIC, partition)
+        if state is None or state.leader == NO_LEADER:
+            return None
+        return state.leader, state.leader_epoch
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    async def create_topic(self) -> None:
+        body = {
+            "topics": [
+                {
+                    "topic": TOPIC,
+                    "partitions": self.settings.partitions,
+                    "replication_factor": 3,
+                    "configs": {"min.insync.replicas": "2"},
+                }
+            ],
+            "validate_only": False,
+        }
+        while True:
+            node = self.nodes[NODES[0]]
+            assert node.channel is not None
+            try:
+                reply = await node.channel.call(ApiKey.CREATE_TOPICS, body, timeout_seconds=5.0)
+            except DwalError:
+                await trio.sleep(0.1)
+                continue
+            code = reply["topics"][0]["error_code"]
+            if code in (ErrorCode.NONE, ErrorCode.TOPIC_ALREADY_EXISTS):
+                return
+            await trio.sleep(0.1)
+
+    def converged(self) -> bool:
+        """Every partition led, its ISR all three nodes, every replica at the leader's log
+        end and the leader's high watermark there too, on every node's published image."""
+        if len(self.up_nodes()) != len(NODES):
+            return False
+        for partition in range(self.settings.partitions):
+            states = []
+            for node in self.nodes.values():
+                image = node.image
+                state = None if image is None else image.partition(TOPIC, partition)
+                if state is None:
+                    return False
+                states.append((state.leader, state.leader_epoch, state.isr))
+            leader, _, isr = states[0]
+            if len(set(states)) != 1 or leader == NO_LEADER or set(isr) != set(NODES):
+                return False
+            logs = [node.registry.logs.get((TOPIC, partition)) for node in self.nodes.values()]
+            if any(log is None for log in logs):
+                return False
+            ends = {log.log_end_offset for log in logs if log is not None}
+            leader_log = self.nodes[leader].registry.logs[(TOPIC, partition)]
+            if len(ends) != 1 or leader_log.high_watermark != leader_log.log_end_offset:
+                return False
+        return True
+
+    def state(self) -> str:
+        """Each node's view of each partition and its log's offsets (for a stuck run)."""
+        lines = []
+        for node in self.nodes.values():
+            image = node.image
+            brokers = (
+                {} if image is None else {b: (i.epoch, i.fenced) for b, i in image.brokers.items()}
+            )
+            parts = []
+            for partition in range(self.settings.partitions):
+                state = None if image is None else image.partition(TOPIC, partition)
+                log = None if node.registry is None else node.registry.logs.get((TOPIC, partition))
+                where = "-" if log is None else f"leo{log.log_end_offset}hw{log.high_watermark}"
+                shown = (
+                    "-"
+                    if state is None
+                    else (f"L{state.leader}e{state.leader_epoch}isr{','.join(map(str, state.isr))}")
+                )
+                parts.append(f"p{partition}:{shown}:{where}")
+            lines.append(
+                f"node {node.node_id} up={node.up} image="
+                f"{-1 if image is None else image.last_applied_index} brokers={brokers} "
+                + " ".join(parts)
+            )
+        return "\n" + "\n".join(lines)
+
+    def final_logs(self) -> tuple[FinalLogs, list[str]]:
+        """Every partition as its leader holds it, and where a replica differs from it."""
+        final: FinalLogs = {}
+        diverged: list[str] = []
+        for partition in range(self.settings.partitions):
+            copies = {}
+            for node in self.nodes.values():
+                log = node.registry.logs[(TOPIC, partition)]
+                copies[node.node_id] = read_all(log)
+            leader = self.nodes[1].image.partition(TOPIC, partition).leader
+            final[partition] = {r.offset: r.value for r in decode_records(copies[leader])}
+            for node_id, data in copies.items():
+                if data != copies[leader]:
+                    diverged.append(f"partition {partition}: node {node_id} differs from {leader}")
+        return final, diverged
+
+
+def read_all(log: MemoryPartitionLog) -> bytes:
+    """Every batch of `log`, up to its log end."""
+    parts, offset = [], log.log_start_offset
+    while offset < log.log_end_offset:
+        with log.read(offset, 1 << 20, up_to="log_end") as piece:
+            data = piece.read_bytes()
+        records = decode_records(data, allow_partial_tail=True)
+        if not records:
+            break
+        parts.append(data[: complete_prefix_bytes(data)])
+        offset = records[-1].offset + 1
+    return b"".join(parts)
+
+
+# -- the workload ---------------------------------------------------------------------------
+
+
+@dataclass
+class Workload:
+    cluster: SimCluster
+    history: History
+    anomalies: list[str] = field(default_factory=list)
+    stop: trio.Event = field(default_factory=trio.Event)
+    outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    async def write(self, writer: int) -> None:
+        rng = random.Random(f"{self.cluster.seed}:writer{writer}")
+        client = 100 + writer
+        sent = 0
+        while not self.stop.is_set():
+            partition = rng.randrange(self.cluster.settings.partitions)
+            leader = self.cluster.leader_of(partition, rng)
+            if leader is None:
+                await trio.sleep(0.05)
+                continue
+            sent += 1
+            value = f"w{writer}-{sent}".encode()
+            outcome, result = "unknown", None
+            with trio.move_on_after(PRODUCE_TIMEOUT_SECONDS):
+                try:
+                    outcome, result = await self.cluster.net.call(
+                        client, leader, lambda node: produce(node, partition, value)
+                    )
+                except Unanswered:
+                    outcome = "refused"
+            now = trio.current_time()
+            code = "" if result is None or outcome == "ok" else f":{ErrorCode(result).name}"
+            self.outcomes[outcome + code] += 1
+            if outcome == "ok":
+                self.history.acknowledged.append(
+                    Acknowledged(partition=partition, offset=result, value=value, at_s=now)
+                )
+            elif outcome == "refused":
+                self.history.failed.append(value)
+                await trio.sleep(0.02)
+            else:
+                self.history.unknown.append(value)
+            await trio.sleep(rng.uniform(0.002, 0.02))
+
+    async def read(self, reader: int) -> None:
+        rng = random.Random(f"{self.cluster.seed}:reader{reader}")
+        client = 200 + reader
+        name = f"reader{reader}"
+        positions = [0] * self.cluster.settings.partitions
+        # As the client's metadata cache: per partition the leader of the newest epoch seen
+        # (an answer with an older epoch, from a node whose image is behind, is ignored).
+        known: dict[int, tuple[int, int]] = {}
+        while not self.stop.is_set():
+            partition = rng.randrange(self.cluster.settings.partitions)
+            found = self.cluster.metadata_of(partition, rng)
+            if found is not None and (partition not in known or found[1] >= known[partition][1]):
+                known[partition] = found
+            if partition not in known:
+                await trio.sleep(0.05)
+                continue
+            leader, epoch = known[partition]
+            position = positions[partition]
+            data = None
+            with trio.move_on_after(1.0):
+                try:
+                    data = await self.cluster.net.call(
+                        client, leader, lambda node: consume(node, partition, position, epoch)
+                    )
+                except DwalError as error:
+                    if error.code == ErrorCode.OFFSET_OUT_OF_RANGE:
+                        self.anomalies.append(
+                            f"{trio.current_time():.3f} {name}: offset {position} of partition "
+                            f"{partition} out of range at leader {leader}: {error.message}"
+                        )
+                except Unanswered:
+                    pass
+            if data:
+                for record in decode_records(data, allow_partial_tail=True):
+                    if record.offset < position:
+                        continue
+                    self.history.consumed.append(
+                        Consumed(
+                            reader=name,
+                            partition=partition,
+                            offset=record.offset,
+                            value=record.value or b"",
+                        )
+                    )
+                    positions[partition] = record.offset + 1
+                self.history.offsets.append(
+                    OffsetSample(
+                        series=name,
+                        partition=partition,
+                        offset=positions[partition],
+                        at_s=trio.current_time(),
+                    )
+                )
+            await trio.sleep(rng.uniform(0.01, 0.05))
+
+
+async def produce(node: SimNode, partition: int, value: bytes) -> tuple[str, int]:
+    """The leader's side of an acks=all write of one record, as the Produce handler does it:
+    ("ok", offset), ("refused", code) before anything was appended, ("unknown", code)."""
+    replicas = node.replicas
+    assert replicas is not None
+    now_ms = int(trio.current_time() * 1000)
+    try:
+        replicas.check_acks(TOPIC, partition, ACKS_ALL)
+        log, info = replicas.append(
+            TOPIC, partition, bytearray(build_batch([(now_ms, None, value)])), now_ms=now_ms
+        )
+    except DwalError as error:
+        return ("refused" if error.code in REFUSED else "unknown"), int(error.code)
+    except StorageError:
+        return "refused", int(ErrorCode.KAFKA_STORAGE_ERROR)
+    end = info.last_offset + 1
+    try:
+        if log.config.fsync == "always" or replicas.isr_size(TOPIC, partition) <= 1:
+            await log.wait_durable(end)
+        await replicas.wait_replicated(TOPIC, partition, end)
+    except (DwalError, StorageError) as error:
+        code = error.code if isinstance(error, DwalError) else ErrorCode.KAFKA_STORAGE_ERROR
+        return "unknown", int(code)
+    return "ok", info.base_offset
+
+
+async def consume(node: SimNode, partition: int, offset: int, leader_epoch: int) -> bytes:
+    """A consumer's read at the leader, as the Fetch handler does it: the batches from
+    `offset` below the high watermark, if this broker leads in the consumer's
+    `leader_epoch`. Raises DwalError (leadership, leader epoch, OFFSET_OUT_OF_RANGE)."""
+    await trio.lowlevel.checkpoint()
+    assert node.replicas is not None
+    log, _ = node.replicas.leader_log(TOPIC, partition, current_leader_epoch=leader_epoch)
+    try:
+        with log.read(offset, 64 * 1024) as piece:
+            return piece.read_bytes()
+    except OffsetOutOfRangeError as error:
+        raise DwalError(ErrorCode.OFFSET_OUT_OF_RANGE, str(error)) from None
+
+
+# -- the nemesis ----------------------------------------------------------------------------
+
+
+async def nemesis(cluster: SimCluster, until: float) -> int:
+    """Inject faults, one at a time, until trio time `until`; returns how many."""
+    rng = cluster.rngs["nemesis"]
+    settings = cluster.settings
+    faults = 0
+    while trio.current_time() < until:
+        await trio.sleep(rng.uniform(*settings.fault_gap_s))
+        hold = rng.uniform(*settings.fault_hold_s)
+        kind = rng.choice(
+            ["crash", "crash", "power", "power", "crash_all", "isolate", "isolate", "cut"]
+        )
+        faults += 1
+        if kind in ("crash", "power"):
+            power = kind == "power"
+            victim = _pick(cluster, rng)
+            await cluster.crash(victim, power_loss=power)
+            await trio.sleep(hold)
+            await cluster.start(victim)
+        elif kind == "crash_all":
+            # A power loss of every node loses nothing only when every write was fsynced.
+            power = settings.fsync == "always" and rng.random() < 0.5
+            for node_id in NODES:
+                await cluster.crash(node_id, power_loss=power)
+            await trio.sleep(hold)
+            for node_id in NODES:
+                await cluster.start(node_id)
+        elif kind == "isolate":
+            victim = _pick(cluster, rng)
+            cluster.network.isolate(victim, NODES)
+            cluster.note(f"node {victim} isolated")
+            await trio.sleep(hold)
+            cluster.network.heal()
+            cluster.note("healed")
+        else:
+            source, target = rng.sample(NODES, 2)
+            cluster.network.cut(source, target)
+            cluster.note(f"link {source}->{target} cut")
+            await trio.sleep(hold)
+            cluster.network.heal()
+            cluster.note("healed")
+    return faults
+
+
+def _pick(cluster: SimCluster, rng: random.Random) -> int:
+    """A random node, the active controller, or the leader of a random partition."""
+    choice = rng.random()
+    if choice < 0.3:
+        active = cluster.active_controller()
+        if active is not None:
+            return active
+    if choice < 0.7:
+        leader = cluster.leader_of(rng.randrange(cluster.settings.partitions), rng)
+        if leader is not None:
+            return leader
+    return rng.choice(NODES)
+
+
+# -- one run --------------------------------------------------------------------------------
+
+
+@dataclass
+class SimResult:
+    seed: int
+    settings: SimSettings
+    verdict: Verdict
+    diverged: list[str]
+    anomalies: list[str]
+    faults: int
+    digest: str
+    requests: int
+    log: list[str]
+    history: History
+    outcomes: collections.Counter[str]
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict.ok and not self.diverged and not self.anomalies
+
+    def line(self) -> str:
+        return (
+            f"{self.verdict.line(self.seed).replace('nemesis', 'cluster-sim', 1)} "
+            f"fsync={self.settings.fsync} faults={self.faults} diverged={len(self.diverged)} "
+            f"out_of_range={len(self.anomalies)} digest={self.digest[:12]}"
+        )
+
+
+def digest_of(history: History, final: FinalLogs) -> str:
+    hasher = hashlib.sha256()
+    for ack in history.acknowledged:
+        hasher.update(f"a{ack.partition}/{ack.offset}/{ack.value!r}/{ack.at_s:.6f};".encode())
+    for value in history.unknown:
+        hasher.update(b"u" + value)
+    for record in history.consumed:
+        hasher.update(f"c{record.partition}/{record.offset};".encode())
+    for partition in sorted(final):
+        for offset, value in sorted(final[partition].items()):
+            hasher.update(f"f{partition}/{offset}/{value!r};".encode())
+    return hasher.hexdigest()
+
+
+class _StoryHandler(logging.Handler):
+    """The broker's log events (info and above) as lines of the run's story."""
+
+    def __init__(self, cluster: SimCluster) -> None:
+        super().__init__(logging.INFO)
+        self.cluster = cluster
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = getattr(record, "fields", None) or {}
+        shown = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+        self.cluster.note(f"{record.getMessage()} {shown}", SIM_NODE.get())
+
+
+async def simulate(seed: int, settings: SimSettings) -> SimResult:
+    async with trio.open_nursery() as nursery:
+        cluster = SimCluster(nursery, seed, settings)
+        story = _StoryHandler(cluster)
+        dwal = logging.getLogger("dwal")
+        dwal.addHandler(story)
+        level, propagate = dwal.level, dwal.propagate
+        dwal.setLevel(logging.INFO)
+        dwal.propagate = False  # the story has them; pytest's capture need not
+        nursery.start_soon(_remove_handler_on_exit, dwal, story, level, propagate)
+        await nursery.start(cluster.network.run)
+        nursery.start_soon(cluster.watch)
+        for node_id in NODES:
+            await cluster.start(node_id)
+        with trio.fail_after(60):
+            await cluster.create_topic()
+            while not cluster.converged():
+                await trio.sleep(0.1)
+        history = History(started_s=trio.current_time())
+        workload = Workload(cluster, history)
+        async with trio.open_nursery() as clients:
+            for writer in range(settings.writers):
+                clients.start_soon(workload.write, writer)
+            for reader in range(settings.readers):
+                clients.start_soon(workload.read, reader)
+            faults = await nemesis(cluster, trio.current_time() + settings.duration_s)
+            cluster.network.heal()
+            for node_id in NODES:
+                if not cluster.nodes[node_id].up:
+                    await cluster.start(node_id)
+            await trio.sleep(2.0)  # writes go on a little after the last fault
+            workload.stop.set()
+        history.ended_s = trio.current_time()
+        stuck = []
+        with trio.move_on_after(CONVERGE_SECONDS_MAX):
+            while not cluster.converged():
+                await trio.sleep(0.1)
+        if not cluster.converged():
+            stuck = [f"not converged {CONVERGE_SECONDS_MAX:g} s after healing: {cluster.state()}"]
+            final, diverged = {}, []
+        else:
+            final, diverged = cluster.final_logs()
+        verdict = check(history, final)
+        result = SimResult(
+            seed=seed,
+            settings=settings,
+            verdict=verdict,
+            diverged=diverged + stuck,
+            anomalies=workload.anomalies,
+            faults=faults,
+            digest=digest_of(history, final),
+            requests=cluster.net.requests,
+            log=list(cluster.log_lines),
+            history=history,
+            outcomes=workload.outcomes,
+        )
+        nursery.cancel_scope.cancel()
+    return result
+
+
+async def _remove_handler_on_exit(
+    logger: logging.Logger, handler: logging.Handler, level: int, propagate: bool
+) -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def run_simulation(seed: int, settings: SimSettings) -> SimResult:
+    """One replayable run (see the module's theory of operation)."""
+    trio._core._run._ALLOW_DETERMINISTIC_SCHEDULING = True  # type: ignore[attr-defined]
+    trio._core._run._r.seed(seed)  # type: ignore[attr-defined]
+    return trio.run(simulate, seed, settings, clock=trio.testing.MockClock(autojump_threshold=0))
