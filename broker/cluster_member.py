@@ -18,9 +18,18 @@ Start-up, in order (`run` reports `started()` at the end, when the broker may se
 4. register (new incarnation), catch up to the registration, get unfenced by heartbeats;
 5. single node only: adopt the topics of a pre-quorum data dir (`topics.json`).
 
-At stop (cluster only), a broker asks the active controller for a controlled shutdown
-(`BrokerLifecycle.shut_down`, at most 2 s): its partitions lose it as leader at once rather
-than after its session times out.
+At stop (cluster only), while the broker still serves (`stop_gracefully`, on SIGTERM):
+1. if this node is the active controller, it hands the Raft leadership of the metadata
+   quorum to another voter (TimeoutNow: an election without waiting for a timeout), so the
+   quorum has an active controller again within a round trip instead of an election
+   timeout after this node is gone;
+2. it asks the active controller for a controlled shutdown (`BrokerLifecycle.shut_down`):
+   its partitions get other leaders at once rather than after its session times out;
+3. it waits until its published image shows it leads nothing (so produce requests still
+   arriving are answered NOT_LEADER_OR_FOLLOWER, which clients retry at the new leader,
+   rather than cut off with the connection).
+Only then does the broker stop serving. A stop without `stop_gracefully` (cancellation)
+still makes the controlled shutdown request, after everything else stopped.
 """
 
 from __future__ import annotations
@@ -96,6 +105,7 @@ class ClusterMember:
         self.lifecycle: BrokerLifecycle | None = None
         self.transport: TcpTransport | None = None
         self._legacy_topics: dict[str, TopicMetadata] | None = None
+        self._shut_down = False  # the controlled shutdown was accepted
 
     def add_image_listener(self, listener: ImageListener) -> None:
         """Run `listener` for each published image (after the registry's); before `run`."""
@@ -232,7 +242,7 @@ class ClusterMember:
         try:
             await self._run_tasks(controller, apis, identity, controller_listeners, task_status)
         finally:
-            if not self.embedded and self.lifecycle.broker_epoch >= 0:
+            if not self.embedded and self.lifecycle.broker_epoch >= 0 and not self._shut_down:
                 await self.lifecycle.shut_down(
                     self.config.limits.controlled_shutdown_timeout_ms / 1000
                 )
@@ -298,6 +308,54 @@ class ClusterMember:
                 voters=",".join(map(str, sorted(self.voters or [self.node_id]))),
             )
             task_status.started()
+
+    async def stop_gracefully(self, timeout_seconds: float) -> None:
+        """Leave the cluster while still serving (see the module's theory): hand over the
+        controller's leadership, controlled shutdown, wait until this broker leads nothing
+        in the published image. Best effort within `timeout_seconds`."""
+        lifecycle, controller = self.lifecycle, self.controller
+        if self.embedded or lifecycle is None or controller is None:
+            return
+        if lifecycle.broker_epoch < 0:
+            return
+        with trio.move_on_after(timeout_seconds) as scope:
+            await self._hand_over_controller(controller)
+            remaining = max(scope.deadline - trio.current_time(), 0.1)
+            if not await lifecycle.shut_down(remaining):
+                return
+            self._shut_down = True
+            while any(
+                state.leader == self.node_id
+                for info in self.image.topics.values()
+                for state in info.partitions
+            ):
+                await self.wait_published(self.image.last_applied_index + 1)
+            log_event(logger, logging.INFO, "broker_leadership_moved", node_id=self.node_id)
+
+    async def _hand_over_controller(self, controller: QuorumController) -> None:
+        """If this node leads the metadata quorum, transfer that to another voter (each in
+        turn, one election timeout each) and wait until another leader is known."""
+        driver = controller.driver
+        for target in sorted(v for v in self.voters if v != self.node_id):
+            leadership = driver.leadership()
+            if leadership.leader != self.node_id:
+                return
+            try:
+                driver.transfer_leadership(target)
+            except RaftError:  # no longer the leader, or the voters changed
+                return
+            with trio.move_on_after(controller.election_timeout_seconds()):
+                while driver.leadership().leader in (self.node_id, 0):
+                    await driver.wait_leadership_change(driver.leadership())
+            if driver.leadership().leader not in (self.node_id, 0):
+                log_event(
+                    logger,
+                    logging.INFO,
+                    "controller_handed_over",
+                    node_id=self.node_id,
+                    to=driver.leadership().leader,
+                )
+                return
 
     def _registered_listeners(
         self, controller_listeners: list[trio.SocketListener]

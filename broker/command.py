@@ -139,12 +139,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _run_until_signalled(config: BrokerConfig) -> None:
+    """Run until SIGINT or SIGTERM; the first one stops the broker gracefully (it leaves
+    the cluster while still serving), a second one at once."""
+    stop = trio.Event()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(run_broker, config)
+
+            async def run(task_status=trio.TASK_STATUS_IGNORED) -> None:
+                await run_broker(config, stop=stop, task_status=task_status)
+                nursery.cancel_scope.cancel()  # stopped gracefully: stop listening for signals
+
+            await nursery.start(run)
             async for _ in signals:
-                nursery.cancel_scope.cancel()
-                break
+                if stop.is_set():
+                    nursery.cancel_scope.cancel()
+                    break
+                stop.set()
 
 
 def _single_error(group: BaseExceptionGroup) -> BaseException:

@@ -34,6 +34,9 @@ from protocol import DwalError, ErrorCode
 from protocol.api import ApiKey
 
 logger = logging.getLogger("dwal.broker")
+# A stopping broker waits at most this long for the writes it appended to be replicated, and
+# then as long for the answers to Produce requests it has read.
+STOP_DRAIN_SECONDS_MAX = 1.0
 
 
 @dataclass(frozen=True)
@@ -43,8 +46,16 @@ class BrokerAddresses:
     http_port: int | None
 
 
-async def run_broker(config: BrokerConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Run a broker until cancelled; `task_status.started(BrokerAddresses)` once listening.
+async def run_broker(
+    config: BrokerConfig,
+    *,
+    stop: trio.Event | None = None,
+    task_status=trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a broker until cancelled, or until `stop` is set: then it leaves the cluster
+    gracefully while still serving (`ClusterMember.stop_gracefully`: controller leadership
+    handed over, controlled shutdown, leaders moved) and returns.
+    `task_status.started(BrokerAddresses)` once listening.
 
     Start order: bind the listeners, lock the data directory, open the logs, serve. The checks
     that refuse a start (port in use, lock held) come before anything in the data directory is
@@ -59,7 +70,7 @@ async def run_broker(config: BrokerConfig, *, task_status=trio.TASK_STATUS_IGNOR
     try:
         lock = DataDirLock.acquire(config.data_dir)
         try:
-            await _run_locked(config, listeners, task_status)
+            await _run_locked(config, listeners, stop, task_status)
         finally:
             lock.release()  # after every log is closed
     finally:
@@ -67,7 +78,9 @@ async def run_broker(config: BrokerConfig, *, task_status=trio.TASK_STATUS_IGNOR
             listener.socket.close()  # idempotent: serving closes them too
 
 
-async def _run_locked(config: BrokerConfig, listeners: BoundListeners, task_status) -> None:
+async def _run_locked(
+    config: BrokerConfig, listeners: BoundListeners, stop: trio.Event | None, task_status
+) -> None:
     native_port = listeners.native[0].socket.getsockname()[1]
     http_port = listeners.http[0].socket.getsockname()[1] if listeners.http else None
     async with open_broker_node(
@@ -77,7 +90,7 @@ async def _run_locked(config: BrokerConfig, listeners: BoundListeners, task_stat
         controller_listeners=listeners.controller,
     ) as node:
         async with trio.open_nursery() as nursery:
-            addresses = await _serve(config, node.handlers, listeners, nursery)
+            addresses, server = await _serve(config, node.handlers, listeners, nursery)
             ports = {"port": addresses.port}
             if addresses.http_port is not None:
                 ports["http_port"] = addresses.http_port
@@ -93,6 +106,21 @@ async def _run_locked(config: BrokerConfig, listeners: BoundListeners, task_stat
                 data_dir=str(config.data_dir),
             )
             task_status.started(addresses)
+            if stop is not None:
+                await stop.wait()
+                log_event(logger, logging.INFO, "broker_stopping", node_id=config.node_id)
+                if not node.member.embedded:
+                    # appends end, and those made are replicated before leaders move
+                    with trio.move_on_after(STOP_DRAIN_SECONDS_MAX):
+                        await node.replicas.drain()
+                await node.member.stop_gracefully(
+                    config.limits.controlled_shutdown_timeout_ms / 1000
+                )
+                # Produce requests already read get their answers (NOT_LEADER_OR_FOLLOWER
+                # now, which clients retry at the new leaders) before connections close.
+                with trio.move_on_after(STOP_DRAIN_SECONDS_MAX):
+                    await server.wait_produces_answered()
+                nursery.cancel_scope.cancel()
 
 
 @dataclass
@@ -224,10 +252,11 @@ async def _serve(
     handlers: RequestHandlers,
     listeners: BoundListeners,
     nursery: trio.Nursery,
-) -> BrokerAddresses:
+) -> tuple[BrokerAddresses, NativeServer]:
     port = listeners.native[0].socket.getsockname()[1]
     memory_pool = MemoryPool(config.limits.queued_request_bytes_max)  # shared by listeners
-    await nursery.start(NativeServer(handlers, memory_pool=memory_pool).serve, listeners.native)
+    server = NativeServer(handlers, memory_pool=memory_pool)
+    await nursery.start(server.serve, listeners.native)
     http_port = None
     if listeners.http:
         from broker.gateway.http_gateway import serve_http
@@ -236,7 +265,7 @@ async def _serve(
         await nursery.start(
             functools.partial(serve_http, memory_pool=memory_pool), handlers, listeners.http
         )
-    return BrokerAddresses(config.host, port, http_port)
+    return BrokerAddresses(config.host, port, http_port), server
 
 
 async def _listen(host: str, port: int) -> list[trio.SocketListener]:

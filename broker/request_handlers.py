@@ -469,7 +469,12 @@ class RequestHandlers:
                     await self.replicas.wait_replicated(wait.topic, wait.partition, wait.end_offset)
             except (StorageError, OSError, DwalError) as error:
                 code, message = error_of(error)
-                wait.result.update(error_code=int(code), error_message=message, base_offset=-1)
+                wait.result.update(
+                    error_code=int(code),
+                    error_message=message,
+                    base_offset=-1,
+                    maybe_appended=True,
+                )
             pending.pop(id(wait.result), None)
 
         with trio.move_on_after(max(timeout_ms, 0) / 1000):
@@ -486,6 +491,7 @@ class RequestHandlers:
                     else "timed out waiting for fsync"
                 ),
                 base_offset=-1,
+                maybe_appended=True,
             )
 
     # -- fetch ------------------------------------------------------------------------

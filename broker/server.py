@@ -73,6 +73,7 @@ class PendingReply:
     done: trio.Event = field(default_factory=trio.Event)
     reply: Reply | None = None
     abandoned: bool = False  # the connection ended first: release the reply, never write it
+    produce: bool = False  # counted in NativeServer.produces_pending
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,23 @@ class NativeServer:
         self.requests_handled = 0
         self.protocol_errors = 0
         self.replies_pending = 0
+        self.produces_pending = 0  # Produce requests read and not yet answered (or dropped)
+        self._produces_answered = trio.Event()
+
+    async def wait_produces_answered(self) -> None:
+        """Return once no Produce request is pending: every one read so far was answered
+        (a stopping broker waits for this, so that no write's outcome is cut off with its
+        connection). Safe to cancel."""
+        while self.produces_pending:
+            await self._produces_answered.wait()
+
+    def _produce_done(self, pending: PendingReply) -> None:
+        if pending.produce:
+            pending.produce = False
+            self.produces_pending -= 1
+            if not self.produces_pending:
+                self._produces_answered.set()
+                self._produces_answered = trio.Event()
 
     def statistics(self) -> ServerStatistics:
         return ServerStatistics(
@@ -262,9 +280,10 @@ class NativeServer:
             self.replies_pending += 1
             _finish(pending, _error_reply(ErrorCode.INVALID_REQUEST, "malformed request header"))
             return False
-        pending = PendingReply(request.correlation_id)
+        pending = PendingReply(request.correlation_id, produce=request.api_key == ApiKey.PRODUCE)
         await send.send(pending)
         self.replies_pending += 1
+        self.produces_pending += pending.produce
         try:
             work = await self._start(request, RequestContext(request.client_id or "", peer))
         except Exception as error:
@@ -338,6 +357,7 @@ class NativeServer:
                 finally:
                     reply.close()
                     self.replies_pending -= 1
+                    self._produce_done(pending)
                     activity.writing = False
                     activity.last_reply_written_s = trio.current_time()
         finally:
@@ -354,6 +374,7 @@ class NativeServer:
     def _abandon(self, pending: PendingReply) -> None:
         pending.abandoned = True
         self.replies_pending -= 1
+        self._produce_done(pending)
         if pending.reply is not None:
             pending.reply.close()
 

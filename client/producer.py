@@ -804,6 +804,12 @@ class Producer:
                     )
                 elif result["error_code"]:
                     error = DwalError(ErrorCode(result["error_code"]), result["error_message"])
+                    if result["maybe_appended"]:  # e.g. NOT_LEADER_OR_FOLLOWER after appending
+                        error = DeliveryOutcomeUnknown(
+                            error.code,
+                            f"{error.message} (the broker had appended the records: they may "
+                            "or may not be kept)",
+                        )
                     self._complete(topic, partition, batches, _written_request_error(error))
                 else:
                     self._complete(topic, partition, batches, None, result["base_offset"])

@@ -271,6 +271,10 @@ RESPONSES: dict[ApiKey, Struct] = {
                         base_offset=(INT, -1),
                         log_append_time=(INT, -1),
                         log_start_offset=(INT, -1),
+                        # an error after the batches were appended (their replication or
+                        # fsync failed, the leadership was lost meanwhile): they may be kept,
+                        # so resending them could store them twice
+                        maybe_appended=(BOOL, False),
                     )
                 ),
             )

@@ -269,6 +269,7 @@ class QuorumController:
             ),
             random_source=random.Random(self._random.random()),
         )
+        self._election_ticks = raft_config.election_ticks
         self._active: _ActiveTerm | None = None
         self._active_changed = trio.Event()
         self._decision_lock = trio.Lock()  # one decision in flight at a time
@@ -284,6 +285,10 @@ class QuorumController:
     def image(self) -> MetadataImage:
         """The latest image this node applied (committed entries only)."""
         return self.state.image
+
+    def election_timeout_seconds(self) -> float:
+        """How long a leadership transfer may take before it aborts (election_ticks)."""
+        return self._election_ticks * self.config.tick_interval_seconds
 
     @property
     def stopped(self) -> bool:

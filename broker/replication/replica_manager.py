@@ -136,6 +136,7 @@ class ReplicaManager:
         self._followed: dict[TopicPartition, int] = {}  # partition -> leader it follows
         self._fetchers: dict[int, _Follower] = {}
         self._nursery: trio.Nursery | None = None
+        self._draining = False  # stopping: appends are refused
 
     # -- leadership ------------------------------------------------------------------------
 
@@ -225,11 +226,27 @@ class ReplicaManager:
         """Append record batches to a partition this broker leads, stamped with its leader
         epoch. Raises DwalError (leadership) and what PartitionLog.append raises."""
         log, epoch = self.leader_log(topic, partition)
+        if self._draining:
+            raise DwalError(
+                ErrorCode.NOT_LEADER_OR_FOLLOWER,
+                f"broker {self.node_id} is stopping: {topic}-{partition} moves to another leader",
+            )
         info = log.append(batches, now_ms=now_ms, leader_epoch=epoch)
         leading = self._leading.get((topic, partition))
         if leading is not None and leading.log is log:
             self._leader_progress(leading)
         return log, info
+
+    async def drain(self) -> None:
+        """Before a controlled shutdown: refuse every new append (NOT_LEADER_OR_FOLLOWER,
+        before anything is written, so clients resend it to the next leader) and return once
+        every partition led here has its high watermark at its log end: the writes already
+        appended are then answered as replicated instead of losing their leader halfway
+        (an outcome the client cannot know). Safe to cancel (the caller bounds it)."""
+        self._draining = True
+        for leading in list(self._leading.values()):
+            while not leading.gone and leading.log.high_watermark < leading.log.log_end_offset:
+                await leading.hw_changed.wait()
 
     async def wait_replicated(self, topic: str, partition: int, end_offset: int) -> None:
         """Return once the HW of a partition this broker leads has passed `end_offset` (the

@@ -281,6 +281,7 @@ async def test_acks_all_times_out_while_waiting_behind_a_stuck_fsync(
         [result] = reply.body["topics"][0]["partitions"]
         assert result["error_code"] == ErrorCode.REQUEST_TIMED_OUT
         assert result["base_offset"] == -1
+        assert result["maybe_appended"] is True  # the client must not resend it
         assert broker.registry.log("t", 0).log_end_offset == 2  # appended all the same
 
 
@@ -325,6 +326,7 @@ async def test_a_bad_partition_fails_alone_and_writes_nothing(broker):
         ErrorCode.INVALID_RECORD,
     ]
     assert [broker.registry.log("t", p).log_end_offset for p in range(3)] == [1, 0, 0]
+    assert not any(r.get("maybe_appended") for r in results)  # refused before appending
 
 
 async def test_produce_to_an_unknown_topic_or_partition_is_refused(broker):

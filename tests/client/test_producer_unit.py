@@ -143,6 +143,25 @@ async def test_a_timeout_after_the_append_is_not_retried(nursery, autojump_clock
         assert answered == []
 
 
+async def test_not_leader_after_the_append_is_not_retried(nursery, autojump_clock):
+    """A leader that lost its leadership while waiting for its followers answers
+    NOT_LEADER_OR_FOLLOWER with maybe_appended: the batch may be kept by the new leader, so
+    resending it could store it twice (a rolling restart stored 13 records twice so)."""
+    fake = await start_fake(nursery)
+    async with client.connect(fake.bootstrap) as cluster:
+        async with Producer(cluster, linger_ms=0) as producer:
+            delivery = await producer.send("t", b"v")
+            received = await fake.next_request(ApiKey.METADATA)
+            lost = produce_answer(received.request, 0, ErrorCode.NOT_LEADER_OR_FOLLOWER)
+            lost["topics"][0]["partitions"][0]["maybe_appended"] = True
+            await received.answer(lost)
+            answered: list = []
+            nursery.start_soon(answer_every_produce, fake, answered)
+        assert isinstance(delivery.error, DeliveryOutcomeUnknown)
+        assert delivery.error.code == ErrorCode.NOT_LEADER_OR_FOLLOWER
+        assert answered == []
+
+
 async def test_no_answer_in_time_fails_the_records_as_unknown(nursery, autojump_clock):
     fake = await start_fake(nursery)
     async with client.connect(fake.bootstrap) as cluster:

@@ -872,3 +872,32 @@ async def test_a_leader_left_alone_in_its_isr_fsyncs_its_log(tmp_path):
             nursery.cancel_scope.cancel()
     finally:
         node.close()
+
+
+async def test_drain_refuses_appends_and_returns_once_everything_is_replicated(cluster3):
+    """A stopping leader: new appends are refused before anything is written (the client
+    resends them to the next leader), and drain returns only when the HW reaches the log
+    end, so no write appended before loses its leader halfway."""
+    node = cluster3
+    a, b = followers_of(node.image)
+    node.manager.append(*TP, batch(2), now_ms=1)
+    drained = trio.Event()
+
+    async def drain() -> None:
+        await node.manager.drain()
+        drained.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(drain)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(DwalError) as refused:
+            node.manager.append(*TP, batch(2), now_ms=1)
+        assert refused.value.code == ErrorCode.NOT_LEADER_OR_FOLLOWER
+        assert node.log.log_end_offset == 2, "the refused batch was not written"
+        fetch(node, a, 2)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not drained.is_set(), "b has not fetched: the HW is below the log end"
+        fetch(node, b, 2)
+        with trio.fail_after(5):
+            await drained.wait()
+    assert node.log.high_watermark == 2
