@@ -663,7 +663,7 @@ class Workload:
             with trio.move_on_after(PRODUCE_TIMEOUT_SECONDS):
                 try:
                     outcome, result = await self.cluster.net.call(
-                        client, leader, lambda node: produce(node, partition, value)
+                        client, leader, lambda node: self.produce(node, partition, value)
                     )
                 except Unanswered:
                     outcome = "refused"
@@ -735,6 +735,28 @@ class Workload:
                     )
                 )
             await trio.sleep(rng.uniform(0.01, 0.05))
+
+    async def produce(self, node: SimNode, partition: int, value: bytes) -> tuple[str, int]:
+        """`produce` on the leader, then, at the instant it acknowledges, a check that only a
+        simulation can make: under fsync=always every live member of the leader's maximal
+        ISR has the record on its disk (under never a member's page cache counts, which a
+        power loss of that member may take: other members cover it, see guarantees.md)."""
+        outcome, result = await produce(node, partition, value)
+        if outcome == "ok" and self.cluster.settings.fsync == "always":
+            assert node.replicas is not None
+            leading = node.replicas._leading.get((TOPIC, partition))
+            members = () if leading is None else leading.replicas.maximal_isr
+            for member in members:
+                other = self.cluster.nodes[member]
+                log = (
+                    None if other.registry is None else other.registry.logs.get((TOPIC, partition))
+                )
+                if other.up and log is not None and log.durable_offset <= result:
+                    self.anomalies.append(
+                        f"{trio.current_time():.3f} offset {result} of partition {partition} "
+                        f"acknowledged by {node.node_id}, not on the disk of ISR member {member}"
+                    )
+        return outcome, result
 
 
 async def produce(node: SimNode, partition: int, value: bytes) -> tuple[str, int]:
