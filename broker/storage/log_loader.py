@@ -7,7 +7,11 @@ Theory of operation. Loading runs explicit passes over the directory:
    output), and index files without a log; then complete interrupted compaction swaps: a
    `<base>.log.swap` is a compacted segment, complete and durable, so it replaces its
    `<base>.log` and that segment's indexes are rebuilt; a `.swap` whose `.log` is gone belongs
-   to a segment that retention deleted meanwhile, and is removed;
+   to a segment that retention deleted meanwhile, and is removed; and complete an
+   interrupted `truncate_fully_and_start_at`: its intent file (`truncate-fully-and-start-at`)
+   was written durably before it changed anything, so when it is there every segment goes,
+   one empty segment starts at the offset it holds, the leader-epoch checkpoint is emptied
+   and the high watermark checkpoint set to that offset, and the intent file goes last;
 2. read the clean-shutdown marker, and remove it durably so that a crash from now on is
    never mistaken for a clean shutdown;
 3. open the segments in offset order. After a clean shutdown a segment is trusted once its
@@ -60,6 +64,7 @@ CLEAN_SHUTDOWN_FILE = ".clean-shutdown"
 RECOVERY_POINT_FILE = "recovery-point"
 HIGH_WATERMARK_FILE = "high-watermark"
 LEADER_EPOCH_CHECKPOINT_FILE = "leader-epoch-checkpoint"
+TRUNCATE_FULLY_FILE = "truncate-fully-and-start-at"  # the intent of a full truncation
 _SEGMENT_FILE_PATTERN = re.compile(r"([0-9]{20})(\.log|\.index|\.timeindex)")
 _SWAP_FILE_PATTERN = re.compile(r"([0-9]{20})\.log\.swap")
 
@@ -79,6 +84,7 @@ def load_segments(directory: pathlib.Path, config: LogConfig, *, now_ms: int) ->
     try:
         _ensure_directory(directory)
         _remove_leftovers(directory)
+        _complete_full_truncation(directory)
         swapped = _complete_swaps(directory)
         bases = _list_segment_bases(directory)
         clean = _consume_clean_shutdown_marker(directory)
@@ -164,6 +170,37 @@ def _remove_leftovers(directory: pathlib.Path) -> None:
     for entry in os.scandir(directory):
         if entry.name.endswith((DELETED_SUFFIX, TEMPORARY_SUFFIX, CLEANED_SUFFIX)):
             os.unlink(entry.path)
+
+
+def _complete_full_truncation(directory: pathlib.Path) -> None:
+    """Finish a full truncation that a crash interrupted, if its intent file is there: remove
+    every segment (and compaction output), create an empty log file at the intent's offset,
+    empty the leader-epoch checkpoint, record the offset as high watermark and recovery
+    point, then remove the intent file. Idempotent. Raises OSError, StorageError (an intent
+    file that holds no offset: it is written atomically, so it was not written by us)."""
+    intent = directory / TRUNCATE_FULLY_FILE
+    if not intent.exists():
+        return
+    offset = read_offset_checkpoint(intent)
+    if offset is None:
+        raise StorageError(f"{intent} does not hold an offset")
+    for entry in os.scandir(directory):
+        if _SEGMENT_FILE_PATTERN.fullmatch(entry.name) or entry.name.endswith(SWAP_SUFFIX):
+            os.unlink(entry.path)
+    fd = os.open(directory / segment_file_name(offset, LOG_SUFFIX), os.O_WRONLY | os.O_CREAT, 0o644)
+    os.close(fd)  # empty: made durable by the directory fsyncs below
+    write_atomically(
+        directory / LEADER_EPOCH_CHECKPOINT_FILE, LeaderEpochCache().checkpoint_bytes()
+    )
+    write_offset_checkpoint(directory / HIGH_WATERMARK_FILE, offset)
+    write_offset_checkpoint(directory / RECOVERY_POINT_FILE, offset)
+    intent.unlink()
+    fsync_directory(directory)
+    logger.warning(
+        "%s: completed an interrupted full truncation: the log is empty and starts at offset %d",
+        directory,
+        offset,
+    )
 
 
 def _complete_swaps(directory: pathlib.Path) -> set[int]:

@@ -4,8 +4,9 @@ Theory of operation. `MemoryPartitionLog` behaves as `PartitionLog` towards the 
 (appends, follower appends, reads, the high watermark in either mode, the leader-epoch cache,
 truncation, durability) and passes the same conformance tests, but keeps its batches in a
 list: (base offset, next offset, bytes) per batch, with a parallel list of base offsets to
-bisect. It has no segments, no retention (the log always starts at offset 0), no compaction
-and no time: `now_ms` is accepted and ignored.
+bisect. It has no segments, no retention, no compaction and no time: `now_ms` is accepted and
+ignored. It starts at offset 0 until `truncate_fully_and_start_at` replaces it with an empty
+log starting at another offset.
 
 What it adds is a model of the disk. Three things would survive a crash of a file log, and
 the object tracks each of them apart from what was appended (the "page cache"):
@@ -17,7 +18,9 @@ the object tracks each of them apart from what was appended (the "page cache"):
   synchronously and before the batches carrying a new epoch: so it may hold epochs whose
   batches a power loss removed, and recovery clips it;
 - the high-watermark checkpoint, written by `flush`, `write_high_watermark_checkpoint`,
-  `truncate_to` and `close`.
+  `truncate_to`, `truncate_fully_and_start_at` and `close`;
+- the log start offset, which only `truncate_fully_and_start_at` moves, durably before it
+  returns (the file log's intent file makes that change atomic).
 
 `crash(power_loss=...)` ends the object's life and returns that `DurableImage`: after a
 process crash the operating system still holds every appended byte, so every batch survives;
@@ -49,7 +52,6 @@ from .log_config import LogConfig
 from .partition_log import AppendInfo, LogStatistics, ReadLimit, _assign_offsets
 
 OFFSET_MAX = 2**63 - 1
-LOG_START_OFFSET = 0  # no retention: nothing is ever removed from the start
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -59,10 +61,11 @@ class DurableImage:
     batches: tuple[bytes, ...]  # whole batches in offset order, one per item
     leader_epochs: tuple[EpochEntry, ...]  # the leader-epoch checkpoint as last written
     high_watermark: int | None  # the high-watermark checkpoint as last written; None: never
+    log_start_offset: int = 0  # where the log starts (its first batch may start later)
 
     @property
     def log_end_offset(self) -> int:
-        return parse_header(self.batches[-1]).next_offset if self.batches else LOG_START_OFFSET
+        return parse_header(self.batches[-1]).next_offset if self.batches else self.log_start_offset
 
 
 class _StoredBatch(NamedTuple):
@@ -84,10 +87,11 @@ class MemoryPartitionLog:
         self._config = config
         self._batches: list[_StoredBatch] = []
         self._base_offsets: list[int] = []  # parallel to _batches, for bisect
-        self._log_end_offset = LOG_START_OFFSET
+        self._log_start_offset = 0
+        self._log_end_offset = 0
         self._size_bytes = 0
-        self._durable_offset = LOG_START_OFFSET
-        self._high_watermark = LOG_START_OFFSET
+        self._durable_offset = 0
+        self._high_watermark = 0
         self._high_watermark_managed_externally = high_watermark_managed_externally
         self._leader_epochs = LeaderEpochCache()
         self.restored_high_watermark: int | None = None
@@ -97,6 +101,7 @@ class MemoryPartitionLog:
         self._new_data_event = trio.Event()
         self._progress_event = trio.Event()
         self._truncation_generation = 0  # counts truncations, which void durability waits
+        self._full_truncations = 0  # counts truncate_fully_and_start_at calls
         self._pending_sync_waiters = 0
         self._closed = False
         self._crashed = False
@@ -117,18 +122,19 @@ class MemoryPartitionLog:
         `PartitionLog.open`. Raises CorruptRecordError when a batch of `image` is damaged
         or out of order (the image was not made by `crash`)."""
         log = cls(name, config, high_watermark_managed_externally=high_watermark_managed_externally)
+        start = log._log_start_offset = log._log_end_offset = image.log_start_offset
         for data in image.batches:
             log._store(_recovered_batch(name, data, log._log_end_offset))
         end = log._durable_offset = log._log_end_offset
         log._leader_epochs = LeaderEpochCache(image.leader_epochs)
         log._leader_epochs.truncate_from_end(end)
-        log._leader_epochs.truncate_from_start(LOG_START_OFFSET)
+        log._leader_epochs.truncate_from_start(start)
         log._checkpointed_epochs = log._leader_epochs.entries()  # rewritten when clipped
         log._checkpointed_high_watermark = image.high_watermark  # read, not rewritten
-        restored = _clip(image.high_watermark, end)
+        restored = _clip(image.high_watermark, start, end)
         log.restored_high_watermark = restored
         if high_watermark_managed_externally:
-            log._high_watermark = LOG_START_OFFSET if restored is None else restored
+            log._high_watermark = start if restored is None else restored
         else:
             log._high_watermark = end
         return log
@@ -149,7 +155,7 @@ class MemoryPartitionLog:
 
     @property
     def log_start_offset(self) -> int:
-        return LOG_START_OFFSET
+        return self._log_start_offset
 
     @property
     def log_end_offset(self) -> int:
@@ -203,7 +209,7 @@ class MemoryPartitionLog:
     def statistics(self) -> LogStatistics:
         """The file log's record; the whole log counts as one segment."""
         return LogStatistics(
-            log_start_offset=LOG_START_OFFSET,
+            log_start_offset=self._log_start_offset,
             log_end_offset=self._log_end_offset,
             high_watermark=self._high_watermark,
             durable_offset=self._durable_offset,
@@ -243,7 +249,7 @@ class MemoryPartitionLog:
             base_offset=base_offset,
             last_offset=self._log_end_offset - 1,
             log_append_time=-1,
-            log_start_offset=LOG_START_OFFSET,
+            log_start_offset=self._log_start_offset,
         )
 
     def append_as_follower(
@@ -274,7 +280,7 @@ class MemoryPartitionLog:
             base_offset=headers[0][1].base_offset,
             last_offset=headers[-1][1].last_offset,
             log_append_time=-1,
-            log_start_offset=LOG_START_OFFSET,
+            log_start_offset=self._log_start_offset,
         )
 
     def _check_follower_offsets(self, headers: list[tuple[int, BatchHeader]]) -> None:
@@ -322,10 +328,14 @@ class MemoryPartitionLog:
         """Return once every offset below `offset` is durable. When it is not yet, the log
         becomes durable up to the log end seen at the call, after one checkpoint (an fsync
         covers what was appended before it started). Raises StorageError if the log closed,
-        or a truncation meanwhile removed `offset`. Safe to cancel (nothing then changes)."""
+        or a truncation meanwhile removed offsets below `offset` (as `PartitionLog`'s). Safe
+        to cancel (nothing then changes)."""
         assert offset <= self._log_end_offset, "cannot wait for offsets not yet appended"
+        full_truncations = self._full_truncations
+        removable = offset > self._log_start_offset  # a full truncation would remove some
         if self._durable_offset >= offset:
             await trio.lowlevel.checkpoint()
+            self._check_not_truncated_fully(offset, removable, full_truncations)
             return
         self._check_usable()
         generation = self._truncation_generation
@@ -335,12 +345,22 @@ class MemoryPartitionLog:
             await trio.lowlevel.checkpoint()
         finally:
             self._pending_sync_waiters -= 1
+        self._check_not_truncated_fully(offset, removable, full_truncations)
         self._check_usable()
         if generation != self._truncation_generation:
             if self._durable_offset >= offset:
                 return  # truncation made what it kept durable
             raise StorageError(f"offset {offset - 1} of {self._name} was truncated away")
         self._mark_durable(target)
+
+    def _check_not_truncated_fully(
+        self, offset: int, removable: bool, full_truncations: int
+    ) -> None:
+        if removable and self._full_truncations != full_truncations:
+            raise StorageError(
+                f"offset {offset - 1} of {self._name} was removed: the log was truncated fully "
+                f"and starts at offset {self._log_start_offset}"
+            )
 
     def _mark_durable(self, offset: int) -> None:
         if offset > self._durable_offset:
@@ -376,10 +396,13 @@ class MemoryPartitionLog:
     def manage_high_watermark_externally(self, *, high_watermark: int | None = None) -> None:
         """Switch to replica-managed mode (see `PartitionLog`): only `set_high_watermark`
         (forward) and `truncate_to` (back) move the high watermark from now on.
-        `high_watermark`, if given, is where it starts, clipped to [start, end]. Idempotent."""
+        `high_watermark`, if given, is where it starts, clipped to [start, end]. Idempotent.
+        (`truncate_fully_and_start_at` moves it too, to its offset.)"""
         self._high_watermark_managed_externally = True
         if high_watermark is not None:
-            self._high_watermark = min(max(high_watermark, LOG_START_OFFSET), self._log_end_offset)
+            self._high_watermark = min(
+                max(high_watermark, self._log_start_offset), self._log_end_offset
+            )
 
     def set_high_watermark(self, offset: int) -> int:
         """Move the high watermark forward to `offset`, clipped to the log end (a lower
@@ -415,13 +438,37 @@ class MemoryPartitionLog:
         self._size_bytes -= sum(len(batch.data) for batch in self._batches[keep:])
         del self._batches[keep:]
         del self._base_offsets[keep:]
-        end = self._batches[-1].next_offset if self._batches else LOG_START_OFFSET
+        end = self._batches[-1].next_offset if self._batches else self._log_start_offset
         self._log_end_offset = self._durable_offset = end
         self._update_leader_epochs(lambda cache: cache.truncate_from_end(end))
         self._high_watermark = min(self._high_watermark, end)
         if not self._high_watermark_managed_externally:
             self._advance_high_watermark(end)  # everything left is durable
         self._checkpointed_high_watermark = self._high_watermark
+        self._signal_progress()
+
+    def truncate_fully_and_start_at(self, offset: int) -> None:
+        """Replace the whole log with an empty one starting at `offset`, as
+        `PartitionLog.truncate_fully_and_start_at`: the log start, log end, durable offset
+        and high watermark all become `offset`, the leader-epoch cache is cleared, and the
+        change is durable at once (the checkpoints and the log start too). `wait_durable`
+        callers waiting for offsets above the old log start raise. Raises
+        OffsetOutOfRangeError outside [0, 2**63 - 1], StorageError (closed)."""
+        self._check_usable()
+        if not 0 <= offset <= OFFSET_MAX:
+            raise OffsetOutOfRangeError(
+                f"cannot start {self._name} at offset {offset}: not in [0, {OFFSET_MAX}]"
+            )
+        self._truncation_generation += 1
+        self._full_truncations += 1
+        self._batches.clear()
+        self._base_offsets.clear()
+        self._size_bytes = 0
+        self._log_start_offset = self._log_end_offset = self._durable_offset = offset
+        self._update_leader_epochs(lambda cache: cache.truncate_from_end(0))
+        self._high_watermark = self._checkpointed_high_watermark = offset
+        self._new_data_event.set()
+        self._new_data_event = trio.Event()
         self._signal_progress()
 
     # Reading.
@@ -460,8 +507,10 @@ class MemoryPartitionLog:
         Raises OffsetOutOfRangeError outside [log start, high watermark), CorruptRecordError.
         Safe to cancel."""
         assert not self._closed
-        if offset < LOG_START_OFFSET:
-            raise OffsetOutOfRangeError(f"offset {offset} is below the log start")
+        if offset < self._log_start_offset:
+            raise OffsetOutOfRangeError(
+                f"offset {offset} is below the log start {self._log_start_offset}"
+            )
         if offset >= self._high_watermark:
             raise OffsetOutOfRangeError(
                 f"offset {offset} has not been written yet (high watermark {self._high_watermark})"
@@ -500,9 +549,9 @@ class MemoryPartitionLog:
         return index
 
     def _check_in_range(self, offset: int) -> None:
-        if not LOG_START_OFFSET <= offset <= self._log_end_offset:
+        if not self._log_start_offset <= offset <= self._log_end_offset:
             raise OffsetOutOfRangeError(
-                f"offset {offset} is outside [{LOG_START_OFFSET}, {self._log_end_offset}]"
+                f"offset {offset} is outside [{self._log_start_offset}, {self._log_end_offset}]"
                 f" in {self._name}"
             )
 
@@ -532,6 +581,7 @@ class MemoryPartitionLog:
             batches=tuple(batch.data for batch in self._batches[:kept]),
             leader_epochs=self._checkpointed_epochs,
             high_watermark=self._checkpointed_high_watermark,
+            log_start_offset=self._log_start_offset,
         )
         self._closed = self._crashed = True
         return image
@@ -584,7 +634,7 @@ def _recovered_batch(name: str, data: bytes, log_end_offset: int) -> _StoredBatc
     return _StoredBatch(header.base_offset, header.next_offset, data)
 
 
-def _clip(high_watermark: int | None, log_end_offset: int) -> int | None:
+def _clip(high_watermark: int | None, log_start_offset: int, log_end_offset: int) -> int | None:
     if high_watermark is None:
         return None
-    return min(max(high_watermark, LOG_START_OFFSET), log_end_offset)
+    return min(max(high_watermark, log_start_offset), log_end_offset)

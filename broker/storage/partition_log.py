@@ -30,7 +30,7 @@ but, after compaction, may have gaps: a read of an offset in a gap starts at the
 Replicas. By default the log derives its high watermark as above (a single node). Opened
 with `high_watermark_managed_externally` (or switched by `manage_high_watermark_externally`)
 it leaves that to the replica layer: appends and fsyncs never move it, `set_high_watermark`
-moves it forward (clipped to the log end) and only `truncate_to` moves it back. The layer
+moves it forward (clipped to the log end) and only the truncations move it back. The layer
 learns that the log end or the durable offset moved from `progress_event`. The high
 watermark is checkpointed (`high-watermark`) at `flush` (with the recovery point, at most
 every 10 s), at `write_high_watermark_checkpoint`, at truncation and at close, and restored
@@ -42,7 +42,11 @@ new epoch are written, so that after a crash it can only hold too much, which lo
 to the recovered log end. A leader appends with `append(..., leader_epoch=E)`; a follower
 copies the leader's batches with `append_as_follower` (offsets and epochs kept) and reads
 nothing itself, while the leader serves it with `read(..., up_to="log_end")`; a follower
-whose log diverged cuts it with `truncate_to` (fsynced before it returns).
+whose log diverged cuts it with `truncate_to` (fsynced before it returns), and one whose log
+ends below its leader's log start replaces it with an empty log starting there
+(`truncate_fully_and_start_at`, Kafka's truncateFullyAndStartAt). That one change of many
+files is made crash-safe by an intent file written first (`truncate-fully-and-start-at`,
+holding the offset): loading finds it and completes the change.
 
 All state changes happen in synchronous code in the trio thread; worker threads only run
 blocking system calls on duplicated file descriptors (or on files they create themselves),
@@ -100,11 +104,13 @@ from .log_loader import (
     HIGH_WATERMARK_FILE,
     LEADER_EPOCH_CHECKPOINT_FILE,
     RECOVERY_POINT_FILE,
+    TRUNCATE_FULLY_FILE,
     load_segments,
 )
 from .segment import Segment
 
 RECOVERY_POINT_INTERVAL_SECONDS = 10.0
+OFFSET_MAX = 2**63 - 1
 logger = logging.getLogger("dwal.storage")
 _BASE_OFFSET = struct.Struct(">q")
 _LEADER_EPOCH = struct.Struct(">i")
@@ -173,7 +179,8 @@ class PartitionLog:
             self._place_high_watermark(restored)
         self._new_data_event = trio.Event()
         self._progress_event = trio.Event()
-        self._truncation_generation = 0  # counts truncate_to calls
+        self._truncation_generation = 0  # counts truncations (to an offset, or fully)
+        self._full_truncations = 0  # counts truncate_fully_and_start_at calls
         self._sync_done: trio.Event | None = None
         self._unsynced_segments: list[Segment] = []  # rolled since the last fsync
         self._directory_changed = False  # a segment was created since the last fsync
@@ -553,7 +560,9 @@ class PartitionLog:
     async def wait_durable(self, offset: int) -> None:
         """Return once every offset below `offset` is fsynced (`durable_offset >= offset`).
 
-        Concurrent callers share fsyncs. Raises StorageError if an fsync fails. Safe to
+        Concurrent callers share fsyncs. Raises StorageError if an fsync fails, or if a
+        truncation meanwhile removed offsets below `offset` (`truncate_to` above its new end,
+        `truncate_fully_and_start_at` any: none of them is kept). Safe to
         cancel, and with an `FsyncRunner` running a cancelled caller returns at once: the
         fsync runs in the runner's task, completes and counts for the callers still waiting.
         Without a runner the caller that starts an fsync runs it, and a thread call cannot be
@@ -561,11 +570,20 @@ class PartitionLog:
         """
         assert offset <= self.log_end_offset, "cannot wait for offsets not yet appended"
         generation = self._truncation_generation
+        full_truncations = self._full_truncations
+        removable = offset > self.log_start_offset  # a full truncation would remove some
         self._pending_sync_waiters += 1
         try:
             if self._durable_offset >= offset:
                 await trio.lowlevel.checkpoint()
-            while self._durable_offset < offset:
+            while True:
+                if removable and self._full_truncations != full_truncations:
+                    raise StorageError(
+                        f"offset {offset - 1} of {self._directory.name} was removed: the log "
+                        f"was truncated fully and starts at offset {self.log_start_offset}"
+                    )
+                if self._durable_offset >= offset:
+                    break
                 self._check_usable()
                 if self._truncation_generation != generation:
                     # truncate_to makes everything it keeps durable: `offset` was removed
@@ -662,10 +680,11 @@ class PartitionLog:
 
     def manage_high_watermark_externally(self, *, high_watermark: int | None = None) -> None:
         """Switch to replica-managed mode: from now on appends and fsyncs never move the
-        high watermark; only `set_high_watermark` (forward) and `truncate_to` (back) do.
-        `high_watermark`, if given, is where it starts (clipped to [log start, log end]; it
-        may be below the current one: a log opened in the default mode whose replica layer
-        restores `restored_high_watermark`); otherwise it stays where it is. Idempotent."""
+        high watermark; only `set_high_watermark` (forward) and the truncations do
+        (`truncate_to` back, `truncate_fully_and_start_at` to its offset). `high_watermark`,
+        if given, is where it starts (clipped to [log start, log end]; it may be below the
+        current one: a log opened in the default mode whose replica layer restores
+        `restored_high_watermark`); otherwise it stays where it is. Idempotent."""
         self._high_watermark_managed_externally = True
         if high_watermark is not None:
             offset = min(max(high_watermark, self.log_start_offset), self.log_end_offset)
@@ -813,6 +832,78 @@ class PartitionLog:
                 segment.sync_index_files()
         fsync_directory(self._directory)
         self._unsynced_segments, self._directory_changed = [], False
+
+    def truncate_fully_and_start_at(self, offset: int) -> None:
+        """Replace the whole log with an empty one starting at `offset` (Kafka's
+        truncateFullyAndStartAt): what a follower does when its log ends below its leader's
+        log start, whose records below were deleted by retention there. Every segment is
+        deleted (renamed `.deleted`, removed by `delete_pending_files`) and one empty active
+        segment starts at `offset` (the one already based there, emptied, if any), so that
+        the log start, log end, durable offset and high watermark are all `offset` (the high
+        watermark moves forward or back to it, in either mode). The leader-epoch cache is
+        cleared; both checkpoints and the recovery point are written; everything is fsynced
+        (files and directory) before it returns.
+
+        Crash-safe: the intent file (`truncate-fully-and-start-at`, holding `offset`) is
+        written durably before anything else changes and removed last, and loading completes
+        an interrupted change, so a reopened log is either the old one or the new empty one.
+
+        An fsync already running no longer counts; `wait_durable` callers waiting for
+        offsets above the old log start raise StorageError; a compaction running meanwhile
+        installs nothing; new-data and progress waiters are woken.
+
+        Raises OffsetOutOfRangeError for an offset outside [0, 2**63 - 1] (nothing changes),
+        StorageError (closed or offline; a failing disk takes the log offline, and reopening
+        it completes the change). Blocking: renames, a few small files and fsyncs.
+        """
+        self._check_usable()
+        if not 0 <= offset <= OFFSET_MAX:
+            raise OffsetOutOfRangeError(
+                f"cannot start {self._directory.name} at offset {offset}: not in [0, {OFFSET_MAX}]"
+            )
+        self._truncation_generation += 1
+        self._full_truncations += 1
+        intent = self._directory / TRUNCATE_FULLY_FILE
+        try:
+            write_offset_checkpoint(intent, offset)  # from here on, reopening gives the new log
+            self._replace_segments_with_empty(offset)
+            self._sync_after_truncation()
+            self._update_leader_epochs(lambda cache: cache.truncate_from_end(0))
+            _write_checkpoints(self._directory, offset, offset)
+            intent.unlink()
+            fsync_directory(self._directory)
+        except (OSError, StorageError) as error:
+            raise self._fail(
+                f"cannot truncate fully and start at offset {offset}: {error}"
+            ) from error
+        self._durable_offset = offset
+        self._first_dirty_offset = offset
+        self._place_high_watermark(offset)
+        self._new_data_event.set()
+        self._new_data_event = trio.Event()
+        self._signal_progress()
+
+    def _replace_segments_with_empty(self, offset: int) -> None:
+        """Make an empty active segment at `offset` (emptying the one based there, or
+        creating it) and delete every other segment; the log always keeps a segment.
+        Raises OSError, StorageError."""
+        kept = self._segments.get(offset)
+        if kept is None:
+            kept = Segment.create(
+                self._directory, offset, index_interval_bytes=self._config.index_interval_bytes
+            )
+            self._segments[offset] = kept
+        else:
+            kept.truncate_to(0, offset)
+            kept.activate()
+        self._directory_changed = True
+        for base_offset in list(self._segments):
+            if base_offset != offset:
+                self._remove_segment(self._segments[base_offset], now_ms=0)
+        if kept in self._unsynced_segments:
+            self._unsynced_segments.remove(kept)
+        self._active = kept
+        self._size_bytes = 0
 
     # Reading.
 

@@ -124,9 +124,12 @@ def bases_of(batches: list[bytes]) -> list[int]:
     return bases + [parse_header(batches[-1]).next_offset if batches else 0]
 
 
-def read_all(log: Log, offset: int = 0, *, up_to: str = "log_end") -> list[bytes]:
-    """Every whole batch from `offset` to the limit, read slice by slice."""
+def read_all(log: Log, offset: int | None = None, *, up_to: str = "log_end") -> list[bytes]:
+    """Every whole batch from `offset` (by default the log start) to the limit, read slice
+    by slice."""
     batches: list[bytes] = []
+    if offset is None:
+        offset = log.log_start_offset
     while True:
         with log.read(offset, 1 << 20, up_to=up_to) as fetched:  # type: ignore[arg-type]
             data = fetched.read_bytes()
@@ -159,6 +162,7 @@ def check_log(log: Log, batches: list[bytes], high_watermark: int) -> None:
 def snapshot(log: Log) -> tuple:
     return (
         read_all(log),
+        log.log_start_offset,
         log.log_end_offset,
         log.high_watermark,
         log.durable_offset,
@@ -543,6 +547,135 @@ def test_truncation_inside_a_batch_or_out_of_range_changes_nothing(logs):
     assert snapshot(log) == before and not progress.is_set()
 
 
+# Truncating fully (a follower below its leader's log start).
+
+
+def check_empty_at(log: Log, offset: int) -> None:
+    """The log is empty and starts at `offset`; offsets below it are out of range."""
+    assert log.log_start_offset == log.log_end_offset == offset
+    assert log.durable_offset == log.high_watermark == offset
+    assert log.size_bytes == 0 and log.leader_epochs.entries() == ()
+    assert log.latest_leader_epoch == -1
+    assert log.end_offset_for_leader_epoch(9) == (-1, -1)
+    statistics = log.statistics()
+    assert (statistics.log_start_offset, statistics.log_end_offset) == (offset, offset)
+    for up_to in ("high_watermark", "log_end"):
+        with log.read(offset, 1 << 20, up_to=up_to) as fetched:  # type: ignore[arg-type]
+            assert fetched.read_bytes() == b""
+        for outside in (offset - 1, 0, offset + 1):
+            if outside != offset:
+                with pytest.raises(OffsetOutOfRangeError):
+                    log.read(outside, 1 << 20, up_to=up_to)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("managed", [True, False])
+async def test_truncating_fully_leaves_an_empty_log_starting_at_the_offset(logs, managed):
+    log = logs.make(managed=managed)
+    written = fill(log)
+    if managed:
+        log.set_high_watermark(bases_of(written)[12])
+    start = log.log_end_offset + 1_000  # a follower far behind its leader's log start
+    progress, new_data = log.progress_event, log.new_data_event
+    log.truncate_fully_and_start_at(start)
+    check_empty_at(log, start)
+    assert progress.is_set() and new_data.is_set()
+    with pytest.raises(OffsetOutOfRangeError):
+        await log.read_batch_containing(start - 1)
+    with pytest.raises(OffsetOutOfRangeError):
+        log.truncate_to(start - 1)
+    log.truncate_to(start)  # the log end: nothing to do
+    log = logs.reopen_after_crash(log)  # what a crash right after it finds
+    check_empty_at(log, start)
+    assert log.restored_high_watermark == start
+    # A leader appends from there, in a new epoch
+    info = log.append(make_batch(0, records=3), now_ms=0, leader_epoch=12)
+    assert (info.base_offset, info.last_offset, info.log_start_offset) == (start, start + 2, start)
+    assert log.leader_epochs.entries() == (EpochEntry(12, start),)
+    if managed:
+        assert log.high_watermark == start
+        log.set_high_watermark(start + 3)
+    await log.flush()
+    assert [parse_header(batch).base_offset for batch in read_all(log)] == [start]
+    log = logs.reopen_after_crash(log)
+    assert (log.log_start_offset, log.log_end_offset) == (start, start + 3)
+    assert log.high_watermark == start + 3
+    assert log.leader_epochs.entries() == (EpochEntry(12, start),)
+
+
+def test_a_follower_copies_the_leader_from_the_offset_it_truncated_fully_at(logs):
+    leader = logs.make()
+    written = fill(leader)
+    bases = bases_of(written)
+    follower = logs.make(managed=True)
+    follower.append_as_follower(b"".join(written[:3]), now_ms=0)  # a short stale log
+    follower.truncate_fully_and_start_at(bases[9])
+    check_empty_at(follower, bases[9])
+    before = snapshot(follower)
+    with pytest.raises(StorageError, match="overlaps"):
+        follower.append_as_follower(written[8], now_ms=0)  # below its start
+    assert snapshot(follower) == before
+    follower.append_as_follower(b"".join(written[9:]), now_ms=0)
+    assert read_all(follower) == written[9:]
+    assert follower.log_end_offset == leader.log_end_offset
+    assert follower.size_bytes == sum(map(len, written[9:]))
+    assert follower.leader_epochs.entries() == epochs_of(written[9:])
+    assert follower.end_offset_for_leader_epoch(9) == leader.end_offset_for_leader_epoch(9)
+    assert follower.high_watermark == bases[9]  # the leader's word moves it from there
+    follower.set_high_watermark(bases[15])  # not checkpointed: the reset's checkpoint holds
+    follower = logs.reopen_after_crash(follower)
+    assert read_all(follower) == written[9:]
+    assert follower.log_start_offset == follower.high_watermark == bases[9]
+
+
+def test_truncating_fully_at_any_offset(logs):
+    """Below, inside or at the end of the log, at a batch boundary or inside a batch (at a
+    segment's base too, for the file log): the log is empty there, and a crash keeps it."""
+    probe = logs.make()
+    written = fill(probe)
+    bases = bases_of(written)
+    offsets = sorted({0, 1, bases[4] + 1, probe.log_end_offset + 7, *bases})
+    for offset in offsets:
+        log = logs.make(managed=True)
+        fill(log)
+        log.set_high_watermark(bases[10])
+        log.truncate_fully_and_start_at(offset)
+        check_empty_at(log, offset)
+        if isinstance(log, PartitionLog):
+            assert log.segment_count == 1
+        log = logs.reopen_after_crash(log)
+        check_empty_at(log, offset)
+        log.append(make_batch(1), now_ms=0, leader_epoch=1)
+        assert log.leader_epochs.entries() == (EpochEntry(1, offset),)
+
+
+def test_truncating_fully_at_a_negative_offset_is_refused_and_changes_nothing(logs):
+    log = logs.make(managed=True)
+    fill(log)
+    log.set_high_watermark(7)
+    before = snapshot(log)
+    for offset in (-1, 2**63):
+        with pytest.raises(OffsetOutOfRangeError):
+            log.truncate_fully_and_start_at(offset)
+        assert snapshot(log) == before
+
+
+async def test_a_full_truncation_during_wait_durable_fails_it(logs):
+    for already_durable in (False, True):  # both had their offsets removed
+        log = logs.make(managed=True)
+        log.append(make_batch(0), now_ms=0)
+        log.append(make_batch(1), now_ms=0)
+        end = log.log_end_offset
+        if already_durable:
+            await log.wait_durable(end)
+        failure = await run_interleaved(
+            lambda: log.wait_durable(end), lambda: log.truncate_fully_and_start_at(end + 100)
+        )
+        assert failure is not None and "truncated fully" in str(failure), already_durable
+        log.append(make_batch(2), now_ms=0)
+        await log.wait_durable(log.log_end_offset)  # waits after it are not affected
+        assert log.durable_offset == log.log_end_offset > end + 100
+
+
 # Durability.
 
 
@@ -655,6 +788,8 @@ async def test_a_closed_log_refuses_use(logs):
         log.append_as_follower(with_base_offset(bytes(make_batch(99)), 10**6), now_ms=0)
     with pytest.raises(StorageError):
         log.truncate_to(0)
+    with pytest.raises(StorageError):
+        log.truncate_fully_and_start_at(100)
     with pytest.raises(StorageError):
         await log.write_high_watermark_checkpoint()
     with pytest.raises(AssertionError):

@@ -132,6 +132,41 @@ def test_recovery_checks_every_batch_of_the_image_again():
     assert read_all(MemoryPartitionLog.recover("t-0", CONFIG, image)) == written
 
 
+async def test_a_full_truncation_is_durable_at_once_and_its_start_survives_a_power_loss():
+    log = new_log()
+    before = append(log, 4, epoch=1)
+    await log.flush()
+    log.set_high_watermark(log.log_end_offset)
+    log.truncate_fully_and_start_at(100)
+    after = append(log, 3, epoch=4, first=4)  # not durable
+    log.set_high_watermark(log.log_end_offset)
+    image = log.crash(power_loss=True)
+    assert image == DurableImage(
+        batches=(),
+        leader_epochs=(EpochEntry(4, 100),),  # written before the batches, clipped below
+        high_watermark=100,
+        log_start_offset=100,
+    )
+    assert image.log_end_offset == 100
+    recovered = MemoryPartitionLog.recover(
+        "t-0", CONFIG, image, high_watermark_managed_externally=True
+    )
+    assert recovered.log_start_offset == recovered.log_end_offset == 100
+    assert recovered.high_watermark == recovered.restored_high_watermark == 100
+    assert recovered.leader_epochs.entries() == ()
+    for batch in after:
+        recovered.append_as_follower(batch, now_ms=0)
+    assert read_all(recovered) == after
+    again = MemoryPartitionLog.recover("t-0", CONFIG, recovered.crash(power_loss=False))
+    assert again.log_start_offset == 100 and read_all(again) == after
+    # a batch below the image's log start: the image was not made by `crash`
+    broken = DurableImage(
+        batches=(before[0],), leader_epochs=(), high_watermark=None, log_start_offset=100
+    )
+    with pytest.raises(CorruptRecordError):
+        MemoryPartitionLog.recover("t-0", CONFIG, broken)
+
+
 def test_reads_return_in_memory_slices():
     log = new_log(managed=False)
     written = append(log, 3)
@@ -165,7 +200,17 @@ async def _random_run(data: st.DataObject) -> None:
     for step in range(data.draw(st.integers(1, 30), label="steps")):
         action = data.draw(
             st.sampled_from(
-                ["append", "flush", "wait", "truncate", "hw", "checkpoint", "crash", "power"]
+                [
+                    "append",
+                    "flush",
+                    "wait",
+                    "truncate",
+                    "truncate fully",
+                    "hw",
+                    "checkpoint",
+                    "crash",
+                    "power",
+                ]
             )
         )
         if action == "append":
@@ -185,11 +230,16 @@ async def _random_run(data: st.DataObject) -> None:
                 model.durable = len(model.batches)
         elif action == "truncate":
             kept = data.draw(st.integers(0, len(model.batches)), label="kept")
-            log.truncate_to(bases_of(model.batches)[kept])
+            log.truncate_to(model.bases()[kept])
             if kept < len(model.batches):
                 del model.batches[kept:]
                 model.durable = kept
                 model.checkpoint = log.high_watermark
+        elif action == "truncate fully":
+            offset = data.draw(st.integers(0, log.log_end_offset + 50), label="start")
+            log.truncate_fully_and_start_at(offset)
+            model.batches, model.durable, model.start = [], 0, offset
+            model.checkpoint = offset
         elif action == "hw":
             if managed:
                 offset = data.draw(st.integers(0, log.log_end_offset + 3), label="hw")
@@ -212,28 +262,35 @@ class _DiskModel:
         self.batches: list[bytes] = []  # appended and not truncated
         self.durable = 0  # how many of them are durable
         self.checkpoint: int | None = None  # the high watermark checkpointed
+        self.start = 0  # the log start offset
+
+    def bases(self) -> list[int]:
+        """The base offset of each batch, then the log end."""
+        return bases_of(self.batches) if self.batches else [self.start]
 
     @property
     def durable_offset(self) -> int:
-        return bases_of(self.batches[: self.durable])[-1]
+        return bases_of(self.batches[: self.durable])[-1] if self.durable else self.start
 
     def crash(self, image: DurableImage, *, power_loss: bool) -> None:
         assert image.leader_epochs == epochs_of(self.batches)  # written at every change
         assert image.high_watermark == self.checkpoint
+        assert image.log_start_offset == self.start
         if power_loss:
             del self.batches[self.durable :]
         assert image.batches == tuple(self.batches)
         self.durable = len(self.batches)
 
     def check_recovered(self, log: MemoryPartitionLog, managed: bool) -> None:
-        end = bases_of(self.batches)[-1]
+        end = self.bases()[-1]
         restored = None if self.checkpoint is None else min(self.checkpoint, end)
         assert log.restored_high_watermark == restored
         if managed:
-            assert log.high_watermark == (restored or 0)
+            assert log.high_watermark == (self.start if restored is None else restored)
 
     def check(self, log: MemoryPartitionLog, *, managed: bool, fsync: str) -> None:
         assert read_all(log) == self.batches
+        assert log.log_start_offset == self.start and log.log_end_offset == self.bases()[-1]
         assert log.leader_epochs.entries() == epochs_of(self.batches)
         assert log.durable_offset == self.durable_offset
         assert log.high_watermark <= log.log_end_offset
