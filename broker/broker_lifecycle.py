@@ -145,6 +145,13 @@ class BrokerLifecycle:
         self.registrations += 1
         return self.broker_epoch
 
+    def _heartbeat_timeout(self) -> float:
+        """A heartbeat is given two intervals, not the request timeout: one lost in a cut
+        link (a blackholed connection) would otherwise hold back the next for seconds
+        after the link heals, and the broker would stay fenced that long (measured in the
+        cluster simulation); the next one goes out an interval after a timed-out one."""
+        return min(self.request_timeout_seconds, max(2 * self.heartbeat_interval_seconds, 0.5))
+
     async def _catch_up(self) -> None:
         """Wait until this node's image holds its own registration."""
         await self.wait_metadata_offset(self.broker_epoch)
@@ -165,7 +172,7 @@ class BrokerLifecycle:
         }
         try:
             reply = await self.channel.call(
-                ApiKey.BROKER_HEARTBEAT, body, timeout_seconds=self.request_timeout_seconds
+                ApiKey.BROKER_HEARTBEAT, body, timeout_seconds=self._heartbeat_timeout()
             )
         except DwalError as error:
             if error.code in _REREGISTER:

@@ -263,3 +263,29 @@ async def test_shut_down_asks_the_controller_and_reports_the_outcome(autojump_cl
         started = trio.current_time()
         assert await member.shut_down(1.0) is False
     assert trio.current_time() - started == pytest.approx(1.0)
+
+
+async def test_a_blackholed_heartbeat_is_given_up_after_two_intervals(nursery, autojump_clock):
+    """A heartbeat lost in a cut link is abandoned after two intervals (not the 5 s request
+    timeout), so once the link heals the next one soon unfences the broker."""
+    controller = Controller()
+    channel = controller.channel()
+    image = FakeImage(100)
+    member = lifecycle(channel, image, interval=1.0)
+    assert await nursery.start(member.run) == 10
+    blackholed_at: list[float] = []
+    plain_call = channel.call
+
+    async def call(api_key: ApiKey, body: dict[str, Any], *, timeout_seconds: float):
+        if api_key == ApiKey.BROKER_HEARTBEAT and not blackholed_at:
+            blackholed_at.append(trio.current_time())
+            with trio.move_on_after(timeout_seconds):
+                await trio.sleep_forever()  # the link is cut: no answer
+            raise DwalError(ErrorCode.REQUEST_TIMED_OUT, "no answer in time")
+        return await plain_call(api_key, body, timeout_seconds=timeout_seconds)
+
+    channel.call = call  # type: ignore[method-assign]
+    await trio.sleep(6)
+    later = [t for t in channel.times(ApiKey.BROKER_HEARTBEAT) if t > blackholed_at[0]]
+    assert later, "no heartbeat after the blackholed one"
+    assert later[0] - blackholed_at[0] <= 2 * 1.0 + 1.0 + 0.01, later[0] - blackholed_at[0]
