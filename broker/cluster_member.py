@@ -310,52 +310,19 @@ class ClusterMember:
             task_status.started()
 
     async def stop_gracefully(self, timeout_seconds: float) -> None:
-        """Leave the cluster while still serving (see the module's theory): hand over the
-        controller's leadership, controlled shutdown, wait until this broker leads nothing
-        in the published image. Best effort within `timeout_seconds`."""
-        lifecycle, controller = self.lifecycle, self.controller
-        if self.embedded or lifecycle is None or controller is None:
+        """Leave the cluster while still serving (see the module's theory and
+        `leave_cluster`). Best effort within `timeout_seconds`."""
+        lifecycle, controller, publisher = self.lifecycle, self.controller, self.publisher
+        if self.embedded or lifecycle is None or controller is None or publisher is None:
             return
-        if lifecycle.broker_epoch < 0:
-            return
-        with trio.move_on_after(timeout_seconds) as scope:
-            await self._hand_over_controller(controller)
-            remaining = max(scope.deadline - trio.current_time(), 0.1)
-            if not await lifecycle.shut_down(remaining):
-                return
-            self._shut_down = True
-            while any(
-                state.leader == self.node_id
-                for info in self.image.topics.values()
-                for state in info.partitions
-            ):
-                await self.wait_published(self.image.last_applied_index + 1)
-            log_event(logger, logging.INFO, "broker_leadership_moved", node_id=self.node_id)
-
-    async def _hand_over_controller(self, controller: QuorumController) -> None:
-        """If this node leads the metadata quorum, transfer that to another voter (each in
-        turn, one election timeout each) and wait until another leader is known."""
-        driver = controller.driver
-        for target in sorted(v for v in self.voters if v != self.node_id):
-            leadership = driver.leadership()
-            if leadership.leader != self.node_id:
-                return
-            try:
-                driver.transfer_leadership(target)
-            except RaftError:  # no longer the leader, or the voters changed
-                return
-            with trio.move_on_after(controller.election_timeout_seconds()):
-                while driver.leadership().leader in (self.node_id, 0):
-                    await driver.wait_leadership_change(driver.leadership())
-            if driver.leadership().leader not in (self.node_id, 0):
-                log_event(
-                    logger,
-                    logging.INFO,
-                    "controller_handed_over",
-                    node_id=self.node_id,
-                    to=driver.leadership().leader,
-                )
-                return
+        self._shut_down = await leave_cluster(
+            self.node_id,
+            sorted(self.voters),
+            controller,
+            lifecycle,
+            publisher,
+            timeout_seconds=timeout_seconds,
+        )
 
     def _registered_listeners(
         self, controller_listeners: list[trio.SocketListener]
@@ -488,6 +455,66 @@ class ClusterMember:
             os.replace, data_dir / LEGACY_TOPICS_FILE, data_dir / (LEGACY_TOPICS_FILE + ".adopted")
         )
         log_event(logger, logging.INFO, "legacy_topics_adopted", topics=adopted)
+
+
+async def leave_cluster(
+    node_id: int,
+    voters: list[int],
+    controller: QuorumController,
+    lifecycle: BrokerLifecycle,
+    publisher: MetadataPublisher,
+    *,
+    timeout_seconds: float,
+) -> bool:
+    """A broker's graceful leave, while it still serves: hand the metadata quorum's
+    leadership to another voter if this node has it, ask for the controlled shutdown, and
+    wait until the published image shows this broker leads nothing. Returns whether the
+    controlled shutdown was accepted. Best effort within `timeout_seconds`. (A function,
+    not a method, so that the cluster simulation leaves the same way.)"""
+    if lifecycle.broker_epoch < 0:
+        return False
+    accepted = False
+    with trio.move_on_after(timeout_seconds) as scope:
+        await _hand_over_controller(node_id, voters, controller)
+        remaining = max(scope.deadline - trio.current_time(), 0.1)
+        if not await lifecycle.shut_down(remaining):
+            return False
+        accepted = True
+        while any(
+            state.leader == node_id
+            for info in publisher.image.topics.values()
+            for state in info.partitions
+        ):
+            await publisher.wait_published(publisher.image.last_applied_index + 1)
+        log_event(logger, logging.INFO, "broker_leadership_moved", node_id=node_id)
+    return accepted
+
+
+async def _hand_over_controller(
+    node_id: int, voters: list[int], controller: QuorumController
+) -> None:
+    """If this node leads the metadata quorum, transfer that to another voter (each in
+    turn, one election timeout each) and wait until another leader is known."""
+    driver = controller.driver
+    for target in [v for v in voters if v != node_id]:
+        if driver.leadership().leader != node_id:
+            return
+        try:
+            driver.transfer_leadership(target)
+        except RaftError:  # no longer the leader, or the voters changed
+            return
+        with trio.move_on_after(controller.election_timeout_seconds()):
+            while driver.leadership().leader in (node_id, 0):
+                await driver.wait_leadership_change(driver.leadership())
+        if driver.leadership().leader not in (node_id, 0):
+            log_event(
+                logger,
+                logging.INFO,
+                "controller_handed_over",
+                node_id=node_id,
+                to=driver.leadership().leader,
+            )
+            return
 
 
 def _no_rpc_server(config: BrokerConfig) -> NativeServer:

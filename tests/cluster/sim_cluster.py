@@ -51,6 +51,7 @@ import trio.testing
 from history_checker import Acknowledged, Consumed, FinalLogs, History, OffsetSample, Verdict, check
 
 from broker.broker_lifecycle import NATIVE_LISTENER, BrokerLifecycle, ListenerAddress
+from broker.cluster_member import leave_cluster
 from broker.controller.controller_apis import ControllerApis
 from broker.controller.controller_channel import ControllerChannel
 from broker.controller.metadata_image import MetadataImage
@@ -325,6 +326,8 @@ class SimNode:
     replicas: ReplicaManager | None = None
     power_lost: bool = False  # its last crash lost unsynced writes
     serving: trio.Event = field(default_factory=trio.Event)  # its broker port answers
+    produces: int = 0  # produce requests being served
+    produces_answered: trio.Event = field(default_factory=trio.Event)  # set when it drops to 0
 
     @property
     def up(self) -> bool:
@@ -462,6 +465,34 @@ class SimCluster:
                     await log.flush()
                 except StorageError:
                     pass  # crashed meanwhile
+
+    async def stop_gracefully(self, node_id: int) -> None:
+        """A SIGTERM, as broker/node.py handles it: appends refused and those made
+        replicated (at most 1 s), the graceful leave (controller leadership handed over,
+        controlled shutdown, leaders moved), the produce requests being served answered (at
+        most 1 s); then the process exits (its page cache survives)."""
+        node = self.nodes[node_id]
+        if not node.serving.is_set():
+            await self.crash(node_id, power_loss=False)
+            return
+        assert node.replicas and node.controller and node.lifecycle and node.publisher
+        with trio.move_on_after(1.0):
+            await node.replicas.drain()
+        accepted = await leave_cluster(
+            node_id,
+            list(NODES),
+            node.controller,
+            node.lifecycle,
+            node.publisher,
+            timeout_seconds=2.0,
+        )
+        with trio.move_on_after(1.0):
+            while node.produces:
+                await node.produces_answered.wait()
+        self.note(
+            f"node {node_id} left (controlled shutdown {'accepted' if accepted else 'not taken'})"
+        )
+        await self.crash(node_id, power_loss=False)
 
     async def crash(self, node_id: int, *, power_loss: bool) -> None:
         node = self.nodes[node_id]
@@ -741,7 +772,14 @@ class Workload:
         simulation can make: under fsync=always every live member of the leader's maximal
         ISR has the record on its disk (under never a member's page cache counts, which a
         power loss of that member may take: other members cover it, see guarantees.md)."""
-        outcome, result = await produce(node, partition, value)
+        node.produces += 1
+        try:
+            outcome, result = await produce(node, partition, value)
+        finally:
+            node.produces -= 1
+            if not node.produces:
+                node.produces_answered.set()
+                node.produces_answered = trio.Event()
         if outcome == "ok" and self.cluster.settings.fsync == "always":
             assert node.replicas is not None
             leading = node.replicas._leading.get((TOPIC, partition))
@@ -811,10 +849,26 @@ async def nemesis(cluster: SimCluster, until: float) -> int:
         await trio.sleep(rng.uniform(*settings.fault_gap_s))
         hold = rng.uniform(*settings.fault_hold_s)
         kind = rng.choice(
-            ["crash", "crash", "power", "power", "crash_all", "isolate", "isolate", "cut"]
+            [
+                "crash",
+                "crash",
+                "power",
+                "power",
+                "crash_all",
+                "isolate",
+                "isolate",
+                "cut",
+                "restart",
+                "restart",
+            ]
         )
         faults += 1
-        if kind in ("crash", "power"):
+        if kind == "restart":  # SIGTERM, then start again
+            victim = _pick(cluster, rng)
+            await cluster.stop_gracefully(victim)
+            await trio.sleep(hold / 4)
+            await cluster.start(victim)
+        elif kind in ("crash", "power"):
             power = kind == "power"
             victim = _pick(cluster, rng)
             await cluster.crash(victim, power_loss=power)
