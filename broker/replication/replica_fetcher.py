@@ -17,6 +17,12 @@ of the answer:
   below its high watermark (committed records are on every ISR member), and the next fetch
   goes on from there (KIP-101/279/320 semantics, the KIP-595 way: in the same round trip);
 - the leader's high watermark: this log's becomes min(leader's, own log end);
+- OFFSET_OUT_OF_RANGE with the leader's log start above this log's end: retention deleted
+  the leader's records below it, so this log (a replacement broker's empty one, or one away
+  longer than the retention) can never continue where it ends. Every record it holds lies
+  below the leader's log start, so the leader has none of them: the log is replaced with an
+  empty one starting there (`truncate_fully_and_start_at`, Kafka's
+  truncateFullyAndStartAt) and the next fetch goes on from there at once;
 - FENCED_LEADER_EPOCH, UNKNOWN_LEADER_EPOCH, NOT_LEADER_OR_FOLLOWER, UNKNOWN_TOPIC: one of
   the two images is behind; the partition rests for `PAUSE_SECONDS` (or until the replica
   manager follows it anew from a newer image), then fetches again.
@@ -66,6 +72,7 @@ class _Followed:
     leader_epoch: int
     paused_until: float = 0.0  # trio time; the leader refused: rest until then
     truncations: int = 0
+    resets: int = 0  # truncated fully to start at the leader's log start
 
 
 class ReplicaFetcher:
@@ -190,10 +197,11 @@ class ReplicaFetcher:
         if code in _WAIT_FOR_IMAGE:
             self._rest(tp, followed, logging.INFO, "replica_fetch_paused", error=code.name)
             return None
+        if code == ErrorCode.OFFSET_OUT_OF_RANGE:
+            self._out_of_range(tp, followed, part)
+            return None
         if code != ErrorCode.NONE:
-            # transient on the leader (storage error), or this log is below the leader's log
-            # start (OFFSET_OUT_OF_RANGE: it cannot catch up by fetching; an operator must
-            # replace it): rest rather than ask again at once
+            # transient on the leader (a storage error): rest rather than ask again at once
             error = f"{code.name}: {part.get('error_message')}"
             self._rest(tp, followed, logging.WARNING, "replica_fetch_refused", error=error)
             return None
@@ -222,6 +230,36 @@ class ReplicaFetcher:
         log_event(
             logger, level, event, partition=f"{tp[0]}-{tp[1]}", leader=self.leader_id, **fields
         )
+
+    def _out_of_range(self, tp: TopicPartition, followed: _Followed, part: dict[str, Any]) -> None:
+        """The leader refused the fetch offset (this log's end). If this log ends below the
+        leader's log start, replace it with an empty log starting there: that discards
+        only records the leader no longer has. Otherwise rest, as after any refusal."""
+        log = followed.log
+        leader_log_start = part["log_start_offset"]
+        if leader_log_start <= log.log_end_offset:
+            # Not behind the leader's log start (or the leader did not say it: -1): the
+            # leader may still have records of this log, maybe at or above its high
+            # watermark, so none is discarded.
+            error = f"OFFSET_OUT_OF_RANGE: {part.get('error_message')}"
+            self._rest(tp, followed, logging.WARNING, "replica_fetch_refused", error=error)
+            return
+        log_event(
+            logger,
+            logging.WARNING,
+            "replica_reset_to_leader_log_start",
+            partition=f"{tp[0]}-{tp[1]}",
+            leader=self.leader_id,
+            from_offset=log.log_end_offset,
+            to_offset=leader_log_start,
+            high_watermark=log.high_watermark,
+        )
+        try:
+            log.truncate_fully_and_start_at(leader_log_start)
+        except StorageError as error:
+            self._rest(tp, followed, logging.ERROR, "replica_reset_failed", error=str(error))
+            return
+        followed.resets += 1
 
     def _truncate(self, tp: TopicPartition, followed: _Followed, epoch: int, end: int) -> None:
         log = followed.log

@@ -20,7 +20,9 @@ logs) makes this broker the leader or a follower of each partition it holds a re
   sends one AlterPartition at a time through the controller; the change counts once the
   image shows it. acks=all writes wait until the HW passes them (`wait_replicated`).
 - Follower: the partition is handed to the `ReplicaFetcher` of its leader (one per leader
-  broker), which copies batches, truncates a diverging log and sets the HW the leader says.
+  broker), which copies batches, truncates a diverging log, starts a log that ends below
+  the leader's log start again there (the leader answers such a fetch OFFSET_OUT_OF_RANGE
+  with its log start), and sets the HW the leader says.
 
 With one replica (a single node, or replication factor 1) the leader is its whole ISR and
 the HW is its own acknowledged offset, which is what the log alone used to compute: the
@@ -308,9 +310,12 @@ class ReplicaManager:
         max_bytes: int,
     ) -> tuple[dict[str, Any], FetchSlice | None]:
         """Serve one partition of a follower's fetch: (the answer's fields, the slice to
-        send or None). Raises DwalError for a partition this broker does not lead in that
-        epoch (FENCED_LEADER_EPOCH: the follower is behind; UNKNOWN_LEADER_EPOCH: this
-        broker is)."""
+        send or None). The fields hold a diverging epoch when the follower's log diverged,
+        and error_code OFFSET_OUT_OF_RANGE with this log's `log_start_offset` when the
+        fetch offset is below it (retention deleted those records here: the follower starts
+        its log again there); neither counts toward the HW. Raises DwalError for a
+        partition this broker does not lead in that epoch (FENCED_LEADER_EPOCH: the
+        follower is behind; UNKNOWN_LEADER_EPOCH: this broker is)."""
         log, epoch = self.leader_log(topic, partition)
         broker = self.image().brokers.get(replica_id)
         if broker is None or broker.epoch != broker_epoch:
@@ -335,6 +340,18 @@ class ReplicaManager:
                 ErrorCode.NOT_LEADER_OR_FOLLOWER, f"{topic}-{partition} is becoming led here"
             )
         fields: dict[str, Any] = {"leader_id": self.node_id, "leader_epoch": epoch}
+        if fetch_offset < log.log_start_offset:
+            # Whatever the epochs say (as Kafka): the follower has nothing this log still has.
+            fields.update(
+                error_code=int(ErrorCode.OFFSET_OUT_OF_RANGE),
+                error_message=(
+                    f"fetch offset {fetch_offset} of broker {replica_id} is below the log "
+                    f"start {log.log_start_offset} of {topic}-{partition}"
+                ),
+                log_start_offset=log.log_start_offset,
+                high_watermark=log.high_watermark,
+            )
+            return fields, None
         if last_fetched_epoch >= 0:
             known_epoch, end = log.end_offset_for_leader_epoch(last_fetched_epoch)
             if known_epoch < last_fetched_epoch or end < fetch_offset:
@@ -412,7 +429,7 @@ class ReplicaManager:
                     failed = True
                     continue
                 result.update(fields, size=0)
-                if "diverging_epoch" in fields:
+                if "diverging_epoch" in fields or result["error_code"]:
                     failed = True  # answer at once: the follower must truncate first
                 if piece is not None and piece.length:
                     parts.append(piece)

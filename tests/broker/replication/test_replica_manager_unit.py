@@ -12,11 +12,15 @@ What is proven here:
   UNKNOWN_LEADER_EPOCH, NOT_LEADER_OR_FOLLOWER);
 - a diverged follower is told the diverging epoch and truncates to where the epochs agree,
   never below its high watermark, then copies the leader's batches (byte for byte);
+- a follower whose log ends below the leader's log start (retention deleted the leader's
+  first segments) is answered OFFSET_OUT_OF_RANGE with that log start, starts its log again
+  there at once and copies the rest; its fetches then count toward the high watermark;
 - a consumer fetching between the HW and the log end gets an empty answer.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import types
 from typing import Any
@@ -661,6 +665,191 @@ async def test_a_diverged_follower_converges_to_the_leader_through_fetches(tmp_p
         assert truncated_to == [4], truncated_to
         assert fetcher.partitions[TP].truncations == 1
         assert stored_batches(follower.log) == stored_batches(node.log)
+    finally:
+        node.close()
+        follower.close()
+
+
+# ----------------------------------------------------------------------------- log start
+
+
+async def leader_past_retention(tmp_path, *, stale: bool):
+    """Broker `leader` leads epoch 0 (ISR of all 3) with 40 batches of 3 records, the oldest
+    of which retention deleted: its log starts above 0. Broker `follower` (a Node whose
+    manager follows nothing: the test drives its fetcher) is an empty replacement or, if
+    `stale`, holds a short log of its own wholly below the leader's log start, all of it
+    below its high watermark."""
+    image = three_brokers()
+    leader_id = leader_of(image)
+    follower_id = followers_of(image)[0]
+    config = dict(segment_bytes=1024, retention_bytes=2048, file_delete_delay_ms=0)
+    node = await Node.open(tmp_path, leader_id, EMPTY_IMAGE, **config)
+    follower = await Node.open(tmp_path, follower_id, EMPTY_IMAGE, **config)
+    # the registry opens logs only for the image's topics: create them in place first
+    await node.registry.apply_image(image, leader_id)
+    await follower.registry.apply_image(image, follower_id)
+    for n in range(40):
+        node.log.append(batch(3, b"L%d" % n), now_ms=1, leader_epoch=0)
+    assert node.log.apply_retention(now_ms=1) > 0
+    if stale:
+        for n in range(3):
+            follower.log.append(batch(2, b"F%d" % n), now_ms=1, leader_epoch=0)
+    follower.log.manage_high_watermark_externally(high_watermark=follower.log.log_end_offset)
+    assert 0 < node.log.log_start_offset and follower.log.log_end_offset < (
+        node.log.log_start_offset
+    )
+    await node.publish(image)
+    return node, follower, image
+
+
+def third_replica(image: MetadataImage, *nodes: Node) -> int:
+    ids = {node.node_id for node in nodes}
+    return next(r for r in image.topics[TOPIC].partitions[0].replicas if r not in ids)
+
+
+async def test_a_fetch_below_the_log_start_is_answered_out_of_range_with_it(tmp_path):
+    node, follower, image = await leader_past_retention(tmp_path, stale=True)
+    try:
+        start = node.log.log_start_offset
+        third = third_replica(image, node, follower)
+        fetch(node, third, node.log.log_end_offset)
+        for last_fetched_epoch in (-1, 0, 1):  # out of range whatever the epochs say
+            fields, data = fetch(node, follower.node_id, 6, last_fetched_epoch=last_fetched_epoch)
+            assert data == b"" and "diverging_epoch" not in fields
+            assert fields["error_code"] == ErrorCode.OFFSET_OUT_OF_RANGE, fields
+            assert fields["log_start_offset"] == start
+            assert fields["high_watermark"] == node.log.high_watermark == start
+        # not recorded: it neither counts toward the HW nor as caught up
+        replicas = node.manager._leading[TP].replicas.snapshot()
+        state = next(f for f in replicas.followers if f.replica_id == follower.node_id)
+        assert state.last_fetch_ms is None and state.log_end_offset < 0
+        # over the wire: the answer passes the schema and comes at once (no long poll)
+        body = check_request(
+            ApiKey.FETCH,
+            {
+                "max_wait_ms": 60_000,
+                "replica_id": follower.node_id,
+                "broker_epoch": image.brokers[follower.node_id].epoch,
+                "topics": [
+                    {
+                        "topic": TOPIC,
+                        "partitions": [
+                            {"partition": 0, "fetch_offset": 6, "current_leader_epoch": 0}
+                        ],
+                    }
+                ],
+            },
+        )
+        with trio.fail_after(5):
+            answer, parts = await node.manager.serve_replica_fetch(
+                body, max_bytes=1 << 20, max_wait_ms=60_000
+            )
+        assert parts == []
+        part = check_response(ApiKey.FETCH, answer)["topics"][0]["partitions"][0]
+        assert (part["error_code"], part["log_start_offset"]) == (
+            ErrorCode.OFFSET_OUT_OF_RANGE,
+            start,
+        )
+        # at the log start: records
+        fields, data = fetch(node, follower.node_id, start)
+        assert "error_code" not in fields and data
+        assert next(scan_batches(data)).header.base_offset == start
+    finally:
+        node.close()
+        follower.close()
+
+
+async def test_the_fetcher_starts_at_the_leader_log_start_only_when_its_log_ends_below(
+    tmp_path,
+):
+    log = open_log(tmp_path / "f", (0, 2), (0, 2), (1, 3))  # offsets 0-6
+    try:
+        log.set_high_watermark(4)
+        fetcher = ReplicaFetcher(
+            2,
+            1,
+            None,
+            broker_epoch=lambda: 1,
+            fetch_bytes_max=1 << 20,  # type: ignore[arg-type]
+            partition_fetch_bytes_max=1 << 20,
+        )
+
+        def out_of_range(log_start_offset: int) -> dict[str, Any]:
+            return {
+                "error_code": int(ErrorCode.OFFSET_OUT_OF_RANGE),
+                "error_message": "below the log start",
+                "log_start_offset": log_start_offset,
+                "high_watermark": log_start_offset,
+                "diverging_epoch": None,
+            }
+
+        # The leader's log start at or below this log's end (or not said): the leader may
+        # still have these records: nothing is discarded, the partition rests.
+        for leader_log_start in (-1, 0, 4, 7):
+            fetcher.follow(TP, log, 2)
+            followed = fetcher.partitions[TP]
+            part = out_of_range(leader_log_start)
+            assert fetcher._apply(TP, followed, part, memoryview(b"")) is None
+            assert followed.paused_until > trio.current_time(), leader_log_start
+            assert (log.log_start_offset, log.log_end_offset, followed.resets) == (0, 7, 0)
+        # Above it: every record here is below the leader's log start: start there at once.
+        fetcher.follow(TP, log, 2)
+        followed = fetcher.partitions[TP]
+        assert fetcher._apply(TP, followed, out_of_range(8), memoryview(b"")) is None
+        assert followed.paused_until == 0.0, "fetches on at once"
+        assert followed.resets == 1
+        assert log.log_start_offset == log.log_end_offset == log.high_watermark == 8
+        assert log.leader_epochs.entries() == ()
+    finally:
+        log.close()
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["empty", "stale"])
+async def test_a_follower_behind_the_leader_log_start_converges_through_fetches(
+    tmp_path, caplog, stale
+):
+    node, follower, image = await leader_past_retention(tmp_path, stale=stale)
+    caplog.set_level(logging.WARNING, logger="dwal.replication")
+    try:
+        start, from_offset = node.log.log_start_offset, follower.log.log_end_offset
+        third = third_replica(image, node, follower)
+        fetch(node, third, node.log.log_end_offset)  # in sync: the HW waits for the follower
+        assert node.log.high_watermark == start
+        fetcher = ReplicaFetcher(
+            follower.node_id,
+            node.node_id,
+            FakeLink(node),  # type: ignore[arg-type]
+            broker_epoch=lambda: image.brokers[follower.node_id].epoch,
+            fetch_bytes_max=1 << 20,
+            partition_fetch_bytes_max=1 << 20,
+        )
+        fetcher.follow(TP, follower.log, 0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetcher.run)
+            with trio.fail_after(10):
+                while stored_batches(follower.log) != stored_batches(node.log):
+                    await trio.sleep(0.01)
+            # its fetch offset counted: the HW reached the leader's end
+            with trio.fail_after(10):
+                while node.log.high_watermark != node.log.log_end_offset:
+                    await trio.sleep(0.01)
+            # and goes on counting; the follower learns the HW from its next fetch
+            node.manager.append(*TP, batch(1), now_ms=1)
+            fetch(node, third, node.log.log_end_offset)
+            with trio.fail_after(10):
+                while follower.log.high_watermark != node.log.log_end_offset:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert node.log.high_watermark == node.log.log_end_offset
+        assert follower.log.log_start_offset == start
+        assert stored_batches(follower.log) == stored_batches(node.log)
+        followed = fetcher.partitions[TP]
+        assert (followed.resets, followed.truncations, followed.paused_until) == (1, 0, 0.0)
+        [reset] = [
+            r for r in caplog.records if r.getMessage() == "replica_reset_to_leader_log_start"
+        ]
+        assert reset.fields["from_offset"] == from_offset  # type: ignore[attr-defined]
+        assert reset.fields["to_offset"] == start  # type: ignore[attr-defined]
     finally:
         node.close()
         follower.close()
