@@ -37,6 +37,9 @@ logger = logging.getLogger("dwal.broker")
 # A stopping broker waits at most this long for the writes it appended to be replicated, and
 # then as long for the answers to Produce requests it has read.
 STOP_DRAIN_SECONDS_MAX = 1.0
+# ... and stops serving only once no Produce request came for this long (clients that got
+# NOT_LEADER_OR_FOLLOWER have moved on; one still on its way would be cut off unanswered).
+STOP_QUIET_SECONDS = 0.2
 
 
 @dataclass(frozen=True)
@@ -116,10 +119,10 @@ async def _run_locked(
                 await node.member.stop_gracefully(
                     config.limits.controlled_shutdown_timeout_ms / 1000
                 )
-                # Produce requests already read get their answers (NOT_LEADER_OR_FOLLOWER
-                # now, which clients retry at the new leaders) before connections close.
+                # Produce requests get their answers (NOT_LEADER_OR_FOLLOWER now, which
+                # clients retry at the new leaders) until they stop coming.
                 with trio.move_on_after(STOP_DRAIN_SECONDS_MAX):
-                    await server.wait_produces_answered()
+                    await server.wait_produces_answered(quiet_seconds=STOP_QUIET_SECONDS)
                 nursery.cancel_scope.cancel()
 
 

@@ -101,14 +101,22 @@ class NativeServer:
         self.protocol_errors = 0
         self.replies_pending = 0
         self.produces_pending = 0  # Produce requests read and not yet answered (or dropped)
+        self._last_produce_s = -1e9  # trio time the last Produce request was read
         self._produces_answered = trio.Event()
 
-    async def wait_produces_answered(self) -> None:
-        """Return once no Produce request is pending: every one read so far was answered
-        (a stopping broker waits for this, so that no write's outcome is cut off with its
-        connection). Safe to cancel."""
-        while self.produces_pending:
-            await self._produces_answered.wait()
+    async def wait_produces_answered(self, *, quiet_seconds: float = 0.0) -> None:
+        """Return once no Produce request is pending (every one read so far was answered)
+        and none arrived for `quiet_seconds`: a stopping broker waits for this, so that no
+        write's outcome is cut off with its connection - clients stop sending to it once an
+        answer (NOT_LEADER_OR_FOLLOWER) made them refresh their metadata, and one already on
+        its way would otherwise be cut. Safe to cancel (the caller bounds the wait)."""
+        while True:
+            while self.produces_pending:
+                await self._produces_answered.wait()
+            idle = trio.current_time() - self._last_produce_s
+            if idle >= quiet_seconds:
+                return
+            await trio.sleep(quiet_seconds - idle)
 
     def _produce_done(self, pending: PendingReply) -> None:
         if pending.produce:
@@ -284,6 +292,8 @@ class NativeServer:
         await send.send(pending)
         self.replies_pending += 1
         self.produces_pending += pending.produce
+        if pending.produce:
+            self._last_produce_s = trio.current_time()
         try:
             work = await self._start(request, RequestContext(request.client_id or "", peer))
         except Exception as error:
