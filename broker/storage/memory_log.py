@@ -8,7 +8,7 @@ bisect. It has no segments, no retention, no compaction and no time: `now_ms` is
 ignored. It starts at offset 0 until `truncate_fully_and_start_at` replaces it with an empty
 log starting at another offset.
 
-What it adds is a model of the disk. Three things would survive a crash of a file log, and
+What it adds is a model of the disk. Four things would survive a crash of a file log, and
 the object tracks each of them apart from what was appended (the "page cache"):
 
 - the batches below `durable_offset`. The durable batches are always a prefix of the log:
