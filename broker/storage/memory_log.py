@@ -471,6 +471,30 @@ class MemoryPartitionLog:
         self._new_data_event = trio.Event()
         self._signal_progress()
 
+    def delete_records_before(self, offset: int) -> int:
+        """Retention, as `PartitionLog.apply_retention` deletes old segments: remove the
+        oldest batches that end at or below `offset` and at or below the high watermark
+        (never what followers or consumers have yet to read); the log start moves to the
+        first batch kept, durably at once, and the leader-epoch cache drops what lies below
+        it. Returns how many batches were removed. Raises StorageError (closed)."""
+        self._check_usable()
+        limit = min(offset, self._high_watermark)
+        removed = 0
+        while removed < len(self._batches) and self._batches[removed].next_offset <= limit:
+            removed += 1
+        if not removed:
+            return 0
+        last_removed = self._batches[removed - 1]
+        self._size_bytes -= sum(len(batch.data) for batch in self._batches[:removed])
+        del self._batches[:removed]
+        del self._base_offsets[:removed]
+        start = self._batches[0].base_offset if self._batches else last_removed.next_offset
+        self._log_start_offset = start
+        # what lies below the log start is gone from the disk too (nothing to make durable)
+        self._durable_offset = max(self._durable_offset, start)
+        self._update_leader_epochs(lambda cache: cache.truncate_from_start(start))
+        return removed
+
     # Reading.
 
     def read(

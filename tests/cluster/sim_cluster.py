@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import contextvars
+import dataclasses
 import hashlib
 import logging
 import random
@@ -91,6 +92,7 @@ SESSION_TIMEOUT_SECONDS = 3.0
 HEARTBEAT_INTERVAL_SECONDS = 0.5
 REPLICA_LAG_TIME_MAX_MS = 3_000
 FLUSH_INTERVAL_SECONDS = 10.0  # the background fsync (the real broker's is 60 s)
+RETENTION_INTERVAL_SECONDS = 2.0
 PRODUCE_TIMEOUT_SECONDS = 3.0
 CONVERGE_SECONDS_MAX = 120.0
 RESEND_DELAY_S = (0.2, 1.0)  # a request or answer whose packet was lost arrives this late
@@ -116,12 +118,20 @@ class SimSettings:
     readers: int = 1
     fault_gap_s: tuple[float, float] = (1.0, 3.0)  # quiet time between faults
     fault_hold_s: tuple[float, float] = (0.5, 4.0)  # how long a fault lasts
+    # retention: every replica keeps about this many records below its high watermark (0:
+    # keep everything), so followers long away find the leader's log start past their end
+    retained_records: int = 0
 
 
 def settings_for_seed(seed: int, duration_s: float = 30.0) -> SimSettings:
     """Odd seeds fsync every write (then power losses may hit any nodes, even all at once);
-    even seeds never fsync (then a power loss hits one node while the others run)."""
-    return SimSettings(fsync="always" if seed % 2 else "never", duration_s=duration_s)
+    even seeds never fsync (then a power loss hits one node while the others run). Every
+    third seed runs retention (about 40 records, 3 s of writes, kept per replica)."""
+    return SimSettings(
+        fsync="always" if seed % 2 else "never",
+        duration_s=duration_s,
+        retained_records=40 if seed % 3 == 0 else 0,
+    )
 
 
 class Unanswered(Exception):
@@ -442,6 +452,8 @@ class SimCluster:
                     await nursery.start(publisher.run)
                     epoch = await nursery.start(lifecycle.run)
                     nursery.start_soon(self._flush_periodically, registry)
+                    if self.settings.retained_records:
+                        nursery.start_soon(self._apply_retention_periodically, registry)
                     # As ClusterMember does before the broker serves its port: wait until
                     # the published image shows this incarnation unfenced, so no request is
                     # answered from the stale image a restart begins with.
@@ -456,6 +468,17 @@ class SimCluster:
             node.nursery = None
             ready.set()
             node.stopped.set()
+
+    async def _apply_retention_periodically(self, registry: SimRegistry) -> None:
+        """Each replica on its own, as the broker's retention loop: delete what lies more
+        than `retained_records` below the high watermark."""
+        while True:
+            await trio.sleep(RETENTION_INTERVAL_SECONDS)
+            for log in list(registry.logs.values()):
+                try:
+                    log.delete_records_before(log.high_watermark - self.settings.retained_records)
+                except StorageError:
+                    pass  # crashed meanwhile
 
     async def _flush_periodically(self, registry: SimRegistry) -> None:
         while True:
@@ -636,26 +659,33 @@ class SimCluster:
             )
         return "\n" + "\n".join(lines)
 
-    def final_logs(self) -> tuple[FinalLogs, list[str]]:
-        """Every partition as its leader holds it, and where a replica differs from it."""
+    def final_logs(self) -> tuple[FinalLogs, dict[int, int], list[str]]:
+        """Every partition as its leader holds it, the leader's log start per partition
+        (retention deleted what lies below), and where a replica differs from the leader
+        (compared from the largest log start of the replicas: each applies retention on its
+        own)."""
         final: FinalLogs = {}
+        starts: dict[int, int] = {}
         diverged: list[str] = []
         for partition in range(self.settings.partitions):
-            copies = {}
-            for node in self.nodes.values():
-                log = node.registry.logs[(TOPIC, partition)]
-                copies[node.node_id] = read_all(log)
+            logs = {
+                node.node_id: node.registry.logs[(TOPIC, partition)] for node in self.nodes.values()
+            }
             leader = self.nodes[1].image.partition(TOPIC, partition).leader
-            final[partition] = {r.offset: r.value for r in decode_records(copies[leader])}
+            starts[partition] = logs[leader].log_start_offset
+            final[partition] = {r.offset: r.value for r in decode_records(read_all(logs[leader]))}
+            common = max(log.log_start_offset for log in logs.values())
+            copies = {node_id: read_all(log, common) for node_id, log in logs.items()}
             for node_id, data in copies.items():
                 if data != copies[leader]:
                     diverged.append(f"partition {partition}: node {node_id} differs from {leader}")
-        return final, diverged
+        return final, starts, diverged
 
 
-def read_all(log: MemoryPartitionLog) -> bytes:
-    """Every batch of `log`, up to its log end."""
-    parts, offset = [], log.log_start_offset
+def read_all(log: MemoryPartitionLog, start: int | None = None) -> bytes:
+    """Every batch of `log` from `start` (by default its log start) to its log end."""
+    parts = []
+    offset = log.log_start_offset if start is None else start
     while offset < log.log_end_offset:
         with log.read(offset, 1 << 20, up_to="log_end") as piece:
             data = piece.read_bytes()
@@ -736,6 +766,8 @@ class Workload:
                     data = await self.cluster.net.call(
                         client, leader, lambda node: consume(node, partition, position, epoch)
                     )
+                except BelowLogStart as error:
+                    positions[partition] = error.log_start_offset  # retention went past it
                 except DwalError as error:
                     if error.code == ErrorCode.OFFSET_OUT_OF_RANGE:
                         self.anomalies.append(
@@ -830,11 +862,22 @@ async def consume(node: SimNode, partition: int, offset: int, leader_epoch: int)
     await trio.lowlevel.checkpoint()
     assert node.replicas is not None
     log, _ = node.replicas.leader_log(TOPIC, partition, current_leader_epoch=leader_epoch)
+    if offset < log.log_start_offset:
+        raise BelowLogStart(log.log_start_offset)
     try:
         with log.read(offset, 64 * 1024) as piece:
             return piece.read_bytes()
     except OffsetOutOfRangeError as error:
         raise DwalError(ErrorCode.OFFSET_OUT_OF_RANGE, str(error)) from None
+
+
+class BelowLogStart(DwalError):
+    """OFFSET_OUT_OF_RANGE below the leader's log start: retention deleted those records (a
+    consumer resets to the log start; no anomaly)."""
+
+    def __init__(self, log_start_offset: int) -> None:
+        super().__init__(ErrorCode.OFFSET_OUT_OF_RANGE, f"below the log start {log_start_offset}")
+        self.log_start_offset = log_start_offset
 
 
 # -- the nemesis ----------------------------------------------------------------------------
@@ -942,6 +985,16 @@ class SimResult:
         )
 
 
+def retained(history: History, starts: dict[int, int]) -> History:
+    """`history` without the records retention deleted from the final logs (below each
+    partition's log start): their absence at the end is no loss."""
+    return dataclasses.replace(
+        history,
+        acknowledged=[a for a in history.acknowledged if a.offset >= starts[a.partition]],
+        consumed=[c for c in history.consumed if c.offset >= starts[c.partition]],
+    )
+
+
 def digest_of(history: History, final: FinalLogs) -> str:
     hasher = hashlib.sha256()
     for ack in history.acknowledged:
@@ -1010,7 +1063,8 @@ async def simulate(seed: int, settings: SimSettings) -> SimResult:
             stuck = [f"not converged {CONVERGE_SECONDS_MAX:g} s after healing: {cluster.state()}"]
             final, diverged = {}, []
         else:
-            final, diverged = cluster.final_logs()
+            final, starts, diverged = cluster.final_logs()
+            history = retained(history, starts)
         verdict = check(history, final)
         result = SimResult(
             seed=seed,

@@ -17,8 +17,10 @@ from broker.storage import (
     EpochEntry,
     FetchSlice,
     MemoryPartitionLog,
+    OffsetOutOfRangeError,
     StorageError,
 )
+from protocol.record_batch import parse_header
 
 CONFIG = small_config()  # fsync=never
 
@@ -165,6 +167,35 @@ async def test_a_full_truncation_is_durable_at_once_and_its_start_survives_a_pow
     )
     with pytest.raises(CorruptRecordError):
         MemoryPartitionLog.recover("t-0", CONFIG, broken)
+
+
+async def test_retention_removes_whole_batches_below_the_high_watermark_durably():
+    log = new_log()
+    written = append(log, 3, epoch=1) + append(log, 3, epoch=2, first=3)
+    bases = bases_of(written)
+    log.set_high_watermark(bases[4])
+    assert log.delete_records_before(bases[2] + 1) == 2  # the batch holding it stays
+    assert log.log_start_offset == bases[2]
+    assert read_all(log) == written[2:]
+    assert log.delete_records_before(bases[6]) == 2  # never at or above the high watermark
+    assert log.log_start_offset == bases[4]
+    assert log.leader_epochs.entries() == (EpochEntry(2, bases[4]),)
+    with pytest.raises(OffsetOutOfRangeError):
+        log.read(bases[3], 1 << 20)
+    for power_loss in (False, True):
+        copy = new_log()
+        for batch in written:
+            copy.append(
+                bytearray(batch), now_ms=0, leader_epoch=parse_header(batch).partition_leader_epoch
+            )
+        copy.set_high_watermark(bases[4])
+        copy.delete_records_before(bases[4])
+        recovered = MemoryPartitionLog.recover(
+            "t-0", CONFIG, copy.crash(power_loss=power_loss), high_watermark_managed_externally=True
+        )
+        assert recovered.log_start_offset == bases[4], power_loss
+        assert read_all(recovered) == ([] if power_loss else written[4:]), power_loss
+        assert recovered.log_end_offset == (bases[4] if power_loss else bases[6])
 
 
 def test_reads_return_in_memory_slices():
