@@ -25,11 +25,29 @@ next setup does not pay for the previous one's replication, and it checks that t
 every acknowledged record (sum of the partitions' log end offsets); a shortfall or failed
 batches are printed as PROBLEM lines.
 
+Every setup starts with the same page cache: a measured topic is deleted once checked, and the
+next setup waits until no broker holds a file of it. On this VM a write copies into the page
+cache at 3-5 GB per CPU second while it reuses about the 1.5-2 GB of memory freed last, and
+at 0.35-0.40 GB per CPU second beyond that (a 4 GB sequential write into a new file; the same
+write again right after deleting it: 3-5 GB/s throughout). Before, the topics of every earlier
+setup stayed on disk, so the last setup, rf3_acksall, wrote its three copies of the data into
+that slow memory: in one cluster, 1 KiB rf3_acksall produced 173k records/s run first and 85k
+run after rf1 and rf3_acks1, and the 1 KiB ratio below measured 0.17-0.28 where it measures
+0.44-0.55 with the deletion.
+
+Per setup the bench also prints the CPU time per MB produced (user and system) of the broker
+processes, counted until the followers caught up, and of the client (this process) during the
+run. They depend much less on what else runs on the machine than the records per second,
+for which the four processes compete for 2 cores with whatever else is running.
+
 The ratio printed last is rf3_acksall / rf1 (the issue's goal: at least 0.5, Kafka's
 published ratio), and also rf3_acksall / single_node. On this 2-core machine the three broker
 processes and the client share 2 cores; replication triples the bytes written and adds the
 followers' fetch traffic on the same cores, so the ratio here is lower than on three
-machines. Nothing is asserted about time.
+machines. rf1 is bound by the client, one process that is on a core or waiting for one
+almost all the time (blocked 2% of it), rf3_acksall by the cores the brokers need besides it
+(1 KiB records: about 6 ms per MB produced, the client's 2.1-2.4). Nothing is asserted about
+time.
 
 This module also holds the port picking and broker start used by bench/replication_failover.py
 and bench/end_to_end_latency.py: ports are chosen by trying binds in 20000-32000 (below the
@@ -69,6 +87,7 @@ PORT_RANGE = (20000, 32000)  # below the ephemeral range 32768-60999
 LATENCY_SAMPLE_EVERY = 997
 READY_TIMEOUT_S = 60.0  # until a topic has leaders and a full ISR everywhere
 CATCH_UP_TIMEOUT_S = 20.0  # until followers reach the leaders' log end after a run
+DELETE_TIMEOUT_S = 30.0  # until a deleted topic's files are gone from every broker
 POLL_S = 0.05
 
 _handed_out: set[int] = set()  # ports given to earlier clusters of this process
@@ -210,10 +229,20 @@ class Figures:
     value_bytes: int
     latencies_ms: tuple[float, ...]
     batches_failed: int
+    brokers_cpu_s: float = 0.0  # the broker processes' user + system time, catch-up included
+    client_cpu_s: float = 0.0  # this process's during the run
 
     @property
     def records_per_second(self) -> float:
         return self.records / self.seconds
+
+    @property
+    def brokers_cpu_ms_per_megabyte(self) -> float:
+        return self.brokers_cpu_s * 1000 / (self.records * self.value_bytes / 1e6)
+
+    @property
+    def client_cpu_ms_per_megabyte(self) -> float:
+        return self.client_cpu_s * 1000 / (self.records * self.value_bytes / 1e6)
 
     @property
     def megabytes_per_second(self) -> float:
@@ -303,10 +332,12 @@ async def run_setups(
                     ready, _ = await wait_caught_up(brokers, topic, READY_TIMEOUT_S)
                     if not ready:
                         print(f"PROBLEM fsync={fsync} {topic}: not ready in {READY_TIMEOUT_S} s")
+                    brokers_cpu_s = brokers_cpu_seconds(brokers)
+                    client_cpu_s = own_cpu_seconds()
                     figures = await produce(
                         bootstrap, topic, value_bytes, acks, arguments.seconds, arguments.records
                     )
-                    results[name, value_bytes] = figures
+                    client_cpu_s = own_cpu_seconds() - client_cpu_s
                     latencies = list(figures.latencies_ms)
                     print(
                         f"fsync={fsync} {name} produce_{size_label(value_bytes)} "
@@ -320,7 +351,66 @@ async def run_setups(
                     if figures.batches_failed:
                         print(f"PROBLEM fsync={fsync} {topic}: {figures.batches_failed} failed")
                     await check_stored(brokers, topic, figures, fsync)
+                    # the brokers' CPU until the followers caught up (acks=1 leaves them behind)
+                    figures = dataclasses.replace(
+                        figures,
+                        brokers_cpu_s=brokers_cpu_seconds(brokers) - brokers_cpu_s,
+                        client_cpu_s=client_cpu_s,
+                    )
+                    results[name, value_bytes] = figures
+                    print(
+                        f"  {topic}: cpu_ms_per_MB "
+                        f"brokers={figures.brokers_cpu_ms_per_megabyte:.2f} "
+                        f"client={figures.client_cpu_ms_per_megabyte:.2f}"
+                    )
+                    await delete_topic(brokers, topic, fsync)
     return results
+
+
+def brokers_cpu_seconds(brokers: LocalBrokers) -> float:
+    """The CPU time (user and system) the running broker processes have used so far."""
+    total = 0.0
+    for node in brokers.nodes.values():
+        if node.process is not None and node.process.returncode is None:
+            with contextlib.suppress(OSError):  # exited meanwhile
+                total += process_cpu_seconds(node.process.pid)
+    return total
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc/PID/stat (Linux)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """The CPU time (user and system) of this process, the client's, so far."""
+    times = os.times()
+    return times.user + times.system
+
+
+async def delete_topic(brokers: LocalBrokers, topic: str, fsync: str) -> None:
+    """Delete a measured topic and wait until no broker holds a file of it, so that the next
+    setup starts with the page cache the first one had (see the module's docstring)."""
+    started = time.perf_counter()
+    async with client.connect(brokers.bootstrap()) as cluster:
+        await Admin(cluster).delete_topic(topic)
+    with trio.move_on_after(DELETE_TIMEOUT_S):
+        while any(topic_directories(node.data_dir, topic) for node in brokers.nodes.values()):
+            await trio.sleep(POLL_S)
+        waited_ms = (time.perf_counter() - started) * 1000
+        print(f"  {topic}: deleted, files removed in {waited_ms:.0f} ms")
+        return
+    print(f"PROBLEM fsync={fsync} {topic}: files still there {DELETE_TIMEOUT_S} s after deletion")
+
+
+def topic_directories(data_dir: pathlib.Path, topic: str) -> list[pathlib.Path]:
+    """The partition directories of `topic` under a broker's data directory, those being
+    removed after a deletion (``<topic>-<partition>.<id>-delete``) included."""
+    if not data_dir.exists():
+        return []
+    return [entry for entry in data_dir.iterdir() if entry.name.startswith(f"{topic}-")]
 
 
 async def check_stored(brokers: LocalBrokers, topic: str, figures: Figures, fsync: str) -> None:
@@ -366,6 +456,14 @@ def print_table(fsync: str, results: dict[tuple[str, int], Figures], sizes: Sequ
             ratio /= results[base, size].records_per_second
             ratios.append(f"{size_label(size)}={ratio:.2f}")
         print(f"ratio rf3_acksall / {base}: {' '.join(ratios)}")
+    print("CPU ms per MB produced, brokers + client:")
+    for name in SETUPS:
+        row = " ".join(
+            f"{size_label(size)}={results[name, size].brokers_cpu_ms_per_megabyte:.2f}"
+            f"+{results[name, size].client_cpu_ms_per_megabyte:.2f}"
+            for size in sizes
+        )
+        print(f"  {name:14}{row}")
 
 
 async def main() -> None:

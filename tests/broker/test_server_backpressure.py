@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import tracemalloc
+import types
 from collections.abc import AsyncIterator
 
 import pytest
@@ -17,6 +18,7 @@ from broker_test_support import create_topic, running_node
 
 from broker.limits import Limits
 from broker.node import BrokerNode
+from broker.request_handlers import Reply
 from broker.server import NativeServer
 from broker.storage import LogConfig
 from protocol import (
@@ -255,3 +257,84 @@ async def test_a_handled_frame_is_freed_while_its_connection_stays_open(tmp_path
         assert allocated_peak >= len(frame)  # received into one buffer of its size
         assert allocated < len(frame) // 4, allocated
         await stream.aclose()
+
+
+class _AnswerHeld:
+    """Handlers whose Produce takes what it needs of its tail at once (as the append does)
+    and is answered only once `answer` is set, as an acks=all write waiting for its in-sync
+    replicas; every other request is answered at once."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.config = types.SimpleNamespace(limits=limits)
+        self.appended = trio.Event()
+        self.answer = trio.Event()
+
+    async def start(self, api_key, body, tail, context):
+        if api_key != ApiKey.PRODUCE:
+            return _answered
+        tail_bytes = len(tail)  # the last look at the tail
+        self.appended.set()
+
+        async def finish() -> Reply:
+            await self.answer.wait()
+            return Reply({"topics": [], "tail_bytes": tail_bytes})
+
+        return finish
+
+
+async def _answered() -> Reply:
+    return Reply({})
+
+
+async def test_a_produce_answer_that_waits_keeps_the_reservation_not_the_frame():
+    """An acks=all answer waits for the in-sync replicas long after its append: its bytes
+    stay reserved (the pool bounds the writes awaiting replication) while the frame's memory
+    is already free for the next frames."""
+    handlers = _AnswerHeld(MEMORY_LIMITS)
+    server = NativeServer(handlers)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        await nursery.start(server.serve, listeners)
+        stream = await trio.open_tcp_stream("127.0.0.1", listeners[0].socket.getsockname()[1])
+        body = {
+            "acks": -1,
+            "topics": [{"topic": "t", "partitions": [{"partition": 0, "size": FRAME_TAIL_BYTES}]}],
+        }
+        frame = memoryview(
+            encode_request(
+                Request(
+                    api_key=ApiKey.PRODUCE,
+                    api_version=0,
+                    correlation_id=2,
+                    client_id="c",
+                    body=body,
+                    tail=b"r" * FRAME_TAIL_BYTES,
+                )
+            )
+        )
+        small = encode_request(
+            Request(
+                api_key=ApiKey.API_VERSIONS, api_version=0, correlation_id=1, client_id="c", body={}
+            )
+        )
+        await stream.send_all(small)  # the connection's own structures exist before tracing
+        assert (await _read_response(stream, FrameDecoder())).correlation_id == 1
+        tracemalloc.start()
+        try:
+            await stream.send_all(frame)
+            await handlers.appended.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            allocated, allocated_peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert allocated_peak >= len(frame)  # received into one buffer of its size
+        assert allocated < len(frame) // 4, allocated
+        assert server.memory_pool.statistics().bytes_reserved >= len(frame)
+        handlers.answer.set()
+        response = await _read_response(stream, FrameDecoder())
+        assert (response.correlation_id, response.body["tail_bytes"]) == (2, FRAME_TAIL_BYTES)
+        await trio.testing.wait_all_tasks_blocked()
+        # answered: only the connection's read-ahead stays reserved
+        assert server.memory_pool.statistics().bytes_reserved <= MEMORY_LIMITS.socket_receive_bytes
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
