@@ -4,8 +4,8 @@ coordinator's SIGKILL, and the JSON API's `wal` topic.
 
 The cluster's short broker session (2 s, see cluster_launcher.py) is what shrinks the ISR
 here: a stopped broker misses its heartbeats, the controller fences it and takes it out of
-every ISR. The leader's own lag-based shrink (replica.lag.time.max.ms = 10 s, not
-configurable yet) is not waited for. Waits poll a condition in a bounded loop (`wait_for`);
+every ISR. The leader's own lag-based shrink (replica_lag_time_max_ms, 10 s by default) is
+not waited for. Waits poll a condition in a bounded loop (`wait_for`);
 times are printed (pytest -s), never asserted beyond the bounds.
 """
 
