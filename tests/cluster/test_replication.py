@@ -290,7 +290,6 @@ async def test_a_rolling_restart_under_acks_all_load_loses_nothing_and_leaves_no
     acked: dict[tuple[int, int], bytes] = {}
     failed: list[str] = []
     sent = 0
-    restarting = trio.Event()
     done = trio.Event()
 
     async def load() -> None:
@@ -320,7 +319,6 @@ async def test_a_rolling_restart_under_acks_all_load_loses_nothing_and_leaves_no
         async with trio.open_nursery() as nursery:
             nursery.start_soon(load)
             await wait_for(_true_when(lambda: len(acked) >= 200), timeout_s=30, what="acks")
-            restarting.set()
             for node_id in sorted(nodes):
                 stopped_runs.append(nodes[node_id].current)
                 await three_nodes.restart(node_id)
