@@ -1061,11 +1061,15 @@ async def simulate(seed: int, settings: SimSettings) -> SimResult:
                 await trio.sleep(0.1)
         if not cluster.converged():
             stuck = [f"not converged {CONVERGE_SECONDS_MAX:g} s after healing: {cluster.state()}"]
-            final, diverged = {}, []
+            final, starts, diverged = {}, {}, []
         else:
             final, starts, diverged = cluster.final_logs()
-            history = retained(history, starts)
-        verdict = check(history, final)
+        # what retention deleted is not checked, but counts for availability
+        verdict = dataclasses.replace(
+            check(retained(history, starts) if starts else history, final),
+            acknowledged=len(history.acknowledged),
+            max_unavailable_s=check(history, {}).max_unavailable_s,
+        )
         result = SimResult(
             seed=seed,
             settings=settings,
