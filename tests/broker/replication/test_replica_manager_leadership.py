@@ -5,19 +5,11 @@ from __future__ import annotations
 
 import pytest
 
+from replication_images import fenced, with_brokers, with_topic
+
 from broker.controller import (
-    EMPTY_IMAGE,
     NO_LEADER,
-    BrokerRegistration,
-    Decision,
-    Listener,
     MetadataImage,
-    NewTopic,
-    apply,
-    create_topic,
-    fence_broker,
-    register_broker,
-    unfence_broker,
 )
 from broker.limits import Limits
 from broker.replication.replica_manager import ReplicaManager
@@ -25,38 +17,6 @@ from broker.storage import LogConfig
 from broker.topic_registry import TopicRegistry
 from protocol import DwalError, ErrorCode
 from protocol.record_batch import build_batch, scan_batches
-
-
-def commit(image: MetadataImage, decision: Decision) -> MetadataImage:
-    assert not isinstance(decision, DwalError), decision
-    return apply(image, decision, entry_index=image.last_applied_index + 1)
-
-
-def with_brokers(*broker_ids: int) -> MetadataImage:
-    image = EMPTY_IMAGE
-    for broker_id in broker_ids:
-        registration = BrokerRegistration(
-            broker_id=broker_id,
-            incarnation_id=bytes([1]) + broker_id.to_bytes(15, "big"),
-            listeners=(Listener("native", "127.0.0.1", 9000 + broker_id),),
-        )
-        image = commit(image, register_broker(image, registration))
-        image = commit(image, unfence_broker(image, broker_id, image.brokers[broker_id].epoch))
-    return image
-
-
-def with_topic(image: MetadataImage, name: str, partitions: int, factor: int) -> MetadataImage:
-    new_topic = NewTopic(
-        name=name,
-        partitions=partitions,
-        replication_factor=factor,
-        topic_id=b"\xff" + (len(image.topics) + 1).to_bytes(15, "big"),
-    )
-    return commit(image, create_topic(image, new_topic))
-
-
-def fenced(image: MetadataImage, broker_id: int) -> MetadataImage:
-    return commit(image, fence_broker(image, broker_id, image.brokers[broker_id].epoch))
 
 
 async def manager_for(tmp_path, node_id: int, image: MetadataImage) -> ReplicaManager:

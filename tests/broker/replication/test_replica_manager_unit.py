@@ -28,20 +28,13 @@ from typing import Any
 import pytest
 import trio
 
+from replication_images import commit, fenced, unfenced, with_brokers, with_topic
+
 from broker.controller import (
     EMPTY_IMAGE,
     AlterPartitionRequest,
-    BrokerRegistration,
-    Decision,
-    Listener,
     MetadataImage,
-    NewTopic,
     alter_partition,
-    apply,
-    create_topic,
-    fence_broker,
-    register_broker,
-    unfence_broker,
 )
 from broker.limits import Limits
 from broker.replication.replica_fetcher import ReplicaFetcher, _whole_batches
@@ -63,42 +56,6 @@ TP = (TOPIC, 0)
 
 
 # ----------------------------------------------------------------------------- images
-
-
-def commit(image: MetadataImage, decision: Decision) -> MetadataImage:
-    assert not isinstance(decision, DwalError), decision
-    return apply(image, decision, entry_index=image.last_applied_index + 1)
-
-
-def with_brokers(*broker_ids: int) -> MetadataImage:
-    image = EMPTY_IMAGE
-    for broker_id in broker_ids:
-        registration = BrokerRegistration(
-            broker_id=broker_id,
-            incarnation_id=bytes([1]) + broker_id.to_bytes(15, "big"),
-            listeners=(Listener("native", "127.0.0.1", 9000 + broker_id),),
-        )
-        image = commit(image, register_broker(image, registration))
-        image = commit(image, unfence_broker(image, broker_id, image.brokers[broker_id].epoch))
-    return image
-
-
-def with_topic(image: MetadataImage, partitions: int = 1, factor: int = 3) -> MetadataImage:
-    new_topic = NewTopic(
-        name=TOPIC,
-        partitions=partitions,
-        replication_factor=factor,
-        topic_id=b"\xff" + (len(image.topics) + 1).to_bytes(15, "big"),
-    )
-    return commit(image, create_topic(image, new_topic))
-
-
-def fenced(image: MetadataImage, broker_id: int) -> MetadataImage:
-    return commit(image, fence_broker(image, broker_id, image.brokers[broker_id].epoch))
-
-
-def unfenced(image: MetadataImage, broker_id: int) -> MetadataImage:
-    return commit(image, unfence_broker(image, broker_id, image.brokers[broker_id].epoch))
 
 
 def with_isr(image: MetadataImage, isr: tuple[int, ...]) -> MetadataImage:
