@@ -112,12 +112,18 @@ def load_segments(directory: pathlib.Path, config: LogConfig, *, now_ms: int) ->
         _set_rolling_baseline(segments[-1], now_ms)
         leader_epochs = _load_leader_epochs(directory, segments)
         high_watermark = read_offset_checkpoint(directory / HIGH_WATERMARK_FILE)
+        if high_watermark is not None:
+            clipped = min(max(high_watermark, segments[0].base_offset), segments[-1].next_offset)
+            if clipped != high_watermark:
+                # A checkpoint beyond the recovered log (a power loss cut its tail) is
+                # rewritten: left as it is, it would be restored again after the next crash,
+                # once the log has grown back past it with records not known committed.
+                write_offset_checkpoint(directory / HIGH_WATERMARK_FILE, clipped)
+                high_watermark = clipped
     except (OSError, StorageError) as error:
         for segment in segments:
             segment.close()
         raise StorageError(f"cannot load {directory}: {error}") from error
-    if high_watermark is not None:
-        high_watermark = min(max(high_watermark, segments[0].base_offset), segments[-1].next_offset)
     return LoadedSegments(
         segments,
         recovered_after_crash=not clean and bool(bases),

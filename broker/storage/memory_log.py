@@ -130,8 +130,8 @@ class MemoryPartitionLog:
         log._leader_epochs.truncate_from_end(end)
         log._leader_epochs.truncate_from_start(start)
         log._checkpointed_epochs = log._leader_epochs.entries()  # rewritten when clipped
-        log._checkpointed_high_watermark = image.high_watermark  # read, not rewritten
         restored = _clip(image.high_watermark, start, end)
+        log._checkpointed_high_watermark = restored  # rewritten when clipped, as the file log
         log.restored_high_watermark = restored
         if high_watermark_managed_externally:
             log._high_watermark = start if restored is None else restored
