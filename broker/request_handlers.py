@@ -27,7 +27,7 @@ from broker.controller.metadata_records import NO_LEADER
 from broker.event_log import log_event
 from broker.wall_clock import now_ms
 from broker.group_coordinator import OFFSETS_TOPIC, GroupCoordinator
-from broker.storage import FetchSlice, PartitionLog, StorageError
+from broker.storage import FetchSlice, ReplicaLog, StorageError
 from broker.replication import ReplicaManager
 from broker.replication.broker_link import BrokerLink, BrokerLinkError
 from broker.topic_registry import TopicRegistry
@@ -827,7 +827,7 @@ class RequestHandlers:
                 results.append(result)
         return Reply({"topics": topics})
 
-    def _offset_for(self, log: PartitionLog, timestamp: int) -> dict[str, int]:
+    def _offset_for(self, log: ReplicaLog, timestamp: int) -> dict[str, int]:
         if timestamp == LATEST_TIMESTAMP:
             return {"offset": log.high_watermark, "timestamp": -1}
         if timestamp == EARLIEST_TIMESTAMP:
@@ -846,7 +846,7 @@ class _Wait:
 
     topic: str
     partition: int
-    log: PartitionLog
+    log: ReplicaLog
     end_offset: int  # the last appended offset + 1
     result: dict[str, Any]
     replicated: bool

@@ -43,7 +43,7 @@ import trio
 
 from broker.event_log import log_event
 from broker.replication.broker_link import BrokerLinkError, FetchLink
-from broker.storage import PartitionLog, StorageError
+from broker.storage import ReplicaLog, StorageError
 from broker.wall_clock import now_ms
 from protocol import DwalError, ErrorCode
 from protocol.api import ApiKey
@@ -68,7 +68,7 @@ TopicPartition = tuple[str, int]
 
 @dataclass(slots=True)
 class _Followed:
-    log: PartitionLog
+    log: ReplicaLog
     leader_epoch: int
     paused_until: float = 0.0  # trio time; the leader refused: rest until then
     truncations: int = 0
@@ -101,7 +101,7 @@ class ReplicaFetcher:
 
     # -- what to follow (called by the replica manager, in the trio thread) -------------------
 
-    def follow(self, tp: TopicPartition, log: PartitionLog, leader_epoch: int) -> None:
+    def follow(self, tp: TopicPartition, log: ReplicaLog, leader_epoch: int) -> None:
         """Follow the partition in `leader_epoch` (again: a refusal's pause ends)."""
         self.partitions[tp] = _Followed(log, leader_epoch)
         self._wake()
@@ -172,7 +172,7 @@ class ReplicaFetcher:
         self.fetches += 1
         tail = memoryview(response.tail)
         position = 0
-        durable_waits: list[tuple[PartitionLog, int]] = []
+        durable_waits: list[tuple[ReplicaLog, int]] = []
         for entry in response.body["topics"]:
             for part in entry["partitions"]:
                 chunk = tail[position : position + part["size"]]
@@ -189,7 +189,7 @@ class ReplicaFetcher:
 
     def _apply(
         self, tp: TopicPartition, followed: _Followed, part: dict[str, Any], chunk: memoryview
-    ) -> tuple[PartitionLog, int] | None:
+    ) -> tuple[ReplicaLog, int] | None:
         """Apply one partition's answer; returns (log, offset) to be durable before the next
         fetch under fsync=always."""
         log = followed.log

@@ -46,7 +46,7 @@ from broker.event_log import log_event
 from broker.replication.broker_link import BrokerLink, FetchLink
 from broker.replication.partition_replicas import PartitionReplicas
 from broker.replication.replica_fetcher import ReplicaFetcher
-from broker.storage import AppendInfo, FetchSlice, PartitionLog, StorageError
+from broker.storage import AppendInfo, FetchSlice, ReplicaLog, StorageError
 from broker.topic_registry import TopicRegistry
 from protocol import ACKS_ALL, DwalError, ErrorCode
 
@@ -65,7 +65,7 @@ def _now_ms() -> int:
     return int(trio.current_time() * 1000)
 
 
-def _manage_high_watermark(log: PartitionLog) -> None:
+def _manage_high_watermark(log: ReplicaLog) -> None:
     """Hand the log's high watermark to the replica layer. The first time after opening, it
     restarts from its checkpoint, or from the log start when there is none (a broker killed
     before its first checkpoint): never from the log end, since a follower must not pretend
@@ -85,7 +85,7 @@ class _Leading:
 
     topic: str
     partition: int
-    log: PartitionLog
+    log: ReplicaLog
     replicas: PartitionReplicas
     hw_changed: trio.Event = field(default_factory=trio.Event)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
@@ -173,7 +173,7 @@ class ReplicaManager:
 
     def leader_log(
         self, topic: str, partition: int, *, current_leader_epoch: int = -1
-    ) -> tuple[PartitionLog, int]:
+    ) -> tuple[ReplicaLog, int]:
         """The log of a partition this broker leads, and the leader epoch; raises DwalError
         as `leader_epoch` does, or KAFKA_STORAGE_ERROR when its log could not be opened.
         With `current_leader_epoch` (a client's, >= 0) that differs from this broker's:
@@ -224,7 +224,7 @@ class ReplicaManager:
 
     def append(
         self, topic: str, partition: int, batches: bytearray | memoryview, *, now_ms: int
-    ) -> tuple[PartitionLog, AppendInfo]:
+    ) -> tuple[ReplicaLog, AppendInfo]:
         """Append record batches to a partition this broker leads, stamped with its leader
         epoch. Raises DwalError (leadership) and what PartitionLog.append raises."""
         log, epoch = self.leader_log(topic, partition)
@@ -282,7 +282,7 @@ class ReplicaManager:
                 )
             await leading.hw_changed.wait()
 
-    def _acknowledged(self, log: PartitionLog) -> int:
+    def _acknowledged(self, log: ReplicaLog) -> int:
         return log.durable_offset if log.config.fsync == "always" else log.log_end_offset
 
     def _leader_progress(self, leading: _Leading) -> None:
@@ -469,7 +469,7 @@ class ReplicaManager:
         for tp in [tp for tp in self._followed if tp not in local]:
             self._stop_following(tp)
 
-    def _lead(self, topic: str, partition: int, log: PartitionLog, state: PartitionInfo) -> None:
+    def _lead(self, topic: str, partition: int, log: ReplicaLog, state: PartitionInfo) -> None:
         tp = (topic, partition)
         leading = self._leading.get(tp)
         if (
@@ -559,7 +559,7 @@ class ReplicaManager:
         self,
         topic: str,
         partition: int,
-        log: PartitionLog,
+        log: ReplicaLog,
         state: PartitionInfo,
         image: MetadataImage,
     ) -> None:

@@ -15,6 +15,7 @@ from .log_cleaner import CompactionResult
 from .log_config import TOPIC_CONFIG_KEYS, LogConfig
 from .memory_log import DurableImage, MemoryPartitionLog
 from .partition_log import AppendInfo, LogStatistics, PartitionLog
+from .replica_log import ReplicaLog
 
 __all__ = [
     "AppendInfo",
@@ -32,6 +33,7 @@ __all__ = [
     "OffsetOutOfRangeError",
     "PartitionLog",
     "RecordTooLargeError",
+    "ReplicaLog",
     "StorageError",
     "TOPIC_CONFIG_KEYS",
     "UNDEFINED_EPOCH",

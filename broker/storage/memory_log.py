@@ -50,6 +50,7 @@ from .fetch_slice import FetchSlice
 from .leader_epoch_cache import EpochEntry, LeaderEpochCache
 from .log_config import LogConfig
 from .partition_log import AppendInfo, LogStatistics, ReadLimit, _assign_offsets
+from .replica_log import ReplicaLog
 
 OFFSET_MAX = 2**63 - 1
 
@@ -662,3 +663,8 @@ def _clip(high_watermark: int | None, log_start_offset: int, log_end_offset: int
     if high_watermark is None:
         return None
     return min(max(high_watermark, log_start_offset), log_end_offset)
+
+
+def _fits_the_replica_layer(log: MemoryPartitionLog) -> ReplicaLog:
+    """Never called: mypy checks here that the replica layer can drive this log."""
+    return log
