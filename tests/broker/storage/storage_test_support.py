@@ -5,8 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from broker.storage import LogConfig, PartitionLog
-from protocol.record_batch import BatchHeader, build_batch, complete_prefix_bytes, scan_batches
+from broker.storage import LogConfig, PartitionLog, ReplicaLog
+from broker.storage.leader_epoch_cache import EpochEntry, LeaderEpochCache
+from protocol.record_batch import (
+    BatchHeader,
+    build_batch,
+    complete_prefix_bytes,
+    parse_header,
+    scan_batches,
+)
 
 
 def make_batch(
@@ -63,3 +70,28 @@ def flip_byte(path: Path, position: int, mask: int = 0xFF) -> None:
         value = file.read(1)[0]
         file.seek(position)
         file.write(bytes([value ^ mask]))
+
+
+def read_all(log: ReplicaLog, offset: int | None = None, *, up_to: str = "log_end") -> list[bytes]:
+    """Every whole batch from `offset` (by default the log start) to the limit, read slice
+    by slice."""
+    batches: list[bytes] = []
+    if offset is None:
+        offset = log.log_start_offset
+    while True:
+        with log.read(offset, 1 << 20, up_to=up_to) as fetched:
+            data = fetched.read_bytes()
+        data = data[: complete_prefix_bytes(data)]
+        if not data:
+            return batches
+        for batch in scan_batches(data):
+            batches.append(data[batch.position : batch.position + batch.header.size_bytes])
+            offset = batch.header.next_offset
+
+
+def epochs_of(batches: list[bytes]) -> tuple[EpochEntry, ...]:
+    cache = LeaderEpochCache()
+    for batch in batches:
+        header = parse_header(batch)
+        cache.assign(header.partition_leader_epoch, header.base_offset)
+    return cache.entries()

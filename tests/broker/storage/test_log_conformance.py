@@ -16,12 +16,11 @@ from typing import Awaitable, Callable, Union
 
 import pytest
 import trio
-from storage_test_support import make_batch, small_config
+from storage_test_support import epochs_of, make_batch, read_all, small_config
 
 from broker.storage import (
     CorruptRecordError,
     EpochEntry,
-    LeaderEpochCache,
     LeaderEpochError,
     LogConfig,
     MemoryPartitionLog,
@@ -33,7 +32,6 @@ from broker.storage import (
 from protocol.record_batch import (
     PARTITION_LEADER_EPOCH,
     PARTITION_LEADER_EPOCH_POSITION,
-    complete_prefix_bytes,
     parse_header,
     scan_batches,
 )
@@ -122,31 +120,6 @@ def bases_of(batches: list[bytes]) -> list[int]:
     """The base offset of each batch, then the offset after the last one."""
     bases = [parse_header(batch).base_offset for batch in batches]
     return bases + [parse_header(batches[-1]).next_offset if batches else 0]
-
-
-def read_all(log: Log, offset: int | None = None, *, up_to: str = "log_end") -> list[bytes]:
-    """Every whole batch from `offset` (by default the log start) to the limit, read slice
-    by slice."""
-    batches: list[bytes] = []
-    if offset is None:
-        offset = log.log_start_offset
-    while True:
-        with log.read(offset, 1 << 20, up_to=up_to) as fetched:  # type: ignore[arg-type]
-            data = fetched.read_bytes()
-        data = data[: complete_prefix_bytes(data)]
-        if not data:
-            return batches
-        for batch in scan_batches(data):
-            batches.append(data[batch.position : batch.position + batch.header.size_bytes])
-            offset = batch.header.next_offset
-
-
-def epochs_of(batches: list[bytes]) -> tuple[EpochEntry, ...]:
-    cache = LeaderEpochCache()
-    for batch in batches:
-        header = parse_header(batch)
-        cache.assign(header.partition_leader_epoch, header.base_offset)
-    return cache.entries()
 
 
 def check_log(log: Log, batches: list[bytes], high_watermark: int) -> None:

@@ -9,7 +9,8 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from storage_test_support import make_batch, small_config
-from test_log_conformance import bases_of, epochs_of, read_all
+from storage_test_support import epochs_of, read_all
+from test_log_conformance import bases_of
 
 from broker.storage import (
     CorruptRecordError,

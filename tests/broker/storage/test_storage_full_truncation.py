@@ -17,7 +17,7 @@ from typing import Callable
 
 import pytest
 from storage_test_support import make_batch, small_config
-from test_log_conformance import read_all
+from storage_test_support import read_all
 
 from broker.storage import EpochEntry, PartitionLog
 from broker.storage.log_loader import TRUNCATE_FULLY_FILE

@@ -12,11 +12,11 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from storage_test_support import make_batch, small_config
+from storage_test_support import epochs_of, make_batch, read_all, small_config
 
 from broker.storage import OffsetOutOfRangeError, PartitionLog, StorageError, partition_log
-from broker.storage.leader_epoch_cache import EpochEntry, LeaderEpochCache
-from protocol.record_batch import complete_prefix_bytes, parse_header, scan_batches
+from broker.storage.leader_epoch_cache import EpochEntry
+from protocol.record_batch import parse_header
 
 CONFIG = small_config(segment_bytes=1024, index_interval_bytes=100)
 
@@ -28,29 +28,6 @@ def open_log(directory: Path, **overrides) -> PartitionLog:
 
 def _base() -> dict:
     return dict(segment_bytes=1024, index_interval_bytes=100)
-
-
-def read_all(log: PartitionLog) -> list[bytes]:
-    """Every batch up to the log end, as bytes."""
-    batches: list[bytes] = []
-    offset = log.log_start_offset
-    while True:
-        with log.read(offset, 1 << 20, up_to="log_end") as fetched:
-            data = fetched.read_bytes()
-        data = data[: complete_prefix_bytes(data)]
-        if not data:
-            return batches
-        for batch in scan_batches(data):
-            batches.append(data[batch.position : batch.position + batch.header.size_bytes])
-            offset = batch.header.next_offset
-
-
-def epochs_of(batches: list[bytes]) -> tuple[EpochEntry, ...]:
-    cache = LeaderEpochCache()
-    for batch in batches:
-        header = parse_header(batch)
-        cache.assign(header.partition_leader_epoch, header.base_offset)
-    return cache.entries()
 
 
 def check_log(log: PartitionLog, batches: list[bytes], high_watermark: int) -> None:
