@@ -25,6 +25,7 @@ class ApiKey(enum.IntEnum):
     LIST_GROUPS = 16
     API_VERSIONS = 18
     CREATE_TOPICS = 19
+    INIT_PRODUCER_ID = 22
     DELETE_TOPICS = 20
     ALTER_CONFIGS = 33
     DELETE_GROUPS = 42
@@ -38,6 +39,7 @@ class ApiKey(enum.IntEnum):
     DESCRIBE_CLUSTER = 60
     BROKER_REGISTRATION = 62
     BROKER_HEARTBEAT = 63
+    ALLOCATE_PRODUCER_IDS = 67
 
 
 # Special timestamps of ListOffsets, as in Kafka.
@@ -162,6 +164,10 @@ REQUESTS: dict[ApiKey, Struct] = {
     ApiKey.LIST_GROUPS: Struct(),
     ApiKey.CONSUMER_GROUP_DESCRIBE: Struct(group_ids=ListOf(STR, length_max=1000)),
     ApiKey.DELETE_GROUPS: Struct(group_ids=ListOf(STR, length_max=1000)),
+    # An idempotent producer asks any broker for a producer id (epoch 0) at its start.
+    ApiKey.INIT_PRODUCER_ID: Struct(),
+    # A broker asks the active controller for a block of producer ids to hand out.
+    ApiKey.ALLOCATE_PRODUCER_IDS: Struct(broker_id=INT, broker_epoch=INT),
     # A broker (re)registers with the active controller at start; the answer is its epoch.
     ApiKey.BROKER_REGISTRATION: Struct(
         broker_id=INT,
@@ -386,6 +392,10 @@ RESPONSES: dict[ApiKey, Struct] = {
         )
     ),
     ApiKey.DELETE_GROUPS: Struct(groups=ListOf(_GROUP_ERROR)),
+    ApiKey.INIT_PRODUCER_ID: Struct(producer_id=INT, producer_epoch=INT),
+    ApiKey.ALLOCATE_PRODUCER_IDS: Struct(
+        producer_id_start=INT, producer_id_len=INT, metadata_offset=(INT, -1)
+    ),
     ApiKey.BROKER_REGISTRATION: Struct(broker_epoch=INT),  # the registering entry's index
     ApiKey.BROKER_HEARTBEAT: Struct(is_fenced=BOOL, should_shut_down=BOOL),
     ApiKey.DESCRIBE_CLUSTER: Struct(

@@ -40,6 +40,10 @@ class ErrorCode(enum.IntEnum):
     INVALID_REPLICATION_FACTOR = 38
     INVALID_CONFIG = 40
     INVALID_REQUEST = 42
+    OUT_OF_ORDER_SEQUENCE_NUMBER = 45  # an idempotent batch's sequence skips one ahead
+    DUPLICATE_SEQUENCE_NUMBER = 46
+    INVALID_PRODUCER_EPOCH = 47  # an idempotent batch from an older epoch of its producer id
+    UNKNOWN_PRODUCER_ID = 59
     KAFKA_STORAGE_ERROR = 56
     UNSUPPORTED_COMPRESSION_TYPE = 76
     INVALID_RECORD = 87
