@@ -27,6 +27,7 @@ from broker.controller.metadata_records import NO_LEADER
 from broker.event_log import log_event
 from broker.wall_clock import now_ms
 from broker.group_coordinator import OFFSETS_TOPIC, GroupCoordinator
+from broker.producer_ids import ProducerIdBlocks
 from broker.storage import FetchSlice, ReplicaLog, StorageError
 from broker.replication import ReplicaManager
 from broker.replication.broker_link import BrokerLink, BrokerLinkError
@@ -106,6 +107,7 @@ class RequestHandlers:
         self.coordinator = coordinator
         self.advertised_port = advertised_port
         self._links: dict[tuple[str, int], list[BrokerLink]] = {}  # idle, for forwarding
+        self.producer_ids = ProducerIdBlocks(self._allocate_producer_ids)
         self.table: dict[ApiKey, Callable[[dict, bytes, RequestContext], Awaitable[Reply]]] = {
             ApiKey.API_VERSIONS: self.api_versions,
             ApiKey.METADATA: self.metadata,
@@ -128,6 +130,8 @@ class RequestHandlers:
             ApiKey.BROKER_REGISTRATION: self.refuse_broker_request,
             ApiKey.BROKER_HEARTBEAT: self.refuse_broker_request,
             ApiKey.ALTER_PARTITION: self.refuse_broker_request,
+            ApiKey.ALLOCATE_PRODUCER_IDS: self.refuse_broker_request,
+            ApiKey.INIT_PRODUCER_ID: self.init_producer_id,
         }
 
     async def start(
@@ -363,6 +367,23 @@ class RequestHandlers:
         self, body: dict, tail: bytes, context: RequestContext
     ) -> Reply:
         return Reply(await self.member.call_controller(ApiKey.ELECT_LEADERS, body))
+
+    async def init_producer_id(self, body: dict, tail: bytes, context: RequestContext) -> Reply:
+        producer_id = await self.producer_ids.next_producer_id()
+        return Reply({"producer_id": producer_id, "producer_epoch": 0})
+
+    async def _allocate_producer_ids(self) -> tuple[int, int]:
+        lifecycle = self.member.lifecycle
+        epoch = -1 if lifecycle is None else lifecycle.broker_epoch
+        if epoch < 0:
+            raise DwalError(
+                ErrorCode.NOT_CONTROLLER, "this broker has not registered with the controller yet"
+            )
+        reply = await self.member.ask_controller(
+            ApiKey.ALLOCATE_PRODUCER_IDS,
+            {"broker_id": self.config.node_id, "broker_epoch": epoch},
+        )
+        return reply["producer_id_start"], reply["producer_id_len"]
 
     async def refuse_broker_request(
         self, body: dict, tail: bytes, context: RequestContext

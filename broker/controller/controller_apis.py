@@ -21,9 +21,11 @@ from typing import Any
 from broker.controller.decisions import (
     AlterPartitionRequest,
     BrokerRegistration,
+    PRODUCER_ID_BLOCK_SIZE,
     Decision,
     NewTopic,
     alter_configs,
+    allocate_producer_ids,
     alter_partition,
     create_partitions,
     create_topic,
@@ -72,6 +74,7 @@ class ControllerApis:
             ApiKey.ELECT_LEADERS: self.elect_leaders,
             ApiKey.ALTER_PARTITION: self.alter_partition,
             ApiKey.DESCRIBE_CLUSTER: self.describe_cluster,
+            ApiKey.ALLOCATE_PRODUCER_IDS: self.allocate_producer_ids,
         }
 
     async def handle(self, api_key: ApiKey, body: dict[str, Any]) -> dict[str, Any]:
@@ -119,6 +122,22 @@ class ControllerApis:
             broker_id, epoch, metadata_offset=body["metadata_offset"]
         )
         return {"is_fenced": reply.fenced, "should_shut_down": reply.shut_down}
+
+    async def allocate_producer_ids(self, body: dict[str, Any]) -> dict[str, Any]:
+        broker_id, epoch = body["broker_id"], body["broker_epoch"]
+        starts: list[int] = []
+
+        def decide(image: MetadataImage) -> Decision:
+            starts.append(image.next_producer_id)
+            return allocate_producer_ids(image, broker_id, epoch)
+
+        # Decisions run one at a time: the last image decided on is the committed block's.
+        index = await self.controller.submit(decide)
+        return {
+            "producer_id_start": starts[-1],
+            "producer_id_len": PRODUCER_ID_BLOCK_SIZE,
+            "metadata_offset": index,
+        }
 
     async def alter_partition(self, body: dict[str, Any]) -> dict[str, Any]:
         topics = []

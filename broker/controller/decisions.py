@@ -40,6 +40,7 @@ from broker.controller.metadata_image import (
 from broker.controller.metadata_records import (
     DEFAULT_LIMITS,
     INT32_MAX,
+    INT64_MAX,
     NO_LEADER,
     BrokerShutdownRecord,
     ConfigRecord,
@@ -51,6 +52,7 @@ from broker.controller.metadata_records import (
     MetadataRecord,
     PartitionChangeRecord,
     PartitionRecord,
+    ProducerIdsRecord,
     RegisterBrokerRecord,
     RemoveTopicRecord,
     TopicRecord,
@@ -601,6 +603,32 @@ def elect_leaders(
         (topic, number): elect_preferred_leader(image, topic, number)
         for topic, number in partitions
     }
+
+
+# ----------------------------------------------------------------------------- producer ids
+
+PRODUCER_ID_BLOCK_SIZE = 1000  # as Kafka's controller hands them out (KIP-730)
+
+
+def allocate_producer_ids(
+    image: MetadataImage,
+    broker_id: int,
+    broker_epoch: int,
+    block_size: int = PRODUCER_ID_BLOCK_SIZE,
+) -> Decision:
+    """Hand a registered broker the block of producer ids [image.next_producer_id,
+    + block_size): the record moves the image's next id past it, so once committed no other
+    broker, and no controller after a failover, hands out those ids again. The caller reads
+    the block's start from the image it decided on. Refuses as `fence_broker` does for an
+    unknown broker or another epoch, and UNKNOWN_SERVER_ERROR when the id space is spent."""
+    assert block_size > 0
+    broker = _registered(image, broker_id, broker_epoch)
+    if isinstance(broker, DwalError):
+        return broker
+    next_producer_id = image.next_producer_id + block_size
+    if next_producer_id > INT64_MAX:
+        return DwalError(ErrorCode.UNKNOWN_SERVER_ERROR, "every producer id has been handed out")
+    return [ProducerIdsRecord(next_producer_id=next_producer_id)]
 
 
 # ----------------------------------------------------------------------------- shared

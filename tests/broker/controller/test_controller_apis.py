@@ -443,6 +443,28 @@ async def test_alter_partition_and_elect_leaders(nursery, autojump_clock):
     assert nothing["topics"] == [], "every preferred leader leads"
 
 
+async def test_allocate_producer_ids_gives_disjoint_blocks_to_registered_brokers(
+    nursery, autojump_clock
+):
+    apis = await active_apis(nursery)
+    epochs = {broker_id: await register(apis, broker_id) for broker_id in (1, 2)}
+    blocks = []
+    for broker_id in (1, 2, 1):
+        body = {"broker_id": broker_id, "broker_epoch": epochs[broker_id]}
+        reply = await call(apis, ApiKey.ALLOCATE_PRODUCER_IDS, body)
+        blocks.append((reply["producer_id_start"], reply["producer_id_len"]))
+        assert reply["metadata_offset"] == apis.controller.image.last_applied_index
+    assert blocks == [(0, 1000), (1000, 1000), (2000, 1000)]
+    assert apis.controller.image.next_producer_id == 3000
+    with pytest.raises(DwalError) as caught:
+        await call(apis, ApiKey.ALLOCATE_PRODUCER_IDS, {"broker_id": 1, "broker_epoch": 999})
+    assert caught.value.code == ErrorCode.STALE_BROKER_EPOCH
+    with pytest.raises(DwalError) as caught:
+        await call(apis, ApiKey.ALLOCATE_PRODUCER_IDS, {"broker_id": 7, "broker_epoch": 1})
+    assert caught.value.code == ErrorCode.BROKER_NOT_AVAILABLE
+    assert apis.controller.image.next_producer_id == 3000, "a refusal hands out nothing"
+
+
 async def test_describe_cluster_lists_brokers_voters_and_learners_with_lag(nursery, autojump_clock):
     apis = await active_apis(nursery)
     epochs = await add_brokers(apis, 5)
@@ -489,6 +511,7 @@ NOT_CONTROLLER_BODIES = {
     ApiKey.CREATE_PARTITIONS: {"topics": [{"topic": "a", "count": 2}]},
     ApiKey.ELECT_LEADERS: {"topics": None},
     ApiKey.DESCRIBE_CLUSTER: {},
+    ApiKey.ALLOCATE_PRODUCER_IDS: {"broker_id": 1, "broker_epoch": 1},
 }
 
 

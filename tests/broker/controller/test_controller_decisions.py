@@ -17,9 +17,11 @@ from broker.controller import (
     Listener,
     NewTopic,
     PartitionChangeRecord,
+    ProducerIdsRecord,
     RegisterBrokerRecord,
     RemoveTopicRecord,
     UnfenceBrokerRecord,
+    allocate_producer_ids,
     alter_configs,
     alter_partition,
     create_partitions,
@@ -520,3 +522,36 @@ def test_preferred_leader_election():
     assert elect_leaders(log.image) == {}
     assert elect_preferred_leader(log.image, "orders", 0) == []
     refused(elect_preferred_leader(log.image, "orders", 3), ErrorCode.UNKNOWN_TOPIC_OR_PARTITION)
+
+
+# ----------------------------------------------------------------- producer ids
+
+
+def test_producer_id_blocks_follow_each_other_and_survive_a_replay():
+    log = cluster(1, 2)
+    epochs = {b: log.image.brokers[b].epoch for b in (1, 2)}
+    starts = []
+    for broker_id in (1, 2, 1):
+        starts.append(log.image.next_producer_id)
+        decision = allocate_producer_ids(log.image, broker_id, epochs[broker_id], block_size=10)
+        assert decision == [ProducerIdsRecord(next_producer_id=starts[-1] + 10)]
+        log.commit(decision)
+    assert starts == [0, 10, 20]
+    assert log.replay().next_producer_id == 30
+
+
+def test_producer_ids_go_only_to_a_registered_broker_of_the_current_epoch():
+    log = cluster(1)
+    refused(allocate_producer_ids(log.image, 2, 1), ErrorCode.BROKER_NOT_AVAILABLE)
+    epoch = log.image.brokers[1].epoch
+    refused(allocate_producer_ids(log.image, 1, epoch + 1), ErrorCode.STALE_BROKER_EPOCH)
+
+
+def test_the_last_producer_ids_are_not_handed_out_past_the_largest():
+    log = cluster(1)
+    log.commit([ProducerIdsRecord(next_producer_id=2**63 - 5)])
+    epoch = log.image.brokers[1].epoch
+    assert allocate_producer_ids(log.image, 1, epoch, block_size=4)
+    refused(
+        allocate_producer_ids(log.image, 1, epoch, block_size=5), ErrorCode.UNKNOWN_SERVER_ERROR
+    )

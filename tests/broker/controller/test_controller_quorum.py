@@ -19,6 +19,7 @@ from quorum_cluster import (
 )
 
 from broker.controller import (
+    allocate_producer_ids,
     ClusterIdRecord,
     NO_LEADER,
     MetadataImage,
@@ -396,3 +397,26 @@ async def test_a_new_active_controller_gives_one_session_of_grace(nursery, autoj
     assert session - 0.05 <= fenced_after <= session + 0.5
     assert second.image.unfenced_broker_ids() == [1, 2]
     assert second.statistics().brokers_fenced == 1
+
+
+async def test_producer_ids_are_never_handed_out_twice_across_a_failover(nursery, autojump_clock):
+    cluster = await make_cluster(nursery, seed=3)
+    await cluster.register(1)
+    first = await cluster.wait_active()
+    epoch = first.image.brokers[1].epoch
+
+    async def allocate(controller: QuorumController) -> int:
+        starts = []
+
+        def decide(image):
+            starts.append(image.next_producer_id)
+            return allocate_producer_ids(image, 1, epoch)
+
+        await controller.submit(decide)
+        return starts[-1]
+
+    blocks = [await allocate(first), await allocate(first)]
+    await cluster.crash(first.node_id)
+    second = await cluster.wait_active(other_than=first.node_id)
+    blocks.append(await allocate(second))
+    assert blocks == [0, 1000, 2000]
