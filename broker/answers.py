@@ -7,7 +7,10 @@ import trio
 
 from broker.storage import (
     CorruptRecordError,
+    InvalidProducerEpochError,
+    InvalidRecordError,
     OffsetOutOfRangeError,
+    OutOfOrderSequenceError,
     RecordTooLargeError,
     StorageError,
 )
@@ -25,6 +28,12 @@ def error_of(error: BaseException) -> tuple[ErrorCode, str]:
         return ErrorCode.MESSAGE_TOO_LARGE, str(error)
     if isinstance(error, OffsetOutOfRangeError):
         return ErrorCode.OFFSET_OUT_OF_RANGE, str(error)
+    if isinstance(error, InvalidRecordError):
+        return ErrorCode.INVALID_RECORD, str(error)
+    if isinstance(error, OutOfOrderSequenceError):
+        return ErrorCode.OUT_OF_ORDER_SEQUENCE_NUMBER, str(error)
+    if isinstance(error, InvalidProducerEpochError):
+        return ErrorCode.INVALID_PRODUCER_EPOCH, str(error)
     if isinstance(error, (StorageError, OSError)):
         return ErrorCode.KAFKA_STORAGE_ERROR, f"storage error: {error}"
     raise error

@@ -1,7 +1,16 @@
 """Partition storage: segmented logs with sparse indexes, group commit, crash recovery,
-retention and compaction; and an in-memory log with a model of the disk for simulations."""
+retention and compaction, idempotent producers' state; and an in-memory log with a model of
+the disk for simulations."""
 
-from .errors import CorruptRecordError, OffsetOutOfRangeError, RecordTooLargeError, StorageError
+from .errors import (
+    CorruptRecordError,
+    InvalidProducerEpochError,
+    InvalidRecordError,
+    OffsetOutOfRangeError,
+    OutOfOrderSequenceError,
+    RecordTooLargeError,
+    StorageError,
+)
 from .fetch_slice import FetchSlice
 from .fsync_runner import FsyncRunner
 from .leader_epoch_cache import (
@@ -15,23 +24,30 @@ from .log_cleaner import CompactionResult
 from .log_config import TOPIC_CONFIG_KEYS, LogConfig
 from .memory_log import DurableImage, MemoryPartitionLog
 from .partition_log import AppendInfo, LogStatistics, PartitionLog
+from .producer_state import BatchMetadata, ProducerState, ProducerStateTable
 from .replica_log import ReplicaLog
 
 __all__ = [
     "AppendInfo",
+    "BatchMetadata",
     "CompactionResult",
     "CorruptRecordError",
     "DurableImage",
     "EpochEntry",
     "FetchSlice",
     "FsyncRunner",
+    "InvalidProducerEpochError",
+    "InvalidRecordError",
     "LeaderEpochCache",
     "LeaderEpochError",
     "LogConfig",
     "LogStatistics",
     "MemoryPartitionLog",
     "OffsetOutOfRangeError",
+    "OutOfOrderSequenceError",
     "PartitionLog",
+    "ProducerState",
+    "ProducerStateTable",
     "RecordTooLargeError",
     "ReplicaLog",
     "StorageError",

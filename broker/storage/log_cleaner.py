@@ -25,7 +25,9 @@ still be lost or truncated, so it never decides what is removed. The worker runs
    it is. So that a copy never grows (positions are u32 and a segment has a size limit), a
    batch is also copied as it is when its rewrite would make the copy larger than the part
    of the original read so far: compaction guarantees the last value of each key, not that
-   every older one is gone. A segment where nothing would be removed is not written at all.
+   every older one is gone. So is the last batch of each idempotent producer the log knows
+   (`retained_batch_offsets`, see "Idempotent producers" below). A segment where nothing
+   would be removed is not written at all.
    A segment whose every record is removed becomes an empty file that keeps its name: the
    log start offset moves only by retention, never by compaction.
 3. Make the copies durable (data and index files `<base>.index.cleaned`, ...), remove the
@@ -38,6 +40,18 @@ Back in the trio thread, each `.swap` replaces its `.log` by rename (readers hol
 file's descriptor keep reading the old inode) and the new segment object replaces the old
 one, unless the segment was deleted by retention meanwhile or the log closed: then the
 result is discarded. When a log closes, its abort event stops the worker at the next chunk.
+
+Idempotent producers. Loading a log rebuilds the producers' state (`producer_state`) from a
+snapshot and the batch headers after it, or from every header when no snapshot is sound.
+Snapshots are taken at rolls, so they already cover every segment compaction may touch; but
+a rebuild from the headers must still never find an older state than the log had. Hence the
+rule, Kafka's: the last batch of each producer in the log's state is never rewritten, so its
+epoch, last sequence and offsets survive (Kafka keeps it even emptied; DWAL copies it whole:
+its older values of keys stay until the producer writes again). Earlier batches of a
+producer may be rewritten as runs, each keeping its records' sequences, so a rebuild from
+the headers may recognise fewer retries of those (they then fail as out of order rather
+than being written twice). Producers already expired are not protected: a rebuild may
+bring one back, with an older state, until the next expiration removes it again.
 """
 
 from __future__ import annotations
@@ -127,6 +141,8 @@ class CleaningPlan:
     delete_horizon_ms: int  # tombstones in batches older than this are dropped
     keys_max: int
     index_interval_bytes: int
+    # base offsets of the batches copied whole: each idempotent producer's last batch
+    retained_batch_offsets: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -320,7 +336,9 @@ def _clean_segment(
     writer = _CleanedWriter(plan, source, abort)
     try:
         for header, batch in _read_batches(source, abort):
-            records = _decode(header, batch)
+            records = None
+            if header.base_offset not in plan.retained_batch_offsets:
+                records = _decode(header, batch)
             if records is None:
                 writer.add(header, batch, None, 0)
                 continue

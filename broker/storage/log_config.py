@@ -3,7 +3,8 @@
 Topic configs arrive as strings keyed by dotted names (`segment.bytes`); `LogConfig` holds
 them typed and checked. Every rule lives in one table, `_RULES`, used both when parsing
 topic configs and when a `LogConfig` is built directly, so a bad value is refused the same
-way from either side.
+way from either side. A few fields are the broker's alone (`BROKER_ONLY_FIELDS`): no topic
+config sets them, and topic configs carry them over from the broker's defaults.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import re
 import types
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
+
+from .producer_state import PRODUCERS_MAX_LIMIT
 
 KIBIBYTE = 1024
 MEBIBYTE = 1024 * KIBIBYTE
@@ -46,10 +49,15 @@ class LogConfig:
     cleanup_policy: str = "delete"
     delete_retention_ms: int = DAY_MS
     min_insync_replicas: int = 1
+    # The broker's alone (not topic configs):
+    producer_id_expiration_ms: int = DAY_MS  # an idle idempotent producer's state is dropped
+    producers_max: int = 10_000  # idempotent producers per partition; more evict the idlest
 
     def __post_init__(self) -> None:
         for key, field_name in TOPIC_CONFIG_KEYS.items():
             _RULES[key].check(key, getattr(self, field_name))
+        for field_name, rule in _BROKER_ONLY_RULES.items():
+            rule.check(field_name, getattr(self, field_name))
 
     @property
     def deletes_old_segments(self) -> bool:
@@ -168,5 +176,16 @@ TOPIC_CONFIG_KEYS: Mapping[str, str] = types.MappingProxyType(
         "min.insync.replicas": "min_insync_replicas",
     }
 )
+# Fields no topic config sets, checked by these rules (messages name the field).
+_BROKER_ONLY_RULES: Mapping[str, _Rule] = types.MappingProxyType(
+    {
+        "producer_id_expiration_ms": _integer_rule(1),
+        "producers_max": _integer_rule(1, PRODUCERS_MAX_LIMIT),
+    }
+)
+BROKER_ONLY_FIELDS = frozenset(_BROKER_ONLY_RULES)
 assert set(_RULES) == set(TOPIC_CONFIG_KEYS)
-assert set(TOPIC_CONFIG_KEYS.values()) == {field.name for field in dataclasses.fields(LogConfig)}
+assert set(TOPIC_CONFIG_KEYS.values()) | BROKER_ONLY_FIELDS == {
+    field.name for field in dataclasses.fields(LogConfig)
+}
+assert not BROKER_ONLY_FIELDS & set(TOPIC_CONFIG_KEYS.values())

@@ -26,7 +26,16 @@ Theory of operation. Loading runs explicit passes over the directory:
 5. load the leader-epoch cache from its checkpoint (rebuilt from the batch headers when the
    file is missing or unreadable) and the high watermark checkpoint, and clip both to the
    recovered log: epochs starting at or after its end are dropped, the first one starts at
-   the log start, and the high watermark lies in [log start, log end].
+   the log start, and the high watermark lies in [log start, log end];
+6. load the idempotent producers' state (`load_producer_state`, also what a truncation
+   runs): from the latest producer-state snapshot at or below the log end, then from the
+   headers of the batches after it. A snapshot `{offset:020d}.snapshot` holds the table
+   for the batches below its offset; the log writes one at each segment roll and at a clean
+   close, so after a clean close nothing is scanned, and after a crash only what was written
+   since the last roll. Snapshots above the log end (its tail was cut by recovery or a
+   truncation) or below the log start are deleted, and so is a damaged one (CRC), the next
+   older one being tried; without any, every batch header of the log is read. A log without
+   batches reads nothing and needs no snapshot file.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ import os
 import pathlib
 import re
 from dataclasses import dataclass
+from typing import Iterable, Sequence
 
 from .checkpoint import (
     TEMPORARY_SUFFIX,
@@ -48,6 +58,7 @@ from .batch_scanner import iterate_headers
 from .errors import StorageError
 from .leader_epoch_cache import LeaderEpochCache, parse_checkpoint
 from .log_config import LogConfig
+from .producer_state import SNAPSHOT_BYTES_MAX, ProducerStateTable, parse_snapshot
 from .segment import (
     CLEANED_SUFFIX,
     DELETED_SUFFIX,
@@ -65,7 +76,10 @@ RECOVERY_POINT_FILE = "recovery-point"
 HIGH_WATERMARK_FILE = "high-watermark"
 LEADER_EPOCH_CHECKPOINT_FILE = "leader-epoch-checkpoint"
 TRUNCATE_FULLY_FILE = "truncate-fully-and-start-at"  # the intent of a full truncation
+PRODUCER_SNAPSHOT_SUFFIX = ".snapshot"
+PRODUCER_SNAPSHOTS_KEPT = 3  # the latest ones; older ones only serve a deeper truncation
 _SEGMENT_FILE_PATTERN = re.compile(r"([0-9]{20})(\.log|\.index|\.timeindex)")
+_SNAPSHOT_FILE_PATTERN = re.compile(r"([0-9]{20})\.snapshot")
 _SWAP_FILE_PATTERN = re.compile(r"([0-9]{20})\.log\.swap")
 
 logger = logging.getLogger("dwal.storage")
@@ -77,6 +91,14 @@ class LoadedSegments:
     recovered_after_crash: bool  # not shut down cleanly: segments were checked batch by batch
     leader_epochs: LeaderEpochCache  # clipped to the log, and checkpointed as it is
     high_watermark: int | None  # the checkpointed one clipped to the log, None if none
+    producers: LoadedProducerState
+
+
+@dataclass(frozen=True)
+class LoadedProducerState:
+    table: ProducerStateTable  # the producers of the batches in the log
+    snapshot_offsets: list[int]  # of the snapshot files kept, ascending
+    snapshot_is_current: bool  # the latest snapshot is at the log end and holds `table`
 
 
 def load_segments(directory: pathlib.Path, config: LogConfig, *, now_ms: int) -> LoadedSegments:
@@ -86,7 +108,7 @@ def load_segments(directory: pathlib.Path, config: LogConfig, *, now_ms: int) ->
         _remove_leftovers(directory)
         _complete_full_truncation(directory)
         swapped = _complete_swaps(directory)
-        bases = _list_segment_bases(directory)
+        bases, snapshot_offsets = _list_segment_bases(directory)
         clean = _consume_clean_shutdown_marker(directory)
     except OSError as error:
         raise StorageError(f"cannot load {directory}: {error}") from error
@@ -120,6 +142,9 @@ def load_segments(directory: pathlib.Path, config: LogConfig, *, now_ms: int) ->
                 # once the log has grown back past it with records not known committed.
                 write_offset_checkpoint(directory / HIGH_WATERMARK_FILE, clipped)
                 high_watermark = clipped
+        producers = load_producer_state(
+            directory, segments, snapshot_offsets, producers_max=config.producers_max
+        )
     except (OSError, StorageError) as error:
         for segment in segments:
             segment.close()
@@ -129,6 +154,7 @@ def load_segments(directory: pathlib.Path, config: LogConfig, *, now_ms: int) ->
         recovered_after_crash=not clean and bool(bases),
         leader_epochs=leader_epochs,
         high_watermark=high_watermark,
+        producers=producers,
     )
 
 
@@ -162,6 +188,104 @@ def _rebuild_leader_epochs(segments: list[Segment]) -> LeaderEpochCache:
     return cache
 
 
+# The producers' state.
+
+
+def producer_snapshot_path(directory: pathlib.Path, offset: int) -> pathlib.Path:
+    return directory / segment_file_name(offset, PRODUCER_SNAPSHOT_SUFFIX)
+
+
+def write_producer_snapshot(
+    directory: pathlib.Path, offset: int, table: ProducerStateTable
+) -> None:
+    """Durably write the snapshot of `table`, which holds the batches below `offset`.
+    Raises OSError. Blocking (a small file and two fsyncs)."""
+    write_atomically(producer_snapshot_path(directory, offset), table.snapshot_bytes(offset))
+
+
+def load_producer_state(
+    directory: pathlib.Path,
+    segments: Sequence[Segment],
+    snapshot_offsets: Iterable[int],
+    *,
+    producers_max: int,
+) -> LoadedProducerState:
+    """The producers' state of the log made of `segments` (see pass 6 of the theory of
+    operation), given the offsets of the snapshot files in `directory`: the latest sound
+    snapshot at or below the log end, then every batch header after it. Deletes the
+    snapshots outside [log start, log end] (durably, for those above the end: one must
+    never come back once the log grows past it with other batches) and damaged ones, and
+    keeps the latest PRODUCER_SNAPSHOTS_KEPT. Raises OSError, StorageError (a batch header
+    the file contradicts). Blocking."""
+    start, end = segments[0].base_offset, segments[-1].next_offset
+    offsets = sorted(set(snapshot_offsets))
+    candidates = [offset for offset in offsets if start <= offset <= end]
+    for offset in offsets:
+        if not start <= offset <= end:
+            producer_snapshot_path(directory, offset).unlink(missing_ok=True)
+    if offsets and offsets[-1] > end:
+        fsync_directory(directory)
+    table, from_offset = None, start
+    while candidates and table is None:
+        table = _read_producer_snapshot(directory, candidates[-1], producers_max)
+        if table is None:
+            logger.warning(
+                "%s: producer-state snapshot %s is damaged: deleted, an older one is used",
+                directory,
+                producer_snapshot_path(directory, candidates[-1]).name,
+            )
+            producer_snapshot_path(directory, candidates.pop()).unlink(missing_ok=True)
+        else:
+            from_offset = candidates[-1]
+    loaded = table is not None
+    if table is None:
+        table = ProducerStateTable(producers_max=producers_max)
+    version = table.version
+    _replay_producer_batches(table, segments, from_offset)
+    table.truncate_head(start)
+    for offset in candidates[:-PRODUCER_SNAPSHOTS_KEPT]:
+        producer_snapshot_path(directory, offset).unlink(missing_ok=True)
+    return LoadedProducerState(
+        table,
+        snapshot_offsets=candidates[-PRODUCER_SNAPSHOTS_KEPT:],
+        snapshot_is_current=loaded and from_offset == end and table.version == version,
+    )
+
+
+def _read_producer_snapshot(
+    directory: pathlib.Path, offset: int, producers_max: int
+) -> ProducerStateTable | None:
+    """The table in the snapshot at `offset`, or None when it is missing or damaged."""
+    try:
+        with open(producer_snapshot_path(directory, offset), "rb") as file:
+            size_bytes = os.fstat(file.fileno()).st_size
+            if size_bytes > SNAPSHOT_BYTES_MAX:
+                return None
+            data = file.read(size_bytes)
+    except FileNotFoundError:
+        return None
+    parsed = parse_snapshot(data, producers_max=producers_max)
+    if parsed is None or parsed[0] != offset:
+        return None
+    return parsed[1]
+
+
+def _replay_producer_batches(
+    table: ProducerStateTable, segments: Sequence[Segment], from_offset: int
+) -> None:
+    """Record in `table` every batch at or after `from_offset`, reading only headers (from
+    the closest offset-index entry in the first segment)."""
+    for segment in segments:
+        if segment.next_offset <= from_offset or segment.size_bytes == 0:
+            continue
+        position = 0
+        if segment.base_offset < from_offset:
+            position = segment.index_position(from_offset)
+        for _, header in iterate_headers(segment.log_fd, position, segment.size_bytes):
+            if header.base_offset >= from_offset:
+                table.record(header)
+
+
 def _interval(config: LogConfig) -> int:
     return config.index_interval_bytes
 
@@ -191,7 +315,11 @@ def _complete_full_truncation(directory: pathlib.Path) -> None:
     if offset is None:
         raise StorageError(f"{intent} does not hold an offset")
     for entry in os.scandir(directory):
-        if _SEGMENT_FILE_PATTERN.fullmatch(entry.name) or entry.name.endswith(SWAP_SUFFIX):
+        if (
+            _SEGMENT_FILE_PATTERN.fullmatch(entry.name)
+            or _SNAPSHOT_FILE_PATTERN.fullmatch(entry.name)
+            or entry.name.endswith(SWAP_SUFFIX)
+        ):
             os.unlink(entry.path)
     fd = os.open(directory / segment_file_name(offset, LOG_SUFFIX), os.O_WRONLY | os.O_CREAT, 0o644)
     os.close(fd)  # empty: made durable by the directory fsyncs below
@@ -233,13 +361,18 @@ def _complete_swaps(directory: pathlib.Path) -> set[int]:
     return swapped
 
 
-def _list_segment_bases(directory: pathlib.Path) -> list[int]:
-    """Return the base offsets of the segments' log files, removing orphan index files."""
+def _list_segment_bases(directory: pathlib.Path) -> tuple[list[int], list[int]]:
+    """Return the base offsets of the segments' log files, removing orphan index files, and
+    the offsets of the producer-state snapshots."""
     bases: set[int] = set()
     index_files: list[tuple[int, str]] = []
+    snapshot_offsets: list[int] = []
     for entry in os.scandir(directory):
         match = _SEGMENT_FILE_PATTERN.fullmatch(entry.name)
         if match is None:
+            snapshot = _SNAPSHOT_FILE_PATTERN.fullmatch(entry.name)
+            if snapshot is not None:
+                snapshot_offsets.append(int(snapshot.group(1)))
             continue
         if match.group(2) == LOG_SUFFIX:
             bases.add(int(match.group(1)))
@@ -248,7 +381,7 @@ def _list_segment_bases(directory: pathlib.Path) -> list[int]:
     for base, path in index_files:
         if base not in bases:
             os.unlink(path)
-    return sorted(bases)
+    return sorted(bases), sorted(snapshot_offsets)
 
 
 def _consume_clean_shutdown_marker(directory: pathlib.Path) -> bool:

@@ -8,7 +8,7 @@ bisect. It has no segments, no retention, no compaction and no time: `now_ms` is
 ignored. It starts at offset 0 until `truncate_fully_and_start_at` replaces it with an empty
 log starting at another offset.
 
-What it adds is a model of the disk. Four things would survive a crash of a file log, and
+What it adds is a model of the disk. Five things would survive a crash of a file log, and
 the object tracks each of them apart from what was appended (the "page cache"):
 
 - the batches below `durable_offset`. The durable batches are always a prefix of the log:
@@ -20,13 +20,17 @@ the object tracks each of them apart from what was appended (the "page cache"):
 - the high-watermark checkpoint, written by `flush`, `write_high_watermark_checkpoint`,
   `truncate_to`, `truncate_fully_and_start_at` and `close`;
 - the log start offset, which only `truncate_fully_and_start_at` moves, durably before it
-  returns (the file log's intent file makes that change atomic).
+  returns (the file log's intent file makes that change atomic);
+- the producer-state snapshot: the file log writes one at each segment roll and at a clean
+  close; this log has no segments, so only `close` writes one (when the log holds batches).
 
 `crash(power_loss=...)` ends the object's life and returns that `DurableImage`: after a
 process crash the operating system still holds every appended byte, so every batch survives;
 after a power loss only the durable prefix does. `recover` builds the log a restart finds,
 checking each batch again and clipping as `PartitionLog.open` does: epochs starting at or
-after the recovered end are dropped, the restored high watermark lies in [start, end].
+after the recovered end are dropped, the restored high watermark lies in [start, end], and
+the producers' state is the snapshot's (when it lies in [start, end]) updated by the batches
+after it, or else rebuilt from every batch. A truncation rebuilds it the same way.
 
 Durability is instant but not free of interleavings: `wait_durable` marks the log durable up
 to the log end it saw when it was called, after one checkpoint, so a truncation or appends
@@ -50,6 +54,7 @@ from .fetch_slice import FetchSlice
 from .leader_epoch_cache import EpochEntry, LeaderEpochCache
 from .log_config import LogConfig
 from .partition_log import AppendInfo, LogStatistics, ReadLimit, _assign_offsets
+from .producer_state import ProducerStateTable, parse_snapshot
 from .replica_log import ReplicaLog
 
 OFFSET_MAX = 2**63 - 1
@@ -63,6 +68,8 @@ class DurableImage:
     leader_epochs: tuple[EpochEntry, ...]  # the leader-epoch checkpoint as last written
     high_watermark: int | None  # the high-watermark checkpoint as last written; None: never
     log_start_offset: int = 0  # where the log starts (its first batch may start later)
+    # the producer-state snapshot as last written: (offset, bytes); None: none
+    producer_snapshot: tuple[int, bytes] | None = None
 
     @property
     def log_end_offset(self) -> int:
@@ -95,10 +102,12 @@ class MemoryPartitionLog:
         self._high_watermark = 0
         self._high_watermark_managed_externally = high_watermark_managed_externally
         self._leader_epochs = LeaderEpochCache()
+        self._producers = ProducerStateTable(producers_max=config.producers_max)
         self.restored_high_watermark: int | None = None
         # The durable image, besides the batches below the durable offset.
         self._checkpointed_epochs: tuple[EpochEntry, ...] = ()
         self._checkpointed_high_watermark: int | None = None
+        self._producer_snapshot: tuple[int, bytes] | None = None
         self._new_data_event = trio.Event()
         self._progress_event = trio.Event()
         self._truncation_generation = 0  # counts truncations, which void durability waits
@@ -131,6 +140,8 @@ class MemoryPartitionLog:
         log._leader_epochs.truncate_from_end(end)
         log._leader_epochs.truncate_from_start(start)
         log._checkpointed_epochs = log._leader_epochs.entries()  # rewritten when clipped
+        log._producer_snapshot = image.producer_snapshot
+        log._reload_producer_state()
         restored = _clip(image.high_watermark, start, end)
         log._checkpointed_high_watermark = restored  # rewritten when clipped, as the file log
         log.restored_high_watermark = restored
@@ -218,6 +229,7 @@ class MemoryPartitionLog:
             segment_count=1,
             pending_sync_waiters=self._pending_sync_waiters,
             latest_leader_epoch=self._leader_epochs.latest_epoch,
+            producer_count=len(self._producers),
         )
 
     def update_config(self, config: LogConfig) -> None:
@@ -233,15 +245,27 @@ class MemoryPartitionLog:
     ) -> AppendInfo:
         """Append back-to-back record batches, assigning their offsets and stamping
         `leader_epoch` in place, as `PartitionLog.append`. Every batch is checked before
-        anything is stored. Returns where they went. Raises CorruptRecordError,
-        RecordTooLargeError (a batch above max.message.bytes or segment.bytes),
-        LeaderEpochError (`leader_epoch` below the latest), StorageError (closed)."""
+        anything is stored; an idempotent batch comes alone and is judged by the producers'
+        state: a duplicate stores nothing and returns the original offsets. Returns where
+        they went. Raises CorruptRecordError, RecordTooLargeError (a batch above
+        max.message.bytes or segment.bytes), LeaderEpochError (`leader_epoch` below the
+        latest), InvalidRecordError, InvalidProducerEpochError, OutOfOrderSequenceError,
+        StorageError (closed)."""
         assert isinstance(batches, bytearray) or not batches.readonly
         assert -(2**31) <= leader_epoch < 2**31
         self._check_usable()
         scanned = _validate(batches, self._config)
         base_offset = self._log_end_offset
         self._leader_epochs.check_assignable(leader_epoch, base_offset)
+        original = self._producers.check_leader_append([batch.header for batch in scanned])
+        if original is not None:
+            return AppendInfo(
+                base_offset=original.first_offset,
+                last_offset=original.last_offset,
+                log_append_time=-1,
+                log_start_offset=self._log_start_offset,
+                duplicate=True,
+            )
         headers = _assign_offsets(batches, scanned, base_offset, leader_epoch)
         assert headers[-1][1].last_offset <= OFFSET_MAX
         self._update_leader_epochs(lambda cache: cache.assign(leader_epoch, base_offset))
@@ -258,9 +282,10 @@ class MemoryPartitionLog:
     ) -> AppendInfo:
         """Append batches copied from the leader with their offsets and epochs, as
         `PartitionLog.append_as_follower`: checked first, offsets strictly increasing from
-        the log end on (a gap is allowed, an overlap is not). Returns the offsets of the
-        first and last records. Raises CorruptRecordError, RecordTooLargeError, StorageError
-        (an overlap, offsets going back; closed), LeaderEpochError (an epoch going back)."""
+        the log end on (a gap is allowed, an overlap is not); every batch updates the
+        producers' state, unchecked. Returns the offsets of the first and last records.
+        Raises CorruptRecordError, RecordTooLargeError, StorageError (an overlap, offsets
+        going back; closed), LeaderEpochError (an epoch going back)."""
         self._check_usable()
         scanned = _validate(batches, self._config)
         headers = [(batch.position, batch.header) for batch in scanned]
@@ -302,6 +327,7 @@ class MemoryPartitionLog:
         for position, header in headers:
             batch = bytes(data[position : position + header.size_bytes])
             self._store(_StoredBatch(header.base_offset, header.next_offset, batch))
+            self._producers.record(header)
         self._signal_progress()
         if self._config.fsync != "always" and not self._high_watermark_managed_externally:
             self._advance_high_watermark(self._log_end_offset)
@@ -312,6 +338,38 @@ class MemoryPartitionLog:
         self._base_offsets.append(batch.base_offset)
         self._log_end_offset = batch.next_offset
         self._size_bytes += len(batch.data)
+
+    # The idempotent producers' state.
+
+    @property
+    def producer_state(self) -> ProducerStateTable:
+        """The idempotent producers of the batches in the log. Read it only."""
+        return self._producers
+
+    def expire_producers(self, now_ms: int) -> int:
+        """Forget the producers whose last batch's max timestamp is
+        producer_id_expiration_ms old at `now_ms`, as `PartitionLog.expire_producers`.
+        Returns how many were forgotten. Raises StorageError (closed)."""
+        self._check_usable()
+        return self._producers.expire(now_ms, self._config.producer_id_expiration_ms)
+
+    def _reload_producer_state(self) -> None:
+        """Rebuild the producers' state as the file log does on loading or truncating: from
+        the snapshot when it lies in [log start, log end] (else it is dropped), then from the
+        batches after it."""
+        table, from_offset = None, self._log_start_offset
+        snapshot = self._producer_snapshot
+        if snapshot is not None and self._log_start_offset <= snapshot[0] <= self._log_end_offset:
+            parsed = parse_snapshot(snapshot[1], producers_max=self._config.producers_max)
+            if parsed is not None and parsed[0] == snapshot[0]:
+                from_offset, table = parsed
+        if table is None:  # none, outside the log, or damaged: the file log deletes it
+            self._producer_snapshot = None
+            table = ProducerStateTable(producers_max=self._config.producers_max)
+        for batch in self._batches[bisect.bisect_left(self._base_offsets, from_offset) :]:
+            table.record(parse_header(batch.data))
+        table.truncate_head(self._log_start_offset)
+        self._producers = table
 
     def _update_leader_epochs(self, change: Callable[[LeaderEpochCache], bool]) -> None:
         """Apply `change` to the cache and, if it changed, "write" its checkpoint (the file
@@ -421,7 +479,8 @@ class MemoryPartitionLog:
         log end (nothing to do) or an offset in a gap (the log then ends after the last batch
         before it), as `PartitionLog.truncate_to`: what is kept becomes durable, the epochs
         starting at or after the new end are dropped, the high watermark comes down to it if
-        it was above, and both checkpoints are written. Raises OffsetOutOfRangeError outside
+        it was above, and both checkpoints are written; the producers' state is rebuilt (a
+        snapshot above the new end is dropped). Raises OffsetOutOfRangeError outside
         [log start, log end], StorageError for an offset inside a batch (nothing changes) or
         a closed log."""
         self._check_usable()
@@ -442,6 +501,7 @@ class MemoryPartitionLog:
         end = self._batches[-1].next_offset if self._batches else self._log_start_offset
         self._log_end_offset = self._durable_offset = end
         self._update_leader_epochs(lambda cache: cache.truncate_from_end(end))
+        self._reload_producer_state()
         self._high_watermark = min(self._high_watermark, end)
         if not self._high_watermark_managed_externally:
             self._advance_high_watermark(end)  # everything left is durable
@@ -451,7 +511,8 @@ class MemoryPartitionLog:
     def truncate_fully_and_start_at(self, offset: int) -> None:
         """Replace the whole log with an empty one starting at `offset`, as
         `PartitionLog.truncate_fully_and_start_at`: the log start, log end, durable offset
-        and high watermark all become `offset`, the leader-epoch cache is cleared, and the
+        and high watermark all become `offset`, the leader-epoch cache and the producers'
+        state are cleared (the snapshot dropped), and the
         change is durable at once (the checkpoints and the log start too). `wait_durable`
         callers waiting for offsets above the old log start raise. Raises
         OffsetOutOfRangeError outside [0, 2**63 - 1], StorageError (closed)."""
@@ -467,6 +528,8 @@ class MemoryPartitionLog:
         self._size_bytes = 0
         self._log_start_offset = self._log_end_offset = self._durable_offset = offset
         self._update_leader_epochs(lambda cache: cache.truncate_from_end(0))
+        self._producers = ProducerStateTable(producers_max=self._config.producers_max)
+        self._producer_snapshot = None
         self._high_watermark = self._checkpointed_high_watermark = offset
         self._new_data_event.set()
         self._new_data_event = trio.Event()
@@ -476,8 +539,9 @@ class MemoryPartitionLog:
         """Retention, as `PartitionLog.apply_retention` deletes old segments: remove the
         oldest batches that end at or below `offset` and at or below the high watermark
         (never what followers or consumers have yet to read); the log start moves to the
-        first batch kept, durably at once, and the leader-epoch cache drops what lies below
-        it. Returns how many batches were removed. Raises StorageError (closed)."""
+        first batch kept, durably at once, and the leader-epoch cache and the producers'
+        state drop what lies below it. Returns how many batches were removed. Raises
+        StorageError (closed)."""
         self._check_usable()
         limit = min(offset, self._high_watermark)
         removed = 0
@@ -494,6 +558,9 @@ class MemoryPartitionLog:
         # what lies below the log start is gone from the disk too (nothing to make durable)
         self._durable_offset = max(self._durable_offset, start)
         self._update_leader_epochs(lambda cache: cache.truncate_from_start(start))
+        self._producers.truncate_head(start)
+        if self._producer_snapshot is not None and self._producer_snapshot[0] < start:
+            self._producer_snapshot = None
         return removed
 
     # Reading.
@@ -583,13 +650,16 @@ class MemoryPartitionLog:
     # Shutdown and crashes.
 
     def close(self) -> None:
-        """A clean shutdown: everything becomes durable and the high watermark is
-        checkpointed. Later calls do nothing."""
+        """A clean shutdown: everything becomes durable, the high watermark is checkpointed
+        and, when the log holds batches, the producers' state too. Later calls do nothing."""
         if self._closed:
             return
         self._closed = True
         self._durable_offset = self._log_end_offset
         self._checkpointed_high_watermark = self._high_watermark
+        if self._batches:
+            end = self._log_end_offset
+            self._producer_snapshot = (end, self._producers.snapshot_bytes(end))
 
     def crash(self, *, power_loss: bool) -> DurableImage:
         """Stop as a crash would (the log is closed from now on) and return what a restart
@@ -607,6 +677,7 @@ class MemoryPartitionLog:
             leader_epochs=self._checkpointed_epochs,
             high_watermark=self._checkpointed_high_watermark,
             log_start_offset=self._log_start_offset,
+            producer_snapshot=self._producer_snapshot,
         )
         self._closed = self._crashed = True
         return image

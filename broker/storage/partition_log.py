@@ -105,8 +105,14 @@ from .log_loader import (
     LEADER_EPOCH_CHECKPOINT_FILE,
     RECOVERY_POINT_FILE,
     TRUNCATE_FULLY_FILE,
+    LoadedProducerState,
+    PRODUCER_SNAPSHOTS_KEPT,
+    load_producer_state,
     load_segments,
+    producer_snapshot_path,
+    write_producer_snapshot,
 )
+from .producer_state import ProducerStateTable
 from .segment import Segment
 
 RECOVERY_POINT_INTERVAL_SECONDS = 10.0
@@ -119,12 +125,15 @@ ReadLimit = Literal["high_watermark", "log_end"]
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class AppendInfo:
-    """Where an append went: offsets of its first and last records."""
+    """Where an append went: offsets of its first and last records. A `duplicate` (the
+    retry of an idempotent producer's batch already in the log) wrote nothing: the offsets
+    are those the batch got when it was first appended."""
 
     base_offset: int
     last_offset: int
     log_append_time: int
     log_start_offset: int
+    duplicate: bool = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -137,6 +146,7 @@ class LogStatistics:
     segment_count: int
     pending_sync_waiters: int
     latest_leader_epoch: int  # -1 while no batch carries one
+    producer_count: int  # idempotent producers with state in the partition
 
 
 class PartitionLog:
@@ -155,6 +165,7 @@ class PartitionLog:
         leader_epochs: LeaderEpochCache | None = None,
         high_watermark_managed_externally: bool = False,
         restored_high_watermark: int | None = None,
+        producers: LoadedProducerState | None = None,
     ):
         self._directory = directory
         self._fsync_runner = fsync_runner
@@ -170,6 +181,11 @@ class PartitionLog:
         self._high_watermark_segment = self._active
         self._high_watermark_position = self._active.size_bytes
         self._leader_epochs = leader_epochs if leader_epochs is not None else LeaderEpochCache()
+        if producers is None:
+            producers = LoadedProducerState(
+                ProducerStateTable(producers_max=config.producers_max), [], False
+            )
+        self._set_producer_state(producers)
         self._high_watermark_managed_externally = high_watermark_managed_externally
         self.restored_high_watermark = restored_high_watermark
         if high_watermark_managed_externally:
@@ -229,6 +245,7 @@ class PartitionLog:
             leader_epochs=loaded.leader_epochs,
             high_watermark_managed_externally=high_watermark_managed_externally,
             restored_high_watermark=loaded.high_watermark,
+            producers=loaded.producers,
         )
         log.recovered_after_crash = loaded.recovered_after_crash
         return log
@@ -317,6 +334,7 @@ class PartitionLog:
             segment_count=len(self._segments),
             pending_sync_waiters=self._pending_sync_waiters,
             latest_leader_epoch=self._leader_epochs.latest_epoch,
+            producer_count=len(self._producers),
         )
 
     def update_config(self, config: LogConfig) -> None:
@@ -336,10 +354,14 @@ class PartitionLog:
         Every batch is checked before anything is written. The active segment rolls between
         batches whenever the next one would not fit, so an append of any size is stored
         (across several segments if need be); only a single batch above segment.bytes or
-        max.message.bytes is refused. Returns where they went. Raises CorruptRecordError (bad
-        length, magic or CRC), RecordTooLargeError (a batch above a limit; nothing written),
-        or StorageError (the disk failed; the log is then offline, unless nothing was
-        written), LeaderEpochError (`leader_epoch` is below the log's latest epoch; nothing
+        max.message.bytes is refused. An idempotent producer's batch (producer id >= 0) must
+        come alone, and is judged by the producers' state (see `producer_state`): the retry
+        of a batch still cached there writes nothing and returns the original offsets
+        (`duplicate`). Returns where they went. Raises CorruptRecordError (bad length, magic
+        or CRC), RecordTooLargeError (a batch above a limit; nothing written), or
+        StorageError (the disk failed; the log is then offline, unless nothing was written),
+        LeaderEpochError (`leader_epoch` is below the log's latest epoch; nothing written),
+        InvalidRecordError, InvalidProducerEpochError, OutOfOrderSequenceError (nothing
         written).
 
         `leader_epoch` is stamped in every batch and, when it is new (above the latest),
@@ -353,6 +375,15 @@ class PartitionLog:
         scanned = self._validate(batches)
         base_offset = self.log_end_offset
         self._leader_epochs.check_assignable(leader_epoch, base_offset)
+        original = self._producers.check_leader_append([batch.header for batch in scanned])
+        if original is not None:
+            return AppendInfo(
+                base_offset=original.first_offset,
+                last_offset=original.last_offset,
+                log_append_time=-1,
+                log_start_offset=self.log_start_offset,
+                duplicate=True,
+            )
         headers = _assign_offsets(batches, scanned, base_offset, leader_epoch)
         self._update_leader_epochs(lambda cache: cache.assign(leader_epoch, base_offset))
         self._write_appended(memoryview(batches), headers, now_ms)
@@ -374,10 +405,12 @@ class PartitionLog:
         CRC, sizes); offsets must strictly increase, and the first batch must start at the
         log end offset or after it (a gap only arises where compaction on the leader removed
         records; never an overlap). In replica-managed mode the high watermark does not move
-        (the leader tells it); otherwise it moves as after `append`. Returns the offsets of
-        the first and last appended records. Raises CorruptRecordError, RecordTooLargeError,
-        StorageError (offsets that overlap the log or go back; a failing disk, as `append`),
-        LeaderEpochError (an epoch below the log's latest, or going back between batches).
+        (the leader tells it); otherwise it moves as after `append`. Every batch updates the
+        producers' state, unchecked, so that this log judges retries as the leader did once
+        it leads. Returns the offsets of the first and last appended records. Raises
+        CorruptRecordError, RecordTooLargeError, StorageError (offsets that overlap the log
+        or go back; a failing disk, as `append`), LeaderEpochError (an epoch below the log's
+        latest, or going back between batches).
         """
         self._check_usable()
         scanned = self._validate(batches)
@@ -453,6 +486,58 @@ class PartitionLog:
         self._progress_event.set()
         self._progress_event = trio.Event()
 
+    # The idempotent producers' state.
+
+    @property
+    def producer_state(self) -> ProducerStateTable:
+        """The idempotent producers of the batches in the log. Read it only: the log changes
+        it (appends, truncations, retention, `expire_producers`)."""
+        return self._producers
+
+    def expire_producers(self, now_ms: int) -> int:
+        """Forget the idempotent producers whose last batch's max timestamp is
+        producer_id_expiration_ms old at `now_ms` (a batch of theirs is then accepted at any
+        sequence). Returns how many were forgotten. Snapshots written from now on leave them
+        out; a crash (or a truncation) may bring back those forgotten since the snapshot it
+        rebuilds from, until this is called again."""
+        self._check_usable()
+        return self._producers.expire(now_ms, self._config.producer_id_expiration_ms)
+
+    def _set_producer_state(self, loaded: LoadedProducerState) -> None:
+        self._producers = loaded.table
+        self._snapshot_offsets = list(loaded.snapshot_offsets)  # of the files, ascending
+        # The table's version when the latest snapshot was written (or loaded, if it holds
+        # the table as it is); None when that snapshot does not hold it.
+        self._snapshot_version = loaded.table.version if loaded.snapshot_is_current else None
+
+    def _write_producer_snapshot(self, offset: int) -> None:
+        """Write the snapshot of the producers' state at `offset` (the log end), unless the
+        latest one holds it already, and delete those beyond the last
+        PRODUCER_SNAPSHOTS_KEPT. Blocking (a small file, fsynced). Raises OSError."""
+        offsets = self._snapshot_offsets
+        assert not offsets or offsets[-1] <= offset, "a snapshot above the log end"
+        if offsets and offsets[-1] == offset and self._snapshot_version == self._producers.version:
+            return
+        write_producer_snapshot(self._directory, offset, self._producers)
+        if not offsets or offsets[-1] != offset:
+            offsets.append(offset)
+        self._snapshot_version = self._producers.version
+        while len(offsets) > PRODUCER_SNAPSHOTS_KEPT:
+            producer_snapshot_path(self._directory, offsets.pop(0)).unlink(missing_ok=True)
+
+    def _reload_producer_state(self) -> None:
+        """Rebuild the producers' state from the latest snapshot at or below the log end and
+        the batches after it (deleting the snapshots above the end, durably). Blocking.
+        Raises OSError, StorageError."""
+        self._set_producer_state(
+            load_producer_state(
+                self._directory,
+                list(self._segments.values()),
+                self._snapshot_offsets,
+                producers_max=self._producers.producers_max,
+            )
+        )
+
     def _validate(self, batches: bytes | bytearray | memoryview) -> list[ScannedBatch]:
         """Return the scanned batches. Raises CorruptRecordError or RecordTooLargeError."""
         if not batches:
@@ -520,6 +605,8 @@ class PartitionLog:
             raise
         except OSError as error:
             raise self._fail(f"cannot append to {self._active.log_path}: {error}") from error
+        for _, header in headers:
+            self._producers.record(header)
         if self._active.rolling_baseline_ms is None:
             self._active.rolling_baseline_ms = now_ms
         self._size_bytes += len(data)
@@ -538,11 +625,12 @@ class PartitionLog:
         return True
 
     def _roll(self, base_offset: int | None = None) -> None:
-        """Start a new active segment at `base_offset` (by default the log end offset).
-        Raises StorageError."""
+        """Start a new active segment at `base_offset` (by default the log end offset), after
+        a producer-state snapshot at the log end. Raises StorageError."""
         previous = self._active
         try:
             previous.finalize()
+            self._write_producer_snapshot(previous.next_offset)
             segment = Segment.create(
                 self._directory,
                 previous.next_offset if base_offset is None else base_offset,
@@ -766,7 +854,9 @@ class PartitionLog:
         then everything left is fsynced (log files, indexes, directory), so the durable
         offset and the recovery point become the new log end. The leader-epoch cache drops
         the epochs starting at or after the new end, and the high watermark comes down to
-        it if it was above (the one way it goes back); both checkpoints are written.
+        it if it was above (the one way it goes back); both checkpoints are written. The
+        producers' state is rebuilt from the latest snapshot at or below the new end and the
+        batch headers after it; the snapshots above the end are deleted.
 
         An fsync already running when truncation starts no longer counts; `wait_durable`
         callers waiting for removed offsets raise StorageError; a compaction running meanwhile
@@ -795,6 +885,7 @@ class PartitionLog:
         try:
             self._cut_segments(segment, position, cut_offset)
             self._sync_after_truncation()
+            self._reload_producer_state()
         except (OSError, StorageError) as error:
             raise self._fail(f"cannot truncate to offset {offset}: {error}") from error
         end = self.log_end_offset
@@ -840,8 +931,9 @@ class PartitionLog:
         deleted (renamed `.deleted`, removed by `delete_pending_files`) and one empty active
         segment starts at `offset` (the one already based there, emptied, if any), so that
         the log start, log end, durable offset and high watermark are all `offset` (the high
-        watermark moves forward or back to it, in either mode). The leader-epoch cache is
-        cleared; both checkpoints and the recovery point are written; everything is fsynced
+        watermark moves forward or back to it, in either mode). The leader-epoch cache and
+        the producers' state are cleared (their snapshots deleted); both checkpoints and the
+        recovery point are written; everything is fsynced
         (files and directory) before it returns.
 
         Crash-safe: the intent file (`truncate-fully-and-start-at`, holding `offset`) is
@@ -867,6 +959,13 @@ class PartitionLog:
         try:
             write_offset_checkpoint(intent, offset)  # from here on, reopening gives the new log
             self._replace_segments_with_empty(offset)
+            for snapshot_offset in self._snapshot_offsets:
+                producer_snapshot_path(self._directory, snapshot_offset).unlink(missing_ok=True)
+            self._set_producer_state(
+                LoadedProducerState(
+                    ProducerStateTable(producers_max=self._producers.producers_max), [], False
+                )
+            )
             self._sync_after_truncation()
             self._update_leader_epochs(lambda cache: cache.truncate_from_end(0))
             _write_checkpoints(self._directory, offset, offset)
@@ -1029,7 +1128,8 @@ class PartitionLog:
     def apply_retention(self, now_ms: int) -> int:
         """Delete the oldest closed segments past retention.ms or beyond retention.bytes,
         never the active one nor one holding offsets at or above the high watermark, when
-        cleanup.policy includes delete (never under compact alone).
+        cleanup.policy includes delete (never under compact alone). The producers' state
+        forgets the deleted batches (and the producers left without any).
 
         Returns how many segments were removed; their files are renamed to `.deleted` and
         removed by `delete_pending_files`. Raises StorageError.
@@ -1048,7 +1148,20 @@ class PartitionLog:
         if removed:
             start = self.log_start_offset
             self._update_leader_epochs(lambda cache: cache.truncate_from_start(start))
+            self._producers.truncate_head(start)
+            self._delete_producer_snapshots_below(start)
         return removed
+
+    def _delete_producer_snapshots_below(self, offset: int) -> None:
+        """Delete the snapshots below `offset` (the log start): their batches are gone, so
+        loading could not go on from them. Raises StorageError."""
+        while self._snapshot_offsets and self._snapshot_offsets[0] < offset:
+            path = producer_snapshot_path(self._directory, self._snapshot_offsets[0])
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as error:
+                raise self._fail(f"cannot delete {path}: {error}") from error
+            del self._snapshot_offsets[0]
 
     def _is_expired(self, segment: Segment, now_ms: int) -> bool:
         retention_ms = self._config.retention_ms
@@ -1184,6 +1297,7 @@ class PartitionLog:
             delete_horizon_ms=now_ms - self._config.delete_retention_ms,
             keys_max=keys_max,
             index_interval_bytes=self._config.index_interval_bytes,
+            retained_batch_offsets=self._producers.last_batch_offsets(),
         )
 
     def _install_cleaned(
@@ -1245,8 +1359,10 @@ class PartitionLog:
     # Shutdown.
 
     def close(self) -> None:
-        """fsync everything, record the recovery point and the clean-shutdown marker (unless
-        the log is offline), and close every file. Blocking. Raises StorageError."""
+        """fsync everything, record the recovery point, a producer-state snapshot at the log
+        end (unless the log holds no batch, or the latest snapshot holds the state already)
+        and the clean-shutdown marker (unless the log is offline), and close every file.
+        Blocking. Raises StorageError."""
         if self._closed:
             return
         self._closed = True
@@ -1269,6 +1385,8 @@ class PartitionLog:
         fsync_directory(self._directory)
         self._durable_offset = self.log_end_offset
         _write_checkpoints(self._directory, self._durable_offset, self._high_watermark)
+        if self._size_bytes > 0:  # a log without batches rebuilds an empty state for free
+            self._write_producer_snapshot(self.log_end_offset)
         write_atomically(self._directory / CLEAN_SHUTDOWN_FILE, b"")
 
     def delete(self) -> None:

@@ -317,6 +317,7 @@ class _DiskModel:
         end = self.bases()[-1]
         restored = None if self.checkpoint is None else min(self.checkpoint, end)
         assert log.restored_high_watermark == restored
+        self.checkpoint = restored  # a clipped checkpoint is rewritten (as the file log does)
         if managed:
             assert log.high_watermark == (self.start if restored is None else restored)
 

@@ -3,6 +3,7 @@ import dataclasses
 import pytest
 
 from broker.storage import TOPIC_CONFIG_KEYS, LogConfig
+from broker.storage.log_config import BROKER_ONLY_FIELDS
 
 
 def test_defaults():
@@ -19,12 +20,27 @@ def test_defaults():
     assert config.cleanup_policy == "delete"
     assert config.delete_retention_ms == 24 * 3600 * 1000
     assert config.min_insync_replicas == 1
+    assert config.producer_id_expiration_ms == 24 * 3600 * 1000
+    assert config.producers_max == 10_000
 
 
-def test_keys_cover_every_field():
-    assert sorted(TOPIC_CONFIG_KEYS.values()) == sorted(
+def test_keys_cover_every_field_but_the_brokers_own():
+    assert BROKER_ONLY_FIELDS == {"producer_id_expiration_ms", "producers_max"}
+    assert sorted([*TOPIC_CONFIG_KEYS.values(), *BROKER_ONLY_FIELDS]) == sorted(
         field.name for field in dataclasses.fields(LogConfig)
     )
+
+
+def test_the_brokers_own_fields_are_checked_and_carried_over_topic_configs():
+    for bad in (dict(producer_id_expiration_ms=0), dict(producers_max=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            LogConfig(**bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not a known topic config"):
+        LogConfig.from_topic_configs({"producer.id.expiration.ms": "5"}, LogConfig())
+    defaults = LogConfig(producer_id_expiration_ms=5_000, producers_max=7)
+    config = LogConfig.from_topic_configs({"segment.bytes": "2048"}, defaults)
+    assert (config.producer_id_expiration_ms, config.producers_max) == (5_000, 7)
+    assert "producers_max" not in str(config.to_topic_configs())
 
 
 def test_round_trip_through_topic_configs():

@@ -164,9 +164,13 @@ def test_damage_in_an_earlier_segment_removes_the_later_ones(crashed_log, tmp_pa
     flip_byte(segments[1], batches[first_in_second][0].size_bytes + 30)
     check_recovered(copy, batches[:damaged])
     assert sorted(copy.glob("*.log")) == segments[:2]
-    # Two segments, the recovery point, the high watermark, the leader-epoch checkpoint and
-    # the clean-shutdown marker.
-    assert len(list(copy.iterdir())) == 2 * 3 + 4
+    # The producer-state snapshots (of the last 3 rolls) were above the recovered end and
+    # went; check_recovered's close (after a 2-record batch) wrote one.
+    snapshots = sorted(int(path.stem) for path in copy.glob("*.snapshot"))
+    assert snapshots == [batches[damaged - 1][0].next_offset + 2]
+    # Two segments, the recovery point, the high watermark, the leader-epoch checkpoint,
+    # the clean-shutdown marker and the snapshot.
+    assert len(list(copy.iterdir())) == 2 * 3 + 4 + 1
 
 
 def write_base_offset(batches, segment: Path, in_segment: list[int], victim: int, base: int):
@@ -262,13 +266,15 @@ def test_leftovers_are_removed_on_open(tmp_path):
     log = PartitionLog.open(tmp_path / "t-0", CONFIG, now_ms=0)
     append_batches(log, 5)
     log.close()
-    for name in ("00000000000000000000.log.deleted", "recovery-point.tmp", f"{7:020d}.index"):
+    leftovers = ("00000000000000000000.log.deleted", "recovery-point.tmp", f"{7:020d}.index")
+    for name in (*leftovers, f"{11:020d}.snapshot.tmp"):
         (log.directory / name).write_bytes(b"junk")
     reopened = PartitionLog.open(log.directory, CONFIG, now_ms=0)
     assert sorted(path.name for path in log.directory.iterdir()) == [
         "00000000000000000000.index",
         "00000000000000000000.log",
         "00000000000000000000.timeindex",
+        f"{log.log_end_offset:020d}.snapshot",  # written by the clean close
         "high-watermark",
         "leader-epoch-checkpoint",
         "recovery-point",
