@@ -37,6 +37,9 @@ class ClientLimits:
     producer_request_bytes_max: int = 8 * 1024 * 1024  # batches in one produce request
     producer_request_timeout_ms: int = 30_000  # one produce request, acks included
     producer_inflight_requests_per_partition_max: int = 5  # `max_in_flight_per_partition`
+    # Its largest value with idempotence: a broker recognises a resent batch among the last 5
+    # batches of a producer in a partition (Kafka's number): a larger value raises ValueError.
+    producer_idempotent_inflight_requests_per_partition_max: int = 5
     # A record not delivered this long after `send` fails (retries included).
     producer_delivery_timeout_ms: int = 120_000
     # How long past its request timeout a produce request is still awaited before the

@@ -41,6 +41,7 @@ reports them in its metadata; a record that cannot fit in a batch of its own is 
 from __future__ import annotations
 
 import collections
+import logging
 import random
 import time
 from dataclasses import dataclass, field
@@ -66,7 +67,7 @@ from protocol import (
     encode_packed_batch,
     partition_for_key,
 )
-from protocol.record_batch import RECORDS_PER_BATCH_MAX
+from protocol.record_batch import RECORDS_PER_BATCH_MAX, with_producer_state
 
 RECORD_OVERHEAD_BYTES = 8
 # msgpack's largest overhead on [timestamp_delta, key, value, []] beyond the key's and value's
@@ -92,6 +93,15 @@ _REFRESH_ERRORS = _LEADER_ERRORS | {
     ErrorCode.UNKNOWN_TOPIC_OR_PARTITION,
     ErrorCode.NETWORK_EXCEPTION,
 }
+
+# An idempotent producer's epoch is an i16 in the batch header: past it, a new producer id.
+PRODUCER_EPOCH_MAX = 2**15 - 1
+SEQUENCE_WRAP = 2**31  # sequences are i32 and wrap from 2**31 - 1 to 0, as Kafka's
+
+# InitProducerId answers of a broker that does not know the request (older than the
+# idempotent producer): a producer whose idempotence was not asked for explicitly goes on
+# without it.
+_IDEMPOTENCE_UNSUPPORTED = frozenset({ErrorCode.UNKNOWN_API_KEY, ErrorCode.UNSUPPORTED_VERSION})
 
 # Errors a broker may report after it appended the batch (an fsync or replication wait that
 # timed out or failed, an internal error): resending could store the records twice.
@@ -165,6 +175,10 @@ class _Batch:
         "packed_bytes_bound",
         "in_flight",
         "maybe_stored",
+        "producer_id",
+        "producer_epoch",
+        "base_sequence",
+        "last_error",
     )
 
     def __init__(self, topic: str, partition: int, base_timestamp: int, created: float) -> None:
@@ -185,6 +199,12 @@ class _Batch:
         self.packed_bytes_bound = 0  # at least the size of the packed records
         self.in_flight = False  # written in a Produce request whose answer is awaited
         self.maybe_stored = False  # an attempt's outcome was unknown
+        # An idempotent producer's stamp, given when the batch is first put in a request
+        # (base_sequence -1: not stamped); the broker dedups a resend by it.
+        self.producer_id = -1
+        self.producer_epoch = -1
+        self.base_sequence = -1
+        self.last_error: DwalError | None = None  # of the last failed attempt
 
     def fits(self, record_bytes: int, packed_bytes_max: int) -> bool:
         """Whether a record of `record_bytes` packed still fits; makes the size bound exact."""
@@ -201,9 +221,27 @@ class _Batch:
                 base_timestamp=self.base_timestamp,
                 max_timestamp=self.max_timestamp,
                 compression=compression,
+                producer_id=self.producer_id,
+                producer_epoch=self.producer_epoch,
+                base_sequence=self.base_sequence,
             )
             self.packer = None  # the packed records now live in `encoded` only
         return self.encoded
+
+    def stamp(self, producer_id: int, producer_epoch: int, base_sequence: int) -> None:
+        """Give the batch an idempotent producer's id, epoch and first sequence; bytes
+        already encoded (to learn their size, or under an earlier epoch) get the new stamp
+        and CRC, the body unchanged."""
+        self.producer_id = producer_id
+        self.producer_epoch = producer_epoch
+        self.base_sequence = base_sequence
+        if self.encoded is not None:
+            self.encoded = with_producer_state(
+                self.encoded,
+                producer_id=producer_id,
+                producer_epoch=producer_epoch,
+                base_sequence=base_sequence,
+            )
 
 
 class Delivery:
@@ -248,9 +286,38 @@ class ProducerStatistics:
     inflight_requests: int
     records_sent: int
     batches_failed: int
+    idempotent: bool = False  # whether batches carry a producer id and sequences
+    producer_id: int = -1  # the idempotent producer's id; -1: none (yet)
+    producer_epoch: int = -1
+    producer_ids_obtained: int = 0  # InitProducerId answers: 1, plus one per epoch overflow
+    epoch_bumps: int = 0  # local epoch bumps after a batch with a sequence failed for good
 
 
 _time = time.time
+logger = logging.getLogger("dwal.client")
+
+
+def _idempotence_conflicts(acks: int, retries: int, max_in_flight_per_partition: int) -> list[str]:
+    """The options that rule idempotence out, each as what idempotence needs instead."""
+    inflight_max = LIMITS.producer_idempotent_inflight_requests_per_partition_max
+    return [
+        need
+        for wrong, need in (
+            (
+                acks != ACKS_ALL,
+                f"acks='all' (not {acks}): with fewer, a new leader may lack batches that "
+                "the producer's sequences count as stored",
+            ),
+            (retries == 0, "retries > 0 (it exists to retry safely)"),
+            (
+                max_in_flight_per_partition > inflight_max,
+                f"max_in_flight_per_partition <= {inflight_max} (not "
+                f"{max_in_flight_per_partition}): brokers recognise a resend among a producer's "
+                f"last {inflight_max} batches of a partition",
+            ),
+        )
+        if wrong
+    ]
 
 
 def _parse_acks(acks: int | str) -> int:
@@ -266,8 +333,10 @@ def _parse_acks(acks: int | str) -> int:
 @dataclass
 class _PartitionQueue:
     ready: collections.deque = field(default_factory=collections.deque)
-    inflight: int = 0  # produce requests carrying this partition's batches, or backing off
+    inflight: int = 0  # produce requests carrying this partition's batches
     leader: int = -1  # the broker its requests in flight went to (while inflight > 0)
+    backing_off: int = 0  # retries waiting out `retry_backoff_ms`: nothing is sent meanwhile
+    next_sequence: int = 0  # the idempotent producer's next sequence in this partition
 
 
 class Producer:
@@ -300,7 +369,9 @@ class Producer:
         allow_auto_topic_creation: bool = True,
         retry_unknown_outcome: bool = False,
         delivery_timeout_ms: int = LIMITS.producer_delivery_timeout_ms,
+        enable_idempotence: bool | None = None,
     ) -> None:
+        parsed_acks = _parse_acks(acks)
         problems = [
             message
             for wrong, message in (
@@ -328,11 +399,18 @@ class Producer:
             )
             if wrong
         ]
+        conflicts = _idempotence_conflicts(parsed_acks, retries, max_in_flight_per_partition)
+        if enable_idempotence and conflicts:
+            problems += [f"enable_idempotence=True needs {conflict}" for conflict in conflicts]
         if problems:
             raise ValueError("; ".join(problems))
+        # On by default where it can be (acks=all), as in Kafka 3; off where the other
+        # options exclude it, unless it was asked for (then they raised above).
+        self.idempotent = enable_idempotence if enable_idempotence is not None else not conflicts
+        self._idempotence_explicit = enable_idempotence is not None
         self.max_in_flight_per_partition = max_in_flight_per_partition
         self.cluster = cluster
-        self.acks = _parse_acks(acks)
+        self.acks = parsed_acks
         self.linger_s = linger_ms / 1000
         self.batch_size = batch_size
         self.compression = Compression.from_name(compression)
@@ -359,6 +437,16 @@ class Producer:
         self._sealed_batches = 0
         self._records_sent = 0
         self._batches_failed = 0
+        # The idempotent producer's state: id and epoch (-1 until InitProducerId answers),
+        # and what must happen before the next batch is stamped (see "Idempotence" above).
+        self._producer_id = -1
+        self._producer_epoch = -1
+        self._producer_id_wanted = False  # a task is asking a broker for a producer id
+        self._producer_id_error: DwalError | None = None  # its last failure
+        self._epoch_bump_due = False  # a batch with a sequence failed for good
+        self._new_producer_id_due = False  # the broker refused our epoch
+        self._producer_ids_obtained = 0
+        self._epoch_bumps = 0
         self._wakeup = trio.Event()
         self._progress = trio.Event()  # set (and replaced) whenever a batch completes
         self._nursery: trio.Nursery | None = None
@@ -407,9 +495,7 @@ class Producer:
                 )
             else:
                 error = ProducerClosed("the producer was closed before the record was sent")
-            batch.error = error
-            self._batches_failed += 1
-            self._finish(batch)
+            self._fail(batch, error)
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -428,6 +514,11 @@ class Producer:
             self._inflight_requests,
             self._records_sent,
             self._batches_failed,
+            self.idempotent,
+            self._producer_id,
+            self._producer_epoch,
+            self._producer_ids_obtained,
+            self._epoch_bumps,
         )
 
     # -- the per-record path ------------------------------------------------------------
@@ -624,12 +715,16 @@ class Producer:
             deadline = min(
                 (b.created + self.linger_s for b in self._open.values()), default=float("inf")
             )
+            if self.idempotent and self._producer_id < 0:
+                deadline = min(deadline, self._producer_id_wait_deadline())
             with trio.move_on_at(deadline):
                 await self._wakeup.wait()
             self._wakeup = trio.Event()
             now = trio.current_time()
             for batch in [b for b in self._open.values() if b.created + self.linger_s <= now]:
                 self._seal(batch)
+            if self.idempotent:
+                self._prepare_producer_state(now)
             while requests := self._take_ready():
                 for leader, by_topic in requests.items():
                     await self._send(leader, by_topic)
@@ -648,8 +743,14 @@ class Producer:
         request_bytes: dict[int, int] = {}
         topics = self.cluster.topics
         brokers = self.cluster.brokers
+        if self.idempotent and (self._producer_id < 0 or self._epoch_bump_due):
+            return requests  # nothing can be stamped yet: see _prepare_producer_state
         for key, queue in self._queues.items():
-            if queue.inflight >= self.max_in_flight_per_partition or not queue.ready:
+            if (
+                queue.inflight >= self.max_in_flight_per_partition
+                or not queue.ready
+                or queue.backing_off
+            ):
                 continue
             topic, partition = key
             info = topics.get(topic)
@@ -659,7 +760,10 @@ class Producer:
             partitions = info.partitions
             leader = partitions[partition].leader if partition < len(partitions) else -1
             if leader not in brokers:
+                if queue.inflight:
+                    continue  # its answers first: they may put earlier batches back in line
                 queue.inflight += 1
+                queue.leader = -1
                 batches, _ = self._take_batches(queue, topic, self.request_bytes_max)
                 self._unroutable.append((topic, partition, batches))
                 continue
@@ -668,7 +772,12 @@ class Producer:
             used = request_bytes.get(leader, 0)
             if used >= self.request_bytes_max:
                 continue
-            batches, size = self._take_batches(queue, topic, self.request_bytes_max - used)
+            if self.idempotent:
+                if queue.inflight and queue.ready[0].base_sequence >= 0:
+                    continue  # a retry goes alone, once its partition has nothing in flight
+                batches, size = self._take_stamped(queue)
+            else:
+                batches, size = self._take_batches(queue, topic, self.request_bytes_max - used)
             request_bytes[leader] = used + size
             queue.inflight += 1
             queue.leader = leader
@@ -690,6 +799,20 @@ class Producer:
             batches.append(queue.ready.popleft())
             partition_bytes += size
         return batches, partition_bytes
+
+    def _take_stamped(self, queue: _PartitionQueue) -> tuple[list[_Batch], int]:
+        """The partition's first ready batch, alone (a broker takes one batch per partition
+        of an idempotent producer in a request), stamped with its sequence unless it has
+        one (a retry: then its bytes are those sent before); with its size."""
+        batch = queue.ready.popleft()
+        if batch.base_sequence < 0:
+            batch.stamp(self._producer_id, self._producer_epoch, queue.next_sequence)
+            queue.next_sequence = (queue.next_sequence + batch.count) % SEQUENCE_WRAP
+        assert (batch.producer_id, batch.producer_epoch) == (
+            self._producer_id,
+            self._producer_epoch,
+        ), "a batch of an older epoch was left in line"
+        return [batch], len(batch.encode(self.compression))
 
     def _fail_unroutable(self) -> None:
         """Batches of partitions without a leader fail this attempt (retried after a refresh)."""
@@ -720,6 +843,7 @@ class Producer:
                 error is None
                 or not queue.ready
                 or queue.inflight >= self.max_in_flight_per_partition
+                or queue.backing_off
             ):
                 continue
             batches = list(queue.ready)
@@ -727,6 +851,135 @@ class Producer:
             queue.inflight += 1
             self._complete(topic, partition, batches, error)
         self._wakeup.set()
+
+    # -- the idempotent producer's id, epoch and sequences -------------------------------
+
+    def _prepare_producer_state(self, now: float) -> None:
+        """Before batches are stamped: bump the epoch if due, once no request is in flight
+        (answers still to come may settle batches of the old epoch); ask for a producer id
+        when batches wait for one; fail those whose delivery timeout passed meanwhile."""
+        if self._epoch_bump_due and self._inflight_requests == 0:
+            self._reset_producer_state()
+        if self._producer_id >= 0:
+            return
+        if not self._producer_id_wanted and any(q.ready for q in self._queues.values()):
+            self._producer_id_wanted = True
+            assert self._nursery is not None
+            self._nursery.start_soon(self._obtain_producer_id)
+        self._expire_waiting(now)
+
+    def _reset_producer_state(self) -> None:
+        """Bump the epoch (KIP-360), or drop the producer id to ask for a new one (past the
+        largest epoch, or after INVALID_PRODUCER_EPOCH), and start every partition's
+        sequences again at 0: the broker accepts a newer epoch from sequence 0 on. Batches
+        waiting in line lose their stamp (they get one of the new epoch when sent), except
+        those an earlier attempt may have stored: sent again under the new epoch, the broker
+        could not recognise them, so they fail with DeliveryOutcomeUnknown."""
+        assert self._inflight_requests == 0
+        self._epoch_bump_due = False
+        if self._new_producer_id_due or self._producer_epoch >= PRODUCER_EPOCH_MAX:
+            self._new_producer_id_due = False
+            self._producer_id = self._producer_epoch = -1
+        else:
+            self._producer_epoch += 1
+            self._epoch_bumps += 1
+        for queue in self._queues.values():
+            queue.next_sequence = 0
+            kept: collections.deque[_Batch] = collections.deque()
+            for batch in queue.ready:
+                if batch.maybe_stored:
+                    self._fail(batch, _unresolved_after_reset(batch))
+                else:
+                    batch.base_sequence = -1  # stamped again when sent
+                    kept.append(batch)
+            queue.ready = kept
+
+    def _producer_id_wait_deadline(self) -> float:
+        """When the first batch waiting for a producer id reaches its delivery timeout."""
+        return min(
+            (
+                q.ready[0].created + self.delivery_timeout_s
+                for q in self._queues.values()
+                if q.ready
+            ),
+            default=float("inf"),
+        )
+
+    def _expire_waiting(self, now: float) -> None:
+        """Batches that waited for a producer id until their delivery timeout fail with the
+        last InitProducerId error (a partition's line is in opening order, so the expired
+        batches lead it)."""
+        last = self._producer_id_error
+        error = DwalError(
+            last.code if last is not None else ErrorCode.REQUEST_TIMED_OUT,
+            "no producer id could be obtained within delivery_timeout_ms"
+            + (f": {last.message}" if last is not None else ""),
+        )
+        for queue in self._queues.values():
+            while queue.ready and now >= queue.ready[0].created + self.delivery_timeout_s:
+                self._fail(queue.ready.popleft(), error)
+
+    async def _obtain_producer_id(self) -> None:
+        """Ask brokers in turn for a producer id while batches wait for one, retrying
+        retriable errors after `retry_backoff_ms` (the waiting batches fail at their delivery
+        timeout meanwhile). A refusal that is not retriable fails the waiting batches, or,
+        from a broker that does not know the request while idempotence was not asked for
+        explicitly, turns idempotence off. Ends with the sender woken."""
+        try:
+            while any(queue.ready for queue in self._queues.values()):
+                try:
+                    self._producer_id, self._producer_epoch = await self._init_producer_id()
+                except DwalError as error:
+                    self._producer_id_error = error
+                    if error.retriable:
+                        await trio.sleep(self.retry_backoff_s)
+                        continue
+                    self._refused_producer_id(error)
+                    return
+                self._producer_ids_obtained += 1
+                self._producer_id_error = None
+                return
+        finally:
+            self._producer_id_wanted = False
+            self._wakeup.set()
+
+    async def _init_producer_id(self) -> tuple[int, int]:
+        """One InitProducerId request to some broker: the new producer id and its epoch.
+        Raises DwalError (ConnectionFailed, REQUEST_TIMED_OUT, the broker's refusal,
+        UNKNOWN_SERVER_ERROR for a malformed answer)."""
+        try:
+            connection = await self.cluster.any_connection(rotate=True)
+            response = await self.cluster.call(ApiKey.INIT_PRODUCER_ID, {}, connection=connection)
+        except ProtocolError as malformed:
+            raise DwalError(
+                ErrorCode.UNKNOWN_SERVER_ERROR, f"malformed InitProducerId answer: {malformed}"
+            ) from None
+        producer_id = response.body["producer_id"]
+        producer_epoch = response.body["producer_epoch"]
+        if producer_id < 0 or not 0 <= producer_epoch <= PRODUCER_EPOCH_MAX:
+            raise DwalError(
+                ErrorCode.UNKNOWN_SERVER_ERROR,
+                f"InitProducerId answered producer id {producer_id}, epoch {producer_epoch}",
+            )
+        return producer_id, producer_epoch
+
+    def _refused_producer_id(self, error: DwalError) -> None:
+        if (
+            error.code in _IDEMPOTENCE_UNSUPPORTED
+            and not self._idempotence_explicit
+            and self._producer_ids_obtained == 0
+        ):
+            logger.warning(
+                "the broker does not hand out producer ids (%s): producing without "
+                "idempotence (pass enable_idempotence=True to fail instead)",
+                error,
+            )
+            self.idempotent = False
+            return
+        failure = DwalError(error.code, f"no producer id: {error.message}")
+        for queue in self._queues.values():
+            while queue.ready:
+                self._fail(queue.ready.popleft(), failure)
 
     async def _send(self, leader: int, by_topic: dict[str, list[tuple[int, list[_Batch]]]]) -> None:
         """Write one Produce request to broker `leader`, then await its answer in another
@@ -802,6 +1055,12 @@ class Producer:
                         batches,
                         DwalError(ErrorCode.UNKNOWN_SERVER_ERROR, "broker omitted the partition"),
                     )
+                elif (
+                    result["error_code"] == ErrorCode.DUPLICATE_SEQUENCE_NUMBER and self.idempotent
+                ):
+                    # an earlier attempt of this batch was stored: a success, at the offset
+                    # the broker gives (-1 when it does not say)
+                    self._complete(topic, partition, batches, None, result["base_offset"])
                 elif result["error_code"]:
                     error = DwalError(ErrorCode(result["error_code"]), result["error_message"])
                     if result["maybe_appended"]:  # e.g. NOT_LEADER_OR_FOLLOWER after appending
@@ -822,52 +1081,96 @@ class Producer:
         error: DwalError | None,
         base_offset: int = -1,
     ) -> None:
+        """One attempt of `batches` (of one partition) ended: they succeeded, go back in line
+        for a retry after the backoff, or fail for good."""
         queue = self._queues[(topic, partition)]
-        unknown = isinstance(error, DeliveryOutcomeUnknown)
+        queue.inflight -= 1
         for batch in batches:
             batch.in_flight = False
-            batch.maybe_stored = batch.maybe_stored or unknown
-        retry: list[_Batch] = []
-        if (
-            error is not None
-            and (error.retriable or error.code == ErrorCode.UNKNOWN_TOPIC_OR_PARTITION)
-            and (self.retry_unknown_outcome or not unknown)
-        ):
-            now = trio.current_time()
-            # A leader that moved, or that cannot be reached (its broker died: the request
-            # was never written), is waited out within the delivery timeout, not `retries`.
-            counted = error.code not in _LEADER_ERRORS and not _never_sent(error)
-            retry = [b for b in batches if self._may_retry(b, counted, now)]
-        if retry:
-            assert error is not None
-            batches = [b for b in batches if b not in retry]
-            for batch in retry:
-                batch.attempts += 1
-            # Answers of several failed requests arrive in any order: keep the seal order.
-            queue.ready = collections.deque(sorted([*retry, *queue.ready], key=_sequence_of))
-            assert self._nursery is not None
-            # the request's slot stays taken during the backoff, and is released after it
-            self._nursery.start_soon(self._retry_after_backoff, topic, partition, error)
-        else:
-            queue.inflight -= 1
-        offset = base_offset
-        for batch in batches:
-            batch.error = _final_error(batch, error)
-            if error is None:
+        if error is None:
+            offset = base_offset
+            for batch in batches:
                 batch.base_offset = offset
                 if offset >= 0:
                     offset += batch.count
                 self._records_sent += batch.count
-            else:
-                self._batches_failed += 1
-            self._finish(batch)
+                self._finish(batch)
+            return
+        unknown = isinstance(error, DeliveryOutcomeUnknown)
+        for batch in batches:
+            batch.maybe_stored = batch.maybe_stored or unknown
+            batch.last_error = error
+        now = trio.current_time()
+        retry = [b for b in batches if self._may_retry(b, error, now)]
+        if retry:
+            for batch in retry:
+                batch.attempts += 1
+            # Answers of several failed requests arrive in any order: keep the seal order.
+            queue.ready = collections.deque(sorted([*retry, *queue.ready], key=_sequence_of))
+            queue.backing_off += 1
+            assert self._nursery is not None
+            self._nursery.start_soon(self._retry_after_backoff, topic, partition, error)
+        failed = [b for b in batches if b not in retry]
+        if self.idempotent:
+            self._note_sequence_trouble(error, failed)
+        for batch in failed:
+            self._fail(batch, _final_error(batch, error))
 
-    def _may_retry(self, batch: _Batch, counted: bool, now: float) -> bool:
-        """Whether a batch may be sent again: within its delivery timeout, and, for errors
-        that count, within `retries`."""
+    def _may_retry(self, batch: _Batch, error: DwalError, now: float) -> bool:
+        """Whether a batch that failed with `error` may be sent again: within its delivery
+        timeout, if the error allows it, and, for errors that count, within `retries`."""
         if now >= batch.created + self.delivery_timeout_s:
             return False
+        code = error.code
+        stamped = batch.base_sequence >= 0  # idempotent: the broker recognises a resend
+        if stamped and code == ErrorCode.OUT_OF_ORDER_SEQUENCE_NUMBER:
+            # Refused (not stored) because an earlier batch is missing: one that waits for
+            # its own retry (this one goes after it), or one that failed for good (the epoch
+            # bump gives this one a new sequence). Neither counts against `retries`.
+            return self._epoch_bump_due or self._earlier_batch_pending(batch)
+        if not (
+            error.retriable
+            or code == ErrorCode.UNKNOWN_TOPIC_OR_PARTITION
+            or (stamped and code == ErrorCode.UNKNOWN_PRODUCER_ID)  # after the epoch bump
+        ):
+            return False
+        if isinstance(error, DeliveryOutcomeUnknown) and not (
+            self.retry_unknown_outcome or stamped
+        ):
+            return False
+        # A leader that moved, or that cannot be reached (its broker died: the request was
+        # never written), is waited out within the delivery timeout, not `retries`.
+        counted = code not in _LEADER_ERRORS and not _never_sent(error)
         return not counted or batch.attempts < self.retries
+
+    def _earlier_batch_pending(self, batch: _Batch) -> bool:
+        """Whether a batch of `batch`'s partition stamped before it has no outcome yet (in
+        flight, or in line for a retry)."""
+        return any(
+            other.sequence < batch.sequence
+            and other.base_sequence >= 0
+            and other.partition == batch.partition
+            and other.topic == batch.topic
+            for other in self._unfinished
+        )
+
+    def _note_sequence_trouble(self, error: DwalError, failed: list[_Batch]) -> None:
+        """A batch that had a sequence and fails for good leaves a gap that the broker would
+        refuse every later batch of its partition for: the epoch is bumped (sequences start
+        again at 0). So it is after UNKNOWN_PRODUCER_ID (the broker lost our state); after
+        INVALID_PRODUCER_EPOCH (a newer epoch of our id was seen), a new id is asked for."""
+        if error.code == ErrorCode.INVALID_PRODUCER_EPOCH:
+            self._new_producer_id_due = True
+            self._epoch_bump_due = True
+        elif error.code == ErrorCode.UNKNOWN_PRODUCER_ID or any(
+            batch.base_sequence >= 0 for batch in failed
+        ):
+            self._epoch_bump_due = True
+
+    def _fail(self, batch: _Batch, error: DwalError) -> None:
+        batch.error = error
+        self._batches_failed += 1
+        self._finish(batch)
 
     def _finish(self, batch: _Batch) -> None:
         self._buffered_bytes -= batch.size_bytes
@@ -880,12 +1183,22 @@ class Producer:
         if error.code in _REFRESH_ERRORS or isinstance(error, ConnectionFailed):
             self.cluster.invalidate(topic)
         await trio.sleep(self.retry_backoff_s)
-        self._queues[(topic, partition)].inflight -= 1
+        self._queues[(topic, partition)].backing_off -= 1
         self._wakeup.set()
 
 
 def _sequence_of(batch: _Batch) -> int:
     return batch.sequence
+
+
+def _unresolved_after_reset(batch: _Batch) -> DeliveryOutcomeUnknown:
+    code = batch.last_error.code if batch.last_error is not None else ErrorCode.NETWORK_EXCEPTION
+    return DeliveryOutcomeUnknown(
+        code,
+        "an earlier attempt may have stored the records, and the producer's epoch changed "
+        "since (a batch of its failed for good), so a resend could not be recognised: the "
+        "records may or may not have been stored",
+    )
 
 
 def _never_sent(error: DwalError) -> bool:
@@ -906,9 +1219,9 @@ def _written_request_error(error: DwalError) -> DwalError:
     )
 
 
-def _final_error(batch: _Batch, error: DwalError | None) -> DwalError | None:
+def _final_error(batch: _Batch, error: DwalError) -> DwalError:
     """The error a batch fails with: an outcome-unknown one if any attempt may have stored it."""
-    if error is None or not batch.maybe_stored or isinstance(error, DeliveryOutcomeUnknown):
+    if not batch.maybe_stored or isinstance(error, DeliveryOutcomeUnknown):
         return error
     return DeliveryOutcomeUnknown(
         error.code, f"{error.message} (an earlier attempt may have stored the records)"

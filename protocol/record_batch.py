@@ -235,17 +235,24 @@ def encode_packed_batch(
     base_timestamp: int,
     max_timestamp: int,
     compression: Compression = Compression.NONE,
+    producer_id: int = -1,
+    producer_epoch: int = -1,
+    base_sequence: int = -1,
 ) -> bytes:
     """Encode a batch from records already msgpack-packed back to back (each one a
     ``[timestamp_delta, key, value, headers]`` array), as a producer accumulates them with
-    ``msgpack.Packer(autoreset=False)``. Avoids keeping a Python object per record."""
+    ``msgpack.Packer(autoreset=False)``. Avoids keeping a Python object per record. An
+    idempotent producer stamps its producer id, epoch and the batch's first sequence."""
     if record_count <= 0 or record_count > RECORDS_PER_BATCH_MAX:
         raise ProtocolUsageError(
             f"a batch holds 1..{RECORDS_PER_BATCH_MAX} records, not {record_count}"
         )
+    producer = (producer_id, producer_epoch, base_sequence)
     if compression != Compression.NONE:
         packed = _array_header(record_count) + bytes(packed_records)
-        return _frame_body(packed, record_count, base_timestamp, max_timestamp, compression, 0, -1)
+        return _frame_body(
+            packed, record_count, base_timestamp, max_timestamp, compression, 0, -1, producer
+        )
     # Uncompressed, the batch is header + array header + packed records: one copy, by join.
     array_header = _array_header(record_count)
     header = _batch_header(
@@ -256,12 +263,36 @@ def encode_packed_batch(
         Compression.NONE,
         0,
         -1,
-        (-1, -1, -1),
+        producer,
     )
     crc = _crc32c.crc32c(memoryview(header)[CRC_START:])
     crc = _crc32c.crc32c(packed_records, _crc32c.crc32c(array_header, crc))
     struct.pack_into(">I", header, 17, crc)
     return b"".join((header, array_header, packed_records))
+
+
+PRODUCER_STATE = struct.Struct(">qhi")  # producer_id, producer_epoch, base_sequence
+PRODUCER_STATE_POSITION = 43
+
+
+def with_producer_state(
+    batch: bytes | bytearray | memoryview,
+    *,
+    producer_id: int,
+    producer_epoch: int,
+    base_sequence: int,
+) -> bytes:
+    """A copy of one encoded batch carrying another producer id, epoch and first sequence,
+    its CRC (which covers them) computed again; the body is not touched. Raises
+    ProtocolUsageError for a buffer shorter than a batch header."""
+    if len(batch) < HEADER_BYTES:
+        raise ProtocolUsageError(f"a batch is at least {HEADER_BYTES} bytes, not {len(batch)}")
+    stamped = bytearray(batch)
+    PRODUCER_STATE.pack_into(
+        stamped, PRODUCER_STATE_POSITION, producer_id, producer_epoch, base_sequence
+    )
+    struct.pack_into(">I", stamped, 17, _crc32c.crc32c(memoryview(stamped)[CRC_START:]))
+    return bytes(stamped)
 
 
 def _array_header(count: int) -> bytes:

@@ -2,7 +2,10 @@
 
 Every request it receives is put on `requests` as a `ReceivedRequest`; the test decides
 whether, when and what to answer (`answer()`), or breaks the connection (`close()`).
-Metadata requests can be answered automatically (`topics`), so producers find their topics.
+Metadata requests can be answered automatically (`topics`), so producers find their topics;
+so are InitProducerId requests (a new producer id each, at epoch `producer_epoch_given`;
+listed in `producer_ids`), unless `answer_init_producer_id` is false: then they are put on
+`requests` like the others.
 `pause_reading()` stops reading from every connection, which fills the socket buffers and
 blocks a client mid-frame; `resume_reading()` lets it go on.
 
@@ -33,7 +36,9 @@ from protocol import (
     encode_batch,
     parse_request,
     response_prefix,
+    scan_batches,
 )
+from protocol.record_batch import BatchHeader
 
 FRAME_BYTES_MAX = 256 * 1024 * 1024
 
@@ -97,6 +102,8 @@ class ClusterView:
 
     # set (then replaced) at each Metadata answer of any broker of the view
     metadata_answered: trio.Event = field(default_factory=trio.Event)
+    # the producer ids its brokers hand out, in order
+    producer_ids: list[int] = field(default_factory=list)
 
     def move(self, topic: str, partition: int, leader: int, leader_epoch: int) -> None:
         self.leaders[(topic, partition)] = (leader, leader_epoch)
@@ -115,10 +122,15 @@ class FakeBroker:
         *,
         node_id: int = 0,
         view: ClusterView | None = None,
+        answer_init_producer_id: bool = True,
     ) -> None:
         self.topics = topics or {}
         self.node_id = node_id
         self.view = view
+        self.answer_init_producer_id = answer_init_producer_id
+        self.producer_epoch_given = 0
+        # the producer ids handed out, in order (shared by the brokers of a view)
+        self.producer_ids: list[int] = view.producer_ids if view is not None else []
         self.port = 0
         self.connections: list[FakeConnection] = []
         self.connected = trio.Event()  # set at each new connection (then replaced)
@@ -175,6 +187,14 @@ class FakeBroker:
                         await received.answer(self.metadata(received.request.body))
                         if self.view is not None:
                             self.view.note_metadata_answered()
+                    if received.api_key == ApiKey.INIT_PRODUCER_ID and self.answer_init_producer_id:
+                        self.producer_ids.append(1000 + len(self.producer_ids))
+                        body = {
+                            "producer_id": self.producer_ids[-1],
+                            "producer_epoch": self.producer_epoch_given,
+                        }
+                        await received.answer(body)
+                        continue
                     self._requests_in.send_nowait(received)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
@@ -445,6 +465,18 @@ def produce_answer(request: Request, base_offset: int = 0, error_code: int = 0) 
     return {"topics": topics}
 
 
+SEQUENCE_WRAP = 2**31
+
+
+@dataclass
+class FakeProducerState:
+    """What a toy partition remembers of one idempotent producer, as a broker does: its
+    epoch, and (first sequence, last sequence, base offset) of its last 5 batches."""
+
+    epoch: int
+    batches: collections.deque = field(default_factory=lambda: collections.deque(maxlen=5))
+
+
 class PartitionLogs:
     """Toy storage behind a FakeCluster: each broker answers Produce, Fetch and ListOffsets
     for the partitions it leads (by `leaders`, the truth, which the metadata view may lag
@@ -456,6 +488,16 @@ class PartitionLogs:
     broker's next Produce answer until the gate is set (`held` is set when one waits);
     `fetch_gates` does the same for Fetch answers. A Fetch with nothing to give waits a
     little (a long poll), unless it refuses a partition: errors are answered at once.
+
+    Idempotent batches (a producer id) are checked as a broker does: one per partition in a
+    request (else INVALID_RECORD); a resend of one of the producer's last 5 batches is
+    answered with its first offset and not stored again (listed in `duplicates`); a
+    sequence that does not follow the last one gets OUT_OF_ORDER_SEQUENCE_NUMBER, an older
+    epoch INVALID_PRODUCER_EPOCH, a newer epoch (or an unknown producer) is taken only from
+    sequence 0. Faults: `produce_errors[(topic, partition)]` lists codes that the
+    partition's next Produce requests get, nothing stored (None: that one is handled as
+    usual); the next `lost_answers` Produce requests are stored, then their connection is
+    closed instead of answered. `produce_requests` lists every Produce request received.
     Start with `start()`."""
 
     def __init__(self, cluster: FakeCluster) -> None:
@@ -472,6 +514,13 @@ class PartitionLogs:
         self.gates: dict[int, trio.Event] = {}
         self.fetch_gates: dict[int, trio.Event] = {}
         self.held = trio.Event()
+        self.producers: dict[tuple[str, int], dict[int, FakeProducerState]] = (
+            collections.defaultdict(dict)
+        )
+        self.duplicates: list[tuple[str, int, int]] = []  # topic, partition, base sequence
+        self.produce_errors: dict[tuple[str, int], list[ErrorCode | None]] = {}
+        self.produce_requests: list[Request] = []
+        self.lost_answers = 0
 
     async def start(self, nursery: trio.Nursery) -> "PartitionLogs":
         for node_id, broker in self.cluster.brokers.items():
@@ -497,7 +546,12 @@ class PartitionLogs:
                 if gate is not None:
                     self.held.set()
                     await gate.wait()
-                await received.answer(self._produce(node_id, received.request))
+                answer = self._produce(node_id, received.request)
+                if self.lost_answers:
+                    self.lost_answers -= 1
+                    await received.connection.close()
+                    continue
+                await received.answer(answer)
             elif received.api_key == ApiKey.FETCH:
                 fetch_gate = self.fetch_gates.get(node_id)
                 if fetch_gate is not None:
@@ -520,6 +574,7 @@ class PartitionLogs:
         return {"partition": partition, "error_code": int(code)}
 
     def _produce(self, node_id: int, request: Request) -> dict[str, Any]:
+        self.produce_requests.append(request)
         view = memoryview(request.tail)
         start = 0
         topics = []
@@ -532,15 +587,62 @@ class PartitionLogs:
                 if self.leader(topic, partition) != node_id:
                     partitions.append(self._refusal(node_id, ApiKey.PRODUCE, topic, partition))
                     continue
-                values = [record.value for record in decode_records(chunk)]
-                log = self.records[(topic, partition)]
-                partitions.append(
-                    {"partition": partition, "error_code": 0, "base_offset": len(log)}
-                )
-                log.extend(values)
-                self.produced.append((node_id, topic, partition, values))
+                errors = self.produce_errors.get((topic, partition))
+                code = errors.pop(0) if errors else None
+                if code is not None:
+                    partitions.append({"partition": partition, "error_code": int(code)})
+                    continue
+                partitions.append(self._append(node_id, topic, partition, chunk))
             topics.append({"topic": entry["topic"], "partitions": partitions})
         return {"topics": topics}
+
+    def _append(self, node_id: int, topic: str, partition: int, chunk: memoryview) -> dict:
+        headers = [batch.header for batch in scan_batches(chunk)]
+        idempotent = [header for header in headers if header.producer_id >= 0]
+        if idempotent and len(headers) > 1:
+            return {"partition": partition, "error_code": int(ErrorCode.INVALID_RECORD)}
+        if idempotent:
+            code, duplicate_offset = self._check_sequence(topic, partition, idempotent[0])
+            if code or duplicate_offset >= 0:
+                result = {"partition": partition, "error_code": int(code)}
+                return result | ({"base_offset": duplicate_offset} if not code else {})
+        values = [record.value for record in decode_records(chunk)]
+        log = self.records[(topic, partition)]
+        base_offset = len(log)
+        log.extend(values)
+        self.produced.append((node_id, topic, partition, values))
+        if idempotent:
+            self._remember(topic, partition, idempotent[0], base_offset)
+        return {"partition": partition, "error_code": 0, "base_offset": base_offset}
+
+    def _check_sequence(
+        self, topic: str, partition: int, header: BatchHeader
+    ) -> tuple[ErrorCode, int]:
+        """The error for an idempotent batch (NONE: append it), and the first offset of the
+        stored batch it repeats (-1: none)."""
+        state = self.producers[(topic, partition)].get(header.producer_id)
+        first = header.base_sequence
+        last = (first + header.record_count - 1) % SEQUENCE_WRAP
+        if state is None or header.producer_epoch > state.epoch:
+            code = ErrorCode.NONE if first == 0 else ErrorCode.OUT_OF_ORDER_SEQUENCE_NUMBER
+            return code, -1
+        if header.producer_epoch < state.epoch:
+            return ErrorCode.INVALID_PRODUCER_EPOCH, -1
+        for stored_first, stored_last, base_offset in state.batches:
+            if (stored_first, stored_last) == (first, last):
+                self.duplicates.append((topic, partition, first))
+                return ErrorCode.NONE, base_offset
+        if first != (state.batches[-1][1] + 1) % SEQUENCE_WRAP:
+            return ErrorCode.OUT_OF_ORDER_SEQUENCE_NUMBER, -1
+        return ErrorCode.NONE, -1
+
+    def _remember(self, topic: str, partition: int, header: BatchHeader, base_offset: int) -> None:
+        states = self.producers[(topic, partition)]
+        state = states.get(header.producer_id)
+        if state is None or header.producer_epoch > state.epoch:
+            state = states[header.producer_id] = FakeProducerState(header.producer_epoch)
+        last = (header.base_sequence + header.record_count - 1) % SEQUENCE_WRAP
+        state.batches.append((header.base_sequence, last, base_offset))
 
     def _fetch(self, node_id: int, request: Request) -> tuple[dict[str, Any], bytes]:
         topics = []
