@@ -64,8 +64,10 @@ class ErrorCode(enum.IntEnum):
     FENCED_LEADER_EPOCH = 74
     UNKNOWN_LEADER_EPOCH = 75
     STALE_BROKER_EPOCH = 77
+    INVALID_REPLICA_ASSIGNMENT = 39  # a reassignment's target replicas are not acceptable
     PREFERRED_LEADER_NOT_AVAILABLE = 80
     ELECTION_NOT_NEEDED = 84
+    NO_REASSIGNMENT_IN_PROGRESS = 85  # a cancel of a partition that is not being moved
     INVALID_UPDATE_VERSION = 95
     UNKNOWN_TOPIC_ID = 100
     DUPLICATE_BROKER_REGISTRATION = 101

@@ -14,12 +14,18 @@ from .decisions import (
     allocate_producer_ids,
     alter_configs,
     alter_partition,
+    alter_partition_reassignment,
+    decommission_broker,
+    decommission_plan,
+    leader_imbalance,
+    recommission_broker,
     create_partitions,
     create_topic,
     create_topics,
     delete_topic,
     elect_leaders,
     elect_preferred_leader,
+    elect_preferred_leaders,
     fence_broker,
     register_broker,
     shutdown_broker,
@@ -38,6 +44,7 @@ from .metadata_image import (
 from .metadata_records import (
     DEFAULT_LIMITS,
     NO_LEADER,
+    BrokerDecommissionRecord,
     BrokerShutdownRecord,
     BrokerSnapshotRecord,
     ClusterIdRecord,
@@ -61,11 +68,12 @@ from .metadata_records import (
     encode_entry,
 )
 from .metadata_snapshot import decode_snapshot, encode_snapshot
-from .replica_placement import PlacementBroker, place_replicas
+from .replica_placement import PlacementBroker, choose_replacement, place_replicas
 
 __all__ = [
     "AlterPartitionRequest",
     "BrokerInfo",
+    "BrokerDecommissionRecord",
     "BrokerRegistration",
     "BrokerShutdownRecord",
     "BrokerSnapshotRecord",
@@ -97,6 +105,12 @@ __all__ = [
     "UnfenceBrokerRecord",
     "alter_configs",
     "alter_partition",
+    "alter_partition_reassignment",
+    "choose_replacement",
+    "decommission_broker",
+    "decommission_plan",
+    "leader_imbalance",
+    "recommission_broker",
     "apply",
     "create_partitions",
     "create_topic",
@@ -107,6 +121,7 @@ __all__ = [
     "elect_leaders",
     "allocate_producer_ids",
     "elect_preferred_leader",
+    "elect_preferred_leaders",
     "encode_entry",
     "encode_snapshot",
     "fence_broker",

@@ -19,6 +19,25 @@ replica order) that is in the ISR and not fenced; with none, the partition has n
 (unclean election stays off) until a member of its ISR is unfenced. Every leader change bumps
 the leader epoch (done by apply).
 
+Reassignment follows Kafka's KIP-455 on KRaft. While a partition moves, its replicas are
+the target followed by the replicas leaving (`removing_replicas`); the new ones
+(`adding_replicas`) start outside the ISR, fetch from the leader like any follower, and join
+the ISR through the leader's AlterPartition once they have caught up. The decision that
+accepts the ISR change holding the last adding replica also completes the move, in the same
+record: replicas = target, ISR = ISR within the target, leadership (leader epoch + 1) to the
+first target replica in the ISR if the leader was leaving. A new target is always taken
+relative to the replicas before the move (`original_replicas`), so reassigning to those,
+or cancelling, reverts the move; replicas that stop being added leave the ISR at once.
+Every record keeps the invariants leader in ISR, ISR within replicas, adding and removing
+within replicas and disjoint; a move or cancel that would leave no in-sync replica is refused.
+
+Decommissioning a broker marks it (`BrokerDecommissionRecord`: no new replica is placed on
+it) and reassigns every partition whose target holds it, putting another broker in its
+place (`choose_replacement`: racks apart, load even). Automatic leader balancing
+(`leader_imbalance`) is Kafka's `auto.leader.rebalance.enable`: for each broker whose share
+of partitions it should lead but does not exceeds `leader.imbalance.per.broker.percentage`,
+its preferred leadership is given back where it is an unfenced ISR member.
+
 Every record a decision returns encodes (see `encode_entry`) under the default limits: the
 sizes of what a request asks for are checked here and refused as errors.
 """
@@ -42,6 +61,7 @@ from broker.controller.metadata_records import (
     INT32_MAX,
     INT64_MAX,
     NO_LEADER,
+    BrokerDecommissionRecord,
     BrokerShutdownRecord,
     ConfigRecord,
     ConfigResourceType,
@@ -59,7 +79,11 @@ from broker.controller.metadata_records import (
     UnfenceBrokerRecord,
     encode_entry,
 )
-from broker.controller.replica_placement import PlacementBroker, place_replicas
+from broker.controller.replica_placement import (
+    PlacementBroker,
+    choose_replacement,
+    place_replicas,
+)
 from broker.limits import Limits
 from protocol.errors import DwalError, ErrorCode
 from protocol.topic_name import validate_topic_name
@@ -424,10 +448,11 @@ def _check_entry_size(
 
 
 def _placement_brokers(image: MetadataImage) -> list[PlacementBroker]:
+    """The brokers new replicas may go to: eligible, and not being decommissioned."""
     return [
         PlacementBroker(broker_id=broker.broker_id, rack=broker.rack)
         for broker in sorted(image.brokers.values(), key=lambda broker: broker.broker_id)
-        if _eligible(image, broker.broker_id)
+        if _eligible(image, broker.broker_id) and broker.broker_id not in image.decommissioned
     ]
 
 
@@ -506,7 +531,8 @@ def _config_records(
 
 def alter_partition(image: MetadataImage, request: AlterPartitionRequest) -> Decision:
     """A leader's ISR change: [PartitionChangeRecord] based on the current partition epoch,
-    or [] when the ISR asked for is the current one.
+    or [] when the ISR asked for is the current one. When the new ISR holds every adding
+    replica of a reassignment in progress, the same record completes it (`_completed`).
 
     Refuses, in this order: STALE_BROKER_EPOCH when the broker or its epoch is not
     the registered one; UNKNOWN_TOPIC_OR_PARTITION; NOT_LEADER_OR_FOLLOWER when the broker is
@@ -557,7 +583,17 @@ def alter_partition(image: MetadataImage, request: AlterPartitionRequest) -> Dec
         )
     if isr == partition.isr:
         return []
-    return [_change(topic, partition, isr=isr)]
+    shape = _completed(
+        image,
+        _Shape(
+            partition.replicas,
+            isr,
+            partition.leader,
+            partition.adding_replicas,
+            partition.removing_replicas,
+        ),
+    )
+    return _reshape(topic, partition, shape)
 
 
 def elect_preferred_leader(
@@ -605,6 +641,308 @@ def elect_leaders(
     }
 
 
+# ----------------------------------------------------------------------------- balancing
+
+LEADER_ELECTIONS_PER_ENTRY_MAX = 1000  # as Kafka's controller (maxElectionsPerImbalance)
+
+
+def leader_imbalance(image: MetadataImage, imbalance_percentage: int) -> list[TopicPartition]:
+    """The partitions automatic leader balancing would give back to their preferred leader,
+    by topic name and number: Kafka's rule (`checkAndTriggerAutoLeaderRebalance`). For each
+    broker, the share of the partitions it is the preferred leader of that it does not lead;
+    when that share is above `imbalance_percentage` %, each such partition whose preferred
+    leader is an unfenced ISR member, and that is not being reassigned, is listed. Pure."""
+    assert 0 <= imbalance_percentage <= 100
+    preferred_total: Counter[int] = Counter()
+    not_led: dict[int, list[tuple[TopicInfo, PartitionInfo]]] = {}
+    for topic, partition in _partitions(image):
+        preferred = partition.preferred_leader
+        preferred_total[preferred] += 1
+        if partition.leader != preferred:
+            not_led.setdefault(preferred, []).append((topic, partition))
+    chosen: list[TopicPartition] = []
+    for broker_id, partitions in not_led.items():
+        if len(partitions) * 100 <= imbalance_percentage * preferred_total[broker_id]:
+            continue
+        if not _eligible(image, broker_id):
+            continue
+        chosen.extend(
+            (topic.name, partition.partition)
+            for topic, partition in partitions
+            if broker_id in partition.isr and not partition.reassigning
+        )
+    return sorted(chosen)
+
+
+def elect_preferred_leaders(
+    image: MetadataImage, partitions: Iterable[TopicPartition]
+) -> list[MetadataRecord]:
+    """The changes electing the preferred leader of each of `partitions` that it may lead
+    now (the others, refused or already led by it, are skipped), as one entry. The
+    automatic balancer elects `leader_imbalance`'s partitions this way, at most
+    LEADER_ELECTIONS_PER_ENTRY_MAX per entry."""
+    records: list[MetadataRecord] = []
+    for topic_name, number in partitions:
+        decision = elect_preferred_leader(image, topic_name, number)
+        if not isinstance(decision, DwalError):
+            records.extend(decision)
+    return records
+
+
+# ----------------------------------------------------------------------------- reassignment
+
+REASSIGNMENTS_PER_ENTRY_MAX = 1000  # partition changes per entry (decommission, requests)
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """What a reassignment changes of a partition."""
+
+    replicas: tuple[int, ...]
+    isr: tuple[int, ...]
+    leader: int
+    adding: tuple[int, ...]
+    removing: tuple[int, ...]
+
+
+def alter_partition_reassignment(
+    image: MetadataImage,
+    topic_name: str,
+    partition_number: int,
+    target: Sequence[int] | None,
+    *,
+    limits: MetadataLimits = DEFAULT_LIMITS,
+) -> Decision:
+    """Move a partition to the replicas `target` (the first is the preferred leader), or
+    cancel its move (`target` None: back to the replicas it had before). See the module doc.
+
+    Returns [] when nothing changes (the partition has that target already), else one
+    change; a target whose new replicas are all in the ISR already (a reorder, a pure
+    shrink) completes at once. Refuses UNKNOWN_TOPIC_OR_PARTITION; NO_REASSIGNMENT_IN_PROGRESS
+    (a cancel without a move); INVALID_REPLICA_ASSIGNMENT for an empty target, a broker
+    listed twice, an unregistered broker, a new replica on a fenced, shut down or
+    decommissioned broker, more brokers than a record holds, or a change that would leave
+    the partition no in-sync replica. The replication factor may change.
+    """
+    topic = image.topics.get(topic_name)
+    if topic is None or not 0 <= partition_number < len(topic.partitions):
+        return DwalError(
+            ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, f"no partition {topic_name}-{partition_number}"
+        )
+    partition = topic.partitions[partition_number]
+    where = f"{topic_name}-{partition_number}"
+    if target is None:
+        if not partition.reassigning:
+            return DwalError(
+                ErrorCode.NO_REASSIGNMENT_IN_PROGRESS, f"{where} is not being reassigned"
+            )
+        target = partition.original_replicas
+    else:
+        target = tuple(target)
+        refusal = _check_target(image, partition, target, where, limits)
+        if refusal is not None:
+            return refusal
+    return _reassign(image, topic, partition, tuple(target), where)
+
+
+def _check_target(
+    image: MetadataImage,
+    partition: PartitionInfo,
+    target: tuple[int, ...],
+    where: str,
+    limits: MetadataLimits,
+) -> DwalError | None:
+    def refuse(message: str) -> DwalError:
+        return DwalError(ErrorCode.INVALID_REPLICA_ASSIGNMENT, message)
+
+    if not target:
+        return refuse(f"the replicas of {where} cannot be empty")
+    twice = sorted(broker for broker, count in Counter(target).items() if count > 1)
+    if twice:
+        return refuse(f"the replicas of {where} list broker {twice[0]} more than once")
+    unknown = [broker for broker in target if broker not in image.brokers]
+    if unknown:
+        return refuse(f"broker {unknown[0]} is not registered")
+    for broker in target:
+        if broker in partition.replicas:
+            continue  # it has a copy already, fenced or not
+        if not _eligible(image, broker):
+            return refuse(f"broker {broker} is fenced or shut down: it cannot receive a replica")
+        if broker in image.decommissioned:
+            return refuse(
+                f"broker {broker} is being decommissioned: it receives no new replica "
+                "(recommission it first)"
+            )
+    brokers = len(set(target) | set(partition.original_replicas))
+    if brokers > limits.replicas_max:
+        return refuse(
+            f"moving {where} to these replicas involves {brokers} brokers, more than "
+            f"{limits.replicas_max}"
+        )
+    return None
+
+
+def _reassign(
+    image: MetadataImage,
+    topic: TopicInfo,
+    partition: PartitionInfo,
+    target: tuple[int, ...],
+    where: str,
+) -> Decision:
+    """The change that moves the partition to `target` from its original replicas."""
+    original = partition.original_replicas
+    adding = tuple(broker for broker in target if broker not in original)
+    removing = tuple(broker for broker in original if broker not in target)
+    replicas = target + removing
+    isr = tuple(member for member in partition.isr if member in replicas)
+    if not isr:
+        return DwalError(
+            ErrorCode.INVALID_REPLICA_ASSIGNMENT,
+            f"every in-sync replica of {where} ({_ids(partition.isr)}) would leave: "
+            f"wait until one of {_ids(replicas)} is in sync",
+        )
+    leader = partition.leader
+    if leader not in isr:
+        leader = _first_eligible(image, replicas, isr)
+    shape = _completed(image, _Shape(replicas, isr, leader, adding, removing))
+    return _reshape(topic, partition, shape)
+
+
+def _completed(image: MetadataImage, shape: _Shape) -> _Shape:
+    """The shape after completing its reassignment, when every adding replica is in the
+    ISR and some ISR member stays; otherwise `shape` itself."""
+    if not shape.adding and not shape.removing:
+        return shape
+    if not set(shape.adding) <= set(shape.isr):
+        return shape
+    target = tuple(broker for broker in shape.replicas if broker not in shape.removing)
+    isr = tuple(member for member in shape.isr if member not in shape.removing)
+    if not isr:
+        return shape
+    leader = shape.leader if shape.leader in isr else _first_eligible(image, target, isr)
+    return _Shape(target, isr, leader, (), ())
+
+
+def _first_eligible(image: MetadataImage, replicas: Sequence[int], isr: Sequence[int]) -> int:
+    """The first of `replicas` that is in `isr` and may lead, or NO_LEADER."""
+    return next(
+        (broker for broker in replicas if broker in isr and _eligible(image, broker)),
+        NO_LEADER,
+    )
+
+
+def _reshape(topic: TopicInfo, partition: PartitionInfo, shape: _Shape) -> list[MetadataRecord]:
+    """[the change to `shape`], or [] when the partition has that shape."""
+    current = _Shape(
+        partition.replicas,
+        partition.isr,
+        partition.leader,
+        partition.adding_replicas,
+        partition.removing_replicas,
+    )
+    if shape == current:
+        return []
+    return [
+        _change(
+            topic,
+            partition,
+            isr=shape.isr,
+            leader=shape.leader,
+            replicas=shape.replicas,
+            adding=shape.adding,
+            removing=shape.removing,
+        )
+    ]
+
+
+def _ids(brokers: Iterable[int]) -> str:
+    return ",".join(map(str, brokers)) or "none"
+
+
+# ----------------------------------------------------------------------------- decommission
+
+
+def decommission_broker(
+    image: MetadataImage, broker_id: int, *, moves_max: int = REASSIGNMENTS_PER_ENTRY_MAX
+) -> Decision:
+    """Decommission a broker: its BrokerDecommissionRecord (unless marked already), then
+    the reassignments moving it out of the target of at most `moves_max` partitions (see
+    `decommission_plan`). Call again until it returns []: every partition is then moving
+    off it or moved (the moves complete as the new replicas catch up).
+
+    Refuses BROKER_NOT_AVAILABLE for an unknown broker, and whatever `decommission_plan`
+    or a move refuses, before anything changes.
+    """
+    assert moves_max > 0
+    if broker_id not in image.brokers:
+        return DwalError(ErrorCode.BROKER_NOT_AVAILABLE, f"broker {broker_id} is not registered")
+    plan = decommission_plan(image, broker_id)
+    if isinstance(plan, DwalError):
+        return plan
+    records: list[MetadataRecord] = []
+    if broker_id not in image.decommissioned:
+        records.append(BrokerDecommissionRecord(broker_id=broker_id, decommissioned=True))
+    for topic, partition, target in plan[:moves_max]:
+        moved = _reassign(image, topic, partition, target, f"{topic.name}-{partition.partition}")
+        if isinstance(moved, DwalError):
+            return moved
+        records.extend(moved)
+    return records
+
+
+def decommission_plan(
+    image: MetadataImage, broker_id: int
+) -> list[tuple[TopicInfo, PartitionInfo, tuple[int, ...]]] | DwalError:
+    """For each partition whose target replicas hold `broker_id` (by topic name and number),
+    its new target: the same with another broker in its place, chosen by
+    `choose_replacement` among the brokers new replicas may go to, counting the moves
+    planned before it. Refuses INVALID_REPLICATION_FACTOR, naming the partition, when no
+    broker can take a partition's copy (too few brokers for its replication factor)."""
+    brokers = [broker for broker in _placement_brokers(image) if broker.broker_id != broker_id]
+    replica_counts = dict(image.replica_counts)
+    leader_counts = dict(image.preferred_leader_counts)
+    plan = []
+    for topic, partition in _partitions(image):
+        target = partition.target_replicas
+        if broker_id not in target:
+            continue
+        replacement = choose_replacement(
+            brokers,
+            target,
+            broker_id,
+            excluded=partition.replicas,
+            replica_counts=replica_counts,
+            leader_counts=leader_counts,
+        )
+        if replacement is None:
+            return DwalError(
+                ErrorCode.INVALID_REPLICATION_FACTOR,
+                f"cannot move {topic.name}-{partition.partition} off broker {broker_id}: its "
+                f"{len(target)} replicas need another broker, and the brokers that may take a "
+                f"replica ({_ids(b.broker_id for b in brokers)}) hold one already; add a "
+                "broker or lower the topic's replication factor first",
+            )
+        replica_counts[replacement] = replica_counts.get(replacement, 0) + 1
+        if target[0] == broker_id:
+            leader_counts[replacement] = leader_counts.get(replacement, 0) + 1
+        new_target = tuple(replacement if broker == broker_id else broker for broker in target)
+        plan.append((topic, partition, new_target))
+    return plan
+
+
+def recommission_broker(image: MetadataImage, broker_id: int) -> Decision:
+    """Undo `decommission_broker`'s mark: new replicas may go to the broker again. Moves in
+    progress go on (cancel them one by one). Returns [] when it is not marked; refuses
+    BROKER_NOT_AVAILABLE for a broker neither registered nor marked."""
+    if broker_id not in image.decommissioned:
+        if broker_id not in image.brokers:
+            return DwalError(
+                ErrorCode.BROKER_NOT_AVAILABLE, f"broker {broker_id} is not registered"
+            )
+        return []
+    return [BrokerDecommissionRecord(broker_id=broker_id, decommissioned=False)]
+
+
 # ----------------------------------------------------------------------------- producer ids
 
 PRODUCER_ID_BLOCK_SIZE = 1000  # as Kafka's controller hands them out (KIP-730)
@@ -648,8 +986,11 @@ def _change(
     *,
     isr: tuple[int, ...] | None = None,
     leader: int | None = None,
+    replicas: tuple[int, ...] | None = None,
+    adding: tuple[int, ...] | None = None,
+    removing: tuple[int, ...] | None = None,
 ) -> PartitionChangeRecord:
-    """A change of what differs, based on the partition's current epoch."""
+    """A change of what differs (None: unchanged), based on the partition's current epoch."""
     assert partition.partition_epoch < INT32_MAX, "partition epoch overflow"
     return PartitionChangeRecord(
         topic_id=topic.topic_id,
@@ -657,6 +998,9 @@ def _change(
         expected_partition_epoch=partition.partition_epoch,
         isr=None if isr == partition.isr else isr,
         leader=None if leader == partition.leader else leader,
+        replicas=None if replicas == partition.replicas else replicas,
+        adding_replicas=None if adding == partition.adding_replicas else adding,
+        removing_replicas=None if removing == partition.removing_replicas else removing,
     )
 
 

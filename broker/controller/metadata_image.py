@@ -35,6 +35,7 @@ from typing import Any
 from broker.controller.metadata_records import (
     INT32_MAX,
     NO_LEADER,
+    BrokerDecommissionRecord,
     BrokerShutdownRecord,
     BrokerSnapshotRecord,
     ClusterIdRecord,
@@ -75,10 +76,29 @@ class PartitionInfo:
     leader: int  # in isr, or NO_LEADER
     leader_epoch: int  # bumped whenever the leader changes
     partition_epoch: int  # bumped by every applied change
+    # A reassignment in progress (see decisions): replicas = target + removing; the adding
+    # replicas catch up as followers and, once all of them are in the ISR, the partition's
+    # replicas become the target. Both empty: no reassignment.
+    adding_replicas: tuple[int, ...] = ()
+    removing_replicas: tuple[int, ...] = ()
 
     @property
     def preferred_leader(self) -> int:
         return self.replicas[0]
+
+    @property
+    def reassigning(self) -> bool:
+        return bool(self.adding_replicas or self.removing_replicas)
+
+    @property
+    def target_replicas(self) -> tuple[int, ...]:
+        """The replicas once the reassignment in progress completes (the replicas if none)."""
+        return tuple(r for r in self.replicas if r not in self.removing_replicas)
+
+    @property
+    def original_replicas(self) -> tuple[int, ...]:
+        """The replicas before the reassignment in progress (the replicas if none)."""
+        return tuple(r for r in self.replicas if r not in self.adding_replicas)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -105,12 +125,18 @@ class MetadataImage:
     topics_by_id: Mapping[bytes, TopicInfo] = field(default_factory=_empty_mapping)
     configs: Mapping[ConfigResource, Mapping[str, str]] = field(default_factory=_empty_mapping)
     next_producer_id: int = 0
+    # Broker ids being decommissioned: no new replica goes there (whether registered or not).
+    decommissioned: frozenset[int] = frozenset()
     last_applied_index: int = 0  # the Raft index of the last entry applied (0: none)
     # Derived from the partitions (kept by `apply`, so placement need not count them): per
     # broker id, the replicas it holds and the partitions it is the preferred leader of.
     # Brokers with none are absent.
     replica_counts: Mapping[int, int] = field(default_factory=_empty_mapping)
     preferred_leader_counts: Mapping[int, int] = field(default_factory=_empty_mapping)
+
+    def partitions_on(self, broker_id: int) -> int:
+        """How many partitions list the broker among their replicas (moving ones included)."""
+        return self.replica_counts.get(broker_id, 0)
 
     def unfenced_broker_ids(self) -> list[int]:
         """Ids of the brokers that may lead and host new replicas, ascending."""
@@ -147,7 +173,7 @@ def apply(
 def image_to_records(image: MetadataImage) -> list[MetadataRecord]:
     """Return records that, applied to an empty image at `image.last_applied_index`, rebuild
     an image equal to `image` (a snapshot). Ordered: cluster id, brokers by id, topics by
-    name each followed by its partitions, configs, producer ids."""
+    name each followed by its partitions, configs, producer ids, decommissioned brokers."""
     records: list[MetadataRecord] = []
     if image.cluster_id is not None:
         records.append(ClusterIdRecord(cluster_id=image.cluster_id))
@@ -176,6 +202,8 @@ def image_to_records(image: MetadataImage) -> list[MetadataRecord]:
                 leader=partition.leader,
                 leader_epoch=partition.leader_epoch,
                 partition_epoch=partition.partition_epoch,
+                adding_replicas=partition.adding_replicas,
+                removing_replicas=partition.removing_replicas,
             )
             for partition in topic.partitions
         )
@@ -189,6 +217,10 @@ def image_to_records(image: MetadataImage) -> list[MetadataRecord]:
         )
     if image.next_producer_id > 0:
         records.append(ProducerIdsRecord(next_producer_id=image.next_producer_id))
+    records.extend(
+        BrokerDecommissionRecord(broker_id=broker_id, decommissioned=True)
+        for broker_id in sorted(image.decommissioned)
+    )
     return records
 
 
@@ -204,6 +236,7 @@ class _ImageBuilder:
         self.base = base
         self.cluster_id = base.cluster_id
         self.next_producer_id = base.next_producer_id
+        self.decommissioned = base.decommissioned
         self.brokers: Mapping[int, BrokerInfo] = base.brokers
         self.topics: Mapping[str, TopicInfo] = base.topics
         self.topics_by_id: Mapping[bytes, TopicInfo] = base.topics_by_id
@@ -301,6 +334,7 @@ class _ImageBuilder:
             topics_by_id=_read_only(self._topics_by_id, self.base.topics_by_id),
             configs=_read_only(self._configs, self.base.configs),
             next_producer_id=self.next_producer_id,
+            decommissioned=self.decommissioned,
             last_applied_index=entry_index,
             replica_counts=_read_only(self._replica_counts, self.base.replica_counts),
             preferred_leader_counts=_read_only(
@@ -405,6 +439,8 @@ def _apply_partition(builder: _ImageBuilder, record: PartitionRecord, index: int
         leader=record.leader,
         leader_epoch=record.leader_epoch,
         partition_epoch=record.partition_epoch,
+        adding_replicas=record.adding_replicas,
+        removing_replicas=record.removing_replicas,
     )
     builder.set_partition(topic, partition)
 
@@ -421,7 +457,11 @@ def _apply_partition_change(
     replicas = current.replicas if record.replicas is None else record.replicas
     isr = current.isr if record.isr is None else record.isr
     leader = current.leader if record.leader is None else record.leader
+    adding = _unless_none(record.adding_replicas, current.adding_replicas)
+    removing = _unless_none(record.removing_replicas, current.removing_replicas)
     if not set(isr) <= set(replicas) or (leader != NO_LEADER and leader not in isr):
+        return
+    if not set(adding) | set(removing) <= set(replicas) or set(adding) & set(removing):
         return
     leader_epoch = current.leader_epoch + (1 if leader != current.leader else 0)
     if current.partition_epoch == INT32_MAX or leader_epoch > INT32_MAX:
@@ -433,8 +473,14 @@ def _apply_partition_change(
         leader=leader,
         leader_epoch=leader_epoch,
         partition_epoch=current.partition_epoch + 1,
+        adding_replicas=adding,
+        removing_replicas=removing,
     )
     builder.set_partition(topic, changed)
+
+
+def _unless_none(value: tuple[int, ...] | None, current: tuple[int, ...]) -> tuple[int, ...]:
+    return current if value is None else value
 
 
 def _apply_config(builder: _ImageBuilder, record: ConfigRecord, index: int) -> None:
@@ -455,6 +501,15 @@ def _apply_producer_ids(builder: _ImageBuilder, record: ProducerIdsRecord, index
     builder.next_producer_id = max(builder.next_producer_id, record.next_producer_id)
 
 
+def _apply_broker_decommission(
+    builder: _ImageBuilder, record: BrokerDecommissionRecord, index: int
+) -> None:
+    if record.decommissioned:
+        builder.decommissioned = builder.decommissioned | {record.broker_id}
+    else:
+        builder.decommissioned = builder.decommissioned - {record.broker_id}
+
+
 _APPLIERS: dict[type, Callable[[_ImageBuilder, Any, int], None]] = {
     ClusterIdRecord: _apply_cluster_id,
     RegisterBrokerRecord: _apply_register_broker,
@@ -468,4 +523,5 @@ _APPLIERS: dict[type, Callable[[_ImageBuilder, Any, int], None]] = {
     PartitionChangeRecord: _apply_partition_change,
     ConfigRecord: _apply_config,
     ProducerIdsRecord: _apply_producer_ids,
+    BrokerDecommissionRecord: _apply_broker_decommission,
 }

@@ -58,6 +58,7 @@ class RecordType(enum.IntEnum):
     CONFIG = 10
     PRODUCER_IDS = 11
     BROKER_SNAPSHOT = 12
+    BROKER_DECOMMISSION = 13
 
 
 class ConfigResourceType(enum.IntEnum):
@@ -207,8 +208,19 @@ class RemoveTopicRecord:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class BrokerDecommissionRecord:
+    """The broker id is being decommissioned (no new replica is placed on it), or no longer
+    (`decommissioned` false). Kept across the broker's registrations."""
+
+    broker_id: int
+    decommissioned: bool
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class PartitionRecord:
-    """A new partition of a topic, numbered right after the topic's last partition."""
+    """A partition of a topic, numbered right after the topic's last partition (in a
+    snapshot, with the reassignment it is in, if any). Version 1 adds the two reassignment
+    fields; version 0 (no reassignment) reads them as empty."""
 
     topic_id: bytes
     partition: int
@@ -217,13 +229,18 @@ class PartitionRecord:
     leader: int  # in isr, or NO_LEADER
     leader_epoch: int
     partition_epoch: int
+    # A reassignment in progress (KIP-455): replicas being added (not yet in sync, as a
+    # rule) and replicas leaving once they are; both within replicas, never overlapping.
+    adding_replicas: tuple[int, ...] = ()
+    removing_replicas: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class PartitionChangeRecord:
     """A compare-and-swap on one partition: applied only if the partition's epoch still is
     `expected_partition_epoch` (else a no-op). None fields are unchanged. Applied, it bumps
-    the partition epoch, and the leader epoch when the leader changes."""
+    the partition epoch, and the leader epoch when the leader changes. Version 1 adds the
+    reassignment fields (`()` clears one); version 0 reads them as None."""
 
     topic_id: bytes
     partition: int
@@ -231,6 +248,8 @@ class PartitionChangeRecord:
     isr: tuple[int, ...] | None = None
     leader: int | None = None  # NO_LEADER: no leader from now on
     replicas: tuple[int, ...] | None = None
+    adding_replicas: tuple[int, ...] | None = None
+    removing_replicas: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -257,6 +276,7 @@ MetadataRecord = (
     | UnfenceBrokerRecord
     | BrokerShutdownRecord
     | BrokerSnapshotRecord
+    | BrokerDecommissionRecord
     | TopicRecord
     | RemoveTopicRecord
     | PartitionRecord
@@ -274,6 +294,35 @@ def _listeners_out(listeners: tuple[Listener, ...]) -> list[list[Any]]:
 
 def _ids_out(ids: tuple[int, ...] | None) -> list[int] | None:
     return None if ids is None else list(ids)
+
+
+def _partition_fields(r: PartitionRecord) -> list[Any]:
+    fields = [
+        r.topic_id,
+        r.partition,
+        list(r.replicas),
+        list(r.isr),
+        r.leader,
+        r.leader_epoch,
+        r.partition_epoch,
+    ]
+    if r.adding_replicas or r.removing_replicas:
+        fields += [list(r.adding_replicas), list(r.removing_replicas)]
+    return fields
+
+
+def _partition_change_fields(r: PartitionChangeRecord) -> list[Any]:
+    fields = [
+        r.topic_id,
+        r.partition,
+        r.expected_partition_epoch,
+        _ids_out(r.isr),
+        r.leader,
+        _ids_out(r.replicas),
+    ]
+    if r.adding_replicas is not None or r.removing_replicas is not None:
+        fields += [_ids_out(r.adding_replicas), _ids_out(r.removing_replicas)]
+    return fields
 
 
 _ENCODERS: dict[type, tuple[RecordType, Callable[[Any], list[Any]]]] = {
@@ -297,38 +346,23 @@ _ENCODERS: dict[type, tuple[RecordType, Callable[[Any], list[Any]]]] = {
             r.shut_down,
         ],
     ),
+    BrokerDecommissionRecord: (
+        RecordType.BROKER_DECOMMISSION,
+        lambda r: [r.broker_id, r.decommissioned],
+    ),
     TopicRecord: (RecordType.TOPIC, lambda r: [r.name, r.topic_id]),
     RemoveTopicRecord: (RecordType.REMOVE_TOPIC, lambda r: [r.topic_id]),
-    PartitionRecord: (
-        RecordType.PARTITION,
-        lambda r: [
-            r.topic_id,
-            r.partition,
-            list(r.replicas),
-            list(r.isr),
-            r.leader,
-            r.leader_epoch,
-            r.partition_epoch,
-        ],
-    ),
-    PartitionChangeRecord: (
-        RecordType.PARTITION_CHANGE,
-        lambda r: [
-            r.topic_id,
-            r.partition,
-            r.expected_partition_epoch,
-            _ids_out(r.isr),
-            r.leader,
-            _ids_out(r.replicas),
-        ],
-    ),
+    PartitionRecord: (RecordType.PARTITION, _partition_fields),
+    PartitionChangeRecord: (RecordType.PARTITION_CHANGE, _partition_change_fields),
     ConfigRecord: (
         RecordType.CONFIG,
         lambda r: [int(r.resource_type), r.resource_name, r.name, r.value],
     ),
     ProducerIdsRecord: (RecordType.PRODUCER_IDS, lambda r: [r.next_producer_id]),
 }
-_VERSION = 0  # every record type is at version 0 so far
+# Each version of a record type has its own number of fields: the version written is the one
+# whose field count the encoder produced (the lowest that holds the record).
+_VERSION_BY_FIELD_COUNT: dict[tuple[RecordType, int], int] = {}
 
 
 def encode_entry(
@@ -344,9 +378,11 @@ def encode_entry(
         raise MetadataEncodeError("an entry holds at least one record")
     encoded = []
     for record in records:
-        record_type, fields = _ENCODERS[type(record)]
+        record_type, fields_of = _ENCODERS[type(record)]
         try:
-            encoded.append([int(record_type), _VERSION, *fields(record)])
+            fields = fields_of(record)
+            version = _VERSION_BY_FIELD_COUNT[record_type, len(fields)]
+            encoded.append([int(record_type), version, *fields])
         except (TypeError, ValueError, IndexError) as error:
             raise MetadataEncodeError(f"malformed {type(record).__name__}: {error}") from None
     try:
@@ -408,13 +444,13 @@ def _decode_record(item: Any, limits: MetadataLimits) -> MetadataRecord:
     if type(item) is not list or len(item) < 2:
         raise MetadataDecodeError("a record must be an array [type, version, field...]")
     type_code, version, fields = item[0], item[1], item[2:]
-    if type(type_code) is not int or type_code not in _DECODERS:
+    if type(type_code) is not int or type_code not in _RECORD_TYPES:
         raise MetadataDecodeError(f"unknown metadata record type {type_code!r}")
-    if type(version) is not int or version != _VERSION:
+    if type(version) is not int or (type_code, version) not in _DECODERS:
         raise MetadataDecodeError(
             f"unknown version {version!r} of record {RecordType(type_code).name}"
         )
-    field_count, decode = _DECODERS[type_code]
+    field_count, decode = _DECODERS[type_code, version]
     if len(fields) != field_count:
         raise MetadataDecodeError(
             f"record {RecordType(type_code).name} v{version} has {len(fields)} fields, "
@@ -483,6 +519,19 @@ def _optional_broker_ids(value: Any, what: str, limits: MetadataLimits) -> tuple
     return None if value is None else _broker_ids(value, what, limits)
 
 
+def _broker_id_set(value: Any, what: str, limits: MetadataLimits) -> tuple[int, ...]:
+    """Distinct broker ids, possibly none (a reassignment's adding or removing replicas)."""
+    if type(value) is list and not value:
+        return ()
+    return _broker_ids(value, what, limits)
+
+
+def _optional_broker_id_set(
+    value: Any, what: str, limits: MetadataLimits
+) -> tuple[int, ...] | None:
+    return None if value is None else _broker_id_set(value, what, limits)
+
+
 def _listeners(value: Any, limits: MetadataLimits) -> tuple[Listener, ...]:
     if type(value) is not list or len(value) > limits.listeners_max:
         raise MetadataDecodeError(f"listeners must be an array of at most {limits.listeners_max}")
@@ -507,12 +556,21 @@ def _leader(value: Any) -> int:
 
 
 def _check_partition_shape(
-    replicas: tuple[int, ...] | None, isr: tuple[int, ...] | None, leader: int | None
+    replicas: tuple[int, ...] | None,
+    isr: tuple[int, ...] | None,
+    leader: int | None,
+    adding: tuple[int, ...] | None = None,
+    removing: tuple[int, ...] | None = None,
 ) -> None:
     if replicas is not None and isr is not None and not set(isr) <= set(replicas):
         raise MetadataDecodeError("the ISR must be within the replicas")
     if isr is not None and leader is not None and leader != NO_LEADER and leader not in isr:
         raise MetadataDecodeError("the leader must be in the ISR")
+    for moving, what in ((adding, "adding"), (removing, "removing")):
+        if replicas is not None and moving is not None and not set(moving) <= set(replicas):
+            raise MetadataDecodeError(f"the {what} replicas must be within the replicas")
+    if adding is not None and removing is not None and set(adding) & set(removing):
+        raise MetadataDecodeError("a replica cannot be both adding and removing")
 
 
 def _decode_cluster_id(fields: list[Any], limits: MetadataLimits) -> ClusterIdRecord:
@@ -562,7 +620,12 @@ def _decode_partition(fields: list[Any], limits: MetadataLimits) -> PartitionRec
     replicas = _broker_ids(fields[2], "replicas", limits)
     isr = _broker_ids(fields[3], "isr", limits)
     leader = _leader(fields[4])
-    _check_partition_shape(replicas, isr, leader)
+    adding: tuple[int, ...] = ()
+    removing: tuple[int, ...] = ()
+    if len(fields) > 7:  # version 1
+        adding = _broker_id_set(fields[7], "adding replicas", limits)
+        removing = _broker_id_set(fields[8], "removing replicas", limits)
+    _check_partition_shape(replicas, isr, leader, adding, removing)
     return PartitionRecord(
         topic_id=_uuid(fields[0], "topic id"),
         partition=_int(fields[1], "partition", 0, INT32_MAX),
@@ -571,6 +634,8 @@ def _decode_partition(fields: list[Any], limits: MetadataLimits) -> PartitionRec
         leader=leader,
         leader_epoch=_epoch(fields[5], "leader epoch"),
         partition_epoch=_epoch(fields[6], "partition epoch"),
+        adding_replicas=adding,
+        removing_replicas=removing,
     )
 
 
@@ -578,7 +643,13 @@ def _decode_partition_change(fields: list[Any], limits: MetadataLimits) -> Parti
     isr = _optional_broker_ids(fields[3], "isr", limits)
     leader = None if fields[4] is None else _leader(fields[4])
     replicas = _optional_broker_ids(fields[5], "replicas", limits)
-    _check_partition_shape(replicas, isr, leader)
+    adding = removing = None
+    if len(fields) > 6:  # version 1
+        adding = _optional_broker_id_set(fields[6], "adding replicas", limits)
+        removing = _optional_broker_id_set(fields[7], "removing replicas", limits)
+        if adding is None and removing is None:
+            raise MetadataDecodeError("a version 1 partition change changes a reassignment")
+    _check_partition_shape(replicas, isr, leader, adding, removing)
     return PartitionChangeRecord(
         topic_id=_uuid(fields[0], "topic id"),
         partition=_int(fields[1], "partition", 0, INT32_MAX),
@@ -586,6 +657,16 @@ def _decode_partition_change(fields: list[Any], limits: MetadataLimits) -> Parti
         isr=isr,
         leader=leader,
         replicas=replicas,
+        adding_replicas=adding,
+        removing_replicas=removing,
+    )
+
+
+def _decode_broker_decommission(
+    fields: list[Any], limits: MetadataLimits
+) -> BrokerDecommissionRecord:
+    return BrokerDecommissionRecord(
+        broker_id=_broker_id(fields[0]), decommissioned=_bool(fields[1], "decommissioned")
     )
 
 
@@ -629,19 +710,28 @@ def _decode_producer_ids(fields: list[Any], limits: MetadataLimits) -> ProducerI
     return ProducerIdsRecord(next_producer_id=_int(fields[0], "next producer id", 0, INT64_MAX))
 
 
-_DECODERS: dict[int, tuple[int, Callable[[list[Any], MetadataLimits], MetadataRecord]]] = {
-    RecordType.CLUSTER_ID: (1, _decode_cluster_id),
-    RecordType.REGISTER_BROKER: (5, _decode_register_broker),
-    RecordType.FENCE_BROKER: (2, _decode_broker_epoch_record(FenceBrokerRecord)),
-    RecordType.UNFENCE_BROKER: (2, _decode_broker_epoch_record(UnfenceBrokerRecord)),
-    RecordType.BROKER_SHUTDOWN: (2, _decode_broker_epoch_record(BrokerShutdownRecord)),
-    RecordType.BROKER_SNAPSHOT: (7, _decode_broker_snapshot),
-    RecordType.TOPIC: (2, _decode_topic),
-    RecordType.REMOVE_TOPIC: (1, _decode_remove_topic),
-    RecordType.PARTITION: (7, _decode_partition),
-    RecordType.PARTITION_CHANGE: (6, _decode_partition_change),
-    RecordType.CONFIG: (4, _decode_config),
-    RecordType.PRODUCER_IDS: (1, _decode_producer_ids),
+# (type, version) -> (field count, decoder). A released entry is never changed or removed.
+_DECODERS: dict[
+    tuple[int, int], tuple[int, Callable[[list[Any], MetadataLimits], MetadataRecord]]
+] = {
+    (RecordType.CLUSTER_ID, 0): (1, _decode_cluster_id),
+    (RecordType.REGISTER_BROKER, 0): (5, _decode_register_broker),
+    (RecordType.FENCE_BROKER, 0): (2, _decode_broker_epoch_record(FenceBrokerRecord)),
+    (RecordType.UNFENCE_BROKER, 0): (2, _decode_broker_epoch_record(UnfenceBrokerRecord)),
+    (RecordType.BROKER_SHUTDOWN, 0): (2, _decode_broker_epoch_record(BrokerShutdownRecord)),
+    (RecordType.BROKER_SNAPSHOT, 0): (7, _decode_broker_snapshot),
+    (RecordType.TOPIC, 0): (2, _decode_topic),
+    (RecordType.REMOVE_TOPIC, 0): (1, _decode_remove_topic),
+    (RecordType.PARTITION, 0): (7, _decode_partition),
+    (RecordType.PARTITION, 1): (9, _decode_partition),  # + adding, removing replicas
+    (RecordType.PARTITION_CHANGE, 0): (6, _decode_partition_change),
+    (RecordType.PARTITION_CHANGE, 1): (8, _decode_partition_change),  # + adding, removing
+    (RecordType.CONFIG, 0): (4, _decode_config),
+    (RecordType.PRODUCER_IDS, 0): (1, _decode_producer_ids),
+    (RecordType.BROKER_DECOMMISSION, 0): (2, _decode_broker_decommission),
 }
-assert set(_DECODERS) == set(RecordType), "every record type has a decoder"
+_RECORD_TYPES = frozenset(record_type for record_type, _ in _DECODERS)
+for (_type_code, _version), (_field_count, _) in _DECODERS.items():
+    _VERSION_BY_FIELD_COUNT[RecordType(_type_code), _field_count] = _version
+assert _RECORD_TYPES == set(RecordType), "every record type has a decoder"
 assert {code for code, _ in _ENCODERS.values()} == set(RecordType), "and an encoder"

@@ -122,3 +122,41 @@ def _replica_spread_after(replicas: tuple[int, ...], replica_count: dict[int, in
     added = set(replicas)
     counts = [count + (broker_id in added) for broker_id, count in replica_count.items()]
     return max(counts) - min(counts)
+
+
+def choose_replacement(
+    brokers: Sequence[PlacementBroker],
+    replicas: Sequence[int],
+    leaving: int,
+    *,
+    excluded: Iterable[int] = (),
+    replica_counts: Mapping[int, int] | None = None,
+    leader_counts: Mapping[int, int] | None = None,
+) -> int | None:
+    """Return the broker to take the place of `leaving` in a partition's `replicas` (moving
+    a replica off a broker), or None when no broker of `brokers` can.
+
+    The candidates are `brokers` that are neither in `replicas` nor `excluded`. As for a new
+    partition: first those on a rack the other replicas do not use, then, for a follower's
+    place, the fewest replicas, the most preferred leaderships, the lowest id; for the
+    preferred leader's place (the first), the fewest preferred leaderships first. Counts
+    per broker id as in `place_replicas` (missing: 0). Pure.
+    """
+    assert leaving in replicas, (leaving, replicas)
+    taken = set(replicas) | set(excluded)
+    candidates = [broker for broker in brokers if broker.broker_id not in taken]
+    if not candidates:
+        return None
+    racks = {broker.broker_id: broker.rack for broker in brokers}
+    used_racks = {racks.get(r) for r in replicas if r != leaving and r in racks}
+    replica_count = replica_counts or {}
+    leader_count = leader_counts or {}
+    leads = replicas[0] == leaving
+
+    def key(broker: PlacementBroker) -> tuple[bool, int, int, int]:
+        replicas_held = replica_count.get(broker.broker_id, 0)
+        led = leader_count.get(broker.broker_id, 0)
+        load = (led, replicas_held) if leads else (replicas_held, -led)
+        return (broker.rack in used_racks, *load, broker.broker_id)
+
+    return min(candidates, key=key).broker_id

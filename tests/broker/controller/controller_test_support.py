@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from broker.controller import (
     EMPTY_IMAGE,
+    BrokerDecommissionRecord,
     BrokerRegistration,
     BrokerShutdownRecord,
     BrokerSnapshotRecord,
@@ -65,8 +66,20 @@ def partition_shapes(draw, optional: bool = False):
 
 
 @st.composite
+def reassignment_shapes(draw, replicas: tuple[int, ...] | None):
+    """(adding, removing): disjoint parts of `replicas` (anything distinct when None)."""
+    pool = list(replicas) if replicas is not None else draw(st.lists(broker_ids, unique=True))
+    pool = list(draw(st.permutations(pool)))
+    adding_count = draw(st.integers(0, len(pool)))
+    removing_count = draw(st.integers(0, len(pool) - adding_count))
+    adding = tuple(pool[:adding_count])
+    return adding, tuple(pool[adding_count : adding_count + removing_count])
+
+
+@st.composite
 def partition_records(draw):
     replicas, isr, leader = draw(partition_shapes())
+    adding, removing = draw(st.just(((), ())) | reassignment_shapes(replicas))
     return PartitionRecord(
         topic_id=draw(uuids),
         partition=draw(st.integers(0, INT32_MAX)),
@@ -75,12 +88,15 @@ def partition_records(draw):
         leader=leader,
         leader_epoch=draw(epochs),
         partition_epoch=draw(epochs),
+        adding_replicas=adding,
+        removing_replicas=removing,
     )
 
 
 @st.composite
 def partition_change_records(draw):
     replicas, isr, leader = draw(partition_shapes(optional=True))
+    adding, removing = draw(reassignment_shapes(replicas))
     return PartitionChangeRecord(
         topic_id=draw(uuids),
         partition=draw(st.integers(0, INT32_MAX)),
@@ -88,6 +104,8 @@ def partition_change_records(draw):
         isr=isr,
         leader=leader,
         replicas=replicas,
+        adding_replicas=draw(st.none() | st.just(adding)),
+        removing_replicas=draw(st.none() | st.just(removing)),
     )
 
 
@@ -131,6 +149,7 @@ records: st.SearchStrategy[MetadataRecord] = st.one_of(
         fenced=st.booleans(),
         shut_down=st.booleans(),
     ),
+    st.builds(BrokerDecommissionRecord, broker_id=broker_ids, decommissioned=st.booleans()),
     st.builds(TopicRecord, name=topic_names, topic_id=uuids),
     st.builds(RemoveTopicRecord, topic_id=uuids),
     partition_records(),

@@ -1,7 +1,9 @@
 """Random sequences of controller decisions, committed one entry at a time, against the
 invariants of the metadata: a leader is an unfenced member of its ISR, the ISR lies within
-the replicas, epochs only grow, one leader per (partition, leader epoch), and every image
-equals a replay of the log and a rebuild from its own snapshot."""
+the replicas, a reassignment's adding and removing replicas lie within the replicas and never
+overlap, a move completes only once every added replica is in the ISR, no new replica lands
+on a decommissioned broker, epochs only grow, one leader per (partition, leader epoch), and
+every image equals a replay of the log and a rebuild from its own snapshot."""
 
 from __future__ import annotations
 
@@ -21,15 +23,20 @@ from broker.controller import (
     MetadataImage,
     NewTopic,
     alter_partition,
+    alter_partition_reassignment,
     create_partitions,
     create_topic,
     decode_entry,
+    decommission_broker,
     delete_topic,
     elect_leaders,
+    elect_preferred_leaders,
     encode_entry,
     fence_broker,
     image_from_records,
     image_to_records,
+    leader_imbalance,
+    recommission_broker,
     register_broker,
     shutdown_broker,
     unfence_broker,
@@ -57,6 +64,11 @@ def check_invariants(image: MetadataImage) -> None:
             assert partition.partition == number
             assert len(set(partition.replicas)) == len(partition.replicas) >= 1
             assert partition.isr and set(partition.isr) <= set(partition.replicas)
+            adding, removing = set(partition.adding_replicas), set(partition.removing_replicas)
+            assert adding | removing <= set(partition.replicas), partition
+            assert not adding & removing, "a replica both adding and removing"
+            # The target first, then the replicas leaving (the preferred leader is the target's).
+            assert partition.replicas == partition.target_replicas + partition.removing_replicas
             if partition.leader != -1:
                 assert partition.leader in partition.isr
                 leader = image.brokers[partition.leader]
@@ -79,6 +91,7 @@ class ControllerMachine(RuleBasedStateMachine):
         self.epochs: dict[tuple[bytes, int], tuple[int, int]] = {}
         self.broker_epochs: dict[int, int] = {}
         self.stats: Counter[str] = Counter()  # what happened, so a test can see it was tested
+        self.partitions_seen: dict[tuple[bytes, int], object] = {}
 
     @property
     def image(self) -> MetadataImage:
@@ -89,6 +102,10 @@ class ControllerMachine(RuleBasedStateMachine):
             return
         # Through the codec, as every node receives it.
         self.log.commit(decode_entry(encode_entry(decision)))
+
+    def commit_and_return(self, decision) -> list:
+        self.commit(decision)
+        return [] if isinstance(decision, DwalError) else decision
 
     # ------------------------------------------------------------- brokers
 
@@ -132,7 +149,12 @@ class ControllerMachine(RuleBasedStateMachine):
             replication_factor=replication_factor,
             topic_id=topic_id(self.topic_numbers),
         )
-        self.commit(create_topic(self.image, new_topic))
+        decision = self.commit_and_return(create_topic(self.image, new_topic))
+        for record in decision:
+            replicas = getattr(record, "replicas", None) or ()
+            assert not set(replicas) & self.image.decommissioned, (
+                "placed on a decommissioned broker"
+            )
 
     @rule(name=TOPICS)
     def delete(self, name):
@@ -179,6 +201,64 @@ class ControllerMachine(RuleBasedStateMachine):
             assert partition.leader in isr and not stale_leader_epoch
             self.stats["isr changed"] += 1
         self.commit(decision)
+        after = self.image.topics[topic.name].partitions[partition.partition]
+        if partition.reassigning and not after.reassigning:
+            assert set(partition.adding_replicas) <= set(isr), "completed before in sync"
+            assert after.replicas == partition.target_replicas
+            self.stats["move completed by an ISR change"] += 1
+
+    @precondition(lambda self: self.image.topics)
+    @rule(
+        which=st.integers(0, 2**16),
+        replicas=st.lists(st.integers(1, 6), min_size=0, max_size=4),
+        cancel=st.sampled_from([False, False, False, True]),
+    )
+    def reassign(self, which, replicas, cancel):
+        target = replicas
+        partitions = [(t, p) for t in self.image.topics.values() for p in t.partitions]
+        topic, partition = partitions[which % len(partitions)]
+        decision = alter_partition_reassignment(
+            self.image, topic.name, partition.partition, None if cancel else target
+        )
+        self.commit(decision)
+        after = self.image.topics[topic.name].partitions[partition.partition]
+        if isinstance(decision, DwalError):
+            self.stats[f"reassign refused {decision.code.name}"] += 1
+            return
+        # A move never adds an ISR member; only the leader's AlterPartition does.
+        assert set(after.isr) <= set(partition.isr), (partition, after)
+        if cancel:
+            assert not after.reassigning and after.replicas == partition.original_replicas
+            self.stats["reassignment cancelled"] += 1
+        else:
+            assert after.target_replicas == tuple(target), (target, after)
+            self.stats["reassignment started"] += after.reassigning
+
+    @rule(broker_id=BROKERS, moves_max=st.integers(1, 3))
+    def decommission(self, broker_id, moves_max):
+        for _ in range(100):  # each call moves at most moves_max partitions
+            decision = decommission_broker(self.image, broker_id, moves_max=moves_max)
+            if isinstance(decision, DwalError):
+                self.stats[f"decommission refused {decision.code.name}"] += 1
+                return
+            if not decision:
+                break
+            self.commit(decision)
+        assert broker_id in self.image.decommissioned
+        for topic in self.image.topics.values():
+            for partition in topic.partitions:
+                assert broker_id not in partition.target_replicas, partition
+        self.stats["decommissioned"] += 1
+
+    @rule(broker_id=BROKERS)
+    def recommission(self, broker_id):
+        self.commit(recommission_broker(self.image, broker_id))
+        if broker_id in self.image.brokers:
+            assert broker_id not in self.image.decommissioned
+
+    @rule(percentage=st.sampled_from([0, 10, 50]))
+    def balance(self, percentage):
+        self.commit(elect_preferred_leaders(self.image, leader_imbalance(self.image, percentage)))
 
     @rule()
     def elect(self):
@@ -201,6 +281,23 @@ class ControllerMachine(RuleBasedStateMachine):
                     -1,
                     partition.preferred_leader,
                 )
+
+    @invariant()
+    def a_move_completes_only_once_its_new_replicas_are_in_sync(self):
+        seen = {}
+        for topic in self.image.topics.values():
+            for partition in topic.partitions:
+                key = (topic.topic_id, partition.partition)
+                seen[key] = partition
+                before = self.partitions_seen.get(key)
+                if before is None or partition.reassigning:
+                    continue
+                if set(partition.replicas) != set(before.replicas):
+                    # Brokers the partition had not before its move must be in sync now.
+                    new = set(partition.replicas) - set(before.original_replicas)
+                    assert new <= set(partition.isr), (before, partition)
+                    self.stats["move completed"] += bool(before.reassigning or new)
+        self.partitions_seen = seen
 
     @invariant()
     def epochs_only_grow_and_one_leader_per_leader_epoch(self):
@@ -247,7 +344,8 @@ def run_random_sequence(seed: int, steps: int) -> Counter[str]:
             ["register", "register", "fence", "unfence", "unfence", "unfence", "shutdown", "create"]
             + ["delete", "grow"]
             + ["alter_isr"] * 4
-            + ["elect"]
+            + ["elect", "reassign", "reassign", "decommission", "recommission"] * 2
+            + ["balance"]
         )
         broker_id = rng.randint(1, 5)
         if action == "register":
@@ -266,7 +364,20 @@ def run_random_sequence(seed: int, steps: int) -> Counter[str]:
             machine.alter_isr(rng.randrange(2**16), rng.randrange(16), rng.random() < 0.2)
         elif action == "elect":
             machine.elect()
+        elif action == "reassign" and machine.image.topics:
+            # Mostly brokers that may take a replica; sometimes any id (refusals).
+            unfenced = machine.image.unfenced_broker_ids()
+            pool = unfenced if rng.random() < 0.8 and unfenced else list(range(1, 7))
+            target = rng.sample(pool, rng.randint(min(1, len(pool)), min(4, len(pool))))
+            machine.reassign(rng.randrange(2**16), target, rng.random() < 0.2)
+        elif action == "decommission" and rng.random() < 0.1:
+            machine.decommission(broker_id, rng.randint(1, 3))
+        elif action == "recommission":
+            machine.recommission(broker_id)
+        elif action == "balance":
+            machine.balance(rng.choice([0, 10, 50]))
         machine.metadata_rules_hold()
+        machine.a_move_completes_only_once_its_new_replicas_are_in_sync()
         machine.epochs_only_grow_and_one_leader_per_leader_epoch()
     machine.the_image_is_a_replay_of_the_log_and_its_snapshot_rebuilds_it()
     return machine.stats
@@ -283,3 +394,6 @@ def test_long_seeded_random_sequences_keep_the_invariants():
     assert stats["isr changed"] > 50
     assert stats["leaderless partition steps"] > 1000
     assert stats["moved leader steps"] > 1000
+    assert stats["reassignment started"] > 50 and stats["reassignment cancelled"] > 5
+    assert stats["move completed"] > 20 and stats["decommissioned"] > 5
+    assert stats["move completed by an ISR change"] > 5

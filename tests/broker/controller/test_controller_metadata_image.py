@@ -186,9 +186,32 @@ def test_changes_that_do_not_fit_the_partition_are_no_ops():
             change(0, replicas=(2, 3)),  # the ISR would leave the replicas
             change(0, number=2, leader=2),  # no partition 2
             PartitionChangeRecord(topic_id=topic_id(9), partition=0, expected_partition_epoch=0),
+            change(0, adding_replicas=(4,)),  # not a replica
+            change(0, removing_replicas=(5,)),
+            change(0, adding_replicas=(3,), removing_replicas=(3,)),  # both
+            change(0, replicas=(1, 2), isr=(1, 2), removing_replicas=(3,)),  # 3 is gone
         ]
     )
     assert log.image.topics == before.topics
+
+
+def test_a_reassignment_is_set_kept_and_cleared_by_changes():
+    log = two_topics()
+    log.commit([change(0, replicas=(1, 2, 4, 3), adding_replicas=(4,), removing_replicas=(3,))])
+    moving = log.image.partition("a", 0)
+    assert (moving.replicas, moving.adding_replicas, moving.removing_replicas) == (
+        (1, 2, 4, 3),
+        (4,),
+        (3,),
+    )
+    log.commit([change(1, isr=(1, 2, 3, 4))])  # None: the reassignment fields stay
+    assert log.image.partition("a", 0).adding_replicas == (4,)
+    log.commit(
+        [change(2, replicas=(1, 2, 4), isr=(1, 2, 4), adding_replicas=(), removing_replicas=())]
+    )
+    done = log.image.partition("a", 0)
+    assert (done.replicas, done.reassigning, done.partition_epoch) == ((1, 2, 4), False, 3)
+    assert dict(log.image.replica_counts) == {1: 3, 2: 3, 3: 2, 4: 1}
 
 
 def test_partitions_are_added_in_order_and_never_replaced():

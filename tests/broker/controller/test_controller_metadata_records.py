@@ -46,6 +46,7 @@ def test_type_codes_never_change():
         "CONFIG": 10,
         "PRODUCER_IDS": 11,
         "BROKER_SNAPSHOT": 12,
+        "BROKER_DECOMMISSION": 13,
     }
 
 
@@ -207,6 +208,18 @@ def raw(*records) -> bytes:
         (raw([8, 0, TOPIC_ID, -1, [1], [1], 1, 0, 0]), "partition must be"),
         (raw([9, 0, TOPIC_ID, 0, 0, [2], 1, None]), "leader must be in the ISR"),
         (raw([9, 0, TOPIC_ID, 0, 0, [3], None, [1, 2]]), "ISR must be within"),
+        (raw([8, 2, TOPIC_ID, 0, [1], [1], 1, 0, 0]), "unknown version 2 of record PARTITION"),
+        (raw([8, 1, TOPIC_ID, 0, [1], [1], 1, 0, 0]), "has 7 fields, expected 9"),
+        (raw([8, 0, TOPIC_ID, 0, [1], [1], 1, 0, 0, [], []]), "has 9 fields, expected 7"),
+        (raw([8, 1, TOPIC_ID, 0, [1, 2], [1], 1, 0, 0, [3], []]), "adding replicas must be"),
+        (raw([8, 1, TOPIC_ID, 0, [1, 2], [1], 1, 0, 0, [], [3]]), "removing replicas must be"),
+        (raw([8, 1, TOPIC_ID, 0, [1, 2], [1], 1, 0, 0, [2], [2]]), "both adding and removing"),
+        (raw([8, 1, TOPIC_ID, 0, [1, 2], [1], 1, 0, 0, [2, 2], []]), "duplicates"),
+        (raw([9, 1, TOPIC_ID, 0, 0, None, None, None, None, None]), "changes a reassignment"),
+        (raw([9, 1, TOPIC_ID, 0, 0, None, None, [1], [2], None]), "adding replicas must be"),
+        (raw([9, 1, TOPIC_ID, 0, 0, None, None, None, [1], [1]]), "both adding and removing"),
+        (raw([13, 0, 1, 1]), "decommissioned must be a boolean"),
+        (raw([13, 0, -1, True]), "broker id"),
         (raw([10, 0, 3, "t", "a", "b"]), "unknown config resource type 3"),
         (raw([10, 0, 2, "..", "a", "b"]), "topic name cannot be"),
         (raw([10, 0, 4, "x1", "a", "b"]), "broker id or ''"),
@@ -221,6 +234,60 @@ def raw(*records) -> bytes:
 def test_defects_are_refused_with_a_reason(data, reason):
     with pytest.raises(MetadataDecodeError, match=re.escape(reason)):
         decode_entry(data)
+
+
+def test_records_written_before_reassignments_still_decode():
+    # Version 0 of PartitionRecord and PartitionChangeRecord, as every log and snapshot
+    # written before reassignments holds them: read as "no reassignment" / "unchanged".
+    old = raw(
+        [8, 0, TOPIC_ID, 3, [1, 2], [2, 1], 2, 4, 7],
+        [9, 0, TOPIC_ID, 3, 7, [2], None, None],
+    )
+    assert decode_entry(old) == [
+        PartitionRecord(
+            topic_id=TOPIC_ID,
+            partition=3,
+            replicas=(1, 2),
+            isr=(2, 1),
+            leader=2,
+            leader_epoch=4,
+            partition_epoch=7,
+            adding_replicas=(),
+            removing_replicas=(),
+        ),
+        PartitionChangeRecord(
+            topic_id=TOPIC_ID,
+            partition=3,
+            expected_partition_epoch=7,
+            isr=(2,),
+            adding_replicas=None,
+            removing_replicas=None,
+        ),
+    ]
+    # ... and a partition without a reassignment is still written that way, byte for byte.
+    assert encode_entry(decode_entry(old)) == old
+
+
+def test_a_reassignment_is_written_at_version_1():
+    moving = PartitionRecord(
+        topic_id=TOPIC_ID,
+        partition=0,
+        replicas=(4, 1, 2),
+        isr=(1, 2),
+        leader=1,
+        leader_epoch=0,
+        partition_epoch=1,
+        adding_replicas=(4,),
+        removing_replicas=(2,),
+    )
+    change = PartitionChangeRecord(
+        topic_id=TOPIC_ID, partition=0, expected_partition_epoch=1, adding_replicas=()
+    )
+    assert msgpack.unpackb(encode_entry([moving, change])) == [
+        [8, 1, TOPIC_ID, 0, [4, 1, 2], [1, 2], 1, 0, 1, [4], [2]],
+        [9, 1, TOPIC_ID, 0, 1, None, None, None, [], None],
+    ]
+    assert decode_entry(encode_entry([moving, change])) == [moving, change]
 
 
 def test_sizes_are_checked_before_and_while_unpacking():

@@ -8,7 +8,7 @@ from controller_test_support import ImageLog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.controller import PlacementBroker, place_replicas
+from broker.controller import PlacementBroker, choose_replacement, place_replicas
 
 
 def counts(image, broker_ids):
@@ -138,3 +138,26 @@ def test_placement_counts_existing_load_and_ignores_unknown_brokers():
         (2,),
         (3,),
     ]
+
+
+def test_a_replacement_is_on_another_rack_then_the_least_loaded_then_the_lowest_id():
+    brokers = [
+        PlacementBroker(broker_id=1, rack="a"),
+        PlacementBroker(broker_id=2, rack="b"),
+        PlacementBroker(broker_id=3, rack="a"),
+        PlacementBroker(broker_id=4, rack="b"),
+        PlacementBroker(broker_id=5, rack="c"),
+    ]
+    counts = {3: 1, 4: 0, 5: 9}
+    # 2 stays (rack b): 1's place goes to rack a or c first, the least loaded of those.
+    assert choose_replacement(brokers, (2, 1), 1, replica_counts=counts) == 3
+    assert choose_replacement(brokers, (2, 1), 1, replica_counts={3: 10, 5: 9}) == 5
+    # Not a broker the partition uses (nor one excluded), nor on a rack it already uses
+    # when another rack is free.
+    assert choose_replacement(brokers, (2, 1), 1, excluded=(3, 5), replica_counts=counts) == 4
+    assert choose_replacement(brokers, (1, 2, 3, 4, 5), 1) is None
+    # The preferred leader's place goes to the broker that leads fewest.
+    leaders = {3: 5, 5: 1}
+    assert choose_replacement(brokers, (1, 2), 1, replica_counts={5: 9}, leader_counts=leaders) == 5
+    without_racks = [PlacementBroker(broker_id=b) for b in (1, 2, 3, 4)]
+    assert choose_replacement(without_racks, (1, 2), 2, replica_counts={3: 2, 4: 2}) == 3
