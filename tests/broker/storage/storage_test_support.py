@@ -11,6 +11,7 @@ from protocol.record_batch import (
     BatchHeader,
     build_batch,
     complete_prefix_bytes,
+    encode_batch,
     parse_header,
     scan_batches,
 )
@@ -22,6 +23,27 @@ def make_batch(
     """A batch of `records` records whose values identify `number`."""
     values = [(b"%d-%d:" % (number, index)).ljust(value_bytes, b".") for index in range(records)]
     return bytearray(build_batch([(timestamp_ms, b"key-%d" % number, value) for value in values]))
+
+
+def make_idempotent_batch(
+    producer_id: int,
+    epoch: int,
+    sequence: int,
+    *,
+    records: int = 1,
+    timestamp_ms: int = 1_000,
+    key: bytes | None = None,
+) -> bytearray:
+    """A batch of an idempotent producer: `records` records from sequence `sequence`."""
+    return bytearray(
+        encode_batch(
+            [[0, key, b"%d-%d-%d" % (producer_id, sequence, n), []] for n in range(records)],
+            base_timestamp=timestamp_ms,
+            producer_id=producer_id,
+            producer_epoch=epoch,
+            base_sequence=sequence,
+        )
+    )
 
 
 def small_config(**overrides: object) -> LogConfig:

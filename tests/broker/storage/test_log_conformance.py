@@ -1,11 +1,12 @@
 """The contract the replica layer relies on, checked against every partition log backend: the
 file log (`PartitionLog`) and the in-memory one of the simulation (`MemoryPartitionLog`).
 
-Each test gets a `logs` factory: `make(config, managed=False)` opens an empty log, and
+Each test gets a `logs` factory: `make(config, managed=False)` opens an empty log,
 `reopen_after_crash(log)` gives what a restart after a process crash finds (the file log's
 files as they are, with no clean-shutdown marker; the memory log's `crash(power_loss=False)`
-image). Interleavings with a durability wait are made deterministic by an instrument that acts
-right after the waiting task's first step, when it is parked at its first await.
+image), and `reopen_after_close(log)` what a restart after a clean close finds.
+Interleavings with a durability wait are made deterministic by an instrument that acts right
+after the waiting task's first step, when it is parked at its first await.
 """
 
 from __future__ import annotations
@@ -16,16 +17,27 @@ from typing import Awaitable, Callable, Union
 
 import pytest
 import trio
-from storage_test_support import epochs_of, make_batch, read_all, small_config
+from storage_test_support import (
+    epochs_of,
+    make_batch,
+    make_idempotent_batch,
+    read_all,
+    small_config,
+)
 
 from broker.storage import (
+    AppendInfo,
     CorruptRecordError,
     EpochEntry,
+    InvalidProducerEpochError,
+    InvalidRecordError,
     LeaderEpochError,
     LogConfig,
     MemoryPartitionLog,
     OffsetOutOfRangeError,
+    OutOfOrderSequenceError,
     PartitionLog,
+    ProducerStateTable,
     RecordTooLargeError,
     StorageError,
 )
@@ -60,6 +72,11 @@ class FileLogs:
         log.close()
         return self._open(log.config, log.high_watermark_managed_externally, crashed)
 
+    def reopen_after_close(self, log: Log) -> PartitionLog:
+        assert isinstance(log, PartitionLog)
+        log.close()
+        return self._open(log.config, log.high_watermark_managed_externally, log.directory)
+
     def close_all(self) -> None:
         for log in self._opened:
             log.close()
@@ -88,6 +105,10 @@ class MemoryLogs:
             log.crash(power_loss=False),
             high_watermark_managed_externally=log.high_watermark_managed_externally,
         )
+
+    def reopen_after_close(self, log: Log) -> MemoryPartitionLog:
+        log.close()
+        return self.reopen_after_crash(log)  # after close, a crash finds everything
 
     def close_all(self) -> None:
         pass
@@ -769,3 +790,247 @@ async def test_a_closed_log_refuses_use(logs):
         log.read(0, 1 << 20)
     assert log.set_high_watermark(10**6) == 4  # a replica task outliving the log: no-op
     log.close()  # again: nothing happens
+
+
+# Idempotent producers.
+
+
+def produce(
+    log: Log,
+    producer_id: int,
+    epoch: int,
+    sequence: int,
+    records: int = 1,
+    *,
+    timestamp_ms: int = 1_000,
+    leader_epoch: int = 0,
+) -> AppendInfo:
+    """Append one idempotent batch as a leader would."""
+    batch = make_idempotent_batch(
+        producer_id, epoch, sequence, records=records, timestamp_ms=timestamp_ms
+    )
+    return log.append(batch, now_ms=0, leader_epoch=leader_epoch)
+
+
+def offsets(info: AppendInfo) -> tuple[int, int, bool]:
+    return info.base_offset, info.last_offset, info.duplicate
+
+
+def produce_mixed(log: Log) -> list[AppendInfo]:
+    """Producer 1 writes 7 batches of 2 records (sequences 0-13); after its batches 0, 3 and
+    6, producer 2 (epoch 4) writes one of sequences 0, 1, 2, then a plain batch follows.
+    Returns producer 1's answers."""
+    answers = []
+    for number in range(7):
+        answers.append(produce(log, 1, 0, 2 * number, records=2))
+        if number % 3 == 0:
+            produce(log, 2, 4, number // 3)
+            log.append(make_batch(number), now_ms=0)
+    return answers
+
+
+def rebuilt_state(log: Log) -> ProducerStateTable:
+    """The producers' state that recording every batch of the log gives."""
+    table = ProducerStateTable(producers_max=log.config.producers_max)
+    for batch in read_all(log):
+        table.record(parse_header(batch))
+    return table
+
+
+def test_a_duplicate_returns_the_original_offsets_and_writes_nothing(logs):
+    log = logs.make()
+    answers = produce_mixed(log)
+    assert [offsets(info)[2] for info in answers] == [False] * 7
+    before = snapshot(log)
+    progress = log.progress_event
+    for number in range(2, 7):  # the last 5 batches of producer 1
+        retry = produce(log, 1, 0, 2 * number, records=2)
+        assert offsets(retry) == (answers[number].base_offset, answers[number].last_offset, True)
+        assert retry.log_start_offset == 0
+    assert snapshot(log) == before and not progress.is_set()
+    with pytest.raises(OutOfOrderSequenceError):  # older than the last 5: not recognised
+        produce(log, 1, 0, 2, records=2)
+    assert snapshot(log) == before
+    assert offsets(produce(log, 1, 0, 14)) == (log.log_end_offset - 1,) * 2 + (False,)
+    assert log.statistics().producer_count == 2
+
+
+def test_an_out_of_order_sequence_is_refused_and_writes_nothing(logs):
+    log = logs.make()
+    produce(log, 1, 0, 0, records=3)
+    before = snapshot(log)
+    for sequence, records in ((4, 1), (2, 1), (1, 3), (0, 2)):
+        with pytest.raises(OutOfOrderSequenceError):
+            produce(log, 1, 0, sequence, records=records)
+        assert snapshot(log) == before
+    assert produce(log, 1, 0, 3).base_offset == 3
+
+
+def test_an_older_producer_epoch_is_fenced(logs):
+    log = logs.make()
+    produce(log, 1, 5, 0)
+    before = snapshot(log)
+    for epoch, sequence in ((4, 1), (4, 0), (0, 0)):
+        with pytest.raises(InvalidProducerEpochError):
+            produce(log, 1, epoch, sequence)
+        assert snapshot(log) == before
+
+
+def test_a_new_producer_epoch_starts_at_sequence_zero(logs):
+    log = logs.make()
+    first = produce(log, 1, 0, 0, records=2)
+    produce(log, 1, 0, 2)
+    before = snapshot(log)
+    with pytest.raises(OutOfOrderSequenceError):
+        produce(log, 1, 1, 3)
+    assert snapshot(log) == before
+    bumped = produce(log, 1, 1, 0, records=2)
+    assert not bumped.duplicate and bumped.base_offset == 3
+    assert offsets(produce(log, 1, 1, 0, records=2)) == (3, 4, True)  # the new epoch's batch
+    with pytest.raises(InvalidProducerEpochError):  # the old epoch's batch is fenced
+        produce(log, 1, 0, 0, records=2)
+    assert first.base_offset == 0
+
+
+def test_an_idempotent_batch_must_come_alone(logs):
+    log = logs.make()
+    produce(log, 1, 0, 0)
+    before = snapshot(log)
+    alone = make_idempotent_batch(1, 0, 1)
+    for batches in (
+        make_batch(1) + alone,
+        alone + make_idempotent_batch(1, 0, 2),
+        alone + make_idempotent_batch(2, 0, 0),
+    ):
+        original = bytes(batches)
+        with pytest.raises(InvalidRecordError, match="one batch only"):
+            log.append(batches, now_ms=0)
+        assert snapshot(log) == before and bytes(batches) == original  # not even patched
+    for bad in (make_idempotent_batch(1, 0, -1), make_idempotent_batch(1, -1, 1)):
+        with pytest.raises(InvalidRecordError):
+            log.append(bad, now_ms=0)
+    assert snapshot(log) == before
+    # A follower copies its leader's batches, several producers' in one append.
+    follower = logs.make(managed=True)
+    copied = read_all(log) + [
+        make_idempotent_batch(1, 0, 1, records=2),
+        make_idempotent_batch(2, 0, 0),
+    ]
+    offset = 0
+    for number, batch in enumerate(copied):  # as the leader would have placed them
+        copied[number] = with_base_offset(bytes(batch), offset)
+        offset = parse_header(copied[number]).next_offset
+    follower.append_as_follower(b"".join(copied), now_ms=0)
+    assert read_all(follower) == copied
+
+
+def test_a_follower_carries_the_state_so_a_new_leader_detects_duplicates(logs):
+    leader = logs.make()
+    answers = produce_mixed(leader)
+    follower = logs.make(managed=True)
+    written = read_all(leader)
+    follower.append_as_follower(b"".join(written[:5]), now_ms=0)  # in two fetches
+    follower.append_as_follower(b"".join(written[5:]), now_ms=0)
+    assert follower.producer_state.producers() == leader.producer_state.producers()
+    follower.manage_high_watermark_externally()  # it leads now (in a new leader epoch)
+    before = snapshot(follower)
+    retry = produce(follower, 1, 0, 12, records=2, leader_epoch=1)
+    assert offsets(retry) == (answers[6].base_offset, answers[6].last_offset, True)
+    # producer 2's last batch follows producer 1's last one
+    assert offsets(produce(follower, 2, 4, 2)) == (answers[6].last_offset + 1,) * 2 + (True,)
+    with pytest.raises(OutOfOrderSequenceError):
+        produce(follower, 1, 0, 15, leader_epoch=1)
+    with pytest.raises(InvalidProducerEpochError):
+        produce(follower, 2, 3, 7, leader_epoch=1)
+    assert snapshot(follower) == before
+    assert produce(follower, 1, 0, 14, leader_epoch=1).base_offset == follower.log_end_offset - 1
+
+
+def check_resumes(log: Log, answers: list[AppendInfo]) -> None:
+    """Producer 1 of `produce_mixed` goes on in `log`: its retries are duplicates with their
+    original offsets, its next batch is in sequence."""
+    end = log.log_end_offset
+    for number in range(2, 7):
+        retry = produce(log, 1, 0, 2 * number, records=2)
+        assert offsets(retry) == (answers[number].base_offset, answers[number].last_offset, True)
+    assert log.log_end_offset == end
+    with pytest.raises(OutOfOrderSequenceError):
+        produce(log, 1, 0, 15)
+    assert produce(log, 1, 0, 14).base_offset == end
+
+
+def test_the_producers_state_survives_a_clean_close(logs):
+    log = logs.make()
+    answers = produce_mixed(log)
+    state = log.producer_state.producers()
+    log = logs.reopen_after_close(log)
+    assert log.producer_state.producers() == state
+    check_resumes(log, answers)
+    log = logs.reopen_after_close(log)  # again, without appends in between
+    assert log.producer_state.producers() == rebuilt_state(log).producers()
+    empty = logs.reopen_after_close(logs.make())
+    assert len(empty.producer_state) == 0
+
+
+def test_the_producers_state_survives_a_crash(logs):
+    log = logs.make()
+    answers = produce_mixed(log)
+    state = log.producer_state.producers()
+    log = logs.reopen_after_crash(log)
+    assert log.producer_state.producers() == state
+    check_resumes(log, answers)
+    log = logs.reopen_after_close(log)
+    log.append(make_batch(99), now_ms=0)
+    log = logs.reopen_after_crash(log)  # from the close's snapshot and the batch after it
+    assert log.producer_state.producers() == rebuilt_state(log).producers()
+
+
+def test_truncation_rebuilds_the_producers_state_from_what_is_kept(logs):
+    log = logs.make(managed=True)
+    produce_mixed(log)
+    batches = read_all(log)
+    bases = bases_of(batches)
+    for kept in reversed(range(len(batches) + 1)):
+        log.truncate_to(bases[kept])
+        expected = rebuilt_state(log).producers()
+        assert log.producer_state.producers() == expected
+        log = logs.reopen_after_crash(log)
+        assert log.producer_state.producers() == expected
+    # Once producer 1's batches are gone, it is unknown: any sequence is accepted.
+    assert offsets(produce(log, 1, 0, 12, records=2)) == (0, 1, False)
+
+
+def test_a_batch_truncated_away_is_not_a_duplicate_any_more(logs):
+    log = logs.make(managed=True)
+    answers = produce_mixed(log)
+    end = answers[5].base_offset
+    log.truncate_to(end)  # producer 1's last two batches go
+    assert offsets(produce(log, 1, 0, 10, records=2)) == (end, end + 1, False)  # written again
+    kept = answers[4]
+    assert offsets(produce(log, 1, 0, 8, records=2)) == (kept.base_offset, kept.last_offset, True)
+
+
+def test_truncating_fully_clears_the_producers_state(logs):
+    log = logs.make(managed=True)
+    produce_mixed(log)
+    log.truncate_fully_and_start_at(1_000)
+    assert len(log.producer_state) == 0
+    log = logs.reopen_after_crash(log)
+    assert len(log.producer_state) == 0
+    assert offsets(produce(log, 1, 0, 12, records=2)) == (1_000, 1_001, False)
+    log = logs.reopen_after_close(log)
+    assert offsets(produce(log, 1, 0, 12, records=2)) == (1_000, 1_001, True)
+
+
+def test_expired_producers_are_forgotten_and_stay_so_after_a_clean_close(logs):
+    log = logs.make(small_config(producer_id_expiration_ms=1_000))
+    produce(log, 1, 0, 0, timestamp_ms=5_000)
+    produce(log, 2, 0, 0, timestamp_ms=5_500)
+    assert log.expire_producers(5_999) == 0
+    assert log.expire_producers(6_000) == 1  # producer 1's last batch is 1000 ms old
+    assert log.producer_state.get(1) is None and log.producer_state.get(2) is not None
+    log = logs.reopen_after_close(log)
+    assert log.producer_state.get(1) is None and log.producer_state.get(2) is not None
+    retry = produce(log, 1, 0, 0, timestamp_ms=5_000)  # unknown now: written again
+    assert not retry.duplicate and retry.base_offset == 2
+    assert log.expire_producers(10**6) == 2 and len(log.producer_state) == 0

@@ -4,11 +4,13 @@ closed. The contract shared with the file log is in test_log_conformance."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from storage_test_support import make_batch, small_config
+from storage_test_support import make_batch, make_idempotent_batch, small_config
 from storage_test_support import epochs_of, read_all
 from test_log_conformance import bases_of
 
@@ -19,6 +21,7 @@ from broker.storage import (
     FetchSlice,
     MemoryPartitionLog,
     OffsetOutOfRangeError,
+    ProducerStateTable,
     StorageError,
 )
 from protocol.record_batch import parse_header
@@ -234,6 +237,8 @@ async def _random_run(data: st.DataObject) -> None:
             st.sampled_from(
                 [
                     "append",
+                    "produce",
+                    "close",
                     "flush",
                     "wait",
                     "truncate",
@@ -251,6 +256,31 @@ async def _random_run(data: st.DataObject) -> None:
                 batch = make_batch(step * 10 + number, records=1 + number % 3)
                 log.append(batch, now_ms=0, leader_epoch=epoch)
                 model.batches.append(bytes(batch))
+        elif action == "produce":  # an idempotent producer: its next batch, or a retry
+            producer_id = data.draw(st.integers(0, 2), label="producer")
+            producer = log.producer_state.get(producer_id)
+            sequence = 0 if producer is None else (producer.last_sequence + 1) % 2**31
+            records = 1 + step % 2
+            if producer is not None and data.draw(st.booleans(), label="retry"):
+                retried = data.draw(st.sampled_from(producer.batches), label="retried")
+                sequence = retried.first_sequence
+                records = retried.last_sequence - retried.first_sequence + 1
+            batch = make_idempotent_batch(producer_id, 0, sequence, records=records)
+            info = log.append(batch, now_ms=0, leader_epoch=epoch)
+            if not info.duplicate:
+                model.batches.append(bytes(batch))
+            else:
+                assert (info.base_offset, info.last_offset) == retried[2:4]
+        elif action == "close":  # and restart: the image holds a producer-state snapshot
+            log.close()
+            model.durable = len(model.batches)
+            model.checkpoint = log.high_watermark
+            image = log.crash(power_loss=False)
+            model.crash(image, power_loss=False)
+            log = MemoryPartitionLog.recover(
+                "t-0", config, image, high_watermark_managed_externally=managed
+            )
+            model.check_recovered(log, managed)
         elif action == "flush":
             await log.flush()
             model.durable = len(model.batches)
@@ -326,7 +356,78 @@ class _DiskModel:
         assert log.log_start_offset == self.start and log.log_end_offset == self.bases()[-1]
         assert log.leader_epochs.entries() == epochs_of(self.batches)
         assert log.durable_offset == self.durable_offset
+        rebuilt = ProducerStateTable(producers_max=log.config.producers_max)
+        for batch in self.batches:
+            rebuilt.record(parse_header(batch))
+        assert log.producer_state.producers() == rebuilt.producers()
         assert log.high_watermark <= log.log_end_offset
         if not managed:
             expected = log.durable_offset if fsync == "always" else log.log_end_offset
             assert log.high_watermark == expected
+
+
+# Idempotent producers (the shared contract is in test_log_conformance).
+
+
+def produce(log: MemoryPartitionLog, producer_id: int, sequence: int) -> tuple[int, int, bool]:
+    info = log.append(make_idempotent_batch(producer_id, 0, sequence, records=2), now_ms=0)
+    return info.base_offset, info.last_offset, info.duplicate
+
+
+def states(log: MemoryPartitionLog) -> tuple:
+    return log.producer_state.producers()
+
+
+async def test_after_a_power_loss_the_producers_state_is_that_of_the_durable_prefix():
+    log = new_log(managed=False)
+    durable = [produce(log, 1, 2 * number) for number in range(3)]
+    await log.flush()
+    durable_state = states(log)
+    lost = [produce(log, 1, 2 * number) for number in range(3, 5)]
+    recovered = MemoryPartitionLog.recover("t-0", CONFIG, log.crash(power_loss=True))
+    assert states(recovered) == durable_state
+    for number, (base, last, _) in enumerate(durable):
+        assert produce(recovered, 1, 2 * number) == (base, last, True)
+    # The producer retries what the power loss took: written again, at the same offsets.
+    assert [produce(recovered, 1, 2 * number) for number in range(3, 5)] == lost
+
+
+def test_a_clean_close_leaves_a_snapshot_in_the_image_and_recovery_uses_it():
+    log = new_log(managed=False, producer_id_expiration_ms=1_000)
+    produce(log, 1, 0)
+    produce(log, 2, 0)
+    log.append(make_batch(5), now_ms=0)
+    assert log.expire_producers(0) == 0
+    empty = new_log()
+    empty.close()
+    assert empty.crash(power_loss=True).producer_snapshot is None  # no batch, no snapshot
+    image = log.crash(power_loss=False)
+    assert image.producer_snapshot is None  # not closed: a crash leaves none
+    log = MemoryPartitionLog.recover("t-0", log.config, image)
+    assert log.expire_producers(10**6) == 2
+    log.close()
+    image = log.crash(power_loss=True)
+    assert image.producer_snapshot is not None and image.producer_snapshot[0] == 6
+    assert len(MemoryPartitionLog.recover("t-0", log.config, image).producer_state) == 0
+    damaged = dataclasses.replace(image, producer_snapshot=(6, b"\0" * 30))
+    rebuilt = MemoryPartitionLog.recover("t-0", log.config, damaged)  # from the batches
+    assert [producer.producer_id for producer in rebuilt.producer_state.producers()] == [1, 2]
+
+
+def test_retention_forgets_the_batches_it_deletes():
+    log = new_log(managed=False)
+    produce(log, 9, 0)
+    produce(log, 1, 0)
+    produce(log, 1, 2)
+    log.close()
+    log = MemoryPartitionLog.recover("t-0", CONFIG, log.crash(power_loss=False))
+    assert log.delete_records_before(4) == 2
+    assert log.producer_state.get(9) is None
+    producer = log.producer_state.get(1)
+    assert producer is not None and [batch.first_offset for batch in producer.batches] == [4]
+    assert produce(log, 9, 40) == (6, 7, False)  # unknown now: any sequence
+    expected = states(log)
+    image = log.crash(power_loss=False)
+    assert image.producer_snapshot is not None and image.producer_snapshot[0] == 6
+    assert states(MemoryPartitionLog.recover("t-0", CONFIG, image)) == expected
+    assert log.log_start_offset == 4
