@@ -127,6 +127,15 @@ class RequestHandlers:
             ApiKey.DELETE_GROUPS: self.delete_groups,
             ApiKey.DESCRIBE_CLUSTER: self.forward_to_controller,
             ApiKey.ELECT_LEADERS: self.forward_to_controller_elect,
+            ApiKey.ALTER_PARTITION_REASSIGNMENTS: functools.partial(
+                self.forward_change_to_controller, ApiKey.ALTER_PARTITION_REASSIGNMENTS
+            ),
+            ApiKey.DECOMMISSION_BROKER: functools.partial(
+                self.forward_change_to_controller, ApiKey.DECOMMISSION_BROKER
+            ),
+            ApiKey.LIST_PARTITION_REASSIGNMENTS: functools.partial(
+                self.forward_read_to_controller, ApiKey.LIST_PARTITION_REASSIGNMENTS
+            ),
             ApiKey.BROKER_REGISTRATION: self.refuse_broker_request,
             ApiKey.BROKER_HEARTBEAT: self.refuse_broker_request,
             ApiKey.ALTER_PARTITION: self.refuse_broker_request,
@@ -367,6 +376,17 @@ class RequestHandlers:
         self, body: dict, tail: bytes, context: RequestContext
     ) -> Reply:
         return Reply(await self.member.call_controller(ApiKey.ELECT_LEADERS, body))
+
+    async def forward_change_to_controller(
+        self, api_key: ApiKey, body: dict, tail: bytes, context: RequestContext
+    ) -> Reply:
+        # Answered once this broker's image has the change (metadata_offset).
+        return Reply(await self.member.call_controller(api_key, body))
+
+    async def forward_read_to_controller(
+        self, api_key: ApiKey, body: dict, tail: bytes, context: RequestContext
+    ) -> Reply:
+        return Reply(await self.member.ask_controller(api_key, body))
 
     async def init_producer_id(self, body: dict, tail: bytes, context: RequestContext) -> Reply:
         producer_id = await self.producer_ids.next_producer_id()

@@ -35,11 +35,15 @@ class ApiKey(enum.IntEnum):
     DESCRIBE_TOPICS = 75
     # the control plane (KRaft's numbers): brokers to the active controller, and operators
     ELECT_LEADERS = 43
+    ALTER_PARTITION_REASSIGNMENTS = 45
+    LIST_PARTITION_REASSIGNMENTS = 46
     ALTER_PARTITION = 56
     DESCRIBE_CLUSTER = 60
     BROKER_REGISTRATION = 62
     BROKER_HEARTBEAT = 63
     ALLOCATE_PRODUCER_IDS = 67
+    # DWAL's own (no Kafka counterpart), numbered above Kafka's range as DWAL's error codes
+    DECOMMISSION_BROKER = 1000
 
 
 # Special timestamps of ListOffsets, as in Kafka.
@@ -60,6 +64,7 @@ _TOPIC_PARTITIONS = Struct(topic=STR, partitions=ListOf(INT))
 _LISTENER = Struct(name=STR, host=STR, port=INT)
 _PARTITION_RESULT = Struct(partition=INT, error_code=INT, error_message=(Optional(STR), None))
 _GROUP_ERROR = Struct(group_id=STR, error_code=INT, error_message=(Optional(STR), None))
+_REPLICAS_MAX = 128  # brokers in one partition's replica list (the metadata records' limit)
 
 REQUESTS: dict[ApiKey, Struct] = {
     ApiKey.API_VERSIONS: Struct(),
@@ -187,6 +192,28 @@ REQUESTS: dict[ApiKey, Struct] = {
     ApiKey.ELECT_LEADERS: Struct(
         topics=(Optional(ListOf(_TOPIC_PARTITIONS, length_max=10_000)), None),
     ),
+    # Move partitions to new replicas (KIP-455); replicas None cancels a partition's move.
+    ApiKey.ALTER_PARTITION_REASSIGNMENTS: Struct(
+        topics=ListOf(
+            Struct(
+                topic=STR,
+                partitions=ListOf(
+                    Struct(
+                        partition=INT,
+                        replicas=(Optional(ListOf(INT, length_max=_REPLICAS_MAX)), None),
+                    ),
+                    length_max=10_000,
+                ),
+            ),
+            length_max=1000,
+        ),
+    ),
+    # None: every partition being reassigned
+    ApiKey.LIST_PARTITION_REASSIGNMENTS: Struct(
+        topics=(Optional(ListOf(_TOPIC_PARTITIONS, length_max=10_000)), None),
+    ),
+    # decommissioned false: recommission (new replicas may go to the broker again)
+    ApiKey.DECOMMISSION_BROKER: Struct(broker_id=INT, decommissioned=(BOOL, True)),
     # A partition leader asks the controller to change the ISR (compare-and-swap on the
     # partition epoch it knows).
     ApiKey.ALTER_PARTITION: Struct(
@@ -410,6 +437,11 @@ RESPONSES: dict[ApiKey, Struct] = {
                 shut_down=(BOOL, False),
                 rack=(Optional(STR), None),
                 listeners=ListOf(_LISTENER),
+                # being decommissioned: it receives no new replica (false: older broker)
+                decommissioned=(BOOL, False),
+                # partitions listing it among their replicas, moving ones included (-1: not
+                # said, older broker)
+                partitions=(INT, -1),
             )
         ),
         # the controller quorum as the answering node sees it; lag (entries behind the
@@ -419,6 +451,37 @@ RESPONSES: dict[ApiKey, Struct] = {
     ),
     ApiKey.ELECT_LEADERS: Struct(
         topics=ListOf(Struct(topic=STR, partitions=ListOf(_PARTITION_RESULT))),
+        metadata_offset=(INT, -1),
+    ),
+    ApiKey.ALTER_PARTITION_REASSIGNMENTS: Struct(
+        topics=ListOf(Struct(topic=STR, partitions=ListOf(_PARTITION_RESULT))),
+        metadata_offset=(INT, -1),
+    ),
+    ApiKey.LIST_PARTITION_REASSIGNMENTS: Struct(
+        topics=ListOf(
+            Struct(
+                topic=STR,
+                partitions=ListOf(
+                    Struct(
+                        partition=INT,
+                        replicas=ListOf(INT),  # the target, then the replicas leaving
+                        adding_replicas=ListOf(INT),
+                        removing_replicas=ListOf(INT),
+                        isr=(ListOf(INT), []),
+                        leader=(INT, -1),
+                    )
+                ),
+            )
+        ),
+    ),
+    ApiKey.DECOMMISSION_BROKER: Struct(
+        broker_id=INT,
+        decommissioned=BOOL,
+        # partitions still listing the broker among their replicas (moving ones included):
+        # 0 once every move off it completed
+        partitions=INT,
+        # of those, partitions whose move off it has not started (none once accepted)
+        partitions_not_moving=(INT, 0),
         metadata_offset=(INT, -1),
     ),
     ApiKey.ALTER_PARTITION: Struct(

@@ -1,12 +1,13 @@
 """The requests the active controller answers, as request body -> reply body.
 
 Brokers send these (registration, heartbeats, ISR changes) or forward them (an admin's
-create/delete topics, create partitions, alter configs, elect leaders) to the active
-controller; on the controller's own node the broker calls them in process, on the same
-code path (see `ControllerChannel`). Every change is a pure decision of
-`broker.controller.decisions` submitted to the `QuorumController`; each reply that changed
-something carries `metadata_offset`, the index of the last entry it committed, so the
-broker that forwarded it answers its client only once its own image has applied it.
+create/delete topics, create partitions, alter configs, elect leaders, reassign partitions,
+decommission brokers) to the active controller; on the controller's own node the broker
+calls them in process, on the same code path (see `ControllerChannel`). Every change is a
+pure decision of `broker.controller.decisions` submitted to the `QuorumController`; each
+reply that changed something carries `metadata_offset`, the index of the last entry it
+committed, so the broker that forwarded it answers its client only once its own image has
+applied it.
 
 A node that is not the active controller raises NotControllerError (with the hint).
 """
@@ -15,22 +16,27 @@ from __future__ import annotations
 
 import functools
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from broker.controller.decisions import (
+    PRODUCER_ID_BLOCK_SIZE,
+    REASSIGNMENTS_PER_ENTRY_MAX,
     AlterPartitionRequest,
     BrokerRegistration,
-    PRODUCER_ID_BLOCK_SIZE,
     Decision,
     NewTopic,
     alter_configs,
     allocate_producer_ids,
     alter_partition,
+    alter_partition_reassignment,
     create_partitions,
     create_topic,
+    decommission_broker,
     delete_topic,
     elect_leaders,
+    recommission_broker,
     register_broker,
     shutdown_broker,
 )
@@ -43,6 +49,9 @@ from protocol import DwalError, ErrorCode
 from protocol.api import ApiKey
 
 OFFSETS_TOPIC = "__consumer_offsets"
+# Requests that change nothing: answered from the active controller's image as it is.
+_READS = frozenset({ApiKey.DESCRIBE_CLUSTER, ApiKey.LIST_PARTITION_REASSIGNMENTS})
+DECOMMISSION_ROUNDS_MAX = 10_000  # entries of REASSIGNMENTS_PER_ENTRY_MAX moves each
 
 
 def _error_fields(error: DwalError) -> dict[str, Any]:
@@ -72,6 +81,9 @@ class ControllerApis:
             ApiKey.CREATE_PARTITIONS: self.create_partitions,
             ApiKey.ALTER_CONFIGS: self.alter_configs,
             ApiKey.ELECT_LEADERS: self.elect_leaders,
+            ApiKey.ALTER_PARTITION_REASSIGNMENTS: self.alter_partition_reassignments,
+            ApiKey.LIST_PARTITION_REASSIGNMENTS: self.list_partition_reassignments,
+            ApiKey.DECOMMISSION_BROKER: self.decommission_broker,
             ApiKey.ALTER_PARTITION: self.alter_partition,
             ApiKey.DESCRIBE_CLUSTER: self.describe_cluster,
             ApiKey.ALLOCATE_PRODUCER_IDS: self.allocate_producer_ids,
@@ -84,7 +96,7 @@ class ControllerApis:
         # active controller's: another node's image may be behind.
         self.controller.require_active()
         reply = await self.table[api_key](body)
-        if "metadata_offset" in reply and api_key != ApiKey.DESCRIBE_CLUSTER:
+        if "metadata_offset" in reply and api_key not in _READS:
             # Refusals too: a broker that forwarded "create t" and got TOPIC_ALREADY_EXISTS
             # (another request won a race) must see `t` before it answers its client.
             reply["metadata_offset"] = max(
@@ -218,6 +230,8 @@ class ControllerApis:
                         {"name": item.name, "host": item.host, "port": item.port}
                         for item in broker.listeners
                     ],
+                    "decommissioned": broker.broker_id in image.decommissioned,
+                    "partitions": image.partitions_on(broker.broker_id),
                 }
                 for broker in sorted(image.brokers.values(), key=lambda b: b.broker_id)
             ],
@@ -382,6 +396,102 @@ class ControllerApis:
             "metadata_offset": last,
         }
 
+    # -- reassignment and decommission ------------------------------------------------------
+
+    async def alter_partition_reassignments(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Start, change or cancel (replicas None) each partition's move; one result per
+        partition, in the request's order. Up to REASSIGNMENTS_PER_ENTRY_MAX partitions go in
+        one entry; a partition named twice is refused INVALID_REQUEST (every copy)."""
+        wanted = [
+            (entry["topic"], part["partition"], part["replicas"])
+            for entry in body["topics"]
+            for part in entry["partitions"]
+        ]
+        named = Counter((topic, number) for topic, number, _ in wanted)
+        outcomes: dict[tuple[str, int], DwalError | None] = {
+            key: DwalError(ErrorCode.INVALID_REQUEST, f"{key[0]}-{key[1]} given more than once")
+            for key, count in named.items()
+            if count > 1
+        }
+        moves = [move for move in wanted if named[move[0], move[1]] == 1]
+        last = -1
+        for start in range(0, len(moves), REASSIGNMENTS_PER_ENTRY_MAX):
+            chunk = moves[start : start + REASSIGNMENTS_PER_ENTRY_MAX]
+            last = await self.controller.submit(
+                functools.partial(_reassign_partitions, moves=chunk, outcomes=outcomes)
+            )
+        by_topic: dict[str, list[dict[str, Any]]] = {}
+        for topic, number, _ in wanted:
+            if any(r["partition"] == number for r in by_topic.get(topic, [])):
+                continue
+            result: dict[str, Any] = {"partition": number, "error_code": 0}
+            error = outcomes.get((topic, number))
+            if error is not None:
+                result.update(_error_fields(error))
+            by_topic.setdefault(topic, []).append(result)
+        return {
+            "topics": [{"topic": t, "partitions": parts} for t, parts in by_topic.items()],
+            "metadata_offset": last,
+        }
+
+    async def list_partition_reassignments(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The partitions being reassigned (of those asked for; unknown ones are left
+        out), by topic name and number, as the active controller's image has them."""
+        image = self.controller.image
+        wanted = (
+            None
+            if body["topics"] is None
+            else {entry["topic"]: set(entry["partitions"]) for entry in body["topics"]}
+        )
+        topics = []
+        for name in sorted(image.topics if wanted is None else set(wanted) & set(image.topics)):
+            parts = [
+                {
+                    "partition": p.partition,
+                    "replicas": list(p.replicas),
+                    "adding_replicas": list(p.adding_replicas),
+                    "removing_replicas": list(p.removing_replicas),
+                    "isr": list(p.isr),
+                    "leader": p.leader,
+                }
+                for p in image.topics[name].partitions
+                if p.reassigning and (wanted is None or p.partition in wanted[name])
+            ]
+            if parts:
+                topics.append({"topic": name, "partitions": parts})
+        return {"topics": topics}
+
+    async def decommission_broker(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Decommission the broker (every partition it holds starts moving off it, in
+        entries of REASSIGNMENTS_PER_ENTRY_MAX moves), or recommission it. Answers how many
+        partitions still list it (they move as their new replicas catch up)."""
+        broker_id = body["broker_id"]
+        last = -1
+        if not body["decommissioned"]:
+            last = await self.controller.submit(
+                functools.partial(_recommission_broker, broker_id=broker_id)
+            )
+        else:
+            for _ in range(DECOMMISSION_ROUNDS_MAX):
+                decided: list[bool] = []
+                last = await self.controller.submit(
+                    functools.partial(_decommission_broker, broker_id=broker_id, decided=decided)
+                )
+                if not decided[-1]:
+                    break
+        image = self.controller.image
+        return {
+            "broker_id": broker_id,
+            "decommissioned": broker_id in image.decommissioned,
+            "partitions": image.partitions_on(broker_id),
+            "partitions_not_moving": sum(
+                broker_id in partition.target_replicas
+                for topic in image.topics.values()
+                for partition in topic.partitions
+            ),
+            "metadata_offset": last,
+        }
+
 
 def check_topic_configs(configs: dict[str, str], defaults: LogConfig) -> None:
     """Raise DwalError INVALID_CONFIG unless `configs` are valid topic overrides."""
@@ -397,3 +507,31 @@ def _alter_partition(image: MetadataImage, *, request: AlterPartitionRequest) ->
 
 def _delete_topic(image: MetadataImage, *, name: str) -> Decision:
     return delete_topic(image, name)
+
+
+def _reassign_partitions(
+    image: MetadataImage,
+    *,
+    moves: list[tuple[str, int, list[int] | None]],
+    outcomes: dict[tuple[str, int], DwalError | None],
+) -> Decision:
+    """One entry of reassignments; each partition's refusal (or None) goes to `outcomes`."""
+    records = []
+    for topic, number, replicas in moves:
+        decision = alter_partition_reassignment(image, topic, number, replicas)
+        if isinstance(decision, DwalError):
+            outcomes[topic, number] = decision
+        else:
+            outcomes[topic, number] = None
+            records.extend(decision)
+    return records
+
+
+def _decommission_broker(image: MetadataImage, *, broker_id: int, decided: list[bool]) -> Decision:
+    decision = decommission_broker(image, broker_id)
+    decided.append(bool(decision) and not isinstance(decision, DwalError))
+    return decision
+
+
+def _recommission_broker(image: MetadataImage, *, broker_id: int) -> Decision:
+    return recommission_broker(image, broker_id)

@@ -36,11 +36,19 @@ fencing task fences every unfenced broker whose session expired (`fence_broker`:
 partitions' leadership moves within the ISR or goes to no leader); a heartbeat from a fenced
 broker whose metadata offset reached the entry that fenced it (or registered it) unfences
 it (`unfence_broker`).
+
+Automatic leader balancing (Kafka's `auto.leader.rebalance.enable`) is a task of the active
+term: every `leader_imbalance_check_interval_seconds` it takes the partitions
+`leader_imbalance` finds (a broker whose share of preferred leaderships it does not hold is
+above `leader_imbalance_per_broker_percentage`) and elects their preferred leaders, at most
+LEADER_ELECTIONS_PER_ENTRY_MAX per entry, each entry decided on the latest image (a partition
+whose preferred leader can no longer lead by then is skipped).
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import pathlib
 import random
@@ -50,7 +58,15 @@ from dataclasses import dataclass, field
 
 import trio
 
-from broker.controller.decisions import Decision, fence_broker, unfence_broker
+from broker.controller.decisions import (
+    LEADER_ELECTIONS_PER_ENTRY_MAX,
+    Decision,
+    TopicPartition,
+    elect_preferred_leaders,
+    fence_broker,
+    leader_imbalance,
+    unfence_broker,
+)
 from broker.controller.metadata_image import EMPTY_IMAGE, MetadataImage, apply
 from broker.controller.metadata_records import (
     ClusterIdRecord,
@@ -114,9 +130,19 @@ class QuorumControllerConfig:
     snapshot_interval_entries: int = 1000  # snapshot the image and compact every N entries
     tick_interval_seconds: float = 0.1  # the Raft node's logical tick
     cluster_id: str | None = None  # for a new cluster; None: a random one
+    # Kafka's auto.leader.rebalance.enable, leader.imbalance.check.interval.seconds and
+    # leader.imbalance.per.broker.percentage (same defaults): the active controller gives
+    # leadership back to preferred replicas on its own.
+    auto_leader_rebalance_enable: bool = True
+    leader_imbalance_check_interval_seconds: float = 300.0
+    leader_imbalance_per_broker_percentage: int = 10
 
     def validate(self) -> None:
         """Raise ValueError for an impossible setting."""
+        if self.leader_imbalance_check_interval_seconds <= 0:
+            raise ValueError("leader_imbalance_check_interval_seconds must be positive")
+        if not 0 <= self.leader_imbalance_per_broker_percentage <= 100:
+            raise ValueError("leader_imbalance_per_broker_percentage must be in [0, 100]")
         if not 0 < self.heartbeat_interval_seconds < self.session_timeout_seconds:
             raise ValueError("need 0 < heartbeat_interval_seconds < session_timeout_seconds")
         if self.decision_timeout_seconds <= 0 or self.tick_interval_seconds <= 0:
@@ -140,6 +166,7 @@ class QuorumControllerStatistics:
     brokers_fenced: int  # by this node's session timeouts
     brokers_unfenced: int  # by this node, on heartbeats
     decisions_waiting: int  # callers of submit in line or deciding
+    leaders_balanced: int  # preferred leaders elected by automatic leader balancing
 
 
 def open_metadata_storage(data_dir: pathlib.Path, voters: Iterable[int]) -> DurableStorage:
@@ -275,6 +302,7 @@ class QuorumController:
         self._decision_lock = trio.Lock()  # one decision in flight at a time
         self._decisions_waiting = 0
         self._decisions_committed = self._fenced = self._unfenced = 0
+        self._leaders_balanced = 0
         self._stopped = False
 
     @property
@@ -342,8 +370,12 @@ class QuorumController:
             task_status.started(scope)
             try:
                 await self._activate(term)
-                assert self._active is not None
-                await self._fence_expired_sessions(self._active)
+                active = self._active
+                assert active is not None
+                async with trio.open_nursery() as nursery:
+                    if self.config.auto_leader_rebalance_enable:
+                        nursery.start_soon(self._balance_leaders)
+                    await self._fence_expired_sessions(active)
             finally:
                 if self._active is not None and self._active.term == term:
                     self._set_active(None)
@@ -570,6 +602,34 @@ class QuorumController:
             self._fenced += 1
             logger.info("node %d fenced broker %d (session expired)", self.node_id, broker_id)
 
+    # Automatic leader balancing.
+
+    async def _balance_leaders(self) -> None:
+        """Every check interval, elect the preferred leaders `leader_imbalance` finds, until
+        cancelled (the term ends)."""
+        while True:
+            await trio.sleep(self.config.leader_imbalance_check_interval_seconds)
+            due = leader_imbalance(self.image, self.config.leader_imbalance_per_broker_percentage)
+            for start in range(0, len(due), LEADER_ELECTIONS_PER_ENTRY_MAX):
+                elected: list[int] = []
+                decide = functools.partial(
+                    _elect,
+                    partitions=due[start : start + LEADER_ELECTIONS_PER_ENTRY_MAX],
+                    elected=elected,
+                )
+                try:
+                    await self.submit(decide)
+                except DwalError as error:
+                    logger.warning("node %d: leader balancing: %s", self.node_id, error)
+                    break
+                self._leaders_balanced += elected[-1]
+                logger.info(
+                    "node %d gave %d partitions back to their preferred leader "
+                    "(automatic leader balancing)",
+                    self.node_id,
+                    elected[-1],
+                )
+
     def statistics(self) -> QuorumControllerStatistics:
         return QuorumControllerStatistics(
             active=self._active is not None,
@@ -579,7 +639,16 @@ class QuorumController:
             brokers_fenced=self._fenced,
             brokers_unfenced=self._unfenced,
             decisions_waiting=self._decisions_waiting,
+            leaders_balanced=self._leaders_balanced,
         )
+
+
+def _elect(
+    image: MetadataImage, *, partitions: list[TopicPartition], elected: list[int]
+) -> Decision:
+    records = elect_preferred_leaders(image, partitions)
+    elected.append(len(records))
+    return records
 
 
 def _random_cluster_id(random_source: random.Random) -> str:

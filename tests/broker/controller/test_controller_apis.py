@@ -484,6 +484,8 @@ async def test_describe_cluster_lists_brokers_voters_and_learners_with_lag(nurse
             "shut_down": False,
             "rack": None,
             "listeners": [{"name": "NATIVE", "host": "127.0.0.1", "port": 9005}],
+            "decommissioned": False,
+            "partitions": 0,
         }
     ]
     assert reply["voters"] == [{"node_id": 1, "match_index": last_index, "lag": 0}]
@@ -510,6 +512,11 @@ NOT_CONTROLLER_BODIES = {
     ApiKey.DELETE_TOPICS: {"topics": ["a", "b"]},
     ApiKey.CREATE_PARTITIONS: {"topics": [{"topic": "a", "count": 2}]},
     ApiKey.ELECT_LEADERS: {"topics": None},
+    ApiKey.ALTER_PARTITION_REASSIGNMENTS: {
+        "topics": [{"topic": "a", "partitions": [{"partition": 0, "replicas": [1]}]}]
+    },
+    ApiKey.LIST_PARTITION_REASSIGNMENTS: {"topics": None},
+    ApiKey.DECOMMISSION_BROKER: {"broker_id": 1},
     ApiKey.DESCRIBE_CLUSTER: {},
     ApiKey.ALLOCATE_PRODUCER_IDS: {"broker_id": 1, "broker_epoch": 1},
 }
