@@ -5,9 +5,9 @@ the controller quorum and lives in the metadata image; this registry holds this 
 copies: each partition it is a replica of has a log in ``<data_dir>/<topic>-<partition>/``.
 The metadata publisher calls `apply_image` with each new image: logs of new partitions are
 created (or opened, recovering what a crash left), logs of removed topics (or of a topic
-recreated under the same name: another topic id) are removed, config changes reach the open
-logs. `topics` mirrors every topic of the image (name, partition count, configs), local or
-not.
+recreated under the same name: another topic id) and of partitions reassigned away from this
+broker are removed, config changes reach the open logs. `topics` mirrors every topic of the
+image (name, partition count, configs), local or not.
 
 Deletion renames a topic's directories to ``*.<id>-delete`` and removes them in a worker
 thread; leftovers of a crash are removed at the next start. Directories that no image
@@ -125,6 +125,9 @@ class TopicRegistry:
                     log = self.logs.get((name, partition))
                     if log is not None:
                         log.update_config(config)
+            moved_away = sorted(held.local_partitions - local) if held is not None else []
+            if moved_away:  # reassigned to other brokers: this copy is no longer a replica
+                await self._remove_partitions(name, moved_away)
             missing = sorted(p for p in local if (name, p) not in self.logs)
             if missing:
                 opened = await trio.to_thread.run_sync(self._open_logs, name, missing, config)
@@ -159,6 +162,19 @@ class TopicRegistry:
             log.new_data_event.set()  # long-polling fetches re-check and find the topic gone
         await trio.to_thread.run_sync(self._remove_logs, logs)
         log_event(logger, logging.INFO, "topic_logs_removed", topic=name, partitions=len(logs))
+
+    async def _remove_partitions(self, name: str, partitions: list[int]) -> None:
+        logs = [log for p in partitions if (log := self.logs.pop((name, p), None))]
+        for log in logs:
+            log.new_data_event.set()  # long-polling fetches re-check and find it gone
+        await trio.to_thread.run_sync(self._remove_logs, logs)
+        log_event(
+            logger,
+            logging.INFO,
+            "partition_logs_removed",
+            topic=name,
+            partitions=",".join(map(str, partitions)),
+        )
 
     def _remove_deleted_leftovers(self) -> None:
         for entry in self.data_dir.iterdir():
