@@ -168,7 +168,8 @@ async def test_one_batch_per_partition_per_request_and_five_requests_in_flight(
                 flushed.set()
 
             nursery.start_soon(flush)
-            first = [await fake.next_request(ApiKey.METADATA) for _ in range(5)]
+            with trio.fail_after(5):
+                first = [await fake.next_request(ApiKey.METADATA) for _ in range(5)]
             await trio.testing.wait_all_tasks_blocked()
             assert producer.statistics().inflight_requests == 5
             assert fake.requests.statistics().current_buffer_used == 0  # no sixth request
@@ -218,24 +219,25 @@ async def test_the_producer_id_is_asked_for_before_the_first_batch_and_retried(
     nursery, autojump_clock
 ):
     fake = await start_fake(nursery, partitions=1, answer_init_producer_id=False)
-    async with client.connect(fake.bootstrap) as cluster:
-        async with Producer(cluster, acks="all", linger_ms=0) as producer:
-            delivery = await producer.send("t", b"v")
-            refused = await fake.next_request(ApiKey.METADATA)
-            assert refused.api_key == ApiKey.INIT_PRODUCER_ID
-            await refused.answer({}, ErrorCode.NOT_CONTROLLER, "not yet")  # retriable
-            cut = await fake.next_request(ApiKey.METADATA)
-            assert cut.api_key == ApiKey.INIT_PRODUCER_ID
-            await cut.connection.close()
-            answered = await fake.next_request(ApiKey.METADATA)
-            assert answered.api_key == ApiKey.INIT_PRODUCER_ID
-            await answered.answer({"producer_id": 77, "producer_epoch": 0})
-            produce = await fake.next_request(ApiKey.METADATA)
-            assert produce.api_key == ApiKey.PRODUCE
-            assert stamps_of([produce.request]) == [(0, 77, 0, 0, 1)]
-            await produce.answer(produce_answer(produce.request, 5))
-        assert (await delivery.wait()).offset == 5
-        assert producer.statistics().producer_ids_obtained == 1
+    with trio.fail_after(30):  # virtual seconds: a missing request fails the test
+        async with client.connect(fake.bootstrap) as cluster:
+            async with Producer(cluster, acks="all", linger_ms=0) as producer:
+                delivery = await producer.send("t", b"v")
+                refused = await fake.next_request(ApiKey.METADATA)
+                assert refused.api_key == ApiKey.INIT_PRODUCER_ID
+                await refused.answer({}, ErrorCode.NOT_CONTROLLER, "not yet")  # retriable
+                cut = await fake.next_request(ApiKey.METADATA)
+                assert cut.api_key == ApiKey.INIT_PRODUCER_ID
+                await cut.connection.close()
+                answered = await fake.next_request(ApiKey.METADATA)
+                assert answered.api_key == ApiKey.INIT_PRODUCER_ID
+                await answered.answer({"producer_id": 77, "producer_epoch": 0})
+                produce = await fake.next_request(ApiKey.METADATA)
+                assert produce.api_key == ApiKey.PRODUCE
+                assert stamps_of([produce.request]) == [(0, 77, 0, 0, 1)]
+                await produce.answer(produce_answer(produce.request, 5))
+            assert (await delivery.wait()).offset == 5
+            assert producer.statistics().producer_ids_obtained == 1
 
 
 async def test_batches_fail_when_no_producer_id_comes_within_the_delivery_timeout(
@@ -257,7 +259,7 @@ async def test_batches_fail_when_no_producer_id_comes_within_the_delivery_timeou
         async with Producer(cluster, acks="all", linger_ms=0, delivery_timeout_ms=2000) as producer:
             started = trio.current_time()
             delivery = await producer.send("t", b"v")
-            with pytest.raises(DwalError) as raised:
+            with pytest.raises(DwalError) as raised, trio.fail_after(10):
                 await delivery.wait()
     assert trio.current_time() - started == pytest.approx(2.0)
     assert raised.value.code == ErrorCode.COORDINATOR_NOT_AVAILABLE

@@ -253,3 +253,23 @@ def test_the_cheap_size_bound_of_a_record_without_headers_holds(delta, key, valu
 def test_an_invalid_limit_is_named(options, named):
     with pytest.raises(ValueError, match=re.escape(named)):
         Producer(None, **options)  # type: ignore[arg-type]  # checked before the cluster is used
+
+
+async def test_a_retry_waits_out_the_backoff_even_with_requests_to_spare(nursery, autojump_clock):
+    """A refused batch goes back in line, and its partition sends nothing for
+    `retry_backoff_ms`, though more requests could be in flight."""
+    fake = await start_fake(nursery)
+    async with client.connect(fake.bootstrap) as cluster:
+        async with Producer(
+            cluster, linger_ms=0, retry_backoff_ms=700, max_in_flight_per_partition=5
+        ) as producer:
+            delivery = await producer.send("t", b"v", partition=0)
+            received = await fake.next_request(ApiKey.METADATA)
+            refused_at = trio.current_time()
+            await received.answer(
+                produce_answer(received.request, 0, ErrorCode.NOT_ENOUGH_REPLICAS)
+            )
+            resent = await fake.next_request(ApiKey.METADATA)
+            assert trio.current_time() - refused_at == pytest.approx(0.7, abs=0.01)
+            await resent.answer(produce_answer(resent.request, 3))
+        assert (await delivery.wait()).offset == 3
