@@ -6,7 +6,7 @@ so the state changes only between awaits of the shell that drives it.
 Theory of operation
 -------------------
 A broker builds one `PartitionReplicas` when the metadata image makes it the partition's
-leader (a new leader epoch, or a new replica set, means a new object). From then on:
+leader (a new leader epoch means a new object). From then on:
 
 - The shell reports the leader's own progress (`leader_progress`): its log end offset
   (LEO) and its *acknowledged* offset, the offset below which the leader counts its own
@@ -29,6 +29,11 @@ leader (a new leader epoch, or a new replica set, means a new object). From then
   shell sends it, calls `isr_change_sent`, and later `isr_change_committed` (the image shows
   a newer partition epoch: ours or anyone's change) or `isr_change_failed` (refused, timed
   out, or unsent: the next `isr_change_wanted` may propose again).
+- A reassignment changes the replica set within a leader epoch (`isr_change_committed` with
+  `replicas`): a new replica becomes a follower outside the ISR, with an unknown log end
+  until it fetches, and joins the ISR by the expansion rule below like any other; a replica
+  that left is forgotten. The HW never waits for a replica outside the ISR, so neither
+  moves it back.
 
 Every method that can move the HW returns the new HW when it moved, else None; the shell
 then tells the partition log its HW and wakes the acks=all writes it lets through
@@ -273,16 +278,33 @@ class PartitionReplicas:
         _check_isr(isr, self.leader_id, self.replicas)
         self.pending_isr = tuple(isr)
 
-    def isr_change_committed(self, isr: tuple[int, ...], partition_epoch: int) -> int | None:
-        """The metadata image shows the partition at `partition_epoch` with `isr` (same
-        leader epoch). A newer partition epoch settles any change in flight - ours accepted,
-        or another change (the controller's) that made ours stale. The same partition
-        epoch is a republished image: nothing changes, a pending change stays pending.
-        Returns the new HW if it moved (a committed shrink can let it advance), else None."""
+    def isr_change_committed(
+        self,
+        isr: tuple[int, ...],
+        partition_epoch: int,
+        *,
+        replicas: tuple[int, ...] | None = None,
+        now_ms: int = 0,
+    ) -> int | None:
+        """The metadata image shows the partition at `partition_epoch` with `isr` (and
+        `replicas`, None: unchanged) in the same leader epoch. A newer partition epoch settles
+        any change in flight - ours accepted, or another change (the controller's) that made
+        ours stale. The same partition epoch is a republished image: nothing changes, a
+        pending change stays pending. A new follower (a reassignment added it) starts
+        unknown and caught up at `now_ms`, as at a leader's start. Returns the new HW if it
+        moved (a committed shrink can let it advance), else None."""
         assert partition_epoch >= self.partition_epoch, (partition_epoch, self.partition_epoch)
         if partition_epoch == self.partition_epoch:
             assert tuple(isr) == self.isr, (isr, self.isr, partition_epoch)
             return None
+        if replicas is not None and tuple(replicas) != self.replicas:
+            assert len(set(replicas)) == len(replicas) and self.leader_id in replicas, replicas
+            self.replicas = tuple(replicas)
+            self._followers = {
+                replica: self._followers.get(replica) or _Follower(now_ms)
+                for replica in replicas
+                if replica != self.leader_id
+            }
         _check_isr(isr, self.leader_id, self.replicas)
         self.isr = tuple(isr)
         self.partition_epoch = partition_epoch

@@ -172,7 +172,7 @@ class ReplicaFetcher:
         self.fetches += 1
         tail = memoryview(response.tail)
         position = 0
-        durable_waits: list[tuple[ReplicaLog, int]] = []
+        durable_waits: list[tuple[TopicPartition, _Followed, int]] = []
         for entry in response.body["topics"]:
             for part in entry["partitions"]:
                 chunk = tail[position : position + part["size"]]
@@ -183,15 +183,20 @@ class ReplicaFetcher:
                     continue  # unfollowed (or followed anew) while the fetch was out
                 wait = self._apply(tp, current, part, chunk)
                 if wait is not None:
-                    durable_waits.append(wait)
-        for log, offset in durable_waits:
-            await log.wait_durable(offset)
+                    durable_waits.append((tp, current, wait))
+        for tp, followed, offset in durable_waits:
+            try:
+                await followed.log.wait_durable(offset)
+            except StorageError as error:
+                # The log failed, or was closed meanwhile (its partition deleted or moved
+                # away from this broker, and unfollowed next): rest, as after a failed append.
+                self._rest(tp, followed, logging.WARNING, "replica_flush_failed", error=str(error))
 
     def _apply(
         self, tp: TopicPartition, followed: _Followed, part: dict[str, Any], chunk: memoryview
-    ) -> tuple[ReplicaLog, int] | None:
-        """Apply one partition's answer; returns (log, offset) to be durable before the next
-        fetch under fsync=always."""
+    ) -> int | None:
+        """Apply one partition's answer; returns the offset its log must have made durable
+        before the next fetch under fsync=always."""
         log = followed.log
         code = ErrorCode(part["error_code"])
         if code in _WAIT_FOR_IMAGE:
@@ -219,7 +224,7 @@ class ReplicaFetcher:
             self._rest(tp, followed, logging.ERROR, "replica_append_failed", error=str(error))
             return None
         if chunk.nbytes and log.config.fsync == "always":
-            return log, log.log_end_offset
+            return log.log_end_offset
         return None
 
     def _rest(

@@ -478,7 +478,9 @@ class ReplicaManager:
             and leading.leader_epoch == state.leader_epoch
         ):
             if state.partition_epoch > leading.replicas.partition_epoch:
-                moved = leading.replicas.isr_change_committed(state.isr, state.partition_epoch)
+                moved = leading.replicas.isr_change_committed(
+                    state.isr, state.partition_epoch, replicas=state.replicas, now_ms=_now_ms()
+                )
                 self._publish_hw(leading, moved)
                 self._protect_sole_copy(leading)
             self._leader_progress(leading)  # a config change (fsync policy) may move it

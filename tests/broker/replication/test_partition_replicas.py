@@ -479,6 +479,39 @@ def test_snapshot_reports_the_state_for_describe():
         snapshot.high_watermark = 0  # type: ignore[misc]
 
 
+def test_a_replica_added_by_a_reassignment_fetches_and_joins_and_a_removed_one_is_refused():
+    state = PartitionReplicas(
+        leader_id=1,
+        leader_epoch=3,
+        partition_epoch=4,
+        replicas=(1, 2),
+        isr=(1, 2),
+        log_end_offset=10,
+        high_watermark=10,
+        leader_epoch_start_offset=0,
+        now_ms=0,
+    )
+    # Replica 4 added (replicas: target 1, 4 then 2 leaving), outside the ISR.
+    assert state.isr_change_committed((1, 2), 5, replicas=(1, 4, 2), now_ms=100) is None
+    assert state.isr_change_wanted(100) is None, "4 has not fetched"
+    assert state.leader_progress(12, 12) is None  # the HW waits for 2 only
+    assert state.follower_fetched(2, 12, 150) == 12
+    state.follower_fetched(4, 6, 200)  # catching up: not yet
+    assert state.isr_change_wanted(200) is None
+    assert state.follower_fetched(4, 12, 300) is None
+    assert state.isr_change_wanted(300) == (1, 2, 4)
+    state.isr_change_sent((1, 2, 4))
+    # The controller completes the move: replicas 1, 4; 2 leaves (with the ISR).
+    assert state.isr_change_committed((1, 4), 6, replicas=(1, 4), now_ms=400) is None
+    assert state.snapshot().isr == (1, 4) and state.replicas == (1, 4)
+    assert [f.replica_id for f in state.snapshot().followers] == [4]
+    with pytest.raises(DwalError) as caught:
+        state.follower_fetched(2, 12, 500)
+    assert caught.value.code == ErrorCode.NOT_LEADER_OR_FOLLOWER
+    assert state.leader_progress(15, 15) is None
+    assert state.follower_fetched(4, 15, 600) == 15
+
+
 # ----------------------------------------------------------------------------- properties
 
 MODEL_LAG_MS = 1_000
@@ -628,6 +661,31 @@ class ReplicaStateMachine(RuleBasedStateMachine):
         returned = self.state.isr_change_committed(isr, self.partition_epoch)
         self.isr, self.pending, self.shrink_sent_at_hw = isr, None, None
         self.expect(returned)
+
+    @rule(data=st.data())
+    def controller_reassigns(self, data):
+        """A reassignment adds a replica (outside the ISR, knowing nothing yet) or removes
+        one (out of the ISR too), in the same leader epoch."""
+        removable = [r for r in self.replicas if r != 1 and not (self.diligent and r == 2)]
+        if removable and data.draw(st.booleans()):
+            removed = data.draw(st.sampled_from(removable))
+            replicas = tuple(r for r in self.replicas if r != removed)
+            del self.offsets[removed], self.floor[removed]
+        else:
+            added = max(self.replicas) + 1
+            replicas = (*self.replicas, added)
+            self.offsets[added], self.floor[added] = UNKNOWN_OFFSET, 0
+        isr = tuple(r for r in self.isr if r in replicas)
+        self.replicas = replicas
+        self.partition_epoch += 1
+        returned = self.state.isr_change_committed(
+            isr, self.partition_epoch, replicas=replicas, now_ms=self.now_ms
+        )
+        self.isr, self.pending, self.shrink_sent_at_hw = isr, None, None
+        self.expect(returned)
+        assert self.state.snapshot().followers == tuple(
+            f for f in self.state.snapshot().followers if f.replica_id in replicas
+        )
 
     @rule()
     def image_republished(self):
