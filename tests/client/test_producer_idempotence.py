@@ -2,7 +2,8 @@
 sequences, one batch per partition in a request, retries the broker can recognise (the
 same bytes), order kept across retries, and the epoch bump after a batch with a sequence
 failed for good. Against scripted fake brokers (fake_broker.FakeBroker) or their toy storage
-(fake_broker.PartitionLogs), which checks sequences as a broker does. Time is a MockClock."""
+(fake_broker.PartitionLogs), which checks sequences as a broker does, time a MockClock; and
+once against a real broker process."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import trio.testing
 from fake_broker import FakeBroker, FakeCluster, FakeTopic, PartitionLogs, produce_answer
 
 import client
+from client import Admin
+from client.connection import BrokerConnection
 from client.producer import (
     PRODUCER_EPOCH_MAX,
     SEQUENCE_WRAP,
@@ -508,3 +511,43 @@ def test_restamping_a_batch_changes_only_its_producer_fields_and_crc():
         original._replace(crc=0)
     )
     assert stamped[61:] == batch[61:]
+
+
+# -- against a real broker ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("idempotent", [True, False])
+async def test_a_real_broker_stores_a_resent_batch_once(
+    broker_launcher, tmp_path, monkeypatch, idempotent
+):
+    """The broker's answer to the first Produce request is lost (the client drops it and
+    breaks the connection when it arrives, so the batch was stored for sure): the producer
+    resends the batch, and the broker recognises it and answers its original offset. The
+    control, at-least-once (idempotence off, retry_unknown_outcome), stores it twice."""
+    broker = await broker_launcher.start(tmp_path / "data")
+    dropped: list[dict] = []
+    deliver = BrokerConnection._deliver
+
+    def drop_first_produce_answer(connection: BrokerConnection, response) -> None:
+        waiters = connection._waiters
+        if not dropped and waiters and waiters[0].api_key == ApiKey.PRODUCE:
+            dropped.append(response.body)
+            raise ConnectionError("the test drops this Produce answer")  # fails the connection
+        deliver(connection, response)
+
+    monkeypatch.setattr(BrokerConnection, "_deliver", drop_first_produce_answer)
+    options = {} if idempotent else {"enable_idempotence": False, "retry_unknown_outcome": True}
+    async with client.connect(broker.bootstrap) as cluster:
+        await Admin(cluster).create_topic("once")
+        async with Producer(cluster, acks="all", linger_ms=0, **options) as producer:
+            metadata = await (await producer.send("once", b"v")).wait()
+        described = await Admin(cluster).describe_topic("once")
+    [[lost]] = [entry["partitions"] for entry in dropped[0]["topics"]]
+    assert (lost["error_code"], lost["base_offset"]) == (0, 0)  # the first attempt was stored
+    assert producer.statistics().idempotent is idempotent
+    if idempotent:
+        assert metadata.offset == 0  # the resend's answer: the original offset
+        assert described.partitions[0].high_watermark == 1
+    else:
+        assert metadata.offset == 1
+        assert described.partitions[0].high_watermark == 2
