@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from broker.answers import error_of
 from broker.storage import (
     BatchMetadata,
     InvalidProducerEpochError,
@@ -23,6 +24,7 @@ from broker.storage.producer_state import (
     last_sequence_of,
     parse_snapshot,
 )
+from protocol import ErrorCode
 from protocol.record_batch import BatchHeader
 
 SEQUENCE_MAX = SEQUENCE_MODULUS - 1
@@ -367,3 +369,13 @@ def test_the_table_stays_bounded_and_its_snapshot_holds_it(records, producers_ma
     assert [p.producer_id for p in table.producers()] == recency[-producers_max:]
     parsed = parse_snapshot(table.snapshot_bytes(len(records)), producers_max=producers_max)
     assert parsed is not None and parsed[1].producers() == table.producers()
+
+
+def test_the_errors_answer_kafkas_codes():
+    for error, code in (
+        (InvalidRecordError("x"), ErrorCode.INVALID_RECORD),
+        (OutOfOrderSequenceError("x"), ErrorCode.OUT_OF_ORDER_SEQUENCE_NUMBER),
+        (InvalidProducerEpochError("x"), ErrorCode.INVALID_PRODUCER_EPOCH),
+    ):
+        assert error_of(error) == (code, "x")
+        assert not code.retriable  # the producer must act (reset its sequences, or stop)

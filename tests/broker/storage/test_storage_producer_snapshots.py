@@ -92,9 +92,11 @@ def test_snapshots_are_written_at_rolls_and_at_a_clean_close(tmp_path):
     end = log.log_end_offset
     log.close()
     assert snapshot_offsets(log.directory) == [*bases[-2:], end]
+    inode = (log.directory / f"{end:020d}.snapshot").stat().st_ino
     reopened = PartitionLog.open(log.directory, CONFIG, now_ms=0)
     reopened.close()  # nothing changed: the snapshot at the end is not written again
     assert snapshot_offsets(log.directory) == [*bases[-2:], end]
+    assert (log.directory / f"{end:020d}.snapshot").stat().st_ino == inode
 
 
 def test_a_log_without_batches_has_no_snapshot_file(tmp_path, monkeypatch):
