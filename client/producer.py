@@ -8,10 +8,12 @@ partition it leads with fewer than `max_in_flight_per_partition` requests in fli
 sender writes requests one after another and the broker appends a connection's requests in
 the order they arrive, so a partition's records are stored in `send()` order. A partition's
 requests in flight all go to one broker: when its leader moves, the partition waits until
-its requests to the old leader are answered before it sends to the new one. A retried batch
-keeps that order when `max_in_flight_per_partition` is 1; with more (the default, 5, as
-Kafka's), a batch that fails with a partition-level retriable error while a later batch of
-its partition succeeds is stored after it, as in Kafka without idempotence.
+its requests to the old leader are answered before it sends to the new one. A retry waits
+`retry_backoff_ms`, during which its partition sends nothing. Without idempotence, a retried
+batch keeps that order when `max_in_flight_per_partition` is 1; with more (the default, 5,
+as Kafka's), a batch that fails with a partition-level retriable error while a later batch
+of its partition succeeds is stored after it, as in Kafka without idempotence. With
+idempotence the order holds across retries (below).
 Buffered bytes are bounded by `buffer_bytes_max`: `send()` waits for space when full.
 
 Leaders. Each partition's batches go to its leader as the cluster's metadata cache knows it.
@@ -29,9 +31,36 @@ Retries never store a record twice unless the caller asks for it. A failure is e
 "not stored" (an error the broker answered before appending, or a connection that failed
 before the request was written whole: the broker never saw it) or "outcome unknown" (the
 request was written, then the connection broke, the answer timed out, or the broker
-reported an error after appending). Only the first kind is retried by default; the second
-fails the records with `DeliveryOutcomeUnknown` unless `retry_unknown_outcome` is set
-(at-least-once: a resent batch may be stored twice).
+reported an error after appending). Without idempotence only the first kind is retried;
+the second fails the records with `DeliveryOutcomeUnknown` unless `retry_unknown_outcome` is
+set (at-least-once: a resent batch may be stored twice). With idempotence both are retried.
+
+Idempotence (`enable_idempotence`, on by default with acks=all, as Kafka 3's) makes retries
+exactly-once per partition: the broker recognises a resent batch and answers its original
+offset instead of storing it again. Before the first batch is sent, InitProducerId (to any
+broker, retried within the delivery timeout) gives a producer id at epoch 0. A batch is
+stamped with the id, the epoch and its partition's next sequence (the count of the
+partition's records stamped before it, wrapping at 2**31) when it is first put in a request;
+a retry sends the same bytes. A request carries one batch per partition (the broker refuses
+more), and up to 5 requests per partition may be in flight (the broker remembers a
+producer's last 5 batches per partition). Order: retries go back in line in sequence order;
+a retried batch is sent alone, once its partition has nothing in flight, and a later batch
+that the broker refused with OUT_OF_ORDER_SEQUENCE_NUMBER because an earlier one is missing
+is retried after it. DUPLICATE_SEQUENCE_NUMBER is a success.
+
+Sequence gaps (KIP-360). A batch with a sequence that fails for good (delivery timeout,
+retries spent, a non-retriable error) leaves a gap for which the broker would refuse every
+later batch of its partition. The producer then bumps its epoch locally (epoch + 1; past
+32767 it asks for a new producer id) once no request is in flight: every partition's
+sequences start again at 0, which the broker accepts from a newer epoch. Batches waiting in
+line get new stamps when sent, except those an earlier attempt may have stored: sent under
+the new epoch the broker could not recognise them, so they fail with
+`DeliveryOutcomeUnknown` rather than risk a second copy. UNKNOWN_PRODUCER_ID (the broker lost
+the producer's state) bumps the epoch too, and the batch is retried under it (unless it may
+be stored). INVALID_PRODUCER_EPOCH (the broker saw a newer epoch of this id, which this
+producer never sent) fails the batch, and a new producer id is asked for. A broker that does
+not know InitProducerId (UNKNOWN_API_KEY, UNSUPPORTED_VERSION) turns idempotence off unless
+it was asked for explicitly (then the batches fail).
 
 Sizes: no batch exceeds the topic's max.message.bytes (nor segment.bytes), as the broker
 reports them in its metadata; a record that cannot fit in a batch of its own is refused by
@@ -349,7 +378,9 @@ class Producer:
     "zstd"), `retries` of retriable errors with `retry_backoff_ms`, `retry_unknown_outcome`
     (resend batches that may be stored already: at-least-once, may duplicate),
     `delivery_timeout_ms` (no retry starts later than this after a batch was opened),
-    `buffer_bytes_max` (send waits when full), `request_bytes_max`.
+    `buffer_bytes_max` (send waits when full), `request_bytes_max`, `enable_idempotence`
+    (None: on with acks="all" unless retries=0 or max_in_flight_per_partition > 5; True
+    with any of those raises ValueError).
     """
 
     def __init__(
@@ -438,7 +469,7 @@ class Producer:
         self._records_sent = 0
         self._batches_failed = 0
         # The idempotent producer's state: id and epoch (-1 until InitProducerId answers),
-        # and what must happen before the next batch is stamped (see "Idempotence" above).
+        # and what must happen before the next batch is stamped (see the module docstring).
         self._producer_id = -1
         self._producer_epoch = -1
         self._producer_id_wanted = False  # a task is asking a broker for a producer id
