@@ -17,6 +17,7 @@ async with client.connect("127.0.0.1:9092") as cluster:
 
 from client.admin import (
     Admin,
+    BrokerDecommission,
     BrokerDescription,
     BrokerListener,
     ClusterDescription,
@@ -26,6 +27,7 @@ from client.admin import (
     GroupMemberDescription,
     PartitionDescription,
     PartitionOffsets,
+    PartitionReassignment,
     QuorumMember,
     TopicDescription,
 )
@@ -46,6 +48,7 @@ from protocol import Compression, DwalError, ErrorCode, Record
 
 __all__ = [
     "Admin",
+    "BrokerDecommission",
     "BrokerDescription",
     "BrokerListener",
     "Cluster",
@@ -66,6 +69,7 @@ __all__ = [
     "PartitionDescription",
     "PartitionInfo",
     "PartitionOffsets",
+    "PartitionReassignment",
     "Producer",
     "ProducerClosed",
     "ProducerStatistics",

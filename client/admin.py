@@ -12,6 +12,7 @@ how many attempts it made. Other errors are raised at once.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, TypeVar
 
@@ -78,6 +79,8 @@ class BrokerDescription:
     shut_down: bool
     rack: str | None
     listeners: tuple[BrokerListener, ...]
+    decommissioned: bool = False  # it receives no new replica (`decommission_broker`)
+    partitions: int = -1  # partitions listing it among their replicas; -1: not said
 
 
 @dataclass(frozen=True)
@@ -104,8 +107,39 @@ class ClusterDescription:
     learners: tuple[QuorumMember, ...]
 
 
+@dataclass(frozen=True)
+class PartitionReassignment:
+    """A partition being moved to other brokers: its `replicas` are the target followed by
+    the replicas leaving (`removing_replicas`); the new ones (`adding_replicas`) catch up as
+    followers and the move completes once all of them are in the ISR."""
+
+    partition: TopicPartition
+    replicas: tuple[int, ...]
+    adding_replicas: tuple[int, ...]
+    removing_replicas: tuple[int, ...]
+    isr: tuple[int, ...]
+    leader: int  # -1: no leader now
+
+    @property
+    def target_replicas(self) -> tuple[int, ...]:
+        return tuple(r for r in self.replicas if r not in self.removing_replicas)
+
+
+@dataclass(frozen=True)
+class BrokerDecommission:
+    """A broker's decommissioning as the controller answered it: `partitions` still list
+    it among their replicas (0 once every move off it completed), `partitions_not_moving`
+    of them are not moving off it (0 once decommissioning was accepted)."""
+
+    broker_id: int
+    decommissioned: bool
+    partitions: int
+    partitions_not_moving: int
+
+
 class Admin:
-    """Create, list, describe, alter and delete topics; describe the cluster; elect leaders.
+    """Create, list, describe, alter and delete topics; describe the cluster; elect leaders;
+    move partitions between brokers and decommission brokers.
     Every method raises DwalError with the broker's error code and message when the broker
     refuses, after retrying NOT_CONTROLLER answers (see the module docstring). Every method
     is safe to cancel, though a cancelled change may or may not have been applied."""
@@ -261,6 +295,97 @@ class Admin:
             self.cluster.invalidate(topic)
         return results
 
+    async def alter_partition_reassignments(
+        self, reassignments: Mapping[TopicPartition, Sequence[int] | None]
+    ) -> dict[TopicPartition, DwalError | None]:
+        """Move each partition to the replicas given (broker ids, the preferred leader
+        first), or cancel its move (None: back to the replicas it had before). The new
+        replicas catch up as followers before the old ones leave. Returns per partition None
+        (accepted) or the controller's error (INVALID_REPLICA_ASSIGNMENT,
+        NO_REASSIGNMENT_IN_PROGRESS, UNKNOWN_TOPIC_OR_PARTITION). Sending the same move
+        again changes nothing."""
+        by_topic: dict[str, list[dict[str, Any]]] = {}
+        for tp, replicas in reassignments.items():
+            by_topic.setdefault(tp.topic, []).append(
+                {
+                    "partition": tp.partition,
+                    "replicas": None if replicas is None else list(replicas),
+                }
+            )
+        body = {"topics": [{"topic": t, "partitions": parts} for t, parts in by_topic.items()]}
+
+        async def alter() -> dict[TopicPartition, DwalError | None]:
+            response = await self.cluster.call(ApiKey.ALTER_PARTITION_REASSIGNMENTS, body)
+            return _partition_errors(response.body["topics"])
+
+        results = await self._retrying("reassign partitions", alter)
+        for topic in by_topic:
+            self.cluster.invalidate(topic)
+        return results
+
+    async def list_partition_reassignments(
+        self, partitions: Iterable[TopicPartition] | None = None
+    ) -> dict[TopicPartition, PartitionReassignment]:
+        """The partitions being moved (of `partitions`; None: of every topic), as the active
+        controller knows them; a partition not moving (or unknown) is left out."""
+        wanted = None
+        if partitions is not None:
+            by_topic: dict[str, list[int]] = {}
+            for tp in partitions:
+                by_topic.setdefault(tp.topic, []).append(tp.partition)
+            wanted = [{"topic": t, "partitions": sorted(set(p))} for t, p in by_topic.items()]
+
+        async def list_moves() -> dict[TopicPartition, PartitionReassignment]:
+            response = await self.cluster.call(
+                ApiKey.LIST_PARTITION_REASSIGNMENTS, {"topics": wanted}
+            )
+            return {
+                TopicPartition(entry["topic"], p["partition"]): PartitionReassignment(
+                    partition=TopicPartition(entry["topic"], p["partition"]),
+                    replicas=tuple(p["replicas"]),
+                    adding_replicas=tuple(p["adding_replicas"]),
+                    removing_replicas=tuple(p["removing_replicas"]),
+                    isr=tuple(p["isr"]),
+                    leader=p["leader"],
+                )
+                for entry in response.body["topics"]
+                for p in entry["partitions"]
+            }
+
+        return await self._retrying("list partition reassignments", list_moves)
+
+    async def decommission_broker(self, broker_id: int) -> BrokerDecommission:
+        """Move every replica off broker `broker_id` (each to another broker, racks apart
+        and load even) and place no new replica on it. Returns once every move has started;
+        they complete as the new replicas catch up (watch `partitions` fall to 0 with
+        `describe_cluster`). Raises DwalError INVALID_REPLICATION_FACTOR, changing nothing,
+        when some partition has no other broker to go to, BROKER_NOT_AVAILABLE for an
+        unknown broker."""
+        return await self._decommission(broker_id, True)
+
+    async def recommission_broker(self, broker_id: int) -> BrokerDecommission:
+        """Let new replicas go to broker `broker_id` again. Moves already started go on
+        (cancel them with `alter_partition_reassignments`)."""
+        return await self._decommission(broker_id, False)
+
+    async def _decommission(self, broker_id: int, decommissioned: bool) -> BrokerDecommission:
+        body = {"broker_id": broker_id, "decommissioned": decommissioned}
+
+        async def change() -> BrokerDecommission:
+            response = await self.cluster.call(ApiKey.DECOMMISSION_BROKER, body)
+            reply = response.body
+            return BrokerDecommission(
+                broker_id=reply["broker_id"],
+                decommissioned=reply["decommissioned"],
+                partitions=reply["partitions"],
+                partitions_not_moving=reply["partitions_not_moving"],
+            )
+
+        what = "decommission" if decommissioned else "recommission"
+        result = await self._retrying(f"{what} broker {broker_id}", change)
+        self.cluster.invalidate_all()
+        return result
+
     async def _partitions_of(self, topics: dict[str, list[int] | None]) -> list[dict[str, Any]]:
         out = []
         for topic, partitions in topics.items():
@@ -299,6 +424,18 @@ class Admin:
         return await self._retrying(f"alter configs of {name!r}", alter)
 
 
+def _partition_errors(entries: list[dict[str, Any]]) -> dict[TopicPartition, DwalError | None]:
+    return {
+        TopicPartition(entry["topic"], result["partition"]): (
+            DwalError(ErrorCode(result["error_code"]), result["error_message"])
+            if result["error_code"]
+            else None
+        )
+        for entry in entries
+        for result in entry["partitions"]
+    }
+
+
 def _topic_description(entry: dict[str, Any]) -> TopicDescription:
     if entry["error_code"]:
         raise DwalError(ErrorCode(entry["error_code"]), entry["error_message"])
@@ -332,6 +469,8 @@ def _cluster_description(body: dict[str, Any]) -> ClusterDescription:
             listeners=tuple(
                 BrokerListener(li["name"], li["host"], li["port"]) for li in b["listeners"]
             ),
+            decommissioned=b["decommissioned"],
+            partitions=b["partitions"],
         )
         for b in sorted(body["brokers"], key=lambda b: b["node_id"])
     )

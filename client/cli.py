@@ -31,9 +31,11 @@ from client.exception_groups import single_error
 from client.line_splitter import LineSplitter, OversizeLine
 from client.limits import LIMITS
 from client.producer import Producer
+from client.topic_partition import TopicPartition
 from protocol import DwalError, ErrorCode
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
+WAIT_POLL_INTERVAL_S = 1.0  # `--wait`: how often a reassignment's progress is asked for
 
 
 class UsageError(Exception):
@@ -63,6 +65,21 @@ def _partition_number(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"must be a partition number (0, 1, ...), not {text!r}")
     return int(text)
+
+
+def _broker_id(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a broker id (1, 2, ...), not {text!r}")
+    return int(text)
+
+
+def _broker_ids(text: str) -> list[int]:
+    items = text.split(",")
+    if not all(item.strip().isdigit() for item in items):
+        raise argparse.ArgumentTypeError(
+            f"must be broker ids separated by commas (e.g. 1,2,4), not {text!r}"
+        )
+    return [int(item) for item in items]
 
 
 def _positive_int(text: str) -> int:
@@ -134,10 +151,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 
-    # `dwal broker ...` is handed over to the broker package before parsing (see `main`);
-    # listed here for `dwal --help`.
-    commands.add_parser("broker", help="run a broker in the foreground (dwal broker --help)")
-
     def client_command(name: str, help_text: str, parent=commands) -> argparse.ArgumentParser:
         sub = parent.add_parser(name, help=help_text)
         sub.add_argument(
@@ -146,6 +159,29 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"broker address host:port (default: $DWAL_BOOTSTRAP, else {DEFAULT_BOOTSTRAP})",
         )
         return sub
+
+    # `dwal broker [flags]` is handed over to the broker package before parsing (see `main`);
+    # listed here for `dwal --help`. `dwal broker decommission|recommission` are clients.
+    broker = commands.add_parser(
+        "broker",
+        help="run a broker in the foreground (dwal broker --help); decommission|recommission N",
+    )
+    broker_commands = broker.add_subparsers(dest="broker_command", required=True)
+    decommission = client_command(
+        "decommission",
+        "move every replica off a broker and place no new one on it",
+        broker_commands,
+    )
+    decommission.add_argument("broker_id", type=_broker_id, help="the broker's node id")
+    decommission.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait until no partition is left on the broker, printing progress",
+    )
+    recommission = client_command(
+        "recommission", "let new replicas go to a decommissioned broker again", broker_commands
+    )
+    recommission.add_argument("broker_id", type=_broker_id, help="the broker's node id")
 
     topic = commands.add_parser("topic", help="manage topics")
     topic_commands = topic.add_subparsers(dest="topic_command", required=True)
@@ -200,6 +236,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="remove an override: the broker default applies again (repeatable)",
     )
 
+    reassign = client_command(
+        "reassign", "move partitions to other brokers, or cancel their move", topic_commands
+    )
+    reassign.add_argument("name", help="topic name")
+    reassign.add_argument(
+        "--partition",
+        "-p",
+        type=_partition_number,
+        action="append",
+        required=True,
+        help="partition to move (repeatable: each gets the same replicas)",
+    )
+    target = reassign.add_mutually_exclusive_group(required=True)
+    target.add_argument(
+        "--replicas",
+        type=_broker_ids,
+        metavar="ID,ID,...",
+        help="the new replicas, the preferred leader first (e.g. 1,2,4)",
+    )
+    target.add_argument(
+        "--cancel", action="store_true", help="cancel the move: back to the replicas before it"
+    )
+    reassign.add_argument(
+        "--wait", action="store_true", help="wait until the move completed, printing progress"
+    )
+    reassignments = client_command(
+        "reassignments", "list the partitions being moved to other brokers", topic_commands
+    )
+    reassignments.add_argument("--topic", "-t", help="only this topic (default: every topic)")
+    _add_output_format(reassignments)
+
     cluster = commands.add_parser("cluster", help="the cluster's brokers and controllers")
     cluster_commands = cluster.add_subparsers(dest="cluster_command", required=True)
     status = client_command(
@@ -209,17 +276,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     leaders = commands.add_parser("leaders", help="partition leadership")
     leaders_commands = leaders.add_subparsers(dest="leaders_command", required=True)
-    elect = client_command(
-        "elect", "move leadership back to each partition's preferred replica", leaders_commands
-    )
-    elect.add_argument("--topic", "-t", help="only this topic (default: every topic)")
-    elect.add_argument(
-        "--partition",
-        "-p",
-        type=_partition_number,
-        action="append",
-        help="only this partition of --topic (repeatable; default all)",
-    )
+    for name, help_text in (
+        ("elect", "move leadership back to each partition's preferred replica"),
+        ("rebalance", "the same: preferred leader election, as the controller does on its own"),
+    ):
+        elect = client_command(name, help_text, leaders_commands)
+        elect.add_argument("--topic", "-t", help="only this topic (default: every topic)")
+        elect.add_argument(
+            "--partition",
+            "-p",
+            type=_partition_number,
+            action="append",
+            help="only this partition of --topic (repeatable; default all)",
+        )
 
     group = commands.add_parser("group", help="manage consumer groups")
     group_commands = group.add_subparsers(dest="group_command", required=True)
@@ -356,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
-    if arguments[:1] == ["broker"]:
+    if arguments[:1] == ["broker"] and arguments[1:2] not in (["decommission"], ["recommission"]):
         _run_broker_package(arguments[1:])
     args = build_parser().parse_args(arguments)
     try:
@@ -441,6 +510,8 @@ async def _dispatch(cluster, args: argparse.Namespace, stop: trio.Event) -> int:
         return await _cluster_command(Admin(cluster), args)
     if args.command == "leaders":
         return await _elect_leaders(Admin(cluster), args)
+    if args.command == "broker":
+        return await _broker_command(Admin(cluster), args)
     raise UsageError(f"unknown command {args.command}")
 
 
@@ -480,6 +551,10 @@ async def _topic_command(admin: Admin, args: argparse.Namespace) -> int:
                 f"altered topic {args.name}; overrides now: "
                 + (", ".join(f"{k}={v}" for k, v in sorted(configs.items())) or "none")
             )
+        case "reassign":
+            return await _reassign(admin, args)
+        case "reassignments":
+            return await _list_reassignments(admin, args)
     return 0
 
 
@@ -532,12 +607,16 @@ async def _cluster_command(admin: Admin, args: argparse.Namespace) -> int:
         match_index = m.match_index if m.match_index >= 0 else "-"
         lag = m.lag if m.lag >= 0 else "-"  # only the active controller knows
         print(f"{m.node_id:>10} {role:<8} {match_index:>12} {lag:>8}{active}")
-    print(f"{'BROKER':>10} {'EPOCH':>8} {'FENCED':<6} {'SHUT-DOWN':<9} {'RACK':<10} LISTENERS")
+    print(
+        f"{'BROKER':>10} {'EPOCH':>8} {'FENCED':<6} {'SHUT-DOWN':<9} {'DECOMMISSIONED':<14} "
+        f"{'PARTITIONS':>10} {'RACK':<10} LISTENERS"
+    )
     for b in description.brokers:
         listeners = " ".join(f"{li.name}://{li.host}:{li.port}" for li in b.listeners) or "-"
+        partitions = b.partitions if b.partitions >= 0 else "-"  # an older broker: unknown
         print(
             f"{b.node_id:>10} {b.epoch:>8} {_yes_no(b.fenced):<6} {_yes_no(b.shut_down):<9} "
-            f"{b.rack or '-':<10} {listeners}"
+            f"{_yes_no(b.decommissioned):<14} {partitions:>10} {b.rack or '-':<10} {listeners}"
         )
     return 0
 
@@ -568,6 +647,120 @@ async def _elect_leaders(admin: Admin, args: argparse.Namespace) -> int:
         print(f"error: {failed} election(s) failed", file=sys.stderr)
         return 1
     return 0
+
+
+async def _reassign(admin: Admin, args: argparse.Namespace) -> int:
+    """`dwal topic reassign`: one line per partition, then (with --wait) progress lines."""
+    partitions = [TopicPartition(args.name, p) for p in sorted(set(args.partition))]
+    replicas = None if args.cancel else args.replicas
+    results = await admin.alter_partition_reassignments({tp: replicas for tp in partitions})
+    moving = await admin.list_partition_reassignments(partitions)
+    failed = 0
+    for tp in partitions:
+        error = results.get(tp)
+        where = f"{tp.topic}-{tp.partition}"
+        if error is not None:
+            failed += 1
+            print(f"{where}: failed: {error.message} ({error.code.name})")
+        elif tp in moving:
+            print(f"{where}: {_move_text(moving[tp])}")
+        elif args.cancel:
+            print(f"{where}: move cancelled")
+        else:
+            print(f"{where}: now on {_nodes(replicas or ())}")
+    if failed:
+        print(f"error: {failed} partition(s) not moved", file=sys.stderr)
+        return 1
+    if args.wait:
+        await _wait_moved(admin, [tp for tp in partitions if tp in moving], moving)
+    return 0
+
+
+def _move_text(move) -> str:
+    added = f"adding {_nodes(move.adding_replicas)}" if move.adding_replicas else ""
+    removed = f"removing {_nodes(move.removing_replicas)}" if move.removing_replicas else ""
+    changes = ", ".join(part for part in (added, removed) if part)
+    return (
+        f"moving to {_nodes(move.target_replicas)} ({changes}; in sync {_nodes(move.isr)}, "
+        f"leader {_node(move.leader)})"
+    )
+
+
+async def _wait_moved(admin: Admin, partitions: list[TopicPartition], moving: dict) -> None:
+    """Poll until none of `partitions` is moving; print each change of a move's state."""
+    shown = {tp: _move_text(move) for tp, move in moving.items()}
+    while partitions:
+        await trio.sleep(WAIT_POLL_INTERVAL_S)
+        now = await admin.list_partition_reassignments(partitions)
+        for tp in partitions:
+            where = f"{tp.topic}-{tp.partition}"
+            if tp not in now:
+                print(f"{where}: move completed", flush=True)
+            elif _move_text(now[tp]) != shown.get(tp):
+                shown[tp] = _move_text(now[tp])
+                print(f"{where}: {shown[tp]}", flush=True)
+        partitions = [tp for tp in partitions if tp in now]
+
+
+async def _list_reassignments(admin: Admin, args: argparse.Namespace) -> int:
+    partitions = None
+    if args.topic is not None:
+        info = await admin.describe_topic(args.topic)  # UNKNOWN_TOPIC_OR_PARTITION, at once
+        partitions = [TopicPartition(args.topic, p.partition) for p in info.partitions]
+    moving = await admin.list_partition_reassignments(partitions)
+    if args.format == "json":
+        rows = [
+            {**dataclasses.asdict(move), "target_replicas": list(move.target_replicas)}
+            for _, move in sorted(moving.items())
+        ]
+        print(json.dumps({"reassignments": rows}))
+        return 0
+    if not moving:
+        print("no partition is being reassigned")
+        return 0
+    print(
+        f"{'TOPIC':<24} {'PARTITION':>9}  {'TARGET':<12} {'ADDING':<10} {'REMOVING':<10} "
+        f"{'ISR':<12} LEADER"
+    )
+    for tp, move in sorted(moving.items()):
+        print(
+            f"{tp.topic:<24} {tp.partition:>9}  {_nodes(move.target_replicas):<12} "
+            f"{_nodes(move.adding_replicas):<10} {_nodes(move.removing_replicas):<10} "
+            f"{_nodes(move.isr):<12} {_node(move.leader)}"
+        )
+    return 0
+
+
+async def _broker_command(admin: Admin, args: argparse.Namespace) -> int:
+    broker_id = args.broker_id
+    if args.broker_command == "recommission":
+        result = await admin.recommission_broker(broker_id)
+        print(f"broker {broker_id} recommissioned: new replicas may go to it again")
+        return 0
+    result = await admin.decommission_broker(broker_id)
+    if result.partitions == 0:
+        print(f"broker {broker_id} decommissioned: it holds no replica")
+        return 0
+    print(
+        f"broker {broker_id} decommissioned: {result.partitions} partition(s) moving off it "
+        "(their new replicas catch up first)"
+    )
+    if args.wait:
+        await _wait_decommissioned(admin, broker_id, result.partitions)
+    return 0
+
+
+async def _wait_decommissioned(admin: Admin, broker_id: int, left: int) -> None:
+    """Poll DescribeCluster until the broker holds no replica; print each new count."""
+    while left:
+        await trio.sleep(WAIT_POLL_INTERVAL_S)
+        description = await admin.describe_cluster()
+        broker = next((b for b in description.brokers if b.node_id == broker_id), None)
+        now = 0 if broker is None else max(broker.partitions, 0)
+        if now != left:
+            left = now
+            print(f"broker {broker_id}: {left} partition(s) left", flush=True)
+    print(f"broker {broker_id} holds no replica any more: it may be stopped", flush=True)
 
 
 async def _read_stdin_chunks():

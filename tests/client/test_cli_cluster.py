@@ -97,10 +97,12 @@ async def test_cluster_status(nursery):
         ["2", "voter", "-", "-"],
         ["3", "learner", "41", "1"],
     ]
+    # The fake answers as a broker from before decommissioning: not decommissioned, and
+    # no partition count ("-").
     assert table(output, "BROKER") == [
-        ["0", "7", "no", "no", "-", f"CLIENT://127.0.0.1:{ports[0]}"],
-        ["1", "11", "no", "no", "-", f"CLIENT://127.0.0.1:{ports[1]}"],
-        ["2", "12", "yes", "no", "-", f"CLIENT://127.0.0.1:{ports[2]}"],
+        ["0", "7", "no", "no", "no", "-", "-", f"CLIENT://127.0.0.1:{ports[0]}"],
+        ["1", "11", "no", "no", "no", "-", "-", f"CLIENT://127.0.0.1:{ports[1]}"],
+        ["2", "12", "yes", "no", "no", "-", "-", f"CLIENT://127.0.0.1:{ports[2]}"],
     ]
 
 
