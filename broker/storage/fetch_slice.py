@@ -6,13 +6,17 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from .file_descriptor_cache import process_cache
+
 
 @dataclass(frozen=True, kw_only=True)
 class FetchSlice:
     """`length` bytes at `position` of the file open as `fd`.
 
-    `fd` is a duplicate of the segment's descriptor, so deleting the segment meanwhile cannot
-    close it under a reader; the receiver must call `close()` (or use `with`). An empty slice
+    `fd` is a duplicate of the segment's descriptor, so deleting the segment (or the
+    process's descriptor cache evicting its descriptor) meanwhile cannot close it under a
+    reader or a `sendfile`; the receiver must call `close()` (or use `with`). Until then the
+    duplicate counts as borrowed from the descriptor cache, which keeps one fewer. An empty slice
     has fd -1 and length 0. The slice starts at a batch boundary; its last batch may be cut
     short (readers ignore a partial trailing batch).
 
@@ -26,6 +30,10 @@ class FetchSlice:
     length: int
     data: bytes | None = field(default=None, repr=False)
     _open: list[bool] = field(default_factory=lambda: [True], repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.fd >= 0:
+            process_cache().borrow()
 
     @classmethod
     def empty(cls) -> FetchSlice:
@@ -58,6 +66,7 @@ class FetchSlice:
             self._open[0] = False
             if self.fd >= 0:
                 os.close(self.fd)
+                process_cache().give_back()
 
     def __enter__(self) -> FetchSlice:
         return self

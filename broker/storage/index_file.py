@@ -3,6 +3,13 @@
 Index files are derived data. The entries that lookups use live in memory; the file is
 appended to while its segment is active and rewritten whole after recovery, so that a clean
 restart can load it instead of scanning the log.
+
+Appends are buffered: entries reach the file `APPEND_BUFFER_BYTES` at a time, and the rest
+when the segment stops being active (`finish`), each time through a descriptor opened for
+that write alone, so an active segment's index files hold no descriptor. The file of an
+active segment may thus lag its memory by a few entries: nothing reads it before `finish`
+(a clean shutdown finalizes the active segment), and after a crash the active segment is
+recovered from its log, its indexes rebuilt.
 """
 
 from __future__ import annotations
@@ -12,38 +19,66 @@ import pathlib
 import struct
 from typing import Iterable
 
+from .file_descriptor_cache import process_cache
+
+APPEND_BUFFER_BYTES = 4096  # about 500 offset index entries: 2 MiB of log at the default
+
 
 class IndexFile:
-    """One index file; `append` writes through only while the file is open for appending."""
+    """One index file; `append` writes through only between `open_for_append` and
+    `finish` (or `close`)."""
 
     def __init__(self, path: pathlib.Path, entry: struct.Struct) -> None:
         self.path = path
         self._entry = entry
-        self._fd = -1
+        self._appending = False
+        self._buffer = bytearray()  # appended entries not yet in the file
 
     @property
     def is_open(self) -> bool:
-        return self._fd >= 0
+        """True while appends go to the file."""
+        return self._appending
 
     def open_for_append(self) -> None:
-        """Open (creating if needed) for appending. Raises OSError."""
-        assert self._fd < 0
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        """Start appending (the file is created at the first write if missing)."""
+        assert not self._appending
+        self._appending = True
 
     def append(self, *values: int) -> None:
-        """Write one entry if the file is open. Raises OSError."""
-        if self._fd >= 0:
-            _write_all(self._fd, self._entry.pack(*values))
+        """Add one entry if appending; write the buffered ones once there are enough.
+        Raises OSError."""
+        if self._appending:
+            self._buffer += self._entry.pack(*values)
+            if len(self._buffer) >= APPEND_BUFFER_BYTES:
+                self._write_buffer()
+
+    def finish(self) -> None:
+        """Write the buffered entries and stop appending. Raises OSError."""
+        if self._appending:
+            self._write_buffer()
+            self._appending = False
+
+    def _write_buffer(self) -> None:
+        if not self._buffer:
+            return
+        fd = process_cache().open_transient(
+            self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644
+        )
+        try:
+            _write_all(fd, self._buffer)
+        finally:
+            os.close(fd)
+        self._buffer.clear()
 
     def rewrite(
         self, entries: Iterable[tuple[int, ...]], suffix: str = "", *, sync: bool = False
     ) -> None:
         """Replace the content of the file (named with `suffix` appended) with `entries`,
         fsyncing it if `sync`. The file must not be open for appending. Raises OSError."""
-        assert self._fd < 0
+        assert not self._appending
         data = b"".join(self._entry.pack(*entry) for entry in entries)
         path = self.path.with_name(self.path.name + suffix)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = process_cache().open_transient(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             _write_all(fd, data)
             if sync:
@@ -69,7 +104,7 @@ class IndexFile:
     def fsync(self) -> None:
         """Make the file durable; a file already renamed away is skipped. Blocking."""
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            fd = process_cache().open_transient(self.path, os.O_RDONLY)
         except FileNotFoundError:
             return
         try:
@@ -78,12 +113,13 @@ class IndexFile:
             os.close(fd)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        """Stop appending, dropping the buffered entries (the file is rewritten or deleted
+        next, or rebuilt when loaded)."""
+        self._appending = False
+        self._buffer.clear()
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes | bytearray) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]

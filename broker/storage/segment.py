@@ -3,9 +3,17 @@
 Theory of operation. A segment is named by the offset of its first batch
 (`{base_offset:020d}.log`, `.index`, `.timeindex`). Only the last segment of a log is
 active: batches are appended to it with O_APPEND writes, and every `index_interval_bytes`
-of log one entry goes to each index, in memory and through to its file. When the segment
-stops being active (`finalize`) the time index gets one last entry with the segment's
-largest timestamp and the index files are closed; the segment is then immutable.
+of log one entry goes to each index, in memory and (a few KiB at a time, see `IndexFile`)
+to its file. When the segment stops being active (`finalize`) the time index gets one last
+entry with the segment's largest timestamp and the index files are written out; the segment
+is then immutable.
+
+File descriptors. The log file is opened on demand through the process's
+`FileDescriptorCache` (a bounded LRU of descriptors): a segment holds a descriptor only
+while the cache keeps it, so idle partitions hold none. Methods hold the descriptor for
+their duration (`pinned`); `log_fd` hands it to callers that use it at once (`os.dup` for
+a reader or an fsync in another thread, one read, one fdatasync), leased to the calling
+thread until it asks for another segment's `log_fd`. Index files hold no descriptor.
 
 The index files are derived data. `load_indexes` trusts them after checking they are
 consistent with the log; `recover` throws them away, checks every batch of the log from the
@@ -19,6 +27,7 @@ its last one, and may even be empty. A lookup of an offset inside a gap finds th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pathlib
@@ -28,6 +37,7 @@ from protocol.record_batch import HEADER_BYTES, BatchHeader
 
 from .batch_scanner import CHUNK_BYTES, ValidatingScanner, iterate_headers, read_header
 from .errors import StorageError
+from .file_descriptor_cache import CachedFile, process_cache
 from .offset_index import RELATIVE_OFFSET_MAX, OffsetIndex
 from .time_index import TimeIndex
 
@@ -51,7 +61,12 @@ class Segment:
     """One segment; see the module's theory of operation."""
 
     def __init__(
-        self, directory: pathlib.Path, base_offset: int, log_fd: int, *, index_interval_bytes: int
+        self,
+        directory: pathlib.Path,
+        base_offset: int,
+        log_file: CachedFile,
+        *,
+        index_interval_bytes: int,
     ) -> None:
         self.directory = directory
         self.base_offset = base_offset
@@ -60,7 +75,7 @@ class Segment:
         self.time_index = TimeIndex(self._path(TIME_INDEX_SUFFIX), base_offset)
         # Time (ms) the segment's age counts from when deciding to roll it; None while empty.
         self.rolling_baseline_ms: int | None = None
-        self._log_fd = log_fd
+        self._log_file = log_file
         self._closed = False
         self._reset_contents()
 
@@ -70,10 +85,14 @@ class Segment:
     ) -> Segment:
         """Create an empty active segment. Raises OSError (FileExistsError if it exists)."""
         path = directory / segment_file_name(base_offset, LOG_SUFFIX)
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
-        segment = cls(directory, base_offset, fd, index_interval_bytes=index_interval_bytes)
-        segment.offset_index.write_file()  # drop any stale index file of that name
-        segment.time_index.write_file()
+        file = process_cache().open([path], os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL)
+        segment = cls(directory, base_offset, file, index_interval_bytes=index_interval_bytes)
+        try:
+            segment.offset_index.write_file()  # drop any stale index file of that name
+            segment.time_index.write_file()
+        except BaseException:
+            segment.close()
+            raise
         segment.activate()
         return segment
 
@@ -83,10 +102,17 @@ class Segment:
     ) -> Segment:
         """Create (replacing any leftover) `<base>.log.cleaned`, where a compaction writes the
         new content of the segment at `base_offset`. Its index files are written with
-        `write_index_files(CLEANED_SUFFIX)`. Raises OSError."""
-        path = directory / (segment_file_name(base_offset, LOG_SUFFIX) + CLEANED_SUFFIX)
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o644)
-        return cls(directory, base_offset, fd, index_interval_bytes=index_interval_bytes)
+        `write_index_files(CLEANED_SUFFIX)`. The log file keeps its identity through the
+        renames that install it (`.swap`, then the segment's own name): a reopen of an
+        evicted descriptor finds it under either. Raises OSError."""
+        log_path = directory / segment_file_name(base_offset, LOG_SUFFIX)
+        paths = [
+            log_path.with_name(log_path.name + CLEANED_SUFFIX),
+            log_path.with_name(log_path.name + SWAP_SUFFIX),
+            log_path,
+        ]
+        file = process_cache().open(paths, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC)
+        return cls(directory, base_offset, file, index_interval_bytes=index_interval_bytes)
 
     @classmethod
     def open_existing(
@@ -94,9 +120,14 @@ class Segment:
     ) -> Segment:
         """Open a segment's log file; call `load_indexes` or `recover` next. Raises OSError."""
         path = directory / segment_file_name(base_offset, LOG_SUFFIX)
-        fd = os.open(path, os.O_RDWR | os.O_APPEND)
-        segment = cls(directory, base_offset, fd, index_interval_bytes=index_interval_bytes)
-        segment._size_bytes = os.fstat(fd).st_size
+        file = process_cache().open([path], os.O_RDWR | os.O_APPEND)
+        segment = cls(directory, base_offset, file, index_interval_bytes=index_interval_bytes)
+        try:
+            with file.pinned() as fd:
+                segment._size_bytes = os.fstat(fd).st_size
+        except BaseException:
+            file.close()
+            raise
         return segment
 
     def _reset_contents(self) -> None:
@@ -117,8 +148,15 @@ class Segment:
 
     @property
     def log_fd(self) -> int:
+        """The log file's descriptor, opened if needed: use it at once (see the module's
+        theory), and `os.dup` it to keep it. Raises OSError (it cannot be opened)."""
         assert not self._closed
-        return self._log_fd
+        return self._log_file.descriptor()
+
+    @property
+    def log_file(self) -> CachedFile:
+        """The log file, whose descriptor the process's cache opens on demand."""
+        return self._log_file
 
     @property
     def size_bytes(self) -> int:
@@ -157,18 +195,19 @@ class Segment:
         loaded = self.offset_index.load(self._size_bytes, entries_max) and self.time_index.load(
             entries_max
         )
-        if not loaded or not self._load_end(next_offset):
-            self._reset_contents()
-            self._size_bytes = os.fstat(self._log_fd).st_size
-            return False
+        with self._log_file.pinned() as fd:
+            if not loaded or not self._load_end(fd, next_offset):
+                self._reset_contents()
+                self._size_bytes = os.fstat(fd).st_size
+                return False
         return True
 
-    def _load_end(self, next_offset: int | None) -> bool:
+    def _load_end(self, fd: int, next_offset: int | None) -> bool:
         """Find the end offset and largest timestamp; return False on any inconsistency."""
         last_entry = self.offset_index.last_entry()
         entry_offset, entry_position = last_entry or (self.base_offset, 0)
         if next_offset is None:
-            if not self._check_tail(entry_offset, entry_position):
+            if not self._check_tail(fd, entry_offset, entry_position):
                 return False
         elif self._size_bytes == 0:
             # A closed segment that compaction emptied: it has no index entry at all.
@@ -179,7 +218,7 @@ class Segment:
         elif not self.time_index:
             return False  # `finalize` gave the time index an entry for the last batch
         elif not self._batch_starts_at(
-            entry_position, None if last_entry is None else entry_offset, next_offset
+            fd, entry_position, None if last_entry is None else entry_offset, next_offset
         ):
             return False
         else:
@@ -191,25 +230,27 @@ class Segment:
             self._max_timestamp = max(self._max_timestamp, self.time_index.last_timestamp)
         return entry_offset < self._next_offset or self._size_bytes == 0
 
-    def _batch_starts_at(self, position: int, offset: int | None, next_offset: int) -> bool:
+    def _batch_starts_at(
+        self, fd: int, position: int, offset: int | None, next_offset: int
+    ) -> bool:
         """True if a batch starts at `position` with base offset `offset` (an index entry's),
         or, for `offset` None (no index entry), if the first batch's base offset lies in
         [base offset, next_offset): compaction may have removed the first records."""
         try:
-            base_offset = read_header(self._log_fd, position).base_offset
+            base_offset = read_header(fd, position).base_offset
         except StorageError:
             return False
         if offset is not None:
             return base_offset == offset
         return self.base_offset <= base_offset < next_offset
 
-    def _check_tail(self, first_offset: int, start: int) -> bool:
+    def _check_tail(self, fd: int, first_offset: int, start: int) -> bool:
         """Check and track the batches from the last index entry to the end of the file."""
         file_size = self._size_bytes
         self._size_bytes = start
         self._next_offset = first_offset
         scanner = ValidatingScanner(
-            self._log_fd,
+            fd,
             start=start,
             end=file_size,
             first_offset=first_offset,
@@ -225,10 +266,14 @@ class Segment:
 
         Returns the number of bytes removed. Raises OSError. Blocking.
         """
-        file_size = os.fstat(self._log_fd).st_size
+        with self._log_file.pinned() as fd:
+            return self._recover(fd, chunk_bytes)
+
+    def _recover(self, fd: int, chunk_bytes: int) -> int:
+        file_size = os.fstat(fd).st_size
         self._reset_contents()
         scanner = ValidatingScanner(
-            self._log_fd,
+            fd,
             start=0,
             end=file_size,
             first_offset=self.base_offset,
@@ -249,8 +294,9 @@ class Segment:
                 removed,
                 scanner.stop_reason or "unexpected end of file",
             )
-            os.ftruncate(self._log_fd, scanner.valid_end)
-            os.fsync(self._log_fd)
+            self._log_file.mark_written()
+            os.ftruncate(fd, scanner.valid_end)
+            os.fsync(fd)
         self._size_bytes = scanner.valid_end
         self.write_index_files()
         return removed
@@ -265,7 +311,13 @@ class Segment:
         assert 0 <= position <= self._size_bytes
         self.offset_index.file.close()
         self.time_index.file.close()
-        os.ftruncate(self._log_fd, position)
+        with self._log_file.pinned() as fd:
+            self._log_file.mark_written()
+            os.ftruncate(fd, position)
+            self._truncate_indexes(fd, position, offset)
+        self.write_index_files(sync=True)
+
+    def _truncate_indexes(self, fd: int, position: int, offset: int) -> None:
         self.offset_index.truncate_to(offset)
         self.time_index.truncate_to(offset)
         start_offset, start = self.offset_index.last_entry() or (self.base_offset, 0)
@@ -273,11 +325,10 @@ class Segment:
         self._max_timestamp = self.time_index.last_timestamp or NO_TIMESTAMP
         self._last_batch_offset = None
         self._bytes_since_index_entry = 0
-        if not self._check_tail(start_offset, start):
+        if not self._check_tail(fd, start_offset, start):
             raise StorageError(f"{self.log_path} is damaged before byte {position}")
         if self._size_bytes == 0:
             self.rolling_baseline_ms = None
-        self.write_index_files(sync=True)
 
     def write_index_files(self, suffix: str = "", *, sync: bool = False) -> None:
         """Write both index files from memory, to their names plus `suffix`, and fsync them
@@ -289,12 +340,13 @@ class Segment:
         """The max_timestamp of the first batch, or None while empty. Raises StorageError."""
         if self._size_bytes == 0:
             return None
-        return read_header(self._log_fd, 0).max_timestamp
+        with self._log_file.pinned() as fd:
+            return read_header(fd, 0).max_timestamp
 
     # Appending.
 
     def activate(self) -> None:
-        """Open the index files for appending: this segment becomes the active one."""
+        """Start appending to the index files: this segment becomes the active one."""
         self.offset_index.file.open_for_append()
         self.time_index.file.open_for_append()
 
@@ -312,12 +364,18 @@ class Segment:
 
     def _write_log(self, data: memoryview) -> None:
         start = self._size_bytes
-        try:
-            while data:
-                data = data[os.write(self._log_fd, data) :]
-        except OSError as error:
-            os.ftruncate(self._log_fd, start)  # an OSError here leaves the segment torn
-            raise StorageError(f"cannot write to {self.log_path}: {error}") from error
+        with contextlib.ExitStack() as stack:
+            try:
+                fd = stack.enter_context(self._log_file.pinned())
+            except OSError as error:  # nothing written: the segment is as it was
+                raise StorageError(f"cannot open {self.log_path}: {error}") from error
+            self._log_file.mark_written()
+            try:
+                while data:
+                    data = data[os.write(fd, data) :]
+            except OSError as error:
+                os.ftruncate(fd, start)  # an OSError here leaves the segment torn
+                raise StorageError(f"cannot write to {self.log_path}: {error}") from error
 
     def _track_batch(self, position: int, header: BatchHeader) -> None:
         """Account for a batch now in the file at `position`, adding index entries."""
@@ -338,12 +396,12 @@ class Segment:
             self.time_index.append(timestamp, offset)
 
     def finalize(self) -> None:
-        """Stop being active: record the largest timestamp in the time index, close the index
-        files. Raises OSError."""
+        """Stop being active: record the largest timestamp in the time index, write out the
+        index entries not yet in their files. Raises OSError."""
         if self._last_batch_offset is not None:
             self._index_time(self._max_timestamp, self._last_batch_offset)
-        self.offset_index.file.close()
-        self.time_index.file.close()
+        self.offset_index.file.finish()
+        self.time_index.file.finish()
 
     # Lookups.
 
@@ -357,18 +415,20 @@ class Segment:
         `offset` or, when `offset` lies in a gap, following it; None if there is none.
         Raises StorageError if the file is inconsistent."""
         _, start = self.offset_index.lookup(offset)
-        for position, header in iterate_headers(self._log_fd, start, end_position):
-            if header.last_offset >= offset:
-                return position, header
+        with self._log_file.pinned() as fd:
+            for position, header in iterate_headers(fd, start, end_position):
+                if header.last_offset >= offset:
+                    return position, header
         return None
 
     def find_timestamp(self, timestamp: int, end_position: int) -> BatchHeader | None:
         """Return the header of the first batch below `end_position` whose max_timestamp is
         >= `timestamp`, or None. Raises StorageError if the file is inconsistent."""
         _, position = self.offset_index.lookup(self.time_index.lookup(timestamp))
-        for _, header in iterate_headers(self._log_fd, position, end_position):
-            if header.max_timestamp >= timestamp:
-                return header
+        with self._log_file.pinned() as fd:
+            for _, header in iterate_headers(fd, position, end_position):
+                if header.max_timestamp >= timestamp:
+                    return header
         return None
 
     # Durability and removal.
@@ -379,12 +439,14 @@ class Segment:
         self.time_index.file.fsync()
 
     def close(self) -> None:
-        """Close every file descriptor; the segment can no longer be used."""
+        """Close the log file's descriptor (if the cache holds one) and stop appending to the
+        index files (entries not yet written are dropped: `finalize` first to keep them);
+        the segment can no longer be used."""
         if not self._closed:
             self._closed = True
             self.offset_index.file.close()
             self.time_index.file.close()
-            os.close(self._log_fd)
+            self._log_file.close()
 
     def rename_to_deleted(self) -> list[pathlib.Path]:
         """Close the segment and rename its files with the `.deleted` suffix, so that a crash
