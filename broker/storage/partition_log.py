@@ -48,6 +48,16 @@ ends below its leader's log start replaces it with an empty log starting there
 files is made crash-safe by an intent file written first (`truncate-fully-and-start-at`,
 holding the offset): loading finds it and completes the change.
 
+Idempotent producers. The log keeps the state of its idempotent producers
+(`producer_state.ProducerStateTable`): a leader's append is judged by it before anything is
+written (a duplicate writes nothing and answers the original offsets), and every written
+batch, a follower's too, updates it. It is snapshotted to `{offset:020d}.snapshot` (holding
+the state of the batches below that offset, CRC-checked) at each roll and at a clean close,
+the last 3 kept; loading and `truncate_to` rebuild it from the latest snapshot at or below the
+log end and the batch headers after it (see `log_loader`), `truncate_fully_and_start_at`
+clears it, retention drops the deleted batches from it, and compaction never rewrites a
+producer's last batch (see `log_cleaner`).
+
 All state changes happen in synchronous code in the trio thread; worker threads only run
 blocking system calls on duplicated file descriptors (or on files they create themselves),
 so closing or deleting a segment meanwhile cannot pull a descriptor from under them.

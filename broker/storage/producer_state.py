@@ -30,12 +30,13 @@ follower copying its leader's batches, and a log loading or truncating, call `re
 every batch without any check, so a follower that becomes leader judges retries exactly as
 the leader before it would have.
 
-Memory is bounded: per producer an epoch and at most 5 batch records; producers are removed
-by `expire` when their last batch's max timestamp is `expiration_ms` old (Kafka's
-producer.id.expiration.ms, a day by default), and at most `producers_max` are kept - a new
-one beyond that evicts the least recently written producer, which then counts as unknown
-(a retry of its in-flight batches could be written twice: exactness traded for memory when
-a partition sees that many producers within the expiration time).
+Memory is bounded: per producer an epoch and at most 5 batch records (about 1.4 KB with 5
+of them, 171 bytes in a snapshot); producers are removed by `expire` when their last batch's
+max timestamp is `expiration_ms` old (Kafka's producer.id.expiration.ms, a day by default),
+and at most `producers_max` are kept - a new one beyond that evicts the least recently
+written producer, which then counts as unknown (a retry of its in-flight batches could be
+written twice: exactness traded for memory when a partition sees that many producers within
+the expiration time).
 
 The table is a pure object: no I/O, no clock. `snapshot_bytes` and `parse_snapshot` turn it
 into bytes and back (the log writes them to `{offset:020d}.snapshot` files), with a CRC-32C
