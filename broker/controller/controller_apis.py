@@ -245,15 +245,16 @@ class ControllerApis:
         """The NewTopic of a CreateTopics entry; raises DwalError for a bad config.
 
         Replication factor -1 takes the broker's default_replication_factor, or, when that is
-        not set, min(3, unfenced brokers) (Kafka's advice: 3 where there are 3). A topic with
+        not set, min(3, unfenced brokers not being decommissioned) (Kafka's advice: 3 where
+        there are 3). A topic with
         3 or more replicas gets min.insync.replicas=2 unless the request sets it, so that
         acks=all survives one broker down and still means two copies."""
         configs = dict(entry["configs"])
         factor = entry["replication_factor"]
         if factor == -1:
-            factor = self.default_replication_factor or min(
-                3, max(len(self.controller.image.unfenced_broker_ids()), 1)
-            )
+            image = self.controller.image
+            available = [b for b in image.unfenced_broker_ids() if b not in image.decommissioned]
+            factor = self.default_replication_factor or min(3, max(len(available), 1))
         if (
             factor >= 3
             and "min.insync.replicas" not in configs

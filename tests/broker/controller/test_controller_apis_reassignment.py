@@ -166,6 +166,19 @@ async def test_decommission_moves_every_partition_and_describe_cluster_shows_it(
     assert back["partitions_not_moving"] == 0
 
 
+async def test_the_default_replication_factor_counts_out_decommissioned_brokers(
+    nursery, autojump_clock
+):
+    apis = await active_apis(nursery)
+    await add_brokers(apis, 1, 2, 3)
+    await call(apis, ApiKey.DECOMMISSION_BROKER, {"broker_id": 3})
+    body = {"topics": [{"topic": "d", "partitions": 2, "replication_factor": -1}]}
+    reply = await call(apis, ApiKey.CREATE_TOPICS, body)
+    assert reply["topics"][0]["error_code"] == 0
+    partitions = apis.controller.image.topics["d"].partitions
+    assert all(sorted(p.replicas) == [1, 2] for p in partitions)
+
+
 async def test_decommission_is_refused_when_the_others_cannot_hold_the_replicas(
     nursery, autojump_clock
 ):
