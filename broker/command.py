@@ -11,7 +11,9 @@ or damaged).
 from __future__ import annotations
 
 import argparse
+import logging
 import pathlib
+import resource
 import signal
 import sys
 from typing import Sequence
@@ -20,9 +22,14 @@ import trio
 
 from broker.config import BrokerConfig, ConfigError, build_config, load_toml
 from broker.data_dir_lock import DataDirError
-from broker.event_log import configure
+from broker.event_log import configure, log_event
 from broker.node import run_broker
 from broker.storage import StorageError
+from broker.storage.file_descriptor_cache import (
+    RESERVED_DESCRIPTORS_MIN,
+    capacity_for_limit,
+    process_cache,
+)
 from protocol import DwalError
 
 
@@ -119,8 +126,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure(config.log_level)
     try:
+        open_files = _size_open_files(config)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
         try:
-            trio.run(_run_until_signalled, config)
+            trio.run(_run_until_signalled, config, open_files)
         except BaseExceptionGroup as group:
             raise _single_error(group) from None
     except OSError as error:  # typically: the port is in use
@@ -138,9 +150,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-async def _run_until_signalled(config: BrokerConfig) -> None:
+def _size_open_files(config: BrokerConfig) -> dict[str, int | str]:
+    """Raise the soft open-file limit to the hard one (as Go's runtime does), then size the
+    process's descriptor cache for segment files from it (or from open_files_cached_max).
+    Returns the figures to log once the broker started. Raises ConfigError when
+    open_files_cached_max leaves too few descriptors for everything else."""
+    soft_before, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    soft = soft_before
+    if soft_before != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # e.g. an unlimited hard limit the kernel refuses
+            pass
+    limit = soft if soft != resource.RLIM_INFINITY else 1 << 20
+    capacity = config.open_files_cached_max or capacity_for_limit(limit)
+    if capacity > limit - RESERVED_DESCRIPTORS_MIN:
+        raise ConfigError(
+            f"open_files_cached_max ({capacity}) must leave at least "
+            f"{RESERVED_DESCRIPTORS_MIN} of the open-file limit ({limit}) for sockets and "
+            "other files: raise the limit (ulimit -n) or lower the setting"
+        )
+    process_cache().set_capacity(capacity)
+    return {
+        "soft": limit,
+        "hard": hard if hard != resource.RLIM_INFINITY else "unlimited",
+        "soft_before": soft_before if soft_before != resource.RLIM_INFINITY else "unlimited",
+        "segment_files_cached_max": capacity,
+    }
+
+
+async def _run_until_signalled(config: BrokerConfig, open_files: dict[str, int | str]) -> None:
     """Run until SIGINT or SIGTERM; the first one stops the broker gracefully (it leaves
-    the cluster while still serving), a second one at once."""
+    the cluster while still serving), a second one at once. Logs `open_files` once started
+    (a start refused prints one error line and nothing else)."""
     stop = trio.Event()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
@@ -150,6 +193,9 @@ async def _run_until_signalled(config: BrokerConfig) -> None:
                 nursery.cancel_scope.cancel()  # stopped gracefully: stop listening for signals
 
             await nursery.start(run)
+            log_event(
+                logging.getLogger("dwal.broker"), logging.INFO, "open_files_limit", **open_files
+            )
             async for _ in signals:
                 if stop.is_set():
                     nursery.cancel_scope.cancel()

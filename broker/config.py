@@ -16,6 +16,7 @@ from typing import Any
 
 from broker.limits import Limits
 from broker.storage import LogConfig
+from broker.storage.file_descriptor_cache import CAPACITY_MIN
 
 
 class ConfigError(Exception):
@@ -60,6 +61,10 @@ class BrokerConfig:
     # broker's advertised address is not the one its peers use, and for fault-injection
     # tests that put a proxy on each directed link.
     peer_native_addresses: dict[int, tuple[str, int]] = field(default_factory=dict)
+    # Segment files' descriptors kept open at once (a process-wide LRU cache; more are
+    # opened on demand, closing the least recently used). None: three quarters of the
+    # open-file limit, which `dwal broker` first raises to its hard limit.
+    open_files_cached_max: int | None = None
     log_defaults: LogConfig = field(default_factory=LogConfig)
     limits: Limits = field(default_factory=Limits)
 
@@ -124,6 +129,7 @@ _SIMPLE_KEYS = {
     "broker_session_timeout_ms": int,
     "default_replication_factor": int,
     "replica_lag_time_max_ms": int,
+    "open_files_cached_max": int,
 }
 
 
@@ -309,6 +315,9 @@ def _validate(config: BrokerConfig) -> None:
     factor = config.default_replication_factor
     if factor is not None and not 1 <= factor <= 128:
         raise ConfigError("default_replication_factor must be between 1 and 128")
+    cached = config.open_files_cached_max
+    if cached is not None and cached < CAPACITY_MIN:
+        raise ConfigError(f"open_files_cached_max must be at least {CAPACITY_MIN}")
     if config.rack is not None and not 0 < len(config.rack) <= 255:
         raise ConfigError("rack must be 1 to 255 characters")
     for problem in config.limits.problems():

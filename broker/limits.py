@@ -56,6 +56,9 @@ class Limits:
     # Distinct keys one compaction of a partition maps (~150 bytes each); a log with more is
     # compacted in several passes, each up to the offset where the map filled.
     cleaner_keys_max: int = 1_000_000
+    # A segment file's cached descriptor unused this long is closed (after one to two such
+    # intervals), so idle partitions hold no descriptor; reopened on the next use.
+    open_files_idle_ms: int = 60_000
     # The cluster. An admin request (forwarded or in process) reaching the active controller
     # and, once decided, this broker's image applying the change.
     controller_request_timeout_ms: int = 30_000
@@ -110,6 +113,8 @@ class Limits:
             problems.append("limits.group_expiry_check_interval_ms must be at least 10")
         if self.recovery_point_interval_ms < 1000:
             problems.append("limits.recovery_point_interval_ms must be at least 1000")
+        if self.open_files_idle_ms < 1000:
+            problems.append("limits.open_files_idle_ms must be at least 1000")
         if self.cleaner_keys_max < 1000:
             problems.append("limits.cleaner_keys_max must be at least 1000")
         for name in (

@@ -9,9 +9,24 @@ recreated under the same name: another topic id) and of partitions reassigned aw
 broker are removed, config changes reach the open logs. `topics` mirrors every topic of the
 image (name, partition count, configs), local or not.
 
+Each image is compared with the previous one: only topics whose `TopicInfo` or config
+changed (images share unchanged ones) are looked at, so applying an image costs little more
+than its changes, however many partitions the broker holds.
+
+A partition log that cannot be created or opened is left out (its partition answers
+KAFKA_STORAGE_ERROR here), its failure kept in `failed_partitions` with a clear reason, and
+tried again with the next image. A directory created by the failed attempt is removed, so a
+creation that ran out of descriptors or disk space leaves nothing half-created; a directory
+that existed before (data) is never removed.
+
 Deletion renames a topic's directories to ``*.<id>-delete`` and removes them in a worker
 thread; leftovers of a crash are removed at the next start. Directories that no image
 claims are reported as strays, never served or removed.
+
+Open files. Segment files are opened on demand through the process's descriptor cache
+(`broker.storage.file_descriptor_cache`); `flush_due_logs` closes, every
+`limits.open_files_idle_ms`, the descriptors unused since its previous pass, so that idle
+partitions hold none.
 
 ``topics.json`` is the topic list of a single-node data directory from before the metadata
 quorum; `read_legacy_topics` reads it so that the node can adopt those topics (see
@@ -20,6 +35,7 @@ quorum; `read_legacy_topics` reads it so that the node can adopt those topics (s
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -30,18 +46,30 @@ from dataclasses import dataclass, field
 
 import trio
 
-from broker.controller.metadata_image import MetadataImage
+from broker.controller.metadata_image import EMPTY_IMAGE, MetadataImage
 from broker.controller.metadata_records import ConfigResourceType
 from broker.event_log import log_event
 from broker.wall_clock import now_ms
 from broker.limits import Limits
 from broker.storage import FsyncRunner, LogConfig, PartitionLog, StorageError
+from broker.storage.file_descriptor_cache import open_files_limit, process_cache
 from protocol import DwalError, ErrorCode
 
 logger = logging.getLogger("dwal.topics")
 
 LEGACY_TOPICS_FILE = "topics.json"
 DELETE_SUFFIX = "-delete"
+# Descriptors the registry holds in reserve (on /dev/null) and lets go of to remove what a
+# creation that ran out of descriptors made: listing a directory takes descriptors too.
+RESERVED_DESCRIPTORS = 4
+# Errors that say the machine ran out of something, not that the data is bad.
+_EXHAUSTION_ERRNOS = {
+    errno.EMFILE: "the broker has too many open files",
+    errno.ENFILE: "the system has too many open files",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.ENOMEM: "out of memory",
+}
 
 
 @dataclass(frozen=True)
@@ -62,7 +90,13 @@ class TopicRegistry:
         self.limits = limits
         self.topics: dict[str, TopicMetadata] = {}
         self.logs: dict[tuple[str, int], PartitionLog] = {}
+        # Local partitions whose log could not be opened or created, with the reason; tried
+        # again with every image.
+        self.failed_partitions: dict[tuple[str, int], str] = {}
+        self._image = EMPTY_IMAGE  # the last image applied
         self._flushed_at: dict[tuple[str, int], tuple[float, int]] = {}
+        self._idle_files_closed_at: float | None = None
+        self._reserved_descriptors: list[int] = []
         # group-commit fsyncs of every log run here once the broker starts it
         self.fsync_runner = FsyncRunner()
 
@@ -75,6 +109,7 @@ class TopicRegistry:
         registry = cls(data_dir, defaults, limits)
         data_dir.mkdir(parents=True, exist_ok=True)
         registry._remove_deleted_leftovers()
+        registry._reserve_descriptors()
         return registry
 
     def report_loaded(self) -> None:
@@ -95,20 +130,43 @@ class TopicRegistry:
         for log in self.logs.values():
             log.close()
         self.logs.clear()
+        self._release_descriptors()
+
+    def _reserve_descriptors(self) -> None:
+        while len(self._reserved_descriptors) < RESERVED_DESCRIPTORS:
+            try:
+                self._reserved_descriptors.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                return  # fewer in reserve; taken again after the next failed creation
+
+    def _release_descriptors(self) -> None:
+        for fd in self._reserved_descriptors:
+            os.close(fd)
+        self._reserved_descriptors.clear()
 
     # -- following the metadata image -----------------------------------------------------
 
     async def apply_image(self, image: MetadataImage, node_id: int) -> None:
         """Make the logs match `image`: remove removed topics' logs, open or create the logs
         of the partitions `node_id` holds a replica of, apply config changes. A log that
-        cannot be opened is reported and left out (its partition answers as unknown here);
-        the others go on."""
+        cannot be opened is reported, left out (its partition answers KAFKA_STORAGE_ERROR
+        here) and kept in `failed_partitions`; the others go on."""
+        previous = self._image
         for name, removed in list(self.topics.items()):
             gone = image.topics.get(name)
             if gone is None or gone.topic_id != removed.topic_id:
                 await self._remove_topic(name)
+        failed_topics = {name for name, _ in self.failed_partitions}
         for name, info in image.topics.items():
-            configs = dict(image.configs.get((ConfigResourceType.TOPIC, name), {}))
+            resource = (ConfigResourceType.TOPIC, name)
+            if (
+                info is previous.topics.get(name)
+                and image.configs.get(resource) is previous.configs.get(resource)
+                and name in self.topics
+                and name not in failed_topics
+            ):
+                continue  # unchanged since the previous image
+            configs = dict(image.configs.get(resource, {}))
             held = self.topics.get(name)
             local = frozenset(p.partition for p in info.partitions if node_id in p.replicas)
             if (
@@ -116,6 +174,7 @@ class TopicRegistry:
                 and held.configs == configs
                 and held.partitions == len(info.partitions)
                 and held.local_partitions == local
+                and name not in failed_topics
             ):
                 continue
             topic = TopicMetadata(name, len(info.partitions), configs, info.topic_id, local)
@@ -134,29 +193,59 @@ class TopicRegistry:
                 for partition, log in opened.items():
                     self.logs[(name, partition)] = log
             self.topics[name] = topic
+        self._image = image
 
     def _open_logs(
         self, name: str, partitions: list[int], config: LogConfig
     ) -> dict[int, PartitionLog]:
+        """Open or create each partition's log; record and report those that fail,
+        removing what a failed creation made. Blocking."""
         opened = {}
         for partition in partitions:
             directory = self.data_dir / f"{name}-{partition}"
+            existed = directory.exists()
             try:
                 opened[partition] = PartitionLog.open(
                     directory, config, now_ms=now_ms(), fsync_runner=self.fsync_runner
                 )
             except (OSError, StorageError) as error:
-                log_event(
-                    logger,
-                    logging.ERROR,
-                    "partition_open_failed",
-                    path=str(directory),
-                    error=str(error),
-                )
+                self._open_failed(name, partition, directory, existed, error)
+            else:
+                self.failed_partitions.pop((name, partition), None)
         return opened
+
+    def _open_failed(
+        self,
+        name: str,
+        partition: int,
+        directory: pathlib.Path,
+        existed: bool,
+        error: OSError | StorageError,
+    ) -> None:
+        reason = failure_reason(error)
+        removed = False
+        if not existed:  # a creation: leave nothing half-made behind
+            self._release_descriptors()  # out of descriptors, rmtree could not list it
+            try:
+                shutil.rmtree(directory, ignore_errors=True)
+            finally:
+                self._reserve_descriptors()
+            removed = not directory.exists()
+        self.failed_partitions[(name, partition)] = reason
+        log_event(
+            logger,
+            logging.ERROR,
+            "partition_create_failed" if not existed else "partition_open_failed",
+            partition=f"{name}-{partition}",
+            path=str(directory),
+            reason=reason,
+            directory_removed=removed,
+        )
 
     async def _remove_topic(self, name: str) -> None:
         topic = self.topics.pop(name)
+        for key in [key for key in self.failed_partitions if key[0] == name]:
+            del self.failed_partitions[key]
         logs = [log for p in topic.local_partitions if (log := self.logs.pop((name, p), None))]
         for log in logs:
             log.new_data_event.set()  # long-polling fetches re-check and find the topic gone
@@ -291,8 +380,11 @@ class TopicRegistry:
         """Flush logs whose periodic flush is due: every `flush.ms` under fsync=interval; and
         every `limits.recovery_point_interval_ms` under the other policies, so the recovery point
         moves on (under `never` this is the only fsync; under `always` appends are already
-        durable and this only records it) and a restart rescans little of the log."""
+        durable and this only records it) and a restart rescans little of the log. Also
+        closes the file descriptors unused for `limits.open_files_idle_ms` (see the module's
+        theory)."""
         now = trio.current_time()
+        await self._close_idle_files(now)
         for key, log in list(self.logs.items()):
             end = log.log_end_offset
             last_time, last_end = self._flushed_at.setdefault(key, (now, end))
@@ -306,6 +398,39 @@ class TopicRegistry:
             if now - last_time >= interval_s:
                 self._flushed_at[key] = (now, end)
                 await log.flush()
+
+    async def _close_idle_files(self, now: float) -> None:
+        """Every `limits.open_files_idle_ms`, close the cached descriptors unused since the
+        previous pass (so each closes after one to two intervals unused)."""
+        last = self._idle_files_closed_at
+        if last is None:
+            self._idle_files_closed_at = now
+            return
+        if now - last < self.limits.open_files_idle_ms / 1000:
+            return
+        self._idle_files_closed_at = now
+        closed = await trio.to_thread.run_sync(process_cache().close_idle)
+        if closed:
+            log_event(logger, logging.DEBUG, "idle_files_closed", descriptors=closed)
+
+
+def failure_reason(error: BaseException) -> str:
+    """Why opening or creating a log failed, in words an operator can act on: running out
+    of descriptors or disk space is named as such (with the open-file limit), anything
+    else is the error's own message."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OSError) and cause.errno in _EXHAUSTION_ERRNOS:
+        reason = _EXHAUSTION_ERRNOS[cause.errno]
+        if cause.errno in (errno.EMFILE, errno.ENFILE):
+            cache = process_cache()
+            reason += (
+                f" (open-file limit {open_files_limit()}, of which {cache.capacity} for "
+                "segment files: raise `ulimit -n` or lower open_files_cached_max)"
+            )
+        return f"{reason}: {error}"
+    return str(error)
 
 
 def read_legacy_topics(data_dir: pathlib.Path) -> dict[str, TopicMetadata] | None:
