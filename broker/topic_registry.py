@@ -95,6 +95,8 @@ class TopicRegistry:
         self.failed_partitions: dict[tuple[str, int], str] = {}
         self._image = EMPTY_IMAGE  # the last image applied
         self._flushed_at: dict[tuple[str, int], tuple[float, int]] = {}
+        self._interval_logs: set[tuple[str, int]] = set()  # under fsync=interval
+        self._full_flush_pass_at: float | None = None
         self._idle_files_closed_at: float | None = None
         self._reserved_descriptors: list[int] = []
         # group-commit fsyncs of every log run here once the broker starts it
@@ -184,6 +186,7 @@ class TopicRegistry:
                     log = self.logs.get((name, partition))
                     if log is not None:
                         log.update_config(config)
+                        self._note_fsync_policy((name, partition), config)
             moved_away = sorted(held.local_partitions - local) if held is not None else []
             if moved_away:  # reassigned to other brokers: this copy is no longer a replica
                 await self._remove_partitions(name, moved_away)
@@ -192,8 +195,13 @@ class TopicRegistry:
                 opened = await trio.to_thread.run_sync(self._open_logs, name, missing, config)
                 for partition, log in opened.items():
                     self.logs[(name, partition)] = log
+                    self._note_fsync_policy((name, partition), config)
             self.topics[name] = topic
         self._image = image
+
+    def _note_fsync_policy(self, key: tuple[str, int], config: LogConfig) -> None:
+        if config.fsync == "interval":
+            self._interval_logs.add(key)
 
     def _open_logs(
         self, name: str, partitions: list[int], config: LogConfig
@@ -247,6 +255,9 @@ class TopicRegistry:
         for key in [key for key in self.failed_partitions if key[0] == name]:
             del self.failed_partitions[key]
         logs = [log for p in topic.local_partitions if (log := self.logs.pop((name, p), None))]
+        for partition in topic.local_partitions:
+            self._flushed_at.pop((name, partition), None)
+            self._interval_logs.discard((name, partition))
         for log in logs:
             log.new_data_event.set()  # long-polling fetches re-check and find the topic gone
         await trio.to_thread.run_sync(self._remove_logs, logs)
@@ -385,7 +396,22 @@ class TopicRegistry:
         theory)."""
         now = trio.current_time()
         await self._close_idle_files(now)
-        for key, log in list(self.logs.items()):
+        # Every log under fsync=interval on each call; the others (a flush every
+        # recovery_point_interval_ms) in a pass over every log at a tenth of that interval,
+        # so that a broker of many partitions does not look at each of them every 50 ms.
+        full_pass_s = self.limits.recovery_point_interval_ms / 10_000
+        if self._full_flush_pass_at is None or now - self._full_flush_pass_at >= full_pass_s:
+            self._full_flush_pass_at = now
+            keys = list(self.logs)
+            self._interval_logs = {
+                key for key, log in self.logs.items() if log.config.fsync == "interval"
+            }
+        else:
+            keys = list(self._interval_logs)
+        for key in keys:
+            log = self.logs.get(key)
+            if log is None:
+                continue  # removed meanwhile
             end = log.log_end_offset
             last_time, last_end = self._flushed_at.setdefault(key, (now, end))
             if end == last_end and log.durable_offset >= end:

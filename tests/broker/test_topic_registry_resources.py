@@ -13,6 +13,7 @@ import resource
 
 import trio
 from test_topic_registry import (
+    config_records,
     DEFAULTS,
     EMPTY_IMAGE,
     NODE,
@@ -146,5 +147,36 @@ async def test_the_flush_pass_closes_idle_descriptors(tmp_path, autojump_clock):
         assert descriptors_on(tmp_path) == 0
         registry.log("idle", 1).append(batch(b"x"), now_ms=1)  # reopened on demand
         assert descriptors_on(tmp_path) == 1
+    finally:
+        registry.close()
+
+
+async def test_flush_passes_keep_each_policys_timing(tmp_path, autojump_clock):
+    # fsync=interval logs are looked at on every pass; the others only on a full pass, at a
+    # tenth of recovery_point_interval_ms: their flush still comes after that interval.
+    limits = Limits(recovery_point_interval_ms=1000, flush_check_interval_ms=50)
+    registry = TopicRegistry.open(tmp_path, DEFAULTS, limits)
+    image = next_image(
+        EMPTY_IMAGE,
+        topic_records("often", topic_id(1), [(NODE,)], {"flush.ms": "100"})
+        + config_records("often", {"fsync.policy": "interval"})
+        + topic_records("rarely", topic_id(2), [(NODE,)]),
+    )
+    try:
+        await registry.apply_image(image, NODE)
+        await registry.flush_due_logs()  # the first pass notes where every log is
+        often, rarely = registry.log("often", 0), registry.log("rarely", 0)
+        often.append(batch(b"x"), now_ms=1)
+        rarely.append(batch(b"y"), now_ms=1)
+        started = trio.current_time()
+        durable_at = {}
+        while len(durable_at) < 2:
+            await trio.sleep(0.05)
+            await registry.flush_due_logs()
+            for name, log in (("often", often), ("rarely", rarely)):
+                if log.durable_offset == 1:
+                    durable_at.setdefault(name, trio.current_time() - started)
+        assert 0.1 <= durable_at["often"] <= 0.2
+        assert 1.0 <= durable_at["rarely"] <= 1.2
     finally:
         registry.close()
