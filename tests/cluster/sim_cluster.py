@@ -26,8 +26,12 @@ partition from offset 0 at its leader (below the high watermark). The nemesis in
 fault at a time: crash and restart a node (a process crash, or a power loss when the
 settings' fsync policy makes that safe for the guarantee checked), crash every node at once,
 isolate a node (a random one, the active controller, or a partition leader), cut one link
-one way. Then it heals, restarts what is down, waits for every ISR to be full and every
-replica at the leader's log end, reads every log, and hands the history to
+one way; and, as an operator would, it moves a partition to other replicas (2 or 3 of the
+nodes, in a random order: a replica added, one removed, the leader leaving, the replication
+factor changing) or cancels a move, through AlterPartitionReassignments, the move going on
+under the faults that follow; the active controller also balances leaders on its own every
+few seconds. Then it heals, restarts what is down, waits for every move to complete, every
+ISR to be full and every replica at the leader's log end, reads every log, and hands the history to
 `history_checker.check` (lost, reused, phantom, regressions), plus two checks only a
 simulation can make: every replica holds the same bytes as its leader, and no reader was
 ever answered OFFSET_OUT_OF_RANGE.
@@ -90,6 +94,7 @@ TICK_SECONDS = 0.02
 ELECTION_TICKS, HEARTBEAT_TICKS = 5, 2
 SESSION_TIMEOUT_SECONDS = 3.0
 HEARTBEAT_INTERVAL_SECONDS = 0.5
+LEADER_IMBALANCE_CHECK_INTERVAL_SECONDS = 5.0  # the real default is 300 s
 REPLICA_LAG_TIME_MAX_MS = 3_000
 FLUSH_INTERVAL_SECONDS = 10.0  # the background fsync (the real broker's is 60 s)
 RETENTION_INTERVAL_SECONDS = 2.0
@@ -302,6 +307,10 @@ class SimRegistry:
             return
         for state in info.partitions:
             tp = (TOPIC, state.partition)
+            if self.node_id not in state.replicas and tp in self.logs:
+                # Moved away from this node: its copy is deleted, as TopicRegistry does.
+                self.logs.pop(tp).close()
+                continue
             if self.node_id not in state.replicas or tp in self.logs:
                 continue
             name = f"{TOPIC}-{state.partition}@{self.node_id}"
@@ -362,6 +371,7 @@ class SimCluster:
         voters = Configuration(voters=frozenset(NODES))
         self.nodes = {n: SimNode(n, MemoryStorage(voters)) for n in NODES}
         self.log_lines: collections.deque[str] = collections.deque(maxlen=STORY_LINES_MAX)
+        self.moves = 0  # reassignments the operator asked for
 
     def note(self, text: str, node: int = 0) -> None:
         where = f"[{node}] " if node else ""
@@ -398,6 +408,7 @@ class SimCluster:
                 heartbeat_interval_seconds=HEARTBEAT_INTERVAL_SECONDS,
                 snapshot_interval_entries=200,
                 cluster_id="sim",
+                leader_imbalance_check_interval_seconds=LEADER_IMBALANCE_CHECK_INTERVAL_SECONDS,
             ),
             random_source=rng,
         )
@@ -540,7 +551,7 @@ class SimCluster:
             image = None if active is None else self.nodes[active].image
             if image is not None and TOPIC in image.topics:
                 parts = tuple(
-                    (p.partition, p.leader, p.leader_epoch, p.isr)
+                    (p.partition, p.leader, p.leader_epoch, p.isr, p.replicas, p.adding_replicas)
                     for p in image.topics[TOPIC].partitions
                 )
                 fenced = tuple(sorted(b for b, info in image.brokers.items() if info.fenced))
@@ -548,7 +559,9 @@ class SimCluster:
                     last = (parts, fenced)
                     shown = " ".join(
                         f"p{p}:L{leader}e{epoch}isr{','.join(map(str, isr))}"
-                        for p, leader, epoch, isr in parts
+                        f"r{','.join(map(str, replicas))}"
+                        + (f"+{','.join(map(str, adding))}" if adding else "")
+                        for p, leader, epoch, isr, replicas, adding in parts
                     )
                     self.note(f"controller {active}: {shown} fenced={list(fenced)}")
             await trio.sleep(0.05)
@@ -609,8 +622,9 @@ class SimCluster:
             await trio.sleep(0.1)
 
     def converged(self) -> bool:
-        """Every partition led, its ISR all three nodes, every replica at the leader's log
-        end and the leader's high watermark there too, on every node's published image."""
+        """Every partition led, not being moved, its ISR all its replicas, every replica at
+        the leader's log end and the leader's high watermark there too, the same on every
+        node's published image, and no copy left on a node that is no replica."""
         if len(self.up_nodes()) != len(NODES):
             return False
         for partition in range(self.settings.partitions):
@@ -620,11 +634,17 @@ class SimCluster:
                 state = None if image is None else image.partition(TOPIC, partition)
                 if state is None:
                     return False
-                states.append((state.leader, state.leader_epoch, state.isr))
-            leader, _, isr = states[0]
-            if len(set(states)) != 1 or leader == NO_LEADER or set(isr) != set(NODES):
+                states.append((state.leader, state.leader_epoch, state.isr, state.replicas))
+            leader, _, isr, replicas = states[0]
+            if len(set(states)) != 1 or leader == NO_LEADER or set(isr) != set(replicas):
                 return False
-            logs = [node.registry.logs.get((TOPIC, partition)) for node in self.nodes.values()]
+            if any(
+                (TOPIC, partition) in node.registry.logs
+                for node in self.nodes.values()
+                if node.registry is not None and node.node_id not in replicas
+            ):
+                return False
+            logs = [self.nodes[r].registry.logs.get((TOPIC, partition)) for r in replicas]
             if any(log is None for log in logs):
                 return False
             ends = {log.log_end_offset for log in logs if log is not None}
@@ -649,7 +669,11 @@ class SimCluster:
                 shown = (
                     "-"
                     if state is None
-                    else (f"L{state.leader}e{state.leader_epoch}isr{','.join(map(str, state.isr))}")
+                    else (
+                        f"L{state.leader}e{state.leader_epoch}isr{','.join(map(str, state.isr))}"
+                        f"r{','.join(map(str, state.replicas))}"
+                        f"+{','.join(map(str, state.adding_replicas))}"
+                    )
                 )
                 parts.append(f"p{partition}:{shown}:{where}")
             lines.append(
@@ -668,10 +692,9 @@ class SimCluster:
         starts: dict[int, int] = {}
         diverged: list[str] = []
         for partition in range(self.settings.partitions):
-            logs = {
-                node.node_id: node.registry.logs[(TOPIC, partition)] for node in self.nodes.values()
-            }
-            leader = self.nodes[1].image.partition(TOPIC, partition).leader
+            state = self.nodes[1].image.partition(TOPIC, partition)
+            leader = state.leader
+            logs = {r: self.nodes[r].registry.logs[(TOPIC, partition)] for r in state.replicas}
             starts[partition] = logs[leader].log_start_offset
             final[partition] = {r.offset: r.value for r in decode_records(read_all(logs[leader]))}
             common = max(log.log_start_offset for log in logs.values())
@@ -942,6 +965,59 @@ async def nemesis(cluster: SimCluster, until: float) -> int:
     return faults
 
 
+OPERATOR_CLIENT = 300
+MOVE_GAP_S = (1.0, 4.0)
+
+
+async def operate(cluster: SimCluster, stop: trio.Event) -> None:
+    """An operator moving partitions while the nemesis strikes, until `stop`: every few
+    seconds, a random partition to 2 or 3 of the nodes in a random order, or (one time in
+    four, when a move is in progress) a cancel of a move; sent as `dwal topic reassign` does,
+    to a random node, which forwards it to the active controller. A refusal or no answer (a
+    fault) is noted, not retried."""
+    rng = random.Random(f"{cluster.seed}:operator")
+    while not stop.is_set():
+        await trio.sleep(rng.uniform(*MOVE_GAP_S))
+        active = cluster.active_controller()
+        image = None if active is None else cluster.nodes[active].image
+        info = None if image is None else image.topics.get(TOPIC)
+        moving = [] if info is None else [p.partition for p in info.partitions if p.reassigning]
+        if moving and rng.random() < 0.25:
+            partition, target = rng.choice(moving), None
+        else:
+            partition = rng.randrange(cluster.settings.partitions)
+            target = rng.sample(NODES, rng.choice([2, 3]))
+        await reassign(cluster, rng, partition, target)
+        cluster.moves += 1
+
+
+async def reassign(
+    cluster: SimCluster, rng: random.Random, partition: int, target: list[int] | None
+) -> None:
+    """AlterPartitionReassignments of one partition through a random node."""
+    entry = {"partition": partition, "replicas": target}
+    body = {"topics": [{"topic": TOPIC, "partitions": [entry]}]}
+
+    async def forward(node: SimNode) -> dict[str, Any]:
+        assert node.channel is not None
+        return await node.channel.call(
+            ApiKey.ALTER_PARTITION_REASSIGNMENTS, body, timeout_seconds=5.0
+        )
+
+    via = rng.choice(NODES)
+    outcome = "no answer"
+    with trio.move_on_after(6.0):
+        try:
+            reply = await cluster.net.call(OPERATOR_CLIENT, via, forward)
+            outcome = ErrorCode(reply["topics"][0]["partitions"][0]["error_code"]).name
+        except DwalError as error:
+            outcome = error.code.name
+        except Unanswered:
+            outcome = "node down"
+    what = "cancel the move of" if target is None else f"move to {target}"
+    cluster.note(f"operator via {via}: {what} partition {partition}: {outcome}")
+
+
 def _pick(cluster: SimCluster, rng: random.Random) -> int:
     """A random node, the active controller, or the leader of a random partition."""
     choice = rng.random()
@@ -1047,6 +1123,7 @@ async def simulate(seed: int, settings: SimSettings) -> SimResult:
                 clients.start_soon(workload.write, writer)
             for reader in range(settings.readers):
                 clients.start_soon(workload.read, reader)
+            clients.start_soon(operate, cluster, workload.stop)
             faults = await nemesis(cluster, trio.current_time() + settings.duration_s)
             cluster.network.heal()
             for node_id in NODES:
