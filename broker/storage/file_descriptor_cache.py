@@ -16,7 +16,8 @@ Eviction is the only thing that closes a descriptor behind its owner's back, so 
 holds are all the safety callers need; a descriptor that leaves the storage layer (a zero-copy
 send) is an `os.dup` copy, which closing the cached one cannot close. Those copies still
 count against the process's limit: `borrow` and `give_back` account for them (`FetchSlice`
-does), and the cache keeps fewer descriptors while many are out.
+does), the cache keeps fewer descriptors while many are out, and `may_borrow` says when a
+fetch answer should stop collecting more.
 
 Durability. Eviction closes a descriptor without fsyncing it, so that making room never
 waits for the disk (opens happen on the event loop). Nothing is lost: on Linux an fsync
@@ -101,9 +102,9 @@ class CachedFile:
         "paths",
     )
 
-    def __init__(self, cache: FileDescriptorCache, paths: tuple[pathlib.Path, ...], flags: int):
+    def __init__(self, cache: FileDescriptorCache, paths: tuple[str, ...], flags: int):
         self._cache = cache
-        self.paths = paths
+        self.paths = paths  # str, not Path: one per segment, a Path costs several times more
         self._flags = flags & ~_REOPEN_FLAGS_CLEARED
         self._fd = -1
         self._pins = 0  # pinned blocks
@@ -209,7 +210,7 @@ class FileDescriptorCache:
         """Open `paths[0]` with `flags` now (O_CREAT, O_EXCL and O_TRUNC apply to this first
         open only) and cache its descriptor; later reopens try each of `paths` in turn.
         Raises OSError (FileExistsError, FileNotFoundError, EMFILE...). Blocking."""
-        file = CachedFile(self, tuple(paths), flags)
+        file = CachedFile(self, tuple(os.fspath(path) for path in paths), flags)
         with self._lock:
             self._opening += 1
             victims = self._detach_victims(room=0)
@@ -228,7 +229,7 @@ class FileDescriptorCache:
             self._open_files[file] = None
         return file
 
-    def open_transient(self, path: pathlib.Path, flags: int, mode: int = 0o644) -> int:
+    def open_transient(self, path: str | pathlib.Path, flags: int, mode: int = 0o644) -> int:
         """`os.open`, making room in the cache first if the process is out of descriptors;
         the caller closes the descriptor (a short-lived one, outside the cache)."""
         return self._open_with_retry(path, flags, mode)
@@ -240,6 +241,13 @@ class FileDescriptorCache:
             self._borrowed += 1
             victims = self._detach_victims(room=0)
         self._close_victims(victims)
+
+    def may_borrow(self) -> bool:
+        """True while fewer than half the capacity is borrowed: a fetch answer collecting
+        slices of many partitions stops adding more when False (the next fetch reads on),
+        so that one answer cannot take every descriptor the process has."""
+        with self._lock:
+            return self._borrowed < self._capacity // 2
 
     def give_back(self) -> None:
         with self._lock:
@@ -418,7 +426,7 @@ class FileDescriptorCache:
             errno.ENOENT, "the file is gone (deleted or replaced)", str(file.paths[0])
         )
 
-    def _open_with_retry(self, path: pathlib.Path, flags: int, mode: int) -> int:
+    def _open_with_retry(self, path: str | pathlib.Path, flags: int, mode: int) -> int:
         try:
             return os.open(path, flags, mode)
         except OSError as error:

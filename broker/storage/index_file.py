@@ -29,10 +29,14 @@ class IndexFile:
     `finish` (or `close`)."""
 
     def __init__(self, path: pathlib.Path, entry: struct.Struct) -> None:
-        self.path = path
+        self._path = os.fspath(path)  # a str: a Path costs several times its memory
         self._entry = entry
         self._appending = False
         self._buffer = bytearray()  # appended entries not yet in the file
+
+    @property
+    def path(self) -> pathlib.Path:
+        return pathlib.Path(self._path)
 
     @property
     def is_open(self) -> bool:
@@ -62,7 +66,7 @@ class IndexFile:
         if not self._buffer:
             return
         fd = process_cache().open_transient(
-            self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644
+            self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644
         )
         try:
             _write_all(fd, self._buffer)
@@ -104,7 +108,7 @@ class IndexFile:
     def fsync(self) -> None:
         """Make the file durable; a file already renamed away is skipped. Blocking."""
         try:
-            fd = process_cache().open_transient(self.path, os.O_RDONLY)
+            fd = process_cache().open_transient(self._path, os.O_RDONLY)
         except FileNotFoundError:
             return
         try:

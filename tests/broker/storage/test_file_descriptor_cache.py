@@ -195,8 +195,12 @@ def test_borrowed_copies_leave_less_room(cache, tmp_path):
     for _ in range(3):
         cache.borrow()
     assert cache.statistics().open == CAPACITY - 3
-    for _ in range(3):
+    assert cache.may_borrow()
+    cache.borrow()
+    assert not cache.may_borrow()  # half the capacity is out
+    for _ in range(4):
         cache.give_back()
+    assert cache.may_borrow()
     (tmp_path / "others").mkdir()
     make_files(cache, tmp_path / "others", CAPACITY)
     assert cache.statistics().open == CAPACITY
