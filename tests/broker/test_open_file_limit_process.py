@@ -1,7 +1,7 @@
 """A real broker process whose open-file limit is 256 (soft and hard, so the start cannot
 raise it) hosts 400 partitions, far more than the 85 it could when each partition kept three
 files open, and serves produce and fetch on every one of them, restarted too, with its
-descriptors within the limit."""
+descriptors within the limit. A soft limit below the hard one is raised to it at start."""
 
 from __future__ import annotations
 
@@ -23,8 +23,11 @@ TOPICS, PARTITIONS = 4, 100
 STARTED = b"event=broker_started "
 
 
-def limit_open_files() -> None:  # runs in the child, before exec
-    resource.setrlimit(resource.RLIMIT_NOFILE, (OPEN_FILES_MAX, OPEN_FILES_MAX))
+def open_files_limiter(soft: int, hard: int):
+    def limit_open_files() -> None:  # runs in the child, before exec
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    return limit_open_files
 
 
 class LimitedBroker:
@@ -35,8 +38,17 @@ class LimitedBroker:
         self.data_dir = data_dir
         self.processes: list[trio.Process] = []
         self.output = bytearray()
+        self._output_grew = trio.Event()
 
-    async def start(self) -> tuple[trio.Process, str]:
+    async def wait_for_output(self, text: bytes) -> None:
+        """Return once every process's output so far contains `text` (at most 10 s)."""
+        with trio.fail_after(10):
+            while text not in self.output:
+                await self._output_grew.wait()
+
+    async def start(
+        self, soft: int = OPEN_FILES_MAX, hard: int = OPEN_FILES_MAX
+    ) -> tuple[trio.Process, str]:
         process = await trio.lowlevel.open_process(
             [sys.executable, "-m", "client.cli", "broker", "--port", "0", "--http-port", "-1"]
             + ["--data-dir", str(self.data_dir), "--fsync", "never"],
@@ -44,7 +56,7 @@ class LimitedBroker:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             cwd=REPO,
-            preexec_fn=limit_open_files,
+            preexec_fn=open_files_limiter(soft, hard),
         )
         self.processes.append(process)
         started = trio.Event()
@@ -56,6 +68,8 @@ class LimitedBroker:
             while chunk := await process.stderr.receive_some(65536):
                 output.extend(chunk)
                 self.output += chunk
+                self._output_grew.set()
+                self._output_grew = trio.Event()
                 if not started.is_set() and STARTED in output:
                     line = output[output.index(STARTED) :].split(b"\n")[0]
                     port.append(int(line.split(b" port=")[1].split(b" ")[0]))
@@ -134,4 +148,14 @@ async def test_a_broker_under_ulimit_256_serves_400_partitions(limited_broker):
         assert found[tp] == [f"first-{tp}".encode(), f"second-{tp}".encode()], tp
     assert open_descriptors(process.pid) <= OPEN_FILES_MAX
     assert b"Too many open files" not in limited_broker.output
-    assert b"open_files_limit soft=256 hard=256" in limited_broker.output
+    await limited_broker.wait_for_output(b"event=open_files_limit soft=256 hard=256 ")
+
+
+async def test_the_soft_limit_is_raised_to_the_hard_one(limited_broker):
+    process, _ = await limited_broker.start(soft=128, hard=OPEN_FILES_MAX)
+    with open(f"/proc/{process.pid}/limits") as limits:
+        [line] = [line for line in limits if line.startswith("Max open files")]
+    assert line.split()[3:5] == [str(OPEN_FILES_MAX), str(OPEN_FILES_MAX)]
+    await limited_broker.wait_for_output(
+        b"event=open_files_limit soft=256 hard=256 soft_before=128 segment_files_cached_max=192"
+    )
