@@ -15,7 +15,9 @@ checker compares them:
 - regressions: an offset series that went back;
 - max_unavailable_s: the longest time with no acknowledged write (from the start of the
   workload to its end);
-- dup: values stored more than once at the end (allowed: no idempotent producer yet).
+- dup: values stored more than once at the end. A failure when the writers were idempotent
+  producers (`History.exactly_once`): a retried batch must then be stored once. Without
+  idempotence a resend of an unknown outcome may store it twice, and dup is only reported.
 
 Values are unique per send (``w<writer>-<n>``), so a value names one write.
 """
@@ -62,6 +64,7 @@ class History:
     failed: list[bytes] = field(default_factory=list)  # refused: not stored
     consumed: list[Consumed] = field(default_factory=list)
     offsets: list[OffsetSample] = field(default_factory=list)  # in the order recorded
+    exactly_once: bool = False  # the writers were idempotent: a duplicate is a failure
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,9 +77,12 @@ class Verdict:
     regressions: tuple[str, ...]
     duplicates: int
     max_unavailable_s: float
+    exactly_once: bool = False
 
     @property
     def ok(self) -> bool:
+        if self.exactly_once and self.duplicates:
+            return False
         return not (self.lost or self.reused or self.phantom or self.regressions)
 
     def line(self, seed: int) -> str:
@@ -93,6 +99,8 @@ class Verdict:
         for name in ("lost", "reused", "phantom", "regressions"):
             for finding in getattr(self, name)[:limit]:
                 lines.append(f"{name}: {finding}")
+        if self.exactly_once and self.duplicates:
+            lines.append(f"dup: {self.duplicates} values stored twice by idempotent writers")
         return "\n".join(lines)
 
 
@@ -111,6 +119,7 @@ def check(history: History, final: FinalLogs) -> Verdict:
         regressions=_regressions(history),
         duplicates=_duplicates(final),
         max_unavailable_s=_max_unavailable_s(history),
+        exactly_once=history.exactly_once,
     )
 
 

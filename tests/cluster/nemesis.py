@@ -79,7 +79,8 @@ class Run:
     launcher: ClusterLauncher
     rng: random.Random
     log: Callable[[str], None]
-    history: History = field(default_factory=History)
+    # the writers are idempotent producers: a value stored twice fails the run
+    history: History = field(default_factory=lambda: History(exactly_once=True))
     started: float = 0.0
     writing: bool = True
     reading: bool = True
@@ -112,6 +113,7 @@ async def _writer(run: Run, writer: int) -> None:
                 async with client.Producer(
                     c,
                     acks="all",
+                    enable_idempotence=True,
                     request_timeout_ms=REQUEST_TIMEOUT_MS,
                     delivery_timeout_ms=DELIVERY_TIMEOUT_MS,
                 ) as producer:

@@ -55,6 +55,16 @@ def test_a_clean_history_passes_and_duplicates_only_count():
     )
 
 
+def test_a_duplicate_fails_a_history_of_idempotent_writers():
+    history, final = clean_history()
+    history.exactly_once = True
+    verdict = check(history, final)
+    assert not verdict.ok and verdict.duplicates == 1
+    assert "dup: 1 values stored twice" in verdict.details()
+    del final[0][2]  # without the second copy of w0-1
+    assert check(history, final).ok
+
+
 def test_an_acknowledged_record_missing_at_the_end_is_lost():
     history, final = clean_history()
     del final[1][1]
