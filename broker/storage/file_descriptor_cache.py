@@ -11,7 +11,9 @@ Holding a descriptor. `with file.pinned() as fd:` holds it for the block, howeve
 lasts (a blocking scan in a worker thread): a pinned descriptor is never evicted. Callers
 that use the int at once (one `os.dup`, one read, one `fdatasync`) take `file.descriptor()`:
 the descriptor is leased to the calling thread and stays open until that thread leases
-another file's descriptor, or the file is closed; each thread holds at most one lease.
+another file's descriptor, or the file is closed; each thread holds at most one lease (a
+thread that ended loses its lease when room is needed, and `close_idle` ends leases unused
+for a whole period, so a lease never keeps an idle partition's file open for long).
 Eviction is the only thing that closes a descriptor behind its owner's back, so these two
 holds are all the safety callers need; a descriptor that leaves the storage layer (a zero-copy
 send) is an `os.dup` copy, which closing the cached one cannot close. Those copies still
