@@ -22,7 +22,14 @@ What differs is only the I/O underneath:
 
 The workload: acks=all writers sending unique values ``w<writer>-<n>`` (one record per
 batch) to the leaders of an RF 3, min.insync.replicas 2 topic, and readers following every
-partition from offset 0 at its leader (below the high watermark). The nemesis injects one
+partition from offset 0 at its leader (below the high watermark). The writers are idempotent
+producers, as the client is: a producer id from InitProducerId (any node hands it out from
+the block the active controller allocated it), epoch 0 and a sequence per partition in each
+batch; a write whose outcome is unknown (no answer in time, its leader crashed or lost the
+leadership, the ISR shrank after the append) is sent again, the same bytes, to the leader of
+the moment until answered - a resend found stored is answered with its original offset -
+and one still unknown after DELIVERY_TIMEOUT_S bumps the writer's epoch (KIP-360). The
+history is checked exactly once: a value stored twice fails the seed. The nemesis injects one
 fault at a time: crash and restart a node (a process crash, or a power loss when the
 settings' fsync policy makes that safe for the guarantee checked), crash every node at once,
 isolate a node (a random one, the active controller, or a partition leader), cut one link
@@ -32,7 +39,7 @@ factor changing) or cancels a move, through AlterPartitionReassignments, the mov
 under the faults that follow; the active controller also balances leaders on its own every
 few seconds. Then it heals, restarts what is down, waits for every move to complete, every
 ISR to be full and every replica at the leader's log end, reads every log, and hands the history to
-`history_checker.check` (lost, reused, phantom, regressions), plus two checks only a
+`history_checker.check` (lost, reused, phantom, regressions, dup), plus two checks only a
 simulation can make: every replica holds the same bytes as its leader, and no reader was
 ever answered OFFSET_OUT_OF_RANGE.
 """
@@ -55,6 +62,7 @@ import trio.testing
 
 from history_checker import Acknowledged, Consumed, FinalLogs, History, OffsetSample, Verdict, check
 
+from broker.answers import error_of
 from broker.broker_lifecycle import NATIVE_LISTENER, BrokerLifecycle, ListenerAddress
 from broker.cluster_member import leave_cluster
 from broker.controller.controller_apis import ControllerApis
@@ -68,6 +76,7 @@ from broker.controller.quorum_controller import (
 )
 from broker.limits import Limits
 from broker.metadata_publisher import MetadataPublisher
+from broker.producer_ids import ProducerIdBlocks
 from broker.raft.config import RaftConfig
 from broker.raft.log_storage import MemoryStorage
 from broker.raft.memory_transport import FaultModel, MemoryNetwork
@@ -76,10 +85,11 @@ from broker.replication.broker_link import BrokerLinkError
 from broker.replication.replica_manager import ReplicaManager
 from broker.storage import LogConfig, OffsetOutOfRangeError, StorageError
 from broker.storage.memory_log import DurableImage, MemoryPartitionLog
+from broker.storage.producer_state import next_sequence
 from protocol import ACKS_ALL, ApiKey, DwalError, ErrorCode, check_request
 from protocol.api import check_response
 from protocol.frame import Response
-from protocol.record_batch import build_batch, complete_prefix_bytes, decode_records
+from protocol.record_batch import complete_prefix_bytes, decode_records, encode_batch
 
 T = TypeVar("T")
 
@@ -99,6 +109,14 @@ REPLICA_LAG_TIME_MAX_MS = 3_000
 FLUSH_INTERVAL_SECONDS = 10.0  # the background fsync (the real broker's is 60 s)
 RETENTION_INTERVAL_SECONDS = 2.0
 PRODUCE_TIMEOUT_SECONDS = 3.0
+INIT_PRODUCER_ID_TIMEOUT_SECONDS = 5.0
+# A write that may be stored is resent (the same batch) until answered, for at most this
+# long and this many attempts (the client's delivery.timeout.ms, 120 s, is longer than a run
+# needs: faults last at most 4 s); then its outcome is unknown and the writer's epoch bumped.
+DELIVERY_TIMEOUT_S = 20.0
+RESEND_ATTEMPTS_MAX = 200  # with the backoff, about as long as the delivery timeout
+RETRY_BACKOFF_S = (0.05, 0.15)  # the client's retry_backoff_ms is 100
+PRODUCER_EPOCH_MAX = 2**15 - 1  # an i16 in the batch header
 CONVERGE_SECONDS_MAX = 120.0
 RESEND_DELAY_S = (0.2, 1.0)  # a request or answer whose packet was lost arrives this late
 FAULTS = FaultModel(loss_probability=0.005, delay_seconds_min=0.0, delay_seconds_max=0.004)
@@ -112,6 +130,12 @@ REFUSED = frozenset(
         ErrorCode.KAFKA_STORAGE_ERROR,
     }
 )
+# Refusals of an idempotent batch by the producers' state (nothing appended). A leader cut
+# off from the others that has not learnt it was replaced answers OUT_OF_ORDER_SEQUENCE_NUMBER
+# for a batch whose predecessor went to its successor; the others mean that a broker saw an
+# epoch this writer never sent, or lost its state (an anomaly in this workload).
+PRODUCER_FENCED = frozenset({ErrorCode.INVALID_PRODUCER_EPOCH, ErrorCode.UNKNOWN_PRODUCER_ID})
+SEQUENCE_REFUSED = frozenset({ErrorCode.OUT_OF_ORDER_SEQUENCE_NUMBER, *PRODUCER_FENCED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,6 +367,7 @@ class SimNode:
     lifecycle: BrokerLifecycle | None = None
     registry: SimRegistry | None = None
     replicas: ReplicaManager | None = None
+    producer_ids: ProducerIdBlocks | None = None  # what InitProducerId hands out
     power_lost: bool = False  # its last crash lost unsynced writes
     serving: trio.Event = field(default_factory=trio.Event)  # its broker port answers
     produces: int = 0  # produce requests being served
@@ -448,6 +473,17 @@ class SimCluster:
             request_timeout_seconds=5.0,
         )
         lifecycle.incarnation_id = str(uuid.UUID(int=rng.getrandbits(128)))
+
+        async def allocate_producer_ids() -> tuple[int, int]:
+            # As RequestHandlers asks the active controller for a block (KIP-730).
+            epoch = lifecycle.broker_epoch
+            if epoch < 0:
+                raise DwalError(ErrorCode.NOT_CONTROLLER, "not registered with the controller yet")
+            body = {"broker_id": node.node_id, "broker_epoch": epoch}
+            reply = await channel.call(ApiKey.ALLOCATE_PRODUCER_IDS, body, timeout_seconds=5.0)
+            return reply["producer_id_start"], reply["producer_id_len"]
+
+        node.producer_ids = ProducerIdBlocks(allocate_producer_ids)
         node.controller, node.apis, node.channel = controller, apis, channel
         node.registry, node.replicas, node.publisher = registry, replicas, publisher
         node.lifecycle = lifecycle
@@ -724,46 +760,150 @@ def read_all(log: MemoryPartitionLog, start: int | None = None) -> bytes:
 
 
 @dataclass
+class IdempotentProducer:
+    """A writer's idempotent producer, as the client's: an id from InitProducerId (-1 until
+    then), its epoch, and per partition the sequence its next batch gets."""
+
+    producer_id: int = -1
+    epoch: int = 0
+    next_sequences: dict[int, int] = field(default_factory=dict)
+
+    def start_new_epoch(self) -> None:
+        """After a batch whose outcome stays unknown (or that the producers' state refused):
+        the broker would refuse every later sequence of its partition, so every partition
+        starts again at sequence 0 in the next epoch, as the client's bump (KIP-360); past
+        the largest epoch, a new producer id is asked for."""
+        self.next_sequences.clear()
+        if self.epoch >= PRODUCER_EPOCH_MAX:
+            self.producer_id, self.epoch = -1, 0
+        else:
+            self.epoch += 1
+
+
+@dataclass
 class Workload:
     cluster: SimCluster
     history: History
     anomalies: list[str] = field(default_factory=list)
     stop: trio.Event = field(default_factory=trio.Event)
-    outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
+    outcomes: collections.Counter[str] = field(default_factory=collections.Counter)  # attempts
+    resends: int = 0  # attempts of a batch after its first
+    duplicate_answers: int = 0  # acknowledgements of a resend found stored: original offsets
+    epochs_started: int = 0
+    producer_ids: set[int] = field(default_factory=set)
 
     async def write(self, writer: int) -> None:
+        """An idempotent producer's writes of one record each to random partitions, one at
+        a time: a value refused before it was appended is given up (its sequence goes to
+        the next value of the partition), one that may be stored is resent until answered
+        (see `deliver`)."""
         rng = random.Random(f"{self.cluster.seed}:writer{writer}")
         client = 100 + writer
+        producer = IdempotentProducer()
         sent = 0
         while not self.stop.is_set():
-            partition = rng.randrange(self.cluster.settings.partitions)
-            leader = self.cluster.leader_of(partition, rng)
-            if leader is None:
-                await trio.sleep(0.05)
+            if producer.producer_id < 0:
+                producer.producer_id = await self.init_producer_id(client, rng)
                 continue
+            partition = rng.randrange(self.cluster.settings.partitions)
             sent += 1
             value = f"w{writer}-{sent}".encode()
-            outcome, result = "unknown", None
-            with trio.move_on_after(PRODUCE_TIMEOUT_SECONDS):
-                try:
-                    outcome, result = await self.cluster.net.call(
-                        client, leader, lambda node: self.produce(node, partition, value)
-                    )
-                except Unanswered:
-                    outcome = "refused"
-            now = trio.current_time()
-            code = "" if result is None or outcome == "ok" else f":{ErrorCode(result).name}"
-            self.outcomes[outcome + code] += 1
+            sequence = producer.next_sequences.get(partition, 0)
+            batch = encode_batch(
+                [[0, None, value, []]],
+                base_timestamp=int(trio.current_time() * 1000),
+                producer_id=producer.producer_id,
+                producer_epoch=producer.epoch,
+                base_sequence=sequence,
+            )
+            outcome, result = await self.deliver(client, rng, partition, batch)
             if outcome == "ok":
                 self.history.acknowledged.append(
-                    Acknowledged(partition=partition, offset=result, value=value, at_s=now)
+                    Acknowledged(
+                        partition=partition, offset=result, value=value, at_s=trio.current_time()
+                    )
                 )
+                producer.next_sequences[partition] = next_sequence(sequence)
             elif outcome == "refused":
                 self.history.failed.append(value)
                 await trio.sleep(0.02)
             else:
                 self.history.unknown.append(value)
+            if outcome == "unknown" or result in SEQUENCE_REFUSED:
+                producer.start_new_epoch()
+                self.epochs_started += 1
             await trio.sleep(rng.uniform(0.002, 0.02))
+
+    async def init_producer_id(self, client: int, rng: random.Random) -> int:
+        """InitProducerId at a random node (any broker answers it, from the block of ids the
+        active controller gave it), asked again until answered; -1 once the workload
+        stops. A producer id handed out twice is an anomaly."""
+        while not self.stop.is_set():
+            via = rng.choice(NODES)
+            with trio.move_on_after(INIT_PRODUCER_ID_TIMEOUT_SECONDS):
+                try:
+                    producer_id = await self.cluster.net.call(client, via, init_producer_id)
+                except (DwalError, Unanswered):
+                    producer_id = -1
+            if producer_id >= 0:
+                if producer_id in self.producer_ids:
+                    self.anomalies.append(
+                        f"{trio.current_time():.3f} producer id {producer_id} handed out twice"
+                    )
+                self.producer_ids.add(producer_id)
+                return producer_id
+            await trio.sleep(0.1)
+        return -1
+
+    async def deliver(
+        self, client: int, rng: random.Random, partition: int, batch: bytes
+    ) -> tuple[str, int]:
+        """Send `batch` to the partition's leader and, once its outcome is unknown, send the
+        same bytes (producer id, epoch and sequence) again to the leader of the moment, as
+        the client does, until answered, for at most DELIVERY_TIMEOUT_S and
+        RESEND_ATTEMPTS_MAX attempts. Returns ("ok", offset: the original one when a resend
+        was found stored), ("refused", code) when nothing was appended, ("unknown", code)."""
+        deadline = trio.current_time() + DELIVERY_TIMEOUT_S
+        maybe_stored, attempts, code = False, 0, int(ErrorCode.LEADER_NOT_AVAILABLE)
+        while True:
+            leader = self.cluster.leader_of(partition, rng)
+            if leader is not None:
+                attempts += 1
+                self.resends += attempts > 1
+                outcome, code, duplicate = await self.attempt(client, leader, partition, batch)
+                if outcome == "ok":
+                    self.duplicate_answers += duplicate
+                    return "ok", code
+                if code in PRODUCER_FENCED:
+                    self.anomalies.append(
+                        f"{trio.current_time():.3f} partition {partition}: an idempotent "
+                        f"write refused by {leader} with {ErrorCode(code).name} (the writer "
+                        "never sent a newer epoch; no broker here forgets producers)"
+                    )
+                    return ("unknown" if maybe_stored else "refused"), code
+                if outcome == "refused" and not maybe_stored:
+                    return "refused", code
+                maybe_stored = True
+            if attempts >= RESEND_ATTEMPTS_MAX or trio.current_time() >= deadline:
+                return ("unknown" if maybe_stored else "refused"), code
+            await trio.sleep(rng.uniform(*RETRY_BACKOFF_S))
+
+    async def attempt(
+        self, client: int, leader: int, partition: int, batch: bytes
+    ) -> tuple[str, int, bool]:
+        """One Produce of `batch` to `leader`: (outcome, offset or error code, whether the
+        batch was found stored already)."""
+        outcome, result, duplicate = "unknown", int(ErrorCode.REQUEST_TIMED_OUT), False
+        with trio.move_on_after(PRODUCE_TIMEOUT_SECONDS):
+            try:
+                outcome, result, duplicate = await self.cluster.net.call(
+                    client, leader, lambda node: self.produce(node, partition, batch)
+                )
+            except Unanswered:
+                outcome, result = "refused", int(ErrorCode.LEADER_NOT_AVAILABLE)
+        shown = "duplicate" if duplicate else "" if outcome == "ok" else ErrorCode(result).name
+        self.outcomes[f"{outcome}:{shown}" if shown else outcome] += 1
+        return outcome, result, duplicate
 
     async def read(self, reader: int) -> None:
         rng = random.Random(f"{self.cluster.seed}:reader{reader}")
@@ -822,14 +962,14 @@ class Workload:
                 )
             await trio.sleep(rng.uniform(0.01, 0.05))
 
-    async def produce(self, node: SimNode, partition: int, value: bytes) -> tuple[str, int]:
+    async def produce(self, node: SimNode, partition: int, batch: bytes) -> tuple[str, int, bool]:
         """`produce` on the leader, then, at the instant it acknowledges, a check that only a
         simulation can make: under fsync=always every live member of the leader's maximal
         ISR has the record on its disk (under never a member's page cache counts, which a
         power loss of that member may take: other members cover it, see guarantees.md)."""
         node.produces += 1
         try:
-            outcome, result = await produce(node, partition, value)
+            outcome, result, duplicate = await produce(node, partition, batch)
         finally:
             node.produces -= 1
             if not node.produces:
@@ -849,24 +989,31 @@ class Workload:
                         f"{trio.current_time():.3f} offset {result} of partition {partition} "
                         f"acknowledged by {node.node_id}, not on the disk of ISR member {member}"
                     )
-        return outcome, result
+        return outcome, result, duplicate
 
 
-async def produce(node: SimNode, partition: int, value: bytes) -> tuple[str, int]:
-    """The leader's side of an acks=all write of one record, as the Produce handler does it:
-    ("ok", offset), ("refused", code) before anything was appended, ("unknown", code)."""
+async def init_producer_id(node: SimNode) -> int:
+    """InitProducerId as the broker answers it: the next id of this node's block. Raises
+    DwalError (no block, the controller unreachable)."""
+    assert node.producer_ids is not None
+    return await node.producer_ids.next_producer_id()
+
+
+async def produce(node: SimNode, partition: int, batch: bytes) -> tuple[str, int, bool]:
+    """The leader's side of an acks=all write of one batch, as the Produce handler does it:
+    ("ok", offset, duplicate) - a duplicate (the resend of an idempotent batch stored
+    already) answers the original offset once that is replicated -, ("refused", code,
+    False) before anything was appended, ("unknown", code, False)."""
     replicas = node.replicas
     assert replicas is not None
     now_ms = int(trio.current_time() * 1000)
     try:
         replicas.check_acks(TOPIC, partition, ACKS_ALL)
-        log, info = replicas.append(
-            TOPIC, partition, bytearray(build_batch([(now_ms, None, value)])), now_ms=now_ms
-        )
-    except DwalError as error:
-        return ("refused" if error.code in REFUSED else "unknown"), int(error.code)
-    except StorageError:
-        return "refused", int(ErrorCode.KAFKA_STORAGE_ERROR)
+        log, info = replicas.append(TOPIC, partition, bytearray(batch), now_ms=now_ms)
+    except (DwalError, StorageError) as error:
+        code, _ = error_of(error)
+        refused = code in REFUSED or code in SEQUENCE_REFUSED or not isinstance(error, DwalError)
+        return ("refused" if refused else "unknown"), int(code), False
     end = info.last_offset + 1
     try:
         if log.config.fsync == "always" or replicas.isr_size(TOPIC, partition) <= 1:
@@ -874,8 +1021,8 @@ async def produce(node: SimNode, partition: int, value: bytes) -> tuple[str, int
         await replicas.wait_replicated(TOPIC, partition, end)
     except (DwalError, StorageError) as error:
         code = error.code if isinstance(error, DwalError) else ErrorCode.KAFKA_STORAGE_ERROR
-        return "unknown", int(code)
-    return "ok", info.base_offset
+        return "unknown", int(code), False
+    return "ok", info.base_offset, info.duplicate
 
 
 async def consume(node: SimNode, partition: int, offset: int, leader_epoch: int) -> bytes:
@@ -1047,7 +1194,10 @@ class SimResult:
     requests: int
     log: list[str]
     history: History
-    outcomes: collections.Counter[str]
+    outcomes: collections.Counter[str]  # of every Produce attempt
+    resends: int  # attempts of a batch after its first
+    duplicate_answers: int  # acknowledgements with the original offset of a resent batch
+    epochs_started: int  # writers' epoch bumps after an outcome left unknown
 
     @property
     def ok(self) -> bool:
@@ -1056,6 +1206,7 @@ class SimResult:
     def line(self) -> str:
         return (
             f"{self.verdict.line(self.seed).replace('nemesis', 'cluster-sim', 1)} "
+            f"resent={self.resends} dup_answers={self.duplicate_answers} "
             f"fsync={self.settings.fsync} faults={self.faults} diverged={len(self.diverged)} "
             f"out_of_range={len(self.anomalies)} digest={self.digest[:12]}"
         )
@@ -1116,7 +1267,8 @@ async def simulate(seed: int, settings: SimSettings) -> SimResult:
             await cluster.create_topic()
             while not cluster.converged():
                 await trio.sleep(0.1)
-        history = History(started_s=trio.current_time())
+        # the writers are idempotent producers: a value stored twice fails the seed
+        history = History(started_s=trio.current_time(), exactly_once=True)
         workload = Workload(cluster, history)
         async with trio.open_nursery() as clients:
             for writer in range(settings.writers):
@@ -1159,6 +1311,9 @@ async def simulate(seed: int, settings: SimSettings) -> SimResult:
             log=list(cluster.log_lines),
             history=history,
             outcomes=workload.outcomes,
+            resends=workload.resends,
+            duplicate_answers=workload.duplicate_answers,
+            epochs_started=workload.epochs_started,
         )
         nursery.cancel_scope.cancel()
     return result
