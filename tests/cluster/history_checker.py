@@ -15,9 +15,11 @@ checker compares them:
 - regressions: an offset series that went back;
 - max_unavailable_s: the longest time with no acknowledged write (from the start of the
   workload to its end);
-- dup: values stored more than once at the end. A failure when the writers were idempotent
-  producers (`History.exactly_once`): a retried batch must then be stored once. Without
-  idempotence a resend of an unknown outcome may store it twice, and dup is only reported.
+- dup: values stored more than once: found at more than one (partition, offset) among the
+  acknowledged, consumed and final records (a consumer's reads count, so a copy retention
+  deleted before the end is seen too). A failure when the writers were idempotent producers
+  (`History.exactly_once`): a retried batch must then be stored once. Without idempotence a
+  resend of an unknown outcome may store it twice, and dup is only reported.
 
 Values are unique per send (``w<writer>-<n>``), so a value names one write.
 """
@@ -117,7 +119,7 @@ def check(history: History, final: FinalLogs) -> Verdict:
         reused=_reused(history, final),
         phantom=_phantom(history, final),
         regressions=_regressions(history),
-        duplicates=_duplicates(final),
+        duplicates=_duplicates(history, final),
         max_unavailable_s=_max_unavailable_s(history),
         exactly_once=history.exactly_once,
     )
@@ -181,9 +183,17 @@ def _regressions(history: History) -> tuple[str, ...]:
     return tuple(found)
 
 
-def _duplicates(final: FinalLogs) -> int:
-    counts = collections.Counter(v for records in final.values() for v in records.values())
-    return sum(count - 1 for count in counts.values() if count > 1)
+def _duplicates(history: History, final: FinalLogs) -> int:
+    """How many more (partition, offset) places than one each value was seen at."""
+    places: dict[bytes, set[tuple[int, int]]] = collections.defaultdict(set)
+    for ack in history.acknowledged:
+        places[ack.value].add((ack.partition, ack.offset))
+    for record in history.consumed:
+        places[record.value].add((record.partition, record.offset))
+    for partition, records in final.items():
+        for offset, value in records.items():
+            places[value].add((partition, offset))
+    return sum(len(found) - 1 for found in places.values())
 
 
 def _max_unavailable_s(history: History) -> float:

@@ -618,6 +618,19 @@ class SimCluster:
         found = self.metadata_of(partition, rng)
         return None if found is None else found[0]
 
+    def leads(self, node: SimNode, partition: int) -> bool:
+        """Whether `node` leads `partition` in the leader epoch the active controller's image
+        names it leader in (not a leader cut off that has not learnt it was replaced)."""
+        active = self.active_controller()
+        image = None if active is None else self.nodes[active].image
+        state = None if image is None else image.partition(TOPIC, partition)
+        if state is None or state.leader != node.node_id or node.replicas is None:
+            return False
+        try:
+            return node.replicas.leader_epoch(TOPIC, partition) == state.leader_epoch
+        except DwalError:
+            return False
+
     def metadata_of(self, partition: int, rng: random.Random) -> tuple[int, int] | None:
         """(leader, leader epoch) of the partition in a random live node's published image
         (None when it knows no leader): what a client's metadata request returns."""
@@ -789,6 +802,7 @@ class Workload:
     outcomes: collections.Counter[str] = field(default_factory=collections.Counter)  # attempts
     resends: int = 0  # attempts of a batch after its first
     duplicate_answers: int = 0  # acknowledgements of a resend found stored: original offsets
+    duplicates_moved: int = 0  # of those, answered by another node than the first attempt
     epochs_started: int = 0
     producer_ids: set[int] = field(default_factory=set)
 
@@ -829,7 +843,7 @@ class Workload:
                 await trio.sleep(0.02)
             else:
                 self.history.unknown.append(value)
-            if outcome == "unknown" or result in SEQUENCE_REFUSED:
+            if outcome == "unknown" or (outcome == "refused" and result in SEQUENCE_REFUSED):
                 producer.start_new_epoch()
                 self.epochs_started += 1
             await trio.sleep(rng.uniform(0.002, 0.02))
@@ -865,14 +879,17 @@ class Workload:
         was found stored), ("refused", code) when nothing was appended, ("unknown", code)."""
         deadline = trio.current_time() + DELIVERY_TIMEOUT_S
         maybe_stored, attempts, code = False, 0, int(ErrorCode.LEADER_NOT_AVAILABLE)
+        first_leader = None
         while True:
             leader = self.cluster.leader_of(partition, rng)
             if leader is not None:
+                first_leader = leader if first_leader is None else first_leader
                 attempts += 1
                 self.resends += attempts > 1
                 outcome, code, duplicate = await self.attempt(client, leader, partition, batch)
                 if outcome == "ok":
                     self.duplicate_answers += duplicate
+                    self.duplicates_moved += duplicate and leader != first_leader
                     return "ok", code
                 if code in PRODUCER_FENCED:
                     self.anomalies.append(
@@ -963,10 +980,14 @@ class Workload:
             await trio.sleep(rng.uniform(0.01, 0.05))
 
     async def produce(self, node: SimNode, partition: int, batch: bytes) -> tuple[str, int, bool]:
-        """`produce` on the leader, then, at the instant it acknowledges, a check that only a
+        """`produce` on the leader, then, at the instant it answers, checks that only a
         simulation can make: under fsync=always every live member of the leader's maximal
-        ISR has the record on its disk (under never a member's page cache counts, which a
-        power loss of that member may take: other members cover it, see guarantees.md)."""
+        ISR has an acknowledged record on its disk (under never a member's page cache
+        counts, which a power loss of that member may take: other members cover it, see
+        guarantees.md); and OUT_OF_ORDER_SEQUENCE_NUMBER comes only from a leader cut off
+        that has not learnt it was replaced: a writer's next sequence follows its batch
+        acknowledged before (or starts a new epoch), so the leader the active controller
+        names, in its leader epoch, holds that batch and must know it."""
         node.produces += 1
         try:
             outcome, result, duplicate = await produce(node, partition, batch)
@@ -975,6 +996,12 @@ class Workload:
             if not node.produces:
                 node.produces_answered.set()
                 node.produces_answered = trio.Event()
+        refused_sequence = outcome == "refused" and result == ErrorCode.OUT_OF_ORDER_SEQUENCE_NUMBER
+        if refused_sequence and self.cluster.leads(node, partition):
+            self.anomalies.append(
+                f"{trio.current_time():.3f} partition {partition}: its leader {node.node_id} "
+                "refused a writer's next sequence (it lost a producer's batch or its state)"
+            )
         if outcome == "ok" and self.cluster.settings.fsync == "always":
             assert node.replicas is not None
             leading = node.replicas._leading.get((TOPIC, partition))
@@ -1197,6 +1224,7 @@ class SimResult:
     outcomes: collections.Counter[str]  # of every Produce attempt
     resends: int  # attempts of a batch after its first
     duplicate_answers: int  # acknowledgements with the original offset of a resent batch
+    duplicates_moved: int  # of those, by another leader than the first attempt's
     epochs_started: int  # writers' epoch bumps after an outcome left unknown
 
     @property
@@ -1207,8 +1235,9 @@ class SimResult:
         return (
             f"{self.verdict.line(self.seed).replace('nemesis', 'cluster-sim', 1)} "
             f"resent={self.resends} dup_answers={self.duplicate_answers} "
+            f"dup_answers_moved={self.duplicates_moved} "
             f"fsync={self.settings.fsync} faults={self.faults} diverged={len(self.diverged)} "
-            f"out_of_range={len(self.anomalies)} digest={self.digest[:12]}"
+            f"anomalies={len(self.anomalies)} digest={self.digest[:12]}"
         )
 
 
@@ -1293,11 +1322,13 @@ async def simulate(seed: int, settings: SimSettings) -> SimResult:
             final, starts, diverged = {}, {}, []
         else:
             final, starts, diverged = cluster.final_logs()
-        # what retention deleted is not checked, but counts for availability
+        # what retention deleted is not checked for loss, but counts for availability and
+        # duplicates (a value a reader saw at an offset since deleted, and again later)
         verdict = dataclasses.replace(
             check(retained(history, starts) if starts else history, final),
             acknowledged=len(history.acknowledged),
             max_unavailable_s=check(history, {}).max_unavailable_s,
+            duplicates=check(history, final).duplicates,
         )
         result = SimResult(
             seed=seed,
@@ -1313,6 +1344,7 @@ async def simulate(seed: int, settings: SimSettings) -> SimResult:
             outcomes=workload.outcomes,
             resends=workload.resends,
             duplicate_answers=workload.duplicate_answers,
+            duplicates_moved=workload.duplicates_moved,
             epochs_started=workload.epochs_started,
         )
         nursery.cancel_scope.cancel()

@@ -15,6 +15,7 @@ docs/guarantees.md that promise "nothing lost".
 from __future__ import annotations
 
 import pytest
+from history_checker import Acknowledged, Consumed, History, check
 from sim_cluster import SimSettings, run_simulation, settings_for_seed
 
 CI_SEEDS = 10
@@ -63,3 +64,16 @@ def test_a_seed_replays_exactly():
     assert first.verdict.acknowledged > 0
     assert first.digest == second.digest
     assert first.log == second.log
+
+
+def test_a_copy_retention_deleted_still_counts_as_a_duplicate():
+    """Under retention the first copy of a value stored twice may be gone at the end: a
+    reader saw it (or its writer was acknowledged there), so it is a duplicate all the same."""
+    history = History(exactly_once=True)
+    history.consumed.append(Consumed(reader="reader0", partition=0, offset=3, value=b"w0-1"))
+    final = {0: {40: b"w0-1", 41: b"w0-2"}}
+    verdict = check(history, final)
+    assert verdict.duplicates == 1 and not verdict.ok
+    history.acknowledged.append(Acknowledged(partition=0, offset=40, value=b"w0-1", at_s=1.0))
+    history.consumed[0] = Consumed(reader="reader0", partition=0, offset=40, value=b"w0-1")
+    assert check(history, final).ok
