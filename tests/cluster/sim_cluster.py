@@ -33,7 +33,8 @@ history is checked exactly once: a value stored twice fails the seed. The nemesi
 fault at a time: crash and restart a node (a process crash, or a power loss when the
 settings' fsync policy makes that safe for the guarantee checked), crash every node at once,
 isolate a node (a random one, the active controller, or a partition leader), cut one link
-one way; and, as an operator would, it moves a partition to other replicas (2 or 3 of the
+one way, mute a node (its answers to clients lost while it replicates) and then crash it;
+and, as an operator would, it moves a partition to other replicas (2 or 3 of the
 nodes, in a random order: a replica added, one removed, the leader leaving, the replication
 factor changing) or cancels a move, through AlterPartitionReassignments, the move going on
 under the faults that follow; the active controller also balances leaders on its own every
@@ -99,6 +100,8 @@ SIM_NODE: contextvars.ContextVar[int] = contextvars.ContextVar("sim_node", defau
 STORY_LINES_MAX = 5000
 
 NODES = (1, 2, 3)
+# the network addresses of clients: the first writer's, reader's, and the operator's
+WRITER_CLIENT, READER_CLIENT, OPERATOR_CLIENT = 100, 200, 300
 TOPIC = "sim"
 TICK_SECONDS = 0.02
 ELECTION_TICKS, HEARTBEAT_TICKS = 5, 2
@@ -812,7 +815,7 @@ class Workload:
         the next value of the partition), one that may be stored is resent until answered
         (see `deliver`)."""
         rng = random.Random(f"{self.cluster.seed}:writer{writer}")
-        client = 100 + writer
+        client = WRITER_CLIENT + writer
         producer = IdempotentProducer()
         sent = 0
         while not self.stop.is_set():
@@ -924,7 +927,7 @@ class Workload:
 
     async def read(self, reader: int) -> None:
         rng = random.Random(f"{self.cluster.seed}:reader{reader}")
-        client = 200 + reader
+        client = READER_CLIENT + reader
         name = f"reader{reader}"
         positions = [0] * self.cluster.settings.partitions
         # As the client's metadata cache: per partition the leader of the newest epoch seen
@@ -1100,6 +1103,8 @@ async def nemesis(cluster: SimCluster, until: float) -> int:
                 "cut",
                 "restart",
                 "restart",
+                "mute",
+                "mute",
             ]
         )
         faults += 1
@@ -1122,6 +1127,19 @@ async def nemesis(cluster: SimCluster, until: float) -> int:
             await trio.sleep(hold)
             for node_id in NODES:
                 await cluster.start(node_id)
+        elif kind == "mute":
+            # Its answers to clients are lost (a hung client listener) while it goes on
+            # replicating, then it crashes: the writes it stored meanwhile are resent to it,
+            # then to the next leader, which must recognise them from the replicated batches.
+            victim = _pick(cluster, rng)
+            for client in clients_of(settings):
+                cluster.network.cut(victim, client)
+            cluster.note(f"node {victim} muted")
+            await trio.sleep(hold / 2)
+            await cluster.crash(victim, power_loss=False)
+            cluster.network.heal()
+            await trio.sleep(hold / 2)
+            await cluster.start(victim)
         elif kind == "isolate":
             victim = _pick(cluster, rng)
             cluster.network.isolate(victim, NODES)
@@ -1139,7 +1157,6 @@ async def nemesis(cluster: SimCluster, until: float) -> int:
     return faults
 
 
-OPERATOR_CLIENT = 300
 MOVE_GAP_S = (1.0, 4.0)
 
 
@@ -1190,6 +1207,13 @@ async def reassign(
             outcome = "node down"
     what = "cancel the move of" if target is None else f"move to {target}"
     cluster.note(f"operator via {via}: {what} partition {partition}: {outcome}")
+
+
+def clients_of(settings: SimSettings) -> list[int]:
+    """The network addresses of every client: writers, readers, the operator."""
+    writers = [WRITER_CLIENT + writer for writer in range(settings.writers)]
+    readers = [READER_CLIENT + reader for reader in range(settings.readers)]
+    return [*writers, *readers, OPERATOR_CLIENT]
 
 
 def _pick(cluster: SimCluster, rng: random.Random) -> int:

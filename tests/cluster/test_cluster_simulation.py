@@ -1,8 +1,9 @@
 """The whole-cluster deterministic simulation (see sim_cluster.py): three combined nodes with
 their controllers, replica managers, fetchers and in-memory logs, under MockClock on the
-in-memory network, with crashes, power losses, isolations and cut links, and acks=all
-idempotent writers (resending a write whose outcome is unknown until answered) and readers
-checked by the nemesis checker of the real-process runs, exactly once (dup=0).
+in-memory network, with crashes, power losses, isolations, cut links and muted nodes (their
+answers to clients lost, then crashed), and acks=all idempotent writers (resending a write
+whose outcome is unknown until answered) and readers checked by the nemesis checker of the
+real-process runs, exactly once (dup=0).
 
 `pytest tests/cluster/test_cluster_simulation.py --sim-seed N` replays one seed (the line a
 failing seed prints names it); `--sim-seeds COUNT` runs more (`make sim` runs
