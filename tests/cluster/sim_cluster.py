@@ -857,11 +857,12 @@ class Workload:
         stops. A producer id handed out twice is an anomaly."""
         while not self.stop.is_set():
             via = rng.choice(NODES)
+            producer_id = -1  # unless answered in time
             with trio.move_on_after(INIT_PRODUCER_ID_TIMEOUT_SECONDS):
                 try:
                     producer_id = await self.cluster.net.call(client, via, init_producer_id)
                 except (DwalError, Unanswered):
-                    producer_id = -1
+                    pass
             if producer_id >= 0:
                 if producer_id in self.producer_ids:
                     self.anomalies.append(
