@@ -22,10 +22,14 @@ the leader epoch (done by apply).
 Reassignment follows Kafka's KIP-455 on KRaft. While a partition moves, its replicas are
 the target followed by the replicas leaving (`removing_replicas`); the new ones
 (`adding_replicas`) start outside the ISR, fetch from the leader like any follower, and join
-the ISR through the leader's AlterPartition once they have caught up. The decision that
-accepts the ISR change holding the last adding replica also completes the move, in the same
-record: replicas = target, ISR = ISR within the target, leadership (leader epoch + 1) to the
-first target replica in the ISR if the leader was leaving. A new target is always taken
+the ISR through the leader's AlterPartition once they have caught up. The move completes,
+in the same record as the decision that finds it so, once EVERY target replica is in the ISR
+(Kafka's rule; not only the adding ones): replicas = target, ISR = the target, leadership
+(leader epoch + 1) to the first target replica in the ISR if the leader was leaving. Waiting
+for the whole target matters: a target replica still in the ISR may be a broker that just
+lost its unsynced tail (a power loss before it is fenced); completing a shrink to it while
+another target replica is out of the ISR would leave it the only in-sync copy, and what
+only the leaving replicas held would be lost. A new target is always taken
 relative to the replicas before the move (`original_replicas`), so reassigning to those,
 or cancelling, reverts the move; replicas that stop being added leave the ISR at once.
 Every record keeps the invariants leader in ISR, ISR within replicas, adding and removing
@@ -531,7 +535,7 @@ def _config_records(
 
 def alter_partition(image: MetadataImage, request: AlterPartitionRequest) -> Decision:
     """A leader's ISR change: [PartitionChangeRecord] based on the current partition epoch,
-    or [] when the ISR asked for is the current one. When the new ISR holds every adding
+    or [] when the ISR asked for is the current one. When the new ISR holds every target
     replica of a reassignment in progress, the same record completes it (`_completed`).
 
     Refuses, in this order: STALE_BROKER_EPOCH when the broker or its epoch is not
@@ -717,12 +721,13 @@ def alter_partition_reassignment(
     cancel its move (`target` None: back to the replicas it had before). See the module doc.
 
     Returns [] when nothing changes (the partition has that target already), else one
-    change; a target whose new replicas are all in the ISR already (a reorder, a pure
-    shrink) completes at once. Refuses UNKNOWN_TOPIC_OR_PARTITION; NO_REASSIGNMENT_IN_PROGRESS
-    (a cancel without a move); INVALID_REPLICA_ASSIGNMENT for an empty target, a broker
-    listed twice, an unregistered broker, a new replica on a fenced, shut down or
-    decommissioned broker, more brokers than a record holds, or a change that would leave
-    the partition no in-sync replica. The replication factor may change.
+    change; a target whose replicas are all in the ISR already (a reorder, a shrink to
+    in-sync replicas) completes at once. Refuses UNKNOWN_TOPIC_OR_PARTITION;
+    NO_REASSIGNMENT_IN_PROGRESS (a cancel without a move); INVALID_REPLICA_ASSIGNMENT for
+    an empty target, a broker listed twice, an unregistered broker, a new replica on a
+    fenced, shut down or decommissioned broker, more brokers than a record holds, or a
+    change that would leave the partition no in-sync replica. The replication factor may
+    change.
     """
     topic = image.topics.get(topic_name)
     if topic is None or not 0 <= partition_number < len(topic.partitions):
@@ -809,13 +814,13 @@ def _reassign(
 
 
 def _completed(image: MetadataImage, shape: _Shape) -> _Shape:
-    """The shape after completing its reassignment, when every adding replica is in the
-    ISR and some ISR member stays; otherwise `shape` itself."""
+    """The shape after completing its reassignment, when every target replica is in the
+    ISR (Kafka's rule: see the module doc); otherwise `shape` itself."""
     if not shape.adding and not shape.removing:
         return shape
-    if not set(shape.adding) <= set(shape.isr):
-        return shape
     target = tuple(broker for broker in shape.replicas if broker not in shape.removing)
+    if not set(target) <= set(shape.isr):
+        return shape
     isr = tuple(member for member in shape.isr if member not in shape.removing)
     if not isr:
         return shape

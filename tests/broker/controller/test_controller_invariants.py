@@ -1,7 +1,7 @@
 """Random sequences of controller decisions, committed one entry at a time, against the
 invariants of the metadata: a leader is an unfenced member of its ISR, the ISR lies within
 the replicas, a reassignment's adding and removing replicas lie within the replicas and never
-overlap, a move completes only once every added replica is in the ISR, no new replica lands
+overlap, a move completes only once every target replica is in the ISR, no new replica lands
 on a decommissioned broker, epochs only grow, one leader per (partition, leader epoch), and
 every image equals a replay of the log and a rebuild from its own snapshot."""
 
@@ -203,7 +203,8 @@ class ControllerMachine(RuleBasedStateMachine):
         self.commit(decision)
         after = self.image.topics[topic.name].partitions[partition.partition]
         if partition.reassigning and not after.reassigning:
-            assert set(partition.adding_replicas) <= set(isr), "completed before in sync"
+            # Kafka's rule: every target replica, not only the added ones, is in sync
+            assert set(partition.target_replicas) <= set(isr), "completed before in sync"
             assert after.replicas == partition.target_replicas
             self.stats["move completed by an ISR change"] += 1
 
@@ -293,9 +294,14 @@ class ControllerMachine(RuleBasedStateMachine):
                 if before is None or partition.reassigning:
                     continue
                 if set(partition.replicas) != set(before.replicas):
-                    # Brokers the partition had not before its move must be in sync now.
+                    # Every replica of a completed move was in sync when it completed.
                     new = set(partition.replicas) - set(before.original_replicas)
                     assert new <= set(partition.isr), (before, partition)
+                    if before.reassigning and partition.replicas == before.target_replicas:
+                        assert set(partition.replicas) <= set(before.isr) | set(partition.isr), (
+                            before,
+                            partition,
+                        )
                     self.stats["move completed"] += bool(before.reassigning or new)
         self.partitions_seen = seen
 

@@ -163,6 +163,35 @@ def test_reordering_or_shrinking_completes_at_once():
     assert shrunk.leader == 3 and shrunk.leader_epoch == 1
 
 
+def test_a_shrink_waits_until_every_target_replica_is_in_sync():
+    """Simulation seed 3046: replicas [2, 3, 1], ISR {1, 2} (node 3 lagging; node 1 had just
+    lost its unsynced tail to a power loss, not fenced yet), moved to [1, 3]. Completing at
+    once (no replica is added) made node 1 the only in-sync replica and leader, and records
+    only node 2 held were lost. As in Kafka, the move completes once every target replica
+    is in the ISR."""
+    log = cluster(1, 2, 3)
+    add_partitions(log, "t", (2, 3, 1))
+    current = state(log)
+    lagging = AlterPartitionRequest(
+        broker_id=2,
+        broker_epoch=log.epoch(2),
+        topic_id=log.image.topics["t"].topic_id,
+        partition=0,
+        leader_epoch=current.leader_epoch,
+        partition_epoch=current.partition_epoch,
+        isr=(2, 1),
+    )
+    log.commit(alter_partition(log.image, lagging))
+    reassign(log, (1, 3))
+    moving = state(log)
+    assert moving.reassigning and moving.leader == 2, moving
+    assert moving.removing_replicas == (2,) and moving.adding_replicas == ()
+    join_isr(log, 3)  # node 3 caught up from node 2: now every target replica is in sync
+    done = state(log)
+    assert not done.reassigning and done.replicas == (1, 3) and set(done.isr) == {1, 3}
+    assert done.leader == 1
+
+
 def test_the_replication_factor_may_grow():
     log = cluster(1, 2, 3)
     add_partitions(log, "t", (2,))
