@@ -389,17 +389,17 @@ class FileDescriptorCache:
 
     def _detach_unpinned(self, count: int) -> list[int]:
         """Detach up to `count` unpinned descriptors, least recently used first."""
-        victims: list[int] = []
+        chosen: list[CachedFile] = []
         pruned = False
-        for file in list(self._open_files):
-            if len(victims) >= count:
+        for file in self._open_files:  # not a copy: the oldest few are looked at, not all
+            if len(chosen) >= count:
                 break
             if file._leases and not pruned:
-                self._prune_dead_leases()
+                self._prune_dead_leases()  # changes no entry of `_open_files`
                 pruned = True
             if file._pins == 0 and file._leases == 0:
-                victims.append(self._detach(file))
-        return victims
+                chosen.append(file)
+        return [self._detach(file) for file in chosen]
 
     def _prune_dead_leases(self) -> None:
         """Release the leases of threads that ended (a worker thread that left the pool)."""
