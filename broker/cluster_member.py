@@ -204,6 +204,13 @@ class ClusterMember:
             config=QuorumControllerConfig(
                 session_timeout_seconds=config.broker_session_timeout_ms / 1000,
                 heartbeat_interval_seconds=config.broker_heartbeat_interval_ms / 1000,
+                auto_leader_rebalance_enable=config.auto_leader_rebalance_enable,
+                leader_imbalance_check_interval_seconds=(
+                    config.leader_imbalance_check_interval_ms / 1000
+                ),
+                leader_imbalance_per_broker_percentage=(
+                    config.leader_imbalance_per_broker_percentage
+                ),
             ),
         )
         self.controller = controller

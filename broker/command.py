@@ -89,6 +89,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--default-partitions", type=int, help="partitions of auto-created topics")
     parser.add_argument(
+        "--auto-leader-rebalance",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the active controller moves leadership back to preferred replicas (default on)",
+    )
+    parser.add_argument(
+        "--leader-imbalance-check-interval-ms",
+        type=int,
+        help="how often the controller checks leadership balance (default 300000)",
+    )
+    parser.add_argument(
+        "--leader-imbalance-per-broker-percentage",
+        type=int,
+        help="share of a broker's preferred partitions led elsewhere that triggers a "
+        "rebalance (default 10)",
+    )
+    parser.add_argument(
+        "--producer-id-expiration-ms",
+        type=int,
+        help="forget an idempotent producer's state after this long without a write "
+        "(default 86400000)",
+    )
+    parser.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
         help="least severe event logged on stderr (default info)",
@@ -117,6 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "auto_create_topics": args.auto_create_topics,
         "default_partitions": args.default_partitions,
         "log_level": args.log_level,
+        "auto_leader_rebalance_enable": args.auto_leader_rebalance,
+        "leader_imbalance_check_interval_ms": args.leader_imbalance_check_interval_ms,
+        "leader_imbalance_per_broker_percentage": args.leader_imbalance_per_broker_percentage,
+        "producer_id_expiration_ms": args.producer_id_expiration_ms,
     }
     try:
         file_values = load_toml(args.config) if args.config else {}

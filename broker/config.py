@@ -65,6 +65,12 @@ class BrokerConfig:
     # opened on demand, closing the least recently used). None: three quarters of the
     # open-file limit, which `dwal broker` first raises to its hard limit.
     open_files_cached_max: int | None = None
+    # The active controller gives leadership back to preferred replicas on its own (Kafka's
+    # auto.leader.rebalance.enable, leader.imbalance.check.interval.seconds and
+    # leader.imbalance.per.broker.percentage, same defaults).
+    auto_leader_rebalance_enable: bool = True
+    leader_imbalance_check_interval_ms: int = 300_000
+    leader_imbalance_per_broker_percentage: int = 10
     log_defaults: LogConfig = field(default_factory=LogConfig)
     limits: Limits = field(default_factory=Limits)
 
@@ -130,7 +136,15 @@ _SIMPLE_KEYS = {
     "default_replication_factor": int,
     "replica_lag_time_max_ms": int,
     "open_files_cached_max": int,
+    "auto_leader_rebalance_enable": bool,
+    "leader_imbalance_check_interval_ms": int,
+    "leader_imbalance_per_broker_percentage": int,
 }
+
+# Settings of every partition log that no topic config overrides (LogConfig's broker-only
+# fields): idempotent producers' state is forgotten after producer_id_expiration_ms without
+# a write (Kafka's producer.id.expiration.ms), and beyond producers_max per partition.
+_LOG_BROKER_KEYS = {"producer_id_expiration_ms": int, "producers_max": int}
 
 
 def _peer_addresses(value: Any) -> dict[int, tuple[str, int]]:
@@ -198,6 +212,7 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any]) -> Brok
     values: dict[str, Any] = {}
     topic_defaults: dict[str, str] = {}
     limits: dict[str, Any] = {}
+    log_settings: dict[str, Any] = {}
     for key, value in file_values.items():
         if key == "topic_defaults":
             if not isinstance(value, dict):
@@ -211,6 +226,8 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any]) -> Brok
             limits.update(value)
         elif key in _SIMPLE_KEYS:
             values[key] = _check_type(key, value, _SIMPLE_KEYS[key])
+        elif key in _LOG_BROKER_KEYS:
+            log_settings[key] = _check_type(key, value, _LOG_BROKER_KEYS[key])
         elif key == "fsync":
             topic_defaults["fsync.policy"] = _check_type(key, value, str)
         elif key == "auto.create.topics":  # Kafka's spelling of the same setting
@@ -222,9 +239,11 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any]) -> Brok
             continue
         if key == "fsync":
             topic_defaults["fsync.policy"] = value
+        elif key in _LOG_BROKER_KEYS:
+            log_settings[key] = value
         else:
             values[key] = value
-    return _assemble(values, topic_defaults, limits)
+    return _assemble(values, topic_defaults, limits, log_settings)
 
 
 def _config_string(value: Any) -> str:
@@ -233,11 +252,20 @@ def _config_string(value: Any) -> str:
     return str(value)
 
 
-def _assemble(values: dict[str, Any], topic_defaults: dict[str, str], limits: dict) -> BrokerConfig:
+def _assemble(
+    values: dict[str, Any],
+    topic_defaults: dict[str, str],
+    limits: dict,
+    log_settings: dict[str, Any],
+) -> BrokerConfig:
     try:
         log_defaults = LogConfig.from_topic_configs(topic_defaults, LogConfig())
     except ValueError as error:
         raise ConfigError(f"topic_defaults: {error}") from None
+    try:
+        log_defaults = dataclasses.replace(log_defaults, **log_settings)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     known_limits = {f.name for f in dataclasses.fields(Limits)}
     for key, value in limits.items():
         if key not in known_limits:
@@ -315,6 +343,10 @@ def _validate(config: BrokerConfig) -> None:
     factor = config.default_replication_factor
     if factor is not None and not 1 <= factor <= 128:
         raise ConfigError("default_replication_factor must be between 1 and 128")
+    if config.leader_imbalance_check_interval_ms < 10:
+        raise ConfigError("leader_imbalance_check_interval_ms must be at least 10")
+    if not 0 <= config.leader_imbalance_per_broker_percentage <= 100:
+        raise ConfigError("leader_imbalance_per_broker_percentage must be between 0 and 100")
     cached = config.open_files_cached_max
     if cached is not None and cached < CAPACITY_MIN:
         raise ConfigError(f"open_files_cached_max must be at least {CAPACITY_MIN}")

@@ -366,12 +366,14 @@ class TopicRegistry:
     # -- background maintenance -------------------------------------------------------
 
     async def apply_retention(self) -> int:
-        """Roll idle segments and delete expired ones in every log; remove the files of
-        deleted segments once their file.delete.delay.ms has passed. Returns segments removed."""
+        """Roll idle segments, forget expired idempotent producers and delete expired
+        segments in every log; remove the files of deleted segments once their
+        file.delete.delay.ms has passed. Returns segments removed."""
         removed = 0
         now = now_ms()
         for log in list(self.logs.values()):
             log.roll_if_due(now)
+            log.expire_producers(now)  # idempotent producers idle for producer.id.expiration
             count = log.apply_retention(now)
             if count:
                 removed += count
