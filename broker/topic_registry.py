@@ -35,7 +35,6 @@ quorum; `read_legacy_topics` reads it so that the node can adopt those topics (s
 
 from __future__ import annotations
 
-import concurrent.futures
 import errno
 import json
 import logging
@@ -44,6 +43,7 @@ import pathlib
 import shutil
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor  # now: importing it later needs a descriptor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -429,7 +429,7 @@ class TopicRegistry:
         closes the file descriptors unused for `limits.open_files_idle_ms` (see the module's
         theory)."""
         now = trio.current_time()
-        await self._close_idle_files(now)
+        self._close_idle_files(now)
         # Every log under fsync=interval on each call; the others (a flush every
         # recovery_point_interval_ms) in a pass over every log at a tenth of that interval,
         # so that a broker of many partitions does not look at each of them every 50 ms.
@@ -459,9 +459,10 @@ class TopicRegistry:
                 self._flushed_at[key] = (now, end)
                 await log.flush()
 
-    async def _close_idle_files(self, now: float) -> None:
+    def _close_idle_files(self, now: float) -> None:
         """Every `limits.open_files_idle_ms`, close the cached descriptors unused since the
-        previous pass (so each closes after one to two intervals unused)."""
+        previous pass (so each closes after one to two intervals unused). Closing never
+        waits for the disk (no fsync), so it runs here, on the event loop."""
         last = self._idle_files_closed_at
         if last is None:
             self._idle_files_closed_at = now
@@ -469,7 +470,7 @@ class TopicRegistry:
         if now - last < self.limits.open_files_idle_ms / 1000:
             return
         self._idle_files_closed_at = now
-        closed = await trio.to_thread.run_sync(process_cache().close_idle)
+        closed = process_cache().close_idle()
         if closed:
             log_event(logger, logging.DEBUG, "idle_files_closed", descriptors=closed)
 
@@ -480,7 +481,7 @@ def _in_threads(function: Callable[[_Item], _Result], items: list[_Item]) -> lis
     if len(items) <= 1:
         return [function(item) for item in items]
     workers = min(LOG_THREADS, len(items))
-    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="dwal-logs") as pool:
+    with ThreadPoolExecutor(workers, thread_name_prefix="dwal-logs") as pool:
         return list(pool.map(function, items))
 
 
