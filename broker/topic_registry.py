@@ -123,7 +123,9 @@ class TopicRegistry:
         return registry
 
     def report_loaded(self) -> None:
-        """Log what the first image opened (and any stray directory). Blocking."""
+        """Log what the first image opened (and any stray directory), and close the
+        descriptors loading left open (the partitions are idle until used). Blocking."""
+        process_cache().close_unused()
         self._report_strays()
         log_event(
             logger,

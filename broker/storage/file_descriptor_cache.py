@@ -271,6 +271,14 @@ class FileDescriptorCache:
         self._close_victims(victims)
         return len(victims)
 
+    def close_unused(self) -> int:
+        """Close every descriptor nothing holds now (pinned or leased); return how many.
+        For a moment when every one is known idle: a start that just loaded every log."""
+        with self._lock:
+            victims = self._detach_unpinned(len(self._open_files))
+        self._close_victims(victims)
+        return len(victims)
+
     # Internals. `_lock` guards every field of the cache and of its files.
 
     def _pin(self, file: CachedFile) -> int:

@@ -198,3 +198,15 @@ async def test_flush_passes_keep_each_policys_timing(tmp_path, autojump_clock):
         assert 10.0 <= durable_at["rarely"] <= 12.1  # plus up to two full-pass periods
     finally:
         registry.close()
+
+
+async def test_the_descriptors_of_loading_are_closed_once_loaded(tmp_path):
+    image = next_image(EMPTY_IMAGE, topic_records("loaded", topic_id(1), [(NODE,)] * 3))
+    registry = open_registry(tmp_path)
+    try:
+        await registry.apply_image(image, NODE)
+        assert descriptors_on(tmp_path) == 3
+        registry.report_loaded()
+        assert descriptors_on(tmp_path) == 0
+    finally:
+        registry.close()
