@@ -159,3 +159,25 @@ async def test_the_soft_limit_is_raised_to_the_hard_one(limited_broker):
     await limited_broker.wait_for_output(
         b"event=open_files_limit soft=256 hard=256 soft_before=128 segment_files_cached_max=192"
     )
+
+
+async def test_a_cache_leaving_too_few_descriptors_is_refused(tmp_path):
+    config = tmp_path / "dwal.toml"
+    config.write_text("open_files_cached_max = 250\n")  # 256 - 250 < 64 for everything else
+    with trio.fail_after(20):
+        refused = await trio.run_process(
+            [sys.executable, "-m", "client.cli", "broker", "--port", "0", "--http-port", "-1"]
+            + ["--data-dir", str(tmp_path / "data"), "--config", str(config)],
+            stdin=subprocess.DEVNULL,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            cwd=REPO,
+            preexec_fn=open_files_limiter(OPEN_FILES_MAX, OPEN_FILES_MAX),
+        )
+    assert refused.returncode == 2
+    assert refused.stderr.decode().splitlines() == [
+        "error: open_files_cached_max (250) must leave at least 64 of the open-file limit (256) "
+        "for sockets and other files: raise the limit (ulimit -n) or lower the setting"
+    ]
+    assert not (tmp_path / "data").exists()
