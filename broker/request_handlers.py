@@ -29,6 +29,7 @@ from broker.wall_clock import now_ms
 from broker.group_coordinator import OFFSETS_TOPIC, GroupCoordinator
 from broker.producer_ids import ProducerIdBlocks
 from broker.storage import FetchSlice, ReplicaLog, StorageError
+from broker.storage.file_descriptor_cache import process_cache
 from broker.replication import ReplicaManager
 from broker.replication.broker_link import BrokerLink, BrokerLinkError
 from broker.topic_registry import TopicRegistry
@@ -291,9 +292,26 @@ class RequestHandlers:
         return Reply({"topics": results, "metadata_offset": offset})
 
     async def create_topics(self, body: dict, tail: bytes, context: RequestContext) -> Reply:
-        return await self._forward_topics(
+        reply = await self._forward_topics(
             ApiKey.CREATE_TOPICS, body, body["topics"], lambda e: e["topic"], "created by clients"
         )
+        for result in reply.body["topics"]:
+            if result["error_code"] or body.get("validate_only"):
+                continue
+            failed = sorted(
+                (partition, reason)
+                for (name, partition), reason in self.registry.failed_partitions.items()
+                if name == result["topic"]
+            )
+            if failed:  # created in the cluster, but not here: say why (it is retried)
+                partition, reason = failed[0]
+                result["error_code"] = int(ErrorCode.KAFKA_STORAGE_ERROR)
+                result["error_message"] = (
+                    f"topic {result['topic']!r} was created, but {len(failed)} of its "
+                    f"partitions cannot be created on broker {self.config.node_id} (partition "
+                    f"{partition}: {reason}); they are tried again with the next metadata change"
+                )
+        return reply
 
     async def delete_topics(self, body: dict, tail: bytes, context: RequestContext) -> Reply:
         return await self._forward_topics(
@@ -585,8 +603,8 @@ class RequestHandlers:
                     result["high_watermark"] = log.high_watermark
                     result["log_start_offset"] = log.log_start_offset
                     budget = min(part["max_bytes"], max_bytes - total)
-                    if budget <= 0 and total > 0:
-                        continue
+                    if total > 0 and (budget <= 0 or not process_cache().may_borrow()):
+                        continue  # full (bytes or descriptors): the next fetch reads on
                     if part["max_bytes"] <= 0:
                         raise DwalError(ErrorCode.INVALID_FETCH_SIZE, "max_bytes must be positive")
                     piece = log.read(part["fetch_offset"], max(budget, 1))

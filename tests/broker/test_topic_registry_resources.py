@@ -14,6 +14,7 @@ import resource
 from types import MappingProxyType
 
 import trio
+from broker_test_support import TEST_CONTEXT, running_node
 from test_topic_registry import (
     config_records,
     DEFAULTS,
@@ -29,6 +30,7 @@ from test_topic_registry import (
 
 from broker.limits import Limits
 from broker.topic_registry import TopicRegistry
+from protocol import ApiKey, ErrorCode, check_request
 
 
 @contextlib.contextmanager
@@ -210,3 +212,29 @@ async def test_the_descriptors_of_loading_are_closed_once_loaded(tmp_path):
         assert descriptors_on(tmp_path) == 0
     finally:
         registry.close()
+
+
+async def test_create_topics_says_which_partitions_this_broker_could_not_create(
+    tmp_path, monkeypatch
+):
+    """The topic exists in the cluster (the controller committed it), but this broker's
+    copy could not be made: the answer is KAFKA_STORAGE_ERROR with the reason, not success."""
+    real_write = os.write
+
+    def write_on_a_full_disk(fd: int, data) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(tmp_path / "full-")):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    async with running_node(tmp_path) as node:
+        monkeypatch.setattr(os, "write", write_on_a_full_disk)
+        body = check_request(
+            ApiKey.CREATE_TOPICS, {"topics": [{"topic": "full", "partitions": 2}, {"topic": "ok"}]}
+        )
+        reply = await node.handlers.create_topics(body, b"", TEST_CONTEXT)
+        full, ok = reply.body["topics"]
+        assert full["error_code"] == ErrorCode.KAFKA_STORAGE_ERROR
+        assert "2 of its partitions cannot be created on broker 1" in full["error_message"]
+        assert "no space left on the device" in full["error_message"]
+        assert ok["error_code"] == 0
+        assert partition_dirs(tmp_path, "full") == set()
