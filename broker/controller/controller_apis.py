@@ -120,7 +120,10 @@ class ControllerApis:
             rack=body["rack"],
             cluster_id=body["cluster_id"] or None,
         )
-        await self.controller.submit(lambda image: register_broker(image, registration))
+        changes_max = self.controller.config.partition_changes_per_entry_max
+        await self.controller.submit(
+            lambda image: register_broker(image, registration, changes_max=changes_max)
+        )
         broker = self.controller.image.brokers.get(registration.broker_id)
         if broker is None or broker.incarnation_id != incarnation:
             raise DwalError(ErrorCode.REQUEST_TIMED_OUT, "registration superseded: register again")
@@ -129,7 +132,12 @@ class ControllerApis:
     async def broker_heartbeat(self, body: dict[str, Any]) -> dict[str, Any]:
         broker_id, epoch = body["broker_id"], body["broker_epoch"]
         if body["want_shut_down"]:
-            await self.controller.submit(lambda image: shutdown_broker(image, broker_id, epoch))
+            changes_max = self.controller.config.partition_changes_per_entry_max
+            # The rest of the move is made by the controller's converge steps; the broker
+            # waits until its image shows it leads nothing.
+            await self.controller.submit(
+                lambda image: shutdown_broker(image, broker_id, epoch, changes_max=changes_max)
+            )
         reply = await self.controller.heartbeat(
             broker_id, epoch, metadata_offset=body["metadata_offset"]
         )

@@ -19,6 +19,18 @@ replica order) that is in the ISR and not fenced; with none, the partition has n
 (unclean election stays off) until a member of its ISR is unfenced. Every leader change bumps
 the leader epoch (done by apply).
 
+A broker decision that changes every partition of one broker (fence, controlled shutdown, a
+new incarnation, unfence) carries at most PARTITION_CHANGES_PER_ENTRY_MAX partition changes
+besides its broker record: a broker leading 50,000 partitions would otherwise need an entry
+above `records_per_entry_max`, `entry_bytes_max` and Raft's append limit. The rest is done by
+`converge_leadership`, which the active controller proposes entry after entry until it returns
+[]: it applies the same rules to whatever is left (leaders fenced, shut down or missing while
+an eligible ISR member exists; fenced or shut down brokers in ISRs they are not the last
+member of), so the image ends as one unbounded decision would have left it. Every entry on the
+way keeps the invariants (each change is a whole, valid step of one partition). A fenced broker
+is unfenced only once nothing is left to move away from it (`unfence_broker`): a new
+incarnation, which may have lost its unsynced tail, must not keep a leadership of the old one.
+
 Reassignment follows Kafka's KIP-455 on KRaft. While a partition moves, its replicas are
 the target followed by the replicas leaving (`removing_replicas`); the new ones
 (`adding_replicas`) start outside the ISR, fetch from the leader like any follower, and join
@@ -51,6 +63,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from types import MappingProxyType
 
 from broker.controller.metadata_image import (
@@ -97,6 +110,12 @@ Decision = list[MetadataRecord] | DwalError
 
 TopicPartition = tuple[str, int]
 
+# Partition changes in one broker decision or `converge_leadership` step. A change of ISR and
+# leader holds at most `replicas_max` (128) ISR members of 5 bytes: under 700 bytes, so 1,000
+# of them and the broker record stay well under `entry_bytes_max` (1 MiB) and far under
+# `records_per_entry_max` (tests/broker/controller check the worst case encodes).
+PARTITION_CHANGES_PER_ENTRY_MAX = 1000
+
 # The broker's limit, until the controller is given the broker's Limits.
 PARTITIONS_PER_TOPIC_MAX = Limits().partitions_per_topic_max
 
@@ -138,12 +157,18 @@ class AlterPartitionRequest:
 # ----------------------------------------------------------------------------- brokers
 
 
-def register_broker(image: MetadataImage, registration: BrokerRegistration) -> Decision:
+def register_broker(
+    image: MetadataImage,
+    registration: BrokerRegistration,
+    *,
+    changes_max: int = PARTITION_CHANGES_PER_ENTRY_MAX,
+) -> Decision:
     """Register a broker (fenced until `unfence_broker`); its epoch will be the entry's index.
 
     Returns [] when this incarnation is already registered (a retry), else the
-    RegisterBrokerRecord, preceded by the changes that move leadership and ISR membership
-    away from the broker's previous incarnation (it is gone). Refuses INVALID_REQUEST for a
+    RegisterBrokerRecord, preceded by at most `changes_max` of the changes that move
+    leadership and ISR membership away from the broker's previous incarnation (it is gone;
+    `converge_leadership` makes the rest). Refuses INVALID_REQUEST for a
     malformed registration, INCONSISTENT_CLUSTER_ID for another cluster's broker,
     DUPLICATE_BROKER_REGISTRATION for the same incarnation with other details.
     Whether an older incarnation's session is still alive is the caller's to check.
@@ -188,15 +213,22 @@ def register_broker(image: MetadataImage, registration: BrokerRegistration) -> D
                 "listeners or rack",
             )
         return []
-    moves = _move_away_from(image, registration.broker_id)
+    moves = _move_away_from(image, registration.broker_id, changes_max)
     return [*moves, record]
 
 
-def fence_broker(image: MetadataImage, broker_id: int, broker_epoch: int) -> Decision:
+def fence_broker(
+    image: MetadataImage,
+    broker_id: int,
+    broker_epoch: int,
+    *,
+    changes_max: int = PARTITION_CHANGES_PER_ENTRY_MAX,
+) -> Decision:
     """Fence a broker (it missed its session): it leads nothing and leaves the ISRs.
 
     Returns the FenceBrokerRecord (unless already fenced) followed by one change per
-    partition the broker is in the ISR of: leadership moves to the first replica in the ISR
+    partition the broker is in the ISR of, for the first `changes_max` of them
+    (`converge_leadership` makes the rest): leadership moves to the first replica in the ISR
     that is not fenced (or to no leader), and the broker leaves the ISR unless it is its last
     member. Refuses BROKER_NOT_AVAILABLE for an unknown broker and
     STALE_BROKER_EPOCH when `broker_epoch` is not the registered one.
@@ -207,11 +239,17 @@ def fence_broker(image: MetadataImage, broker_id: int, broker_epoch: int) -> Dec
     records: list[MetadataRecord] = []
     if not broker.fenced:
         records.append(FenceBrokerRecord(broker_id=broker_id, broker_epoch=broker_epoch))
-    records.extend(_move_away_from(image, broker_id))
+    records.extend(_move_away_from(image, broker_id, changes_max))
     return records
 
 
-def shutdown_broker(image: MetadataImage, broker_id: int, broker_epoch: int) -> Decision:
+def shutdown_broker(
+    image: MetadataImage,
+    broker_id: int,
+    broker_epoch: int,
+    *,
+    changes_max: int = PARTITION_CHANGES_PER_ENTRY_MAX,
+) -> Decision:
     """A controlled shutdown: like `fence_broker`, with a BrokerShutdownRecord (the broker
     must register again to be unfenced). Refuses as `fence_broker` does."""
     broker = _registered(image, broker_id, broker_epoch)
@@ -220,17 +258,27 @@ def shutdown_broker(image: MetadataImage, broker_id: int, broker_epoch: int) -> 
     records: list[MetadataRecord] = []
     if not broker.shut_down:
         records.append(BrokerShutdownRecord(broker_id=broker_id, broker_epoch=broker_epoch))
-    records.extend(_move_away_from(image, broker_id))
+    records.extend(_move_away_from(image, broker_id, changes_max))
     return records
 
 
-def unfence_broker(image: MetadataImage, broker_id: int, broker_epoch: int) -> Decision:
+def unfence_broker(
+    image: MetadataImage,
+    broker_id: int,
+    broker_epoch: int,
+    *,
+    changes_max: int = PARTITION_CHANGES_PER_ENTRY_MAX,
+) -> Decision:
     """Unfence a broker that caught up with the metadata log.
 
-    Returns [] when it is not fenced, else the UnfenceBrokerRecord followed by a change
-    electing it leader of every leaderless partition whose ISR holds it (leader epoch +1).
-    Refuses BROKER_NOT_AVAILABLE for an unknown or shut down broker (it must
-    register again) and STALE_BROKER_EPOCH for another epoch.
+    Returns [] when it is not fenced. While changes moving leadership or ISR membership away
+    from it are left (its fence or registration was applied in steps), returns the next
+    `changes_max` of those instead: it stays fenced, and the caller asks again. Else the
+    UnfenceBrokerRecord followed by a change electing it leader of each leaderless partition
+    whose ISR holds it (leader epoch +1), for the first `changes_max` of them
+    (`converge_leadership` elects it for the rest). Refuses BROKER_NOT_AVAILABLE for an
+    unknown or shut down broker (it must register again) and STALE_BROKER_EPOCH for another
+    epoch.
     """
     broker = _registered(image, broker_id, broker_epoch)
     if isinstance(broker, DwalError):
@@ -241,13 +289,18 @@ def unfence_broker(image: MetadataImage, broker_id: int, broker_epoch: int) -> D
         )
     if not broker.fenced:
         return []
-    records: list[MetadataRecord] = [
-        UnfenceBrokerRecord(broker_id=broker_id, broker_epoch=broker_epoch)
+    moves = _move_away_from(image, broker_id, changes_max)
+    if moves:
+        return moves
+    elections = (
+        _change(topic, partition, leader=broker_id)
+        for topic, partition in _partitions(image)
+        if partition.leader == NO_LEADER and broker_id in partition.isr
+    )
+    return [
+        UnfenceBrokerRecord(broker_id=broker_id, broker_epoch=broker_epoch),
+        *islice(elections, changes_max),
     ]
-    for topic, partition in _partitions(image):
-        if partition.leader == NO_LEADER and broker_id in partition.isr:
-            records.append(_change(topic, partition, leader=broker_id))
-    return records
 
 
 def _registered(image: MetadataImage, broker_id: int, broker_epoch: int) -> BrokerInfo | DwalError:
@@ -262,11 +315,15 @@ def _registered(image: MetadataImage, broker_id: int, broker_epoch: int) -> Brok
     return broker
 
 
-def _move_away_from(image: MetadataImage, broker_id: int) -> list[MetadataRecord]:
+def _move_away_from(image: MetadataImage, broker_id: int, changes_max: int) -> list[MetadataRecord]:
     """The changes that take `broker_id` out of every ISR (but as a last member) and give
-    the partitions it leads to another eligible ISR member, or to no leader."""
+    the partitions it leads to another eligible ISR member, or to no leader: the first
+    `changes_max` of them."""
+    assert changes_max > 0
     records: list[MetadataRecord] = []
     for topic, partition in _partitions(image):
+        if len(records) == changes_max:
+            break
         if broker_id not in partition.isr:
             continue
         isr = tuple(member for member in partition.isr if member != broker_id) or partition.isr
@@ -282,6 +339,40 @@ def _move_away_from(image: MetadataImage, broker_id: int) -> list[MetadataRecord
             )
         if (isr, leader) != (partition.isr, partition.leader):
             records.append(_change(topic, partition, isr=isr, leader=leader))
+    return records
+
+
+def converge_leadership(
+    image: MetadataImage, *, changes_max: int = PARTITION_CHANGES_PER_ENTRY_MAX
+) -> list[MetadataRecord]:
+    """The next `changes_max` changes that broker decisions made in steps still owe, by
+    topic name and number; [] once there are none. Pure; one entry's records.
+
+    The rules of `_move_away_from` and `unfence_broker`, for every broker at once: a fenced
+    or shut down broker leaves each ISR that keeps another member (an ISR of such brokers
+    only is left as it is: each of them would stay as its last member); a partition whose
+    leader is fenced, shut down or missing gets the first replica (in replica order) that is
+    in its ISR and eligible, or no leader. Partitions being reassigned follow the same rules
+    (their move completes through AlterPartition, as after a fence).
+    """
+    assert changes_max > 0
+    ineligible = frozenset(
+        broker.broker_id for broker in image.brokers.values() if broker.fenced or broker.shut_down
+    )
+    records: list[MetadataRecord] = []
+    for topic, partition in _partitions(image):
+        leader = partition.leader
+        leader_lost = leader == NO_LEADER or leader in ineligible
+        if not leader_lost and ineligible.isdisjoint(partition.isr):
+            continue
+        isr = tuple(member for member in partition.isr if member not in ineligible)
+        isr = isr or partition.isr
+        if leader_lost:
+            leader = _first_eligible(image, partition.replicas, isr)
+        if (isr, leader) != (partition.isr, partition.leader):
+            records.append(_change(topic, partition, isr=isr, leader=leader))
+            if len(records) == changes_max:
+                break
     return records
 
 

@@ -37,6 +37,12 @@ partitions' leadership moves within the ISR or goes to no leader); a heartbeat f
 broker whose metadata offset reached the entry that fenced it (or registered it) unfences
 it (`unfence_broker`).
 
+Broker decisions change at most `partition_changes_per_entry_max` partitions per entry (see
+decisions' module doc): a broker leading 50,000 partitions would not fit one entry. A task of
+the active term finishes what they leave: after every committed entry holding a broker record,
+on activation, and every session timeout as a safety net, it proposes `converge_leadership`
+entry after entry, each decided on the latest image, until it returns [].
+
 Automatic leader balancing (Kafka's `auto.leader.rebalance.enable`) is a task of the active
 term: every `leader_imbalance_check_interval_seconds` it takes the partitions
 `leader_imbalance` finds (a broker whose share of preferred leaderships it does not hold is
@@ -60,8 +66,10 @@ import trio
 
 from broker.controller.decisions import (
     LEADER_ELECTIONS_PER_ENTRY_MAX,
+    PARTITION_CHANGES_PER_ENTRY_MAX,
     Decision,
     TopicPartition,
+    converge_leadership,
     elect_preferred_leaders,
     fence_broker,
     leader_imbalance,
@@ -69,9 +77,13 @@ from broker.controller.decisions import (
 )
 from broker.controller.metadata_image import EMPTY_IMAGE, MetadataImage, apply
 from broker.controller.metadata_records import (
+    BrokerShutdownRecord,
     ClusterIdRecord,
+    FenceBrokerRecord,
     MetadataDecodeError,
     MetadataRecord,
+    RegisterBrokerRecord,
+    UnfenceBrokerRecord,
     decode_entry,
     encode_entry,
 )
@@ -100,6 +112,14 @@ from protocol.errors import DwalError, ErrorCode
 logger = logging.getLogger("dwal.controller")
 
 METADATA_DIRECTORY_NAME = "__cluster_metadata"
+
+# Records of the broker decisions that may leave partition changes to `converge_leadership`.
+_BROKER_RECORDS = (
+    RegisterBrokerRecord,
+    FenceBrokerRecord,
+    UnfenceBrokerRecord,
+    BrokerShutdownRecord,
+)
 
 
 class MetadataLogCorruptError(Exception):
@@ -136,9 +156,16 @@ class QuorumControllerConfig:
     auto_leader_rebalance_enable: bool = True
     leader_imbalance_check_interval_seconds: float = 300.0
     leader_imbalance_per_broker_percentage: int = 10
+    # Partition changes a broker decision (and each step finishing it) puts in one entry; at
+    # most PARTITION_CHANGES_PER_ENTRY_MAX, the most known to fit the entry limits.
+    partition_changes_per_entry_max: int = PARTITION_CHANGES_PER_ENTRY_MAX
 
     def validate(self) -> None:
         """Raise ValueError for an impossible setting."""
+        if not 1 <= self.partition_changes_per_entry_max <= PARTITION_CHANGES_PER_ENTRY_MAX:
+            raise ValueError(
+                f"partition_changes_per_entry_max must be in [1, {PARTITION_CHANGES_PER_ENTRY_MAX}]"
+            )
         if self.leader_imbalance_check_interval_seconds <= 0:
             raise ValueError("leader_imbalance_check_interval_seconds must be positive")
         if not 0 <= self.leader_imbalance_per_broker_percentage <= 100:
@@ -167,6 +194,7 @@ class QuorumControllerStatistics:
     brokers_unfenced: int  # by this node, on heartbeats
     decisions_waiting: int  # callers of submit in line or deciding
     leaders_balanced: int  # preferred leaders elected by automatic leader balancing
+    partitions_converged: int  # changes made by converge_leadership steps (broker decisions' rest)
 
 
 def open_metadata_storage(data_dir: pathlib.Path, voters: Iterable[int]) -> DurableStorage:
@@ -303,6 +331,9 @@ class QuorumController:
         self._decisions_waiting = 0
         self._decisions_committed = self._fenced = self._unfenced = 0
         self._leaders_balanced = 0
+        self._partitions_converged = 0
+        # Set when a committed broker decision may have left partition changes.
+        self._convergence_wanted = trio.Event()
         self._stopped = False
 
     @property
@@ -373,6 +404,7 @@ class QuorumController:
                 active = self._active
                 assert active is not None
                 async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._converge_leadership)
                     if self.config.auto_leader_rebalance_enable:
                         nursery.start_soon(self._balance_leaders)
                     await self._fence_expired_sessions(active)
@@ -517,6 +549,8 @@ class QuorumController:
             raise DwalError(ErrorCode.REQUEST_TIMED_OUT, str(error)) from error
         assert type(index) is int
         self._decisions_committed += 1
+        if any(isinstance(record, _BROKER_RECORDS) for record in decision):
+            self._convergence_wanted.set()
         return index
 
     # Broker sessions.
@@ -547,7 +581,12 @@ class QuorumController:
                 # Fenced anew meanwhile (a later fence entry): it must catch up with that too.
                 if not self._caught_up(broker_id, metadata_offset):
                     return []
-                return unfence_broker(image, broker_id, broker_epoch)
+                return unfence_broker(
+                    image,
+                    broker_id,
+                    broker_epoch,
+                    changes_max=self.config.partition_changes_per_entry_max,
+                )
 
             await self.submit(decide)
             if not self.image.brokers[broker_id].fenced:
@@ -590,7 +629,9 @@ class QuorumController:
         def decide(image: MetadataImage) -> Decision:
             if self._session_expiry(active, broker_id, epoch) > trio.current_time():
                 return []  # it heartbeated while this decision waited in line
-            return fence_broker(image, broker_id, epoch)
+            return fence_broker(
+                image, broker_id, epoch, changes_max=self.config.partition_changes_per_entry_max
+            )
 
         try:
             await self.submit(decide)
@@ -601,6 +642,40 @@ class QuorumController:
         if broker is not None and broker.epoch == epoch and broker.fenced:
             self._fenced += 1
             logger.info("node %d fenced broker %d (session expired)", self.node_id, broker_id)
+
+    # Finishing broker decisions.
+
+    async def _converge_leadership(self) -> None:
+        """Propose `converge_leadership` steps until none is left, at once and again after
+        each broker decision (or every session timeout), until cancelled (the term ends)."""
+        while True:
+            self._convergence_wanted = trio.Event()  # a wake during the steps runs them again
+            await self._converge_until_done()
+            with trio.move_on_after(self.config.session_timeout_seconds):
+                await self._convergence_wanted.wait()
+
+    async def _converge_until_done(self) -> None:
+        while True:
+            changed: list[int] = []
+            decide = functools.partial(
+                _converge,
+                changes_max=self.config.partition_changes_per_entry_max,
+                changed=changed,
+            )
+            try:
+                await self.submit(decide)
+            except DwalError as error:
+                logger.warning("node %d: moving leadership: %s", self.node_id, error)
+                await trio.sleep(self.config.heartbeat_interval_seconds)
+                continue  # a lost term cancels this task; anything else is retried
+            if not changed or not changed[-1]:
+                return
+            self._partitions_converged += changed[-1]
+            logger.info(
+                "node %d changed %d partitions left by broker decisions",
+                self.node_id,
+                changed[-1],
+            )
 
     # Automatic leader balancing.
 
@@ -640,6 +715,7 @@ class QuorumController:
             brokers_unfenced=self._unfenced,
             decisions_waiting=self._decisions_waiting,
             leaders_balanced=self._leaders_balanced,
+            partitions_converged=self._partitions_converged,
         )
 
 
@@ -648,6 +724,12 @@ def _elect(
 ) -> Decision:
     records = elect_preferred_leaders(image, partitions)
     elected.append(len(records))
+    return records
+
+
+def _converge(image: MetadataImage, *, changes_max: int, changed: list[int]) -> Decision:
+    records = converge_leadership(image, changes_max=changes_max)
+    changed.append(len(records))
     return records
 
 
