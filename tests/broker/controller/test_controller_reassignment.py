@@ -73,6 +73,11 @@ def state(log: ImageLog, name: str = "t", partition: int = 0) -> PartitionInfo:
 
 def join_isr(log: ImageLog, broker_id: int, name: str = "t", partition: int = 0) -> None:
     """The partition's leader adds `broker_id` to its ISR (it caught up)."""
+    set_isr(log, (*state(log, name, partition).isr, broker_id), name, partition)
+
+
+def set_isr(log: ImageLog, isr: tuple[int, ...], name: str = "t", partition: int = 0) -> None:
+    """The partition's leader asks for `isr` (an AlterPartition in its current epochs)."""
     current = state(log, name, partition)
     request = AlterPartitionRequest(
         broker_id=current.leader,
@@ -81,7 +86,7 @@ def join_isr(log: ImageLog, broker_id: int, name: str = "t", partition: int = 0)
         partition=partition,
         leader_epoch=current.leader_epoch,
         partition_epoch=current.partition_epoch,
-        isr=(*current.isr, broker_id),
+        isr=isr,
     )
     log.commit(alter_partition(log.image, request))
 
@@ -136,17 +141,7 @@ def test_an_isr_change_that_leaves_an_adding_replica_out_does_not_complete():
     log = cluster(1, 2, 3, 4)
     add_partitions(log, "t", (1, 2, 3))
     reassign(log, (1, 2, 4))
-    current = state(log)
-    shrink = AlterPartitionRequest(
-        broker_id=1,
-        broker_epoch=log.epoch(1),
-        topic_id=log.image.topics["t"].topic_id,
-        partition=0,
-        leader_epoch=current.leader_epoch,
-        partition_epoch=current.partition_epoch,
-        isr=(1, 2),  # 3 lags
-    )
-    log.commit(alter_partition(log.image, shrink))
+    set_isr(log, (1, 2))  # 3 lags
     assert state(log).reassigning and state(log).isr == (1, 2)
 
 
@@ -171,17 +166,7 @@ def test_a_shrink_waits_until_every_target_replica_is_in_sync():
     is in the ISR."""
     log = cluster(1, 2, 3)
     add_partitions(log, "t", (2, 3, 1))
-    current = state(log)
-    lagging = AlterPartitionRequest(
-        broker_id=2,
-        broker_epoch=log.epoch(2),
-        topic_id=log.image.topics["t"].topic_id,
-        partition=0,
-        leader_epoch=current.leader_epoch,
-        partition_epoch=current.partition_epoch,
-        isr=(2, 1),
-    )
-    log.commit(alter_partition(log.image, lagging))
+    set_isr(log, (2, 1))  # node 3 lags
     reassign(log, (1, 3))
     moving = state(log)
     assert moving.reassigning and moving.leader == 2, moving
