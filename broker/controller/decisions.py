@@ -43,7 +43,9 @@ lost its unsynced tail (a power loss before it is fenced); completing a shrink t
 another target replica is out of the ISR would leave it the only in-sync copy, and what
 only the leaving replicas held would be lost. A new target is always taken
 relative to the replicas before the move (`original_replicas`), so reassigning to those,
-or cancelling, reverts the move; replicas that stop being added leave the ISR at once.
+or cancelling, reverts the move; a replica that stops being added leaves at once if it is
+out of the ISR, and otherwise as a replica leaving does, once every target replica is in
+the ISR (dropping an in-sync copy at once lost acknowledged records in the simulation).
 Every record keeps the invariants leader in ISR, ISR within replicas, adding and removing
 within replicas and disjoint; a move or cancel that would leave no in-sync replica is refused.
 
@@ -888,7 +890,16 @@ def _reassign(
     """The change that moves the partition to `target` from its original replicas."""
     original = partition.original_replicas
     adding = tuple(broker for broker in target if broker not in original)
-    removing = tuple(broker for broker in original if broker not in target)
+    # A replica that stops being added (a cancel, or a target without it) and is in the ISR
+    # leaves like any replica leaving: only once every target replica is in the ISR. Dropping
+    # it at once could leave as the only in-sync copy a member that has just lost its
+    # unsynced tail to a power loss (not fenced yet), and lose what only it held.
+    kept = tuple(
+        broker
+        for broker in partition.adding_replicas
+        if broker not in target and broker in partition.isr
+    )
+    removing = tuple(broker for broker in original if broker not in target) + kept
     replicas = target + removing
     isr = tuple(member for member in partition.isr if member in replicas)
     if not isr:

@@ -229,7 +229,12 @@ class ControllerMachine(RuleBasedStateMachine):
         # A move never adds an ISR member; only the leader's AlterPartition does.
         assert set(after.isr) <= set(partition.isr), (partition, after)
         if cancel:
-            assert not after.reassigning and after.replicas == partition.original_replicas
+            # Back to the original replicas; an in-sync replica that was being added leaves
+            # like a replica leaving, once every original replica is in sync.
+            assert after.target_replicas == partition.original_replicas, (partition, after)
+            kept = set(partition.adding_replicas) & set(partition.isr)
+            assert set(after.removing_replicas) == kept, (partition, after)
+            assert after.reassigning == bool(kept), (partition, after)
             self.stats["reassignment cancelled"] += 1
         else:
             assert after.target_replicas == tuple(target), (target, after)

@@ -25,6 +25,7 @@ from broker.controller import (
     image_to_records,
     leader_imbalance,
     recommission_broker,
+    unfence_broker,
 )
 from protocol.errors import DwalError, ErrorCode
 
@@ -208,6 +209,32 @@ def test_cancelling_reverts_to_the_original_replicas():
     assert back.leader == 1 and back.leader_epoch == 0
 
 
+def test_a_cancel_keeps_an_in_sync_adding_replica_until_the_original_replicas_are_in_sync():
+    """Simulation seed 6008: replicas [1, 3] moving to [2, 1, 3], ISR {1, 2} (node 3
+    lagging), records acknowledged on 1 and 2's page caches; node 1 lost power (its unsynced
+    tail gone, not fenced yet) and the move was cancelled. Dropping the adding replica 2 from
+    the ISR at once left node 1 its only member: it came back shorter and led, and the
+    records only node 2 held were lost. Node 2 now leaves like a replica leaving: once every
+    replica of the reverted target is in sync."""
+    log = cluster(1, 2, 3)
+    add_partitions(log, "t", (1, 3))
+    set_isr(log, (1,))  # node 3 lags
+    reassign(log, (2, 1, 3))
+    join_isr(log, 2)
+    assert state(log).isr == (1, 2) and state(log).adding_replicas == (2,)
+    log.commit(alter_partition_reassignment(log.image, "t", 0, None))
+    cancelling = state(log)
+    assert cancelling.isr == (1, 2) and cancelling.replicas == (1, 3, 2), cancelling
+    assert cancelling.removing_replicas == (2,) and cancelling.target_replicas == (1, 3)
+    log.commit(fence_broker(log.image, 1, log.epoch(1)))  # node 1's session ends
+    assert state(log).leader == 2 and state(log).isr == (2,)  # the copy with the records
+    log.commit(unfence_broker(log.image, 1, log.epoch(1)))  # back, shorter; it follows 2
+    join_isr(log, 1)
+    join_isr(log, 3)
+    done = state(log)
+    assert not done.reassigning and done.replicas == (1, 3) and set(done.isr) == {1, 3}
+
+
 def test_reassigning_to_the_original_replicas_is_a_cancel():
     log = cluster(1, 2, 3, 4)
     add_partitions(log, "t", (1, 2, 3))
@@ -223,9 +250,13 @@ def test_a_new_target_during_a_move_is_taken_from_the_original_replicas():
     join_isr(log, 4)
     reassign(log, (1, 2, 5))
     moving = state(log)
-    assert moving.replicas == (1, 2, 5, 3)  # 4 is no longer added, and leaves the ISR
-    assert (moving.adding_replicas, moving.removing_replicas) == ((5,), (3,))
-    assert moving.isr == (1, 2, 3)
+    # 4 is no longer added; in sync, it leaves like 3, once every target replica is in sync
+    assert moving.replicas == (1, 2, 5, 3, 4)
+    assert (moving.adding_replicas, moving.removing_replicas) == ((5,), (3, 4))
+    assert moving.isr == (1, 2, 3, 4)
+    join_isr(log, 5)
+    done = state(log)
+    assert done.replicas == (1, 2, 5) and done.isr == (1, 2, 5) and not done.reassigning
 
 
 def test_the_same_target_again_changes_nothing():
@@ -236,21 +267,18 @@ def test_the_same_target_again_changes_nothing():
     assert alter_partition_reassignment(log.image, "t", 0, [1, 2, 4]) == []
 
 
-def test_a_cancel_that_would_leave_no_in_sync_replica_is_refused():
+def test_a_cancel_never_drops_the_only_in_sync_replica():
     log = cluster(1, 2, 3)
     add_partitions(log, "t", (1,))
     reassign(log, (2, 3))
     join_isr(log, 2)
     log.commit(fence_broker(log.image, 1, log.epoch(1)))  # 2 leads; 1 leaves the ISR
     assert state(log).isr == (2,) and state(log).leader == 2
-    refused(
-        alter_partition_reassignment(log.image, "t", 0, None),
-        ErrorCode.INVALID_REPLICA_ASSIGNMENT,
-        "every in-sync replica of t-0 (2) would leave",
-    )
-    refused(
-        alter_partition_reassignment(log.image, "t", 0, (1,)), ErrorCode.INVALID_REPLICA_ASSIGNMENT
-    )
+    # Back towards [1]: 2, the only in-sync copy, stays (leaving) until 1 is in sync again.
+    log.commit(alter_partition_reassignment(log.image, "t", 0, None))
+    cancelling = state(log)
+    assert cancelling.replicas == (1, 2) and cancelling.removing_replicas == (2,)
+    assert cancelling.isr == (2,) and cancelling.leader == 2
 
 
 # ----------------------------------------------------------------- refusals
