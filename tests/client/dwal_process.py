@@ -83,8 +83,14 @@ class DwalProcess:
         process exits; raises TooSlowError (with the output) after `timeout_s`."""
         try:
             with trio.fail_after(timeout_s):
-                while not condition(self):
-                    if self.finished:
+                while True:
+                    # `finished` first: trio.Process.returncode polls the OS, so the process
+                    # may exit between two reads; it counts as first only if it had exited
+                    # before the condition was found false.
+                    finished = self.finished
+                    if condition(self):
+                        return
+                    if finished:
                         raise AssertionError(
                             f"dwal exited with {self.process.returncode} first; "
                             f"stderr: {self.stderr_text!r}"
