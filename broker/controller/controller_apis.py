@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from broker.controller.decisions import (
@@ -56,6 +56,21 @@ DECOMMISSION_ROUNDS_MAX = 10_000  # entries of REASSIGNMENTS_PER_ENTRY_MAX moves
 
 def _error_fields(error: DwalError) -> dict[str, Any]:
     return {"error_code": int(error.code), "error_message": error.message}
+
+
+def _results_by_topic(
+    partitions: Iterable[tuple[str, int]], outcomes: Mapping[tuple[str, int], DwalError | None]
+) -> list[dict[str, Any]]:
+    """One result per partition (the first time it is named, in that order), grouped by
+    topic: error code 0 unless `outcomes` holds an error for it."""
+    by_topic: dict[str, list[dict[str, Any]]] = {}
+    for topic, number in dict.fromkeys(partitions):
+        result: dict[str, Any] = {"partition": number, "error_code": 0}
+        error = outcomes.get((topic, number))
+        if error is not None:
+            result.update(_error_fields(error))
+        by_topic.setdefault(topic, []).append(result)
+    return [{"topic": topic, "partitions": results} for topic, results in by_topic.items()]
 
 
 class ControllerApis:
@@ -394,16 +409,7 @@ class ControllerApis:
             return records
 
         last = await self.controller.submit(decide)
-        by_topic: dict[str, list[dict[str, Any]]] = {}
-        for (topic, partition), error in sorted(outcomes.items()):
-            result: dict[str, Any] = {"partition": partition, "error_code": 0}
-            if error is not None:
-                result.update(_error_fields(error))
-            by_topic.setdefault(topic, []).append(result)
-        return {
-            "topics": [{"topic": t, "partitions": parts} for t, parts in by_topic.items()],
-            "metadata_offset": last,
-        }
+        return {"topics": _results_by_topic(sorted(outcomes), outcomes), "metadata_offset": last}
 
     # -- reassignment and decommission ------------------------------------------------------
 
@@ -429,19 +435,8 @@ class ControllerApis:
             last = await self.controller.submit(
                 functools.partial(_reassign_partitions, moves=chunk, outcomes=outcomes)
             )
-        by_topic: dict[str, list[dict[str, Any]]] = {}
-        for topic, number, _ in wanted:
-            if any(r["partition"] == number for r in by_topic.get(topic, [])):
-                continue
-            result: dict[str, Any] = {"partition": number, "error_code": 0}
-            error = outcomes.get((topic, number))
-            if error is not None:
-                result.update(_error_fields(error))
-            by_topic.setdefault(topic, []).append(result)
-        return {
-            "topics": [{"topic": t, "partitions": parts} for t, parts in by_topic.items()],
-            "metadata_offset": last,
-        }
+        partitions = [(topic, number) for topic, number, _ in wanted]
+        return {"topics": _results_by_topic(partitions, outcomes), "metadata_offset": last}
 
     async def list_partition_reassignments(self, body: dict[str, Any]) -> dict[str, Any]:
         """The partitions being reassigned (of those asked for; unknown ones are left
