@@ -259,13 +259,7 @@ class MemoryPartitionLog:
         self._leader_epochs.check_assignable(leader_epoch, base_offset)
         original = self._producers.check_leader_append([batch.header for batch in scanned])
         if original is not None:
-            return AppendInfo(
-                base_offset=original.first_offset,
-                last_offset=original.last_offset,
-                log_append_time=-1,
-                log_start_offset=self._log_start_offset,
-                duplicate=True,
-            )
+            return AppendInfo.of_duplicate(original, self._log_start_offset)
         headers = _assign_offsets(batches, scanned, base_offset, leader_epoch)
         assert headers[-1][1].last_offset <= OFFSET_MAX
         self._update_leader_epochs(lambda cache: cache.assign(leader_epoch, base_offset))

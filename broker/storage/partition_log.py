@@ -122,7 +122,7 @@ from .log_loader import (
     producer_snapshot_path,
     write_producer_snapshot,
 )
-from .producer_state import ProducerStateTable
+from .producer_state import BatchMetadata, ProducerStateTable
 from .segment import Segment
 
 RECOVERY_POINT_INTERVAL_SECONDS = 10.0
@@ -144,6 +144,17 @@ class AppendInfo:
     log_append_time: int
     log_start_offset: int
     duplicate: bool = False
+
+    @classmethod
+    def of_duplicate(cls, original: BatchMetadata, log_start_offset: int) -> AppendInfo:
+        """The answer to a retried batch: the offsets `original` got, nothing written."""
+        return cls(
+            base_offset=original.first_offset,
+            last_offset=original.last_offset,
+            log_append_time=-1,
+            log_start_offset=log_start_offset,
+            duplicate=True,
+        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -387,13 +398,7 @@ class PartitionLog:
         self._leader_epochs.check_assignable(leader_epoch, base_offset)
         original = self._producers.check_leader_append([batch.header for batch in scanned])
         if original is not None:
-            return AppendInfo(
-                base_offset=original.first_offset,
-                last_offset=original.last_offset,
-                log_append_time=-1,
-                log_start_offset=self.log_start_offset,
-                duplicate=True,
-            )
+            return AppendInfo.of_duplicate(original, self.log_start_offset)
         headers = _assign_offsets(batches, scanned, base_offset, leader_epoch)
         self._update_leader_epochs(lambda cache: cache.assign(leader_epoch, base_offset))
         self._write_appended(memoryview(batches), headers, now_ms)
