@@ -48,7 +48,8 @@ async def run_broker(
     """
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "client.cli", "broker", "--port", "0"]
-        + ["--http-port", "0" if http else "-1", "--data-dir", data_dir, *options],
+        + ["--http-port", "0" if http else "-1", "--grpc-port", "-1", "--data-dir", data_dir]
+        + list(options),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -126,7 +126,16 @@ class LocalBrokers:
 
     def command(self, node: BrokerNode) -> list[str]:
         command = [sys.executable, "-m", "broker", "--node-id", str(node.node_id)]
-        command += ["--port", str(node.port), "--http-port", "-1", "--data-dir", str(node.data_dir)]
+        command += [
+            "--port",
+            str(node.port),
+            "--http-port",
+            "-1",
+            "--grpc-port",
+            "-1",
+            "--data-dir",
+            str(node.data_dir),
+        ]
         if self.cluster:
             quorum = ",".join(
                 f"{n.node_id}@127.0.0.1:{n.controller_port}" for n in self.nodes.values()

@@ -91,7 +91,18 @@ async def start_broker(nursery: trio.Nursery, data_dir: str, fsync: str) -> tupl
     """Spawn the broker; return it and the seconds until its `broker_started` line."""
     began = time.monotonic()
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "client.cli", "broker", "--port", "0", "--http-port", "-1"]
+        [
+            sys.executable,
+            "-m",
+            "client.cli",
+            "broker",
+            "--port",
+            "0",
+            "--http-port",
+            "-1",
+            "--grpc-port",
+            "-1",
+        ]
         + ["--data-dir", data_dir, "--fsync", fsync],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,

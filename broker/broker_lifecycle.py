@@ -28,6 +28,7 @@ logger = logging.getLogger("dwal.broker")
 
 NATIVE_LISTENER = "NATIVE"  # the names of the listeners a broker registers
 HTTP_LISTENER = "HTTP"
+GRPC_LISTENER = "GRPC"
 CONTROLLER_LISTENER = "CONTROLLER"  # a learner's controller port
 
 REGISTRATION_RETRY_DELAY_SECONDS = 0.1

@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, help="native protocol port (default 9092)")
     parser.add_argument("--http-port", type=int, help="JSON/HTTP port (default 8080, -1 disables)")
     parser.add_argument("--http-host", help="JSON/HTTP listen address (default: --host)")
+    parser.add_argument(
+        "--grpc-port",
+        type=int,
+        help="serve the gRPC API on this port (default: off; make run uses 9090)",
+    )
+    parser.add_argument("--grpc-host", help="gRPC listen address (default: --host)")
     parser.add_argument("--data-dir", help="data directory (default ./data)")
     parser.add_argument(
         "--fsync",
@@ -128,6 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "port": args.port,
         "http_port": args.http_port,
         "http_host": args.http_host,
+        "grpc_port": args.grpc_port,
+        "grpc_host": args.grpc_host,
         "data_dir": args.data_dir,
         "fsync": args.fsync,
         "node_id": args.node_id,

@@ -31,6 +31,10 @@ class BrokerConfig:
     advertised_host: str | None = None  # what Metadata tells clients; None: `host`
     http_host: str | None = None  # None: same as host
     http_port: int = 8080  # 0 picks a free port; -1 disables the HTTP gateway
+    grpc_host: str | None = None  # None: same as host
+    # The gRPC API (log.v1.Log): off (-1) unless given (`make run` serves it on 9090), so
+    # that several brokers on one host need no extra flag; 0 picks a free port.
+    grpc_port: int = -1
     data_dir: pathlib.Path = pathlib.Path("./data")
     log_level: str = "info"
     auto_create_topics: bool = False
@@ -100,6 +104,10 @@ class BrokerConfig:
         return self.http_host or self.host
 
     @property
+    def grpc_bind_host(self) -> str:
+        return self.grpc_host or self.host
+
+    @property
     def client_host(self) -> str:
         """The host clients are told to connect to: advertised_host, else the listen host
         (a wildcard listen address is no address to connect to: use this machine's name)."""
@@ -117,6 +125,8 @@ _SIMPLE_KEYS = {
     "advertised_host": str,
     "http_host": str,
     "http_port": int,
+    "grpc_host": str,
+    "grpc_port": int,
     "data_dir": str,
     "log_level": str,
     "auto_create_topics": bool,
@@ -285,10 +295,10 @@ def _validate(config: BrokerConfig) -> None:
         port = getattr(config, name)
         if not 0 <= port <= 65535:
             raise ConfigError(f"{name} must be between 0 and 65535, got {port}")
-    if not -1 <= config.http_port <= 65535:
-        raise ConfigError(
-            f"http_port must be between -1 (disabled) and 65535, got {config.http_port}"
-        )
+    for name in ("http_port", "grpc_port"):
+        port = getattr(config, name)
+        if not -1 <= port <= 65535:
+            raise ConfigError(f"{name} must be between -1 (disabled) and 65535, got {port}")
     if config.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("log_level must be one of debug, info, warning, error")
     if not 1 <= config.default_partitions <= config.limits.partitions_per_topic_max:

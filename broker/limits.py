@@ -44,6 +44,14 @@ class Limits:
     http_fetch_bytes_max: int = 4 * 1024 * 1024
     http_append_timeout_ms: int = 30_000  # an HTTP produce waiting for its fsync; then an error
     http_query_fields_max: int = 16  # parameters in one query string; more: 400
+    # The gRPC gateway. Messages larger than this (either way) are refused with
+    # RESOURCE_EXHAUSTED; a ConsumeStream response holds records up to this many bytes.
+    grpc_message_bytes_max: int = 8 * 1024 * 1024
+    grpc_concurrent_rpcs_max: int = 1024  # calls at once (streams included); more: refused
+    grpc_records_per_response_max: int = 10_000  # ConsumeRequest.max_records is capped here
+    # ProduceStream requests read ahead of their answers, per stream (then it stops reading)
+    grpc_stream_requests_queued_max: int = 256
+    grpc_append_timeout_ms: int = 30_000  # a Produce waiting for acks=all; then an error
     # How often the broker looks for logs whose periodic flush is due (fsync=interval's
     # flush.ms is honoured to within this).
     flush_check_interval_ms: int = 50
@@ -107,6 +115,10 @@ class Limits:
             problems.append("limits.http_fetch_bytes_max must be at least 1024")
         if self.http_append_timeout_ms < 100:
             problems.append("limits.http_append_timeout_ms must be at least 100")
+        if self.grpc_message_bytes_max < 64 * 1024:
+            problems.append("limits.grpc_message_bytes_max must be at least 65536")
+        if self.grpc_append_timeout_ms < 100:
+            problems.append("limits.grpc_append_timeout_ms must be at least 100")
         if self.flush_check_interval_ms < 10:
             problems.append("limits.flush_check_interval_ms must be at least 10")
         if self.group_expiry_check_interval_ms < 10:

@@ -1,6 +1,6 @@
 """One broker process: locks the data directory, joins the cluster (its member of the
 metadata quorum: see `broker.cluster_member`), opens the logs the metadata image places
-here, serves the native protocol and the HTTP gateway, and runs background maintenance
+here, serves the native protocol and the HTTP and gRPC gateways, and runs background maintenance
 (retention, interval flushes), all under one nursery.
 
 `run_broker` is cancellation-safe: cancelling it stops the listeners, lets the root nursery
@@ -11,6 +11,7 @@ cancellation.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 from collections.abc import AsyncIterator
@@ -18,10 +19,16 @@ from dataclasses import dataclass
 
 import trio
 
-from broker.broker_lifecycle import HTTP_LISTENER, NATIVE_LISTENER, ListenerAddress
+from broker.broker_lifecycle import (
+    GRPC_LISTENER,
+    HTTP_LISTENER,
+    NATIVE_LISTENER,
+    ListenerAddress,
+)
 from broker.cluster_member import ClusterMember
 from broker.config import BrokerConfig
 from broker.data_dir_lock import DataDirLock
+from broker.gateway.grpc_gateway import GrpcGateway, open_grpc_gateway
 from broker.event_log import log_event
 from broker.group_coordinator import OFFSETS_TOPIC, OFFSETS_TOPIC_CONFIGS, GroupCoordinator
 from broker.memory_pool import MemoryPool
@@ -47,6 +54,7 @@ class BrokerAddresses:
     host: str
     port: int
     http_port: int | None
+    grpc_port: int | None = None
 
 
 async def run_broker(
@@ -71,32 +79,44 @@ async def run_broker(
     assert not config.limits.problems(), config.limits.problems()
     listeners = await _bind_listeners(config)
     try:
-        lock = DataDirLock.acquire(config.data_dir)
-        try:
-            await _run_locked(config, listeners, stop, task_status)
-        finally:
-            lock.release()  # after every log is closed
+        async with open_grpc_gateway(config) as grpc_gateway:
+            lock = DataDirLock.acquire(config.data_dir)
+            try:
+                await _run_locked(config, listeners, grpc_gateway, stop, task_status)
+            finally:
+                lock.release()  # after every log is closed
     finally:
         for listener in listeners.all():
             listener.socket.close()  # idempotent: serving closes them too
 
 
 async def _run_locked(
-    config: BrokerConfig, listeners: BoundListeners, stop: trio.Event | None, task_status
+    config: BrokerConfig,
+    listeners: BoundListeners,
+    grpc_gateway: GrpcGateway | None,
+    stop: trio.Event | None,
+    task_status,
 ) -> None:
     native_port = listeners.native[0].socket.getsockname()[1]
     http_port = listeners.http[0].socket.getsockname()[1] if listeners.http else None
+    grpc_port = grpc_gateway.port if grpc_gateway is not None else None
     async with open_broker_node(
         config,
         native_port=native_port,
         http_port=http_port,
+        grpc_port=grpc_port,
         controller_listeners=listeners.controller,
     ) as node:
         async with trio.open_nursery() as nursery:
             addresses, server = await _serve(config, node.handlers, listeners, nursery)
+            if grpc_gateway is not None:
+                await nursery.start(grpc_gateway.serve, node.handlers)
+                addresses = dataclasses.replace(addresses, grpc_port=grpc_port)
             ports = {"port": addresses.port}
             if addresses.http_port is not None:
                 ports["http_port"] = addresses.http_port
+            if addresses.grpc_port is not None:
+                ports["grpc_port"] = addresses.grpc_port
             if listeners.controller:
                 ports["controller_port"] = listeners.controller[0].socket.getsockname()[1]
             log_event(
@@ -144,12 +164,13 @@ async def open_broker_node(
     *,
     native_port: int,
     http_port: int | None = None,
+    grpc_port: int | None = None,
     controller_listeners: list[trio.SocketListener] | None = None,
 ) -> AsyncIterator[BrokerNode]:
     """Join the cluster, open the logs, start the background tasks; yield the node once it
     may serve (registered, unfenced, logs open); stop everything and close every log when
     the block exits. The caller holds the data directory's lock. `native_port` and
-    `http_port` are what the broker registers as its listeners."""
+    `http_port` and `grpc_port` are what the broker registers as its listeners."""
     registry = await trio.to_thread.run_sync(
         TopicRegistry.open, config.data_dir, config.log_defaults, config.limits
     )
@@ -158,6 +179,8 @@ async def open_broker_node(
         advertised = [ListenerAddress(NATIVE_LISTENER, config.client_host, native_port)]
         if http_port is not None:
             advertised.append(ListenerAddress(HTTP_LISTENER, config.client_host, http_port))
+        if grpc_port is not None:
+            advertised.append(ListenerAddress(GRPC_LISTENER, config.client_host, grpc_port))
         member = ClusterMember(config, registry, advertised=advertised)
 
         async def alter_partition(body: dict) -> dict:

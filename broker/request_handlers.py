@@ -784,11 +784,19 @@ class RequestHandlers:
         return response
 
     async def _forward_fetch(
-        self, leader: int, topic: str, partition: int, offset: int, max_bytes: int
+        self,
+        leader: int,
+        topic: str,
+        partition: int,
+        offset: int,
+        max_bytes: int,
+        *,
+        wait_ms: int = 0,
     ) -> bytes:
+        """The leader's batches from `offset`; with `wait_ms`, a long poll for the first."""
         body = {
-            "max_wait_ms": 0,
-            "min_bytes": 0,
+            "max_wait_ms": wait_ms,
+            "min_bytes": 1 if wait_ms else 0,
             "max_bytes": max_bytes,
             "topics": [
                 {
@@ -799,7 +807,7 @@ class RequestHandlers:
                 }
             ],
         }
-        response = await self._forward(leader, ApiKey.FETCH, body)
+        response = await self._forward(leader, ApiKey.FETCH, body, timeout_ms=wait_ms + 30_000)
         result = response.body["topics"][0]["partitions"][0]
         if result["error_code"]:
             raise DwalError(ErrorCode(result["error_code"]), result.get("error_message"))
@@ -826,6 +834,52 @@ class RequestHandlers:
             except OSError as error:
                 code, message = error_of(error)
                 raise DwalError(code, message) from None
+
+    async def follow_batches(
+        self, topic: str, partition: int, offset: int, max_bytes: int, wait_ms: int
+    ) -> bytes:
+        """`read_batches` for a reader following a partition: when nothing is readable at
+        `offset` yet (it is at or above the high watermark, even beyond the log end), wait
+        up to `wait_ms` for it, and return b"" if nothing came. Raises DwalError like
+        `read_batches` (OFFSET_OUT_OF_RANGE only below the log start offset). Safe to
+        cancel."""
+        deadline = trio.current_time() + wait_ms / 1000
+        while True:
+            remaining_ms = max(0, int((deadline - trio.current_time()) * 1000))
+            leader = self._leader_elsewhere(topic, partition)
+            if leader is not None:
+                try:
+                    return await self._forward_fetch(
+                        leader, topic, partition, offset, max_bytes, wait_ms=remaining_ms
+                    )
+                except DwalError as error:
+                    if error.code != ErrorCode.OFFSET_OUT_OF_RANGE:
+                        raise
+                    out_of_range = error
+                start, high_watermark = await self.readable_range(topic, partition)
+                if offset < start:
+                    raise out_of_range
+                if not remaining_ms:
+                    return b""
+                # Beyond the leader's log end: its long poll at the high watermark wakes
+                # this up when something is written; then look again.
+                await self._forward_fetch(
+                    leader, topic, partition, high_watermark, 1, wait_ms=remaining_ms
+                )
+                continue
+            try:
+                log = self.replicas.leader_log(topic, partition)[0]
+            except Exception as error:
+                code, message = error_of(error)
+                raise DwalError(code, message) from None
+            if offset < log.high_watermark or offset < log.log_start_offset:
+                return await self.read_batches(topic, partition, offset, max_bytes)
+            if not remaining_ms:
+                return b""
+            # Woken when the high watermark moves (or the log goes away); a lost leadership
+            # is noticed at the deadline at the latest.
+            with trio.move_on_at(deadline):
+                await log.new_data_event.wait()
 
     async def read_batch_containing(self, topic: str, partition: int, offset: int) -> bytes | None:
         """Return the whole record batch of a partition that holds `offset`, its CRC checked,

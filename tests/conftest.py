@@ -27,6 +27,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 # The whole line (up to its newline), so that a port is never read from a partial chunk;
 # http_port is absent when the HTTP gateway is disabled.
 STARTED = re.compile(rb"event=broker_started [^\n]*? port=(\d+)(?: http_port=(\d+))?[^\n]*\n")
+GRPC_STARTED = re.compile(rb" grpc_port=(\d+)")
 
 
 @dataclass
@@ -59,7 +60,11 @@ def pytest_addoption(parser):
 async def broker(nursery, tmp_path) -> InProcessBroker:
     """A broker running inside the test's trio run, fsync=never for speed."""
     config = BrokerConfig(
-        port=0, http_port=0, data_dir=tmp_path / "data", log_defaults=LogConfig(fsync="never")
+        port=0,
+        http_port=0,
+        grpc_port=-1,
+        data_dir=tmp_path / "data",
+        log_defaults=LogConfig(fsync="never"),
     )
     addresses = await nursery.start(run_broker, config)
     return InProcessBroker(config, addresses.port, addresses.http_port)
@@ -71,6 +76,7 @@ async def group_broker(nursery, tmp_path) -> InProcessBroker:
     config = BrokerConfig(
         port=0,
         http_port=-1,
+        grpc_port=-1,
         data_dir=tmp_path / "data",
         log_defaults=LogConfig(fsync="never"),
         offsets_topic_partitions=4,
@@ -87,6 +93,7 @@ class BrokerProcess:
     data_dir: pathlib.Path
     port: int = 0
     http_port: int | None = None
+    grpc_port: int | None = None  # when started with grpc_port >= 0
     output: bytearray = field(default_factory=bytearray)
     exited: trio.Event = field(default_factory=trio.Event)
 
@@ -113,6 +120,7 @@ class BrokerLauncher:
         *extra: str,
         port: int = 0,
         http_port: int = 0,
+        grpc_port: int = -1,
         timeout_s: float = 30,
     ) -> BrokerProcess:
         data_dir = data_dir or self.tmp_path / "data"
@@ -127,6 +135,8 @@ class BrokerLauncher:
             str(port),
             "--http-port",
             str(http_port),
+            "--grpc-port",
+            str(grpc_port),
             "--data-dir",
             str(data_dir),
             *extra,
@@ -163,6 +173,8 @@ class BrokerLauncher:
                 if not ready.is_set() and (match := STARTED.search(broker.output)):
                     broker.port = int(match.group(1))
                     broker.http_port = None if match.group(2) is None else int(match.group(2))
+                    grpc = GRPC_STARTED.search(match.group(0))
+                    broker.grpc_port = None if grpc is None else int(grpc.group(1))
                     ready.set()
         finally:
             await broker.process.wait()

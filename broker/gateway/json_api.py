@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from broker.gateway.api_error import ApiError, api_error_from
+from broker.gateway.record_reader import check_readable, read_records
 from broker.gateway.json_records import (
     ENCODINGS,
     Encoding,
@@ -47,9 +48,7 @@ from protocol import (
     ProtocolError,
     Record,
     build_batch,
-    complete_prefix_bytes,
     decode_records,
-    parse_header,
     validate_topic_name,
 )
 
@@ -59,7 +58,6 @@ if TYPE_CHECKING:
 WAL_TOPIC = "wal"
 WAL_PARTITION = 0
 FETCH_RECORDS_DEFAULT = 100
-FETCH_READ_BYTES = 1024 * 1024  # one read_batches call
 _DIGITS = re.compile(r"[0-9]{1,18}")
 
 
@@ -320,9 +318,15 @@ class JsonApi:
             )
         start, high_watermark = await self._handlers.readable_range(topic, partition)
         offset = _integer_parameter(query, "offset", start)
-        _check_readable(offset, start, high_watermark)
-        records, next_offset = await self._read_records(
-            topic, partition, offset, high_watermark, limit
+        check_readable(offset, start, high_watermark)
+        records, next_offset = await read_records(
+            self._handlers,
+            topic,
+            partition,
+            offset,
+            high_watermark,
+            limit,
+            self._limits.http_fetch_bytes_max,
         )
         return ApiResponse(
             status=200,
@@ -334,74 +338,8 @@ class JsonApi:
             },
         )
 
-    async def _read_records(
-        self, topic: str, partition: int, offset: int, end: int, limit: int
-    ) -> tuple[list[Record], int]:
-        """Up to `limit` records in [offset, end) and the offset to read next.
-
-        The first read is the one batch holding `offset` (all a read of one record needs);
-        the following ones read up to FETCH_READ_BYTES of batches each."""
-        records: list[Record] = []
-        position = offset
-        bytes_read = 0
-        first_read = True
-        while (
-            position < end
-            and len(records) < limit
-            and bytes_read < self._limits.http_fetch_bytes_max
-        ):
-            data = None
-            if first_read:
-                first_read = False
-                data = await self._handlers.read_batch_containing(topic, partition, position)
-            if data is None:  # past the first read, or `offset` was removed by compaction
-                data = await self._handlers.read_batches(
-                    topic, partition, position, FETCH_READ_BYTES
-                )
-            bytes_read += len(data)
-            start = position
-            for record in decode_records(data, allow_partial_tail=True):
-                if record.offset < position:
-                    continue
-                if record.offset >= end or len(records) >= limit:
-                    return records, position
-                records.append(record)
-                position = record.offset + 1
-            # Skip offsets that hold no record (compacted away, control batches).
-            position = max(position, min(_batches_end_offset(data, position), end))
-            if position == start:
-                break
-        return records, position
-
     async def _health(self, request: ApiRequest, query: Query) -> ApiResponse:
         return ApiResponse(status=200, body={"status": "ok"})
-
-
-def _batches_end_offset(data: bytes, default: int) -> int:
-    """The offset after the last whole batch of `data` (`default` when there is none)."""
-    end = default
-    position = 0
-    complete = complete_prefix_bytes(data)
-    while position < complete:
-        header = parse_header(data, position)
-        end = header.next_offset
-        position += header.size_bytes
-    return end
-
-
-def _check_readable(offset: int, start: int, high_watermark: int) -> None:
-    if offset < start:
-        raise ApiError(
-            404,
-            f"offset {offset} was deleted by retention; the log now starts at offset {start}",
-            code=ErrorCode.OFFSET_OUT_OF_RANGE,
-        )
-    if offset > high_watermark:
-        raise ApiError(
-            404,
-            f"offset {offset} has not been written yet (high watermark {high_watermark})",
-            code=ErrorCode.OFFSET_OUT_OF_RANGE,
-        )
 
 
 def _path_segments(path: str) -> list[str]:

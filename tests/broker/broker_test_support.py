@@ -33,8 +33,8 @@ async def running_node(
     data_dir: pathlib.Path, log_config: LogConfig | None = None, **config: Any
 ) -> AsyncIterator[BrokerNode]:
     """A broker node over `data_dir` (no listeners), stopped when the block exits. `config`:
-    BrokerConfig fields (port=0, http_port=-1 unless given)."""
-    settings: dict[str, Any] = {"port": 0, "http_port": -1, **config}
+    BrokerConfig fields (port=0, http_port=-1, grpc_port=-1 unless given)."""
+    settings: dict[str, Any] = {"port": 0, "http_port": -1, "grpc_port": -1, **config}
     if log_config is not None:
         settings["log_defaults"] = log_config
     broker_config = BrokerConfig(data_dir=data_dir, **settings)

@@ -59,7 +59,11 @@ def test_an_unusable_directory_is_a_data_dir_error(tmp_path):
 
 def _config(tmp_path) -> BrokerConfig:
     return BrokerConfig(
-        port=0, http_port=-1, data_dir=tmp_path / "data", log_defaults=LogConfig(fsync="never")
+        port=0,
+        http_port=-1,
+        grpc_port=-1,
+        data_dir=tmp_path / "data",
+        log_defaults=LogConfig(fsync="never"),
     )
 
 

@@ -22,7 +22,11 @@ from protocol import ACKS_LEADER, build_batch
 
 async def start_broker(nursery, tmp_path, fsync: str) -> str:
     config = BrokerConfig(
-        port=0, http_port=-1, data_dir=tmp_path / "data", log_defaults=LogConfig(fsync=fsync)
+        port=0,
+        http_port=-1,
+        grpc_port=-1,
+        data_dir=tmp_path / "data",
+        log_defaults=LogConfig(fsync=fsync),
     )
     addresses = await nursery.start(run_broker, config)
     return f"127.0.0.1:{addresses.port}"

@@ -50,7 +50,18 @@ class LimitedBroker:
         self, soft: int = OPEN_FILES_MAX, hard: int = OPEN_FILES_MAX
     ) -> tuple[trio.Process, str]:
         process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "client.cli", "broker", "--port", "0", "--http-port", "-1"]
+            [
+                sys.executable,
+                "-m",
+                "client.cli",
+                "broker",
+                "--port",
+                "0",
+                "--http-port",
+                "-1",
+                "--grpc-port",
+                "-1",
+            ]
             + ["--data-dir", str(self.data_dir), "--fsync", "never"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -166,7 +177,18 @@ async def test_a_cache_leaving_too_few_descriptors_is_refused(tmp_path):
     config.write_text("open_files_cached_max = 250\n")  # 256 - 250 < 64 for everything else
     with trio.fail_after(20):
         refused = await trio.run_process(
-            [sys.executable, "-m", "client.cli", "broker", "--port", "0", "--http-port", "-1"]
+            [
+                sys.executable,
+                "-m",
+                "client.cli",
+                "broker",
+                "--port",
+                "0",
+                "--http-port",
+                "-1",
+                "--grpc-port",
+                "-1",
+            ]
             + ["--data-dir", str(tmp_path / "data"), "--config", str(config)],
             stdin=subprocess.DEVNULL,
             capture_stdout=True,

@@ -162,6 +162,8 @@ async def test_broker_start_errors_are_one_line(broker, tmp_path):
         str(broker.port),
         "--http-port",
         "-1",
+        "--grpc-port",
+        "-1",
         "--data-dir",
         str(tmp_path / "x"),
         check=False,

@@ -128,6 +128,7 @@ class ClusterNode:
     data_dir: pathlib.Path
     roles: str = "broker,controller"
     rack: str | None = None
+    grpc_port: int = -1  # -1: the gRPC gateway is off (see ClusterLauncher.add_node)
     runs: list[NodeProcess] = field(default_factory=list)  # every start, the last is current
 
     @property
@@ -191,9 +192,11 @@ class ClusterLauncher:
         roles: str = "broker,controller",
         rack: str | None = None,
         data_dir: pathlib.Path | None = None,
+        grpc: bool = False,
     ) -> ClusterNode:
+        """Declare node `node_id` with free ports; `grpc` turns its gRPC gateway on."""
         assert node_id not in self.nodes, node_id
-        port, http_port, controller_port = free_ports(3)
+        port, http_port, controller_port, grpc_port = free_ports(4)
         node = ClusterNode(
             node_id,
             port,
@@ -202,6 +205,7 @@ class ClusterLauncher:
             data_dir or self.tmp_path / f"node-{node_id}",
             roles,
             rack,
+            grpc_port if grpc else -1,
         )
         self.nodes[node_id] = node
         return node
@@ -300,6 +304,8 @@ class ClusterLauncher:
             str(node.port),
             "--http-port",
             str(node.http_port),
+            "--grpc-port",
+            str(node.grpc_port),
             "--controller-port",
             str(node.controller_port),
             "--data-dir",

@@ -57,7 +57,7 @@ async def serve_controller_port(nursery, tmp_path, apis: ControllerApis) -> tupl
     """A controller port (Raft and controller requests) answering with `apis`."""
     transport = TcpTransport(TcpTransportConfig(node_id=9, listen=False))
     await nursery.start(transport.run)
-    config = BrokerConfig(data_dir=tmp_path, port=0, http_port=-1)
+    config = BrokerConfig(data_dir=tmp_path, port=0, http_port=-1, grpc_port=-1)
     listener = ControllerListener(transport, NativeServer(ControllerRequestHandlers(config, apis)))
     sockets = await trio.open_tcp_listeners(0, host="127.0.0.1")
     bound = await nursery.start(listener.serve, sockets)

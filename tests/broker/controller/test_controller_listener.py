@@ -62,7 +62,7 @@ async def start_controller_port(
         peers = {2: ("127.0.0.1", 1)}
     transport = TcpTransport(TcpTransportConfig(node_id=1, peers=peers, listen=False))
     await nursery.start(transport.run)
-    config = BrokerConfig(data_dir=tmp_path, port=0, http_port=-1)
+    config = BrokerConfig(data_dir=tmp_path, port=0, http_port=-1, grpc_port=-1)
     listener = ControllerListener(transport, NativeServer(ControllerRequestHandlers(config, apis)))
     sockets = await trio.open_tcp_listeners(0, host="127.0.0.1")
     bound = await nursery.start(listener.serve, sockets)
