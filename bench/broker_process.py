@@ -1,9 +1,9 @@
 """A `dwal broker` process for a benchmark, started with `nursery.start(run_broker, ...)`.
 
-The broker binds port 0 (and its HTTP gateway port 0 when asked for one) and names the ports
-it bound in its `broker_started` line on stderr. `run_broker` reads stderr for as long as the
-broker runs, so the broker never blocks writing its log, and keeps the end of it for the error
-raised if the broker exits on its own.
+The broker binds port 0 (and its HTTP and gRPC gateways port 0 when asked for them) and names
+the ports it bound in its `broker_started` line on stderr. `run_broker` reads stderr for as
+long as the broker runs, so the broker never blocks writing its log, and keeps the end of it
+for the error raised if the broker exits on its own.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import trio
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The whole line (up to its newline), so that a port is never read from a partial chunk;
-# http_port is absent when the HTTP gateway is disabled.
+# http_port and grpc_port are absent when their gateway is disabled.
 STARTED = re.compile(rb"event=broker_started [^\n]*? port=(\d+)(?: http_port=(\d+))?[^\n]*\n")
+GRPC_PORT = re.compile(rb" grpc_port=(\d+)")
 OUTPUT_KEPT_BYTES = 64 * 1024  # the end of the broker's log, for the error if it exits
 STOP_TIMEOUT_S = 10  # after SIGTERM, then SIGKILL
 
@@ -29,6 +30,7 @@ class StartedBroker:
     pid: int
     port: int
     http_port: int | None  # None when the HTTP gateway is disabled
+    grpc_port: int | None = None  # None when the gRPC gateway is disabled
 
     @property
     def bootstrap(self) -> str:
@@ -36,19 +38,24 @@ class StartedBroker:
 
 
 async def run_broker(
-    data_dir: str, *options: str, http: bool = False, task_status=trio.TASK_STATUS_IGNORED
+    data_dir: str,
+    *options: str,
+    http: bool = False,
+    grpc: bool = False,
+    task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run `dwal broker` on `data_dir` until cancelled; reports a `StartedBroker` once started.
 
     `options` are further `dwal broker` options (`"--fsync", "never"`, `"--config", path`);
-    `http` enables the HTTP gateway (pass it with `functools.partial`). Raises RuntimeError,
-    with the end of the broker's log, if the broker exits before it is cancelled. On
-    cancellation the broker gets SIGTERM, then SIGKILL after STOP_TIMEOUT_S, and is reaped
-    either way.
+    `http` and `grpc` enable the HTTP and gRPC gateways on free ports (pass them with
+    `functools.partial`). Raises RuntimeError, with the end of the broker's log, if the broker
+    exits before it is cancelled. On cancellation the broker gets SIGTERM, then SIGKILL after
+    STOP_TIMEOUT_S, and is reaped either way.
     """
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "client.cli", "broker", "--port", "0"]
-        + ["--http-port", "0" if http else "-1", "--grpc-port", "-1", "--data-dir", data_dir]
+        + ["--http-port", "0" if http else "-1", "--grpc-port", "0" if grpc else "-1"]
+        + ["--data-dir", data_dir]
         + list(options),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -64,8 +71,14 @@ async def run_broker(
             if not started and (match := STARTED.search(output)):
                 started = True
                 http_port = None if match.group(2) is None else int(match.group(2))
+                grpc_match = GRPC_PORT.search(match.group(0))
                 task_status.started(
-                    StartedBroker(pid=process.pid, port=int(match.group(1)), http_port=http_port)
+                    StartedBroker(
+                        pid=process.pid,
+                        port=int(match.group(1)),
+                        http_port=http_port,
+                        grpc_port=None if grpc_match is None else int(grpc_match.group(1)),
+                    )
                 )
             del output[:-OUTPUT_KEPT_BYTES]
         raise RuntimeError("broker exited:\n" + output.decode(errors="replace"))
