@@ -190,7 +190,9 @@ class LogServicer(log_pb2_grpc.LogServicer):
         self, request: log_pb2.ProduceRequest, context: grpc.aio.ServicerContext
     ) -> log_pb2.ProduceResponse:
         call = await self._parse_produce(request, context)
-        partition, offset = await self._append(context, [call])
+        placed = await self._append(context, [call])
+        assert placed is not None  # one request is never split
+        partition, offset = placed
         return log_pb2.ProduceResponse(offset=offset, partition=partition)
 
     async def Consume(
@@ -245,7 +247,17 @@ class LogServicer(log_pb2_grpc.LogServicer):
                         answered,
                     )
                 group = [first, *queue.take_same_place(first, self._records_per_batch(first))]
-                partition, offset = await self._append(context, group, answered=answered)
+                placed = await self._append(context, group, answered=answered)
+                if placed is None:
+                    # Too large together for the topic: each request alone, answered once
+                    # it is stored (another writer's records may come between them).
+                    for call in group:
+                        placed = await self._append(context, [call], answered=answered)
+                        assert placed is not None
+                        yield log_pb2.ProduceResponse(offset=placed[1], partition=placed[0])
+                        answered += 1
+                    continue
+                partition, offset = placed
                 for call in group:
                     yield log_pb2.ProduceResponse(offset=offset, partition=partition)
                     offset += len(call.records)
@@ -260,6 +272,7 @@ class LogServicer(log_pb2_grpc.LogServicer):
         call = parse_consume_request(request, self._limits.grpc_records_per_response_max)
         await self._ask(context, self._backend.prepare_follow, call.topic, call.partition)
         stopping = asyncio.ensure_future(self._stopping.wait())
+        read: asyncio.Future[bytes] | None = None
         position = call.offset
         try:
             while True:
@@ -290,6 +303,8 @@ class LogServicer(log_pb2_grpc.LogServicer):
                     position = batches_end_offset(data, position)
         finally:
             stopping.cancel()
+            if read is not None:  # the client went away during a read: end it in trio now
+                read.cancel()
 
     def _consume_responses(
         self, records: list[Record], max_records: int
@@ -346,10 +361,10 @@ class LogServicer(log_pb2_grpc.LogServicer):
 
     async def _append(
         self, context: grpc.aio.ServicerContext, calls: list[ProduceCall], *, answered: int = -1
-    ) -> tuple[int, int]:
+    ) -> tuple[int, int] | None:
         """Append the records of `calls` (same place) as one batch: (partition, offset).
-        When a group of several is too large for the topic, each is appended alone (nothing
-        of a refused batch was stored). Aborts the call on an error."""
+        None when a group of several is too large for the topic (nothing of a refused batch
+        was stored): the caller appends them one by one. Aborts the call on an error."""
         first = calls[0]
         records = [record for call in calls for record in call.records]
         timeout_ms = _timeout_ms(context, self._limits.grpc_append_timeout_ms)
@@ -364,8 +379,7 @@ class LogServicer(log_pb2_grpc.LogServicer):
             )
         except DwalError as error:
             if error.code in _TOO_LARGE and len(calls) > 1:
-                placed = [await self._append(context, [call], answered=answered) for call in calls]
-                return placed[0]
+                return None
             status = grpc_status_of(error.code)
             message = error.message or error.code.name
             if answered >= 0:
