@@ -28,6 +28,7 @@ from client.consume_command import (
     verify_command,
 )
 from client.exception_groups import single_error
+from client.grpc_command import add_grpc_commands, run_grpc_command
 from client.line_splitter import LineSplitter, OversizeLine
 from client.limits import LIMITS
 from client.producer import Producer
@@ -420,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="partition to check (repeatable; default all)",
     )
+
+    add_grpc_commands(commands)  # `dwal grpc produce|consume`: client/grpc_command.py
     return parser
 
 
@@ -428,6 +431,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if arguments[:1] == ["broker"] and arguments[1:2] not in (["decommission"], ["recommission"]):
         _run_broker_package(arguments[1:])
     args = build_parser().parse_args(arguments)
+    if args.command == "grpc":  # synchronous grpcio, no trio: client/grpc_command.py
+        return run_grpc_command(args)
     try:
         try:
             if args.command == "consume":
