@@ -32,6 +32,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -304,6 +306,10 @@ class GrpcGateway:
         asyncio.run(self._serve_on_loop(bound))
 
     async def _serve_on_loop(self, bound: Callable[[], None]) -> None:
+        # gRPC core's own log lines go to stderr in another format; the broker reports what
+        # matters itself (set GRPC_VERBOSITY=ERROR or DEBUG to see them). Read when grpc is
+        # first imported.
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
         from grpc_health.v1._async import HealthServicer
@@ -327,11 +333,11 @@ class GrpcGateway:
             ],
             maximum_concurrent_rpcs=limits.grpc_concurrent_rpcs_max,
         )
-        address = f"{_host_for_grpc(self.config.grpc_bind_host)}:{self.config.grpc_port}"
+        host, port = self.config.grpc_bind_host, self.config.grpc_port
         try:
-            self.port = server.add_insecure_port(address)
-        except RuntimeError as error:
-            raise OSError(f"cannot listen on {address} (gRPC): {error}") from None
+            self.port = server.add_insecure_port(f"{_host_for_grpc(host)}:{port}")
+        except RuntimeError:
+            raise _bind_error(host, port) from None
         self._token.run_sync_soon(bound)
         try:
             waiter = asyncio.ensure_future(self._stop_requested.wait())
@@ -370,6 +376,23 @@ class GrpcGateway:
                 await server.stop(STOP_GRACE_SECONDS)
             finally:
                 self._token.run_sync_soon(self._server_stopped.set)
+
+
+def _bind_error(host: str, port: int) -> OSError:
+    """grpcio says only "Failed to bind": binding the address here gives the OS's reason,
+    in the words the other listeners use ("cannot listen on HOST:PORT: REASON")."""
+    reason: OSError | None = None
+    try:
+        for family, kind, proto, _, address in socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        ):
+            with socket.socket(family, kind, proto) as probe:
+                probe.bind(address)
+    except OSError as error:
+        reason = error
+    if reason is None or reason.errno is None:
+        return OSError(f"cannot listen on {host}:{port} (gRPC): grpcio could not bind it")
+    return OSError(reason.errno, f"cannot listen on {host}:{port}: {reason.strerror}")
 
 
 def _host_for_grpc(host: str) -> str:

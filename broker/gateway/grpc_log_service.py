@@ -42,6 +42,9 @@ if TYPE_CHECKING:
 # before it looks again (it is woken at once when records come).
 FOLLOW_READ_BYTES = 1024 * 1024
 FOLLOW_WAIT_MS = 1_000
+# A response with several records holds at most about this many bytes: well below a gRPC
+# client's default receive limit (4 MiB).
+RESPONSE_BYTES = 1024 * 1024
 RECORD_OVERHEAD_BYTES = 32  # what a Record message adds to its key, value and headers
 # ProduceStream requests are grouped into one batch up to this many bytes of keys and values
 # (below the default max.message.bytes, 1 MiB; a group refused as too large for a topic that
@@ -179,9 +182,12 @@ class LogServicer(log_pb2_grpc.LogServicer):
         self._backend = backend
         self._limits = limits
         self._stopping = asyncio.Event()
+        # Records in one response with several: up to RESPONSE_BYTES, within the limit.
+        self._response_bytes_max = min(RESPONSE_BYTES, limits.grpc_message_bytes_max // 2)
 
     def stop_streams(self) -> None:
-        """End every ConsumeStream (UNAVAILABLE): the broker is stopping."""
+        """End every ConsumeStream, and every ProduceStream waiting for a request, with
+        UNAVAILABLE: the broker is stopping."""
         self._stopping.set()
 
     # -- unary --------------------------------------------------------------------------
@@ -208,7 +214,7 @@ class LogServicer(log_pb2_grpc.LogServicer):
                 call.partition,
                 call.offset,
                 call.max_records,
-                self._limits.grpc_message_bytes_max // 2,
+                self._response_bytes_max,
             )
             return log_pb2.ConsumeResponse(records=[record_message(r) for r in records])
         batch = await self._ask(
@@ -233,9 +239,21 @@ class LogServicer(log_pb2_grpc.LogServicer):
     ) -> AsyncIterator[log_pb2.ProduceResponse]:
         queue = _RequestQueue(self._limits.grpc_stream_requests_queued_max)
         reader = asyncio.ensure_future(self._read_requests(request_iterator, queue))
+        stopping = asyncio.ensure_future(self._stopping.wait())
         answered = 0
         try:
             while True:
+                if queue.empty():  # wait for a request, or for the broker to stop
+                    waiting = asyncio.ensure_future(queue.wait_not_empty())
+                    await asyncio.wait([waiting, stopping], return_when=asyncio.FIRST_COMPLETED)
+                    if not waiting.done():
+                        waiting.cancel()
+                        await self._abort(
+                            context,
+                            grpc.StatusCode.UNAVAILABLE,
+                            "the broker is stopping; the stream was idle",
+                            answered,
+                        )
                 first = await queue.get()
                 if first is None:
                     break
@@ -265,6 +283,7 @@ class LogServicer(log_pb2_grpc.LogServicer):
             await reader  # raises what reading the requests raised
         finally:
             reader.cancel()
+            stopping.cancel()
 
     async def ConsumeStream(
         self, request: log_pb2.ConsumeRequest, context: grpc.aio.ServicerContext
@@ -313,7 +332,7 @@ class LogServicer(log_pb2_grpc.LogServicer):
             for record in records:
                 yield log_pb2.ConsumeResponse(record=record_message(record))
             return
-        bytes_max = self._limits.grpc_message_bytes_max // 2
+        bytes_max = self._response_bytes_max
         chunk: list[log_pb2.Record] = []
         size = 0
         for record in records:
@@ -449,6 +468,13 @@ class _RequestQueue:
     def close(self) -> None:
         self._items.append(None)
         self._changed.set()
+
+    def empty(self) -> bool:
+        return not self._items
+
+    async def wait_not_empty(self) -> None:
+        while not self._items:
+            await self._wait()
 
     async def get(self) -> ProduceCall | BadRequest | None:
         while not self._items:

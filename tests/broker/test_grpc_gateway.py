@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import pathlib
+import queue
 import sys
 import threading
 import time
@@ -563,33 +564,55 @@ async def test_a_stream_ends_when_the_broker_stops_and_resumes_after_a_restart(
             assert (await log.produce_value(b"r%03d" % n)).offset == n
         assert [r.offset for r in await stream.records(10)] == list(range(50, 60))
 
-        # SIGTERM while the stream waits for records: it ends with UNAVAILABLE at once,
-        # saying where to resume
+        # a ProduceStream left open between requests
+        pending: queue.Queue[log_pb2.ProduceRequest | None] = queue.Queue()
+
+        def requests() -> Iterator[log_pb2.ProduceRequest]:
+            while (request := pending.get()) is not None:
+                yield request
+
+        producer = log.stub.ProduceStream(requests())
+        pending.put(produce_request(b"r060"))
+        assert (await in_thread(lambda: next(producer))).offset == 60
+        assert [r.offset for r in await stream.records(1)] == [60]
+
+        # SIGTERM while the streams wait (for records; for requests): both end with
+        # UNAVAILABLE at once, the consumer's saying where to resume
         ended: list[grpc.RpcError] = []
 
         async def wait_end() -> None:
             ended.append(await stream.error(timeout_s=5))
 
+        def producer_end() -> grpc.RpcError:
+            try:
+                raise AssertionError(f"the producer's stream went on: {next(producer)}")
+            except grpc.RpcError as error:
+                return error
+
         started = time.monotonic()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(wait_end)
             assert await broker_launcher.stop(broker) == 0
-        (error,) = ended
+            producer_error = await in_thread(producer_end, 5)
+        pending.put(None)
+        consumer_error = ended[0]
         assert time.monotonic() - started < 5
-        assert error.code() == grpc.StatusCode.UNAVAILABLE, error
-        assert "resume from offset 60" in error.details(), error.details()
+        assert consumer_error.code() == grpc.StatusCode.UNAVAILABLE, consumer_error
+        assert "resume from offset 61" in consumer_error.details(), consumer_error.details()
+        assert producer_error.code() == grpc.StatusCode.UNAVAILABLE, producer_error
+        assert producer_error.details().startswith("the broker is stopping"), producer_error
     output = broker.output.decode(errors="replace")
     assert "Traceback" not in output and "never retrieved" not in output, output
 
     broker = await broker_launcher.start(broker.data_dir, *FAST, grpc_port=0)
     with LogClient(broker.grpc_port) as log:
-        stored = await log.consume_records(0, 60)
-        assert [r.value for r in stored] == [b"r%03d" % n for n in range(60)]
-        stream = log.consume_stream(offset=60)
-        for n in range(60, 65):
+        stored = await log.consume_records(0, 61)
+        assert [r.value for r in stored] == [b"r%03d" % n for n in range(61)]
+        stream = log.consume_stream(offset=61)
+        for n in range(61, 66):
             assert (await log.produce_value(b"r%03d" % n)).offset == n
         resumed = await stream.records(5)
-        assert [(r.offset, r.value) for r in resumed] == [(n, b"r%03d" % n) for n in range(60, 65)]
+        assert [(r.offset, r.value) for r in resumed] == [(n, b"r%03d" % n) for n in range(61, 66)]
 
 
 # -- a cluster -----------------------------------------------------------------------------
