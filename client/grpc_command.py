@@ -17,8 +17,8 @@ their own; grpcio runs a thread that takes the requests of a stream from an iter
   the first request that fails: the command prints one ``error:`` line with the status,
   its details and how many records were acknowledged, and exits 1.
 - **consume** without `--follow` reads with unary Consume calls (`max_records` records at a
-  time) from `--offset` until a call for the next offset answers OUT_OF_RANGE with the
-  high watermark equal to that offset (the API has no other way to learn the end). With
+  time) from `--offset` until the next offset reaches the high watermark (each answer gives
+  both: `next_offset`, `high_watermark`). With
   `--follow` it reads one ConsumeStream; when the stream ends with UNAVAILABLE (the broker
   stopped, or cannot be reached) it opens a new channel and stream from the offset after
   the last record printed, after a backoff doubling from `BACKOFF_S_INITIAL` to
@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import re
 import select
 import signal
 import sys
@@ -77,9 +76,6 @@ BACKOFF_S_MAX = 2.0  # ... doubling up to this
 # A stream that lasted this long counts as having been connected: the next failure starts
 # the backoff again from BACKOFF_S_INITIAL.
 CONNECTED_AFTER_S = BACKOFF_S_MAX
-
-_HIGH_WATERMARK = re.compile(r"\(high watermark (\d+)\)")
-_EMPTY_LOG = "the log is empty"
 
 
 # -- arguments ------------------------------------------------------------------------------
@@ -504,10 +500,9 @@ class _Consume:
         return max(1, min(RECORDS_PER_RESPONSE, self.args.count - self.printed))
 
     def _read_to_end(self) -> None:
-        """Unary Consume calls until the next offset is the high watermark."""
+        """Unary Consume calls until the next offset reaches the high watermark (each
+        answer with `max_records` says both)."""
         from protocol.grpc_api import log_pb2_grpc
-
-        import grpc
 
         channel = _channel(self.args.address)
         try:
@@ -518,33 +513,16 @@ class _Consume:
                 )
                 try:
                     response = self.signals.wait(call.result)
-                except grpc.RpcError as error:
-                    if self._at_end(error):
-                        return
-                    raise
                 except _Interrupted:
                     call.cancel()
                     raise
-                if not response.records:
-                    # No record before the high watermark any more (the offsets left hold
-                    # none: removed by compaction, or transaction markers).
-                    return
                 self._print(response.records)
+                # past offsets that hold no record any more (compaction, markers)
+                self.next_offset = max(self.next_offset, response.next_offset)
+                if self.next_offset >= response.high_watermark:
+                    return
         finally:
             channel.close()
-
-    def _at_end(self, error: Any) -> bool:
-        """The error says that the next offset is the high watermark (not beyond it, nor
-        before the log start)."""
-        import grpc
-
-        if error.code() != grpc.StatusCode.OUT_OF_RANGE:
-            return False
-        details = error.details() or ""
-        match = _HIGH_WATERMARK.search(details)
-        if match is not None:
-            return int(match.group(1)) == self.next_offset
-        return _EMPTY_LOG in details and self.next_offset == 0
 
     def _follow(self) -> None:
         """One ConsumeStream at a time; a new one from the next offset after UNAVAILABLE."""

@@ -194,21 +194,24 @@ class LogBackend:
 
     async def records_from(
         self, topic: str, partition: int, offset: int, limit: int, bytes_max: int
-    ) -> list[Record]:
-        """Up to `limit` records from `offset` (at least one); raises DwalError
-        OFFSET_OUT_OF_RANGE when `offset` is not readable."""
-        await self._check_partition(topic, partition)
+    ) -> tuple[list[Record], int, int]:
+        """Up to `limit` records from `offset`, the offset to read next and the high
+        watermark (no records at the high watermark; an empty `wal` log has high watermark
+        0). Raises DwalError OFFSET_OUT_OF_RANGE when `offset` is outside [log start, high
+        watermark]."""
+        try:
+            await self._check_partition(topic, partition)
+        except DwalError as error:
+            if topic == WAL_TOPIC and error.code == ErrorCode.OFFSET_OUT_OF_RANGE:
+                check_readable(offset, 0, 0)
+                return [], 0, 0  # nothing written yet
+            raise
         start, high_watermark = await self._handlers.readable_range(topic, partition)
         check_readable(offset, start, high_watermark)
-        if offset == high_watermark:
-            raise DwalError(
-                ErrorCode.OFFSET_OUT_OF_RANGE,
-                f"offset {offset} has not been written yet (high watermark {high_watermark})",
-            )
-        records, _ = await read_records(
+        records, next_offset = await read_records(
             self._handlers, topic, partition, offset, high_watermark, limit, bytes_max
         )
-        return records
+        return records, next_offset, high_watermark
 
     async def prepare_follow(self, topic: str, partition: int) -> None:
         """Check that a stream can follow `topic`/`partition` (creating `wal` if needed)."""

@@ -207,7 +207,7 @@ class LogServicer(log_pb2_grpc.LogServicer):
         call = parse_consume_request(request, self._limits.grpc_records_per_response_max)
         backend = self._backend
         if call.max_records:
-            records = await self._ask(
+            records, next_offset, high_watermark = await self._ask(
                 context,
                 backend.records_from,
                 call.topic,
@@ -216,7 +216,11 @@ class LogServicer(log_pb2_grpc.LogServicer):
                 call.max_records,
                 self._response_bytes_max,
             )
-            return log_pb2.ConsumeResponse(records=[record_message(r) for r in records])
+            return log_pb2.ConsumeResponse(
+                records=[record_message(r) for r in records],
+                next_offset=next_offset,
+                high_watermark=high_watermark,
+            )
         batch = await self._ask(
             context, backend.batch_containing, call.topic, call.partition, call.offset
         )

@@ -61,9 +61,13 @@ class ConsumeRequest(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., topic: _Optional[str] = ..., partition: _Optional[int] = ..., max_records: _Optional[int] = ...) -> None: ...
 
 class ConsumeResponse(_message.Message):
-    __slots__ = ("record", "records")
+    __slots__ = ("record", "records", "next_offset", "high_watermark")
     RECORD_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    HIGH_WATERMARK_FIELD_NUMBER: _ClassVar[int]
     record: Record
     records: _containers.RepeatedCompositeFieldContainer[Record]
-    def __init__(self, record: _Optional[_Union[Record, _Mapping]] = ..., records: _Optional[_Iterable[_Union[Record, _Mapping]]] = ...) -> None: ...
+    next_offset: int
+    high_watermark: int
+    def __init__(self, record: _Optional[_Union[Record, _Mapping]] = ..., records: _Optional[_Iterable[_Union[Record, _Mapping]]] = ..., next_offset: _Optional[int] = ..., high_watermark: _Optional[int] = ...) -> None: ...

@@ -108,6 +108,12 @@ def now_ms() -> int:
 async def test_produce_and_consume_the_wal_log(broker_launcher, tmp_path):
     broker = await start_broker(broker_launcher, tmp_path)
     with LogClient(broker.grpc_port) as log:
+        # before the first write: the empty log's end, with max_records; an error without
+        empty = await log.consume(offset=0, max_records=10)
+        assert (list(empty.records), empty.next_offset, empty.high_watermark) == ([], 0, 0)
+        error = await log.error_of("Consume", log_pb2.ConsumeRequest(offset=0))
+        assert error.code() == grpc.StatusCode.OUT_OF_RANGE, error
+
         before = now_ms()
         answers = [
             await log.produce_value(
@@ -163,8 +169,15 @@ async def test_produce_and_consume_the_wal_log(broker_launcher, tmp_path):
         some = await log.consume(offset=0, max_records=2)
         assert not some.HasField("record")
         assert [r.value for r in some.records] == [b"first", b"second"]
+        assert (some.next_offset, some.high_watermark) == (2, 7)
         rest = await log.consume(offset=5, max_records=100)
         assert [(r.offset, r.value) for r in rest.records] == [(5, b"b2"), (6, b"after")]
+        assert (rest.next_offset, rest.high_watermark) == (7, 7)
+        # at the high watermark: no records (the end), not an error; beyond it: an error
+        end = await log.consume(offset=7, max_records=100)
+        assert (list(end.records), end.next_offset, end.high_watermark) == ([], 7, 7)
+        beyond = await log.error_of("Consume", log_pb2.ConsumeRequest(offset=8, max_records=1))
+        assert beyond.code() == grpc.StatusCode.OUT_OF_RANGE, beyond
 
 
 async def test_other_topics_partitions_and_the_key_choice(broker_launcher, tmp_path):
