@@ -29,7 +29,9 @@ machine's cores with the broker.
    (`await (await producer.send(...)).wait()`, one at a time), `--requests` after `--warmup`.
 
 Prints a header (machine, versions, settings), then one table row per figure. Nothing is
-asserted about time.
+asserted about time. A stream that gives no response for STALL_S (15) seconds is cancelled
+and its row says STALLED (with how far it got); the run then ends with PROBLEM lines and exit
+status 1.
 
 Where a unary gRPC call's time goes (timing probes in a broker process, 2-core machine,
 p50): grpcio's own cost per call, synchronous client and asyncio server in Python, is about
@@ -51,10 +53,12 @@ import platform
 import random
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from importlib import metadata
+from typing import TypeVar
 
 import h11
 import trio
@@ -68,7 +72,10 @@ from client import Admin, Consumer, Producer  # noqa: E402
 
 GRPC_TIMEOUT_S = 60.0  # per unary call; streams get STREAM_TIMEOUT_S
 STREAM_TIMEOUT_S = 600.0
+STALL_S = 15.0  # a stream with no response for this long is cancelled and reported
 ROWS: list[tuple[str, str, str]] = []  # (figure, result, how), printed at the end as well
+PROBLEMS: list[str] = []  # printed at the end; the exit status is 1 when there are any
+R = TypeVar("R", bound=tuple[int, float])  # a stream measurement: (first offset, seconds)
 
 
 def row(figure: str, result: str, how: str) -> None:
@@ -87,6 +94,41 @@ def rate_result(count: int, seconds: float) -> str:
 
 
 # -- gRPC (synchronous grpcio, in a worker thread) -------------------------------------------
+
+
+class Stalled(Exception):
+    """A stream gave no response for STALL_S seconds (the Watchdog cancelled it)."""
+
+
+class Watchdog:
+    """Cancels a grpcio stream that makes no progress for STALL_S seconds; leaving the block
+    then raises Stalled instead of the stream's CANCELLED error."""
+
+    def __init__(self, call) -> None:  # type: ignore[no-untyped-def]
+        self._call = call
+        self._last = time.monotonic()
+        self._done = threading.Event()
+        self.stalled = False
+
+    def progress(self) -> None:
+        self._last = time.monotonic()
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.5):
+            if time.monotonic() - self._last > STALL_S:
+                self.stalled = True
+                self._call.cancel()
+                return
+
+    def __enter__(self) -> Watchdog:
+        threading.Thread(target=self._watch, name="stream watchdog", daemon=True).start()
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:  # type: ignore[no-untyped-def]
+        self._done.set()
+        if self.stalled:
+            raise Stalled()
+        return False
 
 
 def grpc_part(port: int, value: bytes, arguments: argparse.Namespace) -> None:
@@ -145,57 +187,86 @@ def grpc_part(port: int, value: bytes, arguments: argparse.Namespace) -> None:
 
             started = time.perf_counter()
             first = expected = -1
-            for answer in stub.ProduceStream(generate(), timeout=STREAM_TIMEOUT_S):
-                if first < 0:
-                    first = expected = answer.offset
-                assert answer.offset == expected, (answer.offset, expected)
-                expected += min(per_request, records - (expected - first))
+            stream = stub.ProduceStream(generate(), timeout=STREAM_TIMEOUT_S)
+            try:
+                with Watchdog(stream) as watchdog:
+                    for answer in stream:
+                        watchdog.progress()
+                        if first < 0:
+                            first = expected = answer.offset
+                        assert answer.offset == expected, (answer.offset, expected)
+                        expected += min(per_request, records - (expected - first))
+            except Stalled:
+                raise Stalled(f"after {max(0, expected - first)} of {records} records") from None
             seconds = time.perf_counter() - started
             assert expected - first == records, (first, expected, records)
             return first, seconds
 
         def consume_stream(offset: int, records: int, max_records: int) -> float:
+            """ConsumeStream of `records` records from `offset`; returns the seconds."""
             started = time.perf_counter()
             stream = stub.ConsumeStream(
                 log_pb2.ConsumeRequest(offset=offset, max_records=max_records),
                 timeout=STREAM_TIMEOUT_S,
             )
-            seen = 0
-            for answer in stream:
-                seen += len(answer.records) if max_records else 1
-                if seen >= records:
-                    break
-            seconds = time.perf_counter() - started
-            stream.cancel()
-            assert seen == records, (seen, records)
-            return seconds
+            expected = offset  # the offset the next response must start with
+            try:
+                with Watchdog(stream) as watchdog:
+                    for answer in stream:
+                        watchdog.progress()
+                        got = answer.records if max_records else [answer.record]
+                        assert got[0].offset == expected, (got[0].offset, expected)
+                        expected = got[-1].offset + 1
+                        if expected - offset >= records:
+                            break
+            except Stalled:
+                raise Stalled(f"after {expected - offset} of {records} records") from None
+            finally:
+                stream.cancel()
+            assert expected - offset == records, (expected, offset, records)
+            return time.perf_counter() - started
+
+        def stream_row(figure: str, how: str, records: int, run: Callable[[], R]) -> R | None:
+            """Run one stream measurement and print its row; None when it stalled."""
+            try:
+                result = run()
+            except Stalled as stall:
+                row(figure, "STALLED", f"{how}: no response for {STALL_S:g} s {stall}")
+                PROBLEMS.append(f"{figure} stalled {stall}")
+                return None
+            row(figure, rate_result(records, result[1]), how)
+            return result
 
         records, per_request = arguments.records, arguments.records_per_request
-        first, seconds = produce_stream(records, per_request)
-        row(
+        produced = stream_row(
             "gRPC ProduceStream",
-            rate_result(records, seconds),
             f"{records} records, {per_request} records/request, acks=all",
+            records,
+            lambda: produce_stream(records, per_request),
         )
-        seconds = consume_stream(first, records, arguments.max_records)
-        row(
-            "gRPC ConsumeStream",
-            rate_result(records, seconds),
-            f"{records} records, max_records={arguments.max_records}",
-        )
+        if produced is not None:
+            first = produced[0]
+            stream_row(
+                "gRPC ConsumeStream",
+                f"{records} records, max_records={arguments.max_records}",
+                records,
+                lambda: (first, consume_stream(first, records, arguments.max_records)),
+            )
         single = arguments.single_records
-        first, seconds = produce_stream(single, 1)
-        row(
+        produced = stream_row(
             "gRPC ProduceStream, 1 rec/msg",
-            rate_result(single, seconds),
             f"{single} records, 1 record/request (`record`)",
+            single,
+            lambda: produce_stream(single, 1),
         )
-        seconds = consume_stream(first, single, 0)
-        row(
-            "gRPC ConsumeStream, 1 rec/msg",
-            rate_result(single, seconds),
-            f"{single} records, max_records=0",
-        )
+        if produced is not None:
+            first = produced[0]
+            stream_row(
+                "gRPC ConsumeStream, 1 rec/msg",
+                f"{single} records, max_records=0",
+                single,
+                lambda: (first, consume_stream(first, single, 0)),
+            )
 
 
 # -- JSON API (HTTP/1.1) ---------------------------------------------------------------------
@@ -414,6 +485,10 @@ async def main() -> None:
     )
     for figure, result, how in ROWS:
         print(f"{figure:<34} {result:<30} {how}")
+    for problem in PROBLEMS:
+        print(f"PROBLEM {problem}")
+    if PROBLEMS:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
