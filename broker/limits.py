@@ -45,11 +45,14 @@ class Limits:
     http_append_timeout_ms: int = 30_000  # an HTTP produce waiting for its fsync; then an error
     http_query_fields_max: int = 16  # parameters in one query string; more: 400
     # The gRPC gateway. Messages larger than this (either way) are refused with
-    # RESOURCE_EXHAUSTED; a ConsumeStream response holds records up to this many bytes.
-    grpc_message_bytes_max: int = 8 * 1024 * 1024
-    grpc_concurrent_rpcs_max: int = 1024  # calls at once (streams included); more: refused
+    # RESOURCE_EXHAUSTED (gRPC's usual default). grpcio reads a call's message whole before
+    # the broker sees it, so requests hold at most about concurrent calls x 2 x this (a
+    # stream's read-ahead is bounded by it too): 2 GiB with the defaults, in the worst case.
+    grpc_message_bytes_max: int = 4 * 1024 * 1024
+    grpc_concurrent_rpcs_max: int = 256  # calls at once (streams included); more: refused
     grpc_records_per_response_max: int = 10_000  # ConsumeRequest.max_records is capped here
-    # ProduceStream requests read ahead of their answers, per stream (then it stops reading)
+    # ProduceStream requests read ahead of their answers, per stream (then it stops reading);
+    # at most grpc_message_bytes_max bytes of them
     grpc_stream_requests_queued_max: int = 256
     grpc_append_timeout_ms: int = 30_000  # a Produce waiting for acks=all; then an error
     # How often the broker looks for logs whose periodic flush is due (fsync=interval's

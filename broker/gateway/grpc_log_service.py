@@ -241,7 +241,9 @@ class LogServicer(log_pb2_grpc.LogServicer):
         request_iterator: AsyncIterator[log_pb2.ProduceRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[log_pb2.ProduceResponse]:
-        queue = _RequestQueue(self._limits.grpc_stream_requests_queued_max)
+        queue = _RequestQueue(
+            self._limits.grpc_stream_requests_queued_max, self._limits.grpc_message_bytes_max
+        )
         reader = asyncio.ensure_future(self._read_requests(request_iterator, queue))
         stopping = asyncio.ensure_future(self._stopping.wait())
         answered = 0
@@ -456,18 +458,31 @@ def _timeout_ms(context: grpc.aio.ServicerContext, limit_ms: int) -> int:
 
 
 class _RequestQueue:
-    """A ProduceStream's requests read ahead of their answers: at most `size` of them."""
+    """A ProduceStream's requests read ahead of their answers: at most `size` of them, and
+    at most `bytes_max` bytes of keys and values (but always one request)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, bytes_max: int = 4 * 1024 * 1024) -> None:
         self._items: collections.deque[ProduceCall | BadRequest | None] = collections.deque()
         self._size = size
+        self._bytes_max = bytes_max
+        self._bytes = 0  # of the queued requests
         self._changed = asyncio.Event()
 
     async def put(self, item: ProduceCall | BadRequest) -> None:
-        while len(self._items) >= self._size:
+        size = item.size_bytes if isinstance(item, ProduceCall) else 0
+        while len(self._items) >= self._size or (
+            self._items and self._bytes + size > self._bytes_max
+        ):
             await self._wait()
         self._items.append(item)
+        self._bytes += size
         self._changed.set()
+
+    def _popleft(self) -> ProduceCall | BadRequest | None:
+        item = self._items.popleft()
+        if isinstance(item, ProduceCall):
+            self._bytes -= item.size_bytes
+        return item
 
     def close(self) -> None:
         self._items.append(None)
@@ -483,7 +498,7 @@ class _RequestQueue:
     async def get(self) -> ProduceCall | BadRequest | None:
         while not self._items:
             await self._wait()
-        item = self._items.popleft()
+        item = self._popleft()
         self._changed.set()
         return item
 
@@ -499,7 +514,7 @@ class _RequestQueue:
                 break
             if count + len(item.records) > records_max or size + item.size_bytes > BATCH_BYTES:
                 break
-            self._items.popleft()
+            self._popleft()
             taken.append(item)
             count += len(item.records)
             size += item.size_bytes

@@ -336,6 +336,32 @@ def test_taking_a_group_makes_room_for_more():
     asyncio.run(main())
 
 
+def test_the_queue_holds_at_most_its_bytes_but_always_one_request():
+    async def main() -> None:
+        queue = _RequestQueue(size=100, bytes_max=10)
+        big = produce_call(size=25)  # larger than the bound alone: still queued
+        await asyncio.wait_for(queue.put(big), 5)
+        small = produce_call(size=1)
+        put_small = asyncio.ensure_future(queue.put(small))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not put_small.done() and rest(queue) == [big]  # 25 + 1 > 10: it waits
+        assert await queue.get() is big
+        await asyncio.wait_for(put_small, 5)
+        fits = [produce_call(size=3) for _ in range(3)]  # 1 + 9 = 10: all fit
+        for call in fits:
+            await asyncio.wait_for(queue.put(call), 5)
+        over = asyncio.ensure_future(queue.put(produce_call(size=1)))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not over.done()
+        assert queue.take_same_place(await queue.get(), 100) == fits  # frees 10 bytes
+        await asyncio.wait_for(over, 5)
+        over.result()
+
+    asyncio.run(main())
+
+
 # -- deadlines -------------------------------------------------------------------------------
 
 
