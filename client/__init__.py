@@ -33,8 +33,9 @@ from client.admin import (
 )
 from client.batch_damage import CorruptRecordError
 from client.cluster import Cluster, PartitionInfo, TopicInfo, connect
-from client.connection import ConnectionFailed
+from client.connection import ConnectionFailed, MalformedResponseError
 from client.consumer import Consumer, ConsumerStatistics, list_offsets
+from client.kafka_options import UnknownOptionError
 from client.topic_partition import TopicPartition
 from client.producer import (
     Delivery,
@@ -66,6 +67,7 @@ __all__ = [
     "GroupDescription",
     "GroupListing",
     "GroupMemberDescription",
+    "MalformedResponseError",
     "PartitionDescription",
     "PartitionInfo",
     "PartitionOffsets",
@@ -79,6 +81,7 @@ __all__ = [
     "TopicDescription",
     "TopicInfo",
     "TopicPartition",
+    "UnknownOptionError",
     "connect",
     "list_offsets",
 ]

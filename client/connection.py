@@ -54,6 +54,15 @@ class ConnectionFailed(DwalError):
         self.request_written = request_written
 
 
+class MalformedResponseError(DwalError, ProtocolError):
+    """A broker's answer does not follow the protocol's schema for its request (a broker of
+    another version, or a bug). A DwalError with code UNKNOWN_SERVER_ERROR, so one
+    `except DwalError` catches every error a broker causes; also a ProtocolError."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.UNKNOWN_SERVER_ERROR, message)
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectionStatistics:
     awaiting_answer: int  # requests written whose answer has not come yet (abandoned too)
@@ -172,7 +181,8 @@ class BrokerConnection:
         """Send a request and return its response (body checked against the schema).
 
         Raises ConnectionFailed if the connection breaks, DwalError if the broker answers
-        with a request-level error, ProtocolError if the answer is malformed. Safe to
+        with a request-level error, MalformedResponseError (a DwalError) if the answer is
+        malformed. Safe to
         cancel: a request not yet written is not sent; one already written is abandoned
         (the broker still runs it; its answer is discarded) and the connection stays open.
         """
@@ -304,7 +314,9 @@ class BrokerConnection:
             try:
                 body = check_response(waiter.api_key, response.body)
             except ProtocolError as error:
-                waiter.error = error
+                waiter.error = MalformedResponseError(
+                    f"{self.address} answered {waiter.api_key.name} with a malformed body: {error}"
+                )
             else:
                 response = Response(
                     correlation_id=response.correlation_id,

@@ -8,8 +8,13 @@ import trio
 import trio.testing
 from fake_broker import FakeBroker
 
-from client.connection import BrokerConnection, ConnectionFailed, ConnectionStatistics
-from protocol import ApiKey, Response
+from client.connection import (
+    BrokerConnection,
+    ConnectionFailed,
+    ConnectionStatistics,
+    MalformedResponseError,
+)
+from protocol import ApiKey, DwalError, ErrorCode, ProtocolError, Response
 
 BIG_TAIL = b"x" * (16 * 1024 * 1024)  # far more than a paused peer's socket buffers hold
 
@@ -28,6 +33,7 @@ class Call:
         self.finished = trio.Event()
         self.response: Response | None = None
         self.error: Exception | None = None
+        self.raised: Exception | None = None  # another exception the request raised
         nursery.start_soon(self._run, connection, tail)
 
     async def _run(self, connection: BrokerConnection, tail: bytes) -> None:
@@ -36,6 +42,8 @@ class Call:
                 self.response = await connection.request(ApiKey.API_VERSIONS, {}, tail)
             except ConnectionFailed as error:
                 self.error = error
+            except Exception as error:
+                self.raised = error
         self.finished.set()
 
 
@@ -161,3 +169,20 @@ async def test_close_fails_the_requests_awaiting_answers(nursery):
     await call.finished.wait()
     assert isinstance(call.error, ConnectionFailed) and call.error.request_written
     assert connection.closed
+
+
+async def test_a_malformed_answer_is_a_typed_dwal_error_and_the_connection_goes_on(nursery):
+    fake = await start_fake(nursery)
+    connection = await BrokerConnection.open("127.0.0.1", fake.port, nursery)
+    wrong = Call(nursery, connection)
+    await (await fake.next_request()).answer({"api_versions": "not a list"})
+    await wrong.finished.wait()
+    # not caught by Call (it catches ConnectionFailed only): the request raised it
+    assert isinstance(wrong.raised, MalformedResponseError), wrong.raised
+    assert isinstance(wrong.raised, DwalError) and isinstance(wrong.raised, ProtocolError)
+    assert wrong.raised.code == ErrorCode.UNKNOWN_SERVER_ERROR
+    assert "API_VERSIONS" in wrong.raised.message and "malformed" in wrong.raised.message
+    right = Call(nursery, connection)
+    await (await fake.next_request()).answer(versions(3))
+    await right.finished.wait()
+    assert right.response is not None and right.response.body == versions(3)
