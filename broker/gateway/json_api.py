@@ -267,7 +267,8 @@ class JsonApi:
     def _choose_partitions(
         self, topic: str, records: list[ProducedRecord], partitions: int
     ) -> list[int]:
-        """Explicit partition, else CRC-32 of the key, else round-robin. Raises ApiError 404."""
+        """Explicit partition, else the hash of the key (murmur2, as Kafka), else round-robin.
+        Raises ApiError 404."""
         chosen = []
         for index, record in enumerate(records):
             if record.partition is not None:

@@ -16,12 +16,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import zlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from broker.gateway.api_error import ApiError
 from protocol import ErrorCode, Record
+from protocol.partitioning import partition_for_key as _partition_for_key
 
 Encoding = Literal["utf-8", "base64"]
 ENCODINGS: tuple[Encoding, ...] = ("utf-8", "base64")
@@ -211,6 +211,6 @@ def record_to_json(record: Record, encoding: Encoding) -> dict[str, Any]:
 
 
 def partition_for_key(key: bytes, partitions: int) -> int:
-    """The partition of a keyed record: CRC-32 (zlib) of the key modulo the partition count."""
-    assert partitions >= 1
-    return zlib.crc32(key) % partitions
+    """The partition of a keyed record: protocol's default (Kafka's murmur2 of the key modulo
+    the partition count), the same as DWAL's producer and the gRPC gateway."""
+    return _partition_for_key(key, partitions)

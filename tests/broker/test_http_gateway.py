@@ -14,7 +14,6 @@ import json
 import logging
 import socket
 import struct
-import zlib
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -371,28 +370,32 @@ def test_every_error_code_maps_to_an_error_status():
 # -- REST: produce -----------------------------------------------------------------------
 
 
-async def test_rest_produce_partitions_keyed_records_by_crc32_of_the_key():
+async def test_rest_produce_partitions_keyed_records_by_murmur2_of_the_key():
     handlers = FakeHandlers()
     api = make_api(handlers)
     await make_topic(handlers, "events", 4)
-    keys = ["alpha", "beta", "gamma", "alpha", "delta"]
+    keys = ["alpha", "epsilon", "gamma", "alpha", "delta"]  # partitions 0, 1, 2, 0, 2
     body = {"records": [{"key": key, "value": f"v{i}"} for i, key in enumerate(keys)]}
     response = await call(api, "POST", "/topics/events/records", body)
     assert response.status == 200
     offsets = response.body["offsets"]
-    assert [entry["partition"] for entry in offsets] == [zlib.crc32(k.encode()) % 4 for k in keys]
+    assert [entry["partition"] for entry in offsets] == [
+        partition_for_key(k.encode(), 4) for k in keys
+    ]
     assert offsets[3]["partition"] == offsets[0]["partition"]
     assert offsets[3]["offset"] == offsets[0]["offset"] + 1
-    assert len(handlers.appends) == len({zlib.crc32(k.encode()) % 4 for k in keys})
+    assert len(handlers.appends) == len({partition_for_key(k.encode(), 4) for k in keys})
     for index, entry in enumerate(offsets):  # every record is where the answer says
         data = await handlers.read_batches("events", entry["partition"], entry["offset"], 1 << 20)
         stored = {r.offset: r for r in decode_records(data)}[entry["offset"]]
         assert (stored.key, stored.value) == (keys[index].encode(), f"v{index}".encode())
 
 
-def test_partition_for_key_is_crc32_modulo_partition_count():
-    assert partition_for_key(b"alpha", 7) == zlib.crc32(b"alpha") % 7
-    assert partition_for_key(b"", 3) == 0
+def test_partition_for_key_is_kafkas_murmur2_modulo_partition_count():
+    # Kafka's UtilsTest: murmur2(b"foobar") is -790332482 as a Java int; toPositive clears
+    # the sign bit: 1357151166, which is 6 modulo 10. murmur2(b"") is 275646681.
+    assert partition_for_key(b"foobar", 10) == 1357151166 % 10 == 6
+    assert partition_for_key(b"", 4) == 275646681 % 4 == 1
     assert {partition_for_key(bytes([i]), 5) for i in range(64)} == set(range(5))
 
 
@@ -1164,7 +1167,7 @@ async def test_end_to_end_rest_produce_and_fetch_with_keys_and_partitions(nurser
     assert reply.status == 200
     offsets = reply.json()["offsets"]
     for record, entry in zip(records[:12], offsets[:12], strict=True):
-        assert entry["partition"] == zlib.crc32(record["key"].encode()) % 3
+        assert entry["partition"] == partition_for_key(record["key"].encode(), 3)
     assert offsets[12]["partition"] == 2
     seen: dict[str, tuple[int, int]] = {}
     for partition in range(3):
