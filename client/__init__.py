@@ -34,7 +34,13 @@ from client.admin import (
 from client.batch_damage import CorruptRecordError
 from client.cluster import Cluster, PartitionInfo, TopicInfo, connect
 from client.connection import ConnectionFailed, MalformedResponseError
-from client.consumer import Consumer, ConsumerStatistics, list_offsets
+from client.consumer import (
+    Consumer,
+    ConsumerStatistics,
+    OffsetAndMetadata,
+    RecordDeserializationError,
+    list_offsets,
+)
 from client.kafka_options import UnknownOptionError
 from client.topic_partition import TopicPartition
 from client.producer import (
@@ -68,6 +74,7 @@ __all__ = [
     "GroupListing",
     "GroupMemberDescription",
     "MalformedResponseError",
+    "OffsetAndMetadata",
     "PartitionDescription",
     "PartitionInfo",
     "PartitionOffsets",
@@ -77,6 +84,7 @@ __all__ = [
     "ProducerStatistics",
     "QuorumMember",
     "Record",
+    "RecordDeserializationError",
     "RecordMetadata",
     "TopicDescription",
     "TopicInfo",

@@ -39,6 +39,14 @@ readable ones never makes a poll fail). A damaged record batch (CRC mismatch) is
 the records before it are returned, then poll raises CorruptRecordError until the
 application seeks past it, or, with `skip_corrupt`, the consumer skips it and reports it in
 `take_skipped()`.
+
+Fetched records wait in a buffer per partition until they are returned. A position is the
+next offset to *return*, so it moves only over records handed to the application (a poll
+capped by `max_poll_records`, an `async for` that takes one record at a time); the records
+behind it stay buffered for the next poll, also when a poll or an iteration is cancelled. A
+partition with buffered records is not fetched again until they are all returned, so the
+buffer holds at most one fetch's answer per partition. Paused partitions are neither
+fetched nor returned from; their buffered records wait for `resume()`.
 """
 
 from __future__ import annotations
@@ -48,14 +56,25 @@ import collections
 import inspect
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import (
+    Any,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Literal,
+    Mapping,
+    NamedTuple,
+    overload,
+)
 
 import trio
 
 from client.batch_damage import CorruptRecordError, decode_until_damage
 from client.cluster import Cluster
-from client.limits import LIMITS
+from client.connection import MalformedResponseError
 from client.group_membership import GroupMembership
+from client.kafka_options import KafkaOption, UnknownOptionError, dotted, translate
+from client.limits import LIMITS
 from client.topic_partition import TopicPartition
 from protocol import (
     EARLIEST_TIMESTAMP,
@@ -66,10 +85,9 @@ from protocol import (
     ProtocolError,
     Record,
     Response,
-    complete_prefix_bytes,
     decode_records,
-    last_batch_header,
 )
+from protocol.errors import error_code_from_wire
 
 
 @dataclass(frozen=True)
@@ -91,6 +109,113 @@ class ConsumerStatistics:
     failing_since_s: float | None = None  # trio clock time the first of those polls started
     # assigned partitions set aside after retriable errors, while others are read
     failing_partitions: Mapping[TopicPartition, PartitionFailure] = field(default_factory=dict)
+    buffered_records: int = 0  # fetched, not yet returned (max_poll_records, iteration, pause)
+    paused_partitions: int = 0
+
+
+class OffsetAndMetadata(NamedTuple):
+    """A committed offset (next offset to read) and the metadata string stored with it."""
+
+    offset: int
+    metadata: str | None = None
+
+
+class RecordDeserializationError(DwalError):
+    """The consumer's key or value deserializer raised for the record at `offset` of
+    `topic`-`partition` (the original exception is `__cause__`; `record` is the record as
+    fetched). Code INVALID_RECORD, not retriable: the position stays at that record and every
+    poll raises again until the application seeks past it."""
+
+    def __init__(self, record: Record, part: str, cause: Exception) -> None:
+        self.topic = record.topic
+        self.partition = record.partition
+        self.offset = record.offset
+        self.record = record
+        super().__init__(
+            ErrorCode.INVALID_RECORD,
+            f"the {part} deserializer failed on {record.topic}-{record.partition} at offset "
+            f"{record.offset}: {type(cause).__name__}: {cause}",
+        )
+
+    @property
+    def retriable(self) -> bool:
+        return False
+
+
+class _Buffered:
+    """Records of one partition fetched and not yet returned: `records[index:]`, in offset
+    order. `resume_at`: where the position goes once they are all returned, past a damaged
+    batch that `skip_corrupt` skips (None: after the last record)."""
+
+    __slots__ = ("records", "index", "resume_at")
+
+    def __init__(self, records: list[Record]) -> None:
+        self.records = records
+        self.index = 0
+        self.resume_at: int | None = None
+
+    def fetch_position(self) -> int:
+        """Where the partition's next fetch starts once these records are returned."""
+        after = self.records[-1].offset + 1
+        return after if self.resume_at is None else max(after, self.resume_at)
+
+
+def _offset_reset(value: Any) -> str:
+    """Kafka's and librdkafka's spellings of auto.offset.reset, as DWAL's."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    name = _OFFSET_RESET_ALIASES.get(value.lower(), value.lower())
+    if name not in ("earliest", "latest", "error"):
+        raise ValueError(
+            f"auto_offset_reset must be earliest, latest or error (or Kafka's smallest, "
+            f"largest, none), got {value!r}"
+        )
+    return name
+
+
+_OFFSET_RESET_ALIASES = {
+    "smallest": "earliest",
+    "beginning": "earliest",
+    "largest": "latest",
+    "end": "latest",
+    "none": "error",  # Kafka's "none": fail when there is no committed offset
+}
+
+
+def _deserializer(value: Any) -> Any:
+    if value is not None and not callable(value):
+        raise ValueError(f"expected a function of bytes, got {value!r}")
+    return value
+
+
+# Kafka's consumer options (Java client, librdkafka, kafka-python, aiokafka spellings) that
+# the Consumer takes, by dotted name; see client/kafka_options.py.
+CONSUMER_OPTIONS: dict[str, KafkaOption] = {
+    "fetch.max.wait.ms": KafkaOption("max_wait_ms"),
+    "fetch.min.bytes": KafkaOption("min_bytes"),
+    "fetch.max.bytes": KafkaOption("fetch_max_bytes"),
+    "max.partition.fetch.bytes": KafkaOption("partition_max_bytes"),
+    "max.poll.records": KafkaOption("max_poll_records"),
+    "group.id": KafkaOption("group_id", "str"),
+    "group.instance.id": KafkaOption("group_instance_id", "str"),
+    "auto.offset.reset": KafkaOption("auto_offset_reset", convert=_offset_reset),
+    "enable.auto.commit": KafkaOption("enable_auto_commit", "bool"),
+    "auto.commit.interval.ms": KafkaOption("auto_commit_interval_ms"),
+    # KIP-848: the member's rebalance timeout is its max.poll.interval.ms
+    "max.poll.interval.ms": KafkaOption("rebalance_timeout_ms"),
+    "retry.backoff.ms": KafkaOption("retry_backoff_ms"),
+    "retry.backoff.max.ms": KafkaOption("retry_backoff_max_ms"),
+    "key.deserializer": KafkaOption("key_deserializer", convert=_deserializer),
+    "value.deserializer": KafkaOption("value_deserializer", convert=_deserializer),
+}
+
+# Kafka consumer options that DWAL sets somewhere else than on the Consumer.
+_CONSUMER_ELSEWHERE = {
+    "client.id": (
+        "the client id is sent on every connection of a cluster: "
+        "client.connect(bootstrap, client_id=...)"
+    ),
+}
 
 
 @dataclass
@@ -103,16 +228,21 @@ class _Trouble:
 
 class Consumer:
     """Read records from partitions: `assign()` them (and `seek()`), or, with a `group_id`,
-    `subscribe()` to topics and let the group assign them; then `poll()`.
+    `subscribe()` to topics and let the group assign them; then `poll()`, or iterate
+    (``async for record in consumer``, ``async for batch in consumer.batches()``).
 
     Options: `auto_offset_reset` ("earliest", "latest" or "error"), `fetch_max_bytes` (one
     fetch, all partitions), `partition_max_bytes`, `max_wait_ms` (long-poll bound),
-    `min_bytes` (answer as soon as this much is ready); for groups `group_id`,
-    `group_instance_id` (static membership), `enable_auto_commit`,
-    `auto_commit_interval_ms`, `rebalance_timeout_ms`, and the callbacks `on_assigned` and
-    `on_revoked` (each called with a set of TopicPartition; may be async); for failures
-    `retry_backoff_ms`, `retry_backoff_max_ms`, `give_up_after_ms` (None: retry forever)
-    and `skip_corrupt` (skip damaged batches instead of raising CorruptRecordError).
+    `min_bytes` (answer as soon as this much is ready), `max_poll_records` (cap of one
+    poll; None: all that was fetched); for groups `group_id`, `group_instance_id` (static
+    membership), `enable_auto_commit`, `auto_commit_interval_ms`, `rebalance_timeout_ms`, and
+    the callbacks `on_assigned`, `on_revoked` and `on_lost` (each called with a set of
+    TopicPartition; may be async); for failures `retry_backoff_ms`, `retry_backoff_max_ms`,
+    `give_up_after_ms` (None: retry forever) and `skip_corrupt` (skip damaged batches instead
+    of raising CorruptRecordError); `key_deserializer` and `value_deserializer` (functions of
+    bytes applied to the records returned). Kafka's option names are accepted as further
+    keyword arguments (``fetch_min_bytes=1``, ``max_poll_interval_ms=...``) and by
+    `from_config`; an unknown one raises UnknownOptionError naming close matches.
     Use ``async with Consumer(...) as consumer:`` so that `close()` runs at the end.
     """
 
@@ -125,6 +255,7 @@ class Consumer:
         partition_max_bytes: int = LIMITS.consumer_partition_bytes_max,
         max_wait_ms: int = LIMITS.consumer_fetch_wait_ms_max,
         min_bytes: int = LIMITS.consumer_fetch_bytes_min,
+        max_poll_records: int | None = None,
         group_id: str | None = None,
         group_instance_id: str | None = None,
         enable_auto_commit: bool = True,
@@ -132,17 +263,79 @@ class Consumer:
         rebalance_timeout_ms: int = LIMITS.consumer_rebalance_timeout_ms,
         on_assigned: Callable[[set[TopicPartition]], Any] | None = None,
         on_revoked: Callable[[set[TopicPartition]], Any] | None = None,
+        on_lost: Callable[[set[TopicPartition]], Any] | None = None,
         retry_backoff_ms: int = LIMITS.consumer_retry_backoff_ms,
         retry_backoff_max_ms: int = LIMITS.consumer_retry_backoff_ms_max,
         give_up_after_ms: int | None = None,
         skip_corrupt: bool = False,
+        key_deserializer: Callable[[bytes], Any] | None = None,
+        value_deserializer: Callable[[bytes], Any] | None = None,
+        **kafka_options: Any,
     ) -> None:
-        if auto_offset_reset not in ("earliest", "latest", "error"):
-            raise ValueError("auto_offset_reset must be earliest, latest or error")
+        settings = {name: value for name, value in locals().items() if name in _KEYWORD_DEFAULTS}
+        if kafka_options:
+            explicit = {k: v for k, v in settings.items() if v != _KEYWORD_DEFAULTS[k]}
+            settings.update(_translate(kafka_options, explicit))
+        self._configure(cluster, **settings)
+
+    @classmethod
+    def from_config(
+        cls, cluster: Cluster, config: Mapping[str, Any], **keywords: Any
+    ) -> "Consumer":
+        """A Consumer from a Kafka-style configuration, e.g. ``{"group.id": "billing",
+        "auto.offset.reset": "earliest", "enable.auto.commit": "false"}``: dotted or
+        underscored names, values of the right type or their string forms. `keywords` are
+        passed on as they are (DWAL's own options, such as ``on_revoked=``).
+
+        Raises UnknownOptionError (a TypeError) for an option the Consumer does not take,
+        naming close matches or where the option belongs; ValueError for a bad value."""
+        return cls(cluster, **_translate(config, keywords), **keywords)
+
+    def _configure(
+        self,
+        cluster: Cluster,
+        *,
+        auto_offset_reset: str,
+        fetch_max_bytes: int,
+        partition_max_bytes: int,
+        max_wait_ms: int,
+        min_bytes: int,
+        max_poll_records: int | None,
+        group_id: str | None,
+        group_instance_id: str | None,
+        enable_auto_commit: bool,
+        auto_commit_interval_ms: int,
+        rebalance_timeout_ms: int,
+        on_assigned: Callable[[set[TopicPartition]], Any] | None,
+        on_revoked: Callable[[set[TopicPartition]], Any] | None,
+        on_lost: Callable[[set[TopicPartition]], Any] | None,
+        retry_backoff_ms: int,
+        retry_backoff_max_ms: int,
+        give_up_after_ms: int | None,
+        skip_corrupt: bool,
+        key_deserializer: Callable[[bytes], Any] | None,
+        value_deserializer: Callable[[bytes], Any] | None,
+    ) -> None:
+        auto_offset_reset = _offset_reset(auto_offset_reset)
+        if max_poll_records is not None and max_poll_records <= 0:
+            raise ValueError("max_poll_records must be positive (or None: no cap)")
+        for name, deserializer in (
+            ("key_deserializer", key_deserializer),
+            ("value_deserializer", value_deserializer),
+        ):
+            if deserializer is not None and not callable(deserializer):
+                raise TypeError(f"{name} must be a function of bytes, got {deserializer!r}")
         if not 0 < retry_backoff_ms <= retry_backoff_max_ms:
             raise ValueError("need 0 < retry_backoff_ms <= retry_backoff_max_ms")
         if give_up_after_ms is not None and give_up_after_ms < 0:
             raise ValueError("give_up_after_ms must not be negative")
+        self.max_poll_records = max_poll_records
+        self.key_deserializer = key_deserializer
+        self.value_deserializer = value_deserializer
+        self.on_lost = on_lost
+        self._buffer: dict[TopicPartition, _Buffered] = {}
+        self._paused: set[TopicPartition] = set()
+        self._iterated = 0  # records returned by iteration, to pace its checkpoints
         self.retry_backoff_s = retry_backoff_ms / 1000
         self.retry_backoff_max_s = retry_backoff_max_ms / 1000
         self.give_up_after_s = give_up_after_ms / 1000 if give_up_after_ms is not None else None
@@ -196,13 +389,11 @@ class Consumer:
     # -- assignment and positions -------------------------------------------------------
 
     def assign(self, partitions: Iterable[TopicPartition | tuple[str, int]]) -> None:
-        """Read exactly these partitions; keeps known positions of ones already assigned."""
+        """Read exactly these partitions; keeps known positions (and records already
+        fetched, and pauses) of ones already assigned."""
         wanted = [TopicPartition(*tp) for tp in partitions]
+        self._forget([tp for tp in self._positions if tp not in wanted])
         self._positions = {tp: self._positions.get(tp) for tp in wanted}
-        self._troubles = {tp: t for tp, t in self._troubles.items() if tp in self._positions}
-        self._pending_resets = {
-            tp: t for tp, t in self._pending_resets.items() if tp in self._positions
-        }
 
     async def assign_topic(self, topic: str) -> list[TopicPartition]:
         """Assign every partition of `topic`; raises DwalError if it does not exist."""
@@ -222,6 +413,46 @@ class Consumer:
             raise ValueError("offset must not be negative")
         self._positions[tp] = offset
         self._pending_resets.pop(tp, None)
+        self._buffer.pop(tp, None)  # fetched from the old position
+
+    def _forget(self, partitions: Iterable[TopicPartition]) -> None:
+        """Drop everything known about partitions no longer assigned."""
+        for tp in partitions:
+            self._positions.pop(tp, None)
+            self._committed_positions.pop(tp, None)
+            self._troubles.pop(tp, None)
+            self._pending_resets.pop(tp, None)
+            self._buffer.pop(tp, None)
+            self._paused.discard(tp)
+            self._damaged.pop(tp, None)
+
+    def _assigned(
+        self, partitions: Iterable[TopicPartition | tuple[str, int]] | None
+    ) -> list[TopicPartition]:
+        """`partitions` (all assigned ones when None); ValueError for one not assigned."""
+        if partitions is None:
+            return list(self._positions)
+        wanted = [TopicPartition(*tp) for tp in partitions]
+        for tp in wanted:
+            if tp not in self._positions:
+                raise ValueError(f"{tp.topic}-{tp.partition} is not assigned")
+        return wanted
+
+    # -- flow control -------------------------------------------------------------------
+
+    def pause(self, partitions: Iterable[TopicPartition | tuple[str, int]]) -> None:
+        """Stop fetching `partitions` and returning their records (those already fetched
+        wait for `resume()`); their positions stay, and so does a group member's
+        assignment. ValueError for a partition that is not assigned."""
+        self._paused.update(self._assigned(partitions))
+
+    def resume(self, partitions: Iterable[TopicPartition | tuple[str, int]]) -> None:
+        """Fetch and return `partitions` again. ValueError for one not assigned."""
+        self._paused.difference_update(self._assigned(partitions))
+
+    def paused(self) -> set[TopicPartition]:
+        """The assigned partitions that are paused."""
+        return set(self._paused)
 
     async def seek_to_beginning(self, partitions: Iterable[TopicPartition] | None = None) -> None:
         """Position at each partition's first offset; a partition without a leader now is
@@ -241,7 +472,63 @@ class Consumer:
         self._failed_now = set()
         await self._reset(list(partitions or self._positions), timestamp_ms)
 
+    async def seek_to_committed(
+        self, partitions: Iterable[TopicPartition | tuple[str, int]] | None = None
+    ) -> None:
+        """Position each of `partitions` (all assigned ones when None) at the group's
+        committed offset; one without a committed offset gets its position from
+        `auto_offset_reset` at the next poll. Records already fetched are dropped.
+        Raises DwalError, RuntimeError without group_id, ValueError for a partition that is
+        not assigned."""
+        wanted = self._assigned(partitions)
+        committed = await self.committed(wanted)
+        for tp in wanted:
+            if tp not in self._positions:  # revoked meanwhile
+                continue
+            offset = committed.get(tp, -1)
+            if offset >= 0:
+                self.seek(tp, offset)
+            else:
+                self._positions[tp] = None
+                self._pending_resets.pop(tp, None)
+                self._buffer.pop(tp, None)
+
+    async def beginning_offsets(
+        self, partitions: Iterable[TopicPartition | tuple[str, int]]
+    ) -> dict[TopicPartition, int]:
+        """Each partition's log start offset (assigned or not). Raises DwalError."""
+        wanted = [TopicPartition(*tp) for tp in partitions]
+        return await list_offsets(self.cluster, wanted, EARLIEST_TIMESTAMP)
+
+    async def end_offsets(
+        self, partitions: Iterable[TopicPartition | tuple[str, int]]
+    ) -> dict[TopicPartition, int]:
+        """Each partition's high watermark: the offset the next record will get (assigned
+        or not). Raises DwalError."""
+        wanted = [TopicPartition(*tp) for tp in partitions]
+        return await list_offsets(self.cluster, wanted, LATEST_TIMESTAMP)
+
+    async def offsets_for_times(
+        self, timestamps: Mapping[TopicPartition | tuple[str, int], int]
+    ) -> dict[TopicPartition, int | None]:
+        """For each partition, the offset of the first batch holding a record with a
+        timestamp at or after the given one (milliseconds; the batch's first records may be
+        older), or None when there is no such record. Raises DwalError, ValueError for a
+        negative timestamp."""
+        by_timestamp: dict[int, list[TopicPartition]] = {}
+        for partition, timestamp_ms in timestamps.items():
+            if timestamp_ms < 0:
+                raise ValueError("timestamps must not be negative")
+            by_timestamp.setdefault(timestamp_ms, []).append(TopicPartition(*partition))
+        found: dict[TopicPartition, int | None] = {}
+        for timestamp_ms, partitions in by_timestamp.items():
+            for tp, offset in (await list_offsets(self.cluster, partitions, timestamp_ms)).items():
+                found[tp] = offset if offset >= 0 else None
+        return found
+
     def position(self, partition: TopicPartition | tuple[str, int]) -> int | None:
+        """The next offset to return: past every record returned so far (records fetched
+        but not yet returned do not count); None before the partition has a position."""
         return self._positions.get(TopicPartition(*partition))
 
     def high_watermark(self, partition: TopicPartition | tuple[str, int]) -> int | None:
@@ -261,6 +548,8 @@ class Consumer:
                 for tp, t in self._troubles.items()
                 if tp in self._positions
             },
+            sum(len(entry.records) - entry.index for entry in self._buffer.values()),
+            len(self._paused),
         )
 
     def take_skipped(self) -> list[CorruptRecordError]:
@@ -283,6 +572,7 @@ class Consumer:
                 continue
             self._positions[tp] = offset
             self._pending_resets.pop(tp, None)
+            self._buffer.pop(tp, None)
         for tp, error in failed.items():
             if not self._is_transient(error):
                 raise error
@@ -290,6 +580,7 @@ class Consumer:
             if tp in self._positions:
                 self._positions[tp] = None
                 self._pending_resets[tp] = timestamp
+                self._buffer.pop(tp, None)
                 self._note_partition_failure(tp, error)
         if too_recent:
             await self._reset(too_recent, LATEST_TIMESTAMP)
@@ -365,10 +656,13 @@ class Consumer:
 
     def _fetchable(self) -> dict[TopicPartition, int | None]:
         """The positions to fetch in this poll: partitions with a position and a leader that
-        are not set aside; a partition without a leader is set aside here."""
+        are not set aside, not paused and without records waiting to be returned; a
+        partition without a leader is set aside here."""
         positions: dict[TopicPartition, int | None] = {}
         for tp, position in self._positions.items():
-            if position is None or not self._may_try(tp):
+            if position is None or tp in self._paused or tp in self._buffer:
+                continue
+            if not self._may_try(tp):
                 continue
             if _leader_id(self.cluster, tp) < 0:
                 message = f"{tp.topic}-{tp.partition} has no leader"
@@ -382,8 +676,16 @@ class Consumer:
     async def __aenter__(self) -> "Consumer":
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
+    async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        """`close()`. When the block raised, an error of close (a revoke callback's, say) is
+        logged rather than raised, so that it does not replace the block's own."""
+        if exc_type is None:
+            await self.close()
+            return
+        try:
+            await self.close()
+        except Exception as error:
+            logger.warning("closing the consumer (after %s) failed: %r", exc_type.__name__, error)
 
     def subscribe(self, topics: Iterable[str] | None = None, *, pattern: str | None = None) -> None:
         """Join the group (heartbeats start at once; partitions are taken at the next poll)
@@ -399,17 +701,34 @@ class Consumer:
             self._membership.start()
 
     async def close(self) -> None:
-        """Commit positions (with auto-commit), leave the group, stop background work."""
+        """Commit positions (with auto-commit), call `on_revoked` with the partitions owned
+        (`on_lost` if the group had already removed this member), then leave the group and
+        stop background work. The consumer owns no partitions afterwards. Does nothing when
+        not subscribed. The group is left even if the callback raises or the call is
+        cancelled."""
         membership = self._membership
         if membership is None or not self._subscribed:
             return
         try:
-            if self.enable_auto_commit and self._positions:
+            owned = set(self._positions)
+            if self.enable_auto_commit and owned and not membership.lost:
                 await self._commit_quietly(dict(self._positions))  # still a member: commits
+            if owned:
+                try:
+                    await _call(self._revoke_callback(membership.lost), owned)
+                finally:
+                    self._forget(owned)
         finally:
             self._subscribed = False
             with trio.CancelScope(shield=True):
                 await membership.leave()
+
+    def _revoke_callback(self, lost: bool) -> Callable[[set[TopicPartition]], Any] | None:
+        """`on_lost` for partitions lost (the member was removed from the group), falling back
+        to `on_revoked` when there is none, as Kafka's Java client does."""
+        if lost and self.on_lost is not None:
+            return self.on_lost
+        return self.on_revoked
 
     async def _reconcile_within(self, wait_ms: int) -> bool:
         """Apply the group's latest assignment; when there is none yet, wait up to `wait_ms`
@@ -434,46 +753,65 @@ class Consumer:
                 return False
 
     async def _reconcile(self, membership: GroupMembership) -> None:
+        """Give up the partitions the group took away and take the new ones. Partitions
+        revoked are committed (auto-commit) and passed to `on_revoked` while still owned, so
+        the callback may commit too; partitions lost (this member was removed from the group:
+        all it owned) are passed to `on_lost`, uncommitted. New partitions start at their
+        committed offsets and are passed to `on_assigned`. The coordinator is told what the
+        consumer owns afterwards, also when a callback raises."""
         target = membership.target
         assert target is not None
         owned = set(self._positions)
-        revoked, added = owned - target, set(target) - owned
-        if revoked:
-            if self.enable_auto_commit and not membership.lost:
-                await self._commit_quietly({tp: self._positions[tp] for tp in revoked})
-            for tp in revoked:
-                del self._positions[tp]
-                self._committed_positions.pop(tp, None)
-                self._troubles.pop(tp, None)
-                self._pending_resets.pop(tp, None)
-            await _call(self.on_revoked, revoked)
-        if added:
-            committed = await self.committed(added)
-            for tp in added:
-                offset = committed.get(tp)
-                self._positions[tp] = offset if offset is not None and offset >= 0 else None
-                if offset is not None and offset >= 0:
-                    self._committed_positions[tp] = offset
-            await _call(self.on_assigned, added)
-        membership.acknowledge(frozenset(self._positions))
+        lost = membership.lost
+        gone = owned if lost else owned - target
+        try:
+            if gone:
+                if self.enable_auto_commit and not lost:
+                    await self._commit_quietly({tp: self._positions[tp] for tp in gone})
+                try:
+                    await _call(self._revoke_callback(lost), gone)
+                finally:
+                    self._forget(gone)
+            added = set(target) - set(self._positions)
+            if added:
+                committed = await self.committed(added)
+                for tp in added:
+                    offset = committed.get(tp)
+                    self._positions[tp] = offset if offset is not None and offset >= 0 else None
+                    if offset is not None and offset >= 0:
+                        self._committed_positions[tp] = offset
+                await _call(self.on_assigned, added)
+        finally:
+            membership.acknowledge(frozenset(self._positions))
 
-    async def commit(self, offsets: dict[TopicPartition, int] | None = None) -> None:
-        """Commit `offsets` (next offset to read, per partition), or the current positions of
-        every assigned partition. Raises DwalError (e.g. UNKNOWN_MEMBER_ID or
-        FENCED_MEMBER_EPOCH when this member was removed from the group)."""
+    async def commit(
+        self,
+        offsets: Mapping[TopicPartition, int | OffsetAndMetadata | tuple[int, str | None]]
+        | None = None,
+    ) -> None:
+        """Commit `offsets` (next offset to read, per partition; a value may be an
+        `OffsetAndMetadata(offset, metadata)`, or a tuple of the two, to store a metadata
+        string with the offset), or the current positions of every assigned partition.
+        Each commit replaces a partition's offset and metadata (None when not given).
+        Returns once the commit is durable. Raises DwalError (e.g. UNKNOWN_MEMBER_ID or
+        FENCED_MEMBER_EPOCH when this member was removed from the group), TypeError for a
+        metadata that is not a string."""
         if self.group_id is None or self._membership is None:
             raise RuntimeError("commit() needs a consumer created with a group_id")
         if offsets is None:
             offsets = {tp: p for tp, p in self._positions.items() if p is not None}
+        wanted = {TopicPartition(*tp): _offset_and_metadata(value) for tp, value in offsets.items()}
         membership = self._membership
         if membership.lost:  # fenced: those partitions may have a new owner already
-            offsets = {tp: o for tp, o in offsets.items() if tp in (membership.target or ())}
-        if not offsets:
+            wanted = {tp: o for tp, o in wanted.items() if tp in (membership.target or ())}
+        if not wanted:
             return
         in_group = self._subscribed and membership.member_id is not None
         by_topic: dict[str, list[dict]] = {}
-        for tp, offset in offsets.items():
-            by_topic.setdefault(tp.topic, []).append({"partition": tp.partition, "offset": offset})
+        for tp, (offset, metadata) in wanted.items():
+            by_topic.setdefault(tp.topic, []).append(
+                {"partition": tp.partition, "offset": offset, "metadata": metadata}
+            )
         response = await membership.call(
             ApiKey.OFFSET_COMMIT,
             {
@@ -486,8 +824,9 @@ class Consumer:
         for entry in response.body["topics"]:
             for part in entry["partitions"]:
                 if part["error_code"]:
-                    raise DwalError(ErrorCode(part["error_code"]), part["error_message"])
-        self._committed_positions.update(offsets)
+                    code = error_code_from_wire(part["error_code"])
+                    raise DwalError(code, part["error_message"])
+        self._committed_positions.update((tp, o.offset) for tp, o in wanted.items())
         self._last_commit = trio.current_time()
 
     async def _commit_quietly(self, positions: dict[TopicPartition, int | None]) -> None:
@@ -505,13 +844,33 @@ class Consumer:
         self._last_commit = trio.current_time()
         await self._commit_quietly(positions)
 
-    async def committed(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
-        """The group's committed offsets of `partitions` (-1 where none). Raises DwalError."""
+    @overload
+    async def committed(
+        self,
+        partitions: Iterable[TopicPartition | tuple[str, int]],
+        *,
+        with_metadata: Literal[False] = False,
+    ) -> dict[TopicPartition, int]: ...
+
+    @overload
+    async def committed(
+        self,
+        partitions: Iterable[TopicPartition | tuple[str, int]],
+        *,
+        with_metadata: Literal[True],
+    ) -> dict[TopicPartition, OffsetAndMetadata]: ...
+
+    async def committed(
+        self, partitions: Iterable[TopicPartition | tuple[str, int]], *, with_metadata: bool = False
+    ) -> dict[TopicPartition, int] | dict[TopicPartition, OffsetAndMetadata]:
+        """The group's committed offsets of `partitions` (-1 where none); with
+        `with_metadata`, `OffsetAndMetadata(offset, metadata)` per partition (-1 and None
+        where nothing is committed). Raises DwalError."""
         if self.group_id is None or self._membership is None:
             raise RuntimeError("committed() needs a consumer created with a group_id")
         by_topic: dict[str, list[int]] = {}
-        for tp in partitions:
-            by_topic.setdefault(tp.topic, []).append(tp.partition)
+        for topic, partition in partitions:
+            by_topic.setdefault(topic, []).append(partition)
         response = await self._membership.call(
             ApiKey.OFFSET_FETCH,
             {
@@ -519,11 +878,17 @@ class Consumer:
                 "topics": [{"topic": t, "partitions": p} for t, p in by_topic.items()],
             },
         )
-        return {
-            TopicPartition(entry["topic"], part["partition"]): part["offset"]
-            for entry in response.body["topics"]
-            for part in entry["partitions"]
-        }
+        found: dict[TopicPartition, OffsetAndMetadata] = {}
+        for entry in response.body["topics"]:
+            for part in entry["partitions"]:
+                tp = TopicPartition(entry["topic"], part["partition"])
+                if part["error_code"]:
+                    code = error_code_from_wire(part["error_code"])
+                    raise DwalError(code, f"{tp.topic}-{tp.partition}: {code.name}")
+                found[tp] = OffsetAndMetadata(part["offset"], part["metadata"])
+        if with_metadata:
+            return found
+        return {tp: committed.offset for tp, committed in found.items()}
 
     def lag(self, partition: TopicPartition | tuple[str, int]) -> int | None:
         """High watermark (as last fetched) minus position: records not yet returned."""
@@ -539,36 +904,186 @@ class Consumer:
 
     # -- fetching -------------------------------------------------------------------------
 
-    async def poll(self, timeout_ms: int | None = None) -> dict[TopicPartition, list[Record]]:
+    async def poll(
+        self, timeout_ms: int | None = None, *, max_records: int | None = None
+    ) -> dict[TopicPartition, list[Record]]:
         """Fetch what is available (waiting up to `timeout_ms`, default `max_wait_ms`);
-        returns records by partition, each list in offset order, possibly empty.
+        returns records by partition, each list in offset order, possibly empty. At most
+        `max_records` records (default `max_poll_records`; None: all that was fetched) are
+        returned: the rest stay buffered and come first at the next poll, without a fetch.
 
         A retriable failure (see the module docstring) returns nothing and counts in
         `statistics()`; the next poll first waits out the retry backoff. Raises DwalError for
         unknown topics or out-of-range positions under "error", the last retriable error once
-        `give_up_after_ms` has passed, and CorruptRecordError at a damaged batch (only after
-        the records before it were returned, and again at each poll until a seek past it).
+        `give_up_after_ms` has passed, CorruptRecordError at a damaged batch (only after
+        the records before it were returned, and again at each poll until a seek past it),
+        RecordDeserializationError when a deserializer fails (likewise), and
+        MalformedResponseError (a DwalError) for an answer that breaks the protocol.
 
-        While a poll's records are being decoded, the next fetch is already on its way
-        (one prefetch at most, from the positions the answer leads to), so a consumer
-        that keeps up overlaps its decoding with the broker's work and the network.
+        While a poll's records are being processed, the next fetch is already on its way
+        (one prefetch per leader at most, from where the records fetched end), so a consumer
+        that keeps up overlaps its work with the broker's and the network's.
 
         Safe to cancel: positions move only in the synchronous step that builds the result,
         so a cancelled poll has returned nothing and skipped nothing."""
         wait_ms = self.max_wait_ms if timeout_ms is None else max(timeout_ms, 0)
+        if max_records is None:
+            max_records = self.max_poll_records
+        elif max_records <= 0:
+            raise ValueError("max_records must be positive")
         if self._failed_polls:
             await trio.sleep(self._backoff_s())
         self._raise_damage()
         started = trio.current_time()
         try:
-            records = await self._poll_once(wait_ms)
+            records = await self._poll_once(wait_ms, max_records)
         except DwalError as error:
             if isinstance(error, CorruptRecordError) or not self._is_transient(error):
                 raise
             self._note_failure(error, started)
             return {}
+        except ProtocolError as error:  # bad bytes from a broker are a DwalError to users
+            raise MalformedResponseError(
+                f"a broker's answer broke the protocol: {error}"
+            ) from error
         self._failed_polls, self._failing_since, self._last_error = 0, None, None
         return records
+
+    # -- iteration ------------------------------------------------------------------------
+
+    def __aiter__(self) -> "Consumer":
+        return self
+
+    async def __anext__(self) -> Record:
+        """The next record of any assigned partition (``async for record in consumer``),
+        following forever: it polls whenever nothing fetched is waiting. Each record's
+        position is passed when it is returned, so an iteration cancelled (by a cancel scope
+        around the loop) loses and repeats nothing: the records not yet returned stay for
+        the next iteration or poll. Raises as `poll()` does."""
+        while True:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if not self._poll_work_due():
+                record = self._take_one()
+                if record is not None:
+                    self._iterated += 1
+                    if not self._iterated % _ITERATION_CHECKPOINT_EVERY:
+                        # let other tasks run now and then; shielded: the record is taken
+                        await trio.lowlevel.cancel_shielded_checkpoint()
+                    return record
+            for records in (await self.poll(max_records=1)).values():
+                return records[0]
+
+    async def batches(
+        self, *, max_records: int | None = None, timeout_ms: int | None = None
+    ) -> AsyncIterator[list[Record]]:
+        """``async for batch in consumer.batches(max_records=500)``: lists of records, each
+        what one poll returns (at most `max_records`, default `max_poll_records`), flattened
+        in partition order, each partition's records in offset order; every record says its
+        topic and partition. Without `timeout_ms` it follows forever and never yields an
+        empty list; with it, it yields an empty list after `timeout_ms` without records (time
+        for periodic work). Cancelling loses nothing, as for `poll()`."""
+        while True:
+            polled = await self.poll(timeout_ms, max_records=max_records)
+            if len(polled) == 1:
+                batch = next(iter(polled.values()))
+            else:
+                batch = [record for records in polled.values() for record in records]
+            if batch or timeout_ms is not None:
+                yield batch
+
+    def _poll_work_due(self) -> bool:
+        """Whether the next record must come through `poll()`: a group change to apply, an
+        automatic commit due, damage or a failure to report."""
+        if self._failed_polls or self._damaged:
+            return True
+        membership = self._membership
+        if membership is None:
+            return False
+        if self._subscribed and (membership.target is not None or membership.error is not None):
+            return True
+        return self.enable_auto_commit and (
+            trio.current_time() - self._last_commit >= self.auto_commit_interval_s
+        )
+
+    def _take_one(self) -> Record | None:
+        """The next buffered record of a partition that is not paused, its position moved
+        past it; None if there is none. Raises RecordDeserializationError (leaving it)."""
+        for tp, entry in self._buffer.items():
+            if tp in self._paused:
+                continue
+            record = entry.records[entry.index]
+            if self.key_deserializer is not None or self.value_deserializer is not None:
+                converted, failure = self._deserialized([record])
+                if failure is not None:
+                    raise failure
+                record = converted[0]
+            self._advance(tp, entry, entry.index + 1)
+            return record  # _advance may have changed the dict: iterate no further
+        return None
+
+    def _drain(self, max_records: int | None) -> dict[TopicPartition, list[Record]]:
+        """Take up to `max_records` (None: all) buffered records of partitions that are not
+        paused, moving their positions. A deserializer failure ends the drain at the record
+        concerned; it is raised when nothing comes before it."""
+        out: dict[TopicPartition, list[Record]] = {}
+        budget = -1 if max_records is None else max_records
+        deserializing = self.key_deserializer is not None or self.value_deserializer is not None
+        for tp in list(self._buffer):
+            if tp in self._paused:
+                continue
+            if budget == 0:
+                break
+            entry = self._buffer[tp]
+            records, start = entry.records, entry.index
+            end = len(records) if budget < 0 else min(len(records), start + budget)
+            taken = records if start == 0 and end == len(records) else records[start:end]
+            failure = None
+            if deserializing:
+                taken, failure = self._deserialized(taken)
+            if taken:
+                out[tp] = taken
+                self._advance(tp, entry, start + len(taken))
+                if budget > 0:
+                    budget -= len(taken)
+            if failure is not None:
+                if not out:
+                    raise failure
+                break
+        return out
+
+    def _advance(self, tp: TopicPartition, entry: _Buffered, end: int) -> None:
+        """Return `entry.records` up to `end`: the position moves past them."""
+        self._records_returned += end - entry.index
+        self._positions[tp] = entry.records[end - 1].offset + 1
+        if end < len(entry.records):
+            entry.index = end
+            return
+        del self._buffer[tp]
+        if entry.resume_at is not None:
+            self._positions[tp] = max(entry.resume_at, entry.records[-1].offset + 1)
+
+    def _deserialized(
+        self, records: list[Record]
+    ) -> tuple[list[Record], RecordDeserializationError | None]:
+        """The records with key and value deserialized (None stays None), up to the first
+        the deserializers fail on, and that failure."""
+        key_of, value_of = self.key_deserializer, self.value_deserializer
+        out: list[Record] = []
+        for record in records:
+            key, value = record.key, record.value
+            part = "key"
+            try:
+                if key_of is not None and key is not None:
+                    key = key_of(key)
+                part = "value"
+                if value_of is not None and value is not None:
+                    value = value_of(value)
+            except Exception as error:
+                failure = RecordDeserializationError(record, part, error)
+                failure.__cause__ = error
+                return out, failure
+            out.append(record._replace(key=key, value=value))
+        return out, None
 
     def _is_transient(self, error: DwalError) -> bool:
         if error.retriable:
@@ -599,13 +1114,18 @@ class Consumer:
             )
 
     def _raise_damage(self) -> None:
-        """Raise the damage found at a partition's position, unless it was sought past."""
+        """Raise the damage found at a partition's position, unless it was sought past
+        (records before it that are still buffered are returned first)."""
         for tp, (position, error) in list(self._damaged.items()):
+            if tp in self._buffer:
+                continue
             if self._positions.get(tp, -1) == position:
                 raise error
             del self._damaged[tp]
 
-    async def _poll_once(self, wait_ms: int) -> dict[TopicPartition, list[Record]]:
+    async def _poll_once(
+        self, wait_ms: int, max_records: int | None
+    ) -> dict[TopicPartition, list[Record]]:
         if self._subscribed:
             if not await self._reconcile_within(wait_ms):
                 return {}
@@ -624,20 +1144,30 @@ class Consumer:
             # The application called poll again: it has processed what earlier polls
             # returned, so the positions as they stand now are safe to commit.
             await self._auto_commit(dict(self._positions))
+        if any(tp not in self._paused for tp in self._buffer):
+            return self._drain(max_records)  # records fetched earlier come first
         await self._check_metadata(list(self._positions))  # again: a commit may take a while
         wanted = self._fetchable()
         if not wanted:
             if self._poll_error is not None:
                 raise self._poll_error  # nothing could be tried: the poll failed
-            # every partition is set aside (or has no position yet): wait, but not past
-            # the first backoff to end
+            # every partition is set aside, paused or without a position yet: wait, but
+            # not past the first backoff to end
             retry_at = min((t.retry_at_s for t in self._troubles.values()), default=float("inf"))
             await trio.sleep_until(min(retry_at, trio.current_time() + wait_ms / 1000))
             return {}
+        return await self._fetch(wanted, wait_ms, max_records)
+
+    async def _fetch(
+        self, wanted: dict[TopicPartition, int | None], wait_ms: int, max_records: int | None
+    ) -> dict[TopicPartition, list[Record]]:
+        """Fetch `wanted` from their leaders, buffer what they answer and return up to
+        `max_records` of it; then start the next fetch of each leader that answered."""
         fetches = self._start_fetches(wanted, wait_ms)
         deadline = trio.current_time() + wait_ms / 1000 + self.cluster.request_timeout_ms / 1000
         # Raise what must be raised before any position moves, so that raising loses nothing.
         responses = []
+        answered_cleanly = []  # leaders whose answer had no partition error: prefetch
         read_some = False  # some partition's fetch was answered without error
         while True:
             answered = await self._wait_fetches(fetches, deadline)
@@ -659,11 +1189,7 @@ class Consumer:
                     self._troubles.pop(tp, None)
                 read_some = read_some or bool(read)
                 if not failed:
-                    following = _positions_after(response.body, response.tail, fetch.positions)
-                    if following != fetch.positions:  # prefetch: overlaps decoding and waiting
-                        self._fetches_by_leader[leader] = self._start_fetch(
-                            following, self.max_wait_ms
-                        )
+                    answered_cleanly.append((leader, fetch))
                 responses.append(response)
             # A fetch that failed at once (no leader, its leader unreachable), or whose
             # answer carries only partition errors, must not cut short the wait for the
@@ -672,15 +1198,30 @@ class Consumer:
             fetches = [(leader, fetch) for leader, fetch in fetches if not fetch.done.is_set()]
             if read_some or not fetches:
                 break
-        records: dict[TopicPartition, list[Record]] = {}
         damage: list[CorruptRecordError] = []
         for response in responses:
-            records.update(self._take_records(response.body, response.tail, damage))
+            self._take_records(response.body, response.tail, damage)
+        records = self._drain(max_records)
+        self._prefetch(answered_cleanly)
         if damage and not records:
             raise damage[0]  # nothing before it to deliver first
         if self._poll_error is not None and not records and not read_some:
             raise self._poll_error  # count it, and back off, rather than ask again at once
         return records
+
+    def _prefetch(self, answered: list[tuple[int, "_Fetch"]]) -> None:
+        """Start each leader's next fetch, from where its answer's records end (past the
+        records still buffered too: a partition is fetched again only once they are all
+        returned, and then the next poll finds this fetch asking for its very position)."""
+        for leader, fetch in answered:
+            following: dict[TopicPartition, int | None] = {}
+            for tp in fetch.positions:
+                if self._positions.get(tp) is None or tp in self._paused or tp in self._damaged:
+                    continue
+                entry = self._buffer.get(tp)
+                following[tp] = entry.fetch_position() if entry else self._positions[tp]
+            if following and following != fetch.positions and leader not in self._fetches_by_leader:
+                self._fetches_by_leader[leader] = self._start_fetch(following, self.max_wait_ms)
 
     def _is_transient_error(self, error: Exception) -> bool:
         return isinstance(error, DwalError) and self._is_transient(error)
@@ -773,8 +1314,9 @@ class Consumer:
                 if not part["error_code"]:
                     continue
                 tp = TopicPartition(entry["topic"], part["partition"])
-                code = ErrorCode(part["error_code"])
-                message = f"{tp.topic}-{tp.partition}: {part.get('error_message') or code.name}"
+                code = error_code_from_wire(part["error_code"])
+                said = part.get("error_message") or f"{code.name} (error code {part['error_code']})"
+                message = f"{tp.topic}-{tp.partition}: {said}"
                 if code == ErrorCode.OFFSET_OUT_OF_RANGE and self.auto_offset_reset != "error":
                     self._positions[tp] = None  # the next poll resets it
                 elif code == ErrorCode.CORRUPT_MESSAGE:  # the broker found the damage itself
@@ -789,12 +1331,11 @@ class Consumer:
 
     def _take_records(
         self, body: dict, tail: bytes | memoryview, damage: list[CorruptRecordError]
-    ) -> dict[TopicPartition, list[Record]]:
-        """The records of one fetch answer by partition, moving their positions; damage
-        found is noted and appended to `damage`."""
+    ) -> None:
+        """Buffer the records of one fetch answer by partition; damage found is noted and
+        appended to `damage`. Positions do not move: records move them when returned."""
         view = memoryview(tail)
         position = 0
-        out: dict[TopicPartition, list[Record]] = {}
         for entry in body["topics"]:
             for part in entry["partitions"]:
                 tp = TopicPartition(entry["topic"], part["partition"])
@@ -803,43 +1344,80 @@ class Consumer:
                 if part["error_code"]:
                     continue
                 self._high_watermarks[tp] = part["high_watermark"]
-                records = self._records_from(tp, chunk, damage)
-                if records:
-                    out[tp] = records
-        return out
+                self._buffer_records_of(tp, chunk, damage)
 
-    def _records_from(
+    def _buffer_records_of(
         self, tp: TopicPartition, chunk: memoryview, damage: list[CorruptRecordError]
-    ) -> list[Record]:
+    ) -> None:
         expected = self._positions.get(tp)
-        if expected is None or not len(chunk):
-            return []
+        if expected is None or not len(chunk) or tp in self._buffer:
+            return  # not asked for (an answer naming partitions it was not asked for)
         error = None
         try:
-            records = decode_records(chunk, allow_partial_tail=True)
+            records = decode_records(
+                chunk, allow_partial_tail=True, topic=tp.topic, partition=tp.partition
+            )
         except ProtocolError:
             records, error = decode_until_damage(tp, chunk, expected)
+            records = [r._replace(topic=tp.topic, partition=tp.partition) for r in records]
         if records and records[0].offset < expected:
             # offsets increase but may have gaps (compacted topics): search, do not count
             records = records[bisect.bisect_left(records, expected, key=_offset_of) :]
         if records:
-            self._positions[tp] = records[-1].offset + 1
-            self._records_returned += len(records)
+            self._buffer[tp] = _Buffered(records)
         if error is not None:
-            self._note_damage(tp, error, damage)
-        return records
+            after = records[-1].offset + 1 if records else expected
+            self._note_damage(tp, error, after, damage)
 
     def _note_damage(
-        self, tp: TopicPartition, error: CorruptRecordError, damage: list[CorruptRecordError]
+        self,
+        tp: TopicPartition,
+        error: CorruptRecordError,
+        after: int,
+        damage: list[CorruptRecordError],
     ) -> None:
+        """Damage in `tp` after the records buffered (`after`: where they end): skip it
+        (`skip_corrupt`), or raise it once those records are returned."""
         if self.skip_corrupt and error.skippable:
             assert error.last_offset is not None
             logger.warning("skipping %s", error.message)
             self._skipped.append(error)
-            self._positions[tp] = max(error.last_offset + 1, self._positions[tp] or 0)
+            resume_at = max(error.last_offset + 1, after)
+            entry = self._buffer.get(tp)
+            if entry is not None:
+                entry.resume_at = resume_at
+            else:
+                self._positions[tp] = resume_at
             return
-        self._damaged[tp] = (self._positions[tp] or 0, error)
+        self._damaged[tp] = (after, error)
         damage.append(error)
+
+
+_ITERATION_CHECKPOINT_EVERY = 256  # records returned by `async for` between two yields
+
+_KEYWORD_DEFAULTS: dict[str, Any] = {
+    name: parameter.default
+    for name, parameter in inspect.signature(Consumer.__init__).parameters.items()
+    if parameter.kind == inspect.Parameter.KEYWORD_ONLY
+}
+
+
+def _translate(options: Mapping[str, Any], explicit: Mapping[str, Any]) -> dict[str, Any]:
+    """The Consumer's keyword arguments for Kafka-spelled `options`. Raises
+    UnknownOptionError for an option the Consumer does not take (saying where it belongs,
+    or naming close matches) and for one also given as the DWAL keyword in `explicit`."""
+    for name in options:
+        where = _CONSUMER_ELSEWHERE.get(dotted(name))
+        if where is not None:
+            raise UnknownOptionError(f"Consumer does not take {name!r}: {where}")
+    translated = translate(options, CONSUMER_OPTIONS, "Consumer")
+    for keyword in translated:
+        if keyword in explicit:
+            spelt = next(
+                name for name in options if CONSUMER_OPTIONS[dotted(name)].keyword == keyword
+            )
+            raise UnknownOptionError(f"Consumer: {spelt!r} and {keyword!r} are the same option")
+    return translated
 
 
 async def _call(
@@ -868,6 +1446,15 @@ def _leader_epoch(cluster: Cluster, tp: TopicPartition) -> int:
     if info is None or tp.partition >= len(info.partitions):
         return -1
     return info.partitions[tp.partition].leader_epoch
+
+
+def _offset_and_metadata(value: int | OffsetAndMetadata | tuple[int, str | None]):
+    if isinstance(value, int):
+        return OffsetAndMetadata(value)
+    offset, metadata = value
+    if metadata is not None and not isinstance(metadata, str):
+        raise TypeError(f"commit metadata must be a string or None, got {metadata!r}")
+    return OffsetAndMetadata(offset, metadata)
 
 
 def _offset_of(record: Record) -> int:
@@ -909,35 +1496,13 @@ class _Fetch:
                     *next(iter(self.positions)), purpose="fetch"
                 )
                 self.response = await connection.request(ApiKey.FETCH, body)
-        except (DwalError, ProtocolError) as error:
+        except DwalError as error:
             self.error = error
+        except ProtocolError as error:  # bad bytes from the broker: a DwalError to users
+            self.error = MalformedResponseError(f"a fetch answer broke the protocol: {error}")
         finally:
             self.done.set()
             self._on_done()
-
-
-def _positions_after(
-    body: dict, tail: bytes | memoryview, positions: dict[TopicPartition, int | None]
-) -> dict:
-    """The positions a fetch answer leads to, from batch headers alone (no decoding)."""
-    following = dict(positions)
-    view = memoryview(tail)
-    start = 0
-    for entry in body["topics"]:
-        for part in entry["partitions"]:
-            chunk = view[start : start + part["size"]]
-            start += part["size"]
-            if part["error_code"] or not part["size"]:
-                continue
-            try:
-                end = complete_prefix_bytes(chunk)
-                if end:
-                    last = last_batch_header(chunk[:end])
-                    tp = TopicPartition(entry["topic"], part["partition"])
-                    following[tp] = max(following[tp] or 0, last.next_offset)
-            except ProtocolError:
-                continue  # decoding will report it
-    return following
 
 
 def _group_by_topic(
@@ -1019,7 +1584,7 @@ async def _list_offsets_of_one_leader(
         for part in entry["partitions"]:
             tp = TopicPartition(entry["topic"], part["partition"])
             if part["error_code"]:
-                code = ErrorCode(part["error_code"])
+                code = error_code_from_wire(part["error_code"])
                 message = part.get("error_message") or f"{tp.topic}-{tp.partition}: {code.name}"
                 out[tp] = DwalError(code, message)
             else:

@@ -102,13 +102,16 @@ class BatchHeader(NamedTuple):
 
 
 class Record(NamedTuple):
-    """One record as a consumer sees it."""
+    """One record as a consumer sees it. `topic` and `partition` say where it was read
+    (`decode_records` fills them in when told; "" and -1 when not known)."""
 
     offset: int
     timestamp: int
     key: bytes | None
     value: bytes | None
     headers: Sequence[tuple[str, bytes]] = ()
+    topic: str = ""
+    partition: int = -1
 
 
 def crc_of(batch: bytes | bytearray | memoryview) -> int:
@@ -507,11 +510,14 @@ def decode_records(
     *,
     verify_crc: bool = True,
     allow_partial_tail: bool = False,
+    topic: str = "",
+    partition: int = -1,
 ) -> list[Record]:
     """Decode every record of a buffer of back-to-back batches.
 
     With `allow_partial_tail`, a batch cut short at the end of the buffer (as a fetch may
     return when it stops at max_bytes) is ignored instead of raising ProtocolError.
+    Every record carries `topic` and `partition` (the partition the buffer was read from).
     Records are built column-wise with C-level iteration; no Python code runs per record.
     The cyclic garbage collector is paused meanwhile (as msgpack's documentation advises
     for large unpacks): the records form no cycles, and without the pause collections
@@ -520,14 +526,17 @@ def decode_records(
     paused = gc.isenabled()
     gc.disable()
     try:
-        return _decode_records(memoryview(data), verify_crc, allow_partial_tail)
+        return _decode_records(memoryview(data), verify_crc, allow_partial_tail, topic, partition)
     finally:
         if paused:
             gc.enable()
 
 
-def _decode_records(view: memoryview, verify_crc: bool, allow_partial_tail: bool) -> list[Record]:
+def _decode_records(
+    view: memoryview, verify_crc: bool, allow_partial_tail: bool, topic: str, partition: int
+) -> list[Record]:
     out: list[Record] = []
+    topic_column, partition_column = repeat(topic), repeat(partition)
     for batch in _scan_allowing_tail(view, verify_crc, allow_partial_tail):
         header = batch.header
         body = view[batch.position + HEADER_BYTES : batch.position + header.size_bytes]
@@ -542,9 +551,10 @@ def _decode_records(view: memoryview, verify_crc: bool, allow_partial_tail: bool
         timestamps = map(header.base_timestamp.__add__, deltas)
         # without headers, share one empty tuple: one object less per record for the GC
         header_column: Iterable[Any] = headers if any(headers) else repeat(())
-        out.extend(
-            map(_new_record, repeat(Record), zip(offsets, timestamps, keys, values, header_column))
+        columns = zip(
+            offsets, timestamps, keys, values, header_column, topic_column, partition_column
         )
+        out.extend(map(_new_record, repeat(Record), columns))
     return out
 
 
