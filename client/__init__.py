@@ -45,6 +45,8 @@ from client.kafka_options import UnknownOptionError
 from client.topic_partition import TopicPartition
 from client.producer import (
     Delivery,
+    DeliveryCallback,
+    DeliveryFailure,
     DeliveryOutcomeUnknown,
     Producer,
     ProducerClosed,
@@ -66,6 +68,8 @@ __all__ = [
     "ConsumerStatistics",
     "CorruptRecordError",
     "Delivery",
+    "DeliveryCallback",
+    "DeliveryFailure",
     "DeliveryOutcomeUnknown",
     "DwalError",
     "ErrorCode",

@@ -336,6 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="partition (default: by key, else sticky)",
     )
     produce.add_argument(
+        "--partitioner",
+        choices=["murmur2", "crc32"],
+        default="murmur2",
+        help="the hash of a key that picks its partition: murmur2, as Kafka's clients "
+        "(default), or crc32, DWAL's earlier one (keeps keys where earlier records went)",
+    )
+    produce.add_argument(
         "--acks",
         choices=["0", "1", "all", "-1"],
         default="1",
@@ -803,6 +810,7 @@ async def _produce_command(cluster, args: argparse.Namespace, stop: trio.Event) 
         batch_size=args.batch_size,
         buffer_bytes_max=LIMITS.cli_produce_buffer_bytes,
         allow_auto_topic_creation=True,
+        partitioner=args.partitioner,
     ) as producer:
         async with trio.open_nursery() as nursery:
             with trio.CancelScope() as reading:

@@ -269,16 +269,23 @@ class Cluster:
 
 @contextlib.asynccontextmanager
 async def connect(
-    bootstrap: str | list[str] = "127.0.0.1:9092",
+    bootstrap: str | list[str] | None = None,
     *,
     client_id: str = "dwal",
     request_timeout_ms: int = LIMITS.request_timeout_ms,
+    bootstrap_servers: str | list[str] | None = None,
 ) -> AsyncIterator[Cluster]:
     """Open a cluster handle: ``async with connect("127.0.0.1:9092") as cluster: ...``.
 
-    Connects to a bootstrap broker at once (raising ConnectionFailed if none answers) and
-    closes every connection when the block exits.
+    `bootstrap` ("host:port", comma-separated, or a list; default "127.0.0.1:9092") may be
+    spelled `bootstrap_servers`, as kafka-python and aiokafka name it; giving both raises
+    TypeError. Connects to a bootstrap broker at once (raising ConnectionFailed if none
+    answers) and closes every connection when the block exits.
     """
+    if bootstrap is not None and bootstrap_servers is not None:
+        raise TypeError("connect(): bootstrap and bootstrap_servers are the same argument")
+    if bootstrap is None:
+        bootstrap = bootstrap_servers if bootstrap_servers is not None else "127.0.0.1:9092"
     addresses = [bootstrap] if isinstance(bootstrap, str) else list(bootstrap)
     parsed = [parse_address(a.strip()) for item in addresses for a in item.split(",") if a.strip()]
     if not parsed:

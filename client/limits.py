@@ -48,6 +48,10 @@ class ClientLimits:
     # A record larger than this is refused when the broker does not say its own
     # max.message.bytes (Kafka's default, plus a batch's record overhead).
     producer_message_bytes_max_unknown: int = 1024 * 1024 + 12
+    # The murmur2 hashes of this many recent keys, each at most this long, are remembered (a
+    # pure-Python hash costs about a microsecond); the memory is forgotten whole when full.
+    producer_key_hash_cache_keys_max: int = 16_384
+    producer_key_hash_cache_key_bytes_max: int = 128
 
     # -- the consumer (client/consumer.py, client/group_membership.py)
     consumer_fetch_bytes_max: int = 32 * 1024 * 1024  # `fetch_max_bytes`: one fetch response

@@ -63,16 +63,34 @@ not know InitProducerId (UNKNOWN_API_KEY, UNSUPPORTED_VERSION) turns idempotence
 it was asked for explicitly (then the batches fail).
 
 Sizes: no batch exceeds the topic's max.message.bytes (nor segment.bytes), as the broker
-reports them in its metadata; a record that cannot fit in a batch of its own is refused by
-`send()` with MESSAGE_TOO_LARGE.
+reports them in its metadata, nor the producer's `request_bytes_max`; a record that cannot
+fit in a batch of its own is refused by `send()` with MESSAGE_TOO_LARGE, alone: it never
+enters a batch, so the records sent around it are not affected.
+
+Keys. A keyed record goes to partition `hash(key) % partition_count`, the hash being Kafka's
+murmur2 (protocol/partitioning.py) unless `partitioner="crc32"` (DWAL's hash before). Pure
+Python murmur2 costs about a microsecond per short key, so the hashes of recent keys are
+remembered in a bounded dict (most workloads repeat keys).
+
+Outcomes. Every record's outcome reaches its `Delivery`; `flush()` also returns the failures
+since the previous flush, counted per partition and error. `on_delivery` callbacks are not
+called where an outcome is decided (often deep in the state changes above, where a callback
+calling back into the producer would see them half done): finished batches that have
+callbacks go in line for the callback task, which calls them one after another. A callback
+that raises stops the producer as a failing trio task does: the callback task raises once
+it has called the other callbacks due, which cancels the producer's block and propagates out
+of it; records still without an outcome then fail as at any close, and their callbacks are
+called during the close.
 """
 
 from __future__ import annotations
 
 import collections
+import inspect
 import logging
 import random
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -82,6 +100,7 @@ import trio
 from client.cluster import Cluster
 from client.connection import ConnectionFailed
 from client.exception_groups import unwrapped_errors
+from client.kafka_options import CONVERTERS, KafkaOption, UnknownOptionError, dotted, translate
 from client.limits import LIMITS
 from protocol import (
     ACKS_ALL,
@@ -94,9 +113,13 @@ from protocol import (
     ErrorCode,
     ProtocolError,
     encode_packed_batch,
-    partition_for_key,
 )
-from protocol.record_batch import RECORDS_PER_BATCH_MAX, with_producer_state
+from protocol.partitioning import DEFAULT_PARTITIONER, key_hash
+from protocol.record_batch import (
+    RECORDS_PER_BATCH_MAX,
+    SUPPORTED_COMPRESSION,
+    with_producer_state,
+)
 
 RECORD_OVERHEAD_BYTES = 8
 # msgpack's largest overhead on [timestamp_delta, key, value, []] beyond the key's and value's
@@ -165,8 +188,8 @@ class _TopicLimits:
     record_packed_bytes_max: int  # one packed record, alone in a batch
     batch_packed_bytes_max: int  # the packed records of one batch
     partition_request_bytes_max: int  # one partition's batches in one Produce request
-    limit_bytes: int  # the limit these derive from, named in errors
-    limit_name: str
+    limit_bytes: int  # the limit these derive from
+    limit_text: str  # that limit, as errors name it: "max.message.bytes (1000) of topic 't'"
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +200,21 @@ class RecordMetadata:
     partition: int
     offset: int  # -1 with acks=0: the broker does not say
     timestamp: int
+
+
+# Called once per record with its outcome: (metadata, None) or (None, error).
+DeliveryCallback = Callable[[RecordMetadata | None, DwalError | None], object]
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryFailure:
+    """Records of one partition that failed with one kind of error (same type and code),
+    as `Producer.flush()` reports them."""
+
+    topic: str
+    partition: int
+    record_count: int
+    error: DwalError  # the first of these records' errors
 
 
 class _Batch:
@@ -208,6 +246,7 @@ class _Batch:
         "producer_epoch",
         "base_sequence",
         "last_error",
+        "callbacks",
     )
 
     def __init__(self, topic: str, partition: int, base_timestamp: int, created: float) -> None:
@@ -234,6 +273,8 @@ class _Batch:
         self.producer_epoch = -1
         self.base_sequence = -1
         self.last_error: DwalError | None = None  # of the last failed attempt
+        # (index in the batch, timestamp, callback) of the records sent with a callback
+        self.callbacks: list[tuple[int, int, DeliveryCallback]] | None = None
 
     def fits(self, record_bytes: int, packed_bytes_max: int) -> bool:
         """Whether a record of `record_bytes` packed still fits; makes the size bound exact."""
@@ -298,13 +339,18 @@ class Delivery:
             raise RuntimeError("the record is not delivered yet")
         if batch.error is not None:
             raise batch.error
-        offset = batch.base_offset + self._index if batch.base_offset >= 0 else -1
-        return RecordMetadata(batch.topic, batch.partition, offset, self._timestamp)
+        return _record_metadata(batch, self._index, self._timestamp)
 
     async def wait(self) -> RecordMetadata:
         """Wait for the broker's answer; returns RecordMetadata or raises DwalError."""
         await self._batch.done.wait()
         return self.result()
+
+
+def _record_metadata(batch: _Batch, index: int, timestamp: int) -> RecordMetadata:
+    """Where the record at `index` of a batch that succeeded was written."""
+    offset = batch.base_offset + index if batch.base_offset >= 0 else -1
+    return RecordMetadata(batch.topic, batch.partition, offset, timestamp)
 
 
 @dataclass(frozen=True)
@@ -349,6 +395,15 @@ def _idempotence_conflicts(acks: int, retries: int, max_in_flight_per_partition:
     ]
 
 
+def _supported_compression(name: str) -> Compression:
+    """The codec called `name`; ValueError for an unknown one or one DWAL cannot write
+    (snappy, which Kafka has)."""
+    compression = Compression.from_name(name)
+    if compression not in SUPPORTED_COMPRESSION:
+        raise ValueError(f"compression {name!r} is not supported: use none, gzip, lz4 or zstd")
+    return compression
+
+
 def _parse_acks(acks: int | str) -> int:
     if acks in ("all", -1, "-1"):
         return ACKS_ALL
@@ -378,9 +433,16 @@ class Producer:
     "zstd"), `retries` of retriable errors with `retry_backoff_ms`, `retry_unknown_outcome`
     (resend batches that may be stored already: at-least-once, may duplicate),
     `delivery_timeout_ms` (no retry starts later than this after a batch was opened),
-    `buffer_bytes_max` (send waits when full), `request_bytes_max`, `enable_idempotence`
-    (None: on with acks="all" unless retries=0 or max_in_flight_per_partition > 5; True
-    with any of those raises ValueError).
+    `buffer_bytes_max` (send waits when full), `request_bytes_max` (also the largest record),
+    `enable_idempotence` (None: on with acks="all" unless retries=0 or
+    max_in_flight_per_partition > 5; True with any of those raises ValueError),
+    `on_delivery` (a callback per record, see `send`), `partitioner` ("murmur2", Kafka's, or
+    "crc32"), `key_serializer` and `value_serializer` (object -> bytes, applied by `send`).
+
+    Kafka's option names are accepted too, as further keyword arguments (`compression_type`,
+    `buffer_memory`, `max_in_flight_requests_per_connection`, ...: PRODUCER_KAFKA_OPTIONS)
+    or through `from_config`; an option the producer does not take raises
+    UnknownOptionError naming where it belongs or the close matches.
     """
 
     def __init__(
@@ -401,7 +463,17 @@ class Producer:
         retry_unknown_outcome: bool = False,
         delivery_timeout_ms: int = LIMITS.producer_delivery_timeout_ms,
         enable_idempotence: bool | None = None,
+        on_delivery: DeliveryCallback | None = None,
+        partitioner: str = DEFAULT_PARTITIONER,
+        key_serializer: Callable[[Any], bytes] | None = None,
+        value_serializer: Callable[[Any], bytes] | None = None,
+        **kafka_options: Any,
     ) -> None:
+        if kafka_options:
+            arguments = locals()
+            given = {name: arguments[name] for name in _KEYWORDS}
+            Producer.__init__(self, cluster, **_with_kafka_options(given, kafka_options))
+            return
         parsed_acks = _parse_acks(acks)
         problems = [
             message
@@ -427,6 +499,15 @@ class Producer:
                     delivery_timeout_ms < 1,
                     f"delivery_timeout_ms must be at least 1, not {delivery_timeout_ms}",
                 ),
+                *(
+                    (not callable(function), f"{name} must be callable, not {function!r}")
+                    for name, function in (
+                        ("on_delivery", on_delivery),
+                        ("key_serializer", key_serializer),
+                        ("value_serializer", value_serializer),
+                    )
+                    if function is not None
+                ),
             )
             if wrong
         ]
@@ -435,6 +516,7 @@ class Producer:
             problems += [f"enable_idempotence=True needs {conflict}" for conflict in conflicts]
         if problems:
             raise ValueError("; ".join(problems))
+        self._key_hash = key_hash(partitioner)  # ValueError naming the choices
         # On by default where it can be (acks=all), as in Kafka 3; off where the other
         # options exclude it, unless it was asked for (then they raised above).
         self.idempotent = enable_idempotence if enable_idempotence is not None else not conflicts
@@ -444,7 +526,7 @@ class Producer:
         self.acks = parsed_acks
         self.linger_s = linger_ms / 1000
         self.batch_size = batch_size
-        self.compression = Compression.from_name(compression)
+        self.compression = _supported_compression(compression)
         self.retries = retries
         self.retry_backoff_s = retry_backoff_ms / 1000
         self.buffer_bytes_max = buffer_bytes_max
@@ -453,6 +535,17 @@ class Producer:
         self.allow_auto_topic_creation = allow_auto_topic_creation
         self.retry_unknown_outcome = retry_unknown_outcome
         self.delivery_timeout_s = delivery_timeout_ms / 1000
+        self.on_delivery = on_delivery
+        self.partitioner = partitioner
+        self.key_serializer = key_serializer
+        self.value_serializer = value_serializer
+        # hashes of recent keys (bounded: cleared when full): see "Keys" above
+        self._key_hashes: dict[bytes, int] = {}
+        # finished batches whose callbacks the callback task has yet to call
+        self._callbacks_due: collections.deque[_Batch] = collections.deque()
+        self._callbacks_wakeup = trio.Event()
+        # failures since the last flush: (topic, partition, error type, code) -> count, first
+        self._failures: dict[tuple[str, int, type, ErrorCode], list[Any]] = {}
         self._partition_counts: dict[str, int] = {}
         self._topic_limits: dict[str, _TopicLimits] = {}
         self._sticky: dict[str, int] = {}
@@ -483,6 +576,26 @@ class Producer:
         self._nursery: trio.Nursery | None = None
         self._closed = False
 
+    @classmethod
+    def from_config(
+        cls, cluster: Cluster, config: Mapping[str, Any], **keywords: Any
+    ) -> "Producer":
+        """A producer configured by a dict of Kafka options (``{"linger.ms": 5}``, dotted or
+        underscored names, values of the right type or their string forms, as
+        confluent-kafka or kafka-python take them); DWAL's own option names
+        (``"buffer_bytes_max"``) are accepted too. `keywords` are passed on as they are.
+
+        Raises UnknownOptionError (a TypeError) for an option the producer does not take
+        (naming where it belongs, or the close matches) or one given twice, ValueError for a
+        value of the wrong type or out of range."""
+        native = {name: value for name, value in config.items() if _is_native(name)}
+        kafka = {name: value for name, value in config.items() if not _is_native(name)}
+        twice = sorted(native.keys() & keywords.keys())
+        if twice:
+            raise UnknownOptionError(f"Producer: {twice[0]!r} is both in the config and a keyword")
+        given = {**native, **keywords}
+        return cls(cluster, **_with_kafka_options(given, kafka, explicit=set(given)))
+
     # -- life cycle -------------------------------------------------------------------
 
     async def __aenter__(self) -> "Producer":
@@ -491,6 +604,7 @@ class Producer:
         self._nursery_manager = trio.open_nursery()
         self._nursery = await self._nursery_manager.__aenter__()
         self._nursery.start_soon(self._sender)
+        self._nursery.start_soon(self._callback_task)
         return self
 
     async def __aexit__(self, exc_type, exc, tb) -> bool | None:
@@ -504,13 +618,27 @@ class Producer:
         self._nursery.cancel_scope.cancel()
         try:
             with unwrapped_errors():
-                if await self._nursery_manager.__aexit__(exc_type, exc, tb):
-                    return True
-        finally:
-            self._fail_unfinished()
+                suppressed = await self._nursery_manager.__aexit__(exc_type, exc, tb)
+        except BaseException:
+            self._close_deliveries(propagating=True)
+            raise
+        self._close_deliveries(propagating=exc is not None and not suppressed)
+        if suppressed:
+            return True
         if exc is not None:
             raise exc
         return None
+
+    def _close_deliveries(self, *, propagating: bool) -> None:
+        """Give every record without an outcome its failure and call the callbacks still
+        due. A callback's exception is raised unless another exception is `propagating`
+        (then it is logged, as are any further ones)."""
+        self._fail_unfinished()
+        errors = self._call_callbacks_due()
+        if errors and not propagating:
+            _log_callback_errors(errors[1:])
+            raise errors[0]
+        _log_callback_errors(errors)
 
     def _fail_unfinished(self) -> None:
         """The producer stopped: give every record still without an outcome its failure, so
@@ -557,17 +685,21 @@ class Producer:
     async def send(
         self,
         topic: str,
-        value: bytes | str | None,
-        key: bytes | str | None = None,
+        value: Any,
+        key: Any = None,
         *,
         partition: int | None = None,
         headers: Sequence[tuple[str, bytes]] | None = None,
         timestamp_ms: int | None = None,
+        on_delivery: DeliveryCallback | None = None,
     ) -> Delivery:
         """Buffer one record; returns its Delivery. Waits only when the buffer is full or the
-        topic's metadata is not known yet. Raises DwalError for an unknown topic or a record
-        too large for the topic (MESSAGE_TOO_LARGE), TypeError for a value or key that is
-        not bytes, str or None, RuntimeError outside the producer's `async with` block."""
+        topic's metadata is not known yet. `on_delivery` (instead of the producer's) is
+        called with the record's outcome (see the module docstring). Raises DwalError for an
+        unknown topic or a record too large (MESSAGE_TOO_LARGE: for the topic, or above
+        `request_bytes_max`), TypeError for a value or key that is not bytes, str or None
+        once serialized, whatever a serializer raises, RuntimeError outside the producer's
+        `async with` block. Cancelling it while it waits sends nothing."""
         self._check_usable()
         count = self._partition_counts.get(topic)
         if count is None:
@@ -581,18 +713,39 @@ class Producer:
             partition=partition,
             headers=headers,
             timestamp_ms=timestamp_ms,
+            on_delivery=on_delivery,
             _count=count,
         )
 
-    def send_nowait(
+    async def send_and_wait(
         self,
         topic: str,
-        value: bytes | str | None,
-        key: bytes | str | None = None,
+        value: Any,
+        key: Any = None,
         *,
         partition: int | None = None,
         headers: Sequence[tuple[str, bytes]] | None = None,
         timestamp_ms: int | None = None,
+    ) -> RecordMetadata:
+        """Send one record and wait for its outcome: returns its RecordMetadata, raises its
+        DwalError (or what `send` raises). The record waits in its batch like any other
+        (up to `linger_ms`). Cancelling it once the record is buffered does not withdraw
+        the record: it may still be stored."""
+        delivery = await self.send(
+            topic, value, key, partition=partition, headers=headers, timestamp_ms=timestamp_ms
+        )
+        return await delivery.wait()
+
+    def send_nowait(
+        self,
+        topic: str,
+        value: Any,
+        key: Any = None,
+        *,
+        partition: int | None = None,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+        timestamp_ms: int | None = None,
+        on_delivery: DeliveryCallback | None = None,
         _count: int | None = None,
     ) -> Delivery:
         """Like `send` but never waits: raises trio.WouldBlock when the buffer is full or the
@@ -602,13 +755,20 @@ class Producer:
         count = _count or self._partition_counts.get(topic)
         if count is None or self._buffered_bytes >= self.buffer_bytes_max:
             raise trio.WouldBlock
+        if value is not None and self.value_serializer is not None:
+            value = self.value_serializer(value)
+        if key is not None and self.key_serializer is not None:
+            key = self.key_serializer(key)
         if type(value) is not bytes and value is not None:
             value = _to_bytes(value, "value")
         if key is not None and type(key) is not bytes:
             key = _to_bytes(key, "key")
         if partition is None:
             if key is not None:
-                partition = partition_for_key(key, count)
+                key_hash = self._key_hashes.get(key)
+                if key_hash is None:
+                    key_hash = self._hash_key(key)
+                partition = key_hash % count
             else:
                 partition = self._sticky.get(topic)
                 if partition is None or partition >= count:
@@ -638,8 +798,7 @@ class Producer:
                 raise DwalError(
                     ErrorCode.MESSAGE_TOO_LARGE,
                     f"a record of {alone_bytes + HEADER_BYTES + 1} bytes (in a batch of its "
-                    f"own) exceeds {limits.limit_name} ({limits.limit_bytes}) of topic "
-                    f"{topic!r}",
+                    f"own) exceeds {limits.limit_text}",
                 )
         batch = self._open.get((topic, partition))
         if batch is not None and (
@@ -665,10 +824,25 @@ class Producer:
         batch.size_bytes += size
         self._buffered_bytes += size
         delivery = Delivery(batch, batch.count, timestamp)
+        callback = on_delivery if on_delivery is not None else self.on_delivery
+        if callback is not None:
+            if batch.callbacks is None:
+                batch.callbacks = []
+            batch.callbacks.append((batch.count, timestamp, callback))
         batch.count += 1
         if batch.size_bytes >= self.batch_size:
             self._seal(batch)
         return delivery
+
+    def _hash_key(self, key: bytes) -> int:
+        """The partitioner's hash of `key`, remembered if the key is short (the memory is
+        bounded: it is forgotten whole when full)."""
+        hashed = self._key_hash(key)
+        if len(key) <= LIMITS.producer_key_hash_cache_key_bytes_max:
+            if len(self._key_hashes) >= LIMITS.producer_key_hash_cache_keys_max:
+                self._key_hashes.clear()
+            self._key_hashes[key] = hashed
+        return hashed
 
     def _sticky_partition(self, topic: str, count: int) -> int:
         partition = random.randrange(count)
@@ -701,19 +875,25 @@ class Producer:
         info = await self.cluster.topic(
             topic, allow_auto_topic_creation=self.allow_auto_topic_creation
         )
-        self._topic_limits[topic] = self._limits_of(info.max_message_bytes, info.segment_bytes)
+        self._topic_limits[topic] = self._limits_of(
+            topic, info.max_message_bytes, info.segment_bytes
+        )
         self._partition_counts[topic] = len(info.partitions)
         return len(info.partitions)
 
-    def _limits_of(self, max_message_bytes: int, segment_bytes: int) -> _TopicLimits:
+    def _limits_of(self, topic: str, max_message_bytes: int, segment_bytes: int) -> _TopicLimits:
         """A batch may not exceed max.message.bytes, nor one partition's data in a request
-        segment.bytes (the broker refuses either whole)."""
+        segment.bytes (the broker refuses either whole), nor the producer's request limit."""
         if max_message_bytes < 0:
             max_message_bytes = LIMITS.producer_message_bytes_max_unknown
         if 0 <= segment_bytes < max_message_bytes:
             limit_bytes, limit_name = segment_bytes, "segment.bytes"
         else:
             limit_bytes, limit_name = max_message_bytes, "max.message.bytes"
+        limit_text = f"{limit_name} ({limit_bytes}) of topic {topic!r}"
+        if self.request_bytes_max < limit_bytes:
+            limit_bytes = self.request_bytes_max
+            limit_text = f"the producer's request_bytes_max ({limit_bytes})"
         batch_bytes = limit_bytes - HEADER_BYTES - ARRAY_HEADER_BYTES_MAX
         if self.compression != Compression.NONE:
             # room for a codec's expansion of incompressible data (zstd, lz4, gzip bounds)
@@ -723,21 +903,37 @@ class Producer:
             batch_packed_bytes_max=max(batch_bytes, 1),
             partition_request_bytes_max=segment_bytes if segment_bytes > 0 else 2**62,
             limit_bytes=limit_bytes,
-            limit_name=limit_name,
+            limit_text=limit_text,
         )
 
     async def _wait_progress(self) -> None:
         self._wakeup.set()
         await self._progress.wait()
 
-    async def flush(self) -> None:
-        """Send every buffered record and wait until each has its outcome (success or error).
-        Raises RuntimeError outside the producer's `async with` block."""
+    async def flush(self) -> list[DeliveryFailure]:
+        """Send every buffered record and wait until each has its outcome (success or error)
+        and its callback, if any, has been called; records sent meanwhile (by a callback,
+        by another task) are waited for too. Returns the failures since the previous
+        flush (counted per partition and kind of error, in the order they happened; empty
+        when every record succeeded); raises nothing for them. Raises RuntimeError outside
+        the producer's `async with` block. Safe to cancel: the records are still sent."""
         self._check_usable()
-        for batch in list(self._open.values()):
-            self._seal(batch)
-        while self._unfinished:
+        while True:
+            # records sent meanwhile (by a callback, by another task) are sent at once too
+            for batch in list(self._open.values()):
+                self._seal(batch)
+            if not (self._unfinished or self._callbacks_due):
+                break
             await self._wait_progress()
+        # A callback that raised has cancelled the producer's block (even if nothing was left
+        # to wait for when it did): that cancellation is delivered here, not the failures.
+        await trio.lowlevel.checkpoint()
+        failures = [
+            DeliveryFailure(topic, partition, count, first)
+            for (topic, partition, _, _), (count, first) in self._failures.items()
+        ]
+        self._failures = {}
+        return failures
 
     # -- the sender task ----------------------------------------------------------------
 
@@ -1201,14 +1397,56 @@ class Producer:
     def _fail(self, batch: _Batch, error: DwalError) -> None:
         batch.error = error
         self._batches_failed += 1
+        kind = (batch.topic, batch.partition, type(error), error.code)
+        failure = self._failures.get(kind)
+        if failure is None:  # bounded: one entry per partition and kind of error
+            self._failures[kind] = [batch.count, error]
+        else:
+            failure[0] += batch.count
         self._finish(batch)
 
     def _finish(self, batch: _Batch) -> None:
         self._buffered_bytes -= batch.size_bytes
         self._unfinished.discard(batch)
         batch.done.set()
+        if batch.callbacks is not None:
+            self._callbacks_due.append(batch)
+            self._callbacks_wakeup.set()
         self._progress.set()
         self._progress = trio.Event()
+
+    # -- the callback task ---------------------------------------------------------------
+
+    async def _callback_task(self) -> None:
+        """Call the callbacks of finished batches, in the order the batches finished. Raises
+        the first exception of a callback once the others due were called (see the module
+        docstring), which stops the producer."""
+        while True:
+            await self._callbacks_wakeup.wait()
+            self._callbacks_wakeup = trio.Event()
+            errors = self._call_callbacks_due()
+            if errors:  # raised before flush() is woken: the cancellation reaches it first
+                _log_callback_errors(errors[1:])
+                raise errors[0]
+            self._progress.set()  # flush() waits for the callbacks too
+            self._progress = trio.Event()
+
+    def _call_callbacks_due(self) -> list[Exception]:
+        """Call every callback due, each once; returns the exceptions they raised."""
+        errors: list[Exception] = []
+        while self._callbacks_due:
+            batch = self._callbacks_due.popleft()
+            assert batch.callbacks is not None and batch.done.is_set()
+            callbacks, batch.callbacks = batch.callbacks, None
+            for index, timestamp, callback in callbacks:
+                try:
+                    if batch.error is None:
+                        callback(_record_metadata(batch, index, timestamp), None)
+                    else:
+                        callback(None, batch.error)
+                except Exception as error:
+                    errors.append(error)
+        return errors
 
     async def _retry_after_backoff(self, topic: str, partition: int, error: DwalError) -> None:
         if error.code in _REFRESH_ERRORS or isinstance(error, ConnectionFailed):
@@ -1220,6 +1458,11 @@ class Producer:
 
 def _sequence_of(batch: _Batch) -> int:
     return batch.sequence
+
+
+def _log_callback_errors(errors: list[Exception]) -> None:
+    for error in errors:
+        logger.error("an on_delivery callback raised %r", error, exc_info=error)
 
 
 def _unresolved_after_reset(batch: _Batch) -> DeliveryOutcomeUnknown:
@@ -1331,10 +1574,157 @@ def _produce_body(by_topic, acks: int, timeout_ms: int) -> tuple[dict, list[byte
     return {"acks": acks, "timeout_ms": timeout_ms, "topics": topics}, parts
 
 
+# -- Kafka's option names --------------------------------------------------------------
+
+
+def _callable(value: Any) -> Any:
+    if not callable(value):
+        raise ValueError(f"expected a callable, got {value!r}")
+    return value
+
+
+def _kibibytes(value: Any) -> int:
+    return CONVERTERS["int"](value) * 1024
+
+
+# The Kafka producer options the Producer takes (Java client, librdkafka / confluent-kafka,
+# kafka-python, aiokafka), by dotted name; `translate` accepts them underscored too.
+PRODUCER_KAFKA_OPTIONS: dict[str, KafkaOption] = {
+    "acks": KafkaOption("acks", "any"),  # "all", -1, 0, 1 (strings too): checked by Producer
+    "request.required.acks": KafkaOption("acks", "any"),  # librdkafka
+    "compression.type": KafkaOption("compression", "str"),
+    "compression.codec": KafkaOption("compression", "str"),  # librdkafka
+    "linger.ms": KafkaOption("linger_ms", "number"),
+    "queue.buffering.max.ms": KafkaOption("linger_ms", "number"),  # librdkafka
+    "batch.size": KafkaOption("batch_size"),
+    "max.batch.size": KafkaOption("batch_size"),  # aiokafka
+    "retries": KafkaOption("retries"),
+    "message.send.max.retries": KafkaOption("retries"),  # librdkafka
+    "retry.backoff.ms": KafkaOption("retry_backoff_ms"),
+    "request.timeout.ms": KafkaOption("request_timeout_ms"),
+    "delivery.timeout.ms": KafkaOption("delivery_timeout_ms"),
+    "message.timeout.ms": KafkaOption("delivery_timeout_ms"),  # librdkafka
+    "enable.idempotence": KafkaOption("enable_idempotence", "bool"),
+    # Kafka counts the requests in flight per connection, DWAL per partition (see the docs)
+    "max.in.flight.requests.per.connection": KafkaOption("max_in_flight_per_partition"),
+    "max.in.flight": KafkaOption("max_in_flight_per_partition"),  # librdkafka
+    "buffer.memory": KafkaOption("buffer_bytes_max"),
+    "queue.buffering.max.kbytes": KafkaOption("buffer_bytes_max", convert=_kibibytes),
+    "max.request.size": KafkaOption("request_bytes_max"),
+    "message.max.bytes": KafkaOption("request_bytes_max"),  # librdkafka: a request's limit
+    "allow.auto.create.topics": KafkaOption("allow_auto_topic_creation", "bool"),
+    "partitioner": KafkaOption("partitioner", "str"),
+    "key.serializer": KafkaOption("key_serializer", convert=_callable),
+    "value.serializer": KafkaOption("value_serializer", convert=_callable),
+    "on.delivery": KafkaOption("on_delivery", convert=_callable),  # confluent-kafka
+}
+
+# Kafka producer options that DWAL sets somewhere else: where they belong.
+_PRODUCER_ELSEWHERE: dict[str, str] = {
+    "bootstrap.servers": (
+        "a Producer is made on a connected cluster handle: give the addresses to "
+        "client.connect(bootstrap_servers=...)"
+    ),
+    "client.id": (
+        "the client id belongs to the cluster handle, shared by everything made on it: "
+        "client.connect(client_id=...)"
+    ),
+    "transactional.id": (
+        "DWAL has no transactions; idempotence (on by default with acks='all') makes a "
+        "producer's retries exactly-once per partition"
+    ),
+    "partitioner.class": "name the partitioner instead: partitioner='murmur2' or 'crc32'",
+    "max.message.bytes": (
+        "it is a topic config, which the producer reads from the broker: "
+        "Admin.alter_configs(topic, set={'max.message.bytes': ...})"
+    ),
+    "min.insync.replicas": (
+        "it is a topic config (the broker's min_insync_replicas is its default): "
+        "Admin.alter_configs(topic, set={'min.insync.replicas': ...})"
+    ),
+    "queue.buffering.max.messages": "DWAL bounds the buffer in bytes: buffer_memory",
+    "batch.num.messages": "DWAL bounds batches in bytes: batch_size",
+}
+
+# Kafka consumer options, which a producer may be handed by mistake (a shared config dict).
+_CONSUMER_OPTIONS = frozenset(
+    {
+        "group.id",
+        "group.instance.id",
+        "auto.offset.reset",
+        "enable.auto.commit",
+        "auto.commit.interval.ms",
+        "enable.auto.offset.store",
+        "fetch.min.bytes",
+        "fetch.max.bytes",
+        "fetch.max.wait.ms",
+        "fetch.wait.max.ms",
+        "max.partition.fetch.bytes",
+        "max.poll.records",
+        "max.poll.interval.ms",
+        "isolation.level",
+        "check.crcs",
+        "key.deserializer",
+        "value.deserializer",
+        "client.rack",
+        "exclude.internal.topics",
+    }
+)
+
+_SIGNATURE = inspect.signature(Producer.__init__).parameters
+# The Producer's own keyword arguments, with their defaults.
+_DEFAULTS = {
+    name: parameter.default
+    for name, parameter in _SIGNATURE.items()
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+}
+_KEYWORDS = frozenset(_DEFAULTS)
+
+
+def _is_native(name: str) -> bool:
+    """A DWAL keyword argument that is not also a Kafka option's name (`buffer_bytes_max`)."""
+    return name in _KEYWORDS and dotted(name) not in PRODUCER_KAFKA_OPTIONS
+
+
+def _with_kafka_options(
+    given: dict[str, Any], kafka_options: Mapping[str, Any], explicit: set[str] | None = None
+) -> dict[str, Any]:
+    """The keyword arguments `given`, with the Kafka-spelled `kafka_options` translated into
+    them. An argument counts as given twice if it is in `explicit`, or (without `explicit`)
+    if its value is not its default. Raises UnknownOptionError for an option the producer
+    does not take, or one given twice; ValueError for a value of the wrong type."""
+    for name in kafka_options:
+        key = dotted(name)
+        if key in PRODUCER_KAFKA_OPTIONS:
+            continue
+        if key in _PRODUCER_ELSEWHERE:
+            raise UnknownOptionError(f"Producer does not take {name!r}: {_PRODUCER_ELSEWHERE[key]}")
+        if key in _CONSUMER_OPTIONS:
+            raise UnknownOptionError(
+                f"Producer does not take {name!r}: it is a consumer option (client.Consumer)"
+            )
+    settings = dict(given)
+    translated = translate(kafka_options, PRODUCER_KAFKA_OPTIONS, "Producer")
+    for name in kafka_options:
+        keyword = PRODUCER_KAFKA_OPTIONS[dotted(name)].keyword
+        twice = (
+            keyword in explicit
+            if explicit is not None
+            else keyword in given and given[keyword] != _DEFAULTS[keyword]
+        )
+        if twice:
+            raise UnknownOptionError(f"Producer: {name!r} and {keyword!r} are the same option")
+        settings[keyword] = translated[keyword]
+    return settings
+
+
 __all__ = [
     "Producer",
     "Delivery",
+    "DeliveryCallback",
+    "DeliveryFailure",
     "DeliveryOutcomeUnknown",
+    "PRODUCER_KAFKA_OPTIONS",
     "ProducerClosed",
     "RecordMetadata",
     "ProducerStatistics",
