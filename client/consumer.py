@@ -961,16 +961,19 @@ class Consumer:
         around the loop) loses and repeats nothing: the records not yet returned stay for
         the next iteration or poll. Raises as `poll()` does."""
         while True:
-            await trio.lowlevel.checkpoint_if_cancelled()
+            # Cancellation is checked before a record is taken, never after: a record taken
+            # is always returned. Other tasks get to run every so many records.
+            if self._iterated % _ITERATION_CHECKPOINT_EVERY:
+                await trio.lowlevel.checkpoint_if_cancelled()
+            else:
+                await trio.lowlevel.checkpoint()
             if not self._poll_work_due():
                 record = self._take_one()
                 if record is not None:
                     self._iterated += 1
-                    if not self._iterated % _ITERATION_CHECKPOINT_EVERY:
-                        # let other tasks run now and then; shielded: the record is taken
-                        await trio.lowlevel.cancel_shielded_checkpoint()
                     return record
             for records in (await self.poll(max_records=1)).values():
+                self._iterated += 1
                 return records[0]
 
     async def batches(

@@ -187,7 +187,7 @@ async def test_iteration_returns_every_record_in_order_and_follows_new_ones(brok
 
 
 async def test_cancelled_iteration_loses_and_repeats_nothing(broker):
-    total = 400
+    total = 1000
     async with client.connect(broker.bootstrap) as cluster:
         await make_topic(cluster)
         await produce(cluster, "t", [b"%d" % n for n in range(total)])
@@ -195,19 +195,31 @@ async def test_cancelled_iteration_loses_and_repeats_nothing(broker):
         consumer.assign([T0])
         offsets: list[int] = []
         rounds = 0
+
+        async def cancel(scope: trio.CancelScope) -> None:
+            scope.cancel()
+
         with trio.fail_after(30):
-            while len(offsets) < total:
-                rounds += 1
-                # cancelled from inside, between records, after a varying number of them
-                with trio.CancelScope() as scope:
-                    async for record in consumer:
-                        offsets.append(record.offset)
-                        if len(offsets) % (rounds % 7 + 1) == 0:
-                            scope.cancel()
-                # every other round, a poll takes over where the iteration stopped
-                if rounds % 2:
-                    for records in (await consumer.poll(timeout_ms=50, max_records=3)).values():
-                        offsets.extend(r.offset for r in records)
+            async with trio.open_nursery() as nursery:
+                while len(offsets) < total:
+                    rounds += 1
+                    # cancelled after a varying number of records: from inside the loop body
+                    # on odd rounds, from another task (running whenever the iteration
+                    # lets other tasks run) on even ones
+                    with trio.CancelScope() as scope:
+                        async for record in consumer:
+                            assert not scope.cancel_called, "a record after the cancel"
+                            offsets.append(record.offset)
+                            if len(offsets) % (rounds % 7 + 1) == 0:
+                                if rounds % 2:
+                                    scope.cancel()
+                                else:
+                                    nursery.start_soon(cancel, scope)
+                    # every third round, a poll takes over where the iteration stopped
+                    if rounds % 3 == 0:
+                        polled = await consumer.poll(timeout_ms=50, max_records=3)
+                        for records in polled.values():
+                            offsets.extend(r.offset for r in records)
         assert offsets == list(range(total))
         assert consumer.position(T0) == total
         # cancelled while waiting for records that never come: nothing taken
@@ -256,26 +268,29 @@ async def test_paused_partitions_are_neither_fetched_nor_returned_until_resumed(
         (taken,) = first  # one record, of either partition
         other = T1 if taken == T0 else T0
         assert consumer.statistics().buffered_records == 9
+        # paused with records buffered: they wait
         consumer.pause([other])
         assert consumer.paused() == {other}
         rest = await poll_until(consumer, 4)
         assert {(r.topic, r.partition) for r in rest} == {taken}
-        # the paused partition's 5 records wait; nothing else is fetched for it
         assert await consumer.poll(timeout_ms=100) == {}
         assert consumer.statistics().buffered_records == 5
         assert consumer.statistics().paused_partitions == 1
-        high_watermark = consumer.high_watermark(other)
-        await produce(cluster, "t", [b"late"], partition=other.partition)
+        # paused with nothing buffered: not fetched (its high watermark is not even learnt)
+        consumer.pause([taken])
+        high_watermark = consumer.high_watermark(taken)
+        await produce(cluster, "t", [b"late"], partition=taken.partition)
         assert await consumer.poll(timeout_ms=200) == {}
-        assert consumer.high_watermark(other) == high_watermark  # not fetched
+        assert consumer.high_watermark(taken) == high_watermark
         fetches = consumer.statistics().fetches
         consumer.resume([other])
-        assert consumer.paused() == set()
+        assert consumer.paused() == {taken}
         resumed = await consumer.poll(timeout_ms=100)
         assert list(resumed) == [other] and len(resumed[other]) == 5
         assert consumer.statistics().fetches == fetches  # they came from the buffer
+        consumer.resume([taken])
         late = await poll_until(consumer, 1)
-        assert values_of(late) == [b"late"]
+        assert values_of(late) == [b"late"] and consumer.high_watermark(taken) == 6
 
 
 async def test_pause_and_resume_refuse_unassigned_partitions_and_assign_drops_pauses(broker):
