@@ -47,10 +47,26 @@ def murmur2(data: bytes) -> int:
     return h ^ (h >> 15)
 
 
-def positive_murmur2(key: bytes) -> int:
-    """murmur2(key) with its sign bit cleared: Java's `Utils.toPositive(Utils.murmur2(key))`,
-    the number Kafka's default partitioner takes modulo the partition count."""
+try:  # the same hash in C (MurmurHash2, which Kafka's is with this seed): 4x faster
+    from murmurhash2 import murmurhash2 as _murmurhash2_c
+except ImportError:  # a platform without its wheel: the Python version above
+    _murmurhash2_c = None  # type: ignore[assignment]
+
+
+def _positive_murmur2_python(key: bytes) -> int:
     return murmur2(key) & 0x7FFFFFFF
+
+
+def _positive_murmur2_c(key: bytes) -> int:
+    return _murmurhash2_c(key, _SEED) & 0x7FFFFFFF
+
+
+# murmur2(key) with its sign bit cleared: Java's `Utils.toPositive(Utils.murmur2(key))`, the
+# number Kafka's default partitioner takes modulo the partition count. `murmur2` above is the
+# reference (tests check that both agree with it and with Kafka's vectors).
+positive_murmur2: Callable[[bytes], int] = (
+    _positive_murmur2_c if _murmurhash2_c is not None else _positive_murmur2_python
+)
 
 
 # Key hashes by name: a keyed record goes to partition `hash(key) % partition_count`.

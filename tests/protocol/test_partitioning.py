@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from protocol import partitioning
 from protocol.partitioning import (
     KEY_HASHES,
     key_hash,
@@ -130,3 +131,17 @@ def test_keys_spread_over_the_partitions():
     for number in range(8000):
         counts[partition_for_key(b"key-%d" % number, 8)] += 1
     assert min(counts) > 800, counts  # about 1000 each
+
+
+@given(st.binary(max_size=300))
+def test_the_c_and_python_hashes_agree(key):
+    assert partitioning._murmurhash2_c is not None, "murmurhash2 (a dependency) is missing"
+    expected = java_murmur2(key) & 0x7FFFFFFF
+    assert partitioning._positive_murmur2_c(key) == expected
+    assert partitioning._positive_murmur2_python(key) == expected
+
+
+def test_the_default_hash_is_the_c_one_and_matches_kafkas_vectors():
+    assert positive_murmur2 is partitioning._positive_murmur2_c
+    for key, java in JAVA_UTILS_TEST.items():
+        assert positive_murmur2(key) == java & 0x7FFFFFFF
