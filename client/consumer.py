@@ -1014,13 +1014,19 @@ class Consumer:
         for tp, entry in self._buffer.items():
             if tp in self._paused:
                 continue
-            record = entry.records[entry.index]
+            index = entry.index
+            record = entry.records[index]
             if self.key_deserializer is not None or self.value_deserializer is not None:
                 converted, failure = self._deserialized([record])
                 if failure is not None:
                     raise failure
                 record = converted[0]
-            self._advance(tp, entry, entry.index + 1)
+            if index + 1 < len(entry.records):  # the usual case, inline: this runs per record
+                entry.index = index + 1
+                self._positions[tp] = record.offset + 1
+                self._records_returned += 1
+            else:
+                self._advance(tp, entry, index + 1)
             return record  # _advance may have changed the dict: iterate no further
         return None
 

@@ -215,6 +215,8 @@ async def test_cancelled_iteration_loses_and_repeats_nothing(broker):
                                     scope.cancel()
                                 else:
                                     nursery.start_soon(cancel, scope)
+                    # the position is past every record returned, and only those
+                    assert consumer.position(T0) == offsets[-1] + 1
                     # every third round, a poll takes over where the iteration stopped
                     if rounds % 3 == 0:
                         polled = await consumer.poll(timeout_ms=50, max_records=3)
