@@ -231,6 +231,50 @@ async def test_cancelled_iteration_loses_and_repeats_nothing(broker):
         assert waiting.cancelled_caught and consumer.position(T0) == total
 
 
+async def test_iteration_commits_automatically_what_it_returned_before(group_broker):
+    async with client.connect(group_broker.bootstrap) as cluster:
+        await make_topic(cluster)
+        await produce(cluster, "t", [b"%d" % n for n in range(20)])
+        consumer = Consumer(
+            cluster, group_id="iterating", auto_offset_reset="earliest", auto_commit_interval_ms=0
+        )  # due at every step
+        consumer.assign([T0])
+        with trio.fail_after(20):
+            async for record in consumer:
+                if record.offset == 9:
+                    break
+        # the step that returned offset 9 committed what came before it: being asked for
+        # the next record means the application is done with the previous one
+        assert await consumer.committed([T0]) == {T0: 9}
+
+
+async def test_iteration_applies_group_changes_between_records(group_broker):
+    async with client.connect(group_broker.bootstrap) as cluster:
+        await make_topic(cluster, partitions=2)
+        first = Consumer(cluster, group_id="moving", auto_offset_reset="earliest")
+        first.subscribe(["t"])
+        await wait_for_assignment(first, 2)
+        await produce(cluster, "t", [b"zero-%d" % n for n in range(10)], partition=0)
+        await produce(cluster, "t", [b"one-%d" % n for n in range(10)], partition=1)
+        with trio.fail_after(20):
+            while first.statistics().buffered_records < 10:  # records of both wait
+                await first.poll(timeout_ms=100, max_records=1)
+        membership = first._membership
+        assert membership is not None
+        changed = membership.changed
+        second = Consumer(cluster, group_id="moving", auto_offset_reset="earliest")
+        second.subscribe(["t"])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait_for_assignment, second, 1)
+            with trio.fail_after(20):
+                await changed.wait()  # the group wants a partition of `first` back
+            record = await first.__anext__()  # one step: it gives the partition up first
+            assert len(first.assignment()) == 1
+            assert (record.topic, record.partition) in first.assignment()
+        await first.close()
+        await second.close()
+
+
 async def test_batches_are_lists_of_at_most_max_records_and_report_idle_time(broker):
     async with client.connect(broker.bootstrap) as cluster:
         await make_topic(cluster)
@@ -401,6 +445,29 @@ async def test_commit_stores_metadata_with_each_offset(group_broker):
         assert await never.committed([T0], with_metadata=True) == {T0: OffsetAndMetadata(-1)}
         with pytest.raises(TypeError):
             await consumer.commit({T0: (8, b"bytes")})
+
+
+async def test_commit_metadata_survives_a_broker_restart(broker_launcher, tmp_path):
+    data = tmp_path / "data"
+    first = await broker_launcher.start(data)
+    async with client.connect(first.bootstrap) as cluster:
+        await make_topic(cluster)
+        consumer = Consumer(cluster, group_id="durable-notes")
+        await consumer.commit({T0: OffsetAndMetadata(3, "after restart too")})
+    assert await broker_launcher.stop(first) == 0
+    second = await broker_launcher.start(data)  # the coordinator reloads __consumer_offsets
+    async with client.connect(second.bootstrap) as cluster:
+        consumer = Consumer(cluster, group_id="durable-notes")
+        with trio.fail_after(20):
+            while True:  # the coordinator answers once it has loaded its partitions
+                try:
+                    committed = await consumer.committed([T0], with_metadata=True)
+                    break
+                except DwalError as error:
+                    if not error.retriable:
+                        raise
+                    await trio.lowlevel.checkpoint()
+        assert committed == {T0: OffsetAndMetadata(3, "after restart too")}
 
 
 # -- the revoke and lost callbacks ----------------------------------------------------------
