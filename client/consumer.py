@@ -289,7 +289,14 @@ class Consumer:
 
         Raises UnknownOptionError (a TypeError) for an option the Consumer does not take,
         naming close matches or where the option belongs; ValueError for a bad value."""
-        return cls(cluster, **_translate(config, keywords), **keywords)
+        own = {name: value for name, value in keywords.items() if name in _KEYWORD_DEFAULTS}
+        options = dict(config)
+        for name, value in keywords.items():  # Kafka spellings among the keywords
+            if name not in own:
+                if name in options:
+                    raise UnknownOptionError(f"Consumer: {name!r} is given twice")
+                options[name] = value
+        return cls(cluster, **_translate(options, own), **own)
 
     def _configure(
         self,

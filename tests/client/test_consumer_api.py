@@ -640,6 +640,8 @@ def test_unknown_and_misplaced_options_say_what_to_use():
         Consumer(cluster, min_bytes=5, fetch_min_bytes=6)  # type: ignore[arg-type]
     with pytest.raises(UnknownOptionError, match="same option"):
         Consumer.from_config(cluster, {"fetch.min.bytes": 1}, min_bytes=2)  # type: ignore[arg-type]
+    with pytest.raises(UnknownOptionError, match="same option"):
+        Consumer.from_config(cluster, {"fetch.min.bytes": 1}, fetch_min_bytes=2)  # type: ignore[arg-type]
     with pytest.raises(UnknownOptionError):
         Consumer.from_config(cluster, {"linger.ms": 5})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="fetch.min.bytes"):
