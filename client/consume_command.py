@@ -277,7 +277,12 @@ async def group_consume_command(cluster, args: argparse.Namespace, stop: trio.Ev
             committed.update(due)
 
     async def on_revoked(partitions) -> None:
-        await commit(partitions)
+        # Also run by close(). A commit refused here (the group moved on while the broker
+        # was away) is a warning: those records will be read again, never lost.
+        try:
+            await commit(partitions)
+        except DwalError as error:
+            _warn(f"warning: commit of revoked partitions failed: {error.message}")
         for tp in partitions:
             printed.pop(tp, None)
 
