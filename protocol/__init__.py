@@ -27,6 +27,7 @@ from .frame import (
     parse_response,
     response_prefix,
 )
+from .kafka_records import decode_kafka_records, encode_kafka_batch
 from .partitioning import partition_for_key
 from .record_batch import (
     HEADER_BYTES,
@@ -81,5 +82,7 @@ __all__ = [
     "parse_header",
     "scan_batches",
     "validate_topic_name",
+    "decode_kafka_records",
+    "encode_kafka_batch",
     "partition_for_key",
 ]
