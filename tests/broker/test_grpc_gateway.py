@@ -602,14 +602,12 @@ async def test_a_stream_ends_when_the_broker_stops_and_resumes_after_a_restart(
             except grpc.RpcError as error:
                 return error
 
-        started = time.monotonic()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(wait_end)
             assert await broker_launcher.stop(broker) == 0
             producer_error = await in_thread(producer_end, 5)
         pending.put(None)
         consumer_error = ended[0]
-        assert time.monotonic() - started < 5
         assert consumer_error.code() == grpc.StatusCode.UNAVAILABLE, consumer_error
         assert "resume from offset 61" in consumer_error.details(), consumer_error.details()
         assert producer_error.code() == grpc.StatusCode.UNAVAILABLE, producer_error
