@@ -24,7 +24,6 @@ import struct
 from typing import Any, Sequence
 
 import cramjam
-import crc32c as _crc32c
 import lz4.frame
 
 from .errors import ProtocolError, ProtocolUsageError
@@ -33,18 +32,16 @@ from .record_batch import (
     ATTRIBUTE_CONTROL,
     ATTRIBUTE_LOG_APPEND_TIME,
     ATTRIBUTE_MSGPACK_BODY,
-    CRC_START,
     DECOMPRESS_CHUNK_BYTES,
     DECOMPRESSED_BYTES_MAX,
-    HEADER,
     HEADER_BYTES,
-    LOG_OVERHEAD_BYTES,
-    MAGIC,
     RECORDS_PER_BATCH_MAX,
     Compression,
     Record,
+    _batch_header,
     _compress,
     _decompress,
+    _seal_batch,
     scan_batches,
 )
 
@@ -375,23 +372,15 @@ def encode_kafka_batch(
     if len(body) > DECOMPRESSED_BYTES_MAX:
         raise ProtocolUsageError(f"Kafka records take more than {DECOMPRESSED_BYTES_MAX} bytes")
     compressed = _compress_body(Compression(compression), bytes(body))
-    header = bytearray(
-        HEADER.pack(
-            base_offset,
-            HEADER_BYTES - LOG_OVERHEAD_BYTES + len(compressed),
-            partition_leader_epoch,
-            MAGIC,
-            0,
-            int(compression) & ATTRIBUTE_COMPRESSION_MASK,
-            count - 1,
-            base_timestamp,
-            max_timestamp,
-            producer_id,
-            producer_epoch,
-            base_sequence,
-            count,
-        )
+    header = _batch_header(
+        len(compressed),
+        count,
+        base_timestamp,
+        max_timestamp,
+        Compression(compression),
+        base_offset,
+        partition_leader_epoch,
+        (producer_id, producer_epoch, base_sequence),
+        msgpack_body=False,
     )
-    crc = _crc32c.crc32c(compressed, _crc32c.crc32c(memoryview(header)[CRC_START:]))
-    struct.pack_into(">I", header, 17, crc)
-    return bytes(header) + compressed
+    return _seal_batch(header, compressed)

@@ -327,6 +327,11 @@ def _frame_body(
         partition_leader_epoch,
         producer,
     )
+    return _seal_batch(header, body)
+
+
+def _seal_batch(header: bytearray, body: bytes) -> bytes:
+    """Header and body as one batch, the CRC-32C (attributes to the end) patched in."""
     crc = _crc32c.crc32c(body, _crc32c.crc32c(memoryview(header)[CRC_START:]))
     struct.pack_into(">I", header, 17, crc)
     return bytes(header) + body
@@ -341,8 +346,11 @@ def _batch_header(
     base_offset: int,
     partition_leader_epoch: int,
     producer: tuple[int, int, int],
+    *,
+    msgpack_body: bool = True,
 ) -> bytearray:
-    """The 61-byte header with a zero CRC (the caller computes and patches it)."""
+    """The 61-byte header with a zero CRC (`seal_batch` computes and patches it). Without
+    `msgpack_body` the body is Kafka's varint records (attribute bit 7 clear)."""
     return bytearray(
         HEADER.pack(
             base_offset,
@@ -350,7 +358,7 @@ def _batch_header(
             partition_leader_epoch,
             MAGIC,
             0,
-            ATTRIBUTE_MSGPACK_BODY | int(compression),
+            (ATTRIBUTE_MSGPACK_BODY if msgpack_body else 0) | int(compression),
             count - 1,
             base_timestamp,
             max_timestamp,
