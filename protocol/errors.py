@@ -30,9 +30,12 @@ class ErrorCode(enum.IntEnum):
     NOT_ENOUGH_REPLICAS = 19
     NOT_ENOUGH_REPLICAS_AFTER_APPEND = 20
     INVALID_REQUIRED_ACKS = 21
+    ILLEGAL_GENERATION = 22  # a classic group member's generation is not the group's
+    INCONSISTENT_GROUP_PROTOCOL = 23  # no protocol in common, or the group uses another kind
     INVALID_GROUP_ID = 24
     UNKNOWN_MEMBER_ID = 25
     INVALID_SESSION_TIMEOUT = 26
+    REBALANCE_IN_PROGRESS = 27  # a classic group is rebalancing: rejoin
     INVALID_TIMESTAMP = 32
     UNSUPPORTED_VERSION = 35
     TOPIC_ALREADY_EXISTS = 36
@@ -49,7 +52,9 @@ class ErrorCode(enum.IntEnum):
     INVALID_RECORD = 87
     NON_EMPTY_GROUP = 68
     GROUP_ID_NOT_FOUND = 69
+    MEMBER_ID_REQUIRED = 79  # KIP-394: join again with the member id in this answer
     GROUP_MAX_SIZE_REACHED = 81
+    FENCED_INSTANCE_ID = 82  # another process took over this static member's instance id
     FENCED_MEMBER_EPOCH = 110
     UNRELEASED_INSTANCE_ID = 111
     UNSUPPORTED_ASSIGNOR = 112
