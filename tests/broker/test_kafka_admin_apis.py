@@ -1,0 +1,585 @@
+"""The Kafka admin API handlers (broker/gateway/kafka_admin_apis.py) called directly, on the
+request handlers of a whole node in process (`running_node`: embedded controller, publisher,
+registry), with kio request entities of every version they advertise. Every response is
+encoded and decoded with kio, so a field of the wrong type fails here, not in a client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from broker_test_support import at_real_pace, create_topic, running_node
+from kio.index import load_request_schema, load_response_schema
+from kio.schema.errors import ErrorCode as KafkaErrorCode
+from kio.serial import entity_reader, entity_writer
+
+from broker.controller.metadata_records import ConfigResourceType
+from broker.gateway import kafka_admin_apis
+from broker.gateway.kafka_admin_apis import APIS, ConfigSource
+from broker.gateway.kafka_entities import KafkaContext, element, make
+from broker.node import BrokerNode
+from broker.storage import LogConfig
+
+CREATE_TOPICS, DELETE_TOPICS, CREATE_PARTITIONS = 19, 20, 37
+DESCRIBE_CONFIGS, ALTER_CONFIGS, INCREMENTAL_ALTER_CONFIGS = 32, 33, 44
+DESCRIBE_CLUSTER, INIT_PRODUCER_ID, DESCRIBE_LOG_DIRS = 60, 22, 35
+TOPIC, BROKER = int(ConfigResourceType.TOPIC), int(ConfigResourceType.BROKER)
+KAFKA_PORT = 19092
+
+
+class Context(KafkaContext):
+    """A KafkaContext whose brokers all serve a Kafka listener on KAFKA_PORT (the node in
+    process has no listener)."""
+
+    def kafka_address(self, node_id: int) -> tuple[str, int] | None:
+        if node_id in self.handlers.member.image.brokers:
+            return "127.0.0.1", KAFKA_PORT
+        return None
+
+
+def versions(api_key: int) -> list[int]:
+    (api,) = [api for api in APIS if api.api_key == api_key]
+    return list(range(api.min_version, api.max_version + 1))
+
+
+def request(api_key: int, version: int, **values: Any) -> Any:
+    return make(load_request_schema(api_key, version), **values)
+
+
+def nested(api_key: int, version: int, *path: str, **values: Any) -> Any:
+    kind = load_request_schema(api_key, version)
+    for name in path:
+        kind = element(kind, name)
+    return make(kind, **values)
+
+
+async def call(node: BrokerNode, api_key: int, version: int, entity: Any) -> Any:
+    """Handle `entity`; return the response after a kio encode/decode round trip."""
+    (api,) = [api for api in APIS if api.api_key == api_key]
+    context = Context(node.handlers, api_key, version, "test", "127.0.0.1")
+    response = await api.handle(context, entity)
+    response_type = load_response_schema(api_key, version)
+    assert type(response) is response_type
+    buffer = io.BytesIO()
+    entity_writer(response_type)(buffer, response)
+    decoded, end = entity_reader(response_type)(memoryview(buffer.getvalue()), 0)
+    assert end == len(buffer.getvalue())
+    assert decoded == response
+    return decoded
+
+
+@contextlib.asynccontextmanager
+async def open_node(tmp_path, **config: Any) -> AsyncIterator[BrokerNode]:
+    async with contextlib.AsyncExitStack() as stack:
+        with at_real_pace():
+            node = await stack.enter_async_context(running_node(tmp_path / "data", **config))
+        yield node
+
+
+@pytest.fixture
+async def node(tmp_path) -> AsyncIterator[BrokerNode]:
+    async with open_node(tmp_path, log_config=LogConfig(retention_ms=3_600_000)) as node:
+        yield node
+
+
+def overrides(node: BrokerNode, topic: str) -> dict[str, str]:
+    return dict(node.handlers.member.image.configs.get((ConfigResourceType.TOPIC, topic), {}))
+
+
+def creatable(version: int, name: str, partitions=-1, factor=-1, configs=None, **more):
+    return nested(
+        CREATE_TOPICS,
+        version,
+        "topics",
+        name=name,
+        num_partitions=partitions,
+        replication_factor=factor,
+        configs=tuple(
+            nested(CREATE_TOPICS, version, "topics", "configs", name=k, value=v)
+            for k, v in (configs or {}).items()
+        ),
+        **more,
+    )
+
+
+# -- CreateTopics ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", versions(CREATE_TOPICS))
+async def test_create_topics_every_version(node, version):
+    topics = (
+        creatable(version, "defaults"),
+        creatable(version, "three", partitions=3, factor=1, configs={"retention.ms": "1000"}),
+    )
+    response = await call(
+        node, CREATE_TOPICS, version, request(CREATE_TOPICS, version, topics=topics)
+    )
+    assert [(t.name, t.error_code) for t in response.topics] == [
+        ("defaults", KafkaErrorCode.none),
+        ("three", KafkaErrorCode.none),
+    ]
+    image = node.handlers.member.image
+    assert len(image.topics["defaults"].partitions) == node.handlers.config.default_partitions
+    assert len(image.topics["three"].partitions) == 3
+    assert overrides(node, "three") == {"retention.ms": "1000"}
+    if version >= 5:
+        three = response.topics[1]
+        assert (three.num_partitions, three.replication_factor) == (3, 1)
+        configs = {c.name: c for c in three.configs}
+        assert configs["retention.ms"].value == "1000"
+        assert configs["retention.ms"].config_source == ConfigSource.TOPIC_CONFIG
+        assert configs["segment.bytes"].config_source == ConfigSource.DEFAULT_CONFIG
+    if version >= 7:
+        assert response.topics[1].topic_id == uuid.UUID(bytes=image.topics["three"].topic_id)
+
+
+async def test_create_topics_validate_only_creates_nothing(node):
+    topics = (creatable(7, "maybe", partitions=2, configs={"cleanup.policy": "compact"}),)
+    response = await call(
+        node, CREATE_TOPICS, 7, request(CREATE_TOPICS, 7, topics=topics, validate_only=True)
+    )
+    (result,) = response.topics
+    assert result.error_code == KafkaErrorCode.none
+    assert result.num_partitions == 2
+    assert {c.name: c.value for c in result.configs}["cleanup.policy"] == "compact"
+    assert "maybe" not in node.handlers.member.image.topics
+
+
+async def test_create_topics_refusals_each_in_its_entry(node):
+    await create_topic(node, "taken")
+    version = 7
+    topics = (
+        creatable(version, "taken"),
+        creatable(version, "twice"),
+        creatable(version, "twice"),
+        creatable(version, "bad-config", configs={"retention.ms": "soon"}),
+        creatable(version, "unknown-config", configs={"no.such.config": "1"}),
+        creatable(version, "null-config", configs={"retention.ms": None}),
+        creatable(
+            version,
+            "assigned",
+            assignments=(
+                nested(
+                    CREATE_TOPICS,
+                    version,
+                    "topics",
+                    "assignments",
+                    partition_index=0,
+                    broker_ids=(1,),
+                ),
+            ),
+        ),
+        creatable(version, "__consumer_offsets"),
+        creatable(version, "fine"),
+    )
+    response = await call(
+        node, CREATE_TOPICS, version, request(CREATE_TOPICS, version, topics=topics)
+    )
+    codes = {(t.name, t.error_code) for t in response.topics}
+    assert codes == {
+        ("taken", KafkaErrorCode.topic_already_exists),
+        ("twice", KafkaErrorCode.invalid_request),
+        ("bad-config", KafkaErrorCode.invalid_config),
+        ("unknown-config", KafkaErrorCode.invalid_config),
+        ("null-config", KafkaErrorCode.invalid_config),
+        ("assigned", KafkaErrorCode.invalid_replica_assignment),
+        ("__consumer_offsets", KafkaErrorCode.policy_violation),
+        ("fine", KafkaErrorCode.none),
+    }
+    for result in response.topics:
+        if result.error_code != KafkaErrorCode.none:
+            assert result.error_message
+            assert (result.num_partitions, result.replication_factor) == (-1, -1)
+    assert "bad-config" not in node.handlers.member.image.topics
+    assert "fine" in node.handlers.member.image.topics
+
+
+# -- DeleteTopics ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", versions(DELETE_TOPICS))
+async def test_delete_topics_by_name(node, version):
+    await create_topic(node, "doomed")
+    if version < 6:
+        entity = request(DELETE_TOPICS, version, topic_names=("doomed", "never-was"))
+    else:
+        entity = request(
+            DELETE_TOPICS,
+            version,
+            topics=tuple(
+                nested(DELETE_TOPICS, version, "topics", name=name, topic_id=None)
+                for name in ("doomed", "never-was")
+            ),
+        )
+    response = await call(node, DELETE_TOPICS, version, entity)
+    assert [(r.name, r.error_code) for r in response.responses] == [
+        ("doomed", KafkaErrorCode.none),
+        ("never-was", KafkaErrorCode.unknown_topic_or_partition),
+    ]
+    assert "doomed" not in node.handlers.member.image.topics
+
+
+async def test_delete_topics_by_id(node):
+    await create_topic(node, "by-id")
+    topic_id = uuid.UUID(bytes=node.handlers.member.image.topics["by-id"].topic_id)
+    unknown = uuid.uuid4()
+    entity = request(
+        DELETE_TOPICS,
+        6,
+        topics=(
+            nested(DELETE_TOPICS, 6, "topics", name=None, topic_id=topic_id),
+            nested(DELETE_TOPICS, 6, "topics", name=None, topic_id=unknown),
+            nested(DELETE_TOPICS, 6, "topics", name="__consumer_offsets", topic_id=None),
+        ),
+    )
+    response = await call(node, DELETE_TOPICS, 6, entity)
+    assert [(r.name, r.topic_id, r.error_code) for r in response.responses] == [
+        ("by-id", topic_id, KafkaErrorCode.none),
+        (None, unknown, KafkaErrorCode.unknown_topic_id),
+        ("__consumer_offsets", None, KafkaErrorCode.policy_violation),
+    ]
+    assert "by-id" not in node.handlers.member.image.topics
+
+
+# -- CreatePartitions --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", versions(CREATE_PARTITIONS))
+async def test_create_partitions(node, version):
+    await create_topic(node, "grows")
+    await create_topic(node, "shrinks", partitions=3)
+
+    def topic(name, count, assignments=None):
+        return nested(
+            CREATE_PARTITIONS, version, "topics", name=name, count=count, assignments=assignments
+        )
+
+    assigned = (nested(CREATE_PARTITIONS, version, "topics", "assignments", broker_ids=(1,)),)
+    entity = request(
+        CREATE_PARTITIONS,
+        version,
+        topics=(
+            topic("grows", 4),
+            topic("shrinks", 2),
+            topic("nope", 2),
+            topic("shrinks-assigned", 5, assigned),
+        ),
+    )
+    response = await call(node, CREATE_PARTITIONS, version, entity)
+    assert [(r.name, r.error_code) for r in response.results] == [
+        ("grows", KafkaErrorCode.none),
+        ("shrinks", KafkaErrorCode.invalid_partitions),
+        ("nope", KafkaErrorCode.unknown_topic_or_partition),
+        ("shrinks-assigned", KafkaErrorCode.invalid_replica_assignment),
+    ]
+    assert len(node.handlers.member.image.topics["grows"].partitions) == 4
+
+
+async def test_create_partitions_validate_only(node):
+    await create_topic(node, "stays")
+    entity = request(
+        CREATE_PARTITIONS,
+        3,
+        validate_only=True,
+        topics=(nested(CREATE_PARTITIONS, 3, "topics", name="stays", count=5, assignments=None),),
+    )
+    response = await call(node, CREATE_PARTITIONS, 3, entity)
+    assert response.results[0].error_code == KafkaErrorCode.none
+    assert len(node.handlers.member.image.topics["stays"].partitions) == 1
+
+
+# -- DescribeConfigs ---------------------------------------------------------------------
+
+
+def describe_request(version: int, *resources: tuple[int, str, Any], **more: Any) -> Any:
+    return request(
+        DESCRIBE_CONFIGS,
+        version,
+        resources=tuple(
+            nested(
+                DESCRIBE_CONFIGS,
+                version,
+                "resources",
+                resource_type=kind,
+                resource_name=name,
+                configuration_keys=keys,
+            )
+            for kind, name, keys in resources
+        ),
+        **more,
+    )
+
+
+@pytest.mark.parametrize("version", versions(DESCRIBE_CONFIGS))
+async def test_describe_configs_of_a_topic(node, version):
+    await create_topic(node, "described", configs={"segment.bytes": "1048576"})
+    entity = describe_request(
+        version,
+        (TOPIC, "described", None),
+        include_synonyms=True,
+        include_documentation=True,
+    )
+    (result,) = (await call(node, DESCRIBE_CONFIGS, version, entity)).results
+    assert result.error_code == KafkaErrorCode.none
+    configs = {c.name: c for c in result.configs}
+    assert set(configs) == set(LogConfig().to_topic_configs())
+    # an override, a broker default set in [topic_defaults], a built-in default
+    assert configs["segment.bytes"].value == "1048576"
+    assert configs["segment.bytes"].config_source == ConfigSource.TOPIC_CONFIG
+    assert configs["retention.ms"].value == "3600000"
+    assert configs["retention.ms"].config_source == ConfigSource.STATIC_BROKER_CONFIG
+    assert configs["cleanup.policy"].value == "delete"
+    assert configs["cleanup.policy"].config_source == ConfigSource.DEFAULT_CONFIG
+    assert not any(c.read_only or c.is_sensitive for c in result.configs)
+    assert [(s.name, s.source) for s in configs["segment.bytes"].synonyms] == [
+        ("segment.bytes", ConfigSource.TOPIC_CONFIG),
+        ("log.segment.bytes", ConfigSource.DEFAULT_CONFIG),
+    ]
+    if version >= 3:
+        assert configs["segment.bytes"].config_type == 3  # INT
+        assert configs["cleanup.policy"].config_type == 7  # LIST
+        assert all(c.documentation for c in result.configs)
+
+
+async def test_describe_configs_keys_unknown_topic_and_brokers(node):
+    await create_topic(node, "some")
+    node_id = str(node.handlers.config.node_id)
+    entity = describe_request(
+        4,
+        (TOPIC, "some", ("retention.ms", "no.such.key")),
+        (TOPIC, "some", ()),
+        (TOPIC, "missing", None),
+        (BROKER, node_id, None),
+        (BROKER, "", None),
+        (BROKER, "77", None),
+        (8, node_id, None),  # BROKER_LOGGER
+        (16, "metrics", None),  # CLIENT_METRICS
+    )
+    results = (await call(node, DESCRIBE_CONFIGS, 4, entity)).results
+    assert [(r.resource_name, r.error_code) for r in results] == [
+        ("some", KafkaErrorCode.none),
+        ("some", KafkaErrorCode.none),
+        ("missing", KafkaErrorCode.unknown_topic_or_partition),
+        (node_id, KafkaErrorCode.none),
+        ("", KafkaErrorCode.none),
+        ("77", KafkaErrorCode.invalid_request),
+        (node_id, KafkaErrorCode.none),
+        ("metrics", KafkaErrorCode.invalid_request),
+    ]
+    assert [c.name for c in results[0].configs] == ["retention.ms"]
+    assert results[1].configs == ()
+    broker = {c.name: c for c in results[3].configs}
+    assert broker["log.retention.ms"].value == "3600000"
+    assert broker["log.retention.ms"].config_source == ConfigSource.STATIC_BROKER_CONFIG
+    assert broker["num.partitions"].value == str(node.handlers.config.default_partitions)
+    assert all(c.read_only for c in results[3].configs)
+    assert results[4].configs == results[6].configs == ()
+
+
+# -- AlterConfigs ------------------------------------------------------------------------
+
+
+def alter_request(api_key: int, version: int, name: str, configs, **more) -> Any:
+    def config(key, value):
+        if api_key == INCREMENTAL_ALTER_CONFIGS:
+            operation, value = value
+            return nested(
+                api_key,
+                version,
+                "resources",
+                "configs",
+                name=key,
+                config_operation=operation,
+                value=value,
+            )
+        return nested(api_key, version, "resources", "configs", name=key, value=value)
+
+    resource = nested(
+        api_key,
+        version,
+        "resources",
+        resource_type=TOPIC,
+        resource_name=name,
+        configs=tuple(config(k, v) for k, v in configs),
+    )
+    return request(api_key, version, resources=(resource,), **more)
+
+
+async def alter(node, api_key, version, name, configs, **more) -> Any:
+    entity = alter_request(api_key, version, name, configs, **more)
+    (result,) = (await call(node, api_key, version, entity)).responses
+    assert (result.resource_type, result.resource_name) == (TOPIC, name)
+    return result
+
+
+@pytest.mark.parametrize("version", versions(ALTER_CONFIGS))
+async def test_alter_configs_replaces_the_overrides(node, version):
+    await create_topic(node, "legacy", configs={"retention.ms": "1000", "segment.bytes": "2048"})
+    result = await alter(
+        node, ALTER_CONFIGS, version, "legacy", [("segment.bytes", "4096"), ("flush.ms", "5")]
+    )
+    assert result.error_code == KafkaErrorCode.none
+    # retention.ms was not named: it reverts to the default (Kafka's AlterConfigs)
+    assert overrides(node, "legacy") == {"segment.bytes": "4096", "flush.ms": "5"}
+
+
+async def test_alter_configs_validate_only_and_refusals(node):
+    await create_topic(node, "kept", configs={"retention.ms": "1000"})
+    result = await alter(
+        node, ALTER_CONFIGS, 2, "kept", [("segment.bytes", "4096")], validate_only=True
+    )
+    assert result.error_code == KafkaErrorCode.none
+    bad = await alter(node, ALTER_CONFIGS, 2, "kept", [("segment.bytes", "tiny")])
+    assert bad.error_code == KafkaErrorCode.invalid_config and "segment.bytes" in bad.error_message
+    null = await alter(node, ALTER_CONFIGS, 2, "kept", [("segment.bytes", None)])
+    assert null.error_code == KafkaErrorCode.invalid_request
+    missing = await alter(node, ALTER_CONFIGS, 2, "missing", [("segment.bytes", "4096")])
+    assert missing.error_code == KafkaErrorCode.unknown_topic_or_partition
+    assert overrides(node, "kept") == {"retention.ms": "1000"}
+    broker = request(
+        ALTER_CONFIGS,
+        2,
+        resources=(
+            nested(
+                ALTER_CONFIGS, 2, "resources", resource_type=BROKER, resource_name="1", configs=()
+            ),
+        ),
+    )
+    (refused,) = (await call(node, ALTER_CONFIGS, 2, broker)).responses
+    assert refused.error_code == KafkaErrorCode.invalid_request
+    assert "static" in refused.error_message
+
+
+@pytest.mark.parametrize("version", versions(INCREMENTAL_ALTER_CONFIGS))
+async def test_incremental_alter_configs(node, version):
+    await create_topic(node, "inc", configs={"retention.ms": "1000", "segment.bytes": "2048"})
+    set_, delete, append, subtract = 0, 1, 2, 3
+    result = await alter(
+        node,
+        INCREMENTAL_ALTER_CONFIGS,
+        version,
+        "inc",
+        [("flush.ms", (set_, "7")), ("segment.bytes", (delete, None))],
+    )
+    assert result.error_code == KafkaErrorCode.none
+    # retention.ms was not named: it stays
+    assert overrides(node, "inc") == {"retention.ms": "1000", "flush.ms": "7"}
+    appended = await alter(
+        node, INCREMENTAL_ALTER_CONFIGS, version, "inc", [("cleanup.policy", (append, "compact"))]
+    )
+    assert appended.error_code == KafkaErrorCode.none
+    assert overrides(node, "inc")["cleanup.policy"] == "delete,compact"
+    subtracted = await alter(
+        node, INCREMENTAL_ALTER_CONFIGS, version, "inc", [("cleanup.policy", (subtract, "delete"))]
+    )
+    assert subtracted.error_code == KafkaErrorCode.none
+    assert overrides(node, "inc")["cleanup.policy"] == "compact"
+
+
+async def test_incremental_alter_configs_refusals(node):
+    await create_topic(node, "strict", configs={"retention.ms": "1000"})
+    cases = [
+        ([("retention.ms", (2, "5"))], KafkaErrorCode.invalid_config),  # append to a LONG
+        ([("no.such.config", (0, "5"))], KafkaErrorCode.invalid_config),
+        ([("no.such.config", (1, None))], KafkaErrorCode.invalid_config),
+        ([("retention.ms", (9, "5"))], KafkaErrorCode.invalid_request),
+        ([("retention.ms", (0, None))], KafkaErrorCode.invalid_request),
+        ([("retention.ms", (0, "5")), ("retention.ms", (1, None))], KafkaErrorCode.invalid_request),
+        ([("cleanup.policy", (3, "delete"))], KafkaErrorCode.invalid_config),  # leaves it empty
+        ([("retention.ms", (0, "-7"))], KafkaErrorCode.invalid_config),
+    ]
+    for configs, code in cases:
+        result = await alter(node, INCREMENTAL_ALTER_CONFIGS, 1, "strict", configs)
+        assert (configs, result.error_code) == (configs, code)
+        assert result.error_message
+    validated = await alter(
+        node,
+        INCREMENTAL_ALTER_CONFIGS,
+        1,
+        "strict",
+        [("retention.ms", (1, None))],
+        validate_only=True,
+    )
+    assert validated.error_code == KafkaErrorCode.none
+    assert overrides(node, "strict") == {"retention.ms": "1000"}
+
+
+# -- DescribeCluster, InitProducerId, DescribeLogDirs ------------------------------------
+
+
+@pytest.mark.parametrize("version", versions(DESCRIBE_CLUSTER))
+async def test_describe_cluster(node, version):
+    response = await call(node, DESCRIBE_CLUSTER, version, request(DESCRIBE_CLUSTER, version))
+    image = node.handlers.member.image
+    node_id = node.handlers.config.node_id
+    assert response.error_code == KafkaErrorCode.none
+    assert response.cluster_id == image.cluster_id and response.cluster_id
+    assert response.controller_id == node_id
+    assert [(b.broker_id, b.host, b.port) for b in response.brokers] == [
+        (node_id, "127.0.0.1", KAFKA_PORT)
+    ]
+
+
+async def test_describe_cluster_refuses_controller_endpoints(node):
+    response = await call(node, DESCRIBE_CLUSTER, 1, request(DESCRIBE_CLUSTER, 1, endpoint_type=2))
+    assert response.error_code == KafkaErrorCode.unsupported_endpoint_type
+    assert response.brokers == ()
+
+
+async def test_describe_cluster_leaves_out_brokers_without_a_kafka_listener(node):
+    api = [api for api in APIS if api.api_key == DESCRIBE_CLUSTER][0]
+    context = KafkaContext(node.handlers, DESCRIBE_CLUSTER, 2, "test", "127.0.0.1")
+    response = await api.handle(context, request(DESCRIBE_CLUSTER, 2))
+    assert (response.brokers, response.controller_id) == ((), -1)
+
+
+@pytest.mark.parametrize("version", versions(INIT_PRODUCER_ID))
+async def test_init_producer_id(node, version):
+    entity = request(INIT_PRODUCER_ID, version, transactional_id=None)
+    first = await call(node, INIT_PRODUCER_ID, version, entity)
+    second = await call(node, INIT_PRODUCER_ID, version, entity)
+    assert first.error_code == second.error_code == KafkaErrorCode.none
+    assert first.producer_id >= 0 and second.producer_id > first.producer_id
+    assert first.producer_epoch == second.producer_epoch == 0
+    transactional = request(INIT_PRODUCER_ID, version, transactional_id="txn")
+    refused = await call(node, INIT_PRODUCER_ID, version, transactional)
+    assert refused.error_code == KafkaErrorCode.unsupported_version
+    assert (refused.producer_id, refused.producer_epoch) == (-1, -1)
+
+
+@pytest.mark.parametrize("version", versions(DESCRIBE_LOG_DIRS))
+async def test_describe_log_dirs(node, version):
+    await create_topic(node, "logged", partitions=2)
+    await create_topic(node, "other")
+    everything = await call(
+        node, DESCRIBE_LOG_DIRS, version, request(DESCRIBE_LOG_DIRS, version, topics=None)
+    )
+    (log_dir,) = everything.results
+    assert log_dir.log_dir == str(node.handlers.config.data_dir.resolve())
+    names = {t.name: [p.partition_index for p in t.partitions] for t in log_dir.topics}
+    assert names["logged"] == [0, 1] and names["other"] == [0]
+    asked = request(
+        DESCRIBE_LOG_DIRS,
+        version,
+        topics=(nested(DESCRIBE_LOG_DIRS, version, "topics", topic="logged", partitions=(1,)),),
+    )
+    (only,) = (await call(node, DESCRIBE_LOG_DIRS, version, asked)).results
+    assert [(t.name, [p.partition_index for p in t.partitions]) for t in only.topics] == [
+        ("logged", [1])
+    ]
+    if version >= 4:
+        assert only.total_bytes > 0 and only.usable_bytes >= 0
+
+
+def test_every_api_is_registered_once():
+    keys = [api.api_key for api in kafka_admin_apis.APIS]
+    assert len(keys) == len(set(keys))
+    for api in kafka_admin_apis.APIS:
+        for version in range(api.min_version, api.max_version + 1):
+            load_request_schema(api.api_key, version)
+            load_response_schema(api.api_key, version)
