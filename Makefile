@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-RUN_FLAGS ?= --host 127.0.0.1 --port 9092 --http-port 8080 --grpc-port 9090 --data-dir ./data
+RUN_FLAGS ?= --host 127.0.0.1 --port 9092 --http-port 8080 --grpc-port 9090 --kafka-port 9093 --data-dir ./data
 
 .PHONY: run cluster test bench lint sim nemesis clean
 
@@ -21,7 +21,8 @@ run: $(VENV)/.runtime-installed
 	$(VENV)/bin/dwal broker $(RUN_FLAGS)
 
 # Three nodes, each a broker and a controller voter, in the foreground on 127.0.0.1: node N
-# has native port 9091+N, HTTP port 8079+N, gRPC port 9390+N, controller port 9191+N and data in
+# has native port 9091+N, HTTP port 8079+N, gRPC port 9390+N, Kafka port 9291+N, controller port
+# 9191+N and data in
 # ./cluster/N.
 # Ctrl-C (or any node exiting) stops all three: the EXIT trap SIGTERMs every PID started.
 CLUSTER_QUORUM := 1@127.0.0.1:9192,2@127.0.0.1:9193,3@127.0.0.1:9194
@@ -34,7 +35,7 @@ cluster: $(VENV)/.runtime-installed
 	for n in 1 2 3; do \
 		$(VENV)/bin/dwal broker --node-id $$n --controller-quorum $(CLUSTER_QUORUM) \
 			--host 127.0.0.1 --port $$((9091 + n)) --http-port $$((8079 + n)) \
-			--grpc-port $$((9390 + n)) \
+			--grpc-port $$((9390 + n)) --kafka-port $$((9291 + n)) \
 			--controller-port $$((9191 + n)) --data-dir ./cluster/$$n & \
 		pids="$$pids $$!"; \
 	done; \

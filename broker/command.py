@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve the gRPC API on this port (default: off; make run uses 9090)",
     )
     parser.add_argument("--grpc-host", help="gRPC listen address (default: --host)")
+    parser.add_argument(
+        "--kafka-port",
+        type=int,
+        help="serve Kafka's wire protocol on this port (default: off; make run uses 9093)",
+    )
+    parser.add_argument("--kafka-host", help="Kafka protocol listen address (default: --host)")
     parser.add_argument("--data-dir", help="data directory (default ./data)")
     parser.add_argument(
         "--fsync",
@@ -136,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "http_host": args.http_host,
         "grpc_port": args.grpc_port,
         "grpc_host": args.grpc_host,
+        "kafka_port": args.kafka_port,
+        "kafka_host": args.kafka_host,
         "data_dir": args.data_dir,
         "fsync": args.fsync,
         "node_id": args.node_id,

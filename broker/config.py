@@ -35,6 +35,10 @@ class BrokerConfig:
     # The gRPC API (log.v1.Log): off (-1) unless given (`make run` serves it on 9090), so
     # that several brokers on one host need no extra flag; 0 picks a free port.
     grpc_port: int = -1
+    kafka_host: str | None = None  # None: same as host
+    # Kafka's wire protocol (kafka-python, librdkafka, kcat...): off (-1) unless given
+    # (`make run` serves it on 9093), for the same reason as grpc_port; 0 picks a free port.
+    kafka_port: int = -1
     data_dir: pathlib.Path = pathlib.Path("./data")
     log_level: str = "info"
     auto_create_topics: bool = False
@@ -108,6 +112,10 @@ class BrokerConfig:
         return self.grpc_host or self.host
 
     @property
+    def kafka_bind_host(self) -> str:
+        return self.kafka_host or self.host
+
+    @property
     def client_host(self) -> str:
         """The host clients are told to connect to: advertised_host, else the listen host
         (a wildcard listen address is no address to connect to: use this machine's name)."""
@@ -127,6 +135,8 @@ _SIMPLE_KEYS = {
     "http_port": int,
     "grpc_host": str,
     "grpc_port": int,
+    "kafka_host": str,
+    "kafka_port": int,
     "data_dir": str,
     "log_level": str,
     "auto_create_topics": bool,
@@ -295,7 +305,7 @@ def _validate(config: BrokerConfig) -> None:
         port = getattr(config, name)
         if not 0 <= port <= 65535:
             raise ConfigError(f"{name} must be between 0 and 65535, got {port}")
-    for name in ("http_port", "grpc_port"):
+    for name in ("http_port", "grpc_port", "kafka_port"):
         port = getattr(config, name)
         if not -1 <= port <= 65535:
             raise ConfigError(f"{name} must be between -1 (disabled) and 65535, got {port}")

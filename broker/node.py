@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import trio
 
+from broker.gateway.kafka_entities import KAFKA_LISTENER
 from broker.broker_lifecycle import (
     GRPC_LISTENER,
     HTTP_LISTENER,
@@ -55,6 +56,7 @@ class BrokerAddresses:
     port: int
     http_port: int | None
     grpc_port: int | None = None
+    kafka_port: int | None = None
 
 
 async def run_broker(
@@ -100,11 +102,13 @@ async def _run_locked(
     native_port = listeners.native[0].socket.getsockname()[1]
     http_port = listeners.http[0].socket.getsockname()[1] if listeners.http else None
     grpc_port = grpc_gateway.port if grpc_gateway is not None else None
+    kafka_port = listeners.kafka[0].socket.getsockname()[1] if listeners.kafka else None
     async with open_broker_node(
         config,
         native_port=native_port,
         http_port=http_port,
         grpc_port=grpc_port,
+        kafka_port=kafka_port,
         controller_listeners=listeners.controller,
     ) as node:
         async with trio.open_nursery() as nursery:
@@ -117,6 +121,8 @@ async def _run_locked(
                 ports["http_port"] = addresses.http_port
             if addresses.grpc_port is not None:
                 ports["grpc_port"] = addresses.grpc_port
+            if addresses.kafka_port is not None:
+                ports["kafka_port"] = addresses.kafka_port
             if listeners.controller:
                 ports["controller_port"] = listeners.controller[0].socket.getsockname()[1]
             log_event(
@@ -165,12 +171,14 @@ async def open_broker_node(
     native_port: int,
     http_port: int | None = None,
     grpc_port: int | None = None,
+    kafka_port: int | None = None,
     controller_listeners: list[trio.SocketListener] | None = None,
 ) -> AsyncIterator[BrokerNode]:
     """Join the cluster, open the logs, start the background tasks; yield the node once it
     may serve (registered, unfenced, logs open); stop everything and close every log when
     the block exits. The caller holds the data directory's lock. `native_port` and
-    `http_port` and `grpc_port` are what the broker registers as its listeners."""
+    `http_port`, `grpc_port` and `kafka_port` are what the broker registers as its
+    listeners."""
     registry = await trio.to_thread.run_sync(
         TopicRegistry.open, config.data_dir, config.log_defaults, config.limits
     )
@@ -181,6 +189,8 @@ async def open_broker_node(
             advertised.append(ListenerAddress(HTTP_LISTENER, config.client_host, http_port))
         if grpc_port is not None:
             advertised.append(ListenerAddress(GRPC_LISTENER, config.client_host, grpc_port))
+        if kafka_port is not None:
+            advertised.append(ListenerAddress(KAFKA_LISTENER, config.client_host, kafka_port))
         member = ClusterMember(config, registry, advertised=advertised)
 
         async def alter_partition(body: dict) -> dict:
@@ -248,9 +258,10 @@ class BoundListeners:
     native: list[trio.SocketListener]
     http: list[trio.SocketListener]  # empty when the HTTP gateway is disabled
     controller: list[trio.SocketListener]  # empty for the embedded single voter
+    kafka: list[trio.SocketListener] = dataclasses.field(default_factory=list)  # empty: off
 
     def all(self) -> list[trio.SocketListener]:
-        return [*self.native, *self.http, *self.controller]
+        return [*self.native, *self.http, *self.kafka, *self.controller]
 
 
 async def _bind_listeners(config: BrokerConfig) -> BoundListeners:
@@ -263,6 +274,10 @@ async def _bind_listeners(config: BrokerConfig) -> BoundListeners:
         if config.http_port >= 0:
             http = await _listen(config.http_bind_host, config.http_port)
             bound.extend(http)
+        kafka = []
+        if config.kafka_port >= 0:
+            kafka = await _listen(config.kafka_bind_host, config.kafka_port)
+            bound.extend(kafka)
         controller = []
         if config.controller_quorum is not None:
             controller = await _listen(config.controller_bind_host, config.controller_listen_port)
@@ -270,7 +285,7 @@ async def _bind_listeners(config: BrokerConfig) -> BoundListeners:
         for listener in bound:
             listener.socket.close()
         raise
-    return BoundListeners(native, http, controller)
+    return BoundListeners(native, http, controller, kafka)
 
 
 async def _serve(
@@ -291,7 +306,15 @@ async def _serve(
         await nursery.start(
             functools.partial(serve_http, memory_pool=memory_pool), handlers, listeners.http
         )
-    return BrokerAddresses(config.host, port, http_port), server
+    kafka_port = None
+    if listeners.kafka:
+        from broker.gateway.kafka_gateway import serve_kafka
+
+        kafka_port = listeners.kafka[0].socket.getsockname()[1]
+        await nursery.start(
+            functools.partial(serve_kafka, memory_pool=memory_pool), handlers, listeners.kafka
+        )
+    return BrokerAddresses(config.host, port, http_port, kafka_port=kafka_port), server
 
 
 async def _listen(host: str, port: int) -> list[trio.SocketListener]:

@@ -185,3 +185,17 @@ class KafkaApi:
     min_version: int
     max_version: int
     handle: KafkaHandler
+    # True: the whole handler runs in its own task (it waits: a Fetch's long poll, a
+    # JoinGroup's barrier) while the connection reads on; its answer still leaves in order.
+    # False: it runs in the connection's reader, so its effects are in request order.
+    concurrent: bool = False
+
+
+@dataclass(frozen=True)
+class Later:
+    """What a handler of an ordered API returns when its ordered part is done and the rest
+    (a wait) may run concurrently: `finish()` returns the response entity. `send` False: no
+    answer is written (a Produce with acks=0)."""
+
+    finish: Callable[[], Awaitable[Any]]
+    send: bool = True
