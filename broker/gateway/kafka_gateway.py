@@ -336,11 +336,17 @@ def _response_flexible(api_key: int, version: int) -> bool:
 
 
 def _nearest_response_type(api_key: int, version: int, api: KafkaApi) -> type:
-    try:
-        return load_response_schema(api_key, version)
-    except Exception:
-        nearest = api.min_version if version < api.min_version else api.max_version
-        return load_response_schema(api_key, nearest)
+    """The response schema of `version`, else of the closest version kio has (older
+    versions' layouts are mostly prefixes of newer ones: Produce v2's is v3's)."""
+    for distance in range(0, 64):
+        for candidate in (version + distance, version - distance):
+            if candidate < 0:
+                continue
+            try:
+                return load_response_schema(api_key, candidate)
+            except Exception:
+                continue
+    return load_response_schema(api_key, api.max_version)
 
 
 def _unsupported_version_response(
