@@ -83,7 +83,9 @@ async def open_node(tmp_path, **config: Any) -> AsyncIterator[BrokerNode]:
 
 @pytest.fixture
 async def node(tmp_path) -> AsyncIterator[BrokerNode]:
-    async with open_node(tmp_path, log_config=LogConfig(retention_ms=3_600_000)) as node:
+    # defaults that differ from the built-in ones, so that using them is seen
+    settings = {"log_config": LogConfig(retention_ms=3_600_000), "default_partitions": 2}
+    async with open_node(tmp_path, **settings) as node:
         yield node
 
 
@@ -124,10 +126,11 @@ async def test_create_topics_every_version(node, version):
         ("three", KafkaErrorCode.none),
     ]
     image = node.handlers.member.image
-    assert len(image.topics["defaults"].partitions) == node.handlers.config.default_partitions
+    assert len(image.topics["defaults"].partitions) == 2  # the broker's default_partitions
     assert len(image.topics["three"].partitions) == 3
     assert overrides(node, "three") == {"retention.ms": "1000"}
     if version >= 5:
+        assert response.topics[0].num_partitions == 2
         three = response.topics[1]
         assert (three.num_partitions, three.replication_factor) == (3, 1)
         configs = {c.name: c for c in three.configs}
