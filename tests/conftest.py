@@ -28,6 +28,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 # http_port is absent when the HTTP gateway is disabled.
 STARTED = re.compile(rb"event=broker_started [^\n]*? port=(\d+)(?: http_port=(\d+))?[^\n]*\n")
 GRPC_STARTED = re.compile(rb" grpc_port=(\d+)")
+KAFKA_STARTED = re.compile(rb" kafka_port=(\d+)")
 
 
 @dataclass
@@ -94,6 +95,7 @@ class BrokerProcess:
     port: int = 0
     http_port: int | None = None
     grpc_port: int | None = None  # when started with grpc_port >= 0
+    kafka_port: int | None = None  # when started with kafka_port >= 0
     output: bytearray = field(default_factory=bytearray)
     exited: trio.Event = field(default_factory=trio.Event)
 
@@ -121,6 +123,7 @@ class BrokerLauncher:
         port: int = 0,
         http_port: int = 0,
         grpc_port: int = -1,
+        kafka_port: int = -1,
         timeout_s: float = 30,
     ) -> BrokerProcess:
         data_dir = data_dir or self.tmp_path / "data"
@@ -137,6 +140,8 @@ class BrokerLauncher:
             str(http_port),
             "--grpc-port",
             str(grpc_port),
+            "--kafka-port",
+            str(kafka_port),
             "--data-dir",
             str(data_dir),
             *extra,
@@ -175,6 +180,8 @@ class BrokerLauncher:
                     broker.http_port = None if match.group(2) is None else int(match.group(2))
                     grpc = GRPC_STARTED.search(match.group(0))
                     broker.grpc_port = None if grpc is None else int(grpc.group(1))
+                    kafka = KAFKA_STARTED.search(match.group(0))
+                    broker.kafka_port = None if kafka is None else int(kafka.group(1))
                     ready.set()
         finally:
             await broker.process.wait()

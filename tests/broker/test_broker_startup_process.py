@@ -163,11 +163,11 @@ async def test_a_refused_second_start_on_a_live_data_dir_still_lets_a_crash_reco
     ), restarted.output.decode()
 
 
-@pytest.mark.parametrize("busy", ["port", "http_port", "grpc_port"])
+@pytest.mark.parametrize("busy", ["port", "http_port", "grpc_port", "kafka_port"])
 async def test_a_start_refused_on_a_busy_port_changes_nothing(broker_launcher, tmp_path, busy):
     data_dir = tmp_path / "data"
     values = await crashed_data_dir(broker_launcher, data_dir)
-    other = await broker_launcher.start(tmp_path / "other", grpc_port=0)
+    other = await broker_launcher.start(tmp_path / "other", grpc_port=0, kafka_port=0)
     busy_port = getattr(other, busy)
     before = snapshot(data_dir)
 
