@@ -419,6 +419,8 @@ async def delete_topics(ctx: KafkaContext, request: Any) -> Any:
             if name is None and topic_id is not None:
                 info = image.topics_by_id.get(topic_id.bytes)
                 name = None if info is None else info.name
+            if name is not None and topic_id is None and name in image.topics:
+                topic_id = uuid.UUID(bytes=image.topics[name].topic_id)  # Kafka answers it
             wanted.append((name, topic_id))
     names = Counter(name for name, _ in wanted if name is not None)
     outcomes: dict[int, tuple[KafkaErrorCode, str | None]] = {}

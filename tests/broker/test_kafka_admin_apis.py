@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import uuid
-from collections.abc import AsyncIterator
+import warnings
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import confluent_kafka.admin as confluent_admin
+import kafka.errors
 import pytest
+import trio
 from broker_test_support import at_real_pace, create_topic, running_node
 from kio.index import load_request_schema, load_response_schema
 from kio.schema.errors import ErrorCode as KafkaErrorCode
+from kafka.admin import AlterConfigOp, ConfigResource, KafkaAdminClient
+from kafka.admin import ConfigResourceType as KafkaResourceType
 from kio.serial import entity_reader, entity_writer
 
 from broker.controller.metadata_records import ConfigResourceType
@@ -208,6 +215,7 @@ async def test_create_topics_refusals_each_in_its_entry(node):
 @pytest.mark.parametrize("version", versions(DELETE_TOPICS))
 async def test_delete_topics_by_name(node, version):
     await create_topic(node, "doomed")
+    doomed_id = uuid.UUID(bytes=node.handlers.member.image.topics["doomed"].topic_id)
     if version < 6:
         entity = request(DELETE_TOPICS, version, topic_names=("doomed", "never-was"))
     else:
@@ -220,6 +228,8 @@ async def test_delete_topics_by_name(node, version):
             ),
         )
     response = await call(node, DELETE_TOPICS, version, entity)
+    if version >= 6:
+        assert response.responses[0].topic_id == doomed_id
     assert [(r.name, r.error_code) for r in response.responses] == [
         ("doomed", KafkaErrorCode.none),
         ("never-was", KafkaErrorCode.unknown_topic_or_partition),
@@ -231,6 +241,8 @@ async def test_delete_topics_by_id(node):
     await create_topic(node, "by-id")
     topic_id = uuid.UUID(bytes=node.handlers.member.image.topics["by-id"].topic_id)
     unknown = uuid.uuid4()
+    offsets = node.handlers.member.image.topics.get("__consumer_offsets")
+    offsets_id = None if offsets is None else uuid.UUID(bytes=offsets.topic_id)
     entity = request(
         DELETE_TOPICS,
         6,
@@ -244,7 +256,7 @@ async def test_delete_topics_by_id(node):
     assert [(r.name, r.topic_id, r.error_code) for r in response.responses] == [
         ("by-id", topic_id, KafkaErrorCode.none),
         (None, unknown, KafkaErrorCode.unknown_topic_id),
-        ("__consumer_offsets", None, KafkaErrorCode.policy_violation),
+        ("__consumer_offsets", offsets_id, KafkaErrorCode.policy_violation),
     ]
     assert "by-id" not in node.handlers.member.image.topics
 
@@ -586,3 +598,200 @@ def test_every_api_is_registered_once():
         for version in range(api.min_version, api.max_version + 1):
             load_request_schema(api.api_key, version)
             load_response_schema(api.api_key, version)
+
+
+# -- end to end: kafka-python's and confluent-kafka's admin clients against `dwal broker` ----
+
+BROKER_TOML = """\
+default_partitions = 2
+
+[topic_defaults]
+"retention.ms" = "3600000"
+"""
+KAFKA_PORT_STARTED = re.compile(rb"event=broker_started [^\n]*? kafka_port=(\d+)")
+
+
+async def start_kafka_broker(broker_launcher, tmp_path) -> str:
+    """A `dwal broker` process serving Kafka on a free port; returns its bootstrap address.
+    (The launcher kills it by PID when the test ends, passed or not.)"""
+    config = tmp_path / "broker.toml"
+    config.write_text(BROKER_TOML)
+    broker = await broker_launcher.start(
+        None, "--fsync", "never", "--config", str(config), "--kafka-port", "0"
+    )
+    match = KAFKA_PORT_STARTED.search(broker.output)
+    assert match, broker.output.decode(errors="replace")
+    return f"127.0.0.1:{int(match.group(1))}"
+
+
+@contextlib.contextmanager
+def kafka_admin(bootstrap: str) -> Iterator[Any]:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    try:
+        yield admin
+    finally:
+        admin.close()
+
+
+def in_thread(function: Any) -> Any:
+    """Run the blocking client `function` in a worker thread (the test's trio run keeps
+    reading the broker's output meanwhile)."""
+    return trio.to_thread.run_sync(function)
+
+
+async def test_kafka_python_admin_topics(broker_launcher, tmp_path):
+    bootstrap = await start_kafka_broker(broker_launcher, tmp_path)
+
+    def scenario() -> None:
+        with kafka_admin(bootstrap) as admin:
+            created = admin.create_topics(
+                {"orders": {"num_partitions": 3, "configs": {"cleanup.policy": "compact"}}}
+            )
+            (result,) = created["topics"]
+            assert (result["name"], result["error_code"], result["num_partitions"]) == (
+                "orders",
+                0,
+                3,
+            )
+            assert result["configs"]["cleanup.policy"]["value"] == "compact"
+            # -1: the broker's defaults (default_partitions = 2)
+            defaults = admin.create_topics(["plain"])["topics"][0]
+            assert (defaults["num_partitions"], defaults["replication_factor"]) == (2, 1)
+            checked = admin.create_topics({"dry": {"num_partitions": 5}}, validate_only=True)
+            assert checked["topics"][0]["error_code"] == 0
+            with pytest.raises(kafka.errors.TopicAlreadyExistsError):
+                admin.create_topics(["orders"])
+            with pytest.raises(kafka.errors.InvalidConfigurationError):
+                admin.create_topics({"bad": {"configs": {"retention.ms": "soon"}}})
+            assert sorted(admin.list_topics()) == ["orders", "plain"]
+
+            admin.create_partitions({"orders": 5})
+            (described,) = admin.describe_topics(["orders"])
+            assert len(described["partitions"]) == 5
+            with pytest.raises(kafka.errors.InvalidPartitionsError):
+                admin.create_partitions({"orders": 2})
+
+            admin.delete_topics(["orders"])
+            assert admin.list_topics() == ["plain"]
+            with pytest.raises(kafka.errors.UnknownTopicOrPartitionError):
+                admin.delete_topics(["orders"])
+
+    await in_thread(scenario)
+
+
+async def test_kafka_python_admin_configs(broker_launcher, tmp_path):
+    bootstrap = await start_kafka_broker(broker_launcher, tmp_path)
+    topic = KafkaResourceType.TOPIC
+
+    def scenario() -> None:
+        with kafka_admin(bootstrap) as admin:
+            admin.create_topics({"conf": {"configs": {"segment.bytes": "1048576"}}})
+            everything = admin.describe_configs(
+                [ConfigResource(topic, "conf")], config_filter="all", include_synonyms=True
+            )["topic"]["conf"]
+            assert set(everything) == set(LogConfig().to_topic_configs())
+            assert everything["segment.bytes"]["config_source"] == "DYNAMIC_TOPIC_CONFIG"
+            assert everything["retention.ms"]["value"] == "3600000"
+            assert everything["retention.ms"]["config_source"] == "STATIC_BROKER_CONFIG"
+            assert everything["flush.ms"]["config_source"] == "DEFAULT_CONFIG"
+
+            def modified() -> dict[str, str]:
+                found = admin.describe_configs([ConfigResource(topic, "conf")])
+                return {k: v["value"] for k, v in found["topic"]["conf"].items()}
+
+            assert modified() == {"segment.bytes": "1048576"}
+            # incremental (kafka-python's choice when the broker has it): SET and DELETE
+            answer = admin.alter_configs(
+                [
+                    ConfigResource(
+                        topic,
+                        "conf",
+                        {"flush.ms": "5", "segment.bytes": (AlterConfigOp.DELETE, None)},
+                    )
+                ]
+            )
+            assert answer == {"topic": {"conf": "OK"}}
+            assert modified() == {"flush.ms": "5"}
+            # legacy AlterConfigs (kafka-python sends the other modified configs along)
+            legacy = [ConfigResource(topic, "conf", {"retention.ms": "1000"})]
+            assert admin.alter_configs(legacy, incremental=False) == {"topic": {"conf": "OK"}}
+            assert modified() == {"flush.ms": "5", "retention.ms": "1000"}
+            bad = admin.alter_configs([ConfigResource(topic, "conf", {"retention.ms": "x"})])
+            assert "InvalidConfigurationError" in bad["topic"]["conf"]
+            admin.reset_configs([ConfigResource(topic, "conf", {})])  # None: a kafka-python bug
+            assert modified() == {}
+
+            broker = admin.describe_configs(
+                [ConfigResource(KafkaResourceType.BROKER, "1")], config_filter="all"
+            )["broker"]["1"]
+            assert broker["log.retention.ms"]["value"] == "3600000"
+            assert broker["num.partitions"]["value"] == "2"
+            assert all(entry["read_only"] for entry in broker.values())
+
+    await in_thread(scenario)
+
+
+async def test_kafka_python_describe_cluster(broker_launcher, tmp_path):
+    bootstrap = await start_kafka_broker(broker_launcher, tmp_path)
+    port = int(bootstrap.rsplit(":", 1)[1])
+
+    def scenario() -> None:
+        with kafka_admin(bootstrap) as admin:
+            cluster = admin.describe_cluster()
+            assert cluster["controller_id"] == 1
+            assert cluster["cluster_id"]
+            assert [(b["broker_id"], b["host"], b["port"]) for b in cluster["brokers"]] == [
+                (1, "127.0.0.1", port)
+            ]
+            admin.create_topics({"sized": {"num_partitions": 1}})
+            (dirs,) = admin.describe_log_dirs(brokers=[1])[0]["log_dirs"]
+            assert [t["name"] for t in dirs["topics"]] == ["sized"]
+
+    await in_thread(scenario)
+
+
+async def test_confluent_kafka_admin(broker_launcher, tmp_path):
+    """librdkafka's admin: its legacy alter_configs replaces the overrides (nothing is sent
+    along), its incremental one appends to a list config."""
+    bootstrap = await start_kafka_broker(broker_launcher, tmp_path)
+
+    def scenario() -> None:
+        admin = confluent_admin.AdminClient({"bootstrap.servers": bootstrap})
+        created = admin.create_topics(
+            [confluent_admin.NewTopic("c", num_partitions=2, config={"retention.ms": "1000"})]
+        )
+        created["c"].result(timeout=30)
+
+        def overrides_of() -> dict[str, str]:
+            resource = confluent_admin.ConfigResource(confluent_admin.ResourceType.TOPIC, "c")
+            (future,) = admin.describe_configs([resource]).values()
+            return {k: v.value for k, v in future.result(timeout=30).items() if v.source == 1}
+
+        assert overrides_of() == {"retention.ms": "1000"}
+        incremental = confluent_admin.ConfigResource(
+            confluent_admin.ResourceType.TOPIC,
+            "c",
+            incremental_configs=[
+                confluent_admin.ConfigEntry(
+                    "cleanup.policy",
+                    "compact",
+                    incremental_operation=confluent_admin.AlterConfigOpType.APPEND,
+                )
+            ],
+        )
+        (future,) = admin.incremental_alter_configs([incremental]).values()
+        future.result(timeout=30)
+        assert overrides_of() == {"retention.ms": "1000", "cleanup.policy": "delete,compact"}
+        legacy = confluent_admin.ConfigResource(
+            confluent_admin.ResourceType.TOPIC, "c", set_config={"flush.ms": "9"}
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            (future,) = admin.alter_configs([legacy]).values()
+        future.result(timeout=30)
+        assert overrides_of() == {"flush.ms": "9"}  # the others reverted to their defaults
+        description = admin.describe_cluster().result(timeout=30)
+        assert [node.id for node in description.nodes] == [1]
+        admin.delete_topics(["c"])["c"].result(timeout=30)
+
+    await in_thread(scenario)
