@@ -28,6 +28,7 @@ from .frame import (
     response_prefix,
 )
 from .kafka_records import decode_kafka_records, encode_kafka_batch
+from .kafka_transcode import check_kafka_batches, to_kafka_batches
 from .partitioning import partition_for_key
 from .record_batch import (
     HEADER_BYTES,
@@ -84,5 +85,7 @@ __all__ = [
     "validate_topic_name",
     "decode_kafka_records",
     "encode_kafka_batch",
+    "check_kafka_batches",
+    "to_kafka_batches",
     "partition_for_key",
 ]

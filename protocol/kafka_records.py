@@ -15,13 +15,22 @@ anything is sliced. Malformed input raises ProtocolError, never another exceptio
 
 Snappy comes in two shapes from Kafka clients: the xerial framing (Java client,
 kafka-python) and raw snappy (some librdkafka versions); both decode, xerial is written.
-A header whose value is null decodes to ``(key, None)``.
+
+Null header values. Kafka allows a record header whose value is null; DWAL's record headers
+are ``(str, bytes)`` pairs and its msgpack body cannot hold a null one. `decode_kafka_records`
+(and so log compaction, which rewrites batches from it) keeps it as ``(key, None)``, while
+`record_batch.decode_records`, which every DWAL reader uses (native consumer, CLI, gateways,
+group coordinator), gives ``(key, b"")``: DWAL's readers keep their types, and a Kafka
+client reading the stored batch, which is served verbatim, still sees null.
+
+Checking. `check_body` walks a body's records without building any object, for
+`kafka_transcode.check_kafka_batches`, which a broker runs on every Kafka produce.
 """
 
 from __future__ import annotations
 
 import struct
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import cramjam
 import lz4.frame
@@ -36,6 +45,7 @@ from .record_batch import (
     DECOMPRESSED_BYTES_MAX,
     HEADER_BYTES,
     RECORDS_PER_BATCH_MAX,
+    BatchHeader,
     Compression,
     Record,
     _batch_header,
@@ -225,6 +235,7 @@ def _decode_body(
     log_append_time: int | None,
     topic: str,
     partition: int,
+    null_header_value: bytes | None,
 ) -> list[Record]:
     out: list[Record] = []
     position = 0
@@ -255,6 +266,8 @@ def _decode_body(
             except UnicodeDecodeError:
                 raise ProtocolError("Kafka record header key is not UTF-8") from None
             header_value, position = _read_bytes(view, position, end, "header value")
+            if header_value is None:
+                header_value = null_header_value
             headers.append((header_key, header_value))
         if position != end:
             raise ProtocolError("Kafka record length does not match its fields")
@@ -283,7 +296,8 @@ def decode_kafka_records(
     verify_crc: bool = True,
 ) -> list[Record]:
     """Decode every record of a buffer of whole back-to-back Kafka v2 batches (attribute
-    bit 7 clear). Control batches hold no records for a consumer and are skipped.
+    bit 7 clear). Control batches hold no records for a consumer and are skipped. A header
+    whose value is null decodes to ``(key, None)``.
 
     Raises ProtocolError for anything malformed: a cut or damaged batch, a bad CRC, a DWAL
     msgpack batch, an unknown codec, a body that expands past DECOMPRESSED_BYTES_MAX, or
@@ -295,26 +309,133 @@ def decode_kafka_records(
         header = scanned.header
         if header.attributes & ATTRIBUTE_MSGPACK_BODY:
             raise ProtocolError("batch carries a DWAL msgpack body, not Kafka records")
-        if header.attributes & ATTRIBUTE_CONTROL:
-            continue
         body = view[scanned.position + HEADER_BYTES : scanned.position + header.size_bytes]
-        codec = header.attributes & ATTRIBUTE_COMPRESSION_MASK
-        data = _decompress_body(codec, body, DECOMPRESSED_BYTES_MAX) if codec else bytes(body)
-        log_append_time = (
-            header.max_timestamp if header.attributes & ATTRIBUTE_LOG_APPEND_TIME else None
-        )
-        out.extend(
-            _decode_body(
-                data,
-                header.record_count,
-                header.base_offset,
-                header.base_timestamp,
-                log_append_time,
-                topic,
-                partition,
-            )
-        )
+        out.extend(decode_kafka_body(header, body, topic=topic, partition=partition))
     return out
+
+
+def decode_kafka_body(
+    header: BatchHeader,
+    body: bytes | memoryview,
+    *,
+    topic: str = "",
+    partition: int = -1,
+    null_header_value: bytes | None = None,
+) -> list[Record]:
+    """The records of one Kafka batch's body (what follows its 61-byte `header`, already
+    checked); none for a control batch. A null header value becomes `null_header_value`.
+    Raises ProtocolError as `decode_kafka_records` does."""
+    if header.attributes & ATTRIBUTE_CONTROL:
+        return []
+    codec = header.attributes & ATTRIBUTE_COMPRESSION_MASK
+    data = (
+        _decompress_body(codec, memoryview(body), DECOMPRESSED_BYTES_MAX) if codec else bytes(body)
+    )
+    log_append_time = (
+        header.max_timestamp if header.attributes & ATTRIBUTE_LOG_APPEND_TIME else None
+    )
+    return _decode_body(
+        data,
+        header.record_count,
+        header.base_offset,
+        header.base_timestamp,
+        log_append_time,
+        topic,
+        partition,
+        null_header_value,
+    )
+
+
+# -- checking a producer's batches ------------------------------------------------------------
+
+
+def check_body(data: bytes | memoryview, count: int) -> int:
+    """Walk the `count` records of an uncompressed Kafka body, which they must fill exactly,
+    with offset deltas 0, 1, ..., building nothing but header keys (to check their UTF-8);
+    one- and two-byte varints, by far the most common, are read inline. Returns the largest
+    timestamp delta. Raises ProtocolError."""
+    if type(data) is not bytes:
+        data = bytes(data)  # indexing bytes gives ints fastest
+    end = len(data)
+    position = 0
+    delta_max = INT64_MIN
+    try:
+        for index in range(count):
+            byte = data[position]
+            if byte < 0x80:
+                length = (byte >> 1) ^ -(byte & 1)
+                position += 1
+            elif data[position + 1] < 0x80:  # two bytes: records up to 8191 bytes
+                raw = (byte & 0x7F) | (data[position + 1] << 7)
+                length = (raw >> 1) ^ -(raw & 1)
+                position += 2
+            else:
+                length, position = _read_varint(data, position, end, "length")
+            record_end = position + length
+            if length < 1 or record_end > end:
+                raise ProtocolError(f"Kafka record length {length} runs past the batch body")
+            byte = data[position + 1]  # after the record's attributes, unused in v2
+            if byte < 0x80:
+                delta = (byte >> 1) ^ -(byte & 1)
+                position += 2
+            else:
+                delta, position = _read_varlong(data, position + 1, record_end, "timestamp delta")
+            if delta > delta_max:
+                delta_max = delta
+            if index < 64 and data[position] == index << 1:  # zigzag(index) in one byte
+                position += 1
+            else:
+                offset_delta, position = _read_varint(data, position, record_end, "offset delta")
+                if offset_delta != index:
+                    raise ProtocolError(f"Kafka record {index} has offset delta {offset_delta}")
+            position = _skip_bytes(data, _skip_bytes(data, position, record_end), record_end)
+            byte = data[position]
+            if byte:
+                position = _check_headers(data, position, record_end)
+            else:
+                position += 1
+            if position != record_end:
+                raise ProtocolError("Kafka record length does not match its fields")
+    except IndexError:
+        raise ProtocolError("Kafka record is truncated") from None
+    if position != end:
+        raise ProtocolError("Kafka batch body holds more than record_count records")
+    return delta_max
+
+
+def _skip_bytes(data: bytes, position: int, end: int) -> int:
+    """Skip a key or value (varint length, -1 for null); return the position after it."""
+    byte = data[position]
+    if byte < 0x80:
+        length = (byte >> 1) ^ -(byte & 1)
+        position += 1
+    elif data[position + 1] < 0x80:  # two bytes: lengths up to 8191
+        raw = (byte & 0x7F) | (data[position + 1] << 7)
+        length = (raw >> 1) ^ -(raw & 1)
+        position += 2
+    else:
+        length, position = _read_varint(data, position, end, "key or value length")
+    if length < -1:
+        raise ProtocolError(f"Kafka record key or value length {length} is negative")
+    if length > end - position:
+        raise ProtocolError("Kafka record key or value runs past its record")
+    return position + length if length > 0 else position
+
+
+def _check_headers(data: bytes, position: int, end: int) -> int:
+    count, position = _read_varint(data, position, end, "header count")
+    if count < 0 or count > end - position:
+        raise ProtocolError(f"Kafka record header count {count} is out of range")
+    for _ in range(count):
+        key, position = _read_bytes(data, position, end, "header key")
+        if key is None:
+            raise ProtocolError("Kafka record header key is null")
+        try:
+            key.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError("Kafka record header key is not UTF-8") from None
+        position = _skip_bytes(data, position, end)
+    return position
 
 
 # -- encoding -------------------------------------------------------------------------------
@@ -326,6 +447,31 @@ def _write_bytes(out: bytearray, value: bytes | None) -> None:
         return
     _write_varint(out, len(value))
     out += value
+
+
+def encode_kafka_records(
+    records: Iterable[tuple[int, bytes | None, bytes | None, Sequence[Any]]],
+) -> bytearray:
+    """The uncompressed Kafka body of records given as ``(timestamp_delta, key, value,
+    headers)``, headers being ``(str, bytes | None)`` pairs, each record's offset delta its
+    index. Raises ProtocolUsageError for a number that does not fit Kafka's varints;
+    TypeError, AttributeError or ValueError for values of the wrong types."""
+    body = bytearray()
+    record = bytearray()
+    for offset_delta, (timestamp_delta, key, value, headers) in enumerate(records):
+        record.clear()
+        record.append(0)  # attributes
+        _write_varlong(record, timestamp_delta)
+        _write_varint(record, offset_delta)
+        _write_bytes(record, None if key is None else bytes(key))
+        _write_bytes(record, None if value is None else bytes(value))
+        _write_varint(record, len(headers))
+        for header_key, header_value in headers:
+            _write_bytes(record, header_key.encode("utf-8"))
+            _write_bytes(record, None if header_value is None else bytes(header_value))
+        _write_varint(body, len(record))
+        body += record
+    return body
 
 
 def encode_kafka_batch(
@@ -348,23 +494,15 @@ def encode_kafka_batch(
     try:
         base_timestamp = records[0][0]
         max_timestamp = max(record[0] for record in records)
-        body = bytearray()
-        record = bytearray()
-        for offset_delta, entry in enumerate(records):
-            timestamp, key, value = entry[0], entry[1], entry[2]
-            headers: Sequence[Header] = entry[3] if len(entry) > 3 else ()  # type: ignore[misc]
-            record.clear()
-            record.append(0)  # attributes
-            _write_varlong(record, timestamp - base_timestamp)
-            _write_varint(record, offset_delta)
-            _write_bytes(record, None if key is None else bytes(key))
-            _write_bytes(record, None if value is None else bytes(value))
-            _write_varint(record, len(headers))
-            for header_key, header_value in headers:
-                _write_bytes(record, header_key.encode("utf-8"))
-                _write_bytes(record, None if header_value is None else bytes(header_value))
-            _write_varint(body, len(record))
-            body += record
+        body = encode_kafka_records(
+            (
+                entry[0] - base_timestamp,
+                entry[1],
+                entry[2],
+                entry[3] if len(entry) > 3 else (),  # type: ignore[misc]
+            )
+            for entry in records
+        )
     except ProtocolUsageError:
         raise
     except (TypeError, ValueError, AttributeError, IndexError) as error:

@@ -5,7 +5,8 @@ batch header, followed by a body. DWAL bodies (attribute bit 7 set) are one msgp
 records ``[timestamp_delta, key, value, headers]``, optionally compressed as a whole. The CRC
 (CRC-32C) covers everything from ``attributes`` to the end of the batch, so a broker may
 patch ``base_offset`` and ``partition_leader_epoch`` without recomputing it. Brokers only
-ever look at headers (`scan_batches`); only clients decode bodies (`decode_records`).
+ever look at headers (`scan_batches`); only clients decode bodies (`decode_records`, which
+also reads batches with Kafka's own body, attribute bit 7 clear: see kafka_records.py).
 """
 
 from __future__ import annotations
@@ -521,12 +522,18 @@ def decode_records(
     topic: str = "",
     partition: int = -1,
 ) -> list[Record]:
-    """Decode every record of a buffer of back-to-back batches.
+    """Decode every record of a buffer of back-to-back batches: DWAL msgpack batches
+    (attribute bit 7 set) and Kafka v2 batches (bit 7 clear, as a Kafka producer writes
+    them), in any mix, each by its own bit 7. Control batches give no records. With the
+    log-append-time bit (3), every record of a batch has its max_timestamp, as in Kafka.
+    DWAL record headers are ``(str, bytes)``: a Kafka header whose value is null reads as
+    ``(key, b"")`` (`kafka_records.decode_kafka_records` keeps the None).
 
     With `allow_partial_tail`, a batch cut short at the end of the buffer (as a fetch may
     return when it stops at max_bytes) is ignored instead of raising ProtocolError.
     Every record carries `topic` and `partition` (the partition the buffer was read from).
-    Records are built column-wise with C-level iteration; no Python code runs per record.
+    DWAL records are built column-wise with C-level iteration; no Python code runs per
+    record (Kafka records are parsed field by field, in Python).
     The cyclic garbage collector is paused meanwhile (as msgpack's documentation advises
     for large unpacks): the records form no cycles, and without the pause collections
     triggered by the many new lists and tuples cost more than the decoding itself.
@@ -548,15 +555,23 @@ def _decode_records(
     for batch in _scan_allowing_tail(view, verify_crc, allow_partial_tail):
         header = batch.header
         body = view[batch.position + HEADER_BYTES : batch.position + header.size_bytes]
+        attributes = header.attributes
+        if not attributes & ATTRIBUTE_MSGPACK_BODY:
+            out.extend(_decode_kafka_body(header, body, topic, partition))
+            continue
         records = _unpack_body(header, body)
-        if header.attributes & ATTRIBUTE_CONTROL:
+        if attributes & ATTRIBUTE_CONTROL:
             continue
         if type(records) is not list or len(records) != header.record_count:
             raise ProtocolError("batch body does not hold record_count records")
         deltas, keys, values, headers = _check_columns(records)
         base = header.base_offset
         offsets = range(base, base + len(records))
-        timestamps = map(header.base_timestamp.__add__, deltas)
+        timestamps: Iterable[int] = (
+            repeat(header.max_timestamp)  # as Kafka: the broker's time, for every record
+            if attributes & ATTRIBUTE_LOG_APPEND_TIME
+            else map(header.base_timestamp.__add__, deltas)
+        )
         # without headers, share one empty tuple: one object less per record for the GC
         header_column: Iterable[Any] = headers if any(headers) else repeat(())
         columns = zip(
@@ -567,6 +582,16 @@ def _decode_records(
 
 
 _new_record = tuple.__new__
+
+
+def _decode_kafka_body(
+    header: BatchHeader, body: memoryview, topic: str, partition: int
+) -> list[Record]:
+    """The records of a Kafka-encoded batch (attribute bit 7 clear), a null header value
+    read as b"" (DWAL's headers are ``(str, bytes)``). Raises ProtocolError."""
+    from .kafka_records import decode_kafka_body  # imported here: it builds on this module
+
+    return decode_kafka_body(header, body, topic=topic, partition=partition, null_header_value=b"")
 
 
 def _scan_allowing_tail(

@@ -418,3 +418,113 @@ def test_offsets_come_from_each_records_offset_delta():
     forged = reframe(record(1, b"b") + record(0, b"a"), 2)
     decoded = decode_kafka_records(forged)
     assert [(r.offset, r.value) for r in decoded] == [(1, b"b"), (0, b"a")]
+
+
+# -- decode_records: DWAL and Kafka batches in one buffer -------------------------------------
+
+DWAL_CODECS = [Compression.NONE, Compression.GZIP, Compression.LZ4, Compression.ZSTD]
+dwal_headers = st.lists(st.tuples(st.text(max_size=8), st.binary(max_size=10)), max_size=3)
+dwal_records = st.lists(
+    st.tuples(timestamps, small_bytes, small_bytes, dwal_headers), min_size=1, max_size=20
+)
+
+
+def at_offset(batch: bytes, base_offset: int) -> bytes:
+    patched = bytearray(batch)
+    struct.pack_into(">q", patched, 0, base_offset)
+    return bytes(patched)
+
+
+@st.composite
+def mixed_buffers(draw):
+    """Back-to-back DWAL and Kafka batches; returns (buffer, the records a DWAL reader sees)."""
+    parts, wanted = [], []
+    offset = draw(st.integers(min_value=0, max_value=2**40))
+    for _ in range(draw(st.integers(min_value=1, max_value=5))):
+        if draw(st.booleans()):
+            batch_records = draw(dwal_records)
+            codec = draw(st.sampled_from(DWAL_CODECS))
+            parts.append(at_offset(protocol.build_batch(batch_records, compression=codec), offset))
+        else:
+            batch_records = draw(records)
+            codec = draw(codecs)
+            parts.append(encode_kafka_batch(batch_records, compression=codec, base_offset=offset))
+        for index, (ts, key, value, hs) in enumerate(batch_records):
+            headers = [(name, b"" if v is None else v) for name, v in hs]  # null reads as b""
+            wanted.append((offset + index, ts, key, value, headers))
+        offset += len(batch_records) + draw(st.integers(min_value=0, max_value=3))
+    return b"".join(parts), wanted
+
+
+def readable(decoded):
+    for record in decoded:
+        for name, value in record.headers:
+            assert type(name) is str and type(value) is bytes  # DWAL's header types
+    return [(r.offset, r.timestamp, r.key, r.value, [tuple(h) for h in r.headers]) for r in decoded]
+
+
+@FAST
+@given(mixed_buffers(), st.integers(min_value=0, max_value=60))
+def test_decode_records_reads_mixed_buffers(mixed, cut):
+    data, wanted = mixed
+    assert readable(protocol.decode_records(data, topic="t", partition=2)) == wanted
+    assert {
+        (r.topic, r.partition) for r in protocol.decode_records(data, topic="t", partition=2)
+    } <= {("t", 2)}
+    cut = min(cut, len(data) - 1)
+    partial = protocol.decode_records(data[: len(data) - cut], allow_partial_tail=True)
+    assert readable(partial) == wanted[: len(partial)]
+
+
+def test_decode_records_null_header_values_read_as_empty_bytes():
+    batch = encode_kafka_batch([(1, b"k", b"v", [("a", None), ("b", b"x")])])
+    assert protocol.decode_records(batch)[0].headers == (("a", b""), ("b", b"x"))
+    assert decode_kafka_records(batch)[0].headers == (("a", None), ("b", b"x"))
+
+
+@pytest.mark.parametrize("codec", KAFKA_CODECS, ids=lambda c: c.name)
+def test_decode_records_reads_kafka_python_batches(kafka_snappy, codec):
+    codec_available(codec)
+    many = [(1000 + i, b"key%d" % i, b"x" * 100, [("h", b"%d" % i)]) for i in range(300)]
+    batch = kafka_python_batch(many, codec)
+    assert readable(protocol.decode_records(batch)) == [
+        (i, ts, key, value, list(hs)) for i, (ts, key, value, hs) in enumerate(many)
+    ]
+
+
+def test_decode_records_log_append_time_for_both_bodies():
+    for batch in (
+        protocol.build_batch([(5, b"a", b"b"), (9, None, None)]),
+        encode_kafka_batch([(5, b"a", b"b", ()), (9, None, None, ())]),
+    ):
+        forged = bytearray(batch)
+        struct.pack_into(">h", forged, 21, protocol.parse_header(batch).attributes | 0x08)
+        struct.pack_into(">q", forged, 35, 123456)
+        struct.pack_into(">I", forged, 17, crc32c.crc32c(bytes(forged[21:])))
+        assert [r.timestamp for r in protocol.decode_records(bytes(forged))] == [123456] * 2
+
+
+def test_decode_records_refuses_damaged_kafka_batches():
+    batch = bytearray(encode_kafka_batch([(1, b"k", b"vvvv", ())]))
+    batch[-3] ^= 1
+    with pytest.raises(ProtocolError, match="CRC"):
+        protocol.decode_records(bytes(batch))
+    body = body_of(encode_kafka_batch([(1, b"k", b"v", ())]))
+    with pytest.raises(ProtocolError, match="truncated"):
+        protocol.decode_records(reframe(body, 2))
+
+
+def test_consumer_damage_reports_work_for_kafka_batches():
+    """The native consumer's fallback (client/batch_damage.py) on a Kafka batch that fails
+    its CRC: the batches before it are delivered, the damaged one is named."""
+    from client.batch_damage import decode_until_damage
+    from client.topic_partition import TopicPartition
+
+    first = encode_kafka_batch([(1, b"a", b"1", ()), (2, b"b", b"2", ())], base_offset=5)
+    damaged = bytearray(encode_kafka_batch([(3, b"c", b"333", ())], base_offset=7))
+    damaged[-2] ^= 1
+    delivered, error = decode_until_damage(
+        TopicPartition("t", 0), memoryview(first + bytes(damaged)), 5
+    )
+    assert [(r.offset, r.value) for r in delivered] == [(5, b"1"), (6, b"2")]
+    assert error is not None and (error.offset, error.last_offset) == (7, 7)
