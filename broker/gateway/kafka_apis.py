@@ -28,19 +28,8 @@ from broker.gateway.kafka_entities import (
 from broker.group_coordinator import OFFSETS_TOPIC
 from broker.request_handlers import Reply, RequestContext
 from broker.storage import FetchSlice
-from protocol import DwalError, ErrorCode, ProtocolError
-
-try:
-    from protocol.kafka_transcode import check_kafka_batches, to_kafka_batches
-except ImportError:  # TEMPORARY until protocol/kafka_transcode.py lands
-    from protocol.kafka_records import (  # type: ignore[assignment]
-        decode_kafka_records as check_kafka_batches,
-    )
-    from protocol.record_batch import complete_prefix_bytes
-
-    def to_kafka_batches(data: bytes) -> bytes:  # type: ignore[misc]
-        return bytes(data[: complete_prefix_bytes(data)])
-
+from protocol import DwalError, ErrorCode, ProtocolError, decode_records
+from protocol.kafka_transcode import check_kafka_batches, to_kafka_batches
 
 _EPOCH = datetime.datetime.fromtimestamp(0, datetime.timezone.utc)
 
@@ -305,6 +294,11 @@ async def list_offsets(ctx: KafkaContext, request: Any) -> Any:
         ]
     }
     reply = await ctx.handlers.list_offsets(body, b"", _request_context(ctx))
+    asked = {
+        (topic.name, int(p.partition_index)): int(p.timestamp)
+        for topic in request.topics
+        for p in topic.partitions
+    }
     topics = []
     for entry in reply.body["topics"]:
         partitions = []
@@ -312,6 +306,9 @@ async def list_offsets(ctx: KafkaContext, request: Any) -> Any:
             epoch = -1
             if not result["error_code"]:
                 epoch = _leader_epoch(ctx, entry["topic"], result["partition"])
+                timestamp = asked.get((entry["topic"], result["partition"]), -1)
+                if timestamp >= 0 and result.get("offset", -1) >= 0:
+                    result = await _first_record_at_or_after(ctx, entry["topic"], result, timestamp)
             partitions.append(
                 make(
                     partition_type,
@@ -324,6 +321,26 @@ async def list_offsets(ctx: KafkaContext, request: Any) -> Any:
             )
         topics.append(make(topic_type, name=entry["topic"], partitions=tuple(partitions)))
     return make(response_type, topics=tuple(topics))
+
+
+async def _first_record_at_or_after(
+    ctx: KafkaContext, topic: str, result: dict[str, Any], timestamp: int
+) -> dict[str, Any]:
+    """`result` of a lookup by timestamp, made exact. DWAL's time index finds the first batch
+    whose max_timestamp is at or after `timestamp`, and DWAL's clients look inside it
+    themselves; a Kafka client takes the answer as the first record at or after it (it seeks
+    there), so the gateway reads that batch (one, whole) and looks for the record. Raises
+    nothing: a batch that cannot be read leaves the batch's answer."""
+    partition = result["partition"]
+    try:
+        data = await ctx.handlers.read_batches(topic, partition, result["offset"], 1)
+        records = decode_records(data, allow_partial_tail=True)
+    except (DwalError, ProtocolError):
+        return result
+    for record in records:
+        if record.offset >= result["offset"] and record.timestamp >= timestamp:
+            return {**result, "offset": record.offset, "timestamp": record.timestamp}
+    return result
 
 
 def _leader_epoch(ctx: KafkaContext, topic: str, partition: int) -> int:
