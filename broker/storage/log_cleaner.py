@@ -20,14 +20,16 @@ still be lost or truncated, so it never decides what is removed. The worker runs
    the delete). Records without a key are kept. Offsets never change: the DWAL batch body
    has no per-record offset, so each run of consecutive kept records of a batch becomes one
    batch based at its first offset, with the source batch's codec, leader epoch and producer
-   fields; records keep their timestamps. A batch the cleaner cannot rewrite (control,
-   transactional, log-append-time or Kafka-encoded batches, undecodable bodies) is copied as
-   it is. So that a copy never grows (positions are u32 and a segment has a size limit), a
-   batch is also copied as it is when its rewrite would make the copy larger than the part
-   of the original read so far: compaction guarantees the last value of each key, not that
-   every older one is gone. So is the last batch of each idempotent producer the log knows
-   (`retained_batch_offsets`, see "Idempotent producers" below). A segment where nothing
-   would be removed is not written at all.
+   fields; records keep their timestamps. Kafka-encoded batches (a Kafka producer's, stored
+   verbatim: attribute bit 7 clear) are compacted the same way, keys and tombstones meaning
+   the same, each run re-encoded as a Kafka batch (see "Kafka batches" below). A batch the
+   cleaner cannot rewrite (control, transactional or log-append-time batches, undecodable
+   bodies) is copied as it is. So that a copy never grows (positions are u32 and a segment
+   has a size limit), a batch is also copied as it is when its rewrite would make the copy
+   larger than the part of the original read so far: compaction guarantees the last value
+   of each key, not that every older one is gone. So is the last batch of each idempotent
+   producer the log knows (`retained_batch_offsets`, see "Idempotent producers" below). A
+   segment where nothing would be removed is not written at all.
    A segment whose every record is removed becomes an empty file that keeps its name: the
    log start offset moves only by retention, never by compaction.
 3. Make the copies durable (data and index files `<base>.index.cleaned`, ...), remove the
@@ -40,6 +42,22 @@ Back in the trio thread, each `.swap` replaces its `.log` by rename (readers hol
 file's descriptor keep reading the old inode) and the new segment object replaces the old
 one, unless the segment was deleted by retention meanwhile or the log closed: then the
 result is discarded. When a log closes, its abort event stops the worker at the next chunk.
+
+Kafka batches. Kafka's own cleaner keeps a batch whole and leaves gaps in its offset
+deltas; DWAL cannot, since every batch in a log has offsets base..base + record_count - 1
+(`check_header` holds a stored batch to last_offset_delta == record_count - 1, and DWAL
+bodies have no per-record offset). So a Kafka batch is split into runs like a DWAL one: each
+run is a Kafka v2 batch with offset deltas 0..n-1 at the run's first offset, its records'
+timestamps, keys, values and headers (a null header value stays null), the source batch's
+codec (snappy re-encoded in the xerial framing every Kafka client reads), leader epoch and
+producer fields, base sequence advanced by the run's start. Kafka consumers read such runs as
+they read any batches (an offset gap between batches is what Kafka's own compaction leaves
+too). This is safe because nothing depends on a Kafka batch's bytes once it is stored:
+its CRC is recomputed with the run, producers' state keeps only header fields (and each
+producer's last batch is never rewritten), and a Kafka record's per-record attributes byte,
+unused in v2, is the only thing not carried over (it is written as 0, as every client
+writes it). Batches whose records do not sit at base + index (a producer's check refuses
+them, but a follower copies what its leader holds) are copied as they are.
 
 Idempotent producers. Loading a log rebuilds the producers' state (`producer_state`) from a
 snapshot and the batch headers after it, or from every header when no snapshot is sound.
@@ -64,7 +82,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from protocol.errors import ProtocolError
+from protocol.errors import ProtocolError, ProtocolUsageError
+from protocol.kafka_records import decode_kafka_body, encode_kafka_batch
 from protocol.record_batch import (
     ATTRIBUTE_CONTROL,
     ATTRIBUTE_LOG_APPEND_TIME,
@@ -255,19 +274,33 @@ def _key_digest(key: bytes) -> bytes:
 
 
 def _decode(header: BatchHeader, batch: memoryview) -> list[list[Any]] | None:
-    """The records of a batch the cleaner may rewrite; None for one it must copy as it is
-    (control, transactional or log-append-time batches, Kafka-encoded or bad bodies)."""
+    """The records of a batch the cleaner may rewrite, as ``[timestamp_delta, key, value,
+    headers]`` lists, DWAL or Kafka-encoded; None for one it must copy as it is (control,
+    transactional or log-append-time batches, bad bodies)."""
     attributes = header.attributes
-    if (
-        not attributes & ATTRIBUTE_MSGPACK_BODY
-        or attributes & _NOT_REWRITABLE
-        or header.compression not in SUPPORTED_COMPRESSION
-    ):
+    if attributes & _NOT_REWRITABLE:
         return None
     try:
+        if not attributes & ATTRIBUTE_MSGPACK_BODY:
+            return _decode_kafka(header, batch[HEADER_BYTES:])
+        if header.compression not in SUPPORTED_COMPRESSION:
+            return None
         return decode_body(header, batch[HEADER_BYTES:])
     except ProtocolError:
         return None  # a producer's malformed body: the broker never judges bodies
+
+
+def _decode_kafka(header: BatchHeader, body: memoryview) -> list[list[Any]] | None:
+    """A Kafka batch's records shaped as a DWAL body's (null header values kept); None
+    unless they sit at base_offset + index, the only layout the runs can keep."""
+    records = decode_kafka_body(header, body)
+    base_offset, base_timestamp = header.base_offset, header.base_timestamp
+    if any(record.offset != base_offset + index for index, record in enumerate(records)):
+        return None
+    return [
+        [record.timestamp - base_timestamp, record.key, record.value, record.headers]
+        for record in records
+    ]
 
 
 # Reading a segment.
@@ -350,8 +383,8 @@ def _clean_segment(
             if len(kept) == len(records):
                 writer.add(header, batch, None, 0)
             else:
-                runs = [_encode_run(header, records, run) for run in _consecutive_runs(kept)]
-                writer.add(header, batch, runs, len(records) - len(kept))
+                runs = _encode_runs(header, records, _consecutive_runs(kept))
+                writer.add(header, batch, runs, len(records) - len(kept) if runs is not None else 0)
         return writer.finish()
     except BaseException:
         writer.discard()
@@ -381,14 +414,39 @@ def _consecutive_runs(indexes: list[int]) -> list[range]:
     return runs
 
 
+def _encode_runs(
+    header: BatchHeader, records: list[list[Any]], runs: list[range]
+) -> list[bytes] | None:
+    """The batches replacing the source batch; None (copy it as it is) when a run cannot
+    be encoded (a Kafka timestamp delta that no longer fits a varlong from its new base)."""
+    try:
+        return [_encode_run(header, records, run) for run in runs]
+    except ProtocolUsageError:
+        return None
+
+
 def _encode_run(header: BatchHeader, records: list[list[Any]], run: range) -> bytes:
-    """One batch holding records[run] at their offsets and with their timestamps."""
+    """One batch holding records[run] at their offsets and with their timestamps, in the
+    source batch's encoding (DWAL msgpack or Kafka). Raises ProtocolUsageError."""
     chosen = records[run.start : run.stop]
     timestamps = [header.base_timestamp + record[0] for record in chosen]
     base_timestamp = min(timestamps)
     sequence = header.base_sequence
     if sequence >= 0:
         sequence = (sequence + run.start) % SEQUENCE_MODULUS
+    if not header.attributes & ATTRIBUTE_MSGPACK_BODY:
+        return encode_kafka_batch(
+            [
+                (timestamp, record[1], record[2], record[3])
+                for timestamp, record in zip(timestamps, chosen)
+            ],
+            compression=Compression(header.compression),
+            base_offset=header.base_offset + run.start,
+            partition_leader_epoch=header.partition_leader_epoch,
+            producer_id=header.producer_id,
+            producer_epoch=header.producer_epoch,
+            base_sequence=sequence,
+        )
     return encode_batch(
         [
             [timestamp - base_timestamp, record[1], record[2], record[3]]
