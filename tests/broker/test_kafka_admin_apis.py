@@ -6,6 +6,7 @@ encoded and decoded with kio, so a field of the wrong type fails here, not in a 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import re
@@ -14,10 +15,16 @@ import warnings
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import confluent_kafka
 import confluent_kafka.admin as confluent_admin
 import kafka.errors
 import pytest
 import trio
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin import NewPartitions as AioNewPartitions
+from aiokafka.admin import NewTopic as AioNewTopic
+from aiokafka.admin.config_resource import ConfigResource as AioConfigResource
+from aiokafka.admin.config_resource import ConfigResourceType as AioResourceType
 from broker_test_support import at_real_pace, create_topic, running_node
 from kio.index import load_request_schema, load_response_schema
 from kio.schema.errors import ErrorCode as KafkaErrorCode
@@ -793,5 +800,59 @@ async def test_confluent_kafka_admin(broker_launcher, tmp_path):
         description = admin.describe_cluster().result(timeout=30)
         assert [node.id for node in description.nodes] == [1]
         admin.delete_topics(["c"])["c"].result(timeout=30)
+
+    await in_thread(scenario)
+
+
+async def test_aiokafka_admin(broker_launcher, tmp_path):
+    """aiokafka's admin client asks for older versions (CreateTopics v3, DescribeConfigs v2,
+    AlterConfigs v1); its alter_configs is the legacy one and sends only what it is given."""
+    bootstrap = await start_kafka_broker(broker_launcher, tmp_path)
+    topic = AioResourceType.TOPIC
+
+    async def scenario() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            new = AioNewTopic("a", 2, 1, topic_configs={"retention.ms": "1000"})
+            created = await admin.create_topics([new])
+            assert [(t[0], t[1]) for t in created.topic_errors] == [("a", 0)]
+
+            async def overrides_of() -> dict[str, str]:
+                (response,) = await admin.describe_configs([AioConfigResource(topic, "a")])
+                ((code, _, _, _, entries),) = response.resources
+                assert code == 0
+                return {entry[0]: entry[1] for entry in entries if entry[3] == 1}  # source
+
+            assert await overrides_of() == {"retention.ms": "1000"}
+            await admin.alter_configs([AioConfigResource(topic, "a", {"flush.ms": "5"})])
+            assert await overrides_of() == {"flush.ms": "5"}
+            grown = await admin.create_partitions({"a": AioNewPartitions(3)})
+            assert [(t[0], t[1]) for t in grown.topic_errors] == [("a", 0)]
+            deleted = await admin.delete_topics(["a"])
+            assert [(t[0], t[1]) for t in deleted.topic_error_codes] == [("a", 0)]
+        finally:
+            await admin.close()
+
+    await trio.to_thread.run_sync(asyncio.run, scenario())
+
+
+async def test_idempotent_producer_gets_a_producer_id(broker_launcher, tmp_path):
+    """librdkafka's idempotent producer starts with InitProducerId (no transactional id)."""
+    bootstrap = await start_kafka_broker(broker_launcher, tmp_path)
+
+    def scenario() -> None:
+        admin = confluent_admin.AdminClient({"bootstrap.servers": bootstrap})
+        admin.create_topics([confluent_admin.NewTopic("idem", 1)])["idem"].result(timeout=30)
+        producer = confluent_kafka.Producer(
+            {"bootstrap.servers": bootstrap, "enable.idempotence": True}
+        )
+        failures: list[Any] = []
+        for number in range(10):
+            producer.produce(
+                "idem", value=b"%d" % number, on_delivery=lambda e, _: failures.append(e)
+            )
+        assert producer.flush(30) == 0
+        assert failures == [None] * 10
 
     await in_thread(scenario)
