@@ -741,13 +741,9 @@ _ENDPOINT_BROKERS = 1
 
 
 def kafka_controller_id(ctx: KafkaContext) -> int:
-    """The node a Kafka client should send controller requests to: the active controller
-    when it serves a Kafka listener, else this broker (every broker forwards admin requests
-    to the active controller), as KRaft brokers answer with a broker, never a controller."""
-    channel = ctx.handlers.member.channel
-    hint = channel.controller_hint() if channel is not None else None
-    if hint is not None and ctx.kafka_address(hint) is not None:
-        return hint
+    """The node a Kafka client should send controller requests to: this broker, as in its
+    Metadata answers (every broker forwards admin requests to the active controller, and
+    KRaft brokers too name a broker, never a controller); -1 if it serves no Kafka listener."""
     own = ctx.handlers.config.node_id
     return own if ctx.kafka_address(own) is not None else -1
 
