@@ -55,6 +55,7 @@ from .record_batch import (
     scan_batches,
 )
 
+_new_record = tuple.__new__  # a Record without NamedTuple's Python-level __new__
 XERIAL_MAGIC = b"\x82SNAPPY\x00"
 XERIAL_HEADER = struct.Struct(">8sii")  # magic, version, compatible version
 XERIAL_VERSION = 1
@@ -117,6 +118,14 @@ def _read_uvarint(
 
 
 def _read_varint(data: bytes, position: int, end: int, what: str) -> tuple[int, int]:
+    if position + 1 < end:  # one or two bytes, the usual cases (lengths below 8192)
+        raw = data[position]
+        if raw < 0x80:
+            return (raw >> 1) ^ -(raw & 1), position + 1
+        second = data[position + 1]
+        if second < 0x80:
+            raw = (raw & 0x7F) | (second << 7)
+            return (raw >> 1) ^ -(raw & 1), position + 2
     raw, position = _read_uvarint(data, position, end, 5, what)
     if raw > 0xFFFFFFFF:
         raise ProtocolError(f"Kafka record {what} varint overflows 32 bits")
@@ -124,6 +133,9 @@ def _read_varint(data: bytes, position: int, end: int, what: str) -> tuple[int, 
 
 
 def _read_varlong(data: bytes, position: int, end: int, what: str) -> tuple[int, int]:
+    if position < end and data[position] < 0x80:  # one byte, the usual case
+        raw = data[position]
+        return (raw >> 1) ^ -(raw & 1), position + 1
     raw, position = _read_uvarint(data, position, end, 10, what)
     if raw > 0xFFFFFFFFFFFFFFFF:
         raise ProtocolError(f"Kafka record {what} varlong overflows 64 bits")
@@ -273,14 +285,17 @@ def _decode_body(
             raise ProtocolError("Kafka record length does not match its fields")
         timestamp = base_timestamp + timestamp_delta if log_append_time is None else log_append_time
         out.append(
-            Record(
-                base_offset + offset_delta,
-                timestamp,
-                key,
-                value,
-                tuple(headers) if headers else (),
-                topic,
-                partition,
+            _new_record(
+                Record,
+                (
+                    base_offset + offset_delta,
+                    timestamp,
+                    key,
+                    value,
+                    tuple(headers) if headers else (),
+                    topic,
+                    partition,
+                ),
             )
         )
     if position != data_end:
