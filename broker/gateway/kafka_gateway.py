@@ -246,8 +246,16 @@ class KafkaServer:
                 f"API {api_key} v{version} request does not decode: {error}"
             ) from None
         if end != len(frame):
-            raise KafkaProtocolError(
-                f"API {api_key} v{version} request has {len(frame) - end} bytes left over"
+            # Kafka's brokers ignore bytes after a request's fields, and clients rely on it:
+            # librdkafka's Metadata v12 carries 3 more (a stray tagged-field section).
+            log_event(
+                logger,
+                logging.DEBUG,
+                "kafka_request_trailing_bytes",
+                peer=peer,
+                api_key=api_key,
+                version=version,
+                bytes=len(frame) - end,
             )
         context = KafkaContext(
             self.handlers,
