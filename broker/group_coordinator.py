@@ -20,6 +20,16 @@ partition, the coordinator reads it from its start and replays its records (off 
 loop, into a fresh map merged afterwards); when it stops leading one, that partition's groups
 and offsets are dropped from memory. Membership is soft state: after a restart or a move
 members find their ids unknown and join again, resuming from the committed offsets.
+
+Classic groups. Kafka's clients (through the Kafka listener) use the classic JoinGroup /
+SyncGroup protocol, decided by the sans-I/O `ClassicGroup` (broker/groups/classic_group.py).
+Both kinds share one group id space and ``__consumer_offsets``: a group id belongs to one
+kind while it has members (a classic join to a DWAL group gets INCONSISTENT_GROUP_PROTOCOL,
+a DWAL heartbeat to a classic group GROUP_ID_NOT_FOUND, as in Kafka 4); an empty group of
+either kind is taken over by the other. A JoinGroup or a follower's SyncGroup waits for its
+answer: the shell keeps one `_ClassicWaiter` per waiting request, hands the group's
+outbox to them after every call, and ticks the group at its next deadline (the rebalance or
+sync timeout, at most) so each wait is bounded. The expiry loop ticks the others.
 """
 
 from __future__ import annotations
@@ -40,8 +50,25 @@ from broker.config import BrokerConfig
 from broker.controller.metadata_image import MetadataImage
 from broker.event_log import log_event
 from broker.wall_clock import now_ms
+from broker.groups.classic_group import (
+    ClassicAnswer,
+    ClassicGroup,
+    decode_consumer_assignment,
+    decode_consumer_subscription,
+    encode_consumer_assignment,
+    encode_consumer_subscription,
+)
 from broker.groups.consumer_group import ConsumerGroup, GroupConfig, GroupError, HeartbeatRequest
-from broker.groups.group_types import STATIC_LEAVE_EPOCH, MemberDescription
+from broker.groups.group_types import (
+    STATIC_LEAVE_EPOCH,
+    ClassicGroupDescription,
+    ClassicGroupState,
+    ClassicJoinRequest,
+    ClassicJoinResponse,
+    ClassicSyncRequest,
+    ClassicSyncResponse,
+    MemberDescription,
+)
 from broker.storage import PartitionLog, RecordTooLargeError, StorageError
 from broker.replication import ReplicaManager
 from broker.topic_registry import TopicRegistry
@@ -73,6 +100,29 @@ def offset_key(group_id: str, topic: str, partition: int) -> bytes:
     return msgpack.packb(["offset", group_id, topic, partition])
 
 
+class _ClassicWaiter:
+    """A JoinGroup or SyncGroup waiting for the group's answer."""
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.response: ClassicJoinResponse | ClassicSyncResponse | None = None
+
+    def answer(self, response: ClassicJoinResponse | ClassicSyncResponse) -> None:
+        if self.response is None:
+            self.response = response
+            self.event.set()
+
+
+# DWAL's group states as Kafka's admin clients name a KIP-848 group's states.
+NATIVE_STATE_NAMES = {
+    "empty": "Empty",
+    "assigning": "Assigning",
+    "reconciling": "Reconciling",
+    "stable": "Stable",
+}
+CLASSIC_WAIT_SLICE_MS_MAX = 5_000  # a waiting request looks at its group at least this often
+
+
 class GroupCoordinator:
     """Create, `load()` (blocking, before serving), then run `run_expiry` in a nursery."""
 
@@ -96,8 +146,11 @@ class GroupCoordinator:
             session_timeout_ms=config.group_session_timeout_ms,
             heartbeat_interval_ms=config.group_heartbeat_interval_ms,
             members_max=config.group_members_max,
+            **_classic_settings(config),
         )
         self.groups: dict[str, ConsumerGroup] = {}
+        self.classic_groups: dict[str, ClassicGroup] = {}
+        self._classic_waiters: dict[tuple[str, str, str], _ClassicWaiter] = {}
         self.offsets: dict[str, dict[tuple[str, int], CommittedOffset]] = {}
         self._offsets_topic_lock = trio.Lock()
         self._partition_counts: dict[str, int] = {}
@@ -222,6 +275,8 @@ class GroupCoordinator:
         self._loading.pop(partition, None)
         for group_id in [g for g in self.groups if self.partition_of(g) == partition]:
             del self.groups[group_id]
+        for group_id in [g for g in self.classic_groups if self.partition_of(g) == partition]:
+            self._drop_classic_group(group_id)
         for group_id in [g for g in self.offsets if self.partition_of(g) == partition]:
             del self.offsets[group_id]
         log_event(logger, logging.INFO, "group_offsets_unloaded", partition=partition)
@@ -260,6 +315,7 @@ class GroupCoordinator:
         """Answer a ConsumerGroupHeartbeat; raises DwalError."""
         group_id = _checked_group_id(body["group_id"])
         self.check_coordinator(group_id)
+        self._claim_for_native(group_id)
         group = self.groups.get(group_id)
         new_group = group is None
         if group is None:
@@ -329,6 +385,260 @@ class GroupCoordinator:
                         group=group.group_id,
                         member=member_id,
                     )
+            now = now_ms()
+            for classic in list(self.classic_groups.values()):
+                deadline = classic.next_deadline_ms()
+                if (deadline is not None and deadline <= now) or classic.is_empty:
+                    self._tick_classic(classic)
+
+    # -- classic groups (Kafka's JoinGroup / SyncGroup, for the Kafka listener) ------------
+
+    def _claim_for_native(self, group_id: str) -> None:
+        """Let a DWAL member into `group_id` unless Kafka clients are its members."""
+        classic = self.classic_groups.get(group_id)
+        if classic is None:
+            return
+        if not classic.is_empty:
+            raise DwalError(
+                ErrorCode.GROUP_ID_NOT_FOUND,
+                f"group {group_id!r} is a classic group of Kafka clients, not a DWAL group",
+            )
+        self._drop_classic_group(group_id)
+
+    def _classic_group_for_join(self, group_id: str) -> ClassicGroup:
+        """The classic group `group_id`, new if need be (kept once a join succeeds)."""
+        group = self.classic_groups.get(group_id)
+        if group is not None:
+            return group
+        native = self.groups.get(group_id)
+        if native is not None and not native.is_empty:
+            raise DwalError(
+                ErrorCode.INCONSISTENT_GROUP_PROTOCOL,
+                f"group {group_id!r} is a DWAL consumer group with members; a Kafka client "
+                "cannot join it with the classic protocol",
+            )
+        return ClassicGroup(group_id, self.group_config, _classic_member_id)
+
+    def _keep_classic_group(self, group: ClassicGroup) -> None:
+        if group.group_id not in self.classic_groups and not group.is_empty:
+            self.groups.pop(group.group_id, None)  # an empty DWAL group: taken over
+            self.classic_groups[group.group_id] = group
+
+    async def join_classic(self, group_id: str, request: ClassicJoinRequest) -> ClassicJoinResponse:
+        """Answer a JoinGroup: at once, or when the rebalance completes (at most the group's
+        rebalance timeout later). Every failure is the answer's error code. Cancel-safe: a
+        cancelled join leaves the member joined, as a lost answer would in Kafka."""
+        try:
+            group_id = _checked_group_id(group_id)
+            await self.ensure_offsets_topic()
+            self.check_coordinator(group_id)
+            group = self._classic_group_for_join(group_id)
+            outcome = group.join(request, now_ms=now_ms())
+        except DwalError as error:
+            return ClassicJoinResponse(error_code=error.code, member_id=request.member_id)
+        self._keep_classic_group(group)
+        response = await self._classic_answer(group, outcome.member_id, "join", outcome.response)
+        assert isinstance(response, ClassicJoinResponse)
+        if response.error_code == ErrorCode.NONE:
+            log_event(
+                logger,
+                logging.INFO,
+                "classic_group_joined",
+                group=group_id,
+                member=response.member_id,
+                generation=response.generation_id,
+                leader=response.leader_id == response.member_id,
+            )
+        return response
+
+    async def sync_classic(self, group_id: str, request: ClassicSyncRequest) -> ClassicSyncResponse:
+        """Answer a SyncGroup: the member's assignment, once the leader has sent them (a
+        follower waits at most the rebalance timeout). Failures are the answer's code."""
+        try:
+            group = self._classic_group_of(group_id)
+            outcome = group.sync(request, now_ms=now_ms())
+        except DwalError as error:
+            return ClassicSyncResponse(error_code=error.code)
+        response = await self._classic_answer(group, outcome.member_id, "sync", outcome.response)
+        assert isinstance(response, ClassicSyncResponse)
+        return response
+
+    def heartbeat_classic(
+        self, group_id: str, member_id: str, generation_id: int, instance_id: str | None
+    ) -> ErrorCode:
+        """Answer a Heartbeat with its error code (REBALANCE_IN_PROGRESS: rejoin)."""
+        try:
+            group = self._classic_group_of(group_id)
+            return group.heartbeat(member_id, generation_id, instance_id, now_ms=now_ms())
+        except DwalError as error:
+            return error.code
+
+    def leave_classic(
+        self, group_id: str, members: list[tuple[str, str | None]]
+    ) -> tuple[ErrorCode, list[ErrorCode]]:
+        """Answer a LeaveGroup: the request's code and each (member id, instance id)'s."""
+        try:
+            group = self._classic_group_of(group_id)
+        except DwalError as error:
+            if error.code == ErrorCode.UNKNOWN_MEMBER_ID:
+                return ErrorCode.NONE, [ErrorCode.UNKNOWN_MEMBER_ID] * len(members)
+            return error.code, [error.code] * len(members)
+        results = group.leave(members, now_ms=now_ms())
+        self._deliver(group.group_id, group.take_answers())
+        for (member_id, _), code in zip(members, results):
+            if code == ErrorCode.NONE:
+                log_event(
+                    logger, logging.INFO, "classic_group_left", group=group_id, member=member_id
+                )
+        return ErrorCode.NONE, results
+
+    def describe_classic_group(self, group_id: str) -> ClassicGroupDescription | None:
+        """The classic group (None: there is none; raises DwalError NOT_COORDINATOR)."""
+        self.check_coordinator(_checked_group_id(group_id))
+        group = self.classic_groups.get(group_id)
+        return group.describe() if group is not None else None
+
+    def kafka_description(self, group_id: str) -> dict[str, Any]:
+        """Kafka's DescribeGroups view of any group: `error_code`, `state`, `protocol_type`,
+        `protocol_data`, `members` (member_id, instance_id, client_id, host, metadata and
+        assignment in the consumer protocol). A DWAL group is shown as Kafka 4 names a
+        KIP-848 group's states, its members' subscriptions and assignments encoded as the
+        classic consumer protocol; a group with only committed offsets is Empty; an unknown
+        one GROUP_ID_NOT_FOUND. Raises DwalError NOT_COORDINATOR (or loading)."""
+        self.check_coordinator(_checked_group_id(group_id))
+        classic = self.classic_groups.get(group_id)
+        native = self.groups.get(group_id)
+        if classic is not None and (classic.member_count or native is None):
+            description = classic.describe()
+            members = [
+                {
+                    "member_id": m.member_id,
+                    "instance_id": m.instance_id,
+                    "client_id": m.client_id,
+                    "host": m.host,
+                    "metadata": m.metadata,
+                    "assignment": m.assignment,
+                }
+                for m in description.members
+            ]
+            stable = description.state == ClassicGroupState.STABLE
+            return {
+                "error_code": ErrorCode.NONE,
+                "state": description.state.value,
+                "protocol_type": description.protocol_type or "",
+                "protocol_data": (description.protocol_name or "") if stable else "",
+                "members": members,
+            }
+        if native is not None:
+            native_description = native.describe()
+            return {
+                "error_code": ErrorCode.NONE,
+                "state": NATIVE_STATE_NAMES.get(native_description.state, native_description.state),
+                "protocol_type": "consumer",
+                "protocol_data": "",
+                "members": [
+                    {
+                        "member_id": m.member_id,
+                        "instance_id": m.instance_id,
+                        "client_id": m.client_id,
+                        "host": m.host,
+                        "metadata": encode_consumer_subscription(m.subscribed_topic_names),
+                        "assignment": encode_consumer_assignment(m.assignment),
+                    }
+                    for m in native_description.members
+                ],
+            }
+        if group_id in self.offsets:
+            return {
+                "error_code": ErrorCode.NONE,
+                "state": ClassicGroupState.EMPTY.value,
+                "protocol_type": "consumer",
+                "protocol_data": "",
+                "members": [],
+            }
+        return {
+            "error_code": ErrorCode.GROUP_ID_NOT_FOUND,
+            "state": ClassicGroupState.DEAD.value,
+            "protocol_type": "",
+            "protocol_data": "",
+            "members": [],
+        }
+
+    def _classic_group_of(self, group_id: str) -> ClassicGroup:
+        group_id = _checked_group_id(group_id)
+        self.check_coordinator(group_id)
+        group = self.classic_groups.get(group_id)
+        if group is None:
+            raise DwalError(
+                ErrorCode.UNKNOWN_MEMBER_ID, f"group {group_id!r} has no classic members"
+            )
+        return group
+
+    async def _classic_answer(
+        self,
+        group: ClassicGroup,
+        member_id: str,
+        kind: str,
+        response: ClassicJoinResponse | ClassicSyncResponse | None,
+    ) -> ClassicJoinResponse | ClassicSyncResponse:
+        """Deliver the group's answers; return `response`, or the answer to this request
+        (a JoinGroup or SyncGroup of `member_id`), waiting for it."""
+        mine = self._deliver(group.group_id, group.take_answers(), (member_id, kind))
+        if response is not None:
+            return response
+        if mine is not None:
+            return mine
+        key = (group.group_id, member_id, kind)
+        previous = self._classic_waiters.get(key)
+        if previous is not None:  # the member sent it again: the earlier request is over
+            previous.answer(_classic_error(kind, ErrorCode.REBALANCE_IN_PROGRESS))
+        waiter = self._classic_waiters[key] = _ClassicWaiter()
+        try:
+            while waiter.response is None:
+                deadline = group.next_deadline_ms()
+                wait_ms = CLASSIC_WAIT_SLICE_MS_MAX
+                if deadline is not None:
+                    wait_ms = min(max(0, deadline - now_ms()), wait_ms)
+                with trio.move_on_after(wait_ms / 1000):
+                    await waiter.event.wait()
+                if waiter.response is None:
+                    self._tick_classic(group)
+        finally:
+            if self._classic_waiters.get(key) is waiter:
+                del self._classic_waiters[key]
+        return waiter.response
+
+    def _deliver(
+        self, group_id: str, answers: list[ClassicAnswer], mine: tuple[str, str] | None = None
+    ) -> ClassicJoinResponse | ClassicSyncResponse | None:
+        """Hand answers to the waiting requests; return the one addressed to `mine` (the
+        request being handled, not yet waiting). Answers nobody waits for are dropped: their
+        request was cancelled (its connection closed)."""
+        own = None
+        for answer in answers:
+            response = answer.join if answer.join is not None else answer.sync
+            assert response is not None
+            if (answer.member_id, answer.kind) == mine:
+                own = response
+                continue
+            waiter = self._classic_waiters.get((group_id, answer.member_id, answer.kind))
+            if waiter is not None:
+                waiter.answer(response)
+        return own
+
+    def _tick_classic(self, group: ClassicGroup) -> None:
+        for member_id in group.tick(now_ms=now_ms()):
+            log_event(
+                logger, logging.INFO, "group_member_expired", group=group.group_id, member=member_id
+            )
+        self._deliver(group.group_id, group.take_answers())
+        if group.is_empty and self.classic_groups.get(group.group_id) is group:
+            del self.classic_groups[group.group_id]  # its offsets (if any) stay
+
+    def _drop_classic_group(self, group_id: str) -> None:
+        group = self.classic_groups.pop(group_id)
+        group.unload()
+        self._deliver(group_id, group.take_answers())
 
     # -- offsets --------------------------------------------------------------------------
 
@@ -338,17 +648,60 @@ class GroupCoordinator:
         self.check_coordinator(group_id)
         group = self.groups.get(group_id)
         member_id = body["member_id"] or None
-        if group is not None:
+        classic = self.classic_groups.get(group_id)
+        if classic is not None:  # a DWAL client commits only while no Kafka client is a member
+            classic.check_commit(member_id or "", body["member_epoch"], None, now_ms=now_ms())
+        elif group is not None:
             try:
                 group.check_commit(member_id, body["member_epoch"])
             except GroupError as error:
                 raise DwalError(error.code, str(error.message)) from None
         elif member_id is not None:
             raise DwalError(ErrorCode.UNKNOWN_MEMBER_ID, f"group {group_id!r} has no members")
+        owner_check = group if group is not None and member_id is not None else None
+        return await self._commit_offsets(group_id, body["topics"], owner_check, member_id)
+
+    async def commit_classic(
+        self,
+        group_id: str,
+        generation_id: int,
+        member_id: str,
+        instance_id: str | None,
+        topics: list[dict],
+    ) -> dict[str, Any]:
+        """An OffsetCommit from a Kafka client (Kafka's rules: a member of the current
+        generation, or generation -1 without a member id while the group has no members);
+        `topics` and the answer as in `commit`. Raises DwalError for the whole request."""
+        group_id = _checked_group_id(group_id)
+        self.check_coordinator(group_id)
+        classic = self.classic_groups.get(group_id)
+        native = self.groups.get(group_id)
+        if classic is not None:
+            classic.check_commit(member_id, generation_id, instance_id, now_ms=now_ms())
+        elif native is not None and not native.is_empty:
+            try:  # a KIP-848 client commits with its member epoch
+                native.check_commit(member_id or None, generation_id)
+            except GroupError as error:
+                raise DwalError(error.code, str(error.message)) from None
+        elif generation_id >= 0:
+            raise DwalError(
+                ErrorCode.ILLEGAL_GENERATION,
+                f"group {group_id!r} has no generation {generation_id}: it has no members",
+            )
+        elif member_id or instance_id:
+            raise DwalError(ErrorCode.UNKNOWN_MEMBER_ID, f"group {group_id!r} has no members")
+        return await self._commit_offsets(group_id, topics, None, None)
+
+    async def _commit_offsets(
+        self,
+        group_id: str,
+        topics: list[dict],
+        owner_check: ConsumerGroup | None,
+        member_id: str | None,
+    ) -> dict[str, Any]:
         await self.ensure_offsets_topic()
         self.check_coordinator(group_id)
-        owner_check = group if group is not None and member_id is not None else None
-        results, records = self._commit_records(group_id, body["topics"], owner_check, member_id)
+        results, records = self._commit_records(group_id, topics, owner_check, member_id)
         if records:
             try:
                 await self._append_and_apply(group_id, records)
@@ -441,14 +794,44 @@ class GroupCoordinator:
     # -- administration -------------------------------------------------------------------
 
     def list_groups(self) -> dict[str, Any]:
-        names = sorted(set(self.groups) | set(self.offsets))
+        """DWAL's ListGroups: a classic group's state is Kafka's name for it."""
         out = []
-        for name in names:
-            group = self.groups.get(name)
-            state = group.state if group is not None else "empty"
-            members = len(group.describe().members) if group is not None else 0
-            out.append({"group_id": name, "state": state, "members": members})
+        for listed in self.listed_groups():
+            state = listed["state"]
+            if listed["type"] == "consumer" or state == "Empty":  # DWAL's names for these
+                state = state.lower()
+            out.append(
+                {"group_id": listed["group_id"], "state": state, "members": listed["members"]}
+            )
         return {"groups": out}
+
+    def listed_groups(self) -> list[dict[str, Any]]:
+        """Every group this broker coordinates, sorted by id: `group_id`, `type` ("consumer"
+        for DWAL's KIP-848 groups, "classic" for Kafka clients' groups and groups that only
+        have committed offsets), `state` (Kafka's names), `members`, `protocol_type`."""
+        out = []
+        for name in sorted(set(self.groups) | set(self.classic_groups) | set(self.offsets)):
+            native = self.groups.get(name)
+            classic = self.classic_groups.get(name)
+            if native is not None and (classic is None or classic.is_empty):
+                state = NATIVE_STATE_NAMES.get(native.state, native.state)
+                members = len(native.describe().members)
+                kind, protocol_type = "consumer", "consumer"
+            elif classic is not None:
+                state, members = classic.state.value, classic.member_count
+                kind, protocol_type = "classic", classic.protocol_type or ""
+            else:
+                state, members, kind, protocol_type = "Empty", 0, "classic", ""
+            out.append(
+                {
+                    "group_id": name,
+                    "type": kind,
+                    "state": state,
+                    "members": members,
+                    "protocol_type": protocol_type,
+                }
+            )
+        return out
 
     def describe_groups(self, body: dict) -> dict[str, Any]:
         return {"groups": [self._describe(group_id) for group_id in body["group_ids"]]}
@@ -462,6 +845,9 @@ class GroupCoordinator:
                 "error_code": int(error.code),
                 "error_message": error.message,
             }
+        classic = self.classic_groups.get(group_id)
+        if classic is not None and (classic.member_count or group_id not in self.groups):
+            return _native_description_of_classic(classic.describe(), now_ms())
         group = self.groups.get(group_id)
         if group is None:
             if group_id in self.offsets:
@@ -520,7 +906,14 @@ class GroupCoordinator:
                 ErrorCode.NON_EMPTY_GROUP,
                 _held_message(group_id, group.describe().members, now_ms()),
             )
-        if group is None and group_id not in self.offsets:
+        classic = self.classic_groups.get(group_id)
+        if classic is not None and not classic.is_empty:
+            raise DwalError(
+                ErrorCode.NON_EMPTY_GROUP,
+                f"group {group_id!r} has {classic.member_count} Kafka client member(s): stop "
+                "the group's consumers first",
+            )
+        if group is None and classic is None and group_id not in self.offsets:
             raise DwalError(ErrorCode.GROUP_ID_NOT_FOUND, f"group {group_id!r} does not exist")
         keys = list(self.offsets.get(group_id, {}))
         if keys:
@@ -530,6 +923,8 @@ class GroupCoordinator:
             await self._wait_committed(group_id, log, info.last_offset + 1)
         self.offsets.pop(group_id, None)
         self.groups.pop(group_id, None)
+        if group_id in self.classic_groups:
+            self._drop_classic_group(group_id)
         log_event(logger, logging.INFO, "group_deleted", group=group_id)
 
 
@@ -606,3 +1001,62 @@ def _replay(
     offsets[(topic, partition)] = CommittedOffset(
         offset, entry.get("metadata"), entry.get("timestamp", -1), log_offset
     )
+
+
+def _classic_settings(config: BrokerConfig) -> dict[str, int]:
+    """The classic group settings the broker configuration has (GroupConfig's defaults
+    for the others)."""
+    names = (
+        "classic_initial_rebalance_delay_ms",
+        "classic_session_timeout_ms_min",
+        "classic_session_timeout_ms_max",
+    )
+    return {
+        name: getattr(config, f"group_{name}") for name in names if hasattr(config, f"group_{name}")
+    }
+
+
+def _classic_member_id(client_id: str) -> str:
+    """Kafka's form: the client id, a dash, a UUID."""
+    return f"{client_id[:GROUP_ID_CHARS_MAX]}-{uuid.uuid4()}"
+
+
+def _classic_error(kind: str, code: ErrorCode) -> ClassicJoinResponse | ClassicSyncResponse:
+    if kind == "join":
+        return ClassicJoinResponse(error_code=code)
+    return ClassicSyncResponse(error_code=code)
+
+
+def _native_description_of_classic(
+    description: ClassicGroupDescription, now: int
+) -> dict[str, Any]:
+    """DWAL's describe of a Kafka clients' group: Kafka's state name, the generation as
+    epochs, each member's subscription and (once Stable) assignment when it uses the
+    consumer protocol."""
+    consumer = description.protocol_type == "consumer"
+    members = []
+    for m in description.members:
+        metadata = m.metadata or (m.protocols[0][1] if m.protocols else b"")
+        topics = decode_consumer_subscription(metadata) if consumer else None
+        assignment = decode_consumer_assignment(m.assignment) if consumer else None
+        members.append(
+            {
+                "member_id": m.member_id,
+                "instance_id": m.instance_id,
+                "client_id": m.client_id,
+                "host": m.host,
+                "member_epoch": description.generation_id,
+                "session_expires_in_ms": max(0, m.session_deadline_ms - now),
+                "subscribed_topic_names": list(topics or ()),
+                "subscribed_topic_regex": None,
+                "assignment": _topic_partitions(assignment or ()),
+                "target_assignment": _topic_partitions(assignment or ()),
+            }
+        )
+    return {
+        "group_id": description.group_id,
+        "state": description.state.value,
+        "group_epoch": description.generation_id,
+        "assignment_epoch": description.generation_id,
+        "members": members,
+    }

@@ -70,6 +70,8 @@ __all__ = [
     "SyncOutcome",
     "decode_consumer_assignment",
     "decode_consumer_subscription",
+    "encode_consumer_assignment",
+    "encode_consumer_subscription",
 ]
 
 EMPTY = ClassicGroupState.EMPTY
@@ -820,3 +822,29 @@ def decode_consumer_assignment(assignment: bytes) -> frozenset[TopicPartition] |
         return frozenset(reader.topic_partitions())
     except (ValueError, UnicodeDecodeError, struct.error):
         return None
+
+
+def _string(value: str) -> bytes:
+    data = value.encode()
+    return struct.pack(">h", len(data)) + data
+
+
+def _topic_partitions(partitions: frozenset[TopicPartition]) -> bytes:
+    by_topic: dict[str, list[int]] = {}
+    for topic, partition in sorted(partitions):
+        by_topic.setdefault(topic, []).append(partition)
+    out = [struct.pack(">i", len(by_topic))]
+    for topic, numbers in by_topic.items():
+        out.append(_string(topic) + struct.pack(f">i{len(numbers)}i", len(numbers), *numbers))
+    return b"".join(out)
+
+
+def encode_consumer_subscription(topics: tuple[str, ...]) -> bytes:
+    """Version 0 subscription metadata: what Kafka's admin clients read from a member."""
+    body = b"".join(_string(topic) for topic in topics)
+    return struct.pack(">hi", 0, len(topics)) + body + struct.pack(">i", -1)
+
+
+def encode_consumer_assignment(partitions: frozenset[TopicPartition]) -> bytes:
+    """Version 0 assignment, without user data."""
+    return struct.pack(">h", 0) + _topic_partitions(partitions) + struct.pack(">i", -1)
