@@ -22,8 +22,10 @@ reader stops reading and TCP pushes back on the client.
 Versions. ApiVersions advertises, per API, the range its module answers (the versions kio
 has schemas for, as far as DWAL implements their fields). A request at another version of a
 known API gets an answer whose error codes say UNSUPPORTED_VERSION, written in that version's
-schema when kio has it and otherwise in the nearest one's; an ApiVersions request at an
-unknown version gets the v0 answer with UNSUPPORTED_VERSION and the full list, as Kafka's
+schema when kio has it and otherwise in the nearest one's (Produce v0-2 and Fetch v0-3,
+which kio lacks and whose answers have no top-level error code, are answered in their own
+layout, written by hand, with the code on every partition they name); an ApiVersions
+request at an unknown version gets the v0 answer with UNSUPPORTED_VERSION and the full list, as Kafka's
 brokers answer it, so the client retries at a version both know. ApiVersions answers always
 carry the v0 response header, whatever their version (KIP-511: the client cannot know the
 header version before it knows the versions). An unknown API key or a frame that does not
@@ -221,7 +223,9 @@ class KafkaServer:
                 request_type = None
         if request_type is None:
             pending.header_flexible = _response_flexible(api_key, version)
-            pending.response = _unsupported_version_response(self.apis, api_key, version, api)
+            pending.response = _legacy_unsupported_answer(api_key, version, frame)
+            if pending.response is None:
+                pending.response = _unsupported_version_response(self.apis, api_key, version, api)
             pending.done.set()
             await send.send(pending)
             log_event(
@@ -370,6 +374,93 @@ def _unsupported_version_response(
     )
 
 
+# Produce v0-2 and Fetch v0-3 predate kio's schemas (Kafka 4 dropped them). Their answers
+# carry error codes only per partition, so an UNSUPPORTED_VERSION answer must name the
+# request's partitions, in the layout of the request's version: read and written by hand.
+_PRODUCE_KEY, _FETCH_KEY = 0, 1
+_LEGACY_VERSION_MAX = {_PRODUCE_KEY: 2, _FETCH_KEY: 3}
+
+
+class _LegacyReader:
+    """Reads a legacy request's fields; struct.error or ValueError past the end or on a
+    null name. Every entry takes bytes, so no count can make it loop past the frame."""
+
+    def __init__(self, frame: memoryview, position: int) -> None:
+        self.frame = frame
+        self.position = position
+
+    def take(self, layout: str) -> tuple[int, ...]:
+        values = struct.unpack_from(layout, self.frame, self.position)
+        self.position += struct.calcsize(layout)
+        return values
+
+    def name(self) -> bytes:
+        (length,) = self.take(">h")
+        if length < 0 or self.position + length > len(self.frame):
+            raise ValueError("a null or cut name")
+        self.position += length
+        return bytes(self.frame[self.position - length : self.position])
+
+
+def _legacy_partitions(
+    api_key: int, version: int, frame: memoryview
+) -> list[tuple[bytes, list[int]]]:
+    """(topic, partitions) of a Produce v0-2 or Fetch v0-3 request (header v1). Raises
+    struct.error or ValueError when they do not parse."""
+    reader = _LegacyReader(frame, _KEY_AND_VERSION.size)
+    (client_id_length,) = reader.take(">h")
+    reader.position += max(client_id_length, 0)
+    if api_key == _PRODUCE_KEY:
+        reader.take(">hi")  # acks, timeout
+    else:
+        reader.take(">iiii" if version == 3 else ">iii")  # replica, wait, min (max) bytes
+    topics = []
+    (topic_count,) = reader.take(">i")
+    for _ in range(topic_count):
+        name = reader.name()
+        partitions = []
+        (partition_count,) = reader.take(">i")
+        for _ in range(partition_count):
+            if api_key == _PRODUCE_KEY:
+                partition, records_bytes = reader.take(">ii")
+                reader.position += max(records_bytes, 0)
+            else:
+                partition, _offset, _max_bytes = reader.take(">iqi")
+            partitions.append(partition)
+        topics.append((name, partitions))
+    if reader.position > len(frame):
+        raise ValueError("the request ends within a field")
+    return topics
+
+
+def _legacy_unsupported_answer(api_key: int, version: int, frame: memoryview) -> bytes | None:
+    """The body of the UNSUPPORTED_VERSION answer to a Produce v0-2 or Fetch v0-3 request,
+    in that version's layout, every partition it names with the code; None for any other
+    request or one whose partitions do not parse (it gets the nearest schema's answer)."""
+    if version > _LEGACY_VERSION_MAX.get(api_key, -1):
+        return None
+    try:
+        topics = _legacy_partitions(api_key, version, frame)
+    except (struct.error, ValueError):
+        return None
+    code = int(KafkaErrorCode.unsupported_version)
+    out = bytearray()
+    if api_key == _FETCH_KEY and version >= 1:
+        out += struct.pack(">i", 0)  # throttle time first
+    out += struct.pack(">i", len(topics))
+    for name, partitions in topics:
+        out += struct.pack(">h", len(name)) + name + struct.pack(">i", len(partitions))
+        for partition in partitions:
+            if api_key == _FETCH_KEY:  # high watermark -1, no records
+                out += struct.pack(">ihqi", partition, code, -1, 0)
+            else:  # base offset -1 (v2: log append time -1)
+                out += struct.pack(">ihq", partition, code, -1)
+                out += struct.pack(">q", -1) if version == 2 else b""
+    if api_key == _PRODUCE_KEY and version >= 1:
+        out += struct.pack(">i", 0)  # throttle time last
+    return bytes(out)
+
+
 def api_versions_response(
     response_type: type, apis: dict[int, KafkaApi], code: KafkaErrorCode = KafkaErrorCode.none
 ) -> Any:
@@ -397,7 +488,10 @@ def _encode_response(pending: _Pending) -> bytes:
     if pending.header_flexible:
         out.write(b"\0")  # no tagged fields in the response header
     response = pending.response
-    entity_writer(type(response))(out, response)
+    if isinstance(response, bytes):  # written by hand (_legacy_unsupported_answer)
+        out.write(response)
+    else:
+        entity_writer(type(response))(out, response)
     data = out.getbuffer()
     _SIZE.pack_into(data, 0, len(data) - 4)
     return bytes(data)

@@ -13,10 +13,6 @@ import pathlib
 import sys
 
 import pytest
-import trio
-
-import client
-from client import Admin
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "cluster"))
 
@@ -44,19 +40,6 @@ def restartable_broker(tmp_path):
         yield broker.start()
     finally:
         broker.stop_all()
-
-
-def create_topics(bootstrap: str, *names: str, partitions: int = 1) -> None:
-    """Create `names` through DWAL's own client at the native listener `bootstrap` (the
-    clients under test then find them ready)."""
-
-    async def create() -> None:
-        async with client.connect(bootstrap) as cluster:
-            admin = Admin(cluster)
-            for name in names:
-                await admin.create_topic(name, partitions)
-
-    trio.run(create)
 
 
 class KafkaClusterLauncher(ClusterLauncher):

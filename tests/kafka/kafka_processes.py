@@ -23,6 +23,10 @@ import threading
 from collections.abc import Sequence
 
 import pytest
+import trio
+
+import client
+from client import Admin
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 STARTED = re.compile(r"event=broker_started [^\n]*? port=(\d+)[^\n]*? kafka_port=(\d+)")
@@ -179,3 +183,16 @@ def kcat_path() -> str:
 def kcat(*args: str, stdin: bytes = b"", timeout_s: float = COMMAND_TIMEOUT_S) -> bytes:
     """``kcat ARGS``; returns its stdout."""
     return run([kcat_path(), *args], stdin=stdin, timeout_s=timeout_s).stdout
+
+
+def create_topics(bootstrap: str, *names: str, partitions: int = 1) -> None:
+    """Create `names` through DWAL's own client at the native listener `bootstrap` (the
+    clients under test then find them ready)."""
+
+    async def create() -> None:
+        async with client.connect(bootstrap) as cluster:
+            admin = Admin(cluster)
+            for name in names:
+                await admin.create_topic(name, partitions)
+
+    trio.run(create)

@@ -11,8 +11,7 @@ import json
 import pytest
 import trio
 from client_adapters import Received, Sent, client_for
-from conftest import create_topics
-from kafka_processes import dwal, kcat
+from kafka_processes import create_topics, dwal, kcat
 
 import client
 from client import Producer

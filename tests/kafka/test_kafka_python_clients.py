@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 from client_adapters import CLIENT_NAMES, COMPRESSIONS, client_for, records
-from conftest import create_topics
+from kafka_processes import create_topics
 
 pytestmark = pytest.mark.timeout(60)
 
