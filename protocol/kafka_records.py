@@ -473,20 +473,52 @@ def encode_kafka_records(
     TypeError, AttributeError or ValueError for values of the wrong types."""
     body = bytearray()
     record = bytearray()
+    small = _SMALL_VARINTS
     for offset_delta, (timestamp_delta, key, value, headers) in enumerate(records):
         record.clear()
         record.append(0)  # attributes
-        _write_varlong(record, timestamp_delta)
-        _write_varint(record, offset_delta)
-        _write_bytes(record, None if key is None else bytes(key))
-        _write_bytes(record, None if value is None else bytes(value))
-        _write_varint(record, len(headers))
-        for header_key, header_value in headers:
-            _write_bytes(record, header_key.encode("utf-8"))
-            _write_bytes(record, None if header_value is None else bytes(header_value))
-        _write_varint(body, len(record))
+        if _SMALL_MIN <= timestamp_delta < _SMALL_MAX:
+            record += small[timestamp_delta - _SMALL_MIN]
+        else:
+            _write_varlong(record, timestamp_delta)
+        if offset_delta < _SMALL_MAX:
+            record += small[offset_delta - _SMALL_MIN]
+        else:
+            _write_varint(record, offset_delta)
+        for data in (key, value):
+            if data is None:
+                record += small[-1 - _SMALL_MIN]
+            else:
+                data = bytes(data)
+                if len(data) < _SMALL_MAX:
+                    record += small[len(data) - _SMALL_MIN]
+                else:
+                    _write_varint(record, len(data))
+                record += data
+        if headers:
+            _write_varint(record, len(headers))
+            for header_key, header_value in headers:
+                _write_bytes(record, header_key.encode("utf-8"))
+                _write_bytes(record, None if header_value is None else bytes(header_value))
+        else:
+            record.append(0)  # no headers
+        if len(record) < _SMALL_MAX:
+            body += small[len(record) - _SMALL_MIN]
+        else:
+            _write_varint(body, len(record))
         body += record
     return body
+
+
+def _small_varint(value: int) -> bytes:
+    out = bytearray()
+    _write_varint(out, value)
+    return bytes(out)
+
+
+# The zigzag varints of -1 .. 8191 (at most two bytes each), looked up instead of computed.
+_SMALL_MIN, _SMALL_MAX = -1, 8192
+_SMALL_VARINTS = tuple(map(_small_varint, range(_SMALL_MIN, _SMALL_MAX)))
 
 
 def encode_kafka_batch(
