@@ -5,9 +5,9 @@ Produce. A Kafka producer's batches are appended as they come (the broker patche
 base_offset and partition_leader_epoch, outside the CRC), so they are checked whole first:
 header, CRC, attributes a producer may set, and a body that decodes to exactly its records.
 
-Fetch. A partition log holds two kinds of batch behind the same 61-byte
-header: DWAL's (attribute bit 7 set, a msgpack body) and Kafka producers' (bit 7 clear,
-Kafka's varint records, stored verbatim). `to_kafka_batches` walks a fetched buffer by the
+Fetch. A partition log holds two kinds of batch behind the same 61-byte header: DWAL's
+(attribute bit 7 set, a msgpack body) and Kafka producers' (bit 7 clear, Kafka's varint
+records, stored verbatim). `to_kafka_batches` walks a fetched buffer by the
 batches' length fields; Kafka batches go out as they are (runs of them are sliced, not
 parsed: the only copy is the final join), and each DWAL batch is re-encoded as a Kafka v2
 batch with the same header fields - base offset, partition leader epoch, last offset delta,
