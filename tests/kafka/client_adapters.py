@@ -9,6 +9,7 @@ install all three).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,9 @@ from typing import Any
 import pytest
 
 CLIENT_TIMEOUT_S = 20
+# librdkafka's log lines (a refused connection while a broker restarts, ...) go to Python's
+# logging, which pytest captures, instead of the terminal
+RDKAFKA_LOGGER = logging.getLogger("rdkafka")
 CLIENT_NAMES = ["kafka-python", "confluent-kafka", "aiokafka"]
 COMPRESSIONS = ["none", "gzip", "snappy", "lz4", "zstd"]
 
@@ -189,6 +193,7 @@ class Confluent:
 
         config: dict[str, Any] = {
             "bootstrap.servers": bootstrap,
+            "logger": RDKAFKA_LOGGER,
             "compression.type": compression,
             "enable.idempotence": idempotent,
             "linger.ms": 5,
@@ -230,6 +235,7 @@ class Confluent:
         return Consumer(
             {
                 "bootstrap.servers": bootstrap,
+                "logger": RDKAFKA_LOGGER,
                 "group.id": "tests-kafka-unused",  # required; nothing is committed
                 "enable.auto.commit": False,
                 "fetch.wait.max.ms": 100,

@@ -8,7 +8,7 @@ import asyncio
 import time
 
 import pytest
-from client_adapters import CLIENT_TIMEOUT_S, Sent, client_for
+from client_adapters import CLIENT_TIMEOUT_S, RDKAFKA_LOGGER, Sent, client_for
 from kafka_processes import create_topics
 
 pytestmark = pytest.mark.timeout(90)
@@ -35,6 +35,7 @@ def confluent_member(broker, group: str, topic: str, **overrides):
     consumer = Consumer(
         {
             "bootstrap.servers": broker.kafka_bootstrap,
+            "logger": RDKAFKA_LOGGER,
             "group.id": group,
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,

@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from client_adapters import CLIENT_TIMEOUT_S, client_for
+from client_adapters import CLIENT_TIMEOUT_S, RDKAFKA_LOGGER, client_for
 from kafka_processes import create_topics
 
 pytestmark = pytest.mark.timeout(90)
@@ -30,6 +30,7 @@ def test_idempotent_producer_across_a_broker_restart(restartable_broker, kill):
     producer = confluent_kafka.Producer(
         {
             "bootstrap.servers": broker.kafka_bootstrap,
+            "logger": RDKAFKA_LOGGER,
             "enable.idempotence": True,
             "linger.ms": 2,
             "batch.num.messages": 50,  # many requests in flight when the broker goes
