@@ -25,11 +25,12 @@ known API gets an answer whose error codes say UNSUPPORTED_VERSION, written in t
 schema when kio has it and otherwise in the nearest one's (Produce v0-2 and Fetch v0-3,
 which kio lacks and whose answers have no top-level error code, are answered in their own
 layout, written by hand, with the code on every partition they name); an ApiVersions
-request at an unknown version gets the v0 answer with UNSUPPORTED_VERSION and the full list, as Kafka's
-brokers answer it, so the client retries at a version both know. ApiVersions answers always
-carry the v0 response header, whatever their version (KIP-511: the client cannot know the
-header version before it knows the versions). An unknown API key or a frame that does not
-decode ends the connection after a log line: no answer could be parsed by the client.
+request at an unknown version gets the v0 answer with UNSUPPORTED_VERSION and the full list,
+as Kafka's brokers answer it, so the client retries at a version both know. ApiVersions
+answers always carry the v0 response header, whatever their version (KIP-511: the client
+cannot know the header version before it knows the versions). An unknown API key or a
+frame that does not decode ends the connection after a log line: no answer could be parsed
+by the client.
 """
 
 from __future__ import annotations
