@@ -305,3 +305,52 @@ def test_a_retried_idempotent_batch_is_stored_once(kafka_broker, connect):
         assert consumer.end_offsets([TopicPartition(topic, 0)]) == {TopicPartition(topic, 0): 6}
     finally:
         consumer.close()
+
+
+def plain_batch(count: int = 2) -> bytes:
+    return idempotent_batch(-1, -1, -1, count)
+
+
+def corrupted(batch: bytes) -> bytes:
+    damaged = bytearray(batch)
+    damaged[-1] ^= 0xFF  # in the last record: the CRC no longer matches
+    return bytes(damaged)
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("unknown-topic", 3),  # UNKNOWN_TOPIC_OR_PARTITION
+        ("unknown-partition", 3),
+        ("bad-crc", 2),  # CORRUPT_MESSAGE
+        ("empty", 2),
+    ],
+)
+def test_a_refused_produce_is_answered_and_stores_nothing(kafka_broker, connect, case, expected):
+    topic = f"refused-{case}"
+    create_topics(kafka_broker.bootstrap, topic)
+    connection = connect()
+    records = {"bad-crc": corrupted(plain_batch()), "empty": b""}.get(case, plain_batch())
+    request_type = load_request_schema(PRODUCE, 9)
+    topic_type = element(request_type, "topic_data")
+    partition_type = element(topic_type, "partition_data")
+    name = "no-such-topic" if case == "unknown-topic" else topic
+    index = 7 if case == "unknown-partition" else 0
+    correlation_id = connection.send(
+        PRODUCE,
+        9,
+        acks=1,
+        timeout=datetime.timedelta(seconds=10),
+        topic_data=(
+            make(
+                topic_type,
+                name=name,
+                partition_data=(make(partition_type, index=index, records=records),),
+            ),
+        ),
+    )
+    answer = connection.receive_entity(PRODUCE, 9, correlation_id)
+    (partition,) = answer.responses[0].partition_responses
+    assert (int(partition.error_code), int(partition.base_offset)) == (expected, -1)
+    # the connection goes on, and a good batch lands at offset 0: nothing was stored
+    assert produce_answer(connection, topic, plain_batch()) == (0, 0)
