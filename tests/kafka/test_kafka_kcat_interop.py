@@ -171,3 +171,24 @@ def test_kcat_lists_metadata(kafka_broker):
     everything = json.loads(kcat("-b", kafka, "-L", "-J"))
     assert [b["id"] for b in everything["brokers"]] == [1]
     assert "listed" in [t["topic"] for t in everything["topics"]]
+
+
+def test_kcat_balanced_consumer_group_commits_what_it_read(kafka_broker):
+    """`kcat -G` (librdkafka's group consumer: FindCoordinator, JoinGroup, SyncGroup,
+    OffsetCommit) reads every partition to its end and commits; a second run of the same
+    group reads only what was written since."""
+    topic, group = "kcat-group", "kcat-readers"
+    create_topics(kafka_broker.bootstrap, topic, partitions=2)
+    kafka = kafka_broker.kafka_bootstrap
+    for partition in (0, 1):
+        lines = b"".join(b"p%d-%d\n" % (partition, i) for i in range(5))
+        kcat("-b", kafka, "-P", "-t", topic, "-p", str(partition), stdin=lines)
+
+    def read_group() -> list[str]:
+        output = kcat("-b", kafka, "-G", group, "-X", "auto.offset.reset=earliest",
+                      "-e", "-q", "-f", "%p %o %s\\n", topic)  # fmt: skip
+        return sorted(output.decode().splitlines())
+
+    assert read_group() == sorted(f"{p} {i} p{p}-{i}" for p in (0, 1) for i in range(5))
+    kcat("-b", kafka, "-P", "-t", topic, "-p", "1", stdin=b"late\n")
+    assert read_group() == ["1 5 late"]
