@@ -47,7 +47,6 @@ class KafkaBroker:
         self.kafka_port = kafka_port
         self.processes: list[subprocess.Popen] = []
         self.output: list[str] = []  # every line of every run
-        self._started = threading.Event()
 
     @property
     def bootstrap(self) -> str:
@@ -91,7 +90,6 @@ class KafkaBroker:
             str(self.data_dir),
             *self.options,
         ]
-        self._started.clear()
         process = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
@@ -102,23 +100,24 @@ class KafkaBroker:
             text=True,
         )
         self.processes.append(process)
-        threading.Thread(target=self._drain, args=(process,), daemon=True).start()
-        if not self._started.wait(timeout_s) or process.poll() is not None:
+        started = threading.Event()  # one per run: an earlier run's reader may still end
+        threading.Thread(target=self._drain, args=(process, started), daemon=True).start()
+        if not started.wait(timeout_s) or process.poll() is not None:
             state = "timed out" if process.poll() is None else f"exited {process.returncode}"
             raise AssertionError(f"broker did not start ({state}):\n{self.text[-3000:]}")
         return self
 
-    def _drain(self, process: subprocess.Popen) -> None:
+    def _drain(self, process: subprocess.Popen, started: threading.Event) -> None:
         assert process.stderr is not None
         try:
             for line in process.stderr:
                 self.output.append(line)
-                if not self._started.is_set() and (match := STARTED.search(line)):
+                if not started.is_set() and (match := STARTED.search(line)):
                     self.port, self.kafka_port = int(match.group(1)), int(match.group(2))
-                    self._started.set()
+                    started.set()
         finally:
             process.wait()
-            self._started.set()  # a run that exits before starting wakes the waiter
+            started.set()  # a run that exits before starting wakes the waiter
 
     def signal(self, signum: int, *, timeout_s: float = STOP_TIMEOUT_S) -> int:
         """Send `signum` to the current run and wait for it to exit; returns its code."""
