@@ -158,6 +158,8 @@ def test_dwal_client_headers_and_timestamps_read_by_kcat(kafka_broker):
     assert kcat_read(kafka, topic) == expected
     assert client_for("aiokafka").consume(kafka, topic, 0, 20) == expected
     assert client_for("confluent-kafka").consume(kafka, topic, 5, 15) == expected[5:]
+    # a lookup by time looks inside the (msgpack) batch for the record
+    assert client_for("kafka-python").offset_for_time(kafka, topic, 1_600_000_000_012) == 12
 
 
 def test_kcat_lists_metadata(kafka_broker):
