@@ -13,6 +13,7 @@ import datetime
 import uuid
 from typing import Any
 
+import trio
 from kio.schema.errors import ErrorCode as KafkaErrorCode
 
 from broker.controller.metadata_records import NO_LEADER
@@ -31,6 +32,8 @@ from broker.storage import FetchSlice
 from protocol import DwalError, ErrorCode, ProtocolError, decode_records
 from protocol.kafka_transcode import check_kafka_batches, to_kafka_batches
 
+# A fetch answer larger than this is read and transcoded in a worker thread.
+FETCH_INLINE_BYTES_MAX = 64 * 1024
 _EPOCH = datetime.datetime.fromtimestamp(0, datetime.timezone.utc)
 
 
@@ -242,15 +245,19 @@ async def fetch(ctx: KafkaContext, request: Any) -> Any:
     }
     reply = await ctx.handlers.fetch(body, b"", _request_context(ctx))
     try:
-        parts = iter(reply.parts)
+        pieces: list[FetchSlice] = list(reply.parts)  # type: ignore[arg-type]
+        if reply.tail_bytes > FETCH_INLINE_BYTES_MAX:
+            # reading the segments and transcoding DWAL's batches (some 250k records/s) take
+            # a worker thread, so that a large fetch never stalls the event loop
+            datas = await trio.to_thread.run_sync(_kafka_records_of, pieces)
+        else:
+            datas = _kafka_records_of(pieces)
+        parts = iter(datas)
         topics = []
         for entry in reply.body["topics"]:
             partitions = []
             for result in entry["partitions"]:
-                records = b""
-                if result.get("size", 0):
-                    piece: FetchSlice = next(parts)  # type: ignore[assignment]
-                    records = to_kafka_batches(piece.read_bytes())
+                records = next(parts) if result.get("size", 0) else b""
                 hw = result.get("high_watermark", -1)
                 partitions.append(
                     make(
@@ -272,6 +279,11 @@ async def fetch(ctx: KafkaContext, request: Any) -> Any:
     return make(
         response_type, error_code=KafkaErrorCode.none, session_id=0, responses=tuple(topics)
     )
+
+
+def _kafka_records_of(pieces: list[FetchSlice]) -> list[bytes]:
+    """Each fetched piece's batches as a Kafka client reads them. Raises OSError."""
+    return [to_kafka_batches(piece.read_bytes()) for piece in pieces]
 
 
 # -- ListOffsets ------------------------------------------------------------------------

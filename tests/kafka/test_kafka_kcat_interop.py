@@ -10,6 +10,8 @@ import json
 
 import pytest
 import trio
+
+from broker.gateway.kafka_apis import FETCH_INLINE_BYTES_MAX
 from client_adapters import Received, Sent, client_for
 from kafka_processes import create_topics, dwal, kcat
 
@@ -160,6 +162,28 @@ def test_dwal_client_headers_and_timestamps_read_by_kcat(kafka_broker):
     assert client_for("confluent-kafka").consume(kafka, topic, 5, 15) == expected[5:]
     # a lookup by time looks inside the (msgpack) batch for the record
     assert client_for("kafka-python").offset_for_time(kafka, topic, 1_600_000_000_012) == 12
+
+
+def test_large_fetches_of_dwal_batches_are_transcoded_whole(kafka_broker):
+    """Fetch answers above kafka_apis.FETCH_INLINE_BYTES_MAX (read and transcoded in a
+    worker thread): 4,000 records of 200 bytes in DWAL batches, read by two clients."""
+    topic = "large-dwal-fetches"
+    create_topics(kafka_broker.bootstrap, topic)
+    values = [b"%06d" % i + bytes([65 + i % 26]) * 194 for i in range(4000)]
+
+    async def produce() -> None:
+        async with client.connect(kafka_broker.bootstrap) as cluster:
+            async with Producer(cluster, linger_ms=20) as producer:
+                for i, value in enumerate(values):
+                    await producer.send(topic, value, b"k%d" % i, partition=0)
+
+    trio.run(produce)
+    assert sum(map(len, values)) > 10 * FETCH_INLINE_BYTES_MAX
+    kafka = kafka_broker.kafka_bootstrap
+    for name in ("confluent-kafka", "kafka-python"):
+        received = client_for(name).consume(kafka, topic, 0, len(values))
+        assert [r.offset for r in received] == list(range(len(values))), name
+        assert [r.value for r in received] == values, name
 
 
 def test_kcat_lists_metadata(kafka_broker):
