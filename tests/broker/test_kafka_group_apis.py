@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import shutil
 import signal
 import sys
 import time
@@ -415,6 +416,23 @@ async def test_join_sync_heartbeat_leave_at_every_version(node, version):
     left = await member.leave(min(version, 5))
     assert left.error_code == NONE
     assert await member.heartbeat() == KafkaErrorCode.unknown_member_id
+
+
+@pytest.mark.parametrize("version", versions(JOIN_GROUP))
+async def test_a_refused_join_is_answered_at_every_version(node, version):
+    entity = request(
+        JOIN_GROUP,
+        version,
+        group_id="g",
+        session_timeout=duration(1),  # below the allowed minimum
+        rebalance_timeout=duration(REBALANCE_MS),
+        member_id="",
+        protocol_type="consumer",
+        protocols=(nested(JOIN_GROUP, version, "protocols", name="range", metadata=b""),),
+    )
+    response = await call(node, JOIN_GROUP, version, entity)
+    assert response.error_code == KafkaErrorCode.invalid_session_timeout
+    assert response.generation_id == -1 and response.members == ()
 
 
 async def test_kip_394_first_join_gets_a_member_id(node):
@@ -944,3 +962,86 @@ async def test_librdkafka_cooperative_sticky_rebalances(broker_launcher, tmp_pat
             first.close()
 
     await in_thread(scenario)
+
+
+@pytest.mark.timeout(180)
+async def test_aiokafka_group_member_consumes_and_commits(broker_launcher, tmp_path):
+    broker = await start_broker(broker_launcher, tmp_path)
+    bootstrap = f"127.0.0.1:{broker.kafka_port}"
+    await in_thread(lambda: produce(bootstrap, 20))
+
+    def scenario() -> dict[int, int]:
+        import asyncio
+
+        from aiokafka import AIOKafkaConsumer
+
+        async def main() -> dict[int, int]:
+            consumer = AIOKafkaConsumer(
+                TOPIC,
+                bootstrap_servers=bootstrap,
+                group_id="aio",
+                auto_offset_reset="earliest",
+                enable_auto_commit=False,
+            )
+            await consumer.start()
+            try:
+                seen = 0
+                deadline = time.monotonic() + POLL_DEADLINE_S
+                while seen < 20:
+                    assert time.monotonic() < deadline, "timed out waiting for the records"
+                    batches = await consumer.getmany(timeout_ms=200)
+                    seen += sum(len(records) for records in batches.values())
+                await consumer.commit()
+                return {tp.partition: await consumer.committed(tp) for tp in consumer.assignment()}
+            finally:
+                await consumer.stop()
+
+        return asyncio.run(main())
+
+    committed = await in_thread(scenario)
+    assert len(committed) == PARTITIONS and sum(committed.values()) == 20
+
+
+@pytest.mark.timeout(180)
+async def test_kcat_balanced_consumer_commits_what_it_read(broker_launcher, tmp_path):
+    kcat = shutil.which("kcat") or shutil.which("kafkacat")
+    if kcat is None:
+        pytest.skip("KCAT IS NOT INSTALLED: the kcat consumer group test did not run")
+    broker = await start_broker(broker_launcher, tmp_path)
+    bootstrap = f"127.0.0.1:{broker.kafka_port}"
+    await in_thread(lambda: produce(bootstrap, 20))
+    with trio.fail_after(60):
+        process = await trio.run_process(
+            [
+                kcat,
+                "-b",
+                bootstrap,
+                "-G",
+                "kcat-group",
+                "-o",
+                "beginning",
+                "-c",
+                "12",
+                "-e",
+                "-q",
+                "-f",
+                "%p %o\\n",
+                TOPIC,
+            ],
+            capture_stdout=True,
+            capture_stderr=True,
+        )
+    lines = process.stdout.decode().split()
+    assert len(lines) == 24  # twelve "partition offset" pairs
+
+    def committed() -> int:
+        from kafka import KafkaAdminClient
+
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+        try:
+            offsets = admin.list_group_offsets("kcat-group")["kcat-group"]
+            return sum(o.offset for o in offsets.values())
+        finally:
+            admin.close()
+
+    assert await in_thread(committed) == 12
