@@ -48,6 +48,13 @@ class BrokerConfig:
     group_session_timeout_ms: int = 30_000
     group_heartbeat_interval_ms: int = 3_000
     group_members_max: int = 1000
+    # Kafka's classic groups (JoinGroup/SyncGroup, through the Kafka listener): a new group's
+    # first rebalance waits this long for more members (Kafka's
+    # group.initial.rebalance.delay.ms, 3000 there), and the session timeouts members may ask
+    # for (group.min/max.session.timeout.ms)
+    group_classic_initial_rebalance_delay_ms: int = 100
+    group_classic_session_timeout_ms_min: int = 6_000
+    group_classic_session_timeout_ms_max: int = 1_800_000
     # The cluster. None: an embedded single-voter controller (a cluster of one node).
     # Else "ID@HOST:PORT,...": the controller voters and their controller ports.
     controller_quorum: str | None = None
@@ -146,6 +153,9 @@ _SIMPLE_KEYS = {
     "group_session_timeout_ms": int,
     "group_heartbeat_interval_ms": int,
     "group_members_max": int,
+    "group_classic_initial_rebalance_delay_ms": int,
+    "group_classic_session_timeout_ms_min": int,
+    "group_classic_session_timeout_ms_max": int,
     "controller_quorum": str,
     "controller_host": str,
     "controller_port": int,
@@ -323,6 +333,17 @@ def _validate(config: BrokerConfig) -> None:
         )
     if config.group_members_max < 1:
         raise ConfigError("group_members_max must be positive")
+    if not 0 <= config.group_classic_initial_rebalance_delay_ms <= 300_000:
+        raise ConfigError("group_classic_initial_rebalance_delay_ms must be between 0 and 300000")
+    if not (
+        0
+        < config.group_classic_session_timeout_ms_min
+        <= config.group_classic_session_timeout_ms_max
+    ):
+        raise ConfigError(
+            "group_classic_session_timeout_ms_min must be positive and at most "
+            "group_classic_session_timeout_ms_max"
+        )
     if config.node_id < 1:
         raise ConfigError(f"node_id must be a positive integer, got {config.node_id}")
     if config.roles not in ("broker,controller", "controller,broker", "broker"):

@@ -8,6 +8,7 @@ from broker_test_support import create_topic, running_node
 
 from broker.command import build_parser
 from broker.config import ConfigError, build_config
+from broker.group_coordinator import _classic_settings
 from broker.wall_clock import now_ms
 from protocol.record_batch import encode_batch
 
@@ -29,6 +30,8 @@ def test_leader_balancing_and_producer_expiration_from_the_file_and_flags():
     assert config.log_defaults.producer_id_expiration_ms == 60_000
     assert config.log_defaults.producers_max == 10_000  # not given: the default
     defaults = build_config({}, {})
+    assert defaults.kafka_port == -1  # off unless given
+    assert defaults.group_classic_session_timeout_ms_min == 6_000  # Kafka's
     assert defaults.auto_leader_rebalance_enable is True
     assert defaults.leader_imbalance_check_interval_ms == 300_000
     assert defaults.log_defaults.producer_id_expiration_ms == 86_400_000
@@ -41,6 +44,13 @@ def test_leader_balancing_and_producer_expiration_from_the_file_and_flags():
         ({"leader_imbalance_per_broker_percentage": 101}, "leader_imbalance_per_broker"),
         ({"producer_id_expiration_ms": 0}, "producer_id_expiration_ms"),
         ({"auto_leader_rebalance_enable": "yes"}, "auto_leader_rebalance_enable"),
+        ({"group_classic_initial_rebalance_delay_ms": -1}, "initial_rebalance_delay"),
+        ({"group_classic_session_timeout_ms_min": 0}, "session_timeout_ms_min"),
+        (
+            {"group_classic_session_timeout_ms_min": 10, "group_classic_session_timeout_ms_max": 9},
+            "session_timeout_ms_min",
+        ),
+        ({"kafka_port": 70000}, "kafka_port"),
     ],
 )
 def test_bad_values_are_refused(setting, text):
@@ -97,3 +107,21 @@ async def test_the_retention_pass_forgets_idle_idempotent_producers(tmp_path):
         assert log.statistics().producer_count == 2
         await node.registry.apply_retention()
         assert log.statistics().producer_count == 1  # producer 7 was idle for two hours
+
+
+async def test_the_group_coordinator_gets_the_classic_group_settings(tmp_path):
+    config = build_config(
+        {
+            "data_dir": str(tmp_path),
+            "group_classic_initial_rebalance_delay_ms": 7,
+            "group_classic_session_timeout_ms_min": 1_000,
+            "group_classic_session_timeout_ms_max": 9_000,
+        },
+        {},
+    )
+    settings = _classic_settings(config)
+    assert settings == {
+        "classic_initial_rebalance_delay_ms": 7,
+        "classic_session_timeout_ms_min": 1_000,
+        "classic_session_timeout_ms_max": 9_000,
+    }
