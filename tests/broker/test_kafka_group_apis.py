@@ -580,6 +580,20 @@ async def test_not_coordinator_when_this_broker_does_not_lead_the_groups_partiti
         coordinator.loaded_partitions.add(partition)
 
 
+async def test_losing_the_offsets_partition_answers_a_waiting_join_not_coordinator(node):
+    leader, follower = await stable_pair(node)
+    coordinator = node.coordinator
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(follower.join, subscription("a", "b"))  # waits for the leader
+        await trio.sleep(1)
+        assert follower.joined.generation_id == 1  # still waiting
+        # what the metadata publisher does when another broker leads the partition
+        coordinator._unload_partition(coordinator.partition_of("g"))
+    assert follower.joined.error_code == KafkaErrorCode.not_coordinator
+    assert "g" not in coordinator.classic_groups
+    assert await leader.heartbeat() == KafkaErrorCode.not_coordinator
+
+
 # -- OffsetCommit, OffsetFetch ------------------------------------------------------------------
 
 
