@@ -94,6 +94,7 @@ class CommittedOffset:
     metadata: str | None
     timestamp: int
     log_offset: int  # where the commit record sits in __consumer_offsets: later wins
+    leader_epoch: int = -1  # of the record before `offset` (Kafka clients, KIP-320); -1: none
 
 
 def offset_key(group_id: str, topic: str, partition: int) -> bytes:
@@ -720,7 +721,7 @@ class GroupCoordinator:
         """Per-partition results, and the records to write for the partitions that pass: an
         offset >= 0, an existing partition, and (for a member's commit) one the member owns."""
         results = []
-        records: list[tuple[tuple[str, int], int, str | None]] = []
+        records: list[tuple[tuple[str, int], int, str | None, int]] = []
         for entry in topics:
             partitions: list[dict[str, Any]] = []
             results.append({"topic": entry["topic"], "partitions": partitions})
@@ -737,7 +738,12 @@ class GroupCoordinator:
                     message = f"{tp[0]}-{tp[1]} is not assigned to member {member_id}"
                 else:
                     records.append(
-                        ((entry["topic"], part["partition"]), part["offset"], part["metadata"])
+                        (
+                            (entry["topic"], part["partition"]),
+                            part["offset"],
+                            part["metadata"],
+                            part.get("leader_epoch", -1),
+                        )
                     )
                 partitions.append(
                     {
@@ -755,19 +761,21 @@ class GroupCoordinator:
                 (
                     now,
                     offset_key(group_id, topic, partition),
-                    msgpack.packb({"offset": offset, "metadata": metadata, "timestamp": now}),
+                    msgpack.packb(_commit_value(offset, metadata, now, leader_epoch)),
                 )
-                for (topic, partition), offset, metadata in records
+                for (topic, partition), offset, metadata, leader_epoch in records
             ]
         )
         log, info = self._append_offsets(group_id, batch, now)
         await self._wait_committed(group_id, log, info.last_offset + 1)
         offsets = self.offsets.setdefault(group_id, {})
-        for index, ((topic, partition), offset, metadata) in enumerate(records):
+        for index, ((topic, partition), offset, metadata, leader_epoch) in enumerate(records):
             log_offset = info.base_offset + index
             current = offsets.get((topic, partition))
             if current is None or current.log_offset < log_offset:
-                offsets[(topic, partition)] = CommittedOffset(offset, metadata, now, log_offset)
+                offsets[(topic, partition)] = CommittedOffset(
+                    offset, metadata, now, log_offset, leader_epoch
+                )
 
     def fetch_offsets(self, body: dict) -> dict[str, Any]:
         group_id = _checked_group_id(body["group_id"])
@@ -786,6 +794,7 @@ class GroupCoordinator:
                     "partition": partition,
                     "offset": committed.offset if committed else -1,
                     "metadata": committed.metadata if committed else None,
+                    "leader_epoch": committed.leader_epoch if committed else -1,
                     "error_code": 0,
                 }
             )
@@ -998,9 +1007,21 @@ def _replay(
         offset = entry["offset"]
     except Exception:  # msgpack raises several types on bad input
         return
+    leader_epoch = entry.get("leader_epoch", -1)
+    if type(leader_epoch) is not int:
+        leader_epoch = -1
     offsets[(topic, partition)] = CommittedOffset(
-        offset, entry.get("metadata"), entry.get("timestamp", -1), log_offset
+        offset, entry.get("metadata"), entry.get("timestamp", -1), log_offset, leader_epoch
     )
+
+
+def _commit_value(
+    offset: int, metadata: str | None, timestamp: int, leader_epoch: int
+) -> dict[str, Any]:
+    value: dict[str, Any] = {"offset": offset, "metadata": metadata, "timestamp": timestamp}
+    if leader_epoch >= 0:  # written only when known: older records read as -1
+        value["leader_epoch"] = leader_epoch
+    return value
 
 
 def _classic_settings(config: BrokerConfig) -> dict[str, int]:

@@ -251,6 +251,7 @@ async def offset_commit(ctx: KafkaContext, request: Any) -> Any:
                 "partition": p.partition_index,
                 "offset": p.committed_offset,
                 "metadata": p.committed_metadata,
+                "leader_epoch": getattr(p, "committed_leader_epoch", -1),
             }
             for p in topic.partitions
         ]
@@ -337,7 +338,9 @@ def _fetched_topics(
                         partition_type,
                         partition_index=index,
                         committed_offset=entries[index]["offset"] if index in entries else -1,
-                        committed_leader_epoch=-1,
+                        committed_leader_epoch=entries[index].get("leader_epoch", -1)
+                        if index in entries
+                        else -1,
                         metadata=entries[index]["metadata"] if index in entries else "",
                         error_code=_kafka_code(code),
                     )

@@ -40,6 +40,7 @@ import broker.group_coordinator as group_coordinator_module
 from broker.gateway import kafka_group_apis
 from broker.gateway.kafka_entities import KafkaContext, duration, element, make
 from broker.gateway.kafka_group_apis import APIS
+from broker.group_coordinator import OFFSETS_TOPIC
 from broker.node import BrokerNode
 from broker.storage import LogConfig
 from protocol import ApiKey, check_request
@@ -641,6 +642,41 @@ async def test_member_commits_follow_kafkas_generation_rules(node):
     assert nobody == {("a", 0): KafkaErrorCode.illegal_generation}
     _, offsets = await fetch(node, "g", {"a": [0]})
     assert offsets == {("a", 0): 3}
+
+
+async def test_the_committed_leader_epoch_is_kept_and_replayed(node):
+    version = 9
+    partition = nested(
+        OFFSET_COMMIT,
+        version,
+        "topics",
+        "partitions",
+        partition_index=0,
+        committed_offset=12,
+        committed_leader_epoch=4,
+        committed_metadata=None,
+    )
+    entity = request(
+        OFFSET_COMMIT,
+        version,
+        group_id="epochs",
+        member_id="",
+        topics=(nested(OFFSET_COMMIT, version, "topics", name="a", partitions=(partition,)),),
+    )
+    await call(node, OFFSET_COMMIT, version, entity)
+    wanted = (nested(OFFSET_FETCH, 7, "topics", name="a", partition_indexes=(0, 1)),)
+    entity = request(OFFSET_FETCH, 7, group_id="epochs", topics=wanted)
+    (topic,) = (await call(node, OFFSET_FETCH, 7, entity)).topics
+    found = {
+        p.partition_index: (p.committed_offset, p.committed_leader_epoch) for p in topic.partitions
+    }
+    assert found == {0: (12, 4), 1: (-1, -1)}
+    # a new coordinator reads it back from __consumer_offsets
+    coordinator = node.coordinator
+    log = node.registry.logs[(OFFSETS_TOPIC, coordinator.partition_of("epochs"))]
+    replayed: dict = {}
+    await coordinator._load_partition(log, replayed)
+    assert replayed["epochs"][("a", 0)].leader_epoch == 4
 
 
 async def test_offset_fetch_v8_answers_several_groups(node):
