@@ -147,7 +147,9 @@ class GroupCoordinator:
             session_timeout_ms=config.group_session_timeout_ms,
             heartbeat_interval_ms=config.group_heartbeat_interval_ms,
             members_max=config.group_members_max,
-            **_classic_settings(config),
+            classic_initial_rebalance_delay_ms=config.group_classic_initial_rebalance_delay_ms,
+            classic_session_timeout_ms_min=config.group_classic_session_timeout_ms_min,
+            classic_session_timeout_ms_max=config.group_classic_session_timeout_ms_max,
         )
         self.groups: dict[str, ConsumerGroup] = {}
         self.classic_groups: dict[str, ClassicGroup] = {}
@@ -1022,19 +1024,6 @@ def _commit_value(
     if leader_epoch >= 0:  # written only when known: older records read as -1
         value["leader_epoch"] = leader_epoch
     return value
-
-
-def _classic_settings(config: BrokerConfig) -> dict[str, int]:
-    """The classic group settings the broker configuration has (GroupConfig's defaults
-    for the others)."""
-    names = (
-        "classic_initial_rebalance_delay_ms",
-        "classic_session_timeout_ms_min",
-        "classic_session_timeout_ms_max",
-    )
-    return {
-        name: getattr(config, f"group_{name}") for name in names if hasattr(config, f"group_{name}")
-    }
 
 
 def _classic_member_id(client_id: str) -> str:

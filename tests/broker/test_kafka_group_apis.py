@@ -360,6 +360,19 @@ def test_every_api_is_registered_once_and_kio_has_each_version():
     assert waiting == {JOIN_GROUP, SYNC_GROUP}
 
 
+async def test_the_brokers_classic_group_settings_reach_the_coordinator(tmp_path):
+    settings = {
+        "group_classic_initial_rebalance_delay_ms": 0,
+        "group_classic_session_timeout_ms_min": 2_000,
+        "group_classic_session_timeout_ms_max": 60_000,
+    }
+    async with open_node(tmp_path, **settings) as node:
+        config = node.coordinator.group_config
+        assert config.classic_initial_rebalance_delay_ms == 0
+        assert config.classic_session_timeout_ms_min == 2_000
+        assert config.classic_session_timeout_ms_max == 60_000
+
+
 # -- FindCoordinator -----------------------------------------------------------------------
 
 
