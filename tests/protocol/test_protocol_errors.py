@@ -58,6 +58,12 @@ WIRE_NUMBERS = {
     "KAFKA_STORAGE_ERROR": 56,
     "UNSUPPORTED_COMPRESSION_TYPE": 76,
     "INVALID_RECORD": 87,
+    # Kafka's classic consumer groups (the Kafka listener's JoinGroup/SyncGroup)
+    "ILLEGAL_GENERATION": 22,
+    "INCONSISTENT_GROUP_PROTOCOL": 23,
+    "REBALANCE_IN_PROGRESS": 27,
+    "MEMBER_ID_REQUIRED": 79,
+    "FENCED_INSTANCE_ID": 82,
     "UNKNOWN_API_KEY": 1001,
 }
 
