@@ -30,7 +30,7 @@ import logging
 import shutil
 import uuid
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +47,7 @@ from broker.gateway.kafka_entities import (
     kafka_error,
     make,
 )
-from broker.request_handlers import RequestContext
+from broker.request_handlers import Reply, RequestContext
 from broker.storage import LogConfig
 from broker.storage.log_config import TOPIC_CONFIG_KEYS
 from protocol import ApiKey, DwalError, ProtocolError, check_request
@@ -167,14 +167,32 @@ class _ConfigEntry:
     synonyms: tuple[tuple[str, str | None, ConfigSource], ...] = ()
 
 
-def _native_context(ctx: KafkaContext) -> RequestContext:
-    return RequestContext(client_id=ctx.client_id, client_host=ctx.client_host)
-
-
 def _error_of(error: DwalError | ProtocolError) -> tuple[KafkaErrorCode, str]:
     if isinstance(error, DwalError):
         return kafka_error(error.code), error.message
     return KafkaErrorCode.invalid_request, str(error)
+
+
+async def _per_topic_natively(
+    ctx: KafkaContext,
+    api_key: ApiKey,
+    handler: Callable[[dict, bytes, RequestContext], Awaitable[Reply]],
+    native: list[tuple[int, Any]],
+    outcomes: dict[int, tuple[KafkaErrorCode, str | None]],
+    fields: dict[str, Any],
+) -> None:
+    """Send the (request index, native topic entry) pairs the Kafka request's checks let
+    through to the broker's own handler as one request, and note each topic's outcome."""
+    if not native:
+        return
+    try:
+        body = check_request(api_key, {"topics": [entry for _, entry in native], **fields})
+        reply = await handler(body, b"", ctx.request_context())
+        for (index, _), result in zip(native, reply.body["topics"], strict=True):
+            outcomes[index] = (kafka_error(result["error_code"]), result.get("error_message"))
+    except (DwalError, ProtocolError) as error:
+        for index, _ in native:
+            outcomes[index] = _error_of(error)
 
 
 def _topic_configs(ctx: KafkaContext, overrides: Mapping[str, str]) -> list[_ConfigEntry]:
@@ -322,18 +340,14 @@ async def create_topics(ctx: KafkaContext, request: Any) -> Any:
                 },
             )
         )
-    if native:
-        try:
-            body = check_request(
-                ApiKey.CREATE_TOPICS,
-                {"topics": [entry for _, entry in native], "validate_only": request.validate_only},
-            )
-            reply = await ctx.handlers.create_topics(body, b"", _native_context(ctx))
-            for (index, _), result in zip(native, reply.body["topics"], strict=True):
-                outcomes[index] = (kafka_error(result["error_code"]), result.get("error_message"))
-        except (DwalError, ProtocolError) as error:
-            for index, _ in native:
-                outcomes[index] = _error_of(error)
+    await _per_topic_natively(
+        ctx,
+        ApiKey.CREATE_TOPICS,
+        ctx.handlers.create_topics,
+        native,
+        outcomes,
+        {"validate_only": request.validate_only},
+    )
     natives = dict(native)
     results = []
     for index, topic in enumerate(request.topics):
@@ -434,15 +448,9 @@ async def delete_topics(ctx: KafkaContext, request: Any) -> Any:
             outcomes[index] = (KafkaErrorCode.invalid_request, f"topic {name!r} named twice")
         else:
             native.append((index, name))
-    if native:
-        try:
-            body = check_request(ApiKey.DELETE_TOPICS, {"topics": [name for _, name in native]})
-            reply = await ctx.handlers.delete_topics(body, b"", _native_context(ctx))
-            for (index, _), result in zip(native, reply.body["topics"], strict=True):
-                outcomes[index] = (kafka_error(result["error_code"]), result.get("error_message"))
-        except (DwalError, ProtocolError) as error:
-            for index, _ in native:
-                outcomes[index] = _error_of(error)
+    await _per_topic_natively(
+        ctx, ApiKey.DELETE_TOPICS, ctx.handlers.delete_topics, native, outcomes, {}
+    )
     result_type = element(ctx.response_type, "responses")
     results = []
     for index, (name, topic_id) in enumerate(wanted):
@@ -476,18 +484,14 @@ async def create_partitions(ctx: KafkaContext, request: Any) -> Any:
             )
         else:
             native.append((index, {"topic": topic.name, "count": topic.count}))
-    if native:
-        try:
-            body = check_request(
-                ApiKey.CREATE_PARTITIONS,
-                {"topics": [entry for _, entry in native], "validate_only": request.validate_only},
-            )
-            reply = await ctx.handlers.create_partitions(body, b"", _native_context(ctx))
-            for (index, _), result in zip(native, reply.body["topics"], strict=True):
-                outcomes[index] = (kafka_error(result["error_code"]), result.get("error_message"))
-        except (DwalError, ProtocolError) as error:
-            for index, _ in native:
-                outcomes[index] = _error_of(error)
+    await _per_topic_natively(
+        ctx,
+        ApiKey.CREATE_PARTITIONS,
+        ctx.handlers.create_partitions,
+        native,
+        outcomes,
+        {"validate_only": request.validate_only},
+    )
     result_type = element(ctx.response_type, "results")
     return make(
         ctx.response_type,
@@ -696,7 +700,7 @@ async def _alter(ctx: KafkaContext, request: Any, change: Any) -> Any:
                     "validate_only": request.validate_only,
                 },
             )
-            await ctx.handlers.alter_configs(body, b"", _native_context(ctx))
+            await ctx.handlers.alter_configs(body, b"", ctx.request_context())
         except _Refused as refusal:
             code, message = refusal.code, refusal.message
         except (DwalError, ProtocolError) as error:
@@ -812,7 +816,7 @@ async def init_producer_id(ctx: KafkaContext, request: Any) -> Any:
             producer_epoch=-1,
         )
     try:
-        reply = await ctx.handlers.init_producer_id({}, b"", _native_context(ctx))
+        reply = await ctx.handlers.init_producer_id({}, b"", ctx.request_context())
     except DwalError as error:
         return make(
             ctx.response_type,

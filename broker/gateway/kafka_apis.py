@@ -27,7 +27,7 @@ from broker.gateway.kafka_entities import (
     ms,
 )
 from broker.group_coordinator import OFFSETS_TOPIC
-from broker.request_handlers import Reply, RequestContext
+from broker.request_handlers import Reply
 from broker.storage import FetchSlice
 from protocol import DwalError, ErrorCode, ProtocolError, decode_records
 from protocol.kafka_transcode import check_kafka_batches, to_kafka_batches
@@ -35,10 +35,6 @@ from protocol.kafka_transcode import check_kafka_batches, to_kafka_batches
 # A fetch answer larger than this is read and transcoded in a worker thread.
 FETCH_INLINE_BYTES_MAX = 64 * 1024
 _EPOCH = datetime.datetime.fromtimestamp(0, datetime.timezone.utc)
-
-
-def _request_context(ctx: KafkaContext) -> RequestContext:
-    return RequestContext(client_id=ctx.client_id, client_host=ctx.client_host)
 
 
 def _topic_uuid(topic_id: bytes) -> uuid.UUID:
@@ -57,7 +53,7 @@ async def metadata(ctx: KafkaContext, request: Any) -> Any:
         names = [topic.name for topic in request.topics if topic.name is not None]
     allow = bool(getattr(request, "allow_auto_topic_creation", True))
     reply = await handlers.metadata(
-        {"topics": names, "allow_auto_topic_creation": allow}, b"", _request_context(ctx)
+        {"topics": names, "allow_auto_topic_creation": allow}, b"", ctx.request_context()
     )
     image = handlers.member.image
     response_type = ctx.response_type
@@ -243,7 +239,7 @@ async def fetch(ctx: KafkaContext, request: Any) -> Any:
             for topic in request.topics
         ],
     }
-    reply = await ctx.handlers.fetch(body, b"", _request_context(ctx))
+    reply = await ctx.handlers.fetch(body, b"", ctx.request_context())
     try:
         pieces: list[FetchSlice] = list(reply.parts)  # type: ignore[arg-type]
         if reply.tail_bytes > FETCH_INLINE_BYTES_MAX:
@@ -305,7 +301,7 @@ async def list_offsets(ctx: KafkaContext, request: Any) -> Any:
             for topic in request.topics
         ]
     }
-    reply = await ctx.handlers.list_offsets(body, b"", _request_context(ctx))
+    reply = await ctx.handlers.list_offsets(body, b"", ctx.request_context())
     asked = {
         (topic.name, int(p.partition_index)): int(p.timestamp)
         for topic in request.topics

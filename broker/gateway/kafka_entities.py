@@ -34,6 +34,8 @@ from kio.schema.errors import ErrorCode as KafkaErrorCode
 
 from protocol import DwalError, ErrorCode
 
+from broker.request_handlers import RequestContext
+
 if TYPE_CHECKING:
     from broker.request_handlers import RequestHandlers
 
@@ -159,6 +161,10 @@ class KafkaContext:
     @property
     def response_type(self) -> type:
         return response_type(self.api_key, self.api_version)
+
+    def request_context(self) -> RequestContext:
+        """Who sent the request, as the broker's own handlers take it."""
+        return RequestContext(client_id=self.client_id, client_host=self.client_host)
 
     def kafka_address(self, node_id: int) -> tuple[str, int] | None:
         """Where a broker's Kafka listener is, from the metadata image (None: the broker is
