@@ -8,7 +8,6 @@ from broker_test_support import create_topic, running_node
 
 from broker.command import build_parser
 from broker.config import ConfigError, build_config
-from broker.group_coordinator import _classic_settings
 from broker.wall_clock import now_ms
 from protocol.record_batch import encode_batch
 
@@ -107,21 +106,3 @@ async def test_the_retention_pass_forgets_idle_idempotent_producers(tmp_path):
         assert log.statistics().producer_count == 2
         await node.registry.apply_retention()
         assert log.statistics().producer_count == 1  # producer 7 was idle for two hours
-
-
-async def test_the_group_coordinator_gets_the_classic_group_settings(tmp_path):
-    config = build_config(
-        {
-            "data_dir": str(tmp_path),
-            "group_classic_initial_rebalance_delay_ms": 7,
-            "group_classic_session_timeout_ms_min": 1_000,
-            "group_classic_session_timeout_ms_max": 9_000,
-        },
-        {},
-    )
-    settings = _classic_settings(config)
-    assert settings == {
-        "classic_initial_rebalance_delay_ms": 7,
-        "classic_session_timeout_ms_min": 1_000,
-        "classic_session_timeout_ms_max": 9_000,
-    }
