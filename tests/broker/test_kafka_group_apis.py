@@ -491,7 +491,9 @@ async def test_two_members_rebalance_when_one_joins_and_when_one_leaves(node):
     assert {m.member_id for m in leader.joined.members} == {leader.member_id, third.member_id}
 
 
-async def test_a_member_that_does_not_rejoin_is_removed_at_the_rebalance_timeout(node):
+async def test_a_member_that_does_not_rejoin_is_removed_at_the_rebalance_timeout(
+    node, autojump_clock
+):
     leader, follower = await stable_pair(node)
     start = trio.current_time()
     async with trio.open_nursery() as nursery:
@@ -504,7 +506,9 @@ async def test_a_member_that_does_not_rejoin_is_removed_at_the_rebalance_timeout
     assert await leader.heartbeat() == KafkaErrorCode.unknown_member_id
 
 
-async def test_a_member_that_stops_heartbeating_expires_through_the_expiry_loop(node):
+async def test_a_member_that_stops_heartbeating_expires_through_the_expiry_loop(
+    node, autojump_clock
+):
     leader, follower = await stable_pair(node)
     for _ in range(SESSION_MS // 500 + 4):  # virtual time: the node's expiry loop runs
         await trio.sleep(0.5)
