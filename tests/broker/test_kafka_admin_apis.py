@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import re
 import uuid
 import warnings
@@ -25,17 +24,17 @@ from aiokafka.admin import NewPartitions as AioNewPartitions
 from aiokafka.admin import NewTopic as AioNewTopic
 from aiokafka.admin.config_resource import ConfigResource as AioConfigResource
 from aiokafka.admin.config_resource import ConfigResourceType as AioResourceType
+from kafka_api_support import nested, request, round_trip, versions_of
 from broker_test_support import at_real_pace, create_topic, running_node
 from kio.index import load_request_schema, load_response_schema
 from kio.schema.errors import ErrorCode as KafkaErrorCode
 from kafka.admin import AlterConfigOp, ConfigResource, KafkaAdminClient
 from kafka.admin import ConfigResourceType as KafkaResourceType
-from kio.serial import entity_reader, entity_writer
 
 from broker.controller.metadata_records import ConfigResourceType
 from broker.gateway import kafka_admin_apis
 from broker.gateway.kafka_admin_apis import APIS, ConfigSource
-from broker.gateway.kafka_entities import KafkaContext, element, make
+from broker.gateway.kafka_entities import KafkaContext
 from broker.node import BrokerNode
 from broker.storage import LogConfig
 
@@ -57,34 +56,14 @@ class Context(KafkaContext):
 
 
 def versions(api_key: int) -> list[int]:
-    (api,) = [api for api in APIS if api.api_key == api_key]
-    return list(range(api.min_version, api.max_version + 1))
-
-
-def request(api_key: int, version: int, **values: Any) -> Any:
-    return make(load_request_schema(api_key, version), **values)
-
-
-def nested(api_key: int, version: int, *path: str, **values: Any) -> Any:
-    kind = load_request_schema(api_key, version)
-    for name in path:
-        kind = element(kind, name)
-    return make(kind, **values)
+    return versions_of(APIS, api_key)
 
 
 async def call(node: BrokerNode, api_key: int, version: int, entity: Any) -> Any:
     """Handle `entity`; return the response after a kio encode/decode round trip."""
     (api,) = [api for api in APIS if api.api_key == api_key]
     context = Context(node.handlers, api_key, version, "test", "127.0.0.1")
-    response = await api.handle(context, entity)
-    response_type = load_response_schema(api_key, version)
-    assert type(response) is response_type
-    buffer = io.BytesIO()
-    entity_writer(response_type)(buffer, response)
-    decoded, end = entity_reader(response_type)(memoryview(buffer.getvalue()), 0)
-    assert end == len(buffer.getvalue())
-    assert decoded == response
-    return decoded
+    return round_trip(await api.handle(context, entity), api_key, version)
 
 
 @contextlib.asynccontextmanager

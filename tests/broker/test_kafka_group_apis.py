@@ -16,7 +16,6 @@ threads, with bounded polling loops and no sleeps.
 from __future__ import annotations
 
 import contextlib
-import io
 import shutil
 import signal
 import sys
@@ -27,6 +26,7 @@ from typing import Any
 
 import pytest
 import trio
+from kafka_api_support import nested, request, round_trip, versions_of
 from broker_test_support import TEST_CONTEXT, at_real_pace, create_topic, running_node
 from kafka.protocol.consumer.metadata import (
     ConsumerProtocolAssignment,
@@ -34,11 +34,10 @@ from kafka.protocol.consumer.metadata import (
 )
 from kio.index import load_request_schema, load_response_schema
 from kio.schema.errors import ErrorCode as KafkaErrorCode
-from kio.serial import entity_reader, entity_writer
 
 import broker.group_coordinator as group_coordinator_module
 from broker.gateway import kafka_group_apis
-from broker.gateway.kafka_entities import KafkaContext, duration, element, make
+from broker.gateway.kafka_entities import KafkaContext, duration
 from broker.gateway.kafka_group_apis import APIS
 from broker.group_coordinator import OFFSETS_TOPIC
 from broker.node import BrokerNode
@@ -68,19 +67,7 @@ class Context(KafkaContext):
 
 
 def versions(api_key: int) -> list[int]:
-    (api,) = [api for api in APIS if api.api_key == api_key]
-    return list(range(api.min_version, api.max_version + 1))
-
-
-def request(api_key: int, version: int, **values: Any) -> Any:
-    return make(load_request_schema(api_key, version), **values)
-
-
-def nested(api_key: int, version: int, *path: str, **values: Any) -> Any:
-    kind = load_request_schema(api_key, version)
-    for name in path:
-        kind = element(kind, name)
-    return make(kind, **values)
+    return versions_of(APIS, api_key)
 
 
 async def call(node: BrokerNode, api_key: int, version: int, entity: Any, **context) -> Any:
@@ -88,15 +75,7 @@ async def call(node: BrokerNode, api_key: int, version: int, entity: Any, **cont
     (api,) = [api for api in APIS if api.api_key == api_key]
     ctx = Context(node.handlers, api_key, version, context.get("client_id", "test"), "127.0.0.1")
     ctx.no_listener = context.get("no_listener", False)
-    response = await api.handle(ctx, entity)
-    response_type = load_response_schema(api_key, version)
-    assert type(response) is response_type
-    buffer = io.BytesIO()
-    entity_writer(response_type)(buffer, response)
-    decoded, end = entity_reader(response_type)(memoryview(buffer.getvalue()), 0)
-    assert end == len(buffer.getvalue())
-    assert decoded == response
-    return decoded
+    return round_trip(await api.handle(ctx, entity), api_key, version)
 
 
 @contextlib.asynccontextmanager
